@@ -1,0 +1,195 @@
+"""The one typed settings model of a tower (DESIGN.md invariant 3).
+
+Every port, address, limit and engine list lives here. The deploy renders it into every
+config file (Postfix, HAProxy, clamd, PostgreSQL, Prometheus) and writes it as JSON to
+``/etc/mailtower/tower.json``, which the daemons load with this same model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SETTINGS_PATH = Path("/etc/mailtower/tower.json")
+
+# RFC 1123 host name labels; a customer domain needs at least two labels.
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
+# Postfix time values: a number with an optional unit (s, m, h, d, w).
+_DURATION_RE = re.compile(r"^[0-9]+[smhdw]?$")
+
+Duration = Annotated[str, Field(pattern=_DURATION_RE.pattern)]
+
+
+class SettingsError(Exception):
+    """A tower's settings are invalid; the message names the field and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ports(_Model):
+    """TCP ports of the tower's services."""
+
+    smtp: int = 25  # the relay's public SMTP listener
+    filter: int = 10024  # relay-local HAProxy front end, and scand on every scanner
+    reinject: int = 10025  # relay listener for scanned mail, open to the scanners only
+    scanner_http: int = 10026  # scand health + metrics
+    monitor_http: int = 9101  # monitor metrics + pool state
+    relay_exporter: int = 9102  # relay queue metrics
+    haproxy_runtime: int = 9999  # HAProxy runtime API on the relay, open to the monitor only
+    haproxy_stats: int = 9998  # HAProxy Prometheus metrics on the relay
+    postgres: int = 5432
+    mirror_http: int = 8080  # the monitor's signature mirror
+    prometheus: int = 9090
+
+
+class Limits(_Model):
+    """Limits and timers; durations use Postfix syntax (e.g. ``30s``, ``3d``)."""
+
+    message_size_bytes: int = 50 * 1024 * 1024  # Postfix message_size_limit, scand's too
+    queue_lifetime: Duration = "3d"  # deferred mail is kept this long (DESIGN.md)
+    bounce_queue_lifetime: Duration = "3d"
+    queue_run_delay: Duration = "30s"  # how often the deferred queue is scanned
+    minimal_backoff: Duration = "30s"  # first retry of a deferred message
+    maximal_backoff: Duration = "15m"
+    filter_connections: int = 46  # Postfix processes feeding the scanner pool (2 per scanner)
+    scan_concurrency: int = 8  # messages one scand scans at once
+    engine_timeout_s: float = 30.0  # one engine call; over it the message is tempfailed
+    reinject_timeout_s: float = 60.0
+    haproxy_connect_timeout_ms: int = 1000  # a dead scanner costs at most this, then redispatch
+    health_interval_s: float = 1.0  # monitor probe period
+    health_timeout_s: float = 1.0
+    fail_after: int = 2  # consecutive failed probes before a scanner is put in maintenance
+    recover_after: int = 2  # consecutive good probes before it is enabled again
+    queue_alert_messages: int = 500  # alert when the relay queue grows past this
+    replication_lag_alert_s: int = 30
+    queue_min_free_bytes: int = 256 * 1024 * 1024  # below this free space the relay answers 452
+
+
+class Customer(_Model):
+    """A customer domain and the mail server the tower delivers it to."""
+
+    domain: str
+    server: str  # host name or IPv4 address of the customer's mail server
+    port: int = 25
+
+    @field_validator("domain")
+    @classmethod
+    def _valid_domain(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if not _DOMAIN_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid domain name (e.g. example.com)")
+        return value
+
+    @property
+    def transport(self) -> str:
+        """The Postfix transport of this customer: MX lookup suppressed, fixed port."""
+        return f"smtp:[{self.server}]:{self.port}"
+
+
+class TowerHosts(_Model):
+    """Addresses of the tower's hosts, taken from the inventory."""
+
+    relay: IPv4Address
+    monitor: IPv4Address
+    sql: list[IPv4Address] = Field(min_length=2, max_length=2)  # primary first, then standby
+    scanners: list[IPv4Address] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> TowerHosts:
+        every = [self.relay, self.monitor, *self.sql, *self.scanners]
+        seen: set[IPv4Address] = set()
+        for ip in every:
+            if ip in seen:
+                raise ValueError(f"address {ip} is given to two hosts of the tower")
+            seen.add(ip)
+        return self
+
+
+class Secrets(_Model):
+    """Passwords of the tower's SQL roles (kept out of the repository)."""
+
+    sql_relay: str = Field(min_length=16)  # relay: reads domains and routes
+    sql_scanner: str = Field(min_length=16)  # scanners: write verdict events
+    sql_monitor: str = Field(min_length=16)  # monitor: reads replication state
+    sql_replication: str = Field(min_length=16)  # standby: streaming replication
+
+
+class TowerSettings(_Model):
+    """Everything a tower is: its hosts, ports, limits, engines and customers."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    hostname: str  # the relay's public name (MX target, TLS certificate, banner)
+    hosts: TowerHosts
+    ports: Ports = Ports()
+    limits: Limits = Limits()
+    engines: list[str] = ["clamd"]  # engines every message passes, in order
+    customers: list[Customer] = []
+    secrets: Secrets
+    sql_database: str = "mailtower"
+    clamd_socket: str = "/run/clamav/clamd.ctl"
+    spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
+
+    @field_validator("customers")
+    @classmethod
+    def _no_duplicates(cls, value: list[Customer]) -> list[Customer]:
+        seen: set[str] = set()
+        for customer in value:
+            if customer.domain in seen:
+                raise ValueError(f"customer domain {customer.domain} is listed twice")
+            seen.add(customer.domain)
+        return value
+
+    @property
+    def sql_primary(self) -> IPv4Address:
+        return self.hosts.sql[0]
+
+    @property
+    def sql_standby(self) -> IPv4Address:
+        return self.hosts.sql[1]
+
+    @property
+    def mirror_url(self) -> str:
+        return f"http://{self.hosts.monitor}:{self.ports.mirror_http}"
+
+    def scanner_name(self, index: int) -> str:
+        """HAProxy server name of the scanner at position ``index`` (0-based)."""
+        return f"s{index + 1:02d}"
+
+    def sql_dsn(self, user: str, password: str, *, writable: bool = False) -> str:
+        """A libpq DSN naming both SQL hosts, so either can answer."""
+        hosts = ",".join(str(ip) for ip in self.hosts.sql)
+        attrs = "read-write" if writable else "any"
+        return (
+            f"host={hosts} port={self.ports.postgres} dbname={self.sql_database} "
+            f"user={user} password={password} target_session_attrs={attrs} connect_timeout=3"
+        )
+
+
+def load(path: Path = SETTINGS_PATH) -> TowerSettings:
+    """Load the settings a deploy wrote; raise SettingsError naming what is wrong."""
+    try:
+        return TowerSettings.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise SettingsError(f"{path}: not found; deploy the tower first") from exc
+    except (ValueError, ValidationError) as exc:
+        raise SettingsError(f"{path}: invalid tower settings: {exc}") from exc
+
+
+def from_data(data: dict) -> TowerSettings:
+    """Build settings from inventory data; raise SettingsError naming the bad field."""
+    try:
+        return TowerSettings.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise SettingsError("invalid tower settings in the inventory:\n" + "\n".join(lines)) from exc
