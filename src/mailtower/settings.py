@@ -88,6 +88,17 @@ class Customer(_Model):
             raise ValueError(f"{value!r} is not a valid domain name (e.g. example.com)")
         return value
 
+    @field_validator("server")
+    @classmethod
+    def _valid_server(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        try:
+            IPv4Address(value)
+        except ValueError:
+            if not _DOMAIN_RE.match(value):
+                raise ValueError(f"{value!r} is neither an IPv4 address nor a host name") from None
+        return value
+
     @property
     def transport(self) -> str:
         """The Postfix transport of this customer: MX lookup suppressed, fixed port."""

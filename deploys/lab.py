@@ -1,0 +1,12 @@
+"""Deploy a lab tower and the lab's customer mail servers:  pyinfra inventory/lab_a.py deploys/lab.py"""
+
+from pyinfra import host
+
+from mailtower.lab import plan
+from roles.lab_mailserver import deploy_lab_mailserver
+from roles.tower import deploy_tower
+
+deploy_tower()
+if "customers" in host.groups:
+    index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1
+    deploy_lab_mailserver(domain=plan.customer_domain(index))

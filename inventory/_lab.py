@@ -1,0 +1,38 @@
+"""Builds a pyinfra inventory of a lab tower from the lab's address plan (mailtower.lab.plan)."""
+
+from __future__ import annotations
+
+import json
+
+from mailtower.lab import lxc, plan
+
+
+def lab_groups(tower: str) -> dict[str, list]:
+    """Inventory groups of lab tower ``tower``: host names are their addresses."""
+    scanners = int(__import__("os").environ.get("MAILTOWER_LAB_SCANNERS", plan.DEFAULT_SCANNERS))
+    ssh = {
+        "ssh_user": "root",
+        "ssh_key": str(lxc.ssh_key()),
+        "ssh_known_hosts_file": str(lxc.known_hosts()),
+        "ssh_strict_host_key_checking": "yes",
+    }
+    groups: dict[str, list] = {"relay": [], "monitor": [], "sql": [], "scanners": [], "customers": []}
+    for host in plan.tower_hosts(tower, scanners) + plan.customer_hosts():
+        groups[host.group].append((str(host.address), {**ssh, "lab_name": host.name}))
+    return groups
+
+
+def lab_tower_data(tower: str) -> dict:
+    """The ``mailtower`` data of a lab tower: its name, customers, lab timers and secrets."""
+    customers = [
+        {"domain": plan.customer_domain(i + 1), "server": str(h.address)}
+        for i, h in enumerate(plan.customer_hosts())
+    ]
+    return {
+        "name": f"lab-{tower}",
+        "hostname": f"mx.tower-{tower}.lab",
+        "customers": customers,
+        # Short retry timers so the lab proves deferral and recovery in seconds, not minutes.
+        "limits": {"queue_run_delay": "5s", "minimal_backoff": "5s", "maximal_backoff": "20s"},
+        "secrets": json.loads(lxc.secrets_file().read_text()),
+    }

@@ -1,0 +1,41 @@
+"""Example inventory of a real tower. Copy to inventory/<tower>.py and replace every placeholder.
+
+    pyinfra inventory/<tower>.py deploys/tower.py
+    invoke verify --tower <tower>
+
+Host names are how pyinfra reaches each host over SSH; ``address`` is the host's address on the
+tower network (what the relay, HAProxy, pg_hba and Prometheus use). Secrets are read from a file
+kept outside the repository (mode 0600) with the four keys of ``mailtower.settings.Secrets``.
+"""
+
+import json
+import os
+
+_ssh = {"ssh_user": "root"}  # or a sudo user plus `_sudo: True` in group_data
+
+
+def _host(name: str, address: str) -> tuple[str, dict]:
+    return (name, {**_ssh, "address": address})
+
+
+relay = [_host("relay.tower-x.example.net", "192.0.2.10")]
+monitor = [_host("monitor.tower-x.example.net", "192.0.2.11")]
+sql = [  # primary first, then the hot standby
+    _host("sql1.tower-x.example.net", "192.0.2.12"),
+    _host("sql2.tower-x.example.net", "192.0.2.13"),
+]
+scanners = [_host(f"scan{i:02d}.tower-x.example.net", f"192.0.2.{100 + i}") for i in range(1, 24)]
+
+_secrets_path = os.environ.get("MAILTOWER_SECRETS", "/etc/mailtower-deploy/tower-x.secrets.json")
+
+tower = (
+    relay + monitor + sql + scanners,
+    {
+        "mailtower": {
+            "name": "tower-x",
+            "hostname": "mx.tower-x.example.net",  # the name customers' MX records point at
+            "customers": [{"domain": "customer.example", "server": "mail.customer.example"}],
+            "secrets": json.loads(open(_secrets_path).read()) if os.path.exists(_secrets_path) else {},
+        }
+    },
+)

@@ -1,0 +1,12 @@
+"""Lab tower A: LXC hosts on 10.201.1.0/24 built by `invoke lab.up`, customer servers on 10.201.0.0/24."""
+
+from inventory._lab import lab_groups, lab_tower_data
+
+_groups = lab_groups("a")
+relay = _groups["relay"]
+monitor = _groups["monitor"]
+sql = _groups["sql"]  # primary first, then the hot standby
+scanners = _groups["scanners"]
+customers = _groups["customers"]  # lab-only customer mail servers (deploys/lab.py)
+
+tower = (relay + monitor + sql + scanners, {"mailtower": lab_tower_data("a")})

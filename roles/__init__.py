@@ -1,0 +1,1 @@
+"""One module per node role of a tower; each has install(), configure() and activate() stages."""

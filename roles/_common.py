@@ -1,0 +1,162 @@
+"""What every role shares: the tower's settings from the inventory, templates, the wheelhouse."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gevent.lock import Semaphore
+from pyinfra import host, inventory
+from pyinfra.api.exceptions import DeployError
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server
+
+from mailtower.settings import SettingsError, TowerSettings, from_data
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
+VENV = "/opt/mailtower/venv"
+WHEELHOUSE_REMOTE = "/opt/mailtower/wheelhouse"
+SETTINGS_REMOTE = "/etc/mailtower/tower.json"
+TOWER_GROUPS = ("relay", "monitor", "sql", "scanners")
+
+
+def address(h) -> str:
+    """A host's address on the tower network: its ``address`` data, else its inventory name."""
+    return str(h.data.get("address") or h.name)
+
+
+def _group(name: str) -> list:
+    try:
+        return list(inventory.get_group(name))
+    except Exception as exc:  # pyinfra raises a bare NoGroupError
+        raise DeployError(
+            f"inventory has no group {name!r}: a tower inventory defines relay, monitor, "
+            f"sql (primary, standby) and scanners (see inventory/example_tower.py)"
+        ) from exc
+
+
+def settings() -> TowerSettings:
+    """The tower's settings: inventory topology plus the ``mailtower`` data of the hosts."""
+    data = dict(host.data.get("mailtower") or {})
+    if not data:
+        raise DeployError(f"{host.name}: host data has no 'mailtower' settings (see inventory/)")
+    relay, monitor, sql, scanners = (_group(g) for g in TOWER_GROUPS)
+    if len(relay) != 1 or len(monitor) != 1:
+        raise DeployError("a tower has exactly one relay and one monitor host in its inventory")
+    data["hosts"] = {
+        "relay": address(relay[0]),
+        "monitor": address(monitor[0]),
+        "sql": [address(h) for h in sql],
+        "scanners": [address(h) for h in scanners],
+    }
+    try:
+        return from_data(data)
+    except SettingsError as exc:
+        raise DeployError(str(exc)) from exc
+
+
+def is_primary() -> bool:
+    return address(host) == str(settings().sql_primary)
+
+
+def template(path: str, dest: str | None = None, **data):
+    """Render templates/<path>.j2 to /<path> (templates mirror their destination)."""
+    dest = dest or "/" + path.split("/", 1)[1]
+    return files.template(
+        name=f"Render {dest}",
+        src=str(TEMPLATES / f"{path}.j2"),
+        dest=dest,
+        s=settings(),
+        **data,
+    )
+
+
+def put_text(text: str, dest: str, mode: str = "644", user: str = "root", group: str = "root"):
+    """Upload generated text; a change only when the content differs."""
+    return files.put(
+        name=f"Upload {dest}",
+        src=io.BytesIO(text.encode()),
+        dest=dest,
+        mode=mode,
+        user=user,
+        group=group,
+    )
+
+
+_wheelhouse_lock = Semaphore()  # pyinfra prepares hosts in greenlets: build once, not per host
+
+
+def wheelhouse() -> Path:
+    """Build the wheelhouse of the scanning stack on the controller (once per run)."""
+    with _wheelhouse_lock:
+        return _build_wheelhouse()
+
+
+@functools.cache
+def _build_wheelhouse() -> Path:
+    out = ROOT / "build" / "wheelhouse"
+    out.mkdir(parents=True, exist_ok=True)
+    # Dependencies are fetched only when pyproject.toml changes.
+    stamp = out / ".pyproject.sha256"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != digest:
+        for old in out.glob("*.whl"):
+            old.unlink()
+        _pip(["wheel", "--quiet", "--wheel-dir", str(out), str(ROOT)])
+        stamp.write_text(digest)
+    for old in out.glob("mailtower-*.whl"):
+        old.unlink()
+    # hatchling builds reproducible wheels: unchanged code gives a byte-identical file, so an
+    # unchanged tower uploads nothing and restarts nothing.
+    _pip(["wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out),
+          str(ROOT)])
+    return out
+
+
+def _pip(args: list[str]) -> None:
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
+    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise DeployError(f"controller: building the wheelhouse failed (pip {args[0]}):\n"
+                          f"{done.stderr[-2000:]}")
+
+
+def install_stack():
+    """Install mailtower into a venv from the uploaded wheelhouse (hosts need no PyPI)."""
+    changed = []
+    for wheel in sorted(wheelhouse().glob("*.whl")):
+        changed.append(
+            files.put(name=f"Upload {WHEELHOUSE_REMOTE}/{wheel.name}", src=str(wheel),
+                      dest=f"{WHEELHOUSE_REMOTE}/{wheel.name}")
+        )
+    missing = host.get_fact(File, path=f"{VENV}/bin/mailtower") is None
+    install = server.shell(
+        name=f"Install mailtower into {VENV} from the wheelhouse",
+        commands=[
+            f"test -x {VENV}/bin/python || python3 -m venv {VENV}",
+            f"{VENV}/bin/pip install --quiet --no-index --find-links {WHEELHOUSE_REMOTE} "
+            f"--force-reinstall --no-deps {WHEELHOUSE_REMOTE}/mailtower-*.whl",
+            f"{VENV}/bin/pip install --quiet --no-index --find-links {WHEELHOUSE_REMOTE} mailtower",
+        ],
+        _if=lambda: missing or any(op.did_change() for op in changed),
+    )
+    return install
+
+
+def write_settings():
+    """/etc/mailtower/tower.json: the settings model the daemons load."""
+    files.directory(name="Ensure /etc/mailtower", path="/etc/mailtower", mode="755")
+    return put_text(settings().model_dump_json(indent=2) + "\n", SETTINGS_REMOTE, mode="640",
+                    group="mailtower")
+
+
+def service_user():
+    server.user(name="Ensure user mailtower", user="mailtower", system=True,
+                home="/var/lib/mailtower", shell="/usr/sbin/nologin", ensure_home=False)

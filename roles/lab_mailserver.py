@@ -1,0 +1,32 @@
+"""Lab only: a customer's own mail server (real Postfix delivering to one catch-all Maildir),
+so verification can see exactly what the tower delivered."""
+
+from __future__ import annotations
+
+from pyinfra.api import deploy
+from pyinfra.operations import apt, files, server, systemd
+
+from roles._common import TEMPLATES
+
+MAILDIR = "/var/mail/vhosts/catchall"
+
+
+@deploy("mailtower lab customer mail server")
+def deploy_lab_mailserver(domain: str):
+    apt.packages(name="Install Postfix", packages=["postfix"], update=True, cache_time=86400,
+                 no_recommends=True)
+    server.group(name="Ensure group vmail", group="vmail", gid=5000)
+    server.user(name="Ensure user vmail", user="vmail", uid=5000, group="vmail",
+                home="/var/mail/vhosts", shell="/usr/sbin/nologin")
+    files.directory(name="Ensure /var/mail/vhosts", path="/var/mail/vhosts", user="vmail",
+                    group="vmail", mode="750")
+    main = files.template(name="Render /etc/postfix/main.cf",
+                          src=str(TEMPLATES / "lab_mailserver/etc/postfix/main.cf.j2"),
+                          dest="/etc/postfix/main.cf", domain=domain)
+    server.shell(name="Check the Postfix configuration", commands=["postfix check"],
+                 _if=main.did_change)
+    systemd.service(name="Restart Postfix", service="postfix", running=True, enabled=True,
+                    restarted=True, _if=main.did_change)
+    systemd.service(name="Ensure Postfix runs", service="postfix", running=True, enabled=True)
+
+

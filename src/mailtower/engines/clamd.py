@@ -1,0 +1,188 @@
+"""A clamd client: INSTREAM, PING, VERSION and RELOAD over a unix socket or TCP.
+
+Protocol (clamd(8)): commands are sent ``z``-prefixed and NUL-terminated; INSTREAM data
+follows as chunks, each prefixed by its length as a 4-byte big-endian integer, ended by a
+zero-length chunk. clamd answers ``stream: OK``, ``stream: <Name> FOUND`` (one line per
+finding with AllMatchScan) or ``<text> ERROR``, then closes the connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from mailtower.engines import (
+    EngineProtocolError,
+    EngineScanError,
+    EngineTimeout,
+    EngineUnavailable,
+    Finding,
+)
+
+CHUNK_SIZE = 64 * 1024
+_MAX_REPLY = 64 * 1024  # a reply longer than this is not clamd talking
+
+
+def parse_address(address: str) -> tuple[int, str | tuple[str, int]]:
+    """Socket family and address of a clamd address: ``/path/to/socket`` or ``host:port``."""
+    if address.startswith("/"):
+        return socket.AF_UNIX, address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"clamd address {address!r} is neither /path/to/socket nor host:port")
+    return socket.AF_INET, (host.strip("[]"), int(port))
+
+
+class ClamdClient:
+    """One clamd daemon; every call opens a connection and finishes within ``timeout_s``."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0, chunk_size: int = CHUNK_SIZE):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.chunk_size = chunk_size
+        self._family, self._sockaddr = parse_address(address)
+
+    # -- public calls ------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise EngineError unless clamd answers PONG."""
+        reply = self._command(b"PING")
+        if reply != "PONG":
+            raise EngineProtocolError(f"clamd {self.address}: PING answered {reply!r}")
+
+    def version(self) -> str:
+        """clamd's version line, e.g. ``ClamAV 1.4.6/27000/...``."""
+        reply = self._command(b"VERSION")
+        if not reply.startswith("ClamAV"):
+            raise EngineProtocolError(f"clamd {self.address}: VERSION answered {reply!r}")
+        return reply
+
+    def reload(self) -> None:
+        """Ask clamd to reload its signature databases."""
+        reply = self._command(b"RELOAD")
+        if reply != "RELOADING":
+            raise EngineProtocolError(f"clamd {self.address}: RELOAD answered {reply!r}")
+
+    def instream(self, data: bytes) -> list[str]:
+        """Scan ``data``; return the names of the signatures found ([] = clean)."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._connect(deadline) as sock:
+            send_error: OSError | None = None
+            try:
+                self._send(sock, b"zINSTREAM\0", deadline)
+                view = memoryview(data)
+                for start in range(0, len(view), self.chunk_size):
+                    chunk = view[start : start + self.chunk_size]
+                    self._send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
+                self._send(sock, struct.pack("!L", 0), deadline)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # clamd closes the stream early when StreamMaxLength is exceeded; its reply
+                # (if any) says why, so read it before giving up.
+                send_error = exc
+            try:
+                reply = self._read_reply(sock, deadline)
+            except EngineUnavailable:
+                if send_error is not None:
+                    raise EngineUnavailable(
+                        f"clamd {self.address}: connection lost while sending: {send_error}"
+                    ) from send_error
+                raise
+        return self._parse_scan_reply(reply)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _parse_scan_reply(self, reply: str) -> list[str]:
+        lines = [line.strip() for line in reply.replace("\n", "\0").split("\0") if line.strip()]
+        if not lines:
+            raise EngineProtocolError(f"clamd {self.address}: empty reply to INSTREAM")
+        found: list[str] = []
+        for line in lines:
+            if line.endswith(" ERROR"):
+                raise EngineScanError(f"clamd {self.address}: {line}")
+            _, sep, result = line.partition(": ")
+            if not sep:
+                raise EngineProtocolError(f"clamd {self.address}: unexpected reply {line!r}")
+            if result == "OK":
+                continue
+            if result.endswith(" FOUND") and len(result) > len(" FOUND"):
+                found.append(result[: -len(" FOUND")])
+                continue
+            raise EngineProtocolError(f"clamd {self.address}: unexpected reply {line!r}")
+        if not found and lines[-1].rpartition(": ")[2] != "OK":
+            raise EngineProtocolError(f"clamd {self.address}: unexpected reply {reply!r}")
+        return found
+
+    def _command(self, command: bytes) -> str:
+        deadline = time.monotonic() + self.timeout_s
+        with self._connect(deadline) as sock:
+            self._send(sock, b"z" + command + b"\0", deadline)
+            return self._read_reply(sock, deadline).strip("\0\n ")
+
+    def _connect(self, deadline: float) -> socket.socket:
+        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(self._sockaddr)
+        except TimeoutError as exc:
+            sock.close()
+            raise EngineTimeout(f"clamd {self.address}: connect timed out") from exc
+        except OSError as exc:
+            sock.close()
+            raise EngineUnavailable(f"clamd {self.address}: cannot connect: {exc}") from exc
+        return sock
+
+    def _send(self, sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(data)
+        except TimeoutError as exc:
+            raise EngineTimeout(f"clamd {self.address}: send timed out") from exc
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except OSError as exc:
+            raise EngineUnavailable(f"clamd {self.address}: send failed: {exc}") from exc
+
+    def _read_reply(self, sock: socket.socket, deadline: float) -> str:
+        """Read until clamd closes the connection (it does after every z-command)."""
+        buf = bytearray()
+        while True:
+            try:
+                sock.settimeout(_remaining(deadline))
+                data = sock.recv(4096)
+            except TimeoutError as exc:
+                raise EngineTimeout(f"clamd {self.address}: no reply within timeout") from exc
+            except OSError as exc:
+                raise EngineUnavailable(f"clamd {self.address}: receive failed: {exc}") from exc
+            if not data:
+                break
+            buf += data
+            if len(buf) > _MAX_REPLY:
+                raise EngineProtocolError(f"clamd {self.address}: reply too long")
+        if not buf:
+            raise EngineUnavailable(f"clamd {self.address}: closed the connection without reply")
+        return buf.decode("utf-8", errors="replace")
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise EngineTimeout("clamd: timeout")
+    return left
+
+
+class ClamdEngine:
+    """The clamd engine: the whole message as one INSTREAM."""
+
+    name = "clamd"
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0):
+        self.client = ClamdClient(address, timeout_s=timeout_s)
+
+    def scan(self, data: bytes) -> list[Finding]:
+        return [Finding(self.name, found) for found in self.client.instream(data)]
+
+    def health(self, timeout_s: float) -> str:
+        client = ClamdClient(self.client.address, timeout_s=timeout_s)
+        client.ping()
+        return client.version()

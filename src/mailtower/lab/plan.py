@@ -1,0 +1,68 @@
+"""The lab's address plan (DESIGN.md "The lab"): which throwaway hosts exist and where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+BRIDGE = "mtlab0"
+HOST_ADDRESS = IPv4Address("10.201.0.1")  # the controller on the lab bridge
+PREFIX = 16  # every lab net is on-link: no gateway, so nothing routes off the lab
+APT_PROXY_PORT = 3142
+BASE = "mt-base"  # the cached base container every host is cloned from
+DEFAULT_SCANNERS = 23
+
+# Third octet of each tower's site net (DESIGN.md address plan).
+TOWER_NETS = {"a": 1, "b": 2}
+INTERNET_NET = 0
+CUSTOMER_FIRST = 101  # customer mail servers: 10.201.0.101, .102, …
+
+STATE_DIR = Path(__file__).resolve().parents[3] / ".lab"
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """One throwaway host: container name, address and inventory group."""
+
+    name: str
+    address: IPv4Address
+    group: str
+
+
+def tower_hosts(tower: str, scanners: int = DEFAULT_SCANNERS) -> list[LabHost]:
+    """The hosts of lab tower ``tower`` ("a" or "b")."""
+    net = TOWER_NETS[tower]
+
+    def ip(last: int) -> IPv4Address:
+        return IPv4Address(f"10.201.{net}.{last}")
+
+    hosts = [
+        LabHost(f"mt-{tower}-relay", ip(10), "relay"),
+        LabHost(f"mt-{tower}-monitor", ip(11), "monitor"),
+        LabHost(f"mt-{tower}-sql1", ip(12), "sql"),
+        LabHost(f"mt-{tower}-sql2", ip(13), "sql"),
+    ]
+    hosts += [LabHost(f"mt-{tower}-s{i:02d}", ip(100 + i), "scanners") for i in range(1, scanners + 1)]
+    return hosts
+
+
+def customer_hosts(count: int = 1) -> list[LabHost]:
+    """The lab's customer mail servers on the "internet" net."""
+    return [
+        LabHost(f"mt-cust{i}", IPv4Address(f"10.201.{INTERNET_NET}.{CUSTOMER_FIRST + i - 1}"), "customers")
+        for i in range(1, count + 1)
+    ]
+
+
+def customer_domain(index: int) -> str:
+    """Mail domain of lab customer ``index`` (1-based)."""
+    return f"customer{index}.lab"
+
+
+def lab_hosts(towers: tuple[str, ...] = ("a",), scanners: int = DEFAULT_SCANNERS) -> list[LabHost]:
+    """Every host of a lab with the given towers."""
+    hosts: list[LabHost] = []
+    for tower in towers:
+        hosts += tower_hosts(tower, scanners)
+    return hosts + customer_hosts()

@@ -1,0 +1,62 @@
+"""The monitor's Prometheus metrics, in a registry of their own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from mailtower.monitor.pool import MAINT, READY, Pool
+
+
+class MonitorMetrics:
+    """Every metric the monitor exports."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.scanner_up = Gauge(
+            "mailtower_scanner_up",
+            "1 if the scanner's last health probe answered 200",
+            ["scanner", "address"],
+            registry=r,
+        )
+        self.scanner_enabled = Gauge(
+            "mailtower_scanner_enabled",
+            "1 if the monitor set the scanner ready in HAProxy, 0 if in maintenance",
+            ["scanner"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            "mailtower_scanner_transitions",
+            "Scanners put in maintenance (to=maint) or set ready (to=ready) by the monitor",
+            ["scanner", "to"],
+            registry=r,
+        )
+        self.haproxy_errors = Counter(
+            "mailtower_haproxy_errors",
+            "Failed calls to the relay's HAProxy runtime API",
+            registry=r,
+        )
+        self.sql_lag = Gauge(
+            "mailtower_sql_replication_lag_seconds",
+            "Largest replay lag of the standbys of the SQL primary",
+            registry=r,
+        )
+        self.sql_streaming = Gauge(
+            "mailtower_sql_standbys_streaming",
+            "Standbys streaming from the SQL primary",
+            registry=r,
+        )
+        self.sql_up = Gauge(
+            "mailtower_sql_up",
+            "1 if the last replication query on the SQL primary succeeded",
+            registry=r,
+        )
+        # Every series exists from the start, so rate() and absent() work before any event.
+        for s in pool.scanners:
+            self.scanner_up.labels(s.name, s.address).set(0)
+            self.scanner_enabled.labels(s.name).set(1 if s.enabled else 0)
+            for to in (MAINT, READY):
+                self.transitions.labels(s.name, to)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,227 @@
+"""The monitor's loops: health probes, HAProxy reconciliation, SQL replication, HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from mailtower.monitor import health, http, replication
+from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI
+from mailtower.monitor.metrics import MonitorMetrics
+from mailtower.monitor.pool import MAINT, READY, Pool, Transition
+from mailtower.settings import TowerSettings
+
+log = logging.getLogger("mailtower.monitor")
+
+RECONCILE_INTERVAL_S = 10.0  # catches a relay restart that lost the monitor's settings
+SQL_INTERVAL_S = 5.0
+
+
+class Monitor:
+    """One tower's monitor; ``run`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: TowerSettings,
+        *,
+        reconcile_interval_s: float = RECONCILE_INTERVAL_S,
+        sql_interval_s: float = SQL_INTERVAL_S,
+    ) -> None:
+        self.settings = settings
+        limits = settings.limits
+        self.pool = Pool(
+            [(settings.scanner_name(i), str(ip)) for i, ip in enumerate(settings.hosts.scanners)],
+            fail_after=limits.fail_after,
+            recover_after=limits.recover_after,
+            now=time.time(),
+        )
+        self.metrics = MonitorMetrics(self.pool)
+        self.haproxy = RuntimeAPI(str(settings.hosts.relay), settings.ports.haproxy_runtime)
+        self.reconcile_interval_s = reconcile_interval_s
+        self.sql_interval_s = sql_interval_s
+        self.http_port: int | None = None  # the bound port, once serving
+        self._reconcile_due = 0.0  # monotonic time of the next reconciliation
+        self._sql_ok: bool | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve HTTP and run the loops until ``stop`` is set."""
+        server = await http.serve(self._handle_http, "0.0.0.0", self.settings.ports.monitor_http)
+        self.http_port = server.sockets[0].getsockname()[1]
+        log.info(
+            "event=start scanners=%d relay=%s http_port=%d",
+            len(self.pool.scanners),
+            self.haproxy,
+            self.http_port,
+        )
+        await self._adopt_haproxy_state()
+        tasks = [
+            asyncio.create_task(self._health_loop(stop), name="health"),
+            asyncio.create_task(self._sql_loop(stop), name="sql"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            server.close()
+            await server.wait_closed()
+            log.info("event=stop")
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def _health_loop(self, stop: asyncio.Event) -> None:
+        interval = self.settings.limits.health_interval_s
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            await self.tick()
+            # A fixed rate: a slow tick (HAProxy timing out) is followed at once by the next.
+            next_tick = max(next_tick + interval, time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), next_tick - time.monotonic())
+
+    async def tick(self) -> None:
+        """Probe every scanner once, apply the transitions, reconcile HAProxy when due."""
+        limits, port = self.settings.limits, self.settings.ports.scanner_http
+        results = await asyncio.gather(
+            *(health.probe(s.address, port, limits.health_timeout_s) for s in self.pool.scanners)
+        )
+        now = time.time()
+        transitions: list[Transition] = []
+        for s, ok in zip(self.pool.scanners, results, strict=True):
+            self.metrics.scanner_up.labels(s.name, s.address).set(1 if ok else 0)
+            transition = self.pool.observe(s.name, ok, now)
+            if transition is not None:
+                transitions.append(transition)
+        for t in transitions:
+            self._record(t)
+        for t in transitions:
+            try:
+                await self.haproxy.set_state(t.scanner, t.to)
+            except HAProxyError as exc:
+                self._haproxy_failed(exc)
+                break  # the reconciliation below (retried every tick) applies the rest
+        if time.monotonic() >= self._reconcile_due:
+            await self.reconcile()
+
+    def _record(self, t: Transition) -> None:
+        self.metrics.transitions.labels(t.scanner, t.to).inc()
+        self.metrics.scanner_enabled.labels(t.scanner).set(1 if t.to == READY else 0)
+        first = "failed" if t.to == MAINT else "good"
+        log.warning(
+            "event=transition scanner=%s address=%s to=%s after_first_%s_probe_s=%.2f",
+            t.scanner,
+            t.address,
+            t.to,
+            first,
+            t.after_s,
+        )
+
+    # -- HAProxy ---------------------------------------------------------------------------
+
+    def _haproxy_failed(self, exc: HAProxyError) -> None:
+        self.metrics.haproxy_errors.inc()
+        log.error("event=haproxy_error relay=%s error=%r", self.haproxy, str(exc))
+        self._reconcile_due = 0.0  # retry on the next tick, not in 10 s
+
+    async def _adopt_haproxy_state(self) -> None:
+        """At start, believe what HAProxy says, so a restarted monitor re-enables nothing."""
+        try:
+            states = await self.haproxy.servers_state()
+        except HAProxyError as exc:
+            self._haproxy_failed(exc)  # keep the default belief (ready); reconcile corrects
+            return
+        now = time.time()
+        for s in self.pool.scanners:
+            if s.name in states:
+                self.pool.adopt(s.name, not states[s.name].in_maintenance, now)
+                self.metrics.scanner_enabled.labels(s.name).set(1 if s.enabled else 0)
+        self._reconcile_due = time.monotonic() + self.reconcile_interval_s
+
+    async def reconcile(self) -> None:
+        """Correct every server whose HAProxy admin state differs from the monitor's belief."""
+        try:
+            states = await self.haproxy.servers_state()
+            for s in self.pool.scanners:
+                state = states.get(s.name)
+                if state is None:
+                    log.error(
+                        "event=haproxy_missing_server relay=%s server=scanners/%s address=%s "
+                        "hint='render the relay haproxy.cfg from the same settings'",
+                        self.haproxy,
+                        s.name,
+                        s.address,
+                    )
+                    continue
+                if state.in_maintenance == s.enabled:
+                    target = READY if s.enabled else MAINT
+                    log.warning(
+                        "event=reconcile scanner=%s address=%s haproxy_admin_state=%d set=%s",
+                        s.name,
+                        s.address,
+                        state.admin_state,
+                        target,
+                    )
+                    await self.haproxy.set_state(s.name, target)
+        except HAProxyError as exc:
+            self._haproxy_failed(exc)
+            return
+        self._reconcile_due = time.monotonic() + self.reconcile_interval_s
+
+    # -- SQL -------------------------------------------------------------------------------
+
+    async def _sql_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.check_sql()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.sql_interval_s)
+
+    async def check_sql(self) -> None:
+        s = self.settings
+        dsn = s.sql_dsn("mailtower_monitor", s.secrets.sql_monitor)
+        primary = str(s.sql_primary)
+        try:
+            standbys = await asyncio.to_thread(replication.query_standbys, dsn, primary)
+        except Exception as exc:  # psycopg errors, DNS, anything: a metric, never a crash
+            self.metrics.sql_up.set(0)
+            if self._sql_ok is not False:
+                log.error("event=sql_down host=%s port=%d error=%r", primary, s.ports.postgres, exc)
+            self._sql_ok = False
+            return
+        self.metrics.sql_up.set(1)
+        streaming = [sb for sb in standbys if sb.state == "streaming"]
+        self.metrics.sql_streaming.set(len(streaming))
+        self.metrics.sql_lag.set(max((sb.lag_s for sb in standbys), default=0.0))
+        if self._sql_ok is not True:
+            log.info("event=sql_up host=%s standbys_streaming=%d", primary, len(streaming))
+        self._sql_ok = True
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def pool_state(self) -> dict:
+        return {
+            "scanners": [
+                {
+                    "name": s.name,
+                    "address": s.address,
+                    "healthy": s.healthy,
+                    "enabled": s.enabled,
+                    "since": s.since,
+                }
+                for s in self.pool.scanners
+            ]
+        }
+
+    async def _handle_http(self, path: str) -> http.Response | None:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self.metrics.render()
+        if path == "/pool":
+            return 200, "application/json", json.dumps(self.pool_state()).encode() + b"\n"
+        return None

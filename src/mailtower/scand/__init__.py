@@ -1,0 +1,1 @@
+"""mailtower-scand: the scanner daemon, an after-queue SMTP content filter."""

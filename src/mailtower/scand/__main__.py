@@ -1,0 +1,136 @@
+"""``mailtower-scand``: run the scanner daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from mailtower import settings as settings_mod
+from mailtower.events import Flusher, PostgresSink
+from mailtower.scand.http import start_http
+from mailtower.scand.server import Handler, Scanner, start_smtp
+from mailtower.settings import SettingsError, TowerSettings
+
+log = logging.getLogger("mailtower.scand")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mailtower-scand", description=__doc__)
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=settings_mod.SETTINGS_PATH,
+        help="tower settings JSON (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host-address",
+        default=None,
+        help="this scanner's address, used in headers and events "
+        "(default: the local address that routes to the relay)",
+    )
+    parser.add_argument(
+        "--listen",
+        default="0.0.0.0",
+        help="address to listen on for SMTP and HTTP (default: %(default)s)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="(default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def default_host_address(settings: TowerSettings) -> str:
+    """The local address that routes to the relay (no packet is sent: UDP connect)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((str(settings.hosts.relay), settings.ports.reinject))
+            return str(sock.getsockname()[0])
+        except OSError:
+            return socket.gethostname()
+
+
+async def serve(
+    settings_path: Path, settings: TowerSettings, host_address: str, listen: str
+) -> int:
+    """Run until SIGTERM/SIGINT; finish the messages in flight; return the exit status."""
+    scanner = Scanner(settings, host_address=host_address)
+    sink = PostgresSink(
+        settings.sql_dsn("mailtower_scanner", settings.secrets.sql_scanner, writable=True)
+    )
+    flusher = Flusher(scanner.events, sink)
+    flusher.start()
+    handler = Handler(scanner)
+    smtp_server = await start_smtp(handler, listen, settings.ports.filter)
+    http_server = await start_http(scanner, listen, settings.ports.scanner_http)
+    log.info(
+        "event=started tower=%s scanner=%s smtp=%s:%d http=%s:%d engines=%s relay=%s:%d",
+        settings.name,
+        host_address,
+        listen,
+        settings.ports.filter,
+        listen,
+        settings.ports.scanner_http,
+        ",".join(e.name for e in scanner.engines),
+        settings.hosts.relay,
+        settings.ports.reinject,
+    )
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            new = settings_mod.load(settings_path)
+            scanner.reload(new)
+        except (SettingsError, ValueError) as exc:
+            log.error("event=reload_failed settings=%s error=%r keeping=old", settings_path, exc)
+            return
+        log.info(
+            "event=reloaded settings=%s engines=%s",
+            settings_path,
+            ",".join(e.name for e in scanner.engines),
+        )
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    await stop.wait()
+    log.info("event=stopping in_flight=%d", scanner.in_flight)
+    scanner.draining = True  # new DATA gets 451, /health says draining
+    smtp_server.close()  # stop accepting
+    limits = scanner.settings.limits
+    grace = limits.engine_timeout_s * len(scanner.engines) + limits.reinject_timeout_s + 5
+    try:
+        await asyncio.wait_for(handler.idle.wait(), grace)
+    except TimeoutError:
+        # Unanswered messages stay with the relay, which retries them: nothing is lost.
+        log.error("event=stop_grace_expired in_flight=%d grace_s=%.0f", scanner.in_flight, grace)
+    http_server.close()
+    await asyncio.to_thread(flusher.stop)  # joins the thread: not on the event loop
+    sink.close()
+    scanner.executor.shutdown(wait=False, cancel_futures=True)
+    log.info("event=stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    try:
+        settings = settings_mod.load(args.settings)
+    except SettingsError as exc:
+        log.error("event=settings_invalid error=%r", str(exc))
+        return 2
+    host_address = args.host_address or default_host_address(settings)
+    return asyncio.run(serve(args.settings, settings, host_address, args.listen))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

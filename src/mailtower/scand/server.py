@@ -1,0 +1,313 @@
+"""The SMTP side of scand: receive from the relay, scan, re-inject or quarantine, answer.
+
+The answer to the relay is the commit point (DESIGN.md invariant 1): 250 is sent only after
+the message was re-injected (the relay answered 250) or quarantined durably; anything else is
+a 4xx, so the relay keeps the message and retries. A killed scanner therefore loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mailtower import engines as engines_mod
+from mailtower.engines import Engine
+from mailtower.events import Event, EventSpool
+from mailtower.quarantine import QuarantineStore
+from mailtower.scan import Kind, Verdict, message_id, scan_message
+from mailtower.settings import TowerSettings
+
+log = logging.getLogger(__name__)
+
+# Replies to the relay. Every reply the daemon gives is one of these.
+S250_CLEAN = "250 2.0.0 OK scanned clean, re-injected: {relay}"
+S250_QUARANTINED = "250 2.7.0 quarantined as {qid}"
+S451_ENGINE = "451 4.7.1 scanning not possible now, try again later"
+S451_REINJECT = "451 4.4.1 re-injection to the relay failed, try again later"
+S451_LOCAL = "451 4.3.0 local error in the scanner, try again later"
+S451_SHUTDOWN = "451 4.3.2 scanner shutting down, try again later"
+S552_TOO_BIG = "552 5.3.4 message exceeds the size limit"
+
+VERDICT_HEADER = "X-Mailtower-Verdict"
+
+
+class Metrics:
+    """scand's Prometheus metrics, in a registry of their own (several scanners per test)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter(
+            "mailtower_messages",
+            "Messages answered, by outcome",
+            ["verdict"],
+            registry=self.registry,
+        )
+        self.engine_seconds = Histogram(
+            "mailtower_engine_seconds",
+            "Time of one engine call",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.engine_errors = Counter(
+            "mailtower_engine_errors",
+            "Engine calls that failed or timed out",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.events_spooled = Gauge(
+            "mailtower_events_spooled", "Verdict events waiting for SQL", registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "mailtower_in_flight", "Messages being scanned now", registry=self.registry
+        )
+
+
+class ReinjectError(Exception):
+    """The relay did not take the message back."""
+
+
+class Scanner:
+    """Everything one scand does with a message, as blocking calls (run in a thread pool)."""
+
+    def __init__(
+        self,
+        settings: TowerSettings,
+        *,
+        host_address: str,
+        engines: list[Engine] | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.settings = settings
+        self.host_address = host_address
+        self.engines = engines if engines is not None else engines_mod.from_settings(settings)
+        self.metrics = metrics or Metrics()
+        spool = Path(settings.spool_dir)
+        self.quarantine = QuarantineStore(spool / "quarantine")
+        self.events = EventSpool(spool / "events")
+        self.metrics.events_spooled.set_function(self.events.count)
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.limits.scan_concurrency, thread_name_prefix="scan"
+        )
+        self.in_flight = 0
+        self.draining = False
+
+    def reload(self, settings: TowerSettings, engines: list[Engine] | None = None) -> None:
+        """Take new settings; messages in flight finish with the old ones."""
+        if settings.ports != self.settings.ports:
+            log.warning("event=reload_ports_changed action='restart scand to apply new ports'")
+        self.engines = engines if engines is not None else engines_mod.from_settings(settings)
+        self.settings = settings
+
+    # -- the whole job for one message (blocking) ---------------------------------------------
+
+    def process(
+        self, raw: bytes, mail_from: str, rcpt_tos: list[str], mail_options: Sequence[str] = ()
+    ) -> str:
+        """Scan, then re-inject or quarantine; return the SMTP reply for the relay."""
+        settings, engines = self.settings, self.engines
+        if len(raw) > settings.limits.message_size_bytes:
+            self.metrics.messages.labels("too_big").inc()
+            return S552_TOO_BIG
+        verdict = scan_message(raw, engines)
+        for run in verdict.runs:
+            self.metrics.engine_seconds.labels(run.engine).observe(run.seconds)
+            if run.error:
+                self.metrics.engine_errors.labels(run.engine).inc()
+        msgid = message_id(raw)
+        fields = f"message_id={msgid} from=<{mail_from}> rcpts={len(rcpt_tos)} size={len(raw)}"
+        quarantine_id = None
+        if verdict.kind is Kind.CLEAN:
+            try:
+                relay_answer = self.reinject(settings, raw, mail_from, rcpt_tos, mail_options)
+            except ReinjectError as exc:
+                log.warning("event=reinject_failed %s error=%r", fields, str(exc))
+                reply, outcome = S451_REINJECT, "tempfail"
+            else:
+                log.info("event=clean %s relay=%r", fields, relay_answer)
+                reply, outcome = S250_CLEAN.format(relay=relay_answer), "clean"
+        elif verdict.kind is Kind.VIRUS:
+            try:
+                quarantine_id = self.quarantine.write(
+                    raw, self._quarantine_meta(settings, verdict, msgid, mail_from, rcpt_tos)
+                )
+            except OSError as exc:
+                log.error("event=quarantine_failed %s error=%r", fields, exc)
+                self.metrics.messages.labels("tempfail").inc()
+                return S451_LOCAL
+            log.info(
+                "event=virus %s quarantine_id=%s reason=%r", fields, quarantine_id, verdict.reason
+            )
+            reply, outcome = S250_QUARANTINED.format(qid=quarantine_id), "virus"
+        else:
+            log.warning("event=tempfail %s reason=%r", fields, verdict.reason)
+            reply, outcome = S451_ENGINE, "tempfail"
+        self.metrics.messages.labels(outcome).inc()
+        self._record(settings, outcome, verdict, msgid, mail_from, rcpt_tos, raw, quarantine_id)
+        return reply
+
+    def reinject(
+        self,
+        settings: TowerSettings,
+        raw: bytes,
+        mail_from: str,
+        rcpt_tos: list[str],
+        mail_options: Sequence[str] = (),
+    ) -> str:
+        """Hand ``raw`` back to the relay with the same envelope; return the relay's answer."""
+        header = (
+            f"{VERDICT_HEADER}: clean; tower={settings.name}; scanner={self.host_address}\r\n"
+        ).encode()
+        try:
+            with smtplib.SMTP(
+                str(settings.hosts.relay),
+                settings.ports.reinject,
+                local_hostname=self.host_address,
+                timeout=settings.limits.reinject_timeout_s,
+            ) as smtp:
+                smtp.ehlo()
+                # Keep the body type and SMTPUTF8 of the original transaction.
+                options = [
+                    opt
+                    for opt in mail_options
+                    if (opt.startswith("BODY=") and smtp.has_extn("8bitmime"))
+                    or (opt == "SMTPUTF8" and smtp.has_extn("smtputf8"))
+                ]
+                code, text = smtp.mail(mail_from, options)
+                if code != 250:
+                    raise ReinjectError(f"MAIL FROM answered {code} {text!r}")
+                for rcpt in rcpt_tos:
+                    code, text = smtp.rcpt(rcpt)
+                    # Any refused recipient fails the whole message: the relay retries it
+                    # (a duplicate for the others is tolerated; a loss is not).
+                    if code not in (250, 251):
+                        raise ReinjectError(f"RCPT TO:<{rcpt}> answered {code} {text!r}")
+                code, text = smtp.data(header + raw)
+                if code != 250:
+                    raise ReinjectError(f"DATA answered {code} {text!r}")
+                return text.decode("utf-8", errors="replace")
+        except (smtplib.SMTPException, OSError) as exc:
+            raise ReinjectError(f"{settings.hosts.relay}:{settings.ports.reinject}: {exc}") from exc
+
+    def _quarantine_meta(
+        self,
+        settings: TowerSettings,
+        verdict: Verdict,
+        msgid: str | None,
+        mail_from: str,
+        rcpt_tos: list[str],
+    ) -> dict[str, Any]:
+        return {
+            "tower": settings.name,
+            "scanner": self.host_address,
+            "envelope": {"mail_from": mail_from, "rcpt_tos": list(rcpt_tos)},
+            "message_id": msgid,
+            "findings": [asdict(f) for f in verdict.findings],
+            "reason": verdict.reason,
+        }
+
+    def _record(
+        self,
+        settings: TowerSettings,
+        outcome: str,
+        verdict: Verdict,
+        msgid: str | None,
+        mail_from: str,
+        rcpt_tos: list[str],
+        raw: bytes,
+        quarantine_id: str | None,
+    ) -> None:
+        event = Event(
+            tower=settings.name,
+            scanner=self.host_address,
+            verdict=outcome,
+            sender=mail_from,
+            recipients=list(rcpt_tos),
+            size_bytes=len(raw),
+            message_id=msgid,
+            findings=[asdict(f) for f in verdict.findings],
+            quarantine_id=quarantine_id,
+        )
+        try:
+            self.events.add(event)
+        except OSError as exc:
+            # The answer is already decided (mail re-injected or quarantined); a lost event
+            # is logged loudly rather than turned into a retry that would duplicate the mail.
+            log.error("event=event_spool_failed event_id=%s error=%r", event.event_id, exc)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, str]:
+        """Each engine's version; raises EngineError if one does not answer in time."""
+        timeout = self.settings.limits.health_timeout_s
+        return {engine.name: engine.health(timeout) for engine in self.engines}
+
+
+class Handler:
+    """aiosmtpd handler: one DATA → one scan, bounded by ``limits.scan_concurrency``."""
+
+    def __init__(self, scanner: Scanner):
+        self.scanner = scanner
+        self.semaphore = asyncio.Semaphore(scanner.settings.limits.scan_concurrency)
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        scanner = self.scanner
+        if scanner.draining:
+            return S451_SHUTDOWN
+        raw = envelope.original_content or b""
+        mail_from = envelope.mail_from or "<>"
+        rcpt_tos = list(envelope.rcpt_tos)
+        mail_options = [opt.upper() for opt in envelope.mail_options]
+        self._enter()
+        try:
+            async with self.semaphore:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    scanner.executor, scanner.process, raw, mail_from, rcpt_tos, mail_options
+                )
+        except Exception:
+            log.exception("event=process_crashed from=<%s>", mail_from)
+            return S451_LOCAL
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        self.scanner.in_flight += 1
+        self.scanner.metrics.in_flight.set(self.scanner.in_flight)
+        self.idle.clear()
+
+    def _leave(self) -> None:
+        self.scanner.in_flight -= 1
+        self.scanner.metrics.in_flight.set(self.scanner.in_flight)
+        if self.scanner.in_flight == 0:
+            self.idle.set()
+
+
+async def start_smtp(
+    handler: Handler, host: str, port: int, *, hostname: str | None = None
+) -> asyncio.Server:
+    """Listen for the relay on ``host:port``; return the asyncio server."""
+    settings = handler.scanner.settings
+    loop = asyncio.get_running_loop()
+
+    def factory() -> SMTP:
+        return SMTP(
+            handler,
+            data_size_limit=settings.limits.message_size_bytes,
+            enable_SMTPUTF8=True,
+            hostname=hostname or socket.getfqdn(),
+            ident="mailtower-scand",
+        )
+
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True)

@@ -1,0 +1,167 @@
+"""invoke tasks: the lab (throwaway towers on this machine), deploy, verify, bench.
+
+    invoke lab            build the lab, deploy tower A, verify it   (the main job)
+    invoke lab.up         build or reuse the lab's hosts
+    invoke lab.status     what the lab runs, and its memory
+    invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
+    invoke deploy --tower lab-a
+    invoke verify --tower lab-a
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+ROOT = Path(__file__).resolve().parent
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def _say(text: str) -> None:
+    print(f"[mailtower {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def inventory_path(tower: str) -> Path:
+    """inventory/<tower>.py, with dashes as underscores (lab-a → inventory/lab_a.py)."""
+    path = ROOT / "inventory" / f"{tower.replace('-', '_')}.py"
+    if not path.exists():
+        raise Exit(f"no inventory for tower {tower!r}: expected {path.relative_to(ROOT)}", code=2)
+    return path
+
+
+def _lab_towers(tower: str) -> tuple[str, ...]:
+    match = re.fullmatch(r"lab-([ab])", tower)
+    return (match.group(1),) if match else ()
+
+
+def _scanners() -> int:
+    from mailtower.lab import plan
+
+    return int(os.environ.get("MAILTOWER_LAB_SCANNERS", plan.DEFAULT_SCANNERS))
+
+
+@task(help={"towers": "lab towers to build, e.g. a or a,b", "scanners": "scanners per tower"})
+def up(c, towers="a", scanners=None):
+    """Build (or reuse) the lab's throwaway hosts."""
+    from mailtower.lab import lxc, plan
+
+    if scanners:
+        os.environ["MAILTOWER_LAB_SCANNERS"] = str(scanners)
+    started = time.monotonic()
+    hosts = plan.lab_hosts(tuple(towers.split(",")), _scanners())
+    try:
+        lxc.ensure_controller(_say)
+        lxc.ensure_base(_say)
+        lxc.ensure_hosts(hosts, _say)
+    except lxc.LabError as exc:
+        raise Exit(f"lab.up: {exc}", code=1) from exc
+    _say(f"lab up: {len(hosts)} hosts in {time.monotonic() - started:.0f} s")
+
+
+@task(help={"purge": "also remove the cached base image and the bridge"})
+def down(c, purge=False):
+    """Destroy the lab's hosts."""
+    from mailtower.lab import lxc
+
+    lxc.destroy(lxc.lab_containers(), _say)
+    if purge:
+        lxc.purge(_say)
+
+
+@task(help={"json": "print JSON for programs"})
+def status(c, json_=False):
+    """Show the lab's hosts, their state and memory."""
+    from mailtower.lab import lxc, plan
+
+    rows = lxc.status(plan.lab_hosts(("a", "b"), _scanners()))
+    rows = [r for r in rows if r["state"] != "ABSENT"]
+    if json_:
+        print(json.dumps(rows, indent=2))
+        return
+    total = sum(r["memory_mib"] for r in rows)
+    for r in rows:
+        print(f"{r['name']:16} {r['address']:14} {r['group']:10} {r['state']:8} "
+              f"ssh={'yes' if r['ssh'] else 'no ':3} {r['memory_mib']:8.1f} MiB")
+    print(f"{len(rows)} hosts, {total:.0f} MiB in all")
+
+
+@task(help={"tower": "the tower's name: inventory/<tower>.py (lab-a is the lab's tower A)"})
+def deploy(c, tower="lab-a"):
+    """Deploy a tower with pyinfra (the lab's customer servers too for a lab tower)."""
+    inv = inventory_path(tower)
+    script = "deploys/lab.py" if _lab_towers(tower) else "deploys/tower.py"
+    _say(f"deploying {tower}: pyinfra {inv.relative_to(ROOT)} {script}")
+    started = time.monotonic()
+    with c.cd(str(ROOT)):
+        result = c.run(f"{BIN}/pyinfra -y {inv.relative_to(ROOT)} {script}", warn=True,
+                       env={"PYTHONPATH": str(ROOT)})
+    elapsed = time.monotonic() - started
+    if result.exited != 0:
+        raise Exit(f"deploy of {tower} failed after {elapsed:.0f} s (see the errors above)", code=1)
+    _say(f"deployed {tower} in {elapsed:.0f} s")
+
+
+@task(help={"tower": "the tower's name: inventory/<tower>.py", "k": "pytest -k expression",
+            "workers": "parallel pytest workers"})
+def verify(c, tower="lab-a", k="", workers=4):
+    """Prove a built tower: testinfra per role, then real mail end to end."""
+    inventory_path(tower)
+    started = time.monotonic()
+    out = ROOT / "tests" / "output"
+    out.mkdir(parents=True, exist_ok=True)
+    sel = f"-k '{k}'" if k else ""
+    with c.cd(str(ROOT)):
+        infra = c.run(f"{PY} -m pytest -p no:cacheprovider tests/infra --tower {tower} -n {workers} "
+                      f"-q {sel} --junitxml {out}/infra.xml", warn=True, env={"PYTHONPATH": str(ROOT)})
+        e2e = c.run(f"{PY} -m pytest -p no:cacheprovider tests/e2e --tower {tower} -q -x {sel} "
+                    f"--junitxml {out}/e2e.xml", warn=True, env={"PYTHONPATH": str(ROOT)})
+    elapsed = time.monotonic() - started
+    ok = infra.exited == 0 and e2e.exited == 0
+    _say(f"verify {tower}: infra {'PASS' if infra.exited == 0 else 'FAIL'}, "
+         f"end-to-end {'PASS' if e2e.exited == 0 else 'FAIL'} ({elapsed:.0f} s)")
+    if not ok:
+        raise Exit(f"tower {tower} FAILED verification", code=1)
+
+
+@task(default=True)
+def lab(c, tower="lab-a"):
+    """The main job: build the lab, deploy the tower, verify it."""
+    towers = _lab_towers(tower)
+    if not towers:
+        raise Exit(f"{tower!r} is not a lab tower (lab-a or lab-b)", code=2)
+    up(c, towers=",".join(towers))
+    deploy(c, tower=tower)
+    verify(c, tower=tower)
+
+
+@task
+def unit(c):
+    """Unit and deploy tests (no hosts needed), plus integration tests on real local programs."""
+    with c.cd(str(ROOT)):
+        c.run(f"{PY} -m pytest -p no:cacheprovider tests/unit tests/deploy -q", env={"PYTHONPATH": str(ROOT)})
+
+
+@task
+def test(c):
+    """Everything CI runs: unit tests, then a full lab tower built, deployed, verified, torn down."""
+    unit(c)
+    try:
+        lab(c)
+    finally:
+        down(c)
+
+
+lab_ns = Collection("lab")
+lab_ns.add_task(lab, name="run", default=True)
+lab_ns.add_task(up)
+lab_ns.add_task(down)
+lab_ns.add_task(status)
+
+ns = Collection(deploy, verify, unit, test, lab_ns)

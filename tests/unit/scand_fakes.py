@@ -1,0 +1,252 @@
+"""Helpers for scand tests: settings, free ports, a relay sink, a fake and a real clamd."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailtower import testdata
+from mailtower.settings import Limits, Ports, Secrets, TowerHosts, TowerSettings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def make_settings(
+    spool: Path,
+    *,
+    reinject_port: int,
+    filter_port: int | None = None,
+    http_port: int | None = None,
+    clamd_socket: str = "/nonexistent/clamd.ctl",
+    engine_timeout_s: float = 5.0,
+    postgres_port: int | None = None,
+) -> TowerSettings:
+    """Settings for a tower on loopback: relay 127.0.0.1, nothing listening for SQL."""
+    return TowerSettings(
+        name="tower-t",
+        hostname="mx.tower-t.test",
+        hosts=TowerHosts(
+            relay=IPv4Address("127.0.0.1"),
+            monitor=IPv4Address("127.0.0.2"),
+            sql=[IPv4Address("127.0.0.3"), IPv4Address("127.0.0.4")],
+            scanners=[IPv4Address("127.0.0.5")],
+        ),
+        ports=Ports(
+            filter=filter_port or free_port(),
+            reinject=reinject_port,
+            scanner_http=http_port or free_port(),
+            postgres=postgres_port or free_port(),
+        ),
+        limits=Limits(
+            engine_timeout_s=engine_timeout_s,
+            reinject_timeout_s=10.0,
+            health_timeout_s=1.0,
+            message_size_bytes=1024 * 1024,
+        ),
+        secrets=Secrets(
+            sql_relay="r" * 16,
+            sql_scanner="s" * 16,
+            sql_monitor="m" * 16,
+            sql_replication="p" * 16,
+        ),
+        clamd_socket=clamd_socket,
+        spool_dir=str(spool),
+    )
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class SinkHandler:
+    """Stands in for the relay's re-injection listener."""
+
+    received: list[Received] = field(default_factory=list)
+    refuse: str | None = None  # an SMTP reply to give instead of 250
+    gate: threading.Event | None = None  # when set: hold each DATA until the gate opens
+    holding: int = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.gate is not None:
+            self.holding += 1
+            await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 30)
+        if self.refuse:
+            return self.refuse
+        self.received.append(
+            Received(
+                envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b""
+            )
+        )
+        return f"250 2.0.0 Ok: queued as Q{len(self.received):05d}"
+
+
+def start_sink() -> tuple[Controller, SinkHandler, int]:
+    handler = SinkHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller, handler, port
+
+
+# -- a fake clamd (protocol tests) -----------------------------------------------------------
+
+
+class FakeClamd:
+    """A clamd stand-in on a unix socket; records streams, answers ``reply`` (or hangs)."""
+
+    def __init__(self, path: Path, reply: bytes = b"stream: OK\0"):
+        self.path = str(path)
+        self.reply = reply
+        self.hang = False
+        self.close_early = False  # close after the first chunk, like StreamMaxLength
+        self.streams: list[bytes] = []
+        self.commands: list[bytes] = []
+        self.chunk_sizes: list[int] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(8)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                self._one(conn)
+
+    def _read_exact(self, conn: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            data = conn.recv(n - len(buf))
+            if not data:
+                raise ConnectionError("client closed")
+            buf += data
+        return buf
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            command = b""
+            while not command.endswith(b"\0"):
+                command += self._read_exact(conn, 1)
+            self.commands.append(command)
+            if command == b"zINSTREAM\0":
+                stream = b""
+                while True:
+                    (size,) = struct.unpack("!L", self._read_exact(conn, 4))
+                    if size == 0:
+                        break
+                    self.chunk_sizes.append(size)
+                    stream += self._read_exact(conn, size)
+                    if self.close_early:
+                        conn.sendall(self.reply)
+                        return
+                self.streams.append(stream)
+            if self.hang:
+                self._stop.wait(10)
+                return
+            conn.sendall(self.reply)
+        except ConnectionError:
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+
+# -- a real clamd (integration tests) --------------------------------------------------------
+
+
+class RealClamd:
+    """A private clamd with the project's test signatures, run in the foreground."""
+
+    def __init__(self, workdir: Path, *, stream_max_length: str = "60M"):
+        self.workdir = workdir
+        db = workdir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        for name, content in testdata.clamav_signatures().items():
+            (db / name).write_text(content)
+        self.socket = workdir / "clamd.sock"
+        self.config = workdir / "clamd.conf"
+        self.log = workdir / "clamd.log"
+        self.config.write_text(
+            "\n".join(
+                [
+                    "Foreground yes",
+                    f"LocalSocket {self.socket}",
+                    f"DatabaseDirectory {db}",
+                    f"LogFile {self.log}",
+                    f"PidFile {workdir / 'clamd.pid'}",
+                    f"TemporaryDirectory {workdir}",
+                    "User root",
+                    f"StreamMaxLength {stream_max_length}",
+                    "MaxThreads 10",
+                    "",
+                ]
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> RealClamd:
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/clamd", "--config-file", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                log = self.log.read_text() if self.log.exists() else "(no log)"
+                raise RuntimeError(f"clamd exited with {self.proc.returncode}:\n{log}")
+            if self._pongs():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"clamd did not answer PING within {timeout_s}s")
+            time.sleep(0.05)
+
+    def _pongs(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1)
+                sock.connect(str(self.socket))
+                sock.sendall(b"zPING\0")
+                return sock.recv(16).startswith(b"PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,0 +1,237 @@
+"""scand end to end in-process: relay → scand (test engine) → sink standing in for the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from scand_fakes import SinkHandler, make_settings, start_sink, wait_until
+
+from mailtower import testdata
+from mailtower.engines.testing import PatternEngine
+from mailtower.quarantine import QuarantineStore
+from mailtower.scand.http import start_http
+from mailtower.scand.server import Handler, Scanner, start_smtp
+
+MARKER = testdata.marker().decode()
+
+
+@dataclass
+class Scand:
+    scanner: Scanner
+    engine: PatternEngine
+    sink: SinkHandler
+    smtp_port: int
+    http_port: int
+    spool: Path
+
+    def send(self, raw: bytes, rcpts: list[str] | None = None) -> tuple[int, bytes]:
+        """Send like Postfix's content filter client; return the reply to DATA."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as smtp:
+            smtp.ehlo("relay.test")
+            assert smtp.mail("sender@example.org")[0] == 250
+            for rcpt in rcpts or ["to@example.com"]:
+                assert smtp.rcpt(rcpt)[0] == 250
+            return smtp.data(raw)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}{path}", timeout=10
+            ) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    @property
+    def quarantine(self) -> QuarantineStore:
+        return QuarantineStore(self.spool / "quarantine")
+
+
+@pytest.fixture
+def scand(tmp_path: Path) -> Iterator[Scand]:
+    controller, sink, sink_port = start_sink()
+    settings = make_settings(tmp_path / "spool", reinject_port=sink_port)
+    engine = PatternEngine(timeout_s=0.2)
+    scanner = Scanner(settings, host_address="127.0.0.5", engines=[engine])
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    servers: list[asyncio.Server] = []
+
+    async def start() -> None:
+        servers.append(await start_smtp(Handler(scanner), "127.0.0.1", settings.ports.filter))
+        servers.append(await start_http(scanner, "127.0.0.1", settings.ports.scanner_http))
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    assert ready.is_set()
+    yield Scand(
+        scanner,
+        engine,
+        sink,
+        settings.ports.filter,
+        settings.ports.scanner_http,
+        tmp_path / "spool",
+    )
+    engine.release()
+    for server in servers:
+        loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    scanner.executor.shutdown(wait=True)
+    controller.stop()
+
+
+def _mail(body: str = "hello\n", subject: str = "test") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "sender@example.org"
+    msg["To"] = "to@example.com"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{subject}@example.org>"
+    msg.set_content(body)
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+def test_clean_is_reinjected_with_header_and_same_envelope(scand: Scand) -> None:
+    raw = _mail("hello\n.leading dot survives\n", subject="clean")
+    code, text = scand.send(raw, rcpts=["a@example.com", "b@example.com"])
+    assert code == 250, text
+    assert b"Q00001" in text  # the relay's queue id is passed back
+    assert len(scand.sink.received) == 1
+    got = scand.sink.received[0]
+    assert got.mail_from == "sender@example.org"
+    assert got.rcpt_tos == ["a@example.com", "b@example.com"]
+    header = b"X-Mailtower-Verdict: clean; tower=tower-t; scanner=127.0.0.5\r\n"
+    assert got.content == header + raw
+    assert scand.quarantine.list() == []
+
+
+def test_virus_is_quarantined_not_delivered(scand: Scand) -> None:
+    raw = _mail(f"xx {MARKER} yy\n", subject="infected")
+    code, text = scand.send(raw)
+    assert code == 250, text
+    assert text.startswith(b"2.7.0 quarantined as ")
+    qid = text.split()[-1].decode()
+    assert scand.sink.received == []
+    entry = scand.quarantine.get(qid)
+    assert entry.message_path.read_bytes() == raw
+    assert entry.meta["envelope"] == {
+        "mail_from": "sender@example.org",
+        "rcpt_tos": ["to@example.com"],
+    }
+    assert entry.meta["message_id"] == "<infected@example.org>"
+    assert entry.meta["findings"][0]["name"] == "Mailtower.Test.Marker"
+    assert entry.meta["size_bytes"] == len(raw)
+
+
+@pytest.mark.parametrize("mode", ["fail", "hang"])
+def test_engine_failure_tempfails_and_delivers_nothing(scand: Scand, mode: str) -> None:
+    scand.engine.mode = mode
+    code, text = scand.send(_mail(subject="unscanned"))
+    assert code == 451, text
+    assert text.startswith(b"4.7.1")
+    assert scand.sink.received == []
+    assert scand.quarantine.list() == []
+
+
+def test_relay_refusing_reinjection_tempfails(scand: Scand) -> None:
+    scand.sink.refuse = "452 4.3.1 Insufficient system storage"
+    code, _ = scand.send(_mail(subject="refused"))
+    assert code == 451
+    assert scand.sink.received == []
+
+
+def test_relay_down_tempfails(scand: Scand) -> None:
+    settings = scand.scanner.settings
+    dead_relay = settings.ports.model_copy(update={"reinject": 1})  # nothing listens there
+    scand.scanner.reload(settings.model_copy(update={"ports": dead_relay}), [scand.engine])
+    code, _ = scand.send(_mail(subject="relay-down"))
+    assert code == 451
+
+
+def test_too_big_is_552(scand: Scand) -> None:
+    raw = _mail("x" * 70 + "\n") + (b"y" * 76 + b"\r\n") * 15000  # > 1 MiB limit
+    code, _ = scand.send(raw)
+    assert code == 552
+    assert scand.sink.received == [] and scand.engine.calls == 0
+
+
+def test_every_verdict_is_spooled_as_event(scand: Scand) -> None:
+    scand.send(_mail(subject="e1"))
+    scand.send(_mail(MARKER, subject="e2"))
+    scand.engine.mode = "fail"
+    scand.send(_mail(subject="e3"))
+    events = [json.loads(p.read_bytes()) for p in scand.scanner.events.pending()]
+    by_msgid = {e["message_id"]: e for e in events}
+    assert by_msgid["<e1@example.org>"]["verdict"] == "clean"
+    assert by_msgid["<e2@example.org>"]["verdict"] == "virus"
+    assert by_msgid["<e2@example.org>"]["quarantine_id"]
+    assert by_msgid["<e3@example.org>"]["verdict"] == "tempfail"
+    assert all(e["scanner"] == "127.0.0.5" and e["tower"] == "tower-t" for e in events)
+
+
+def test_concurrent_messages_all_answered(scand: Scand) -> None:
+    results: list[int] = []
+
+    def one(n: int) -> None:
+        results.append(scand.send(_mail(subject=f"c{n}"))[0])
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [250] * 20
+    assert len(scand.sink.received) == 20
+
+
+def test_health_and_metrics(scand: Scand) -> None:
+    status, body = scand.get("/health")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc == {"status": "ok", "test": "test 1.0", "in_flight": 0}
+    scand.send(_mail(subject="m1"))
+    scand.engine.mode = "fail"
+    status, body = scand.get("/health")
+    assert status == 503 and json.loads(body)["status"] == "fail"
+    scand.send(_mail(subject="m2"))
+    status, body = scand.get("/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'mailtower_messages_total{verdict="clean"} 1.0' in text
+    assert 'mailtower_messages_total{verdict="tempfail"} 1.0' in text
+    assert 'mailtower_engine_errors_total{engine="test"} 1.0' in text
+    assert 'mailtower_engine_seconds_count{engine="test"} 2.0' in text
+    assert "mailtower_events_spooled 2.0" in text
+    assert "mailtower_in_flight 0.0" in text
+    assert scand.get("/nope")[0] == 404
+
+
+def test_health_times_out_on_hung_engine(scand: Scand) -> None:
+    scand.engine.mode = "hang"
+    scand.engine.timeout_s = 30  # the health timeout (1 s) must cut it short
+    status, body = scand.get("/health")
+    assert status == 503
+    assert "test" in json.loads(body)["reason"]
+
+
+def test_in_flight_is_visible_while_scanning(scand: Scand) -> None:
+    scand.engine.mode = "hang"
+    scand.engine.timeout_s = 30
+    sender = threading.Thread(target=scand.send, args=(_mail(subject="slow"),))
+    sender.start()
+    wait_until(lambda: scand.scanner.in_flight == 1, 10, "the message to be in flight")
+    scand.engine.release()
+    sender.join(30)
+    assert scand.scanner.in_flight == 0
