@@ -4,8 +4,10 @@ from pyinfra import host
 
 from mailtower.lab import plan
 from roles.lab_mailserver import deploy_lab_mailserver
-from roles.tower import deploy_tower
+from roles.tower import deploy_tower, install_packages
 
+if "customers" in host.groups:
+    install_packages(["postfix"])
 deploy_tower()
 if "customers" in host.groups:
     index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1

@@ -16,14 +16,14 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
-from mailtower.settings import SettingsError, TowerSettings, from_data
+from mailtower.inventory import TOWER_GROUPS, tower_settings
+from mailtower.settings import SettingsError, TowerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 VENV = "/opt/mailtower/venv"
 WHEELHOUSE_REMOTE = "/opt/mailtower/wheelhouse"
 SETTINGS_REMOTE = "/etc/mailtower/tower.json"
-TOWER_GROUPS = ("relay", "monitor", "sql", "scanners")
 
 
 def address(h) -> str:
@@ -46,19 +46,22 @@ def settings() -> TowerSettings:
     data = dict(host.data.get("mailtower") or {})
     if not data:
         raise DeployError(f"{host.name}: host data has no 'mailtower' settings (see inventory/)")
-    relay, monitor, sql, scanners = (_group(g) for g in TOWER_GROUPS)
-    if len(relay) != 1 or len(monitor) != 1:
-        raise DeployError("a tower has exactly one relay and one monitor host in its inventory")
-    data["hosts"] = {
-        "relay": address(relay[0]),
-        "monitor": address(monitor[0]),
-        "sql": [address(h) for h in sql],
-        "scanners": [address(h) for h in scanners],
-    }
+    addresses = {g: [address(h) for h in _group(g)] for g in TOWER_GROUPS}
     try:
-        return from_data(data)
+        return tower_settings(data, addresses)
     except SettingsError as exc:
-        raise DeployError(str(exc)) from exc
+        raise DeployError(f"{host.name}: {exc}") from exc
+
+
+def barrier(phase: str) -> None:
+    """Order the deploy across hosts: nothing after this runs anywhere before everything
+    before it ran everywhere.
+
+    pyinfra orders operations by merging each host's sequence; an operation every host calls
+    from one call site joins those sequences. It is skipped, so it never reports a change.
+    Call it unconditionally, from one line, for every host.
+    """
+    server.shell(name=f"Wait for every host: {phase}", commands=["true"], _if=lambda: False)
 
 
 def is_primary() -> bool:

@@ -4,7 +4,7 @@ so verification can see exactly what the tower delivered."""
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
 from roles._common import TEMPLATES
 
@@ -13,8 +13,6 @@ MAILDIR = "/var/mail/vhosts/catchall"
 
 @deploy("mailtower lab customer mail server")
 def deploy_lab_mailserver(domain: str):
-    apt.packages(name="Install Postfix", packages=["postfix"], update=True, cache_time=86400,
-                 no_recommends=True)
     server.group(name="Ensure group vmail", group="vmail", gid=5000)
     server.user(name="Ensure user vmail", user="vmail", uid=5000, group="vmail",
                 home="/var/mail/vhosts", shell="/usr/sbin/nologin")

@@ -16,10 +16,10 @@ from roles._common import put_text, settings, template
 MIRROR = "/srv/mailtower/mirror"
 
 
+PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl"]
+
+
 def install():
-    apt.packages(name="Install Prometheus, nginx, python3-venv",
-                 packages=["prometheus", "nginx-light", "python3-venv"],
-                 update=True, cache_time=86400, no_recommends=True)
     _common.service_user()
     return _common.install_stack()
 

@@ -14,10 +14,10 @@ CERT = "/etc/mailtower/tls/relay.crt"
 KEY = "/etc/mailtower/tls/relay.key"
 
 
+PACKAGES = ["postfix", "postfix-pgsql", "haproxy", "nftables", "openssl", "python3-venv"]
+
+
 def install():
-    apt.packages(name="Install Postfix, HAProxy, nftables", packages=[
-        "postfix", "postfix-pgsql", "haproxy", "nftables", "openssl", "python3-venv",
-    ], update=True, cache_time=86400, no_recommends=True)
     _common.service_user()
     _common.install_stack()
 

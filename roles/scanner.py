@@ -13,10 +13,10 @@ from roles._common import settings, template
 SIG_DIR = "/var/lib/clamav"
 
 
+PACKAGES = ["clamav-daemon", "python3-venv", "curl"]
+
+
 def install():
-    apt.packages(name="Install ClamAV clamd and python3-venv",
-                 packages=["clamav-daemon", "python3-venv", "curl"],
-                 update=True, cache_time=86400, no_recommends=True)
     # freshclam cannot reach the public signature servers from a tower: the monitor's mirror
     # is the only source of signatures.
     systemd.service(name="Disable clamav-freshclam", service="clamav-freshclam",

@@ -16,9 +16,7 @@ DATA = "/var/lib/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 
 
-def install():
-    apt.packages(name="Install PostgreSQL 15", packages=["postgresql-15"],
-                 update=True, cache_time=86400, no_recommends=True)
+PACKAGES = ["postgresql-15"]
 
 
 def configure():
@@ -75,7 +73,7 @@ def _standby(ops):
         commands=[
             f"systemctl stop {SERVICE}",
             f"rm -rf {DATA}",
-            f"su postgres -c 'pg_basebackup -h {s.sql_primary} -p {s.ports.postgres} -U replicator"
+            f"cd /tmp && su postgres -c 'pg_basebackup -h {s.sql_primary} -p {s.ports.postgres} -U replicator"
             f" -D {DATA} -R -X stream -c fast -C -S standby_{str(host_address()).replace('.', '_')}"
             f" --no-password'",
         ],
@@ -92,9 +90,10 @@ def host_address() -> str:
 
 @deploy("mailtower sql")
 def deploy_sql():
-    install()
     ops = configure()
-    if _common.is_primary():
+    primary = _common.is_primary()
+    if primary:
         _primary(ops)
-    else:
+    _common.barrier("SQL primary ready for its standby")
+    if not primary:
         _standby(ops)

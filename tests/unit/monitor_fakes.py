@@ -28,6 +28,7 @@ class FakeHAProxy:
         self.addresses = dict(servers)  # name → address
         self.admin = dict.fromkeys(servers, 0)  # name → srv_admin_state
         self.commands: list[str] = []
+        self.shutdowns: list[str] = []  # servers whose sessions were shut down
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -64,6 +65,12 @@ class FakeHAProxy:
                 self.admin[name] &= ~1
             else:
                 return "'set server <srv> state' expects 'ready', 'drain' and 'maint'.\n\n"
+            return "\n"
+        if words[:3] == ["shutdown", "sessions", "server"] and len(words) == 4:
+            backend, _, name = words[3].partition("/")
+            if backend != self.backend or name not in self.admin:
+                return "No such server.\n\n"
+            self.shutdowns.append(name)
             return "\n"
         return "Unknown command.\n\n"
 

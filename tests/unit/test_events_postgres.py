@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -29,9 +30,10 @@ CREATE TABLE verdict_events (
 """
 
 
-def _as_postgres(*argv: str) -> list[str]:
-    # initdb and postgres refuse to run as root.
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
+# initdb and postgres refuse to run as root.
+_AS_POSTGRES: dict[str, Any] = (
+    {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +47,14 @@ def pg() -> Iterator[tuple[str, int]]:
         os.chmod(base, 0o755)
         shutil.chown(base, pw.pw_uid, pw.pw_gid)
     subprocess.run(
-        _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"),
+        [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
         check=True,
         capture_output=True,
+        **_AS_POSTGRES,
     )
     port = free_port()
     proc = subprocess.Popen(
-        _as_postgres(
+        [
             str(PG_BIN / "postgres"),
             "-D",
             str(data),
@@ -61,9 +64,10 @@ def pg() -> Iterator[tuple[str, int]]:
             "listen_addresses=127.0.0.3",
             "-c",
             f"unix_socket_directories={base}",
-        ),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        **_AS_POSTGRES,
     )
     admin = f"host=127.0.0.3 port={port} user=postgres dbname=postgres"
 
@@ -88,7 +92,11 @@ def pg() -> Iterator[tuple[str, int]]:
         yield admin.replace("dbname=postgres", "dbname=mailtower"), port
     finally:
         proc.send_signal(signal.SIGINT)  # "fast" shutdown
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
         shutil.rmtree(base, ignore_errors=True)
 
 

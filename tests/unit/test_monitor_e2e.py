@@ -75,6 +75,8 @@ def test_killed_scanner_leaves_the_pool_and_returns():
                 "s02 put in maintenance",
             )
             assert fake.admin["s02"] & 1
+            # its open sessions are closed so the relay retries their messages elsewhere now
+            await wait_for(lambda: fake.shutdowns == ["s02"], GOAL_S, "s02's sessions shut down")
             status, body = await http_get(monitor.http_port or 0, "/pool")
             pool = {s["name"]: s for s in json.loads(body)["scanners"]}
             assert status == 200

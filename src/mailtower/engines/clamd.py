@@ -8,6 +8,7 @@ finding with AllMatchScan) or ``<text> ERROR``, then closes the connection.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
@@ -75,7 +76,12 @@ class ClamdClient:
                 for start in range(0, len(view), self.chunk_size):
                     chunk = view[start : start + self.chunk_size]
                     self._send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
-                self._send(sock, struct.pack("!L", 0), deadline)
+                    if select.select([sock], [], [], 0)[0]:
+                        # clamd answered mid-stream (StreamMaxLength): stop and read why,
+                        # before its close resets the connection and loses the reply.
+                        break
+                else:
+                    self._send(sock, struct.pack("!L", 0), deadline)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 # clamd closes the stream early when StreamMaxLength is exceeded; its reply
                 # (if any) says why, so read it before giving up.
@@ -85,7 +91,8 @@ class ClamdClient:
             except EngineUnavailable:
                 if send_error is not None:
                     raise EngineUnavailable(
-                        f"clamd {self.address}: connection lost while sending: {send_error}"
+                        f"clamd {self.address}: connection lost while sending "
+                        f"(StreamMaxLength exceeded?): {send_error}"
                     ) from send_error
                 raise
         return self._parse_scan_reply(reply)

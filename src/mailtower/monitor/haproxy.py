@@ -101,6 +101,18 @@ class RuntimeAPI:
                 f"{answer.strip()}"
             )
 
+    async def shutdown_sessions(self, server: str, backend: str = BACKEND) -> None:
+        """Close the sessions still open to a failed server.
+
+        A scanner host that died holds its connections open without answering; the relay
+        would wait out its SMTP timeouts. Closed, they fail at once and Postfix retries the
+        messages on another scanner after its backoff.
+        """
+        answer = await self.command(f"shutdown sessions server {backend}/{server}")
+        if answer.strip():
+            raise HAProxyError(f"HAProxy at {self} refused 'shutdown sessions server "
+                               f"{backend}/{server}': {answer.strip()}")
+
     async def servers_state(self, backend: str = BACKEND) -> dict[str, ServerState]:
         """The servers of ``backend`` by name."""
         answer = await self.command(f"show servers state {backend}")

@@ -105,6 +105,8 @@ class Monitor:
         for t in transitions:
             try:
                 await self.haproxy.set_state(t.scanner, t.to)
+                if t.to == "maint":
+                    await self.haproxy.shutdown_sessions(t.scanner)
             except HAProxyError as exc:
                 self._haproxy_failed(exc)
                 break  # the reconciliation below (retried every tick) applies the rest

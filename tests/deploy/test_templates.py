@@ -1,0 +1,81 @@
+"""Every template renders from the one settings model, and says what the settings say."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import all_templates, sample_settings
+
+
+@pytest.mark.parametrize("path", all_templates())
+def test_every_template_renders(render, settings, path):
+    out = render(path, settings, cert="/c", key="/k", domain="customer.example")
+    assert out.strip()
+    assert not re.search(r"\{\{\s*s\.|\{%", out), "unrendered Jinja left in the output"
+
+
+def test_main_cf_follows_settings(render):
+    s = sample_settings(limits={"queue_lifetime": "5d", "minimal_backoff": "1m"})
+    cf = render("relay/etc/postfix/main.cf", s, cert="/c", key="/k")
+    conf = dict(re.findall(r"^(\w+) = ?(.*)$", cf, re.M))
+    assert conf["maximal_queue_lifetime"] == "5d"
+    assert conf["minimal_backoff_time"] == "1m"
+    assert conf["content_filter"] == f"scan:[127.0.0.1]:{s.ports.filter}"
+    assert conf["smtpd_forbid_bare_newline"] == "yes"
+    assert conf["mynetworks"] == "127.0.0.0/8"
+    assert conf["mydestination"] == ""
+    assert int(conf["queue_minfree"]) >= s.limits.message_size_bytes * 1.5
+
+
+def test_reinjection_listener_trusts_only_scanners(render, settings):
+    master = render("relay/etc/postfix/master.cf", settings)
+    block = master.split(f"{settings.hosts.relay}:{settings.ports.reinject} inet")[1].split("\npickup")[0]
+    scanners = ",".join(str(ip) for ip in settings.hosts.scanners)
+    assert f"-o mynetworks={scanners}" in block
+    assert "-o content_filter=" in block
+    assert "smtpd_client_restrictions=permit_mynetworks,reject" in block
+
+
+@pytest.mark.parametrize("count", [1, 5, 23])
+def test_haproxy_pool_has_every_scanner(render, count):
+    s = sample_settings(scanners=count)
+    cfg = render("relay/etc/haproxy/haproxy.cfg", s)
+    servers = re.findall(r"^\s+server (s\d\d) ([\d.]+):(\d+)$", cfg, re.M)
+    assert [name for name, _, _ in servers] == [s.scanner_name(i) for i in range(count)]
+    assert {port for _, _, port in servers} == {str(s.ports.filter)}
+    assert f"ipv4@{s.hosts.relay}:{s.ports.haproxy_runtime} level admin" in cfg
+
+
+def test_nftables_restricts_runtime_api_to_the_monitor(render, settings):
+    rules = render("relay/etc/nftables.conf", settings)
+    assert f"tcp dport {settings.ports.haproxy_runtime} ip saddr != {settings.hosts.monitor} reject" in rules
+    assert f"tcp dport {settings.ports.reinject} ip saddr != @scanners reject" in rules
+
+
+def test_pg_hba_lists_only_tower_hosts(render, settings):
+    hba = render("sql/etc/postgresql/15/main/pg_hba.conf", settings)
+    addresses = set(re.findall(r"(\d+\.\d+\.\d+\.\d+)/32", hba)) - {"127.0.0.1"}
+    tower = {str(settings.hosts.relay), str(settings.hosts.monitor),
+             *map(str, settings.hosts.sql), *map(str, settings.hosts.scanners)}
+    assert addresses == tower
+    assert "trust" not in hba and " md5" not in hba
+
+
+def test_customers_sql_routes_each_customer(render):
+    s = sample_settings(customers=[{"domain": "a.example", "server": "10.0.0.5", "port": 2525},
+                                   {"domain": "b.example", "server": "mx.b.example"}])
+    sql = render("sql/etc/mailtower/sql/customers.sql", s)
+    assert "'smtp:[10.0.0.5]:2525'" in sql and "'smtp:[mx.b.example]:25'" in sql
+
+
+def test_prometheus_scrapes_every_scanner(render, settings):
+    cfg = render("monitor/etc/prometheus/prometheus.yml", settings)
+    for ip in settings.hosts.scanners:
+        assert f'"{ip}:{settings.ports.scanner_http}"' in cfg
+
+
+def test_clamd_stream_limit_follows_message_size(render):
+    s = sample_settings(limits={"message_size_bytes": 12345678})
+    assert "StreamMaxLength 12345678" in render("scanner/etc/clamav/clamd.conf", s)

@@ -1,0 +1,47 @@
+"""Idempotence (DESIGN.md invariant 5): a second deploy of the unchanged tower changes nothing
+and restarts nothing."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+from conftest import record_figure
+from towerlib import ROOT
+
+SERVICES = {
+    "relay": ["postfix", "haproxy", "mailtower-relay-exporter"],
+    "monitor": ["mailtower-monitor", "nginx", "prometheus"],
+    "sql": ["postgresql@15-main"],
+    "scanners": ["clamav-daemon", "mailtower-scand"],
+}
+
+
+def _started_at(tower) -> dict[str, str]:
+    stamps = {}
+    for group, services in SERVICES.items():
+        for h in tower.hosts(group):
+            node = tower.node(h.name)
+            for svc in services:
+                stamps[f"{h.name}/{svc}"] = node.check_output(
+                    f"systemctl show -p ActiveEnterTimestampMonotonic --value {svc}")
+    return stamps
+
+
+def test_second_deploy_changes_and_restarts_nothing(tower):
+    before = _started_at(tower)
+    script = "deploys/lab.py" if tower.is_lab else "deploys/tower.py"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pyinfra", "-y", str(tower.inventory_path.relative_to(ROOT)), script],
+        cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    changed = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"^\s*\[?([\w.:-]+)\]?\s+.*?Changed:\s*(\d+)", done.stdout, re.M)}
+    assert changed, "no per-host results in pyinfra's output:\n" + done.stdout[-2000:]
+    assert {h: n for h, n in changed.items() if n} == {}, done.stdout[-4000:]
+    assert _started_at(tower) == before, "a service was restarted by a no-change deploy"
+    record_figure("redeploy_no_change_s", round(elapsed, 1))

@@ -1,0 +1,47 @@
+"""The monitor: pool health, the signature mirror, Prometheus with the tower's alert rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+GROUP = "monitor"
+
+
+@pytest.mark.parametrize("service", ["mailtower-monitor", "nginx", "prometheus"])
+def test_service_running_and_enabled(node, service):
+    svc = node.service(service)
+    assert svc.is_running and svc.is_enabled
+
+
+def test_pool_all_healthy_and_enabled(tower):
+    pool = tower.pool()
+    assert len(pool) == len(tower.settings.hosts.scanners)
+    bad = {n: s for n, s in pool.items() if not (s["healthy"] and s["enabled"])}
+    assert not bad
+
+
+def test_mirror_serves_the_signature_index(node, tower):
+    s = tower.settings
+    index = json.loads(node.check_output(f"curl -fsS {s.mirror_url}/clamav/index.json"))
+    assert "mailtower-test.ndb" in index["files"]
+
+
+def test_prometheus_scrapes_every_target(node, tower):
+    s = tower.settings
+    out = json.loads(node.check_output(
+        f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/targets"))
+    targets = out["data"]["activeTargets"]
+    # scanners + monitor + relay exporter + haproxy + prometheus itself
+    assert len(targets) == len(s.hosts.scanners) + 4
+    down = [t["scrapeUrl"] for t in targets if t["health"] == "down"]
+    assert not down
+
+
+def test_alert_rules_loaded(node, tower):
+    s = tower.settings
+    out = json.loads(node.check_output(
+        f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/rules"))
+    names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
+    assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag"} <= names

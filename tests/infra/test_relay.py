@@ -1,0 +1,84 @@
+"""The relay: Postfix, HAProxy to the scanner pool, nftables, SQL-backed routes."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+GROUP = "relay"
+
+
+@pytest.mark.parametrize("package", ["postfix", "postfix-pgsql", "haproxy", "nftables"])
+def test_package_installed(node, package):
+    assert node.package(package).is_installed
+
+
+@pytest.mark.parametrize("service", ["postfix", "haproxy", "nftables", "mailtower-relay-exporter"])
+def test_service_running_and_enabled(node, service):
+    svc = node.service(service)
+    assert svc.is_enabled
+    if service != "nftables":  # a oneshot that loads the rules and exits
+        assert svc.is_running
+
+
+def test_listeners(node, tower):
+    s = tower.settings
+    for spec in (f"tcp://0.0.0.0:{s.ports.smtp}", f"tcp://127.0.0.1:{s.ports.filter}",
+                 f"tcp://{s.hosts.relay}:{s.ports.reinject}",
+                 f"tcp://{s.hosts.relay}:{s.ports.haproxy_runtime}"):
+        assert node.socket(spec).is_listening, spec
+
+
+def test_postfix_check_is_clean(node):
+    result = node.run("postfix check")
+    assert result.rc == 0 and not result.stderr.strip(), result.stderr
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("maximal_queue_lifetime", None),
+    ("smtpd_forbid_bare_newline", "yes"),
+    ("mydestination", ""),
+    ("mynetworks", "127.0.0.0/8"),
+    ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
+])
+def test_postfix_setting(node, tower, key, expected):
+    if expected is None:
+        expected = tower.settings.limits.queue_lifetime
+    assert node.check_output(f"postconf -h {key}") == expected
+
+
+def test_customer_routes_come_from_sql(node, tower):
+    for customer in tower.settings.customers:
+        got = node.check_output(
+            f"postmap -q {customer.domain} proxy:pgsql:/etc/postfix/pgsql/transport.cf")
+        assert got == customer.transport
+    assert node.run("postmap -q foreign.example proxy:pgsql:/etc/postfix/pgsql/relay_domains.cf").rc == 1
+
+
+def test_haproxy_config_valid(node):
+    assert node.run("haproxy -c -q -f /etc/haproxy/haproxy.cfg").rc == 0
+
+
+def test_haproxy_pool_lists_every_scanner_enabled(tower):
+    states = tower.haproxy_states()
+    expected = {tower.settings.scanner_name(i) for i in range(len(tower.settings.hosts.scanners))}
+    assert set(states) == expected
+    assert {n for n, st in states.items() if st & 1} == set(), "scanners in maintenance"
+
+
+def test_runtime_api_refuses_anyone_but_the_monitor(tower):
+    s = tower.settings
+    with pytest.raises(OSError):
+        with socket.create_connection((str(s.hosts.relay), s.ports.haproxy_runtime), timeout=3) as c:
+            c.sendall(b"show info\n")
+            if not c.recv(100):
+                raise ConnectionResetError("closed without an answer")
+
+
+def test_reinjection_port_refuses_anyone_but_scanners(tower):
+    s = tower.settings
+    with pytest.raises(OSError):
+        with socket.create_connection((str(s.hosts.relay), s.ports.reinject), timeout=3) as c:
+            if not c.recv(100):
+                raise ConnectionResetError("closed without a greeting")

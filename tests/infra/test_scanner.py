@@ -1,0 +1,53 @@
+"""Scanners: clamd with the tower's signatures and mailtower-scand on the filter port."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+GROUP = "scanners"
+
+
+@pytest.mark.parametrize("package", ["clamav-daemon", "python3-venv"])
+def test_package_installed(node, package):
+    assert node.package(package).is_installed
+
+
+@pytest.mark.parametrize("service", ["clamav-daemon", "mailtower-scand", "mailtower-sigsync.timer"])
+def test_service_running_and_enabled(node, service):
+    svc = node.service(service)
+    assert svc.is_running and svc.is_enabled
+
+
+def test_freshclam_is_off(node):
+    assert not node.service("clamav-freshclam").is_running
+
+
+def test_listeners(node, tower):
+    s = tower.settings
+    assert node.socket(f"tcp://0.0.0.0:{s.ports.filter}").is_listening
+    assert node.socket(f"tcp://0.0.0.0:{s.ports.scanner_http}").is_listening
+    assert node.socket(f"unix://{s.clamd_socket}").is_listening
+
+
+def test_signatures_from_the_mirror(node):
+    assert node.file("/var/lib/clamav/mailtower-test.ndb").contains("Mailtower.Test.EICAR")
+
+
+def test_clamd_answers(node, tower):
+    out = node.check_output(
+        "python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('%s');"
+        "s.sendall(b'zPING\\0');print(s.recv(16).rstrip(b'\\0').decode())\"" % tower.settings.clamd_socket)
+    assert out == "PONG"
+
+
+def test_health_endpoint(node, tower):
+    out = node.check_output(f"curl -sS http://127.0.0.1:{tower.settings.ports.scanner_http}/health")
+    assert json.loads(out)["status"] == "ok"
+
+
+def test_settings_are_the_towers(node, tower):
+    got = json.loads(node.file("/etc/mailtower/tower.json").content_string)
+    assert got["name"] == tower.settings.name
+    assert got["hosts"]["relay"] == str(tower.settings.hosts.relay)

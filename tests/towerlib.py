@@ -1,0 +1,113 @@
+"""What verification knows about a built tower: its inventory, settings and SSH access."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import testinfra
+
+from mailtower import inventory as inventory_mod
+from mailtower.settings import TowerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Tower:
+    """A tower as its inventory describes it, with SSH (testinfra) access to its hosts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.inventory_path = ROOT / "inventory" / f"{name.replace('-', '_')}.py"
+        self.inventory = inventory_mod.load(self.inventory_path)
+        self.settings: TowerSettings = inventory_mod.settings_of(self.inventory)
+        self.is_lab = name.startswith("lab-")
+
+    def hosts(self, group: str) -> list[inventory_mod.InventoryHost]:
+        return self.inventory.groups.get(group, [])
+
+    def entry(self, address: str) -> inventory_mod.InventoryHost:
+        for hosts in self.inventory.groups.values():
+            for h in hosts:
+                if h.address == address or h.name == address:
+                    return h
+        raise KeyError(address)
+
+    @functools.cache  # noqa: B019 - one connection per host for the whole run
+    def node(self, name: str) -> testinfra.host.Host:
+        """A testinfra host over paramiko that checks the host key against known_hosts."""
+        entry = self.entry(name)
+        data = entry.data
+        host = testinfra.get_host(f"paramiko://{data.get('ssh_user', 'root')}@{entry.name}")
+        client = paramiko.SSHClient()
+        known = data.get("ssh_known_hosts_file")
+        if known:
+            client.load_host_keys(known)
+        else:
+            client.load_system_host_keys()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect(entry.name, username=data.get("ssh_user", "root"),
+                       key_filename=data.get("ssh_key"), timeout=10, allow_agent=False)
+        host.backend.__dict__["client"] = client  # testinfra's client is a cached_property
+        return host
+
+    def relay(self) -> testinfra.host.Host:
+        return self.node(self.hosts("relay")[0].name)
+
+    def monitor(self) -> testinfra.host.Host:
+        return self.node(self.hosts("monitor")[0].name)
+
+    def sql_primary(self) -> testinfra.host.Host:
+        return self.node(self.hosts("sql")[0].name)
+
+    def psql(self, query: str, host: testinfra.host.Host | None = None) -> str:
+        """Run a query on the primary (or ``host``) as postgres; return unaligned output."""
+        target = host or self.sql_primary()
+        b64 = base64.b64encode(query.encode()).decode()
+        return target.check_output(
+            f"echo {b64} | base64 -d | (cd /tmp && su postgres -c "
+            f"'psql -X -q -tA -v ON_ERROR_STOP=1 -d {self.settings.sql_database}')"
+        ).strip()
+
+    def pool(self) -> dict[str, dict]:
+        """The monitor's view of the scanner pool: name → state."""
+        out = self.monitor().check_output(
+            f"curl -fsS http://127.0.0.1:{self.settings.ports.monitor_http}/pool")
+        return {s["name"]: s for s in json.loads(out)["scanners"]}
+
+    def haproxy_states(self) -> dict[str, int]:
+        """srv_admin_state of every scanner in the relay's HAProxy, read via the monitor."""
+        s = self.settings
+        script = (
+            "import socket;c=socket.create_connection(('%s',%d),3);"
+            "c.sendall(b'show servers state scanners\\n');d=b''\n"
+            "while True:\n b=c.recv(65536)\n if not b: break\n d+=b\nprint(d.decode())"
+        ) % (s.hosts.relay, s.ports.haproxy_runtime)
+        out = self.monitor().check_output(f"python3 -c \"{script}\"")
+        states: dict[str, int] = {}
+        header: list[str] = []
+        for line in out.splitlines():
+            if line.startswith("#"):
+                header = line[1:].split()
+            elif header and line.strip():
+                row = dict(zip(header, line.split()))
+                states[row["srv_name"]] = int(row["srv_admin_state"])
+        return states
