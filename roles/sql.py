@@ -9,6 +9,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import apt, postgres, server, systemd
 
 from roles import _common
+from roles._facts import PostgresPasswordVerifiers, scram_matches
 from roles._common import put_text, settings, template
 
 PG = "/etc/postgresql/15/main"
@@ -42,12 +43,14 @@ def _primary(ops):
         "mailtower_scanner": s.secrets.sql_scanner,
         "mailtower_monitor": s.secrets.sql_monitor,
     }
+    roles["replicator"] = s.secrets.sql_replication
+    verifiers = host.get_fact(PostgresPasswordVerifiers) or {}
     for role, password in roles.items():
-        postgres.role(name=f"Ensure SQL role {role}", role=role, password=password, login=True,
+        # Set the password only when the stored one differs: no change on a redeploy.
+        postgres.role(name=f"Ensure SQL role {role}", role=role, login=True,
+                      replication=role == "replicator",
+                      password=None if scram_matches(verifiers.get(role), password) else password,
                       _su_user="postgres")
-    postgres.role(name="Ensure SQL role replicator", role="replicator",
-                  password=s.secrets.sql_replication, login=True, replication=True,
-                  _su_user="postgres")
     postgres.database(name=f"Ensure database {s.sql_database}", database=s.sql_database,
                       owner="postgres", _su_user="postgres")
     schema = template("sql/etc/mailtower/sql/schema.sql")

@@ -23,7 +23,7 @@ def test_main_cf_follows_settings(render):
     assert conf["maximal_queue_lifetime"] == "5d"
     assert conf["minimal_backoff_time"] == "1m"
     assert conf["content_filter"] == f"scan:[127.0.0.1]:{s.ports.filter}"
-    assert conf["smtpd_forbid_bare_newline"] == "yes"
+    assert conf["smtpd_forbid_bare_newline"] == "reject"
     assert conf["mynetworks"] == "127.0.0.0/8"
     assert conf["mydestination"] == ""
     assert int(conf["queue_minfree"]) >= s.limits.message_size_bytes * 1.5

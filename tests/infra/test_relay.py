@@ -37,7 +37,7 @@ def test_postfix_check_is_clean(node):
 
 @pytest.mark.parametrize(("key", "expected"), [
     ("maximal_queue_lifetime", None),
-    ("smtpd_forbid_bare_newline", "yes"),
+    ("smtpd_forbid_bare_newline", "reject"),
     ("mydestination", ""),
     ("mynetworks", "127.0.0.0/8"),
     ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
