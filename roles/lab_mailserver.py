@@ -17,7 +17,8 @@ def deploy_lab_mailserver(domain: str):
     server.user(name="Ensure user vmail", user="vmail", uid=5000, group="vmail",
                 home="/var/mail/vhosts", shell="/usr/sbin/nologin")
     files.directory(name="Ensure /var/mail/vhosts", path="/var/mail/vhosts", user="vmail",
-                    group="vmail", mode="750")
+                    group="vmail",
+                    mode="2750")  # setgid: inherited from Debian's /var/mail (2775)
     main = files.template(name="Render /etc/postfix/main.cf",
                           src=str(TEMPLATES / "lab_mailserver/etc/postfix/main.cf.j2"),
                           dest="/etc/postfix/main.cf", domain=domain)

@@ -21,11 +21,16 @@ def test_deferred_while_customer_down_then_delivered(mail, tower):
     try:
         for token in tokens:
             mail.send(mail.message(token, rcpt=rcpt), rcpt=rcpt)
-        deferred = wait_for(
-            lambda: [e for e in _queued_for(tower, rcpt) if e["queue_name"] == "deferred"
-                     and any("delay_reason" in r for r in e["recipients"])] if len(
-                _queued_for(tower, rcpt)) == len(tokens) else None,
-            90, "the relay to defer the messages for the stopped customer server")
+        server = mail.customer.server
+
+        def all_deferred_for_the_customer():
+            entries = _queued_for(tower, rcpt)
+            waiting = [e for e in entries if e["queue_name"] == "deferred" and all(
+                server in r.get("delay_reason", "") for r in e["recipients"])]
+            return waiting if len(entries) == len(waiting) == len(tokens) else None
+
+        deferred = wait_for(all_deferred_for_the_customer, 90,
+                            "the relay to scan and then defer every message for the stopped server")
         assert len(deferred) == len(tokens)
         assert mail.delivered().keys().isdisjoint(tokens)
     finally:
