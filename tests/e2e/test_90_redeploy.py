@@ -38,12 +38,13 @@ def test_second_deploy_changes_and_restarts_nothing(tower):
         [sys.executable, "-m", "pyinfra", "-y", str(tower.inventory_path.relative_to(ROOT)), script],
         cwd=ROOT, capture_output=True, text=True)
     elapsed = time.monotonic() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr  # pyinfra logs its results to stderr
+    assert done.returncode == 0, output[-6000:]
     # pyinfra's results table: Operation | Hosts | Success | Error | No Change ("-" is 0);
     # "Success" counts hosts where the operation changed something.
-    rows = re.findall(r"^\s{4}(.+?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", done.stdout, re.M)
-    assert rows and rows[-1][0].strip() == "Grand total", done.stdout[-2000:]
+    rows = re.findall(r"^\s{4}(.+?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", output, re.M)
+    assert rows and rows[-1][0].strip() == "Grand total", output[-2000:]
     changed = [r[0].strip() for r in rows[:-1] if r[2] != "-"]
-    assert changed == [], done.stdout[-4000:]
+    assert changed == [], output[-4000:]
     assert _started_at(tower) == before, "a service was restarted by a no-change deploy"
     record_figure("redeploy_no_change_s", round(elapsed, 1))
