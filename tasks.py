@@ -1,11 +1,11 @@
 """invoke tasks: the lab (throwaway towers on this machine), deploy, verify, bench.
 
-    invoke lab            build the lab, deploy tower A, verify it   (the main job)
-    invoke lab.up         build or reuse the lab's hosts
-    invoke lab.status     what the lab runs, and its memory
-    invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
-    invoke deploy --tower lab-a
-    invoke verify --tower lab-a
+invoke lab            build the lab, deploy tower A, verify it   (the main job)
+invoke lab.up         build or reuse the lab's hosts
+invoke lab.status     what the lab runs, and its memory
+invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
+invoke deploy --tower lab-a
+invoke verify --tower lab-a
 """
 
 from __future__ import annotations
@@ -87,8 +87,10 @@ def status(c, json_=False):
         return
     total = sum(r["memory_mib"] for r in rows)
     for r in rows:
-        print(f"{r['name']:16} {r['address']:14} {r['group']:10} {r['state']:8} "
-              f"ssh={'yes' if r['ssh'] else 'no ':3} {r['memory_mib']:8.1f} MiB")
+        print(
+            f"{r['name']:16} {r['address']:14} {r['group']:10} {r['state']:8} "
+            f"ssh={'yes' if r['ssh'] else 'no ':3} {r['memory_mib']:8.1f} MiB"
+        )
     print(f"{len(rows)} hosts, {total:.0f} MiB in all")
 
 
@@ -100,16 +102,24 @@ def deploy(c, tower="lab-a"):
     _say(f"deploying {tower}: pyinfra {inv.relative_to(ROOT)} {script}")
     started = time.monotonic()
     with c.cd(str(ROOT)):
-        result = c.run(f"{BIN}/pyinfra -y {inv.relative_to(ROOT)} {script}", warn=True,
-                       env={"PYTHONPATH": str(ROOT)})
+        result = c.run(
+            f"{BIN}/pyinfra -y {inv.relative_to(ROOT)} {script}",
+            warn=True,
+            env={"PYTHONPATH": str(ROOT)},
+        )
     elapsed = time.monotonic() - started
     if result.exited != 0:
         raise Exit(f"deploy of {tower} failed after {elapsed:.0f} s (see the errors above)", code=1)
     _say(f"deployed {tower} in {elapsed:.0f} s")
 
 
-@task(help={"tower": "the tower's name: inventory/<tower>.py", "k": "pytest -k expression",
-            "workers": "parallel pytest workers"})
+@task(
+    help={
+        "tower": "the tower's name: inventory/<tower>.py",
+        "k": "pytest -k expression",
+        "workers": "parallel pytest workers",
+    }
+)
 def verify(c, tower="lab-a", k="", workers=4):
     """Prove a built tower: testinfra per role, then real mail end to end."""
     inventory_path(tower)
@@ -118,14 +128,24 @@ def verify(c, tower="lab-a", k="", workers=4):
     out.mkdir(parents=True, exist_ok=True)
     sel = f"-k '{k}'" if k else ""
     with c.cd(str(ROOT)):
-        infra = c.run(f"{PY} -m pytest -p no:cacheprovider tests/infra --tower {tower} -n {workers} "
-                      f"-q {sel} --junitxml {out}/infra.xml", warn=True, env={"PYTHONPATH": str(ROOT)})
-        e2e = c.run(f"{PY} -m pytest -p no:cacheprovider tests/e2e --tower {tower} -q -x {sel} "
-                    f"--junitxml {out}/e2e.xml", warn=True, env={"PYTHONPATH": str(ROOT)})
+        infra = c.run(
+            f"{PY} -m pytest -p no:cacheprovider tests/infra --tower {tower} -n {workers} "
+            f"-q {sel} --junitxml {out}/infra.xml",
+            warn=True,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+        e2e = c.run(
+            f"{PY} -m pytest -p no:cacheprovider tests/e2e --tower {tower} -q -x {sel} "
+            f"--junitxml {out}/e2e.xml",
+            warn=True,
+            env={"PYTHONPATH": str(ROOT)},
+        )
     elapsed = time.monotonic() - started
     ok = infra.exited == 0 and e2e.exited == 0
-    _say(f"verify {tower}: infra {'PASS' if infra.exited == 0 else 'FAIL'}, "
-         f"end-to-end {'PASS' if e2e.exited == 0 else 'FAIL'} ({elapsed:.0f} s)")
+    _say(
+        f"verify {tower}: infra {'PASS' if infra.exited == 0 else 'FAIL'}, "
+        f"end-to-end {'PASS' if e2e.exited == 0 else 'FAIL'} ({elapsed:.0f} s)"
+    )
     if not ok:
         raise Exit(f"tower {tower} FAILED verification", code=1)
 
@@ -145,12 +165,17 @@ def lab(c, tower="lab-a"):
 def unit(c):
     """Unit and deploy tests (no hosts needed), plus integration tests on real local programs."""
     with c.cd(str(ROOT)):
-        c.run(f"{PY} -m pytest -p no:cacheprovider tests/unit tests/deploy -q", env={"PYTHONPATH": str(ROOT)})
+        c.run(f"{BIN}/ruff check src tests roles deploys inventory tasks.py")
+        c.run(f"{BIN}/mypy")
+        c.run(
+            f"{PY} -m pytest -p no:cacheprovider tests/unit tests/deploy -q",
+            env={"PYTHONPATH": str(ROOT)},
+        )
 
 
 @task
 def test(c):
-    """Everything CI runs: unit tests, then a full lab tower built, deployed, verified, torn down."""
+    """What CI runs: unit tests, then a full lab tower built, deployed, verified, torn down."""
     unit(c)
     try:
         lab(c)

@@ -1,4 +1,7 @@
-"""Deploy a lab tower and the lab's customer mail servers:  pyinfra inventory/lab_a.py deploys/lab.py"""
+"""Deploy a lab tower and the lab's customer mail servers.
+
+pyinfra inventory/lab_a.py deploys/lab.py
+"""
 
 from pyinfra import host
 

@@ -16,7 +16,13 @@ def lab_groups(tower: str) -> dict[str, list]:
         "ssh_known_hosts_file": str(lxc.known_hosts()),
         "ssh_strict_host_key_checking": "yes",
     }
-    groups: dict[str, list] = {"relay": [], "monitor": [], "sql": [], "scanners": [], "customers": []}
+    groups: dict[str, list] = {
+        "relay": [],
+        "monitor": [],
+        "sql": [],
+        "scanners": [],
+        "customers": [],
+    }
     for host in plan.tower_hosts(tower, scanners) + plan.customer_hosts():
         groups[host.group].append((str(host.address), {**ssh, "lab_name": host.name}))
     return groups

@@ -26,6 +26,15 @@ sql = [  # primary first, then the hot standby
 ]
 scanners = [_host(f"scan{i:02d}.tower-x.example.net", f"192.0.2.{100 + i}") for i in range(1, 24)]
 
+
+def _read_secrets(path: str) -> dict:
+    """The secrets file, or nothing (the deploy then names each missing secret)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 _secrets_path = os.environ.get("MAILTOWER_SECRETS", "/etc/mailtower-deploy/tower-x.secrets.json")
 
 tower = (
@@ -35,7 +44,7 @@ tower = (
             "name": "tower-x",
             "hostname": "mx.tower-x.example.net",  # the name customers' MX records point at
             "customers": [{"domain": "customer.example", "server": "mail.customer.example"}],
-            "secrets": json.loads(open(_secrets_path).read()) if os.path.exists(_secrets_path) else {},
+            "secrets": _read_secrets(_secrets_path),
         }
     },
 )

@@ -1,4 +1,7 @@
-"""Lab tower A: LXC hosts on 10.201.1.0/24 built by `invoke lab.up`, customer servers on 10.201.0.0/24."""
+"""Lab tower A: LXC hosts on 10.201.1.0/24 built by `invoke lab.up`.
+
+The lab's customer mail servers are on 10.201.0.0/24.
+"""
 
 from inventory._lab import lab_groups, lab_tower_data
 

@@ -117,18 +117,29 @@ def _build_wheelhouse() -> Path:
         old.unlink()
     # hatchling builds reproducible wheels: unchanged code gives a byte-identical file, so an
     # unchanged tower uploads nothing and restarts nothing.
-    _pip(["wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out),
-          str(ROOT)])
+    _pip(
+        [
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(out),
+            str(ROOT),
+        ]
+    )
     return out
 
 
 def _pip(args: list[str]) -> None:
     env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
-    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
-        raise DeployError(f"controller: building the wheelhouse failed (pip {args[0]}):\n"
-                          f"{done.stderr[-2000:]}")
+        raise DeployError(
+            f"controller: building the wheelhouse failed (pip {args[0]}):\n{done.stderr[-2000:]}"
+        )
 
 
 def install_stack():
@@ -136,8 +147,11 @@ def install_stack():
     changed = []
     for wheel in sorted(wheelhouse().glob("*.whl")):
         changed.append(
-            files.put(name=f"Upload {WHEELHOUSE_REMOTE}/{wheel.name}", src=str(wheel),
-                      dest=f"{WHEELHOUSE_REMOTE}/{wheel.name}")
+            files.put(
+                name=f"Upload {WHEELHOUSE_REMOTE}/{wheel.name}",
+                src=str(wheel),
+                dest=f"{WHEELHOUSE_REMOTE}/{wheel.name}",
+            )
         )
     missing = host.get_fact(File, path=f"{VENV}/bin/mailtower") is None
     install = server.shell(
@@ -156,10 +170,17 @@ def install_stack():
 def write_settings():
     """/etc/mailtower/tower.json: the settings model the daemons load."""
     files.directory(name="Ensure /etc/mailtower", path="/etc/mailtower", mode="755")
-    return put_text(settings().model_dump_json(indent=2) + "\n", SETTINGS_REMOTE, mode="640",
-                    group="mailtower")
+    return put_text(
+        settings().model_dump_json(indent=2) + "\n", SETTINGS_REMOTE, mode="640", group="mailtower"
+    )
 
 
 def service_user():
-    server.user(name="Ensure user mailtower", user="mailtower", system=True,
-                home="/var/lib/mailtower", shell="/usr/sbin/nologin", ensure_home=False)
+    server.user(
+        name="Ensure user mailtower",
+        user="mailtower",
+        system=True,
+        home="/var/lib/mailtower",
+        shell="/usr/sbin/nologin",
+        ensure_home=False,
+    )

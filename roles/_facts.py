@@ -19,8 +19,10 @@ class PostgresPasswordVerifiers(FactBase):
         return "psql"
 
     def command(self) -> str:
-        return ("cd /tmp && su postgres -c \"psql -X -q -tA -F'|' "
-                "-c 'SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL'\"")
+        return (
+            "cd /tmp && su postgres -c \"psql -X -q -tA -F'|' "
+            "-c 'SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL'\""
+        )
 
     def process(self, output):
         return dict(line.split("|", 1) for line in output if "|" in line)
@@ -36,7 +38,10 @@ def scram_matches(verifier: str | None, password: str) -> bool:
     if not match:
         return False
     iterations, salt, stored_key, _server_key = match.groups()
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(salt), int(iterations)
+    )
     client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    return hmac.compare_digest(base64.b64encode(hashlib.sha256(client_key).digest()).decode(),
-                               stored_key)
+    return hmac.compare_digest(
+        base64.b64encode(hashlib.sha256(client_key).digest()).decode(), stored_key
+    )

@@ -14,18 +14,36 @@ MAILDIR = "/var/mail/vhosts/catchall"
 @deploy("mailtower lab customer mail server")
 def deploy_lab_mailserver(domain: str):
     server.group(name="Ensure group vmail", group="vmail", gid=5000)
-    server.user(name="Ensure user vmail", user="vmail", uid=5000, group="vmail",
-                home="/var/mail/vhosts", shell="/usr/sbin/nologin")
-    files.directory(name="Ensure /var/mail/vhosts", path="/var/mail/vhosts", user="vmail",
-                    group="vmail",
-                    mode="2750")  # setgid: inherited from Debian's /var/mail (2775)
-    main = files.template(name="Render /etc/postfix/main.cf",
-                          src=str(TEMPLATES / "lab_mailserver/etc/postfix/main.cf.j2"),
-                          dest="/etc/postfix/main.cf", domain=domain)
-    server.shell(name="Check the Postfix configuration", commands=["postfix check"],
-                 _if=main.did_change)
-    systemd.service(name="Restart Postfix", service="postfix", running=True, enabled=True,
-                    restarted=True, _if=main.did_change)
+    server.user(
+        name="Ensure user vmail",
+        user="vmail",
+        uid=5000,
+        group="vmail",
+        home="/var/mail/vhosts",
+        shell="/usr/sbin/nologin",
+    )
+    files.directory(
+        name="Ensure /var/mail/vhosts",
+        path="/var/mail/vhosts",
+        user="vmail",
+        group="vmail",
+        mode="2750",
+    )  # setgid: inherited from Debian's /var/mail (2775)
+    main = files.template(
+        name="Render /etc/postfix/main.cf",
+        src=str(TEMPLATES / "lab_mailserver/etc/postfix/main.cf.j2"),
+        dest="/etc/postfix/main.cf",
+        domain=domain,
+    )
+    server.shell(
+        name="Check the Postfix configuration", commands=["postfix check"], _if=main.did_change
+    )
+    systemd.service(
+        name="Restart Postfix",
+        service="postfix",
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=main.did_change,
+    )
     systemd.service(name="Ensure Postfix runs", service="postfix", running=True, enabled=True)
-
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
 from roles import _common
 from roles._common import settings, template
@@ -30,9 +30,11 @@ def configure():
     files.directory(name="Ensure /etc/mailtower/tls", path="/etc/mailtower/tls", mode="755")
     server.shell(
         name=f"Create the TLS certificate of {s.hostname}",
-        commands=[f"openssl req -x509 -newkey rsa:3072 -nodes -days 825 -subj '/CN={s.hostname}' "
-                  f"-addext 'subjectAltName=DNS:{s.hostname}' -keyout {KEY} -out {CERT} 2>/dev/null "
-                  f"&& chmod 600 {KEY}"],
+        commands=[
+            f"openssl req -x509 -newkey rsa:3072 -nodes -days 825 -subj '/CN={s.hostname}' "
+            f"-addext 'subjectAltName=DNS:{s.hostname}' -keyout {KEY} -out {CERT} 2>/dev/null "
+            f"&& chmod 600 {KEY}"
+        ],
         _if=lambda: host.get_fact(File, path=CERT) is None,
     )
     ops["postfix"] = [
@@ -52,28 +54,65 @@ def configure():
 def activate(ops):
     changed = {k: (lambda v=v: any(op.did_change() for op in v)) for k, v in ops.items()}
     # Refuse to restart on a configuration Postfix itself finds wrong.
-    server.shell(name="Check the Postfix configuration (postfix check)",
-                 commands=["postfix check"], _if=changed["postfix"])
-    systemd.service(name="Restart Postfix", service="postfix", running=True, enabled=True,
-                    restarted=True, _if=changed["postfix"])
+    server.shell(
+        name="Check the Postfix configuration (postfix check)",
+        commands=["postfix check"],
+        _if=changed["postfix"],
+    )
+    systemd.service(
+        name="Restart Postfix",
+        service="postfix",
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=changed["postfix"],
+    )
     systemd.service(name="Ensure Postfix runs", service="postfix", running=True, enabled=True)
-    server.shell(name="Check the HAProxy configuration (haproxy -c)",
-                 commands=["haproxy -c -q -f /etc/haproxy/haproxy.cfg"], _if=changed["haproxy"])
+    server.shell(
+        name="Check the HAProxy configuration (haproxy -c)",
+        commands=["haproxy -c -q -f /etc/haproxy/haproxy.cfg"],
+        _if=changed["haproxy"],
+    )
     # Reload keeps established filter sessions; the server-state file keeps the monitor's
     # maintenance marks across it.
-    systemd.service(name="Reload HAProxy", service="haproxy", running=True, enabled=True,
-                    reloaded=True, _if=changed["haproxy"])
+    systemd.service(
+        name="Reload HAProxy",
+        service="haproxy",
+        running=True,
+        enabled=True,
+        reloaded=True,
+        _if=changed["haproxy"],
+    )
     systemd.service(name="Ensure HAProxy runs", service="haproxy", running=True, enabled=True)
-    server.shell(name="Check the nftables rules (nft -c)",
-                 commands=["nft -c -f /etc/nftables.conf"], _if=changed["nftables"])
-    systemd.service(name="Restart nftables", service="nftables", running=True, enabled=True,
-                    restarted=True, _if=changed["nftables"])
+    server.shell(
+        name="Check the nftables rules (nft -c)",
+        commands=["nft -c -f /etc/nftables.conf"],
+        _if=changed["nftables"],
+    )
+    systemd.service(
+        name="Restart nftables",
+        service="nftables",
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=changed["nftables"],
+    )
     systemd.service(name="Ensure nftables is enabled", service="nftables", enabled=True)
-    systemd.service(name="Restart mailtower-relay-exporter", service="mailtower-relay-exporter",
-                    running=True, enabled=True, restarted=True, daemon_reload=True,
-                    _if=changed["exporter"])
-    systemd.service(name="Ensure mailtower-relay-exporter runs",
-                    service="mailtower-relay-exporter", running=True, enabled=True)
+    systemd.service(
+        name="Restart mailtower-relay-exporter",
+        service="mailtower-relay-exporter",
+        running=True,
+        enabled=True,
+        restarted=True,
+        daemon_reload=True,
+        _if=changed["exporter"],
+    )
+    systemd.service(
+        name="Ensure mailtower-relay-exporter runs",
+        service="mailtower-relay-exporter",
+        running=True,
+        enabled=True,
+    )
 
 
 @deploy("mailtower relay")

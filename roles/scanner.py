@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
 from roles import _common
 from roles._common import settings, template
@@ -19,12 +19,15 @@ PACKAGES = ["clamav-daemon", "python3-venv", "curl"]
 def install():
     # freshclam cannot reach the public signature servers from a tower: the monitor's mirror
     # is the only source of signatures.
-    systemd.service(name="Disable clamav-freshclam", service="clamav-freshclam",
-                    running=False, enabled=False)
+    systemd.service(
+        name="Disable clamav-freshclam", service="clamav-freshclam", running=False, enabled=False
+    )
     _common.service_user()
-    server.shell(name="Add mailtower to group clamav (clamd's socket)",
-                 commands=["usermod -a -G clamav mailtower"],
-                 _if=lambda: "clamav" not in _groups_of("mailtower"))
+    server.shell(
+        name="Add mailtower to group clamav (clamd's socket)",
+        commands=["usermod -a -G clamav mailtower"],
+        _if=lambda: "clamav" not in _groups_of("mailtower"),
+    )
     return _common.install_stack()
 
 
@@ -38,8 +41,13 @@ def configure():
     s = settings()
     ops = {}
     ops["settings"] = [_common.write_settings()]
-    files.directory(name=f"Ensure {s.spool_dir}", path=s.spool_dir, user="mailtower",
-                    group="mailtower", mode="750")
+    files.directory(
+        name=f"Ensure {s.spool_dir}",
+        path=s.spool_dir,
+        user="mailtower",
+        group="mailtower",
+        mode="750",
+    )
     ops["clamd"] = [
         template("scanner/etc/clamav/clamd.conf"),
         # Debian's unit refuses to start without the official databases; a tower has its own.
@@ -56,25 +64,46 @@ def configure():
 def activate(ops, install_op):
     changed = {k: (lambda v=v: any(op.did_change() for op in v)) for k, v in ops.items()}
     stack_changed = install_op.did_change
-    systemd.daemon_reload(name="Reload systemd units",
-                          _if=lambda: changed["clamd"]() or changed["sigsync"]() or changed["scand"]())
+    systemd.daemon_reload(
+        name="Reload systemd units",
+        _if=lambda: changed["clamd"]() or changed["sigsync"]() or changed["scand"](),
+    )
     # Signatures first: clamd will not start on an empty database directory.
     server.shell(
         name="Pull signatures from the tower's mirror",
         commands=["systemctl start mailtower-sigsync.service"],
-        _if=lambda: changed["sigsync"]() or stack_changed()
-        or host.get_fact(File, path=f"{SIG_DIR}/mailtower-test.ndb") is None,
+        _if=lambda: (
+            changed["sigsync"]()
+            or stack_changed()
+            or host.get_fact(File, path=f"{SIG_DIR}/mailtower-test.ndb") is None
+        ),
     )
-    systemd.service(name="Enable the signature sync timer", service="mailtower-sigsync.timer",
-                    running=True, enabled=True)
-    systemd.service(name="Restart clamd", service="clamav-daemon", running=True, enabled=True,
-                    restarted=True, _if=changed["clamd"])
+    systemd.service(
+        name="Enable the signature sync timer",
+        service="mailtower-sigsync.timer",
+        running=True,
+        enabled=True,
+    )
+    systemd.service(
+        name="Restart clamd",
+        service="clamav-daemon",
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=changed["clamd"],
+    )
     systemd.service(name="Ensure clamd runs", service="clamav-daemon", running=True, enabled=True)
-    systemd.service(name="Restart mailtower-scand", service="mailtower-scand", running=True,
-                    enabled=True, restarted=True,
-                    _if=lambda: changed["scand"]() or changed["settings"]() or stack_changed())
-    systemd.service(name="Ensure mailtower-scand runs", service="mailtower-scand", running=True,
-                    enabled=True)
+    systemd.service(
+        name="Restart mailtower-scand",
+        service="mailtower-scand",
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
+    )
+    systemd.service(
+        name="Ensure mailtower-scand runs", service="mailtower-scand", running=True, enabled=True
+    )
 
 
 @deploy("mailtower scanner")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, postgres, server, systemd
+from pyinfra.operations import postgres, server, systemd
 
 from roles import _common
-from roles._facts import PostgresPasswordVerifiers, scram_matches
 from roles._common import put_text, settings, template
+from roles._facts import PostgresPasswordVerifiers, scram_matches
 
 PG = "/etc/postgresql/15/main"
 DATA = "/var/lib/postgresql/15/main"
@@ -24,19 +24,31 @@ def configure():
     s = settings()
     ops = [
         template("sql/etc/postgresql/15/main/conf.d/mailtower.conf"),
-        template("sql/etc/postgresql/15/main/pg_hba.conf", mode="640", user="postgres",
-                 group="postgres"),
+        template(
+            "sql/etc/postgresql/15/main/pg_hba.conf", mode="640", user="postgres", group="postgres"
+        ),
         # Replication password for whichever host is the standby (either, after a failover).
-        put_text(f"*:{s.ports.postgres}:*:replicator:{s.secrets.sql_replication}\n",
-                 "/var/lib/postgresql/.pgpass", mode="600", user="postgres", group="postgres"),
+        put_text(
+            f"*:{s.ports.postgres}:*:replicator:{s.secrets.sql_replication}\n",
+            "/var/lib/postgresql/.pgpass",
+            mode="600",
+            user="postgres",
+            group="postgres",
+        ),
     ]
     return ops
 
 
 def _primary(ops):
     s = settings()
-    systemd.service(name="Restart PostgreSQL", service=SERVICE, running=True, enabled=True,
-                    restarted=True, _if=lambda: any(op.did_change() for op in ops))
+    systemd.service(
+        name="Restart PostgreSQL",
+        service=SERVICE,
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=lambda: any(op.did_change() for op in ops),
+    )
     systemd.service(name="Ensure PostgreSQL runs", service=SERVICE, running=True, enabled=True)
     roles = {
         "mailtower_relay": s.secrets.sql_relay,
@@ -47,43 +59,64 @@ def _primary(ops):
     verifiers = host.get_fact(PostgresPasswordVerifiers) or {}
     for role, password in roles.items():
         # Set the password only when the stored one differs: no change on a redeploy.
-        postgres.role(name=f"Ensure SQL role {role}", role=role, login=True,
-                      replication=role == "replicator",
-                      password=None if scram_matches(verifiers.get(role), password) else password,
-                      _su_user="postgres")
-    postgres.database(name=f"Ensure database {s.sql_database}", database=s.sql_database,
-                      owner="postgres", _su_user="postgres")
+        postgres.role(
+            name=f"Ensure SQL role {role}",
+            role=role,
+            login=True,
+            replication=role == "replicator",
+            password=None if scram_matches(verifiers.get(role), password) else password,
+            _su_user="postgres",
+        )
+    postgres.database(
+        name=f"Ensure database {s.sql_database}",
+        database=s.sql_database,
+        owner="postgres",
+        _su_user="postgres",
+    )
     schema = template("sql/etc/mailtower/sql/schema.sql")
     customers = template("sql/etc/mailtower/sql/customers.sql")
     server.shell(
         name="Apply the schema",
-        commands=[f"psql -v ON_ERROR_STOP=1 -q -d {s.sql_database} -f /etc/mailtower/sql/schema.sql"],
-        _su_user="postgres", _if=schema.did_change,
+        commands=[
+            f"psql -v ON_ERROR_STOP=1 -q -d {s.sql_database} -f /etc/mailtower/sql/schema.sql"
+        ],
+        _su_user="postgres",
+        _if=schema.did_change,
     )
     server.shell(
         name="Apply the lab/initial customers",
-        commands=[f"psql -v ON_ERROR_STOP=1 -q -d {s.sql_database} -f /etc/mailtower/sql/customers.sql"],
-        _su_user="postgres", _if=lambda: schema.did_change() or customers.did_change(),
+        commands=[
+            f"psql -v ON_ERROR_STOP=1 -q -d {s.sql_database} -f /etc/mailtower/sql/customers.sql"
+        ],
+        _su_user="postgres",
+        _if=lambda: schema.did_change() or customers.did_change(),
     )
 
 
 def _standby(ops):
     s = settings()
     # A fresh standby is cloned from the primary once; afterwards it follows by streaming.
+    slot = "standby_" + host_address().replace(".", "_")  # keeps WAL until the standby has it
     need_clone = host.get_fact(File, path=f"{DATA}/standby.signal") is None
     server.shell(
         name=f"Clone the standby from the primary {s.sql_primary}",
         commands=[
             f"systemctl stop {SERVICE}",
             f"rm -rf {DATA}",
-            f"cd /tmp && su postgres -c 'pg_basebackup -h {s.sql_primary} -p {s.ports.postgres} -U replicator"
-            f" -D {DATA} -R -X stream -c fast -C -S standby_{str(host_address()).replace('.', '_')}"
+            f"cd /tmp && su postgres -c 'pg_basebackup -h {s.sql_primary}"
+            f" -p {s.ports.postgres} -U replicator -D {DATA} -R -X stream -c fast -C -S {slot}"
             f" --no-password'",
         ],
         _if=lambda: need_clone,
     )
-    systemd.service(name="Restart PostgreSQL", service=SERVICE, running=True, enabled=True,
-                    restarted=True, _if=lambda: any(op.did_change() for op in ops) and not need_clone)
+    systemd.service(
+        name="Restart PostgreSQL",
+        service=SERVICE,
+        running=True,
+        enabled=True,
+        restarted=True,
+        _if=lambda: any(op.did_change() for op in ops) and not need_clone,
+    )
     systemd.service(name="Ensure PostgreSQL runs", service=SERVICE, running=True, enabled=True)
 
 

@@ -13,11 +13,18 @@ ROLES = {"sql": sql, "monitor": monitor, "relay": relay, "scanners": scanner}
 
 def install_packages(extra: list[str] | None = None) -> None:
     """One apt operation for every host, so all hosts install their packages at once."""
-    packages = sorted({p for g, role in ROLES.items() if g in host.groups for p in role.PACKAGES}
-                      | set(extra or []))
+    packages = sorted(
+        {p for g, role in ROLES.items() if g in host.groups for p in role.PACKAGES}
+        | set(extra or [])
+    )
     if packages:
-        apt.packages(name="Install the role's Debian packages", packages=packages, update=True,
-                     cache_time=86400, no_recommends=True)
+        apt.packages(
+            name="Install the role's Debian packages",
+            packages=packages,
+            update=True,
+            cache_time=86400,
+            no_recommends=True,
+        )
 
 
 def deploy_tower() -> None:

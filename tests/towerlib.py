@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    """Poll ``condition`` until it is truthy; at the deadline fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -64,8 +64,13 @@ class Tower:
         else:
             client.load_system_host_keys()
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        client.connect(entry.name, username=data.get("ssh_user", "root"),
-                       key_filename=data.get("ssh_key"), timeout=10, allow_agent=False)
+        client.connect(
+            entry.name,
+            username=data.get("ssh_user", "root"),
+            key_filename=data.get("ssh_key"),
+            timeout=10,
+            allow_agent=False,
+        )
         host.backend.__dict__["client"] = client  # testinfra's client is a cached_property
         return host
 
@@ -90,7 +95,8 @@ class Tower:
     def pool(self) -> dict[str, dict]:
         """The monitor's view of the scanner pool: name → state."""
         out = self.monitor().check_output(
-            f"curl -fsS http://127.0.0.1:{self.settings.ports.monitor_http}/pool")
+            f"curl -fsS http://127.0.0.1:{self.settings.ports.monitor_http}/pool"
+        )
         return {s["name"]: s for s in json.loads(out)["scanners"]}
 
     def haproxy_states(self) -> dict[str, int]:
@@ -101,13 +107,13 @@ class Tower:
             "c.sendall(b'show servers state scanners\\n');d=b''\n"
             "while True:\n b=c.recv(65536)\n if not b: break\n d+=b\nprint(d.decode())"
         ) % (s.hosts.relay, s.ports.haproxy_runtime)
-        out = self.monitor().check_output(f"python3 -c \"{script}\"")
+        out = self.monitor().check_output(f'python3 -c "{script}"')
         states: dict[str, int] = {}
         header: list[str] = []
         for line in out.splitlines():
             if line.startswith("#"):
                 header = line[1:].split()
             elif header and line.strip():
-                row = dict(zip(header, line.split()))
+                row = dict(zip(header, line.split(), strict=False))
                 states[row["srv_name"]] = int(row["srv_admin_state"])
         return states

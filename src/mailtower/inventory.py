@@ -36,7 +36,9 @@ class Inventory:
 
     def group(self, name: str) -> list[InventoryHost]:
         if name not in self.groups:
-            raise SettingsError(f"{self.path}: no group {name!r} (a tower needs {', '.join(TOWER_GROUPS)})")
+            raise SettingsError(
+                f"{self.path}: no group {name!r} (a tower needs {', '.join(TOWER_GROUPS)})"
+            )
         return self.groups[name]
 
     def mailtower_data(self) -> dict:
@@ -54,7 +56,9 @@ def tower_settings(mailtower: dict, addresses: dict[str, list[str]]) -> TowerSet
     """Settings of a tower: its ``mailtower`` data plus the addresses of its groups."""
     for group in ("relay", "monitor"):
         if len(addresses.get(group, [])) != 1:
-            raise SettingsError(f"a tower has exactly one {group} host (found {len(addresses.get(group, []))})")
+            raise SettingsError(
+                f"a tower has exactly one {group} host (found {len(addresses.get(group, []))})"
+            )
     data = dict(mailtower)
     data["hosts"] = {
         "relay": addresses["relay"][0],

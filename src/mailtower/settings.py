@@ -203,4 +203,6 @@ def from_data(data: dict) -> TowerSettings:
             f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
             for err in exc.errors()
         ]
-        raise SettingsError("invalid tower settings in the inventory:\n" + "\n".join(lines)) from exc
+        raise SettingsError(
+            "invalid tower settings in the inventory:\n" + "\n".join(lines)
+        ) from exc

@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if changed:
         reloaded = reload_clamd(args.clamd)
-        log.info("updated=%s clamd_reload=%s", ",".join(changed), "yes" if reloaded else "not-running")
+        log.info(
+            "updated=%s clamd_reload=%s", ",".join(changed), "yes" if reloaded else "not-running"
+        )
     else:
         log.info("signatures up to date")
     return 0

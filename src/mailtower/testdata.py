@@ -37,5 +37,7 @@ def clamav_signatures() -> dict[str, str]:
                 f"Mailtower.Test.Marker:0:*:{marker().hex()}\n",
             )
         ),
-        "mailtower-test.hdb": f"{hashlib.md5(data).hexdigest()}:{len(data)}:Mailtower.Test.EICAR.File\n",
+        "mailtower-test.hdb": (
+            f"{hashlib.md5(data).hexdigest()}:{len(data)}:Mailtower.Test.EICAR.File\n"
+        ),
     }

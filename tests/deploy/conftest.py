@@ -18,13 +18,16 @@ def sample_settings(scanners: int = 23, **overrides) -> TowerSettings:
         "name": "tower-x",
         "hostname": "mx.tower-x.example.net",
         "hosts": {
-            "relay": "192.0.2.10", "monitor": "192.0.2.11",
+            "relay": "192.0.2.10",
+            "monitor": "192.0.2.11",
             "sql": ["192.0.2.12", "192.0.2.13"],
             "scanners": [f"192.0.2.{100 + i}" for i in range(1, scanners + 1)],
         },
         "customers": [{"domain": "customer.example", "server": "mail.customer.example"}],
-        "secrets": {k: "s3cret-password-0123456789" for k in
-                    ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")},
+        "secrets": {
+            k: "s3cret-password-0123456789"
+            for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")
+        },
         **overrides,
     }
     return TowerSettings.model_validate(data)
@@ -37,8 +40,11 @@ def settings() -> TowerSettings:
 
 @pytest.fixture
 def render():
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
     def _render(path: str, s: TowerSettings, **data) -> str:
         return env.get_template(f"{path}.j2").render(s=s, **data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import all_templates, sample_settings
 
 
@@ -31,7 +30,9 @@ def test_main_cf_follows_settings(render):
 
 def test_reinjection_listener_trusts_only_scanners(render, settings):
     master = render("relay/etc/postfix/master.cf", settings)
-    block = master.split(f"{settings.hosts.relay}:{settings.ports.reinject} inet")[1].split("\npickup")[0]
+    block = master.split(f"{settings.hosts.relay}:{settings.ports.reinject} inet")[1].split(
+        "\npickup"
+    )[0]
     scanners = ",".join(str(ip) for ip in settings.hosts.scanners)
     assert f"-o mynetworks={scanners}" in block
     assert "-o content_filter=" in block
@@ -50,22 +51,33 @@ def test_haproxy_pool_has_every_scanner(render, count):
 
 def test_nftables_restricts_runtime_api_to_the_monitor(render, settings):
     rules = render("relay/etc/nftables.conf", settings)
-    assert f"tcp dport {settings.ports.haproxy_runtime} ip saddr != {settings.hosts.monitor} reject" in rules
+    assert (
+        f"tcp dport {settings.ports.haproxy_runtime} ip saddr != {settings.hosts.monitor} reject"
+        in rules
+    )
     assert f"tcp dport {settings.ports.reinject} ip saddr != @scanners reject" in rules
 
 
 def test_pg_hba_lists_only_tower_hosts(render, settings):
     hba = render("sql/etc/postgresql/15/main/pg_hba.conf", settings)
     addresses = set(re.findall(r"(\d+\.\d+\.\d+\.\d+)/32", hba)) - {"127.0.0.1"}
-    tower = {str(settings.hosts.relay), str(settings.hosts.monitor),
-             *map(str, settings.hosts.sql), *map(str, settings.hosts.scanners)}
+    tower = {
+        str(settings.hosts.relay),
+        str(settings.hosts.monitor),
+        *map(str, settings.hosts.sql),
+        *map(str, settings.hosts.scanners),
+    }
     assert addresses == tower
     assert "trust" not in hba and " md5" not in hba
 
 
 def test_customers_sql_routes_each_customer(render):
-    s = sample_settings(customers=[{"domain": "a.example", "server": "10.0.0.5", "port": 2525},
-                                   {"domain": "b.example", "server": "mx.b.example"}])
+    s = sample_settings(
+        customers=[
+            {"domain": "a.example", "server": "10.0.0.5", "port": 2525},
+            {"domain": "b.example", "server": "mx.b.example"},
+        ]
+    )
     sql = render("sql/etc/mailtower/sql/customers.sql", s)
     assert "'smtp:[10.0.0.5]:2525'" in sql and "'smtp:[mx.b.example]:25'" in sql
 

@@ -12,7 +12,6 @@ from email.utils import make_msgid
 from pathlib import Path
 
 import pytest
-
 from towerlib import ROOT, Tower
 
 MAILDIR = "/var/mail/vhosts/catchall"
@@ -39,7 +38,8 @@ class Mail:
         if not servers:
             raise pytest.UsageError(
                 f"inventory {tower.inventory_path.name} has no 'customers' host at "
-                f"{self.customer.server}: verification reads what the tower delivers there")
+                f"{self.customer.server}: verification reads what the tower delivers there"
+            )
         self.server = tower.node(servers[0].name)
         self.relay_addr = str(tower.settings.hosts.relay)
 
@@ -50,8 +50,13 @@ class Mail:
     def token() -> str:
         return uuid.uuid4().hex
 
-    def message(self, token: str, body: str | None = None, attachment: tuple[str, bytes] | None = None,
-                rcpt: str | None = None) -> EmailMessage:
+    def message(
+        self,
+        token: str,
+        body: str | None = None,
+        attachment: tuple[str, bytes] | None = None,
+        rcpt: str | None = None,
+    ) -> EmailMessage:
         msg = EmailMessage()
         msg["From"] = "sender@internet.lab"
         msg["To"] = rcpt or self.rcpt()
@@ -77,8 +82,11 @@ class Mail:
         """Token → how many copies are in the customer's Maildir."""
         out = self.server.run(
             f"find {MAILDIR}/new {MAILDIR}/cur -type f -print0 2>/dev/null "
-            "| xargs -0 -r grep -h -m1 '^X-Test-Token: '")
-        return Counter(line.split(": ", 1)[1].strip() for line in out.stdout.splitlines() if ": " in line)
+            "| xargs -0 -r grep -h -m1 '^X-Test-Token: '"
+        )
+        return Counter(
+            line.split(": ", 1)[1].strip() for line in out.stdout.splitlines() if ": " in line
+        )
 
     def fetch(self, token: str) -> bytes | None:
         out = self.server.run(f"grep -rl -m1 '^X-Test-Token: {token}' {MAILDIR}/new {MAILDIR}/cur")

@@ -9,26 +9,35 @@ import smtplib
 import socket
 import ssl
 
-from mailtower import testdata
 from towerlib import wait_for
+
+from mailtower import testdata
 
 
 def test_clean_mail_reaches_the_customer_intact(mail, tower):
     token = mail.token()
     body = "Quarterly report attached.\n" + "Lorem ipsum dolor sit amet. " * 200 + f"\n{token}\n"
-    sent = mail.message(token, body=body, attachment=("report.pdf", b"%PDF-1.4\n" + token.encode() * 100))
+    sent = mail.message(
+        token, body=body, attachment=("report.pdf", b"%PDF-1.4\n" + token.encode() * 100)
+    )
     mail.send(sent)
     wait_for(lambda: mail.delivered()[token] >= 1, 60, f"clean message {token} at the customer")
     got = email.message_from_bytes(mail.fetch(token), policy=email.policy.default)
     for sent_part, got_part in zip(sent.walk(), got.walk(), strict=True):
         if not sent_part.is_multipart():
-            assert hashlib.sha256(got_part.get_payload(decode=True)).hexdigest() == \
-                hashlib.sha256(sent_part.get_payload(decode=True)).hexdigest()
+            assert (
+                hashlib.sha256(got_part.get_payload(decode=True)).hexdigest()
+                == hashlib.sha256(sent_part.get_payload(decode=True)).hexdigest()
+            )
     verdict = got["X-Mailtower-Verdict"]
     assert verdict and verdict.startswith("clean") and f"tower={tower.settings.name}" in verdict
-    row = wait_for(lambda: tower.psql(
-        f"SELECT verdict FROM verdict_events WHERE message_id = '{sent['Message-ID']}'"),
-        30, "the clean verdict event in SQL")
+    row = wait_for(
+        lambda: tower.psql(
+            f"SELECT verdict FROM verdict_events WHERE message_id = '{sent['Message-ID']}'"
+        ),
+        30,
+        "the clean verdict event in SQL",
+    )
     assert row == "clean"
 
 
@@ -36,10 +45,14 @@ def test_eicar_is_quarantined_recorded_and_not_delivered(mail, tower):
     token = mail.token()
     sent = mail.message(token, attachment=("invoice.com", testdata.eicar()))
     mail.send(sent)  # accepted: the relay answers 250, the scanner decides after the queue
-    row = wait_for(lambda: tower.psql(
-        "SELECT verdict || '|' || scanner || '|' || quarantine_id || '|' || findings::text "
-        f"FROM verdict_events WHERE message_id = '{sent['Message-ID']}'"),
-        60, "the virus verdict event in SQL")
+    row = wait_for(
+        lambda: tower.psql(
+            "SELECT verdict || '|' || scanner || '|' || quarantine_id || '|' || findings::text "
+            f"FROM verdict_events WHERE message_id = '{sent['Message-ID']}'"
+        ),
+        60,
+        "the virus verdict event in SQL",
+    )
     verdict, scanner, quarantine_id, findings = row.split("|", 3)
     assert verdict == "virus"
     assert "EICAR" in findings
@@ -82,8 +95,10 @@ def test_smtp_smuggling_bare_newline_is_refused(mail, tower):
         assert say(b"MAIL FROM:<sender@internet.lab>").startswith(b"250")
         assert say(f"RCPT TO:<{mail.rcpt()}>".encode()).startswith(b"250")
         assert say(b"DATA").startswith(b"354")
-        smuggled = (b"Subject: first\r\n\r\nbody\n.\nMAIL FROM:<evil@internet.lab>\r\n"
-                    b"RCPT TO:<" + mail.rcpt("victim").encode() + b">\r\n")
+        smuggled = (
+            b"Subject: first\r\n\r\nbody\n.\nMAIL FROM:<evil@internet.lab>\r\n"
+            b"RCPT TO:<" + mail.rcpt("victim").encode() + b">\r\n"
+        )
         f.write(smuggled + b".\r\n")
         f.flush()
         reply = f.readline()

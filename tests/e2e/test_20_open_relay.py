@@ -21,7 +21,9 @@ TRICKS = [
 @pytest.mark.parametrize("rcpt", TRICKS)
 def test_relaying_refused(mail, tower, rcpt):
     rcpt = rcpt.format(domain=mail.customer.domain)
-    with smtplib.SMTP(str(tower.settings.hosts.relay), tower.settings.ports.smtp, timeout=30) as smtp:
+    with smtplib.SMTP(
+        str(tower.settings.hosts.relay), tower.settings.ports.smtp, timeout=30
+    ) as smtp:
         smtp.ehlo("verify.internet.lab")
         smtp.mail("sender@internet.lab")
         code, reply = smtp.rcpt(f"<{rcpt}>" if not rcpt.startswith("<") else rcpt)
@@ -29,7 +31,9 @@ def test_relaying_refused(mail, tower, rcpt):
 
 
 def test_customer_domain_accepted(mail, tower):
-    with smtplib.SMTP(str(tower.settings.hosts.relay), tower.settings.ports.smtp, timeout=30) as smtp:
+    with smtplib.SMTP(
+        str(tower.settings.hosts.relay), tower.settings.ports.smtp, timeout=30
+    ) as smtp:
         smtp.ehlo("verify.internet.lab")
         smtp.mail("sender@internet.lab")
         code, _ = smtp.rcpt(mail.rcpt())

@@ -25,17 +25,27 @@ def test_deferred_while_customer_down_then_delivered(mail, tower):
 
         def all_deferred_for_the_customer():
             entries = _queued_for(tower, rcpt)
-            waiting = [e for e in entries if e["queue_name"] == "deferred" and all(
-                server in r.get("delay_reason", "") for r in e["recipients"])]
+            waiting = [
+                e
+                for e in entries
+                if e["queue_name"] == "deferred"
+                and all(server in r.get("delay_reason", "") for r in e["recipients"])
+            ]
             return waiting if len(entries) == len(waiting) == len(tokens) else None
 
-        deferred = wait_for(all_deferred_for_the_customer, 90,
-                            "the relay to scan and then defer every message for the stopped server")
+        deferred = wait_for(
+            all_deferred_for_the_customer,
+            90,
+            "the relay to scan and then defer every message for the stopped server",
+        )
         assert len(deferred) == len(tokens)
         assert mail.delivered().keys().isdisjoint(tokens)
     finally:
         mail.server.check_output("systemctl start postfix")
     # Retried on the relay's own schedule (minimal_backoff_time), no flush needed.
-    wait_for(lambda: all(mail.delivered()[t] >= 1 for t in tokens), 120,
-             "the deferred messages to arrive after the customer server came back")
+    wait_for(
+        lambda: all(mail.delivered()[t] >= 1 for t in tokens),
+        120,
+        "the deferred messages to arrive after the customer server came back",
+    )
     assert _queued_for(tower, rcpt) == []

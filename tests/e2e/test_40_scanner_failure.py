@@ -9,7 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import record_figure
 from towerlib import wait_for
 
@@ -52,7 +51,8 @@ class PoolWatcher(threading.Thread):
 def _healthy(tower, address: str) -> bool:
     done = subprocess.run(
         ["curl", "-fsS", "-m", "1", f"http://{address}:{tower.settings.ports.scanner_http}/health"],
-        capture_output=True)
+        capture_output=True,
+    )
     return done.returncode == 0
 
 
@@ -78,8 +78,9 @@ def test_killing_scanners_loses_nothing(mail, tower):
         smtp = mail.connect()
         for token in chunk:
             try:
-                smtp.send_message(mail.message(token), from_addr="sender@internet.lab",
-                                  to_addrs=[mail.rcpt()])
+                smtp.send_message(
+                    mail.message(token), from_addr="sender@internet.lab", to_addrs=[mail.rcpt()]
+                )
                 with lock:
                     accepted.append(token)
                     progress["sent"] += 1
@@ -108,12 +109,18 @@ def test_killing_scanners_loses_nothing(mail, tower):
     times["start"] = time.monotonic()
     wait_for(lambda: _healthy(tower, stopped.address), 120, f"{stopped_name} healthy again")
     times["stopped_healthy"] = time.monotonic()
-    wait_for(lambda: watcher.when(stopped_name, True, times["stopped_healthy"] - 5), 30,
-             f"the monitor to enable {stopped_name} again")
+    wait_for(
+        lambda: watcher.when(stopped_name, True, times["stopped_healthy"] - 5),
+        30,
+        f"the monitor to enable {stopped_name} again",
+    )
 
     assert not refused, f"{len(refused)} messages refused by the relay"
-    wait_for(lambda: set(accepted) <= set(mail.delivered()), 300,
-             "every accepted message at the customer")
+    wait_for(
+        lambda: set(accepted) <= set(mail.delivered()),
+        300,
+        "every accepted message at the customer",
+    )
     delivered = mail.delivered()
     all_delivered_s = time.monotonic() - started
     watcher.stop.set()
@@ -125,14 +132,21 @@ def test_killing_scanners_loses_nothing(mail, tower):
     stopped_out = watcher.when(stopped_name, False, times["stop"])
     stopped_back = watcher.when(stopped_name, True, times["stopped_healthy"] - 5)
     figures = {
-        "messages": MESSAGES, "accepted": len(accepted), "lost": len(lost),
-        "duplicates": duplicates, "send_seconds": round(send_s, 1),
+        "messages": MESSAGES,
+        "accepted": len(accepted),
+        "lost": len(lost),
+        "duplicates": duplicates,
+        "send_seconds": round(send_s, 1),
         "accepted_per_second": round(MESSAGES / send_s, 1),
         "all_delivered_seconds": round(all_delivered_s, 1),
         "drain_after_kill_s": round(killed_out - times["kill"], 2) if killed_out else None,
         "drain_after_host_stop_s": round(stopped_out - times["stop"], 2) if stopped_out else None,
-        "out_of_pool_after_kill_s": round(killed_back - killed_out, 2) if killed_back and killed_out else None,
-        "enable_after_host_healthy_s": round(stopped_back - times["stopped_healthy"], 2) if stopped_back else None,
+        "out_of_pool_after_kill_s": round(killed_back - killed_out, 2)
+        if killed_back and killed_out
+        else None,
+        "enable_after_host_healthy_s": round(stopped_back - times["stopped_healthy"], 2)
+        if stopped_back
+        else None,
     }
     record_figure("scanner_failure", figures)
     print(figures)

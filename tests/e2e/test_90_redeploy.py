@@ -26,7 +26,8 @@ def _started_at(tower) -> dict[str, str]:
             node = tower.node(h.name)
             for svc in services:
                 stamps[f"{h.name}/{svc}"] = node.check_output(
-                    f"systemctl show -p ActiveEnterTimestampMonotonic --value {svc}")
+                    f"systemctl show -p ActiveEnterTimestampMonotonic --value {svc}"
+                )
     return stamps
 
 
@@ -35,8 +36,18 @@ def test_second_deploy_changes_and_restarts_nothing(tower):
     script = "deploys/lab.py" if tower.is_lab else "deploys/tower.py"
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pyinfra", "-y", str(tower.inventory_path.relative_to(ROOT)), script],
-        cwd=ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pyinfra",
+            "-y",
+            str(tower.inventory_path.relative_to(ROOT)),
+            script,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.monotonic() - started
     output = done.stdout + done.stderr  # pyinfra logs its results to stderr
     assert done.returncode == 0, output[-6000:]

@@ -30,8 +30,9 @@ def test_mirror_serves_the_signature_index(node, tower):
 
 def test_prometheus_scrapes_every_target(node, tower):
     s = tower.settings
-    out = json.loads(node.check_output(
-        f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/targets"))
+    out = json.loads(
+        node.check_output(f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/targets")
+    )
     targets = out["data"]["activeTargets"]
     # scanners + monitor + relay exporter + haproxy + prometheus itself
     assert len(targets) == len(s.hosts.scanners) + 4
@@ -41,7 +42,8 @@ def test_prometheus_scrapes_every_target(node, tower):
 
 def test_alert_rules_loaded(node, tower):
     s = tower.settings
-    out = json.loads(node.check_output(
-        f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/rules"))
+    out = json.loads(
+        node.check_output(f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/rules")
+    )
     names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
     assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag"} <= names

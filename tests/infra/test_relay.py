@@ -24,9 +24,12 @@ def test_service_running_and_enabled(node, service):
 
 def test_listeners(node, tower):
     s = tower.settings
-    for spec in (f"tcp://0.0.0.0:{s.ports.smtp}", f"tcp://127.0.0.1:{s.ports.filter}",
-                 f"tcp://{s.hosts.relay}:{s.ports.reinject}",
-                 f"tcp://{s.hosts.relay}:{s.ports.haproxy_runtime}"):
+    for spec in (
+        f"tcp://0.0.0.0:{s.ports.smtp}",
+        f"tcp://127.0.0.1:{s.ports.filter}",
+        f"tcp://{s.hosts.relay}:{s.ports.reinject}",
+        f"tcp://{s.hosts.relay}:{s.ports.haproxy_runtime}",
+    ):
         assert node.socket(spec).is_listening, spec
 
 
@@ -35,13 +38,16 @@ def test_postfix_check_is_clean(node):
     assert result.rc == 0 and not result.stderr.strip(), result.stderr
 
 
-@pytest.mark.parametrize(("key", "expected"), [
-    ("maximal_queue_lifetime", None),
-    ("smtpd_forbid_bare_newline", "reject"),
-    ("mydestination", ""),
-    ("mynetworks", "127.0.0.0/8"),
-    ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
-])
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("maximal_queue_lifetime", None),
+        ("smtpd_forbid_bare_newline", "reject"),
+        ("mydestination", ""),
+        ("mynetworks", "127.0.0.0/8"),
+        ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
+    ],
+)
 def test_postfix_setting(node, tower, key, expected):
     if expected is None:
         expected = tower.settings.limits.queue_lifetime
@@ -51,9 +57,13 @@ def test_postfix_setting(node, tower, key, expected):
 def test_customer_routes_come_from_sql(node, tower):
     for customer in tower.settings.customers:
         got = node.check_output(
-            f"postmap -q {customer.domain} proxy:pgsql:/etc/postfix/pgsql/transport.cf")
+            f"postmap -q {customer.domain} proxy:pgsql:/etc/postfix/pgsql/transport.cf"
+        )
         assert got == customer.transport
-    assert node.run("postmap -q foreign.example proxy:pgsql:/etc/postfix/pgsql/relay_domains.cf").rc == 1
+    assert (
+        node.run("postmap -q foreign.example proxy:pgsql:/etc/postfix/pgsql/relay_domains.cf").rc
+        == 1
+    )
 
 
 def test_haproxy_config_valid(node):
@@ -69,16 +79,20 @@ def test_haproxy_pool_lists_every_scanner_enabled(tower):
 
 def test_runtime_api_refuses_anyone_but_the_monitor(tower):
     s = tower.settings
-    with pytest.raises(OSError):
-        with socket.create_connection((str(s.hosts.relay), s.ports.haproxy_runtime), timeout=3) as c:
-            c.sendall(b"show info\n")
-            if not c.recv(100):
-                raise ConnectionResetError("closed without an answer")
+    with (
+        pytest.raises(OSError),
+        socket.create_connection((str(s.hosts.relay), s.ports.haproxy_runtime), timeout=3) as c,
+    ):
+        c.sendall(b"show info\n")
+        if not c.recv(100):
+            raise ConnectionResetError("closed without an answer")
 
 
 def test_reinjection_port_refuses_anyone_but_scanners(tower):
     s = tower.settings
-    with pytest.raises(OSError):
-        with socket.create_connection((str(s.hosts.relay), s.ports.reinject), timeout=3) as c:
-            if not c.recv(100):
-                raise ConnectionResetError("closed without a greeting")
+    with (
+        pytest.raises(OSError),
+        socket.create_connection((str(s.hosts.relay), s.ports.reinject), timeout=3) as c,
+    ):
+        if not c.recv(100):
+            raise ConnectionResetError("closed without a greeting")

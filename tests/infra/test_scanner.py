@@ -38,7 +38,9 @@ def test_signatures_from_the_mirror(node):
 def test_clamd_answers(node, tower):
     out = node.check_output(
         "python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('%s');"
-        "s.sendall(b'zPING\\0');print(s.recv(16).rstrip(b'\\0').decode())\"" % tower.settings.clamd_socket)
+        "s.sendall(b'zPING\\0');print(s.recv(16).rstrip(b'\\0').decode())\""
+        % tower.settings.clamd_socket
+    )
     assert out == "PONG"
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
 GROUP = "sql"
 
 
@@ -27,8 +25,9 @@ def test_primary_streams_to_standby(tower):
 
 
 def test_schema_and_customers_replicated(tower, node):
-    tables = set(tower.psql(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", host=node).split())
+    tables = set(
+        tower.psql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'", host=node).split()
+    )
     assert {"customers", "domains", "routes", "policies", "verdict_events"} <= tables
     domains = set(tower.psql("SELECT name FROM domains WHERE active", host=node).split())
     assert {c.domain for c in tower.settings.customers} <= domains
@@ -42,9 +41,16 @@ def test_hosts_outside_the_tower_are_refused(tower, node_name):
     """pg_hba admits only the tower's hosts: the controller is not one of them."""
     s = tower.settings
     done = subprocess.run(
-        ["psql", f"host={tower.entry(node_name).address} port={s.ports.postgres} "
-         f"dbname={s.sql_database} user=mailtower_relay password={s.secrets.sql_relay} "
-         "connect_timeout=5", "-c", "SELECT 1"],
-        capture_output=True, text=True)
+        [
+            "psql",
+            f"host={tower.entry(node_name).address} port={s.ports.postgres} "
+            f"dbname={s.sql_database} user=mailtower_relay password={s.secrets.sql_relay} "
+            "connect_timeout=5",
+            "-c",
+            "SELECT 1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     assert "no pg_hba.conf entry" in done.stderr

@@ -7,7 +7,7 @@ import pytest
 from mailtower import inventory
 from mailtower.settings import SettingsError
 
-GOOD = '''
+GOOD = """
 SECRETS = {k: "x" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}
 relay = [("relay.t", {"address": "10.0.1.10"})]
 monitor = ["10.0.1.11"]
@@ -15,7 +15,7 @@ sql = ["10.0.1.12", "10.0.1.13"]
 scanners = [f"10.0.1.{100 + i}" for i in range(1, 4)]
 tower = (relay + monitor + sql + scanners, {"mailtower": {
     "name": "t", "hostname": "mx.t.example", "secrets": SECRETS}})
-'''
+"""
 
 
 def write(tmp_path, text):
@@ -39,7 +39,7 @@ def test_syntax_error_is_reported(tmp_path):
 
 
 def test_missing_group_is_reported(tmp_path):
-    inv = inventory.load(write(tmp_path, GOOD.replace("monitor = [\"10.0.1.11\"]", "monitor = []")))
+    inv = inventory.load(write(tmp_path, GOOD.replace('monitor = ["10.0.1.11"]', "monitor = []")))
     with pytest.raises(SettingsError, match="exactly one monitor"):
         inventory.settings_of(inv)
 
@@ -55,8 +55,11 @@ def test_the_example_inventory_is_a_valid_tower(monkeypatch, tmp_path):
     from pathlib import Path
 
     secrets = tmp_path / "s.json"
-    secrets.write_text(json.dumps({k: "y" * 20 for k in
-                                   ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}))
+    secrets.write_text(
+        json.dumps(
+            {k: "y" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}
+        )
+    )
     monkeypatch.setenv("MAILTOWER_SECRETS", str(secrets))
     root = Path(__file__).resolve().parents[2]
     s = inventory.settings_of(inventory.load(root / "inventory" / "example_tower.py"))

@@ -13,14 +13,22 @@ SECRETS = {k: "x" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql
 
 
 def data(**overrides):
-    base = {"name": "t1", "hostname": "mx.t1.example",
-            "customers": [{"domain": "c.example", "server": "10.0.0.1"}], "secrets": SECRETS}
+    base = {
+        "name": "t1",
+        "hostname": "mx.t1.example",
+        "customers": [{"domain": "c.example", "server": "10.0.0.1"}],
+        "secrets": SECRETS,
+    }
     base.update(overrides)
     return base
 
 
-ADDRS = {"relay": ["10.0.1.10"], "monitor": ["10.0.1.11"], "sql": ["10.0.1.12", "10.0.1.13"],
-         "scanners": ["10.0.1.101", "10.0.1.102"]}
+ADDRS = {
+    "relay": ["10.0.1.10"],
+    "monitor": ["10.0.1.11"],
+    "sql": ["10.0.1.12", "10.0.1.13"],
+    "scanners": ["10.0.1.101", "10.0.1.102"],
+}
 
 
 def test_valid_tower():
@@ -31,29 +39,42 @@ def test_valid_tower():
     assert "host=10.0.1.12,10.0.1.13" in s.sql_dsn("u", "p")
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"customers": [{"domain": "not a domain", "server": "10.0.0.1"}]}, "customers.0.domain"),
-    ({"customers": [{"domain": "c.example", "server": "bad;server"}]}, "customers.0.server"),
-    ({"customers": [{"domain": "c.example", "server": "a.b"}, {"domain": "C.example.", "server": "a.b"}]},
-     "customers"),
-    ({"limits": {"queue_lifetime": "three days"}}, "limits.queue_lifetime"),
-    ({"secrets": {**SECRETS, "sql_relay": "short"}}, "secrets.sql_relay"),
-    ({"name": "Tower One"}, "name"),
-    ({"surprise": 1}, "surprise"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"customers": [{"domain": "not a domain", "server": "10.0.0.1"}]}, "customers.0.domain"),
+        ({"customers": [{"domain": "c.example", "server": "bad;server"}]}, "customers.0.server"),
+        (
+            {
+                "customers": [
+                    {"domain": "c.example", "server": "a.b"},
+                    {"domain": "C.example.", "server": "a.b"},
+                ]
+            },
+            "customers",
+        ),
+        ({"limits": {"queue_lifetime": "three days"}}, "limits.queue_lifetime"),
+        ({"secrets": {**SECRETS, "sql_relay": "short"}}, "secrets.sql_relay"),
+        ({"name": "Tower One"}, "name"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
 def test_broken_data_names_the_field(change, field):
     with pytest.raises(SettingsError) as err:
         inventory.tower_settings(data(**change), ADDRS)
     assert field in str(err.value)
 
 
-@pytest.mark.parametrize(("addrs", "message"), [
-    ({**ADDRS, "relay": []}, "exactly one relay"),
-    ({**ADDRS, "monitor": ["10.0.1.11", "10.0.1.14"]}, "exactly one monitor"),
-    ({**ADDRS, "sql": ["10.0.1.12"]}, "hosts.sql"),
-    ({**ADDRS, "scanners": ["10.0.1.101", "10.0.1.101"]}, "given to two hosts"),
-    ({**ADDRS, "scanners": ["10.0.1.999"]}, "hosts.scanners.0"),
-])
+@pytest.mark.parametrize(
+    ("addrs", "message"),
+    [
+        ({**ADDRS, "relay": []}, "exactly one relay"),
+        ({**ADDRS, "monitor": ["10.0.1.11", "10.0.1.14"]}, "exactly one monitor"),
+        ({**ADDRS, "sql": ["10.0.1.12"]}, "hosts.sql"),
+        ({**ADDRS, "scanners": ["10.0.1.101", "10.0.1.101"]}, "given to two hosts"),
+        ({**ADDRS, "scanners": ["10.0.1.999"]}, "hosts.scanners.0"),
+    ],
+)
 def test_broken_topology(addrs, message):
     with pytest.raises(SettingsError) as err:
         inventory.tower_settings(data(), addrs)

@@ -47,7 +47,9 @@ def test_sync_installs_then_is_idempotent(mirror, tmp_path):
     db.mkdir()
     publish(root, testdata.clamav_signatures())
     assert sorted(sigsync.sync(url, db)) == sorted(testdata.clamav_signatures())
-    assert (db / "mailtower-test.ndb").read_text() == testdata.clamav_signatures()["mailtower-test.ndb"]
+    assert (db / "mailtower-test.ndb").read_text() == testdata.clamav_signatures()[
+        "mailtower-test.ndb"
+    ]
     assert sigsync.sync(url, db) == []
 
 

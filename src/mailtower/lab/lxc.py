@@ -48,8 +48,12 @@ def _run(args: list[str], host: str, step: str, fix: str, **kwargs) -> str:
     except FileNotFoundError as exc:
         raise LabError(host, step, "install the lab tools: make bootstrap", str(exc)) from exc
     if done.returncode != 0:
-        raise LabError(host, step, fix, f"`{' '.join(args)}` exited {done.returncode}: "
-                       f"{done.stderr or done.stdout}")
+        raise LabError(
+            host,
+            step,
+            fix,
+            f"`{' '.join(args)}` exited {done.returncode}: {done.stderr or done.stdout}",
+        )
     return done.stdout
 
 
@@ -66,8 +70,12 @@ def ssh_key() -> Path:
     key = state_dir() / "ssh" / "id_ed25519"
     if not key.exists():
         key.parent.mkdir(mode=0o700, exist_ok=True)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mailtower-lab", "-f", str(key)],
-             "controller", "create the lab SSH key", f"remove {key.parent} and retry")
+        _run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mailtower-lab", "-f", str(key)],
+            "controller",
+            "create the lab SSH key",
+            f"remove {key.parent} and retry",
+        )
     return key
 
 
@@ -99,16 +107,36 @@ def ensure_controller(progress: Progress) -> None:
         if not shutil.which(tool):
             raise LabError("controller", f"find {tool}", "install the lab tools: make bootstrap")
     # Beyond ~23 containers new ones die at once without more inotify instances (LAB.md).
-    _run(["sysctl", "-qw", "fs.inotify.max_user_instances=8192",
-          "fs.inotify.max_user_watches=1048576"], "controller", "raise inotify limits",
-         "run the lab as root")
+    _run(
+        [
+            "sysctl",
+            "-qw",
+            "fs.inotify.max_user_instances=8192",
+            "fs.inotify.max_user_watches=1048576",
+        ],
+        "controller",
+        "raise inotify limits",
+        "run the lab as root",
+    )
     if subprocess.run(["ip", "link", "show", plan.BRIDGE], capture_output=True).returncode != 0:
-        _run(["ip", "link", "add", plan.BRIDGE, "type", "bridge"], "controller",
-             f"create bridge {plan.BRIDGE}", "run the lab as root")
-    _run(["ip", "addr", "replace", f"{plan.HOST_ADDRESS}/{plan.PREFIX}", "dev", plan.BRIDGE],
-         "controller", f"address bridge {plan.BRIDGE}", "check `ip addr show mtlab0`")
-    _run(["ip", "link", "set", plan.BRIDGE, "up"], "controller", f"bring up {plan.BRIDGE}",
-         "check `ip link show mtlab0`")
+        _run(
+            ["ip", "link", "add", plan.BRIDGE, "type", "bridge"],
+            "controller",
+            f"create bridge {plan.BRIDGE}",
+            "run the lab as root",
+        )
+    _run(
+        ["ip", "addr", "replace", f"{plan.HOST_ADDRESS}/{plan.PREFIX}", "dev", plan.BRIDGE],
+        "controller",
+        f"address bridge {plan.BRIDGE}",
+        "check `ip addr show mtlab0`",
+    )
+    _run(
+        ["ip", "link", "set", plan.BRIDGE, "up"],
+        "controller",
+        f"bring up {plan.BRIDGE}",
+        "check `ip link show mtlab0`",
+    )
     progress(f"bridge {plan.BRIDGE} up at {plan.HOST_ADDRESS}/{plan.PREFIX} (no gateway: lab-only)")
     _ensure_apt_proxy(progress)
 
@@ -128,9 +156,19 @@ def _ensure_apt_proxy(progress: Progress) -> None:
         return
     # Its default Debian backend does not resolve here (LAB.md).
     Path("/etc/apt-cacher-ng/backends_debian").write_text("http://deb.debian.org/debian/\n")
-    _run(["apt-cacher-ng", "-c", "/etc/apt-cacher-ng", "ForeGround=0", f"BindAddress={addr}",
-          f"Port={plan.APT_PROXY_PORT}"], "controller", "start apt-cacher-ng",
-         "see /var/log/apt-cacher-ng/apt-cacher.err")
+    _run(
+        [
+            "apt-cacher-ng",
+            "-c",
+            "/etc/apt-cacher-ng",
+            "ForeGround=0",
+            f"BindAddress={addr}",
+            f"Port={plan.APT_PROXY_PORT}",
+        ],
+        "controller",
+        "start apt-cacher-ng",
+        "see /var/log/apt-cacher-ng/apt-cacher.err",
+    )
     deadline = time.monotonic() + 15
     while not _listening(addr, plan.APT_PROXY_PORT):
         if time.monotonic() > deadline:
@@ -182,9 +220,22 @@ def ensure_base(progress: Progress) -> None:
     if not _exists(name):
         progress(f"building base {name} with debootstrap (about 80 s, once)")
         started = time.monotonic()
-        _run(["lxc-create", "-t", "debian", "-n", name, "--", "-r", "bookworm",
-              f"--packages={BASE_PACKAGES}"], name, "lxc-create (debootstrap)",
-             "check that deb.debian.org is reachable; then `invoke lab.down --purge` and retry")
+        _run(
+            [
+                "lxc-create",
+                "-t",
+                "debian",
+                "-n",
+                name,
+                "--",
+                "-r",
+                "bookworm",
+                f"--packages={BASE_PACKAGES}",
+            ],
+            name,
+            "lxc-create (debootstrap)",
+            "check that deb.debian.org is reachable; then `invoke lab.down --purge` and retry",
+        )
         progress(f"base built in {time.monotonic() - started:.0f} s")
     if _marker(name) == _base_id():
         return
@@ -195,25 +246,41 @@ def ensure_base(progress: Progress) -> None:
     _write(rootfs, "/root/.ssh/authorized_keys", pub, 0o600)
     (rootfs / "root/.ssh").chmod(0o700)
     # With the default `dhcp` networking.service waits forever and sshd never starts (LAB.md).
-    _write(rootfs, "/etc/network/interfaces",
-           "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet manual\n")
-    _write(rootfs, "/etc/apt/apt.conf.d/01mailtower-proxy",
-           f'Acquire::http::Proxy "http://{plan.HOST_ADDRESS}:{plan.APT_PROXY_PORT}";\n')
-    _write(rootfs, "/etc/apt/sources.list",
-           "deb http://deb.debian.org/debian bookworm main\n"
-           "deb http://deb.debian.org/debian bookworm-updates main\n"
-           "deb http://deb.debian.org/debian-security bookworm-security main\n")
+    _write(
+        rootfs,
+        "/etc/network/interfaces",
+        "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet manual\n",
+    )
+    _write(
+        rootfs,
+        "/etc/apt/apt.conf.d/01mailtower-proxy",
+        f'Acquire::http::Proxy "http://{plan.HOST_ADDRESS}:{plan.APT_PROXY_PORT}";\n',
+    )
+    _write(
+        rootfs,
+        "/etc/apt/sources.list",
+        "deb http://deb.debian.org/debian bookworm main\n"
+        "deb http://deb.debian.org/debian bookworm-updates main\n"
+        "deb http://deb.debian.org/debian-security bookworm-security main\n",
+    )
     # No resolver in the lab yet: fail fast instead of waiting on the host's resolver.
     resolv = rootfs / "etc/resolv.conf"
     if resolv.is_symlink():
         resolv.unlink()
-    _write(rootfs, "/etc/resolv.conf", f"nameserver {plan.HOST_ADDRESS}\noptions timeout:1 attempts:1\n")
+    _write(
+        rootfs,
+        "/etc/resolv.conf",
+        f"nameserver {plan.HOST_ADDRESS}\noptions timeout:1 attempts:1\n",
+    )
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()  # every clone gets its own host key
-    _set_config(name, [
-        "lxc.apparmor.profile = unconfined",  # the generated profile is not available (LAB.md)
-        "lxc.net.0.type = empty",
-    ])
+    _set_config(
+        name,
+        [
+            "lxc.apparmor.profile = unconfined",  # the generated profile is not available (LAB.md)
+            "lxc.net.0.type = empty",
+        ],
+    )
     (LXC_DIR / name / MARKER).write_text(_base_id() + "\n")
 
 
@@ -240,26 +307,37 @@ def _host_id(host: LabHost) -> str:
 
 def _clone(host: LabHost) -> None:
     name = host.name
-    _run(["lxc-copy", "-n", plan.BASE, "-N", name, "-s", "-B", "overlayfs"], name,
-         "snapshot clone of the base", f"`lxc-destroy -n {name}` and retry")
+    _run(
+        ["lxc-copy", "-n", plan.BASE, "-N", name, "-s", "-B", "overlayfs"],
+        name,
+        "snapshot clone of the base",
+        f"`lxc-destroy -n {name}` and retry",
+    )
     octets = host.address.packed
-    _set_config(name, [
-        f"lxc.uts.name = {name}",
-        "lxc.apparmor.profile = unconfined",
-        "lxc.net.0.type = veth",
-        f"lxc.net.0.link = {plan.BRIDGE}",
-        "lxc.net.0.flags = up",
-        "lxc.net.0.name = eth0",
-        f"lxc.net.0.hwaddr = 02:00:{octets[0]:02x}:{octets[1]:02x}:{octets[2]:02x}:{octets[3]:02x}",
-        f"lxc.net.0.ipv4.address = {host.address}/{plan.PREFIX}",
-    ])
+    _set_config(
+        name,
+        [
+            f"lxc.uts.name = {name}",
+            "lxc.apparmor.profile = unconfined",
+            "lxc.net.0.type = veth",
+            f"lxc.net.0.link = {plan.BRIDGE}",
+            "lxc.net.0.flags = up",
+            "lxc.net.0.name = eth0",
+            "lxc.net.0.hwaddr = 02:00:" + ":".join(f"{b:02x}" for b in octets),
+            f"lxc.net.0.ipv4.address = {host.address}/{plan.PREFIX}",
+        ],
+    )
     upper = _upper(name)
     _write(upper, "/etc/hostname", f"{name}\n")
     _write(upper, "/etc/hosts", f"127.0.0.1 localhost\n{host.address} {name}\n")
     keyfile = upper / "etc/ssh/ssh_host_ed25519_key"
     keyfile.parent.mkdir(parents=True, exist_ok=True)
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(keyfile)],
-         name, "create the SSH host key", f"`lxc-destroy -n {name}` and retry")
+    _run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(keyfile)],
+        name,
+        "create the SSH host key",
+        f"`lxc-destroy -n {name}` and retry",
+    )
     (LXC_DIR / name / MARKER).write_text(_host_id(host) + "\n")
 
 
@@ -283,8 +361,12 @@ def ensure_hosts(hosts: list[LabHost], progress: Progress) -> None:
         if _state(host.name) != "RUNNING":
             log = state_dir() / "logs" / f"{host.name}.log"
             log.parent.mkdir(exist_ok=True)
-            _run(["lxc-start", "-n", host.name, "-d", "-o", str(log), "-l", "WARN"], host.name,
-                 "lxc-start", f"see {log}; try `lxc-start -n {host.name} -F` to watch it boot")
+            _run(
+                ["lxc-start", "-n", host.name, "-d", "-o", str(log), "-l", "WARN"],
+                host.name,
+                "lxc-start",
+                f"see {log}; try `lxc-start -n {host.name} -F` to watch it boot",
+            )
             started += 1
     progress(f"{started} hosts started")
     _write_known_hosts(hosts)
@@ -313,11 +395,14 @@ def _wait_ssh(hosts: list[LabHost], progress: Progress, timeout: float = 90) -> 
             break
         if time.monotonic() > deadline:
             host = waiting[0]
-            raise LabError(host.name, f"wait for sshd on {host.address}:22",
-                           f"`lxc-attach -n {host.name} -- systemctl status ssh` and "
-                           f"see {state_dir() / 'logs' / (host.name + '.log')}",
-                           f"{len(waiting)} hosts not reachable after {timeout:.0f} s: "
-                           + ", ".join(h.name for h in waiting[:8]))
+            raise LabError(
+                host.name,
+                f"wait for sshd on {host.address}:22",
+                f"`lxc-attach -n {host.name} -- systemctl status ssh` and "
+                f"see {state_dir() / 'logs' / (host.name + '.log')}",
+                f"{len(waiting)} hosts not reachable after {timeout:.0f} s: "
+                + ", ".join(h.name for h in waiting[:8]),
+            )
         time.sleep(0.3)
     progress(f"sshd answers on all {len(hosts)} hosts")
 
@@ -334,8 +419,11 @@ def lab_containers() -> list[str]:
     """Names of every lab container on this machine except the base."""
     if not LXC_DIR.exists():
         return []
-    return sorted(p.name for p in LXC_DIR.iterdir()
-                  if p.name.startswith("mt-") and p.name != plan.BASE and p.is_dir())
+    return sorted(
+        p.name
+        for p in LXC_DIR.iterdir()
+        if p.name.startswith("mt-") and p.name != plan.BASE and p.is_dir()
+    )
 
 
 def destroy(names: Iterable[str], progress: Progress) -> None:
@@ -355,8 +443,10 @@ def purge(progress: Progress) -> None:
 
 def memory_bytes(name: str) -> int | None:
     """Memory a running container uses (cgroup v1 or v2), or None."""
-    for path in (f"/sys/fs/cgroup/memory/lxc.payload.{name}/memory.usage_in_bytes",
-                 f"/sys/fs/cgroup/lxc.payload.{name}/memory.current"):
+    for path in (
+        f"/sys/fs/cgroup/memory/lxc.payload.{name}/memory.usage_in_bytes",
+        f"/sys/fs/cgroup/lxc.payload.{name}/memory.current",
+    ):
         if os.path.exists(path):
             return int(Path(path).read_text())
     return None
@@ -366,9 +456,14 @@ def status(hosts: list[LabHost]) -> list[dict]:
     rows = []
     for host in hosts:
         state = _state(host.name)
-        rows.append({
-            "name": host.name, "group": host.group, "address": str(host.address), "state": state,
-            "ssh": state == "RUNNING" and _listening(str(host.address), 22, 0.3),
-            "memory_mib": round((memory_bytes(host.name) or 0) / 2**20, 1),
-        })
+        rows.append(
+            {
+                "name": host.name,
+                "group": host.group,
+                "address": str(host.address),
+                "state": state,
+                "ssh": state == "RUNNING" and _listening(str(host.address), 22, 0.3),
+                "memory_mib": round((memory_bytes(host.name) or 0) / 2**20, 1),
+            }
+        )
     return rows

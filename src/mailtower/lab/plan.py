@@ -43,14 +43,20 @@ def tower_hosts(tower: str, scanners: int = DEFAULT_SCANNERS) -> list[LabHost]:
         LabHost(f"mt-{tower}-sql1", ip(12), "sql"),
         LabHost(f"mt-{tower}-sql2", ip(13), "sql"),
     ]
-    hosts += [LabHost(f"mt-{tower}-s{i:02d}", ip(100 + i), "scanners") for i in range(1, scanners + 1)]
+    hosts += [
+        LabHost(f"mt-{tower}-s{i:02d}", ip(100 + i), "scanners") for i in range(1, scanners + 1)
+    ]
     return hosts
 
 
 def customer_hosts(count: int = 1) -> list[LabHost]:
     """The lab's customer mail servers on the "internet" net."""
     return [
-        LabHost(f"mt-cust{i}", IPv4Address(f"10.201.{INTERNET_NET}.{CUSTOMER_FIRST + i - 1}"), "customers")
+        LabHost(
+            f"mt-cust{i}",
+            IPv4Address(f"10.201.{INTERNET_NET}.{CUSTOMER_FIRST + i - 1}"),
+            "customers",
+        )
         for i in range(1, count + 1)
     ]
 

@@ -110,8 +110,10 @@ class RuntimeAPI:
         """
         answer = await self.command(f"shutdown sessions server {backend}/{server}")
         if answer.strip():
-            raise HAProxyError(f"HAProxy at {self} refused 'shutdown sessions server "
-                               f"{backend}/{server}': {answer.strip()}")
+            raise HAProxyError(
+                f"HAProxy at {self} refused 'shutdown sessions server "
+                f"{backend}/{server}': {answer.strip()}"
+            )
 
     async def servers_state(self, backend: str = BACKEND) -> dict[str, ServerState]:
         """The servers of ``backend`` by name."""
