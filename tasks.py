@@ -183,10 +183,53 @@ def test(c):
         down(c)
 
 
+@task(help={"fresh": "destroy the lab's hosts first (the base image cache is kept)"})
+def bench(c, tower="lab-a", fresh=True):
+    """Measure a lab tower: build + deploy from scratch, no-change redeploy, verify, memory."""
+    from mailtower.lab import lxc, plan
+
+    towers = _lab_towers(tower)
+    if not towers:
+        raise Exit(f"{tower!r} is not a lab tower", code=2)
+    figures_path = ROOT / "tests" / "output" / "figures.json"
+    figures_path.unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, **kw):
+        started = time.monotonic()
+        fn(c, **kw)
+        timings[name] = round(time.monotonic() - started, 1)
+
+    if fresh:
+        down(c)
+    timed("lab_up_s", up, towers=",".join(towers))
+    timed("deploy_from_scratch_s", deploy, tower=tower)
+    timed("redeploy_no_change_s", deploy, tower=tower)
+    timed("verify_s", verify, tower=tower)
+    rows = lxc.status(plan.lab_hosts(towers, _scanners()))
+    by_group: dict[str, float] = {}
+    for r in rows:
+        by_group[r["group"]] = by_group.get(r["group"], 0) + r["memory_mib"]
+    measured = json.loads(figures_path.read_text()) if figures_path.exists() else {}
+    report = {
+        "tower": tower,
+        "hosts": len(rows),
+        **timings,
+        "build_and_deploy_s": round(timings["lab_up_s"] + timings["deploy_from_scratch_s"], 1),
+        "lab_memory_mib": round(sum(by_group.values())),
+        "memory_mib_by_group": {g: round(v) for g, v in sorted(by_group.items())},
+        **measured,
+    }
+    out = ROOT / "tests" / "output" / "bench.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    _say(f"bench figures written to {out.relative_to(ROOT)}")
+
+
 lab_ns = Collection("lab")
 lab_ns.add_task(lab, name="run", default=True)
 lab_ns.add_task(up)
 lab_ns.add_task(down)
 lab_ns.add_task(status)
 
-ns = Collection(deploy, verify, unit, test, lab_ns)
+ns = Collection(deploy, verify, unit, test, bench, lab_ns)

@@ -39,6 +39,11 @@ def lab_tower_data(tower: str) -> dict:
         "hostname": f"mx.tower-{tower}.lab",
         "customers": customers,
         # Short retry timers so the lab proves deferral and recovery in seconds, not minutes.
-        "limits": {"queue_run_delay": "5s", "minimal_backoff": "5s", "maximal_backoff": "20s"},
+        "limits": {
+            "queue_run_delay": "5s",
+            "minimal_backoff": "5s",
+            "maximal_backoff": "20s",
+            "engine_timeout_s": 10,  # the hung-engine check waits this long for its 451
+        },
         "secrets": json.loads(lxc.secrets_file().read_text()),
     }

@@ -14,7 +14,15 @@ CERT = "/etc/mailtower/tls/relay.crt"
 KEY = "/etc/mailtower/tls/relay.key"
 
 
-PACKAGES = ["postfix", "postfix-pgsql", "haproxy", "nftables", "openssl", "python3-venv"]
+PACKAGES = [
+    "postfix",
+    "postfix-pgsql",
+    "haproxy",
+    "nftables",
+    "openssl",
+    "python3-venv",
+    "socat",  # operators talk to HAProxy's admin socket with it (docs/runbook.md)
+]
 
 
 def install():
@@ -84,20 +92,7 @@ def activate(ops):
         _if=changed["haproxy"],
     )
     systemd.service(name="Ensure HAProxy runs", service="haproxy", running=True, enabled=True)
-    server.shell(
-        name="Check the nftables rules (nft -c)",
-        commands=["nft -c -f /etc/nftables.conf"],
-        _if=changed["nftables"],
-    )
-    systemd.service(
-        name="Restart nftables",
-        service="nftables",
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=changed["nftables"],
-    )
-    systemd.service(name="Ensure nftables is enabled", service="nftables", enabled=True)
+    _common.activate_nftables(changed["nftables"])
     systemd.service(
         name="Restart mailtower-relay-exporter",
         service="mailtower-relay-exporter",

@@ -13,7 +13,7 @@ from roles._common import settings, template
 SIG_DIR = "/var/lib/clamav"
 
 
-PACKAGES = ["clamav-daemon", "python3-venv", "curl"]
+PACKAGES = ["clamav-daemon", "python3-venv", "curl", "nftables"]
 
 
 def install():
@@ -58,6 +58,7 @@ def configure():
         template("scanner/etc/systemd/system/mailtower-sigsync.timer"),
     ]
     ops["scand"] = [template("scanner/etc/systemd/system/mailtower-scand.service")]
+    ops["nftables"] = [template("scanner/etc/nftables.conf")]
     return ops
 
 
@@ -68,6 +69,7 @@ def activate(ops, install_op):
         name="Reload systemd units",
         _if=lambda: changed["clamd"]() or changed["sigsync"]() or changed["scand"](),
     )
+    _common.activate_nftables(changed["nftables"])
     # Signatures first: clamd will not start on an empty database directory.
     server.shell(
         name="Pull signatures from the tower's mirror",

@@ -1,4 +1,5 @@
-"""Data shared by every host of every inventory (pyinfra group_data)."""
+"""Data shared by every host of every tower inventory (pyinfra group_data)."""
 
-# Debian 12 hosts: apt without prompts, no recommended packages (smaller, fewer surprises).
-apt_no_recommends = True
+# The roles manage system services, packages and /etc: they connect as root. A tower whose
+# hosts only allow a sudo user sets ssh_user to it and `_sudo = True` in its inventory.
+ssh_user = "root"

@@ -91,3 +91,9 @@ def test_prometheus_scrapes_every_scanner(render, settings):
 def test_clamd_stream_limit_follows_message_size(render):
     s = sample_settings(limits={"message_size_bytes": 12345678})
     assert "StreamMaxLength 12345678" in render("scanner/etc/clamav/clamd.conf", s)
+
+
+def test_scanner_takes_mail_from_the_relay_only(render, settings):
+    rules = render("scanner/etc/nftables.conf", settings)
+    assert f"tcp dport {settings.ports.filter} ip saddr != {settings.hosts.relay} reject" in rules
+    assert f"tcp dport {settings.ports.scanner_http} ip saddr != {{ {settings.hosts.monitor}," in rules

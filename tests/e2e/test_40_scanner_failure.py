@@ -4,13 +4,14 @@ scanner within 5 s and enables it again within 5 s of its return."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import record_figure
-from towerlib import wait_for
+from towerlib import ROOT, wait_for
 
 MESSAGES = 1000
 CONNECTIONS = 8
@@ -49,11 +50,29 @@ class PoolWatcher(threading.Thread):
 
 
 def _healthy(tower, address: str) -> bool:
-    done = subprocess.run(
-        ["curl", "-fsS", "-m", "1", f"http://{address}:{tower.settings.ports.scanner_http}/health"],
+    """The scanner's own health answer, asked from the monitor (the only host allowed to)."""
+    url = f"http://{address}:{tower.settings.ports.scanner_http}/health"
+    return tower.monitor().run(f"curl -fsS -m 1 {url}").rc == 0
+
+
+def _deploy_to_down_host(tower, name: str) -> subprocess.CompletedProcess:
+    script = "deploys/lab.py" if tower.is_lab else "deploys/tower.py"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyinfra",
+            "-y",
+            "--limit",
+            name,
+            str(tower.inventory_path.relative_to(ROOT)),
+            script,
+        ],
+        cwd=ROOT,
         capture_output=True,
+        text=True,
+        timeout=300,
     )
-    return done.returncode == 0
 
 
 def test_killing_scanners_loses_nothing(mail, tower):
@@ -104,6 +123,9 @@ def test_killing_scanners_loses_nothing(mail, tower):
             f.result()
     send_s = time.monotonic() - started
 
+    # A deploy to a host that is down fails, naming it, while the tower carries on.
+    down_deploy = _deploy_to_down_host(tower, stopped.name)
+
     # The crashed daemon is restarted by systemd; the stopped host is started again.
     lxc.start_host(stopped.data["lab_name"])
     times["start"] = time.monotonic()
@@ -150,6 +172,8 @@ def test_killing_scanners_loses_nothing(mail, tower):
     }
     record_figure("scanner_failure", figures)
     print(figures)
+    assert down_deploy.returncode != 0
+    assert stopped.name in down_deploy.stdout + down_deploy.stderr
     assert lost == []
     assert killed_out and killed_out - times["kill"] <= DRAIN_GOAL_S, figures
     assert stopped_out and stopped_out - times["stop"] <= DRAIN_GOAL_S, figures

@@ -239,6 +239,11 @@ def ensure_base(progress: Progress) -> None:
         progress(f"base built in {time.monotonic() - started:.0f} s")
     if _marker(name) == _base_id():
         return
+    # Clones of the old base are stale: remove them before their lower layer changes.
+    stale = [c for c in lab_containers() if not _marker(c).startswith(_base_id())]
+    if stale:
+        progress(f"base changes: destroying {len(stale)} hosts cloned from the old one")
+        destroy(stale, progress)
     if _state(name) == "RUNNING":
         subprocess.run(["lxc-stop", "-k", "-n", name], capture_output=True)
     progress(f"preparing base {name}")
