@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -30,13 +31,19 @@ def test_mirror_serves_the_signature_index(node, tower):
 
 def test_prometheus_scrapes_every_target(node, tower):
     s = tower.settings
-    out = json.loads(
-        node.check_output(f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/targets")
-    )
-    targets = out["data"]["activeTargets"]
-    # scanners + monitor + relay exporter + haproxy + prometheus itself
-    assert len(targets) == len(s.hosts.scanners) + 4
-    down = [t["scrapeUrl"] for t in targets if t["health"] == "down"]
+    url = f"http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/targets"
+
+    def down_targets():
+        targets = json.loads(node.check_output(f"curl -fsS {url}"))["data"]["activeTargets"]
+        # scanners + monitor + relay exporter + haproxy + prometheus itself
+        assert len(targets) == len(s.hosts.scanners) + 4
+        return [t["scrapeUrl"] for t in targets if t["health"] != "up"]
+
+    # Right after a deploy a target may not have been scraped since its service started:
+    # allow two scrape intervals (15 s each) for every target to answer.
+    deadline = time.monotonic() + 40
+    while (down := down_targets()) and time.monotonic() < deadline:
+        time.sleep(2)
     assert not down
 
 
