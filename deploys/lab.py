@@ -7,11 +7,9 @@ from pyinfra import host
 
 from mailtower.lab import plan
 from roles.lab_mailserver import deploy_lab_mailserver
-from roles.tower import deploy_tower, install_packages
+from roles.tower import deploy_tower
 
-if "customers" in host.groups:
-    install_packages(["postfix"])
-deploy_tower()
+deploy_tower(extra_packages=["postfix"] if "customers" in host.groups else None)
 if "customers" in host.groups:
     index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1
     deploy_lab_mailserver(domain=plan.customer_domain(index))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from gevent.lock import Semaphore
@@ -65,22 +66,51 @@ def barrier(phase: str) -> None:
     server.shell(name=f"Wait for every host: {phase}", commands=["true"], _if=lambda: False)
 
 
-def activate_nftables(changed) -> None:
-    """Check, then load the host's /etc/nftables.conf when it changed; enabled at boot."""
-    server.shell(
-        name="Check the nftables rules (nft -c)",
-        commands=["nft -c -f /etc/nftables.conf"],
-        _if=changed,
-    )
+def changes(ops) -> Callable[[], bool]:
+    """A condition for ``_if``: did any of these operations change something?"""
+    return lambda: any(op.did_change() for op in ops)
+
+
+def activate(
+    service: str,
+    changed: Callable[[], bool],
+    *,
+    check: str | None = None,
+    reload: bool = False,
+    daemon_reload: bool = False,
+    oneshot: bool = False,
+) -> None:
+    """Apply a service's new configuration: check it with the program itself, then restart
+    (or reload) only when something changed; keep it enabled and running either way."""
+    if check:
+        # Refuse to restart on a configuration the program itself finds wrong.
+        server.shell(
+            name=f"Check the {service} configuration ({check.split()[0]})",
+            commands=[check],
+            _if=changed,
+        )
     systemd.service(
-        name="Restart nftables",
-        service="nftables",
+        name=f"{'Reload' if reload else 'Restart'} {service}",
+        service=service,
         running=True,
         enabled=True,
-        restarted=True,
+        restarted=not reload,
+        reloaded=reload,
+        daemon_reload=daemon_reload,
         _if=changed,
     )
-    systemd.service(name="Ensure nftables is enabled", service="nftables", enabled=True)
+    # A oneshot unit (nftables) has done its work and exited: enabled is all it can be.
+    systemd.service(
+        name=f"Ensure {service} is {'enabled' if oneshot else 'running'}",
+        service=service,
+        enabled=True,
+        running=None if oneshot else True,
+    )
+
+
+def activate_nftables(changed: Callable[[], bool]) -> None:
+    """Load the host's /etc/nftables.conf when it changed, and at boot."""
+    activate("nftables", changed, check="nft -c -f /etc/nftables.conf", oneshot=True)
 
 
 def is_primary() -> bool:

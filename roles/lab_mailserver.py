@@ -4,9 +4,9 @@ so verification can see exactly what the tower delivered."""
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import files, server
 
-from roles._common import TEMPLATES
+from roles._common import TEMPLATES, activate
 
 MAILDIR = "/var/mail/vhosts/catchall"
 
@@ -35,15 +35,4 @@ def deploy_lab_mailserver(domain: str):
         dest="/etc/postfix/main.cf",
         domain=domain,
     )
-    server.shell(
-        name="Check the Postfix configuration", commands=["postfix check"], _if=main.did_change
-    )
-    systemd.service(
-        name="Restart Postfix",
-        service="postfix",
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=main.did_change,
-    )
-    systemd.service(name="Ensure Postfix runs", service="postfix", running=True, enabled=True)
+    activate("postfix", main.did_change, check="postfix check")

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import files
 
 from mailtower import testdata
 from roles import _common
@@ -57,53 +57,18 @@ def configure():
 
 
 def activate(ops, install_op):
-    changed = {k: (lambda v=v: any(op.did_change() for op in v)) for k, v in ops.items()}
-    server.shell(
-        name="Check the nginx configuration (nginx -t)",
-        commands=["nginx -t -q"],
-        _if=changed["nginx"],
+    changed = {k: _common.changes(v) for k, v in ops.items()}
+    _common.activate("nginx", changed["nginx"], check="nginx -t -q", reload=True)
+    _common.activate(
+        "prometheus",
+        changed["prometheus"],
+        check="promtool check config --syntax-only /etc/prometheus/prometheus.yml >/dev/null"
+        " && promtool check rules /etc/prometheus/rules/mailtower.yml >/dev/null",
     )
-    systemd.service(
-        name="Reload nginx",
-        service="nginx",
-        running=True,
-        enabled=True,
-        reloaded=True,
-        _if=changed["nginx"],
-    )
-    systemd.service(name="Ensure nginx runs", service="nginx", running=True, enabled=True)
-    server.shell(
-        name="Check the Prometheus configuration (promtool)",
-        commands=[
-            "promtool check config --syntax-only /etc/prometheus/prometheus.yml"
-            " >/dev/null && promtool check rules /etc/prometheus/rules/mailtower.yml"
-            " >/dev/null"
-        ],
-        _if=changed["prometheus"],
-    )
-    systemd.service(
-        name="Restart Prometheus",
-        service="prometheus",
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=changed["prometheus"],
-    )
-    systemd.service(name="Ensure Prometheus runs", service="prometheus", running=True, enabled=True)
-    systemd.service(
-        name="Restart mailtower-monitor",
-        service="mailtower-monitor",
-        running=True,
-        enabled=True,
-        restarted=True,
+    _common.activate(
+        "mailtower-monitor",
+        lambda: changed["monitor"]() or changed["settings"]() or install_op.did_change(),
         daemon_reload=True,
-        _if=lambda: changed["monitor"]() or changed["settings"]() or install_op.did_change(),
-    )
-    systemd.service(
-        name="Ensure mailtower-monitor runs",
-        service="mailtower-monitor",
-        running=True,
-        enabled=True,
     )
 
 

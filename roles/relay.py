@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import files, server
 
 from roles import _common
 from roles._common import settings, template
@@ -60,54 +60,18 @@ def configure():
 
 
 def activate(ops):
-    changed = {k: (lambda v=v: any(op.did_change() for op in v)) for k, v in ops.items()}
-    # Refuse to restart on a configuration Postfix itself finds wrong.
-    server.shell(
-        name="Check the Postfix configuration (postfix check)",
-        commands=["postfix check"],
-        _if=changed["postfix"],
-    )
-    systemd.service(
-        name="Restart Postfix",
-        service="postfix",
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=changed["postfix"],
-    )
-    systemd.service(name="Ensure Postfix runs", service="postfix", running=True, enabled=True)
-    server.shell(
-        name="Check the HAProxy configuration (haproxy -c)",
-        commands=["haproxy -c -q -f /etc/haproxy/haproxy.cfg"],
-        _if=changed["haproxy"],
-    )
-    # Reload keeps established filter sessions; the server-state file keeps the monitor's
+    changed = {k: _common.changes(v) for k, v in ops.items()}
+    _common.activate("postfix", changed["postfix"], check="postfix check")
+    # A reload keeps established filter sessions; the server-state file keeps the monitor's
     # maintenance marks across it.
-    systemd.service(
-        name="Reload HAProxy",
-        service="haproxy",
-        running=True,
-        enabled=True,
-        reloaded=True,
-        _if=changed["haproxy"],
+    _common.activate(
+        "haproxy",
+        changed["haproxy"],
+        check="haproxy -c -q -f /etc/haproxy/haproxy.cfg",
+        reload=True,
     )
-    systemd.service(name="Ensure HAProxy runs", service="haproxy", running=True, enabled=True)
     _common.activate_nftables(changed["nftables"])
-    systemd.service(
-        name="Restart mailtower-relay-exporter",
-        service="mailtower-relay-exporter",
-        running=True,
-        enabled=True,
-        restarted=True,
-        daemon_reload=True,
-        _if=changed["exporter"],
-    )
-    systemd.service(
-        name="Ensure mailtower-relay-exporter runs",
-        service="mailtower-relay-exporter",
-        running=True,
-        enabled=True,
-    )
+    _common.activate("mailtower-relay-exporter", changed["exporter"], daemon_reload=True)
 
 
 @deploy("mailtower relay")

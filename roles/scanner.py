@@ -63,7 +63,7 @@ def configure():
 
 
 def activate(ops, install_op):
-    changed = {k: (lambda v=v: any(op.did_change() for op in v)) for k, v in ops.items()}
+    changed = {k: _common.changes(v) for k, v in ops.items()}
     stack_changed = install_op.did_change
     systemd.daemon_reload(
         name="Reload systemd units",
@@ -86,25 +86,10 @@ def activate(ops, install_op):
         running=True,
         enabled=True,
     )
-    systemd.service(
-        name="Restart clamd",
-        service="clamav-daemon",
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=changed["clamd"],
-    )
-    systemd.service(name="Ensure clamd runs", service="clamav-daemon", running=True, enabled=True)
-    systemd.service(
-        name="Restart mailtower-scand",
-        service="mailtower-scand",
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
-    )
-    systemd.service(
-        name="Ensure mailtower-scand runs", service="mailtower-scand", running=True, enabled=True
+    _common.activate("clamav-daemon", changed["clamd"])
+    _common.activate(
+        "mailtower-scand",
+        lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
     )
 
 

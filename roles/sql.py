@@ -6,7 +6,7 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import postgres, server, systemd
+from pyinfra.operations import postgres, server
 
 from roles import _common
 from roles._common import put_text, settings, template
@@ -41,15 +41,7 @@ def configure():
 
 def _primary(ops):
     s = settings()
-    systemd.service(
-        name="Restart PostgreSQL",
-        service=SERVICE,
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=lambda: any(op.did_change() for op in ops),
-    )
-    systemd.service(name="Ensure PostgreSQL runs", service=SERVICE, running=True, enabled=True)
+    _common.activate(SERVICE, _common.changes(ops))
     roles = {
         "mailtower_relay": s.secrets.sql_relay,
         "mailtower_scanner": s.secrets.sql_scanner,
@@ -109,15 +101,8 @@ def _standby(ops):
         ],
         _if=lambda: need_clone,
     )
-    systemd.service(
-        name="Restart PostgreSQL",
-        service=SERVICE,
-        running=True,
-        enabled=True,
-        restarted=True,
-        _if=lambda: any(op.did_change() for op in ops) and not need_clone,
-    )
-    systemd.service(name="Ensure PostgreSQL runs", service=SERVICE, running=True, enabled=True)
+    changed = _common.changes(ops)
+    _common.activate(SERVICE, lambda: changed() and not need_clone)
 
 
 def host_address() -> str:

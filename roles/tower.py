@@ -18,18 +18,17 @@ def install_packages(extra: list[str] | None = None) -> None:
         | set(extra or [])
     )
     if packages:
+        # A few hosts at a time: many hosts refreshing the same indexes through one apt proxy
+        # at once can stall it (seen with apt-cacher-ng in the lab).
+        apt.update(name="Refresh the apt package lists", cache_time=86400, _parallel=6)
         apt.packages(
-            name="Install the role's Debian packages",
-            packages=packages,
-            update=True,
-            cache_time=86400,
-            no_recommends=True,
+            name="Install the role's Debian packages", packages=packages, no_recommends=True
         )
 
 
-def deploy_tower() -> None:
+def deploy_tower(extra_packages: list[str] | None = None) -> None:
     """Every role of the tower, in phases that hold across hosts (see _common.barrier)."""
-    install_packages()
+    install_packages(extra_packages)
     barrier("packages installed")
     if "sql" in host.groups:
         sql.deploy_sql()

@@ -96,4 +96,5 @@ def test_clamd_stream_limit_follows_message_size(render):
 def test_scanner_takes_mail_from_the_relay_only(render, settings):
     rules = render("scanner/etc/nftables.conf", settings)
     assert f"tcp dport {settings.ports.filter} ip saddr != {settings.hosts.relay} reject" in rules
-    assert f"tcp dport {settings.ports.scanner_http} ip saddr != {{ {settings.hosts.monitor}," in rules
+    health = f"tcp dport {settings.ports.scanner_http} ip saddr != {{ {settings.hosts.monitor},"
+    assert health in rules

@@ -25,7 +25,7 @@ from mailtower.lab.plan import LabHost
 LXC_DIR = Path("/var/lib/lxc")
 MARKER = "mailtower.id"
 # Bump when the preparation of the base changes: every clone is then rebuilt.
-BASE_PREP_VERSION = "3"
+BASE_PREP_VERSION = "4"
 BASE_PACKAGES = "openssh-server,python3,ca-certificates"
 
 Progress = Callable[[str], None]
@@ -256,10 +256,13 @@ def ensure_base(progress: Progress) -> None:
         "/etc/network/interfaces",
         "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet manual\n",
     )
+    # apt-cacher-ng can drop a request when many hosts refresh the same index at once; apt
+    # then waits on a closed connection. A timeout and retries turn that into a short delay.
     _write(
         rootfs,
         "/etc/apt/apt.conf.d/01mailtower-proxy",
-        f'Acquire::http::Proxy "http://{plan.HOST_ADDRESS}:{plan.APT_PROXY_PORT}";\n',
+        f'Acquire::http::Proxy "http://{plan.HOST_ADDRESS}:{plan.APT_PROXY_PORT}";\n'
+        'Acquire::http::Timeout "20";\nAcquire::Retries "5";\n',
     )
     _write(
         rootfs,
