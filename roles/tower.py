@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from pyinfra import host
-from pyinfra.operations import apt
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Date
+from pyinfra.operations import apt, server
 
 from roles import monitor, relay, scanner, sql
 from roles._common import barrier
 
 ROLES = {"sql": sql, "monitor": monitor, "relay": relay, "scanners": scanner}
+
+
+APT_STAMP = "/var/lib/apt/periodic/update-success-stamp"  # pyinfra's apt.update uses it too
+
+
+def refresh_package_lists(max_age_s: int = 86400) -> None:
+    """apt-get update when the lists are older than a day, bounded in time and retried.
+
+    Seen in the lab: when many hosts refresh the same indexes through one apt-cacher-ng at
+    once, a request can stall forever (apt waits on a connection the proxy has closed). So a
+    few hosts at a time, each attempt under `timeout`, three attempts.
+    """
+    stamp = host.get_fact(File, path=APT_STAMP)
+    fresh = False
+    if stamp and stamp.get("mtime"):
+        now = datetime.fromtimestamp(host.get_fact(Date).timestamp(), UTC)
+        fresh = stamp["mtime"] > now.replace(tzinfo=None) - timedelta(seconds=max_age_s)
+    server.shell(
+        name="Refresh the apt package lists",
+        commands=[
+            "for attempt in 1 2 3; do timeout 90 apt-get update -q && break;"
+            ' [ "$attempt" = 3 ] && exit 1; sleep 2; done',
+            f"mkdir -p {APT_STAMP.rsplit('/', 1)[0]} && touch {APT_STAMP}",
+        ],
+        _if=lambda: not fresh,
+        _parallel=4,
+    )
 
 
 def install_packages(extra: list[str] | None = None) -> None:
@@ -18,9 +49,7 @@ def install_packages(extra: list[str] | None = None) -> None:
         | set(extra or [])
     )
     if packages:
-        # A few hosts at a time: many hosts refreshing the same indexes through one apt proxy
-        # at once can stall it (seen with apt-cacher-ng in the lab).
-        apt.update(name="Refresh the apt package lists", cache_time=86400, _parallel=6)
+        refresh_package_lists()
         apt.packages(
             name="Install the role's Debian packages", packages=packages, no_recommends=True
         )

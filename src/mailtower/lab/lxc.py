@@ -25,7 +25,7 @@ from mailtower.lab.plan import LabHost
 LXC_DIR = Path("/var/lib/lxc")
 MARKER = "mailtower.id"
 # Bump when the preparation of the base changes: every clone is then rebuilt.
-BASE_PREP_VERSION = "4"
+BASE_PREP_VERSION = "5"
 BASE_PACKAGES = "openssh-server,python3,ca-certificates"
 
 Progress = Callable[[str], None]
@@ -262,7 +262,9 @@ def ensure_base(progress: Progress) -> None:
         rootfs,
         "/etc/apt/apt.conf.d/01mailtower-proxy",
         f'Acquire::http::Proxy "http://{plan.HOST_ADDRESS}:{plan.APT_PROXY_PORT}";\n'
-        'Acquire::http::Timeout "20";\nAcquire::Retries "5";\n',
+        'Acquire::http::Timeout "20";\nAcquire::Retries "5";\n'
+        # apt-cacher-ng and pipelined requests stall together; one request at a time.
+        'Acquire::http::Pipeline-Depth "0";\n',
     )
     _write(
         rootfs,
