@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ class Tower:
         self.inventory = inventory_mod.load(self.inventory_path)
         self.settings: TowerSettings = inventory_mod.settings_of(self.inventory)
         self.is_lab = name.startswith("lab-")
+        self._nodes: dict[str, testinfra.host.Host] = {}
 
     def hosts(self, group: str) -> list[inventory_mod.InventoryHost]:
         return self.inventory.groups.get(group, [])
@@ -51,9 +51,17 @@ class Tower:
                     return h
         raise KeyError(address)
 
-    @functools.cache  # noqa: B019 - one connection per host for the whole run
     def node(self, name: str) -> testinfra.host.Host:
-        """A testinfra host over paramiko that checks the host key against known_hosts."""
+        """A testinfra host over paramiko that checks the host key against known_hosts.
+
+        One connection per host, made again when it died (a host stopped and started)."""
+        host = self._nodes.get(name)
+        transport = host.backend.client.get_transport() if host else None
+        if host is None or transport is None or not transport.is_active():
+            host = self._nodes[name] = self._connect(name)
+        return host
+
+    def _connect(self, name: str) -> testinfra.host.Host:
         entry = self.entry(name)
         data = entry.data
         host = testinfra.get_host(f"paramiko://{data.get('ssh_user', 'root')}@{entry.name}")

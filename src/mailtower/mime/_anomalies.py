@@ -1,0 +1,64 @@
+"""The anomaly names the MIME stage reports, and which of them make a message suspicious."""
+
+from __future__ import annotations
+
+VIEWS_DISAGREE = "mime.views-disagree"  # the readings yield different sets of objects
+BOUNDARY_COLLISION = "mime.boundary-collision"  # one boundary is a prefix of another in use
+BOUNDARY_VARIANT = "mime.boundary-variant"  # delimiter lines match a boundary only by case
+BASE64_JUNK = "mime.base64-junk"  # non-alphabet characters or data after padding in base64
+BASE64_PADDING = "mime.base64-padding"  # missing or extra padding, truncated quantum
+MISSING_BOUNDARY_END = "mime.missing-boundary-end"  # a multipart without its close delimiter
+CTE_MISMATCH = "mime.cte-mismatch"  # base64 body without a base64 CTE, or a garbled CTE
+FILENAME_MISMATCH = "mime.filename-mismatch"  # one object, several different file names
+TOO_DEEP = "mime.too-deep"
+TOO_MANY_PARTS = "mime.too-many-parts"
+TOO_LARGE = "mime.too-large"  # decoded bytes over the limit
+TIMEOUT = "mime.timeout"  # parsing took longer than the per-message limit
+MESSAGE_PARTIAL = "mime.message-partial"  # a fragment: the whole payload is not in this message
+UUENCODE = "mime.uuencode"
+YENC = "mime.yenc"
+DUPLICATE_HEADER = "mime.duplicate-header"  # a part repeats Content-Type/-Disposition/-Encoding
+NUL_BYTE = "mime.nul-byte"  # NUL bytes in the message
+DATA_OUTSIDE_PARTS = "mime.data-outside-parts"  # encoded data in a preamble or epilogue
+READER_ERROR = "mime.reader-error"  # reported as "mime.reader-error:<reader>"
+
+# Signals that a message was built to be read differently by different programs, or that it
+# could not be read completely: the pipeline must not call such a message clean. Ordinary mail
+# from real mail programs never raises them.
+HOSTILE_ANOMALIES: frozenset[str] = frozenset(
+    {
+        VIEWS_DISAGREE,
+        BOUNDARY_COLLISION,
+        BASE64_JUNK,
+        FILENAME_MISMATCH,
+        TOO_DEEP,
+        TOO_MANY_PARTS,
+        TOO_LARGE,
+        TIMEOUT,
+        MESSAGE_PARTIAL,
+        READER_ERROR,
+    }
+)
+
+# Worth knowing (Skeptic may weigh them) but seen in sloppy legitimate mail too; everything they
+# hide is decoded and scanned anyway. (A body that merely looks like base64 — a key file sent
+# 7bit — is decoded as well, so mime.cte-mismatch need not condemn the message; a garbled CTE
+# that readers honour differently shows as mime.views-disagree.)
+INFORMATIONAL_ANOMALIES: frozenset[str] = frozenset(
+    {
+        BOUNDARY_VARIANT,
+        BASE64_PADDING,
+        CTE_MISMATCH,
+        MISSING_BOUNDARY_END,
+        UUENCODE,
+        YENC,
+        DUPLICATE_HEADER,
+        NUL_BYTE,
+        DATA_OUTSIDE_PARTS,
+    }
+)
+
+
+def is_hostile(anomaly: str) -> bool:
+    """Whether ``anomaly`` (possibly with a ``:detail`` suffix) must keep a message from clean."""
+    return anomaly.split(":", 1)[0] in HOSTILE_ANOMALIES

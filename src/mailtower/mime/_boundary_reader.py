@@ -1,0 +1,166 @@
+"""A lenient raw reading: split on every boundary declared anywhere, regardless of nesting.
+
+Parsers that follow the structure can be led astray by boundaries that collide (one a prefix of
+another), differ in case or quoting from their declaration, or are never closed. This reader
+collects every boundary the message declares, cuts the message at every line that starts like
+a delimiter of any of them, and reads each piece's headers as leniently as Python does.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailtower.mime import _anomalies as A
+from mailtower.mime._collect import Collector
+from mailtower.mime._names import main_value
+from mailtower.mime._transfer import BASE64, QUOTED_PRINTABLE, classify_cte
+
+VIEW = "raw-boundary"
+
+_BOUNDARY_PARAM = re.compile(
+    rb"(?:^|[;\s])boundary[ \t]*(?:\*\d*\*?)?[ \t]*=(?:\r?\n)?[ \t]*"
+    rb"""(?:"([^"\r\n]*)"?|'([^'\r\n]*)'?|([^\s;"']+))""",
+    re.IGNORECASE,
+)
+_DELIMITER_START = re.compile(rb"(?:^|(?<=[\r\n]))--")
+_EOL = re.compile(rb"\r\n|\r|\n")
+# What Python's feedparser takes for a header line (email.feedparser.headerRE), plus the
+# obsolete RFC 822 form with space before the colon, which clients still accept.
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*[ \t]*:|[\t ]")
+_MAX_BOUNDARY = 200
+
+
+def declared_boundaries(raw: bytes) -> set[bytes]:
+    """Every boundary value declared anywhere in ``raw``, in each plausible quoting."""
+    found: set[bytes] = set()
+    for m in _BOUNDARY_PARAM.finditer(raw):
+        value = next(g for g in m.groups() if g is not None).rstrip()
+        for cand in (value, value.split(b"'", 2)[-1] if value.count(b"'") >= 2 else value):
+            if 0 < len(cand) <= _MAX_BOUNDARY:
+                found.add(cand)
+    return found
+
+
+def split_headers(piece: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers (lower-case name, raw value) and body of ``piece``, the way Python splits them."""
+    headers: list[tuple[str, str]] = []
+    pos = 0
+    n = len(piece)
+    while pos < n:
+        m = _EOL.search(piece, pos)
+        end, nxt = (m.start(), m.end()) if m else (n, n)
+        line = piece[pos:end]
+        if not line:
+            return headers, piece[nxt:]
+        if not _HEADER_LINE.match(line):
+            return headers, piece[pos:]
+        if line.startswith(b"From "):  # an envelope line: Python skips it, wherever it stands
+            pos = nxt
+            continue
+        text = line.decode("ascii", "surrogateescape")
+        if line[:1] in (b" ", b"\t"):
+            if headers:
+                name, value = headers[-1]
+                headers[-1] = (name, value + "\r\n" + text)
+        else:
+            name, _, value = text.partition(":")
+            headers.append((name.strip().lower(), value.strip()))
+        pos = nxt
+    return headers, b""
+
+
+def _preceding_eol(raw: bytes, pos: int) -> int:
+    if raw[max(pos - 2, 0) : pos] == b"\r\n":
+        return pos - 2
+    if pos and raw[pos - 1 : pos] in (b"\r", b"\n"):
+        return pos - 1
+    return pos
+
+
+def _delimiters(raw: bytes, boundaries: set[bytes], col: Collector) -> list[tuple[int, int, bool]]:
+    """(start, end after its EOL, is-close) of every line that delimits a declared boundary."""
+    by_lower: dict[bytes, set[bytes]] = {}
+    for b in boundaries:
+        by_lower.setdefault(b.lower(), set()).add(b)
+    lowers = sorted(by_lower, key=len, reverse=True)
+    prefixed = {b for b in lowers if any(o != b and b.startswith(o) for o in lowers)}
+    pattern = re.compile(b"--(" + b"|".join(re.escape(b) for b in lowers) + b")", re.IGNORECASE)
+    out: list[tuple[int, int, bool]] = []
+    for start_match in _DELIMITER_START.finditer(raw):
+        start = start_match.start()
+        m = pattern.match(raw, start)
+        if m is None:
+            continue
+        col.budget.check_parts(len(out))
+        eol = _EOL.search(raw, m.end())
+        line_end, after = (eol.start(), eol.end()) if eol else (len(raw), len(raw))
+        matched = m.group(1)
+        tail = raw[m.end() : line_end].rstrip(b" \t")
+        is_close = tail.startswith(b"--")
+        if tail not in (b"", b"--"):
+            col.anomaly(A.BOUNDARY_COLLISION)  # a prefix-matching client cuts here, Python not
+        elif matched.lower() in prefixed:
+            col.anomaly(A.BOUNDARY_COLLISION)  # also a delimiter of a shorter boundary
+        if matched not in by_lower[matched.lower()]:
+            col.anomaly(A.BOUNDARY_VARIANT)
+        out.append((start, after, is_close))
+    return out
+
+
+def read(raw: bytes, col: Collector, *, prefix: str, depth: int) -> None:
+    """Cut ``raw`` at every delimiter line and record each piece's decoded body."""
+    boundaries = declared_boundaries(raw)
+    col.budget.check_parts(len(boundaries))
+    delimiters = _delimiters(raw, boundaries, col) if boundaries else []
+    closed = sum(1 for d in delimiters if d[2])
+    if delimiters and not closed:
+        col.anomaly(A.MISSING_BOUNDARY_END)
+    pieces: list[tuple[bytes, bool]] = []  # (piece, follows a close delimiter)
+    prev, prev_close = 0, False
+    for start, after, is_close in delimiters:
+        pieces.append((raw[prev : _preceding_eol(raw, start)], prev_close))
+        prev, prev_close = after, is_close
+    pieces.append((raw[prev:], prev_close))
+    base = f"{prefix}." if prefix else ""
+    for index, (piece, after_close) in enumerate(pieces):
+        col.budget.check_parts(index)
+        path = f"{base}raw{index}" if index else (f"{prefix}" or "raw0")
+        _read_piece(piece, col, path=path, is_top=index == 0, after_close=after_close, depth=depth)
+
+
+def _read_piece(
+    piece: bytes, col: Collector, *, path: str, is_top: bool, after_close: bool, depth: int
+) -> None:
+    headers, body = split_headers(piece)
+    if after_close and not any(k.startswith("content-") for k, _ in headers):
+        col.outside(view=VIEW, path=path, body=piece)  # an epilogue
+        return
+    if not piece.strip() and not is_top:
+        return
+    level = depth
+    while True:
+        col.budget.check_depth(level)
+        ct_values = [v for k, v in headers if k == "content-type"]
+        ctype = main_value(ct_values[0]) if ct_values else "text/plain"
+        if "/" not in ctype:
+            ctype = "text/plain"  # what Python assumes for a missing or invalid type
+        if ctype == "message/partial":
+            col.anomaly(A.MESSAGE_PARTIAL)
+        if ctype.startswith("multipart/"):
+            col.outside(view=VIEW, path=path, body=body)  # a preamble
+            return
+        elif ctype == "message/delivery-status":
+            col.add(body, path=path, view=VIEW, content_types=[ctype])
+            return
+        elif ctype.startswith("message/"):
+            ctes = [v for k, v in headers if k == "content-transfer-encoding"]
+            if ctes and classify_cte(ctes[0])[0] in (BASE64, QUOTED_PRINTABLE):
+                inner = col.decode(body, ctes[0]).primary
+                col.add(inner, path=path, view=VIEW, content_types=[ctype])
+                col.embed(inner, path, level + 1)
+                return
+            headers, body = split_headers(body)  # the enclosed message, read in place
+            level += 1
+            continue
+        col.leaf(view=VIEW, path=path, headers=headers, body=body, content_type=ctype)
+        return

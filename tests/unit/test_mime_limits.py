@@ -1,0 +1,112 @@
+"""Limits stop parsing with a hostile anomaly; a failing reading never hides the others."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mime_builders import EICAR, assert_found, attachment_message, b64_lines, hostile
+
+from mailtower.mime import MimeLimits, _email_reader, analyse
+
+
+def _nested(depth: int) -> bytes:
+    head = "".join(
+        f'--b{i}x\nContent-Type: multipart/mixed; boundary="b{i + 1}x"\n\n' for i in range(depth)
+    )
+    tail = "".join(f"--b{i}x--\n" for i in reversed(range(depth + 1)))
+    body = f"--b{depth}x\nContent-Transfer-Encoding: base64\n\n{b64_lines(EICAR)}\n"
+    text = f'Content-Type: multipart/mixed; boundary="b0x"\n\n{head}{body}{tail}'
+    return text.encode()
+
+
+def test_nesting_within_the_limit_is_read() -> None:
+    result = analyse(_nested(10))
+    assert_found(result)
+    assert hostile(result) == []
+
+
+def test_too_deep() -> None:
+    result = analyse(_nested(25))
+    assert "mime.too-deep" in result.anomalies
+    assert result.objects[0].path == "message"
+
+
+def test_too_deep_forwarded_chain() -> None:
+    msg = attachment_message()
+    for _ in range(25):
+        msg = b"Content-Type: message/rfc822\r\n\r\n" + msg
+    assert "mime.too-deep" in analyse(msg).anomalies
+
+
+def test_too_many_parts() -> None:
+    parts = "".join(f"--b\nContent-Type: text/plain\n\npart {i}\n" for i in range(1100))
+    data = f"Content-Type: multipart/mixed; boundary=b\n\n{parts}--b--\n".encode()
+    result = analyse(data)
+    assert "mime.too-many-parts" in result.anomalies
+    assert "mime.views-disagree" not in result.anomalies  # partial readings are not compared
+
+
+def test_too_many_parts_with_a_lower_limit() -> None:
+    assert (
+        "mime.too-many-parts"
+        in analyse(attachment_message(), limits=MimeLimits(max_parts=2)).anomalies
+    )
+
+
+def test_too_large() -> None:
+    data = attachment_message(payload=EICAR * 100)
+    result = analyse(data, limits=MimeLimits(max_decoded_bytes=len(data) + 1000))
+    assert "mime.too-large" in result.anomalies
+
+
+def test_timeout() -> None:
+    result = analyse(attachment_message(), limits=MimeLimits(max_time_s=0.0))
+    assert "mime.timeout" in result.anomalies
+    assert result.objects[0].data == attachment_message()
+
+
+def test_big_message_within_time() -> None:
+    data = attachment_message(payload=bytes(range(256)) * 12000 + EICAR)  # ~4 MB
+    start = time.process_time()  # CPU time: the machine may be busy with other work
+    result = analyse(data)
+    assert time.process_time() - start < 5
+    assert_found(result)
+    assert hostile(result) == []
+
+
+def test_a_failing_reading_is_reported_and_the_others_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = _email_reader.read
+
+    def broken(view: str, *args, **kwargs) -> None:
+        if view == "email-default":
+            raise RuntimeError("simulated parser bug")
+        real(view, *args, **kwargs)
+
+    monkeypatch.setattr(_email_reader, "read", broken)
+    result = analyse(attachment_message())
+    assert "mime.reader-error:email-default" in result.anomalies
+    obj = assert_found(result, filename="eicar.com")
+    assert "email-default" not in obj.views
+    assert {"email-compat32", "raw-boundary"} <= obj.views
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00" * 100,
+        b"\r\n\r\n",
+        b"--",
+        b"Content-Type: multipart/mixed; boundary=\r\n\r\n--\r\n",
+        b"Content-Type: multipart/mixed; boundary=-\r\n\r\n" + b"---\r\n" * 2000,
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!!",
+        bytes(range(256)) * 10,
+    ],
+)
+def test_garbage_never_raises(data: bytes) -> None:
+    result = analyse(data)
+    if data:
+        assert result.objects[0].data == data
