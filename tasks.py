@@ -206,6 +206,11 @@ def bench(c, tower="lab-a", fresh=True):
     timed("deploy_from_scratch_s", deploy, tower=tower)
     timed("redeploy_no_change_s", deploy, tower=tower)
     timed("verify_s", verify, tower=tower)
+    with c.cd(str(ROOT)):
+        c.run(
+            f"{PY} -m pytest -p no:cacheprovider tests/bench --tower {tower} -q -s",
+            env={"PYTHONPATH": str(ROOT)},
+        )
     rows = lxc.status(plan.lab_hosts(towers, _scanners()))
     by_group: dict[str, float] = {}
     for r in rows:

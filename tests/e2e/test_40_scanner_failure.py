@@ -10,8 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import record_figure
-from towerlib import ROOT, wait_for
+from towerlib import ROOT, record_figure, wait_for
 
 MESSAGES = 1000
 CONNECTIONS = 8

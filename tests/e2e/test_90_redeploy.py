@@ -8,8 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import record_figure
-from towerlib import ROOT
+from towerlib import ROOT, record_figure
 
 SERVICES = {
     "relay": ["postfix", "haproxy", "mailtower-relay-exporter"],
