@@ -19,11 +19,12 @@ APT_STAMP = "/var/lib/apt/periodic/update-success-stamp"  # pyinfra's apt.update
 
 
 def refresh_package_lists(max_age_s: int = 86400) -> None:
-    """apt-get update when the lists are older than a day, bounded in time and retried.
+    """apt-get update when the lists are older than a day: one host at a time, bounded, retried.
 
-    Seen in the lab: when many hosts refresh the same indexes through one apt-cacher-ng at
-    once, a request can stall forever (apt waits on a connection the proxy has closed). So a
-    few hosts at a time, each attempt under `timeout`, three attempts.
+    Seen in the lab: when hosts refresh the same index through one apt-cacher-ng within the
+    same second, one request can stall until apt's own timeout or forever (the proxy fails to
+    rename its temporary file). One host at a time (about 1.5 s each) avoids the collision;
+    `timeout` and three attempts bound what is left.
     """
     stamp = host.get_fact(File, path=APT_STAMP)
     fresh = False
@@ -33,12 +34,12 @@ def refresh_package_lists(max_age_s: int = 86400) -> None:
     server.shell(
         name="Refresh the apt package lists",
         commands=[
-            "for attempt in 1 2 3; do timeout 90 apt-get update -q && break;"
+            "for attempt in 1 2 3; do timeout 30 apt-get update -q && break;"
             ' [ "$attempt" = 3 ] && exit 1; sleep 2; done',
             f"mkdir -p {APT_STAMP.rsplit('/', 1)[0]} && touch {APT_STAMP}",
         ],
         _if=lambda: not fresh,
-        _parallel=4,
+        _serial=True,
     )
 
 
