@@ -16,8 +16,13 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 class Kind(enum.StrEnum):
+    """What happens to a message. scan_message() decides only clean/virus/tempfail; the full
+    pipeline (mailtower.pipeline) also bans by policy and stops suspicious mail."""
+
     CLEAN = "clean"
     VIRUS = "virus"
+    BANNED = "banned"
+    SUSPICIOUS = "suspicious"
     TEMPFAIL = "tempfail"
 
 
@@ -38,6 +43,8 @@ class Verdict:
     findings: tuple[Finding, ...] = ()
     reason: str = ""
     runs: tuple[EngineRun, ...] = field(default=(), compare=False)
+    # Every anomaly the parsing stages met, informational ones too (for quarantine metadata).
+    anomalies: tuple[str, ...] = field(default=(), compare=False)
 
 
 def scan_message(raw: bytes, engines: Sequence[Engine]) -> Verdict:

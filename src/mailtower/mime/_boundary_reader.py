@@ -28,6 +28,10 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 # obsolete RFC 822 form with space before the colon, which clients still accept.
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*[ \t]*:|[\t ]")
 _MAX_BOUNDARY = 200
+# A multipart/digest header and the rest of that header (its folded continuation lines).
+_DIGEST_HEADER = re.compile(
+    rb"content-type[ \t]*:[ \t]*multipart/digest\b((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE
+)
 
 
 def declared_boundaries(raw: bytes) -> set[bytes]:
@@ -38,6 +42,16 @@ def declared_boundaries(raw: bytes) -> set[bytes]:
         for cand in (value, value.split(b"'", 2)[-1] if value.count(b"'") >= 2 else value):
             if 0 < len(cand) <= _MAX_BOUNDARY:
                 found.add(cand)
+    return found
+
+
+def digest_boundaries(raw: bytes) -> set[bytes]:
+    """The boundaries (lower case) of multipart/digest parts: their parts default to
+    message/rfc822 (RFC 2046 5.1.5), as every structural reading must agree (mailing list
+    digests are ordinary mail)."""
+    found: set[bytes] = set()
+    for m in _DIGEST_HEADER.finditer(raw):
+        found |= {b.lower() for b in declared_boundaries(m.group(1))}
     return found
 
 
@@ -77,15 +91,18 @@ def _preceding_eol(raw: bytes, pos: int) -> int:
     return pos
 
 
-def _delimiters(raw: bytes, boundaries: set[bytes], col: Collector) -> list[tuple[int, int, bool]]:
-    """(start, end after its EOL, is-close) of every line that delimits a declared boundary."""
+def _delimiters(
+    raw: bytes, boundaries: set[bytes], col: Collector
+) -> list[tuple[int, int, bool, bytes]]:
+    """(start, end after its EOL, is-close, boundary in lower case) of every line that delimits
+    a declared boundary."""
     by_lower: dict[bytes, set[bytes]] = {}
     for b in boundaries:
         by_lower.setdefault(b.lower(), set()).add(b)
     lowers = sorted(by_lower, key=len, reverse=True)
     prefixed = {b for b in lowers if any(o != b and b.startswith(o) for o in lowers)}
     pattern = re.compile(b"--(" + b"|".join(re.escape(b) for b in lowers) + b")", re.IGNORECASE)
-    out: list[tuple[int, int, bool]] = []
+    out: list[tuple[int, int, bool, bytes]] = []
     for start_match in _DELIMITER_START.finditer(raw):
         start = start_match.start()
         m = pattern.match(raw, start)
@@ -103,7 +120,7 @@ def _delimiters(raw: bytes, boundaries: set[bytes], col: Collector) -> list[tupl
             col.anomaly(A.BOUNDARY_COLLISION)  # also a delimiter of a shorter boundary
         if matched not in by_lower[matched.lower()]:
             col.anomaly(A.BOUNDARY_VARIANT)
-        out.append((start, after, is_close))
+        out.append((start, after, is_close, matched.lower()))
     return out
 
 
@@ -115,21 +132,38 @@ def read(raw: bytes, col: Collector, *, prefix: str, depth: int) -> None:
     closed = sum(1 for d in delimiters if d[2])
     if delimiters and not closed:
         col.anomaly(A.MISSING_BOUNDARY_END)
-    pieces: list[tuple[bytes, bool]] = []  # (piece, follows a close delimiter)
-    prev, prev_close = 0, False
-    for start, after, is_close in delimiters:
-        pieces.append((raw[prev : _preceding_eol(raw, start)], prev_close))
+    digests = digest_boundaries(raw) if delimiters else set()
+    pieces: list[tuple[bytes, bool, str]] = []  # (piece, follows a close delimiter, default type)
+    prev, prev_close, prev_default = 0, False, "text/plain"
+    for start, after, is_close, boundary in delimiters:
+        pieces.append((raw[prev : _preceding_eol(raw, start)], prev_close, prev_default))
         prev, prev_close = after, is_close
-    pieces.append((raw[prev:], prev_close))
+        prev_default = "message/rfc822" if boundary in digests else "text/plain"
+    pieces.append((raw[prev:], prev_close, prev_default))
     base = f"{prefix}." if prefix else ""
-    for index, (piece, after_close) in enumerate(pieces):
+    for index, (piece, after_close, default_type) in enumerate(pieces):
         col.budget.check_parts(index)
         path = f"{base}raw{index}" if index else (f"{prefix}" or "raw0")
-        _read_piece(piece, col, path=path, is_top=index == 0, after_close=after_close, depth=depth)
+        _read_piece(
+            piece,
+            col,
+            path=path,
+            is_top=index == 0,
+            after_close=after_close,
+            depth=depth,
+            default_type=default_type,
+        )
 
 
 def _read_piece(
-    piece: bytes, col: Collector, *, path: str, is_top: bool, after_close: bool, depth: int
+    piece: bytes,
+    col: Collector,
+    *,
+    path: str,
+    is_top: bool,
+    after_close: bool,
+    depth: int,
+    default_type: str = "text/plain",
 ) -> None:
     headers, body = split_headers(piece)
     if after_close and not any(k.startswith("content-") for k, _ in headers):
@@ -141,7 +175,7 @@ def _read_piece(
     while True:
         col.budget.check_depth(level)
         ct_values = [v for k, v in headers if k == "content-type"]
-        ctype = main_value(ct_values[0]) if ct_values else "text/plain"
+        ctype = main_value(ct_values[0]) if ct_values else default_type
         if "/" not in ctype:
             ctype = "text/plain"  # what Python assumes for a missing or invalid type
         if ctype == "message/partial":
@@ -160,6 +194,7 @@ def _read_piece(
                 col.embed(inner, path, level + 1)
                 return
             headers, body = split_headers(body)  # the enclosed message, read in place
+            default_type = "text/plain"
             level += 1
             continue
         col.leaf(view=VIEW, path=path, headers=headers, body=body, content_type=ctype)

@@ -24,7 +24,11 @@ _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|$)")
 _YENC_ESCAPE = re.compile(rb"=(.)", re.DOTALL)
 _YENC_SHIFT = bytes.maketrans(bytes(range(256)), bytes((b - 42) % 256 for b in range(256)))
 _MAX_BLOCKS = 100  # per object
-_BASE64_RUN = re.compile(rb"(?:^[A-Za-z0-9+/]{4,}={0,2}\r?(?:\n|$))+", re.MULTILINE)
+# A last line may be a single padded quantum ("AA==", "AAA="): without it the run decodes short
+# and a base64 attachment ending so reads as a truncated (corrupt) file.
+_BASE64_RUN = re.compile(
+    rb"(?:^(?:[A-Za-z0-9+/]{4,}={0,2}|[A-Za-z0-9+/]{2,3}={1,2})\r?(?:\n|$))+", re.MULTILINE
+)
 _BINARY_SNIFF = 4096  # bytes looked at to tell binary data (not searched for base64 runs)
 _MIN_RUN = 32  # characters; shorter runs are words
 
