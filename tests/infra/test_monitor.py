@@ -54,3 +54,19 @@ def test_alert_rules_loaded(node, tower):
     )
     names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
     assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag"} <= names
+
+
+def test_monitor_sees_sql_replication(node, tower):
+    """What the SqlReplicationLag / SqlStandbyNotStreaming alerts read."""
+    out = node.check_output(
+        f"curl -fsS http://127.0.0.1:{tower.settings.ports.monitor_http}/metrics"
+    )
+    metrics = dict(
+        line.split(" ", 1) for line in out.splitlines() if line.startswith("mailtower_sql_")
+    )
+    assert float(metrics["mailtower_sql_up"]) == 1
+    assert float(metrics["mailtower_sql_standbys_streaming"]) == 1
+    assert (
+        float(metrics["mailtower_sql_replication_lag_seconds"])
+        < tower.settings.limits.replication_lag_alert_s
+    )

@@ -452,13 +452,20 @@ def purge(progress: Progress) -> None:
 
 
 def memory_bytes(name: str) -> int | None:
-    """Memory a running container uses (cgroup v1 or v2), or None."""
-    for path in (
-        f"/sys/fs/cgroup/memory/lxc.payload.{name}/memory.usage_in_bytes",
-        f"/sys/fs/cgroup/lxc.payload.{name}/memory.current",
+    """Anonymous (process) memory of a running container, without the page cache; or None.
+
+    The cgroup's usage figure counts cached files too (packages just installed, logs), which
+    the kernel drops under pressure: it would overstate what the lab needs several times.
+    """
+    for path, key in (
+        (f"/sys/fs/cgroup/memory/lxc.payload.{name}/memory.stat", "total_rss"),
+        (f"/sys/fs/cgroup/lxc.payload.{name}/memory.stat", "anon"),
     ):
         if os.path.exists(path):
-            return int(Path(path).read_text())
+            for line in Path(path).read_text().splitlines():
+                field, _, value = line.partition(" ")
+                if field == key:
+                    return int(value)
     return None
 
 
