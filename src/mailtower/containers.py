@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import py7zr
 import py7zr.exceptions
@@ -196,19 +196,25 @@ class _Decoder(Protocol):
     def feed(self, data: bytes | memoryview) -> Iterator[bytes]: ...
 
 
-class _ZlibDecoder:
+class _WrappedDecoder:
+    """A stdlib decompressor's end-of-stream state, shared by the decoders below."""
+
+    _d: Any
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._d.eof)
+
+    @property
+    def unused_data(self) -> bytes:
+        return bytes(self._d.unused_data)
+
+
+class _ZlibDecoder(_WrappedDecoder):
     """zlib/deflate/gzip with bounded output per step (leftover input waits in the tail)."""
 
     def __init__(self, wbits: int):
         self._d = zlib.decompressobj(wbits)
-
-    @property
-    def eof(self) -> bool:
-        return self._d.eof
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._d.unused_data
 
     def feed(self, data: bytes | memoryview) -> Iterator[bytes]:
         out = self._d.decompress(data, _OUT_CHUNK)
@@ -219,19 +225,11 @@ class _ZlibDecoder:
             yield out
 
 
-class _BufferingDecoder:
+class _BufferingDecoder(_WrappedDecoder):
     """bz2/lzma decoders: they keep leftover input themselves and say when they need more."""
 
     def __init__(self, decoder: bz2.BZ2Decompressor | lzma.LZMADecompressor):
         self._d = decoder
-
-    @property
-    def eof(self) -> bool:
-        return self._d.eof
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._d.unused_data
 
     def feed(self, data: bytes | memoryview) -> Iterator[bytes]:
         yield self._d.decompress(data, _OUT_CHUNK)

@@ -121,6 +121,13 @@ def _base64_runs(data: bytes, known: set[bytes]) -> list[bytes]:
     return out
 
 
+# Encoded blocks inside a body: (marker that must occur, decoder, anomaly, view, path suffix).
+_BLOCK_KINDS = (
+    (b"begin", _uu_blocks, A.UUENCODE, VIEW_UU, "uu"),
+    (b"=ybegin", _yenc_blocks, A.YENC, VIEW_YENC, "yenc"),
+)
+
+
 def extract(col: Collector) -> None:
     """Decode the encoded blocks in every object so far, and in what they yield, as objects."""
     known = col.decoded_bodies()
@@ -133,24 +140,15 @@ def extract(col: Collector) -> None:
         if entry.level >= col.budget.limits.max_depth:
             continue
         data = entry.data
-        if b"begin" in data:
-            for n, (name, decoded) in enumerate(_uu_blocks(data)):
-                col.anomaly(A.UUENCODE)
+        for marker, blocks, anomaly, view, suffix in _BLOCK_KINDS:
+            if marker not in data:
+                continue
+            for n, (name, decoded) in enumerate(blocks(data)):
+                col.anomaly(anomaly)
                 col.add(
                     decoded,
-                    path=f"{entry.path}/uu{n}",
-                    view=VIEW_UU,
-                    content_types=["application/octet-stream"],
-                    names=_names_of(name),
-                    level=entry.level + 1,
-                )
-        if b"=ybegin" in data:
-            for n, (name, decoded) in enumerate(_yenc_blocks(data)):
-                col.anomaly(A.YENC)
-                col.add(
-                    decoded,
-                    path=f"{entry.path}/yenc{n}",
-                    view=VIEW_YENC,
+                    path=f"{entry.path}/{suffix}{n}",
+                    view=view,
                     content_types=["application/octet-stream"],
                     names=_names_of(name),
                     level=entry.level + 1,
