@@ -154,11 +154,11 @@ class _LimitExceeded(Exception):
 
 
 class _Corrupt(Exception):
-    pass
+    """The container is damaged: it cannot be read through (anomaly container.corrupt)."""
 
 
 class _Unsupported(Exception):
-    pass
+    """A format variant the libraries cannot decode (anomaly container.unsupported)."""
 
 
 class _Sink:
@@ -652,13 +652,13 @@ class _SevenZipWriter(py7zr.io.Py7zIO):
         return 0
 
     def flush(self) -> None:
-        pass
+        """Nothing is buffered here: every write went to the sink already."""
 
     def size(self) -> int:
         return self.sink.size
 
     def close(self) -> None:
-        pass
+        """The sink outlives this file: closing it is the expander's business."""
 
 
 # py7zr sizes each decoding step by its get_memory_limit(): up to 128 MB of output in one call.
