@@ -27,13 +27,13 @@ PACKAGES = [
 
 def install():
     _common.service_user()
-    _common.install_stack()
+    return _common.install_stack()
 
 
 def configure():
     s = settings()
     ops = {}
-    _common.write_settings()
+    ops["settings"] = [_common.write_settings()]
     # A per-tower certificate for STARTTLS, made once on the relay (the key never leaves it).
     files.directory(name="Ensure /etc/mailtower/tls", path="/etc/mailtower/tls", mode="755")
     server.shell(
@@ -59,7 +59,7 @@ def configure():
     return ops
 
 
-def activate(ops):
+def activate(ops, install_op):
     changed = {k: _common.changes(v) for k, v in ops.items()}
     _common.activate("postfix", changed["postfix"], check="postfix check")
     # A reload keeps established filter sessions; the server-state file keeps the monitor's
@@ -71,10 +71,16 @@ def activate(ops):
         reload=True,
     )
     _common.activate_nftables(changed["nftables"])
-    _common.activate("mailtower-relay-exporter", changed["exporter"], daemon_reload=True)
+    # The exporter runs mailtower's code with the tower's settings: new code or settings,
+    # new process.
+    _common.activate(
+        "mailtower-relay-exporter",
+        lambda: changed["exporter"]() or changed["settings"]() or install_op.did_change(),
+        daemon_reload=True,
+    )
 
 
 @deploy("mailtower relay")
 def deploy_relay():
-    install()
-    activate(configure())
+    install_op = install()
+    activate(configure(), install_op)

@@ -61,6 +61,9 @@ DEFAULT_BANNED_NATIVE = frozenset({"pe", "lnk"})
 ENGINE_POLICY = "policy"
 ENGINE_MIME = "mime"
 ENGINE_CONTAINER = "container"
+# Parsing stages timed on every message (Verdict.stages; engines are timed in Verdict.runs).
+STAGE_MIME = "mime"
+STAGE_CONTAINERS = "containers"
 
 # Characters Windows drops from the end of a file name: "evil.exe . " opens as "evil.exe".
 _WINDOWS_TRAILING = " .\t\r\n\u00a0"
@@ -123,6 +126,7 @@ class _Scan:
     info: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     runs: list[EngineRun] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # parsing stage → seconds
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -168,7 +172,10 @@ class Pipeline:
         mime_limits = dataclasses.replace(
             self.mime_limits, max_time_s=max(0.0, min(self.mime_limits.max_time_s, state.left()))
         )
+        started = time.monotonic()
         parsed = mime.analyse(raw, limits=mime_limits)
+        state.stages[STAGE_MIME] = time.monotonic() - started
+        started = time.monotonic()
         objects = list(parsed.objects)
         anomalies = list(parsed.anomalies)
         for anomaly in parsed.anomalies:
@@ -202,6 +209,7 @@ class Pipeline:
                 )
                 target = state.info if passed else state.suspicious
                 target.append(Finding(ENGINE_CONTAINER, anomaly, obj.path))
+        state.stages[STAGE_CONTAINERS] = time.monotonic() - started
         return Analysis(objects=objects, anomalies=anomalies)
 
     # -- engines
@@ -308,6 +316,7 @@ class Pipeline:
         findings = tuple(_dedupe(state.virus + state.banned + state.suspicious + state.info))
         runs = tuple(state.runs)
         anomalies = tuple(analysis.anomalies)
+        stages = tuple(state.stages.items())
         for kind, deciding in (
             (Kind.VIRUS, state.virus),
             (Kind.BANNED, state.banned),
@@ -317,10 +326,11 @@ class Pipeline:
                 reason = f"{kind}: " + ", ".join(_describe(f) for f in _dedupe(deciding))
                 if state.errors:
                     reason += "; also " + "; ".join(state.errors)
-                return Verdict(kind, findings, reason, runs, anomalies)
+                return Verdict(kind, findings, reason, runs, anomalies, stages)
         if state.errors:
-            return Verdict(Kind.TEMPFAIL, findings, "; ".join(state.errors), runs, anomalies)
-        return Verdict(Kind.CLEAN, findings, "no findings", runs, anomalies)
+            reason = "; ".join(state.errors)
+            return Verdict(Kind.TEMPFAIL, findings, reason, runs, anomalies, stages)
+        return Verdict(Kind.CLEAN, findings, "no findings", runs, anomalies, stages)
 
 
 def _has_prefix(name: str, prefixes: Iterable[str]) -> bool:
@@ -342,21 +352,24 @@ def in_process(
     *,
     yara_dirs: Sequence[Path] = (),
     clamd: str | None = None,
+    engines: Sequence[Engine] = (),
     policy: Policy | None = None,
     engine_timeout_s: float = 30.0,
     deadline_s: float = 60.0,
 ) -> Pipeline:
     """The pipeline with the in-process engines (the project's YARA rules plus ``yara_dirs``,
-    reputation, Skeptic) and clamd at ``clamd`` if given. Raises EngineError (e.g.
-    YaraRuleError) or skeptic.RuleError when rule data cannot be loaded, ValueError on a bad
-    clamd address."""
+    reputation, Skeptic), clamd at ``clamd`` if given, and ``engines`` — further whole-message
+    engines (scand's, from ``engines.from_settings``) — which run first, after clamd. Raises
+    EngineError (e.g. YaraRuleError) or skeptic.RuleError when rule data cannot be loaded,
+    ValueError on a bad clamd address."""
     from mailtower.engines.clamd import ClamdEngine
     from mailtower.engines.reputation import ReputationEngine
     from mailtower.engines.yara import YaraEngine, default_rule_dirs
 
-    engines: list[Engine] = []
+    stack: list[Engine] = []
     if clamd is not None:
-        engines.append(ClamdEngine(clamd, timeout_s=engine_timeout_s))
-    engines.append(YaraEngine([*default_rule_dirs(), *yara_dirs], timeout_s=engine_timeout_s))
-    engines.append(ReputationEngine(timeout_s=engine_timeout_s))
-    return Pipeline(engines, skeptic=Skeptic.from_rules(), policy=policy, deadline_s=deadline_s)
+        stack.append(ClamdEngine(clamd, timeout_s=engine_timeout_s))
+    stack.extend(engines)
+    stack.append(YaraEngine([*default_rule_dirs(), *yara_dirs], timeout_s=engine_timeout_s))
+    stack.append(ReputationEngine(timeout_s=engine_timeout_s))
+    return Pipeline(stack, skeptic=Skeptic.from_rules(), policy=policy, deadline_s=deadline_s)

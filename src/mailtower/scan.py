@@ -45,6 +45,8 @@ class Verdict:
     runs: tuple[EngineRun, ...] = field(default=(), compare=False)
     # Every anomaly the parsing stages met, informational ones too (for quarantine metadata).
     anomalies: tuple[str, ...] = field(default=(), compare=False)
+    # Seconds each parsing stage took ("mime", "containers"; the pipeline only, for metrics).
+    stages: tuple[tuple[str, float], ...] = field(default=(), compare=False)
 
 
 def scan_message(raw: bytes, engines: Sequence[Engine]) -> Verdict:

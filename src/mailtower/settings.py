@@ -11,7 +11,7 @@ import json
 import re
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,6 +24,12 @@ _DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
 _DURATION_RE = re.compile(r"^[0-9]+[smhdw]?$")
 
 Duration = Annotated[str, Field(pattern=_DURATION_RE.pattern)]
+
+
+def _default_banned_extensions() -> list[str]:
+    from mailtower.pipeline import DEFAULT_BANNED_EXTENSIONS  # heavy: imported only when needed
+
+    return sorted(DEFAULT_BANNED_EXTENSIONS)
 
 
 class SettingsError(Exception):
@@ -141,7 +147,12 @@ class TowerSettings(_Model):
     hosts: TowerHosts
     ports: Ports = Ports()
     limits: Limits = Limits()
-    engines: list[str] = ["clamd"]  # engines every message passes, in order
+    engines: list[str] = ["clamd"]  # whole-message engines every message passes, in order
+    # scand's policy (the in-process YARA, reputation and Skeptic stages always run too):
+    # attachment extensions banned anywhere in a message (the whole list, no dots)…
+    banned_extensions: list[str] = Field(default_factory=_default_banned_extensions)
+    # …and archives that cannot be opened for a password: "suspicious" (stopped) or "pass".
+    encrypted_archives: Literal["suspicious", "pass"] = "suspicious"
     customers: list[Customer] = []
     secrets: Secrets
     sql_database: str = "mailtower"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import smtplib
 import threading
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.policy import SMTP
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,11 @@ from scand_fakes import SinkHandler, make_settings, start_sink, wait_until
 
 from mailtower import testdata
 from mailtower.engines.testing import PatternEngine
+from mailtower.engines.yara import YaraRuleError
+from mailtower.quarantine import Entry as QuarantineEntry
 from mailtower.quarantine import QuarantineStore
+from mailtower.scan import message_id
+from mailtower.scand import server as scand_server
 from mailtower.scand.http import start_http
 from mailtower.scand.server import Handler, Scanner, start_smtp
 
@@ -122,7 +129,8 @@ def test_virus_is_quarantined_not_delivered(scand: Scand) -> None:
     code, text = scand.send(raw)
     assert code == 250, text
     assert text.startswith(b"2.7.0 quarantined as ")
-    qid = text.split()[-1].decode()
+    assert text.endswith(b" (virus)")
+    qid = text.split()[3].decode()
     assert scand.sink.received == []
     entry = scand.quarantine.get(qid)
     assert entry.message_path.read_bytes() == raw
@@ -133,6 +141,94 @@ def test_virus_is_quarantined_not_delivered(scand: Scand) -> None:
     assert entry.meta["message_id"] == "<infected@example.org>"
     assert entry.meta["findings"][0]["name"] == "Mailtower.Test.Marker"
     assert entry.meta["size_bytes"] == len(raw)
+    assert entry.meta["verdict"] == "virus"
+
+
+def _with_attachment(data: bytes, filename: str, subject: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "sender@example.org"
+    msg["To"] = "to@example.com"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{subject}@example.org>"
+    msg.set_content("see attached\n")
+    msg.add_attachment(data, "application", "octet-stream", filename=filename)
+    return msg.as_bytes(policy=SMTP)
+
+
+def _quarantined(scand: Scand, raw: bytes, verdict: str) -> QuarantineEntry:
+    """Send ``raw``; check it was quarantined as ``verdict`` and recorded; return the entry."""
+    delivered = len(scand.sink.received)
+    code, text = scand.send(raw)
+    assert code == 250, text
+    assert text.startswith(b"2.7.0 quarantined as ") and text.endswith(f" ({verdict})".encode())
+    qid = text.split()[3].decode()
+    assert len(scand.sink.received) == delivered
+    entry = scand.quarantine.get(qid)
+    assert entry.message_path.read_bytes() == raw
+    assert entry.meta["verdict"] == verdict
+    events = [json.loads(p.read_bytes()) for p in scand.scanner.events.pending()]
+    msgid = message_id(raw)
+    assert [(e["verdict"], e["quarantine_id"]) for e in events if e["message_id"] == msgid] == [
+        (verdict, qid)
+    ]
+    return entry
+
+
+def test_banned_attachment_is_quarantined_as_banned(scand: Scand) -> None:
+    raw = _with_attachment(b"not really a program", "invoice.pdf.exe", "banned")
+    entry = _quarantined(scand, raw, "banned")
+    names = {(f["engine"], f["name"]) for f in entry.meta["findings"]}
+    assert ("policy", "policy.banned-extension.exe") in names
+    assert scand.engine.calls == 1  # the whole-message engine ran too
+
+
+def test_eicar_is_a_virus_in_process_even_if_the_engine_finds_nothing(scand: Scand) -> None:
+    raw = _with_attachment(testdata.eicar(), "readme.txt", "eicar")
+    entry = _quarantined(scand, raw, "virus")
+    engines = {f["engine"] for f in entry.meta["findings"]}
+    assert {"yara", "reputation"} <= engines and "test" not in engines
+
+
+def test_encrypted_archive_is_quarantined_as_suspicious(scand: Scand) -> None:
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("a.txt", b"secret")
+    data = bytearray(zipped.getvalue())
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.find(signature) + flag_offset] |= 0x01  # the "encrypted" bit
+    entry = _quarantined(scand, _with_attachment(bytes(data), "s.zip", "enc"), "suspicious")
+    assert entry.meta["findings"][0]["name"] == "container.encrypted"
+
+
+def test_settings_policy_applies(scand: Scand) -> None:
+    settings = scand.scanner.settings.model_copy(
+        update={"banned_extensions": ["pdf", ".ZIP"], "encrypted_archives": "pass"}
+    )
+    scand.scanner.reload(settings, [scand.engine])
+    # .exe is no longer on the tower's list; .pdf is.
+    code, text = scand.send(_with_attachment(b"%PDF-1.4 hello", "a.exe", "allowed"))
+    assert code == 250 and b"re-injected" in text, text
+    _quarantined(scand, _with_attachment(b"%PDF-1.4 hello", "report.PDF", "pdf"), "banned")
+
+
+def test_reload_keeps_the_old_pipeline_when_the_new_one_fails(
+    scand: Scand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = scand.scanner.pipeline
+    old_settings = scand.scanner.settings
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise YaraRuleError("YARA rule does not compile: bad.yar(1): syntax error")
+
+    monkeypatch.setattr(scand_server, "in_process", broken)
+    with pytest.raises(YaraRuleError):
+        scand.scanner.reload(old_settings.model_copy(update={"banned_extensions": []}))
+    assert scand.scanner.pipeline is old and scand.scanner.settings is old_settings
+    monkeypatch.undo()
+    scand.scanner.reload(old_settings, [scand.engine])
+    assert scand.scanner.pipeline is not old
+    code, _ = scand.send(_mail(subject="after-reload"))
+    assert code == 250
 
 
 @pytest.mark.parametrize("mode", ["fail", "hang"])
@@ -213,6 +309,10 @@ def test_health_and_metrics(scand: Scand) -> None:
     assert 'mailtower_messages_total{verdict="tempfail"} 1.0' in text
     assert 'mailtower_engine_errors_total{engine="test"} 1.0' in text
     assert 'mailtower_engine_seconds_count{engine="test"} 2.0' in text
+    for stage in ("yara", "reputation", "skeptic"):  # the in-process stages, per message
+        assert f'mailtower_engine_seconds_count{{engine="{stage}"}} 2.0' in text
+    for stage in ("mime", "containers"):
+        assert f'mailtower_stage_seconds_count{{stage="{stage}"}} 2.0' in text
     assert "mailtower_events_spooled 2.0" in text
     assert "mailtower_in_flight 0.0" in text
     assert scand.get("/nope")[0] == 404

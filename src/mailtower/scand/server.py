@@ -23,15 +23,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from mailtower import engines as engines_mod
 from mailtower.engines import Engine
 from mailtower.events import Event, EventSpool
+from mailtower.pipeline import Pipeline, Policy, in_process, normalise_extension
 from mailtower.quarantine import QuarantineStore
-from mailtower.scan import Kind, Verdict, message_id, scan_message
+from mailtower.scan import Kind, Verdict, message_id
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)
 
 # Replies to the relay. Every reply the daemon gives is one of these.
 S250_CLEAN = "250 2.0.0 OK scanned clean, re-injected: {relay}"
-S250_QUARANTINED = "250 2.7.0 quarantined as {qid}"
+S250_QUARANTINED = "250 2.7.0 quarantined as {qid} ({verdict})"
 S451_ENGINE = "451 4.7.1 scanning not possible now, try again later"
 S451_REINJECT = "451 4.4.1 re-injection to the relay failed, try again later"
 S451_LOCAL = "451 4.3.0 local error in the scanner, try again later"
@@ -39,6 +40,29 @@ S451_SHUTDOWN = "451 4.3.2 scanner shutting down, try again later"
 S552_TOO_BIG = "552 5.3.4 message exceeds the size limit"
 
 VERDICT_HEADER = "X-Mailtower-Verdict"
+
+# Verdicts that stop a message: it is quarantined and the relay told 250 (the final answer).
+QUARANTINED = (Kind.VIRUS, Kind.BANNED, Kind.SUSPICIOUS)
+# The whole scan of one message (parsing, containers, every engine) gets engine_timeout_s plus
+# this; with the defaults that is the pipeline's own 60 s. Postfix waits engine_timeout_s +
+# reinject_timeout_s + 60 s for the answer (master.cf smtp_data_done_timeout).
+DEADLINE_MARGIN_S = 30.0
+
+
+def build_pipeline(settings: TowerSettings, engines: Sequence[Engine] | None = None) -> Pipeline:
+    """scand's pipeline: the whole-message engines (``engines``, else those ``settings.engines``
+    names) then the in-process YARA, reputation and Skeptic, under the settings' policy.
+    Compiles and loads every rule: raises EngineError, skeptic.RuleError or ValueError."""
+    whole_message = list(engines) if engines is not None else engines_mod.from_settings(settings)
+    banned = frozenset(normalise_extension(e) for e in settings.banned_extensions) - {""}
+    policy = Policy(banned_extensions=banned, encrypted_archives=settings.encrypted_archives)
+    timeout = settings.limits.engine_timeout_s
+    return in_process(
+        engines=whole_message,
+        policy=policy,
+        engine_timeout_s=timeout,
+        deadline_s=timeout + DEADLINE_MARGIN_S,
+    )
 
 
 class Metrics:
@@ -56,6 +80,12 @@ class Metrics:
             "mailtower_engine_seconds",
             "Time of one engine call",
             ["engine"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "mailtower_stage_seconds",
+            "Time of one parsing stage of the pipeline (mime, containers)",
+            ["stage"],
             registry=self.registry,
         )
         self.engine_errors = Counter(
@@ -89,7 +119,9 @@ class Scanner:
     ):
         self.settings = settings
         self.host_address = host_address
+        # The whole-message engines (health answers for these) and the pipeline they run in.
         self.engines = engines if engines is not None else engines_mod.from_settings(settings)
+        self.pipeline = build_pipeline(settings, self.engines)
         self.metrics = metrics or Metrics()
         spool = Path(settings.spool_dir)
         self.quarantine = QuarantineStore(spool / "quarantine")
@@ -102,11 +134,14 @@ class Scanner:
         self.draining = False
 
     def reload(self, settings: TowerSettings, engines: list[Engine] | None = None) -> None:
-        """Take new settings; messages in flight finish with the old ones."""
+        """Take new settings and rebuild the pipeline (rules compiled and loaded again); messages
+        in flight finish with the old ones. If the new pipeline does not build, this raises and
+        the old settings and pipeline stay."""
+        engines = engines if engines is not None else engines_mod.from_settings(settings)
+        pipeline = build_pipeline(settings, engines)  # first: a failure changes nothing
         if settings.ports != self.settings.ports:
             log.warning("event=reload_ports_changed action='restart scand to apply new ports'")
-        self.engines = engines if engines is not None else engines_mod.from_settings(settings)
-        self.settings = settings
+        self.engines, self.pipeline, self.settings = engines, pipeline, settings
 
     # -- the whole job for one message (blocking) ---------------------------------------------
 
@@ -114,11 +149,13 @@ class Scanner:
         self, raw: bytes, mail_from: str, rcpt_tos: list[str], mail_options: Sequence[str] = ()
     ) -> str:
         """Scan, then re-inject or quarantine; return the SMTP reply for the relay."""
-        settings, engines = self.settings, self.engines
+        settings, pipeline = self.settings, self.pipeline
         if len(raw) > settings.limits.message_size_bytes:
             self.metrics.messages.labels("too_big").inc()
             return S552_TOO_BIG
-        verdict = scan_message(raw, engines)
+        verdict = pipeline.scan(raw)
+        for stage, seconds in verdict.stages:
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
         for run in verdict.runs:
             self.metrics.engine_seconds.labels(run.engine).observe(run.seconds)
             if run.error:
@@ -135,7 +172,7 @@ class Scanner:
             else:
                 log.info("event=clean %s relay=%r", fields, relay_answer)
                 reply, outcome = S250_CLEAN.format(relay=relay_answer), "clean"
-        elif verdict.kind is Kind.VIRUS:
+        elif verdict.kind in QUARANTINED:
             try:
                 quarantine_id = self.quarantine.write(
                     raw, self._quarantine_meta(settings, verdict, msgid, mail_from, rcpt_tos)
@@ -144,10 +181,15 @@ class Scanner:
                 log.error("event=quarantine_failed %s error=%r", fields, exc)
                 self.metrics.messages.labels("tempfail").inc()
                 return S451_LOCAL
+            outcome = verdict.kind.value
             log.info(
-                "event=virus %s quarantine_id=%s reason=%r", fields, quarantine_id, verdict.reason
+                "event=%s %s quarantine_id=%s reason=%r",
+                outcome,
+                fields,
+                quarantine_id,
+                verdict.reason,
             )
-            reply, outcome = S250_QUARANTINED.format(qid=quarantine_id), "virus"
+            reply = S250_QUARANTINED.format(qid=quarantine_id, verdict=outcome)
         else:
             log.warning("event=tempfail %s reason=%r", fields, verdict.reason)
             reply, outcome = S451_ENGINE, "tempfail"
@@ -211,8 +253,10 @@ class Scanner:
             "scanner": self.host_address,
             "envelope": {"mail_from": mail_from, "rcpt_tos": list(rcpt_tos)},
             "message_id": msgid,
+            "verdict": verdict.kind.value,
             "findings": [asdict(f) for f in verdict.findings],
             "reason": verdict.reason,
+            "anomalies": list(verdict.anomalies),
         }
 
     def _record(
