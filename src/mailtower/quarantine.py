@@ -77,6 +77,18 @@ class QuarantineStore:
             raise QuarantineError(f"no quarantined message {qid} in {self.root}") from exc
         return Entry(qid, meta, self.root / f"{qid}.eml")
 
+    def mark_released(self, qid: str, *, at: datetime, by: str, relay_answer: str) -> Entry:
+        """Record in ``qid``'s metadata that it was released; the message stays."""
+        entry = self.get(qid)
+        meta = {
+            **entry.meta,
+            "released_at": at.astimezone(UTC).isoformat(),
+            "released_by": by,
+            "release_relay_answer": relay_answer,
+        }
+        write_durable(self.root / f"{qid}.json", json.dumps(meta, indent=2).encode() + b"\n")
+        return Entry(qid, meta, entry.message_path)
+
     def delete(self, qid: str) -> None:
         """Remove an entry (metadata first, so it never lists without its message)."""
         entry = self.get(qid)

@@ -103,3 +103,30 @@ def test_smtp_smuggling_bare_newline_is_refused(mail, tower):
         f.flush()
         reply = f.readline()
     assert reply.startswith(b"5"), reply
+
+
+def test_banned_attachment_quarantined_then_released(mail, tower):
+    """Policy stops a banned file type; an operator's release delivers the original."""
+    token = mail.token()
+    sent = mail.message(token, attachment=("invoice.pdf.exe", b"not really a program\n"))
+    mail.send(sent)
+    row = wait_for(
+        lambda: tower.psql(
+            "SELECT verdict || '|' || scanner || '|' || quarantine_id "
+            f"FROM verdict_events WHERE message_id = '{sent['Message-ID']}'"
+        ),
+        60,
+        "the banned verdict event in SQL",
+    )
+    verdict, scanner, quarantine_id = row.split("|")
+    assert verdict == "banned"
+    assert mail.delivered()[token] == 0
+    node = tower.node(tower.entry(scanner).name)
+    out = node.check_output(f"/opt/mailtower/venv/bin/mailtower quarantine release {quarantine_id}")
+    assert quarantine_id in out
+    wait_for(lambda: mail.delivered()[token] >= 1, 60, f"released message {token} at the customer")
+    got = email.message_from_bytes(mail.fetch(token), policy=email.policy.default)
+    assert got["X-Mailtower-Released"]
+    assert "was=banned" in got["X-Mailtower-Verdict"]
+    # A second release is refused: the customer gets the message once.
+    assert node.run(f"/opt/mailtower/venv/bin/mailtower quarantine release {quarantine_id}").rc == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import smtplib
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,8 @@ from mailtower.engines import Engine
 from mailtower.events import Event, EventSpool
 from mailtower.pipeline import Pipeline, Policy, in_process, normalise_extension
 from mailtower.quarantine import QuarantineStore
+from mailtower.reinject import ReinjectError
+from mailtower.reinject import reinject as reinject_to_relay
 from mailtower.scan import Kind, Verdict, message_id
 from mailtower.settings import TowerSettings
 
@@ -100,10 +101,6 @@ class Metrics:
         self.in_flight = Gauge(
             "mailtower_in_flight", "Messages being scanned now", registry=self.registry
         )
-
-
-class ReinjectError(Exception):
-    """The relay did not take the message back."""
 
 
 class Scanner:
@@ -209,36 +206,15 @@ class Scanner:
         header = (
             f"{VERDICT_HEADER}: clean; tower={settings.name}; scanner={self.host_address}\r\n"
         ).encode()
-        try:
-            with smtplib.SMTP(
-                str(settings.hosts.relay),
-                settings.ports.reinject,
-                local_hostname=self.host_address,
-                timeout=settings.limits.reinject_timeout_s,
-            ) as smtp:
-                smtp.ehlo()
-                # Keep the body type and SMTPUTF8 of the original transaction.
-                options = [
-                    opt
-                    for opt in mail_options
-                    if (opt.startswith("BODY=") and smtp.has_extn("8bitmime"))
-                    or (opt == "SMTPUTF8" and smtp.has_extn("smtputf8"))
-                ]
-                code, text = smtp.mail(mail_from, options)
-                if code != 250:
-                    raise ReinjectError(f"MAIL FROM answered {code} {text!r}")
-                for rcpt in rcpt_tos:
-                    code, text = smtp.rcpt(rcpt)
-                    # Any refused recipient fails the whole message: the relay retries it
-                    # (a duplicate for the others is tolerated; a loss is not).
-                    if code not in (250, 251):
-                        raise ReinjectError(f"RCPT TO:<{rcpt}> answered {code} {text!r}")
-                code, text = smtp.data(header + raw)
-                if code != 250:
-                    raise ReinjectError(f"DATA answered {code} {text!r}")
-                return text.decode("utf-8", errors="replace")
-        except (smtplib.SMTPException, OSError) as exc:
-            raise ReinjectError(f"{settings.hosts.relay}:{settings.ports.reinject}: {exc}") from exc
+        return reinject_to_relay(
+            settings,
+            raw,
+            mail_from,
+            rcpt_tos,
+            mail_options,
+            header=header,
+            local_hostname=self.host_address,
+        )
 
     def _quarantine_meta(
         self,
