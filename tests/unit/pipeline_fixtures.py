@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import struct
-import zipfile
 import zlib
 from email.message import EmailMessage
 from email.policy import SMTP
 
+from archive_builders import zip_of
 from skeptic_fixtures import docx
 
 from mailtower.testdata import eicar
@@ -34,25 +33,6 @@ def with_attachment(data: bytes, filename: str, ctype: str = "application/octet-
     maintype, subtype = ctype.split("/")
     msg.add_attachment(data, maintype, subtype, filename=filename)
     return msg.as_bytes(policy=SMTP)
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
-
-
-def encrypted(zip_data: bytes) -> bytes:
-    """Set every entry's 'encrypted' bit (zipfile cannot write encrypted archives)."""
-    patched = bytearray(zip_data)
-    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        pos = patched.find(signature)
-        while pos != -1:
-            patched[pos + flag_offset] |= 0x01
-            pos = patched.find(signature, pos + 4)
-    return bytes(patched)
 
 
 def pe() -> bytes:

@@ -7,11 +7,11 @@ and the "worms" are inert skeletons (no send, no self-copy) that share a real wo
 from __future__ import annotations
 
 import base64
-import io
 import random
 import string
 import struct
-import zipfile
+
+from archive_builders import zip_of
 
 from mailtower.objects import Analysis, ScanObject
 
@@ -50,14 +50,6 @@ def png() -> bytes:
         + b"\0\0\0\rIHDR"
         + bytes(random.Random(2).randrange(256) for _ in range(600))
     )
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
 
 
 def docx(extra: dict[str, bytes] | None = None) -> bytes:

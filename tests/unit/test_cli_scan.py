@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import EICAR, ORDINARY, with_attachment, zip_of
+from archive_builders import zip_of
+from pipeline_fixtures import EICAR, ORDINARY, with_attachment
 
 from mailtower import inventory
 from mailtower.cli import main

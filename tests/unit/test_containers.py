@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import py7zr
 import pytest
+from archive_builders import with_encrypted_flag
 
 from mailtower import testdata
 from mailtower.containers import ContainerLimits, detect, expand
@@ -138,17 +139,6 @@ def crafted_zip(
 
 def gzip_stream(raw_deflate: bytes) -> bytes:
     return b"\x1f\x8b\x08\x00" + bytes(4) + b"\x02\xff" + raw_deflate + struct.pack("<II", 0, 0)
-
-
-def with_encrypted_flag(data: bytes) -> bytes:
-    """Set the 'encrypted' bit of every entry (zipfile cannot write encrypted archives)."""
-    patched = bytearray(data)
-    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        pos = patched.find(signature)
-        while pos != -1:
-            patched[pos + flag_offset] |= 0x01
-            pos = patched.find(signature, pos + 4)
-    return bytes(patched)
 
 
 def obj(data: bytes, name: str | None = None, path: str = "1") -> ScanObject:

@@ -9,15 +9,15 @@ import time
 from collections.abc import Callable
 
 import pytest
+from archive_builders import with_encrypted_flag as encrypted
+from archive_builders import zip_of
 from pipeline_fixtures import (
     EICAR,
     ORDINARY,
     elf,
-    encrypted,
     message,
     pe,
     with_attachment,
-    zip_of,
 )
 from skeptic_fixtures import MASS_MAILER_VBS, polymorph_vbs
 
