@@ -127,6 +127,9 @@ class FakeClamd:
         self.reply = reply
         self.hang = False
         self.close_early = False  # close after the first chunk, like StreamMaxLength
+        self.end_sessions = False  # close every session after one reply, like IdleTimeout
+        self.sessions = 0  # IDSESSION connections opened
+        self.misnumber = False  # number session replies wrongly (a reply to another request)
         self.streams: list[bytes] = []
         self.commands: list[bytes] = []
         self.chunk_sizes: list[int] = []
@@ -143,8 +146,12 @@ class FakeClamd:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            with conn:
-                self._one(conn)
+            # A thread per connection: pooled sessions stay open between scans.
+            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        with conn:
+            self._one(conn)
 
     def _read_exact(self, conn: socket.socket, n: int) -> bytes:
         buf = b""
@@ -155,30 +162,56 @@ class FakeClamd:
             buf += data
         return buf
 
+    def _read_command(self, conn: socket.socket) -> bytes:
+        command = b""
+        while not command.endswith(b"\0"):
+            command += self._read_exact(conn, 1)
+        self.commands.append(command)
+        return command
+
     def _one(self, conn: socket.socket) -> None:
         try:
-            command = b""
-            while not command.endswith(b"\0"):
-                command += self._read_exact(conn, 1)
-            self.commands.append(command)
-            if command == b"zINSTREAM\0":
-                stream = b""
-                while True:
-                    (size,) = struct.unpack("!L", self._read_exact(conn, 4))
-                    if size == 0:
-                        break
-                    self.chunk_sizes.append(size)
-                    stream += self._read_exact(conn, size)
-                    if self.close_early:
-                        conn.sendall(self.reply)
-                        return
-                self.streams.append(stream)
-            if self.hang:
-                self._stop.wait(10)
+            command = self._read_command(conn)
+            if command != b"zIDSESSION\0":
+                self._answer(conn, command, prefix=b"")
                 return
-            conn.sendall(self.reply)
+            # A session: numbered replies until zEND or the client goes away.
+            self.sessions += 1
+            number = 0
+            while True:
+                command = self._read_command(conn)
+                if command == b"zEND\0":
+                    return
+                number += 1
+                shown = number + 1 if self.misnumber else number
+                if not self._answer(conn, command, prefix=b"%d: " % shown):
+                    return
+                if self.end_sessions:
+                    return
         except ConnectionError:
             return
+
+    def _answer(self, conn: socket.socket, command: bytes, prefix: bytes) -> bool:
+        """Answer one command; False when the connection is finished."""
+        if command == b"zINSTREAM\0":
+            stream = b""
+            while True:
+                (size,) = struct.unpack("!L", self._read_exact(conn, 4))
+                if size == 0:
+                    break
+                self.chunk_sizes.append(size)
+                stream += self._read_exact(conn, size)
+                if self.close_early:
+                    conn.sendall(self.reply)
+                    return False
+            self.streams.append(stream)
+        if self.hang:
+            self._stop.wait(10)
+            return False
+        if not self.reply:
+            return False  # close without a word
+        conn.sendall(prefix + self.reply)
+        return True
 
     def close(self) -> None:
         self._stop.set()

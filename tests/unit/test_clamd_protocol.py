@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,82 @@ def test_engine_maps_names_to_findings(fake: FakeClamd) -> None:
     fake.reply = b"stream: Mailtower.Test.Marker.UNOFFICIAL FOUND\0"
     engine = ClamdEngine(fake.path, timeout_s=2)
     assert engine.scan(b"x") == [Finding("clamd", "Mailtower.Test.Marker.UNOFFICIAL")]
+
+
+# -- pooled sessions (IDSESSION) ----------------------------------------------------------------
+
+
+def test_engine_reuses_one_session_for_many_scans(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=2)
+    for i in range(5):
+        assert engine.scan(b"message %d" % i) == []
+    assert fake.sessions == 1
+    assert fake.commands == [b"zIDSESSION\0"] + [b"zINSTREAM\0"] * 5
+    assert fake.streams == [b"message %d" % i for i in range(5)]
+
+
+def test_session_closed_by_clamd_is_retried_on_a_new_one(fake: FakeClamd) -> None:
+    fake.end_sessions = True  # clamd's IdleTimeout or a restart closes the pooled session
+    engine = ClamdEngine(fake.path, timeout_s=2)
+    fake.reply = b"stream: Mailtower.Test.Marker.UNOFFICIAL FOUND\0"
+    for _ in range(3):
+        assert engine.scan(b"x") == [Finding("clamd", "Mailtower.Test.Marker.UNOFFICIAL")]
+    assert fake.sessions == 3
+
+
+def test_session_error_reply_raises_and_drops_the_session(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=2)
+    assert engine.scan(b"x") == []
+    fake.reply = b"stream: Can't allocate memory ERROR\0"
+    with pytest.raises(EngineScanError):
+        engine.scan(b"x")
+    fake.reply = b"stream: OK\0"
+    assert engine.scan(b"x") == []
+    assert fake.sessions == 2  # the session that saw an error was not reused
+
+
+def test_session_reply_for_another_request_is_refused(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=2)
+    engine.scan(b"x")
+    # A reply numbered for another request is not an answer to this one, even if it says OK.
+    fake.misnumber = True
+    with pytest.raises(EngineProtocolError, match="session request 2"):
+        engine.scan(b"x")
+
+
+def test_session_timeout_is_not_retried(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=0.3)
+    engine.scan(b"x")
+    fake.hang = True
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout):
+        engine.scan(b"x")
+    assert time.monotonic() - started < 2
+
+
+def test_pool_keeps_at_most_size_idle_sessions(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=5, pool_size=2)
+    sessions = [engine.client.open_session() for _ in range(4)]
+    for session in sessions:
+        engine.pool._give_back(session)
+    assert len(engine.pool._idle) == 2
+    engine.pool.close()
+    assert engine.pool._idle == []
+
+
+def test_idle_sessions_expire(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=2)
+    engine.pool.max_idle_s = 0.0  # every idle session counts as expired
+    engine.scan(b"x")
+    engine.scan(b"x")
+    assert fake.sessions == 2
+    assert fake.commands.count(b"zEND\0") == 1  # the expired one was ended politely
+
+
+def test_concurrent_scans_share_the_pool(fake: FakeClamd) -> None:
+    engine = ClamdEngine(fake.path, timeout_s=5, pool_size=4)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(engine.scan, [b"m%d" % i for i in range(200)]))
+    assert results == [[]] * 200
+    assert sorted(fake.streams) == sorted(b"m%d" % i for i in range(200))
+    assert fake.sessions <= 8  # never more sessions than scans at once

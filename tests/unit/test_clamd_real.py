@@ -294,3 +294,13 @@ def test_sigterm_finishes_the_message_in_flight(clamd: RealClamd, tmp_path: Path
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
         controller.stop()
+
+
+def test_pooled_sessions_give_each_message_its_own_answer(clamd: RealClamd) -> None:
+    engine = ClamdEngine(str(clamd.socket), timeout_s=10, pool_size=2)
+    infected = _mail("pooled-eicar", attachment=testdata.eicar())
+    clean = _mail("pooled-clean")
+    for _ in range(3):
+        assert engine.scan(clean) == []
+        assert [f.name for f in engine.scan(infected)] == ["Mailtower.Test.EICAR.UNOFFICIAL"]
+    assert len(engine.pool._idle) == 1  # one session served all six scans

@@ -65,7 +65,13 @@ def from_settings(settings: TowerSettings, *, timeout_s: float | None = None) ->
     engines: list[Engine] = []
     for name in settings.engines:
         if name == "clamd":
-            engines.append(ClamdEngine(settings.clamd_socket, timeout_s=timeout))
+            engines.append(
+                ClamdEngine(
+                    settings.clamd_socket,
+                    timeout_s=timeout,
+                    pool_size=settings.limits.scan_concurrency,
+                )
+            )
         else:
             raise ValueError(f"unknown engine {name!r} in settings.engines (known: clamd)")
     return engines

@@ -8,9 +8,11 @@ finding with AllMatchScan) or ``<text> ERROR``, then closes the connection.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
+import threading
 import time
 
 from mailtower.engines import (
@@ -66,26 +68,10 @@ class ClamdClient:
             raise EngineProtocolError(f"clamd {self.address}: RELOAD answered {reply!r}")
 
     def instream(self, data: bytes) -> list[str]:
-        """Scan ``data``; return the names of the signatures found ([] = clean)."""
+        """Scan ``data`` on a connection of its own; return the signatures found ([] = clean)."""
         deadline = time.monotonic() + self.timeout_s
         with self._connect(deadline) as sock:
-            send_error: OSError | None = None
-            try:
-                self._send(sock, b"zINSTREAM\0", deadline)
-                view = memoryview(data)
-                for start in range(0, len(view), self.chunk_size):
-                    chunk = view[start : start + self.chunk_size]
-                    self._send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
-                    if select.select([sock], [], [], 0)[0]:
-                        # clamd answered mid-stream (StreamMaxLength): stop and read why,
-                        # before its close resets the connection and loses the reply.
-                        break
-                else:
-                    self._send(sock, struct.pack("!L", 0), deadline)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                # clamd closes the stream early when StreamMaxLength is exceeded; its reply
-                # (if any) says why, so read it before giving up.
-                send_error = exc
+            send_error = self._send_stream(sock, b"zINSTREAM\0", data, deadline)
             try:
                 reply = self._read_reply(sock, deadline)
             except EngineUnavailable:
@@ -97,7 +83,42 @@ class ClamdClient:
                 raise
         return self._parse_scan_reply(reply)
 
+    def open_session(self) -> ClamdSession:
+        """A connection in IDSESSION mode, for many INSTREAMs in a row (see ClamdPool)."""
+        deadline = time.monotonic() + self.timeout_s
+        sock = self._connect(deadline)
+        try:
+            self._send(sock, b"zIDSESSION\0", deadline)
+        except OSError as exc:
+            sock.close()
+            raise EngineUnavailable(f"clamd {self.address}: IDSESSION failed: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return ClamdSession(self, sock)
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _send_stream(
+        self, sock: socket.socket, command: bytes, data: bytes, deadline: float
+    ) -> OSError | None:
+        """Send an INSTREAM; return the error if clamd closed the stream early (else None)."""
+        try:
+            self._send(sock, command, deadline)
+            view = memoryview(data)
+            for start in range(0, len(view), self.chunk_size):
+                chunk = view[start : start + self.chunk_size]
+                self._send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
+                if select.select([sock], [], [], 0)[0]:
+                    # clamd answered mid-stream (StreamMaxLength): stop and read why,
+                    # before its close resets the connection and loses the reply.
+                    return ConnectionAbortedError("clamd answered before the end of the stream")
+            self._send(sock, struct.pack("!L", 0), deadline)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # clamd closes the stream early when StreamMaxLength is exceeded; its reply
+            # (if any) says why, so the caller reads it before giving up.
+            return exc
+        return None
 
     def _parse_scan_reply(self, reply: str) -> list[str]:
         lines = [line.strip() for line in reply.replace("\n", "\0").split("\0") if line.strip()]
@@ -150,10 +171,10 @@ class ClamdClient:
         except OSError as exc:
             raise EngineUnavailable(f"clamd {self.address}: send failed: {exc}") from exc
 
-    def _read_reply(self, sock: socket.socket, deadline: float) -> str:
-        """Read until clamd closes the connection (it does after every z-command)."""
+    def _read_reply(self, sock: socket.socket, deadline: float, *, session: bool = False) -> str:
+        """Read one reply: until clamd closes (one-shot), or up to its NUL (in a session)."""
         buf = bytearray()
-        while True:
+        while not (session and buf.endswith(b"\0")):
             try:
                 sock.settimeout(_remaining(deadline))
                 data = sock.recv(4096)
@@ -168,6 +189,8 @@ class ClamdClient:
                 raise EngineProtocolError(f"clamd {self.address}: reply too long")
         if not buf:
             raise EngineUnavailable(f"clamd {self.address}: closed the connection without reply")
+        if session and not buf.endswith(b"\0"):
+            raise EngineUnavailable(f"clamd {self.address}: closed the session mid-reply")
         return buf.decode("utf-8", errors="replace")
 
 
@@ -178,16 +201,128 @@ def _remaining(deadline: float) -> float:
     return left
 
 
+class ClamdSession:
+    """One IDSESSION connection: replies carry the request number, ``<n>: stream: OK``."""
+
+    def __init__(self, client: ClamdClient, sock: socket.socket):
+        self.client = client
+        self.sock = sock
+        self.requests = 0
+        self.last_used = time.monotonic()
+
+    def instream(self, data: bytes, deadline: float) -> list[str]:
+        """Scan ``data`` in this session; on any exception the session must be closed."""
+        client = self.client
+        self.requests += 1
+        send_error = client._send_stream(self.sock, b"zINSTREAM\0", data, deadline)
+        if send_error is not None:
+            # clamd ends a session after a stream error; read its reason if it sent one.
+            try:
+                reply = client._read_reply(self.sock, deadline, session=True)
+            except EngineUnavailable as exc:
+                raise EngineUnavailable(
+                    f"clamd {client.address}: session lost while sending: {send_error}"
+                ) from exc
+        else:
+            reply = client._read_reply(self.sock, deadline, session=True)
+        number, sep, rest = reply.partition(": ")
+        if not sep or number != str(self.requests):
+            # Not the answer to this request (an error line has no number): never a verdict.
+            if reply.rstrip("\0 \n").endswith(" ERROR"):
+                raise EngineScanError(f"clamd {client.address}: {reply.strip(chr(0))}")
+            raise EngineProtocolError(
+                f"clamd {client.address}: reply {reply!r} to session request {self.requests}"
+            )
+        self.last_used = time.monotonic()
+        return client._parse_scan_reply(rest)
+
+    def close(self) -> None:
+        # A session is dropped when it may be broken: telling clamd is a courtesy.
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(0.2)
+            self.sock.sendall(b"zEND\0")
+        self.sock.close()
+
+
+class ClamdPool:
+    """Idle clamd sessions kept for reuse, so a scan costs no connect (clamd IDSESSION).
+
+    Sessions are taken LIFO and dropped after ``max_idle_s`` (under clamd's IdleTimeout,
+    30 s by default) or after any error. A scan on a reused session that finds it closed
+    by clamd (idle timeout, clamd restarted) retries once on a new session: scanning is
+    idempotent, and the retry keeps within the same deadline.
+    """
+
+    def __init__(self, client: ClamdClient, *, size: int = 8, max_idle_s: float = 20.0):
+        self.client = client
+        self.size = size
+        self.max_idle_s = max_idle_s
+        self._idle: list[ClamdSession] = []
+        self._lock = threading.Lock()
+
+    def instream(self, data: bytes) -> list[str]:
+        deadline = time.monotonic() + self.client.timeout_s
+        session, reused = self._take()
+        try:
+            found = session.instream(data, deadline)
+        except EngineUnavailable:
+            session.close()
+            if not reused:
+                raise
+            session = self.client.open_session()
+            try:
+                found = session.instream(data, deadline)
+            except BaseException:
+                session.close()
+                raise
+        except BaseException:
+            session.close()
+            raise
+        self._give_back(session)
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for session in idle:
+            session.close()
+
+    def _take(self) -> tuple[ClamdSession, bool]:
+        stale: list[ClamdSession] = []
+        taken: ClamdSession | None = None
+        now = time.monotonic()
+        with self._lock:
+            while self._idle:
+                session = self._idle.pop()
+                if now - session.last_used < self.max_idle_s:
+                    taken = session
+                    break
+                stale.append(session)
+        for session in stale:
+            session.close()
+        if taken is not None:
+            return taken, True
+        return self.client.open_session(), False
+
+    def _give_back(self, session: ClamdSession) -> None:
+        with self._lock:
+            if len(self._idle) < self.size:
+                self._idle.append(session)
+                return
+        session.close()
+
+
 class ClamdEngine:
-    """The clamd engine: the whole message as one INSTREAM."""
+    """The clamd engine: the whole message as one INSTREAM, on pooled sessions."""
 
     name = "clamd"
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0):
+    def __init__(self, address: str, *, timeout_s: float = 30.0, pool_size: int = 8):
         self.client = ClamdClient(address, timeout_s=timeout_s)
+        self.pool = ClamdPool(self.client, size=pool_size)
 
     def scan(self, data: bytes) -> list[Finding]:
-        return [Finding(self.name, found) for found in self.client.instream(data)]
+        return [Finding(self.name, found) for found in self.pool.instream(data)]
 
     def health(self, timeout_s: float) -> str:
         client = ClamdClient(self.client.address, timeout_s=timeout_s)
