@@ -157,6 +157,9 @@ class TowerSettings(_Model):
     secrets: Secrets
     sql_database: str = "mailtower"
     clamd_socket: str = "/run/clamav/clamd.ctl"
+    # the "icap" engine's service, e.g. icap://127.0.0.1:1344/avscan (c-icap's virus_scan
+    # in simple mode: it answers only once the whole message is scanned)
+    icap_url: str | None = None
     spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
 
     @field_validator("customers")
@@ -168,6 +171,15 @@ class TowerSettings(_Model):
                 raise ValueError(f"customer domain {customer.domain} is listed twice")
             seen.add(customer.domain)
         return value
+
+    @field_validator("icap_url")
+    @classmethod
+    def _valid_icap_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from mailtower.engines.icap import parse_icap_url  # the one parser of ICAP URLs
+
+        return str(parse_icap_url(value))  # raises ValueError saying how to write it
 
     @property
     def sql_primary(self) -> IPv4Address:

@@ -1,8 +1,11 @@
-"""Helpers for scand tests: settings, free ports, a relay sink, a fake and a real clamd."""
+"""Helpers for scand tests: settings, free ports, a relay sink, a fake and a real clamd, and a
+real c-icap."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -224,7 +227,7 @@ class FakeClamd:
 class RealClamd:
     """A private clamd with the project's test signatures, run in the foreground."""
 
-    def __init__(self, workdir: Path, *, stream_max_length: str = "60M"):
+    def __init__(self, workdir: Path, *, stream_max_length: str = "60M", max_threads: int = 10):
         self.workdir = workdir
         db = workdir / "db"
         db.mkdir(parents=True, exist_ok=True)
@@ -244,7 +247,7 @@ class RealClamd:
                     f"TemporaryDirectory {workdir}",
                     "User root",
                     f"StreamMaxLength {stream_max_length}",
-                    "MaxThreads 10",
+                    f"MaxThreads {max_threads}",
                     "",
                 ]
             )
@@ -283,3 +286,128 @@ class RealClamd:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# -- a real c-icap (integration tests of the ICAP engine) ------------------------------------
+
+
+class RealCicap:
+    """A private c-icap (Debian's) whose virus_scan service asks the clamd at ``clamd_socket``.
+
+    It listens on a free loopback port and offers the service twice: ``avscan`` in simple mode
+    (it answers only after the whole object was scanned — what mail needs) and plain
+    ``virus_scan`` in Debian's default trickle mode (it starts sending a large object back
+    before scanning it, and can then only cut it short when it finds something).
+    """
+
+    SIMPLE = "avscan"
+    TRICKLE = "virus_scan"
+
+    def __init__(self, workdir: Path, clamd_socket: Path | str):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config = workdir / "c-icap.conf"
+        self.log = workdir / "server.log"
+        modules = next(Path("/usr/lib").glob("*/c_icap/virus_scan.so")).parent
+        self.config.write_text(
+            "\n".join(
+                [
+                    f"Port 127.0.0.1:{self.port}",
+                    f"PidFile {workdir / 'c-icap.pid'}",
+                    f"CommandsSocket {workdir / 'c-icap.ctl'}",
+                    f"TmpDir {workdir}",  # bodies are spooled here; clamd reads them by name
+                    f"ServerLog {self.log}",
+                    f"AccessLog {workdir / 'access.log'}",
+                    "ServerName mailtower-test",
+                    "Timeout 60",
+                    "StartServers 1",
+                    "MaxServers 2",
+                    "ThreadsPerChild 10",
+                    "MinSpareThreads 2",
+                    "MaxSpareThreads 10",
+                    "DebugLevel 1",
+                    f"ModulesDir {modules}",
+                    f"ServicesDir {modules}",
+                    "TemplateDir /usr/share/c_icap/templates/",
+                    "TemplateDefaultLanguage en",
+                    "LoadMagicFile /etc/c-icap/c-icap.magic",
+                    "Module common clamd_mod.so",
+                    f"clamd_mod.ClamdSocket {clamd_socket}",
+                    "Service virus_scan virus_scan.so",
+                    "virus_scan.DefaultEngine clamd",
+                    # Types not listed pass unscanned: list every group c-icap.magic knows.
+                    "virus_scan.ScanFileTypes TEXT DATA EXECUTABLE ARCHIVE GRAPHICS STREAM"
+                    " DOCUMENT",
+                    # Over MaxObjectSize an object passes unscanned (trickle) or fails (simple).
+                    "virus_scan.MaxObjectSize 100M",
+                    "virus_scan.PassOnError off",  # a failed scan is a 500, never a pass
+                    "virus_scan.SendPercentData 5",  # Debian's defaults, for the trickle service
+                    "virus_scan.StartSendPercentDataAfter 2M",
+                    f"ServiceAlias {self.SIMPLE} virus_scan?allow204=on&sizelimit=off&mode=simple",
+                    "",
+                ]
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, service: str = SIMPLE) -> str:
+        return f"icap://127.0.0.1:{self.port}/{service}"
+
+    def start(self, timeout_s: float = 30.0) -> RealCicap:
+        with (self.workdir / "c-icap.out").open("ab") as out:
+            # Its own session: c-icap forks children, and stop() ends the whole group.
+            self.proc = subprocess.Popen(
+                ["/usr/bin/c-icap", "-N", "-f", str(self.config)],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"c-icap exited with {self.proc.returncode}:\n{self.logs()}")
+            if self._answers_options():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"c-icap did not answer OPTIONS within {timeout_s}s")
+            time.sleep(0.05)
+
+    def _answers_options(self) -> bool:
+        request = (
+            f"OPTIONS {self.url()} ICAP/1.0\r\nHost: 127.0.0.1:{self.port}\r\n"
+            "Encapsulated: null-body=0\r\n\r\n"
+        ).encode()
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(request)
+                return sock.recv(64).startswith(b"ICAP/1.0 200")
+        except OSError:
+            return False
+
+    def logs(self) -> str:
+        return "\n".join(
+            path.read_text(errors="replace")
+            for path in (self.workdir / "c-icap.out", self.log)
+            if path.exists()
+        )
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # c-icap stops its children on TERM
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        wait_until(self._group_gone, 10, "c-icap's children to exit")
+
+    def _group_gone(self) -> bool:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False

@@ -60,6 +60,7 @@ class Engine(Protocol):
 def from_settings(settings: TowerSettings, *, timeout_s: float | None = None) -> list[Engine]:
     """The engines a tower's settings name, in order; raise ValueError on an unknown one."""
     from mailtower.engines.clamd import ClamdEngine
+    from mailtower.engines.icap import IcapEngine
 
     timeout = settings.limits.engine_timeout_s if timeout_s is None else timeout_s
     engines: list[Engine] = []
@@ -72,6 +73,13 @@ def from_settings(settings: TowerSettings, *, timeout_s: float | None = None) ->
                     pool_size=settings.limits.scan_concurrency,
                 )
             )
+        elif name == "icap":
+            if settings.icap_url is None:
+                raise ValueError(
+                    "settings.engines lists 'icap' but settings.icap_url is not set; "
+                    "set icap_url (e.g. icap://127.0.0.1:1344/avscan) or remove 'icap'"
+                )
+            engines.append(IcapEngine(settings.icap_url, timeout_s=timeout))
         else:
-            raise ValueError(f"unknown engine {name!r} in settings.engines (known: clamd)")
+            raise ValueError(f"unknown engine {name!r} in settings.engines (known: clamd, icap)")
     return engines
