@@ -400,7 +400,7 @@ class OoxmlExternal(Kind):
                     if self._external(text):
                         yield ""
                         return
-        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError):
+        except _office.ZIP_ERRORS:  # a broken archive is the container stage's to report
             return
 
     def _external(self, rels: str) -> bool:

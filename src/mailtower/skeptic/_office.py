@@ -18,6 +18,19 @@ log = logging.getLogger(__name__)
 MAX_OLE_BYTES = 64 << 20
 MAX_ZIP_MEMBERS = 5000
 _VBA_STORAGE = "_VBA_PROJECT".encode("utf-16-le")  # directory entry name inside OLE
+# What zipfile raises on broken or hostile archives: bad structure or offsets, a corrupt deflate
+# stream (zlib.error, met only when a member is read), encryption (RuntimeError), methods it
+# does not know (NotImplementedError).
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    EOFError,
+    ValueError,
+    zlib.error,
+)
 _XML_OFFICE = (
     b"http://schemas.microsoft.com/office/word/2003/wordml",
     b"http://schemas.microsoft.com/office/2006/xmlPackage",
@@ -50,7 +63,8 @@ def macros(data: bytes) -> Macros:
         try:
             if not parser.detect_vba_macros():
                 return NO_MACROS
-            source = "\n".join(str(code) for _, _, _, code in parser.extract_macros())
+            # A module whose stream olevba cannot open comes back as None, not as text.
+            source = "\n".join(code for _, _, _, code in parser.extract_macros() if code)
         finally:
             parser.close()
     except Exception as exc:  # olevba raises many kinds on hostile input
@@ -58,6 +72,10 @@ def macros(data: bytes) -> Macros:
             return Macros("unanalysable", reason=f"olevba: {type(exc).__name__}: {exc}")
         log.debug("olevba could not open an object without VBA markers: %s", exc)
         return NO_MACROS
+    if not source.strip():
+        # olevba logs and swallows a dir stream it cannot parse: a VBA project is there but no
+        # module was read. Office saves every module with its attributes, never empty.
+        return Macros("unanalysable", reason="olevba found a VBA project but read no module")
     return Macros("found", source=source)
 
 
@@ -98,7 +116,7 @@ def _zip_candidate(data: bytes) -> tuple[bytes | None, str]:
                         has_ole = True
                 if named_vba and not has_ole:
                     return None, f"{info.filename} is not an OLE file"
-    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         # Encrypted or broken zips are the container stage's to report, unless they claim VBA.
         if b"vbaProject" in data:
             return None, f"zip: {exc}"
