@@ -1,4 +1,4 @@
-"""``mailtower``: operator commands (quarantine, signatures, scan)."""
+"""``mailtower``: operator commands (quarantine, signatures, scan, dns)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from mailtower import settings as settings_mod
 from mailtower import testdata
+from mailtower.dns import cli as dns_cli
 from mailtower.engines import EngineError
 from mailtower.quarantine import QuarantineError, QuarantineStore
 from mailtower.scan import Kind, Verdict
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ban these file extensions too (repeatable)",
     )
     scan.set_defaults(func=_scan)
+
+    dns_cli.add_parser(commands)
     return parser
 
 
