@@ -1,11 +1,14 @@
 """invoke tasks: the lab (throwaway towers on this machine), deploy, verify, bench.
 
-invoke lab            build the lab, deploy tower A, verify it   (the main job)
+invoke lab            build the twin lab, deploy both towers, publish DNS, verify (the main job)
+invoke lab --tower lab-a   the same for tower A alone
 invoke lab.up         build or reuse the lab's hosts
 invoke lab.status     what the lab runs, and its memory
 invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
-invoke deploy --tower lab-a
-invoke verify --tower lab-a
+invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
+invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
+invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
+invoke bench.scanner             scand against amavisd-new on this machine (same clamd, corpus)
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ def inventory_path(tower: str) -> Path:
     return path
 
 
+PAIR = "lab"  # the twin lab: towers lab-a and lab-b at two sites, linked by MX records
+
+
 def _lab_towers(tower: str) -> tuple[str, ...]:
+    if tower == PAIR:
+        return ("a", "b")
     match = re.fullmatch(r"lab-([ab])", tower)
     return (match.group(1),) if match else ()
 
@@ -94,12 +102,8 @@ def status(c, json_=False):
     print(f"{len(rows)} hosts, {total:.0f} MiB in all")
 
 
-@task(help={"tower": "the tower's name: inventory/<tower>.py (lab-a is the lab's tower A)"})
-def deploy(c, tower="lab-a"):
-    """Deploy a tower with pyinfra (the lab's customer servers too for a lab tower)."""
-    inv = inventory_path(tower)
-    script = "deploys/lab.py" if _lab_towers(tower) else "deploys/tower.py"
-    _say(f"deploying {tower}: pyinfra {inv.relative_to(ROOT)} {script}")
+def _pyinfra(c, inv: Path, script: str, what: str) -> None:
+    _say(f"deploying {what}: pyinfra {inv.relative_to(ROOT)} {script}")
     started = time.monotonic()
     with c.cd(str(ROOT)):
         result = c.run(
@@ -109,8 +113,53 @@ def deploy(c, tower="lab-a"):
         )
     elapsed = time.monotonic() - started
     if result.exited != 0:
-        raise Exit(f"deploy of {tower} failed after {elapsed:.0f} s (see the errors above)", code=1)
-    _say(f"deployed {tower} in {elapsed:.0f} s")
+        raise Exit(f"deploy of {what} failed after {elapsed:.0f} s (see the errors above)", code=1)
+    _say(f"deployed {what} in {elapsed:.0f} s")
+
+
+@task(help={"tower": "inventory/<tower>.py; lab = the twin lab (both towers, internet, DNS)"})
+def deploy(c, tower="lab-a"):
+    """Deploy a tower with pyinfra (the lab's customer servers too for a lab tower)."""
+    if tower == PAIR:
+        for name in ("lab-a", "lab-b"):
+            deploy(c, tower=name)
+        _pyinfra(c, inventory_path("lab-internet"), "deploys/lab_internet.py", "the lab's internet")
+        dns(c, pair=PAIR)
+        return
+    inv = inventory_path(tower)
+    script = "deploys/lab.py" if _lab_towers(tower) else "deploys/tower.py"
+    _pyinfra(c, inv, script, tower)
+
+
+@task(
+    help={
+        "pair": "inventory/pair_<pair>.py (lab: the twin lab)",
+        "dry_run": "show the difference only, change nothing",
+    }
+)
+def dns(c, pair=PAIR, dry_run=False):
+    """Publish the pair's MX, A and PTR records (RFC 2136 + TSIG), then check what is served."""
+    from mailtower.dns import pairfile, update, verify
+    from mailtower.dns.exceptions import DnsError
+
+    started = time.monotonic()
+    try:
+        model, server = pairfile.load(pairfile.pair_path(ROOT, pair))
+        _say(
+            f"dns: {len(model.domains)} customer domains, towers "
+            f"{' + '.join(t.name for t in model.towers)}, server {server}"
+        )
+        plan = update.publish(model, server, dry_run=dry_run)
+        print(plan.to_text(), flush=True)
+        if dry_run:
+            _say("dns: dry run, nothing sent")
+            return
+        problems = verify.check_published(model, server)
+    except DnsError as exc:
+        raise Exit(f"dns: {exc}", code=1) from exc
+    if problems:
+        raise Exit("dns: published, but the server serves:\n  " + "\n  ".join(problems), code=1)
+    _say(f"dns: published and checked in {time.monotonic() - started:.1f} s")
 
 
 @task(
@@ -122,6 +171,8 @@ def deploy(c, tower="lab-a"):
 )
 def verify(c, tower="lab-a", k="", workers=4):
     """Prove a built tower: testinfra per role, then real mail end to end."""
+    if tower == PAIR:
+        return verify_pair(c, k=k, workers=workers)
     inventory_path(tower)
     started = time.monotonic()
     out = ROOT / "tests" / "output"
@@ -150,12 +201,39 @@ def verify(c, tower="lab-a", k="", workers=4):
         raise Exit(f"tower {tower} FAILED verification", code=1)
 
 
+def verify_pair(c, k="", workers=4):
+    """Both towers, then the pair: DNS, mail through both, failover, store and forward."""
+    started = time.monotonic()
+    failed = []
+    for name in ("lab-a", "lab-b"):
+        try:
+            verify(c, tower=name, k=k, workers=workers)
+        except Exit:
+            failed.append(name)
+    out = ROOT / "tests" / "output"
+    sel = f"-k '{k}'" if k else ""
+    with c.cd(str(ROOT)):
+        pair = c.run(
+            f"{PY} -m pytest -p no:cacheprovider tests/pair -q -x {sel} --junitxml {out}/pair.xml",
+            warn=True,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+    if pair.exited != 0:
+        failed.append("the pair (tests/pair)")
+    _say(
+        f"verify lab pair: {'PASS' if not failed else 'FAIL: ' + ', '.join(failed)} "
+        f"({time.monotonic() - started:.0f} s)"
+    )
+    if failed:
+        raise Exit(f"lab pair FAILED verification: {', '.join(failed)}", code=1)
+
+
 @task(default=True)
-def lab(c, tower="lab-a"):
+def lab(c, tower=PAIR):
     """The main job: build the lab, deploy the tower, verify it."""
     towers = _lab_towers(tower)
     if not towers:
-        raise Exit(f"{tower!r} is not a lab tower (lab-a or lab-b)", code=2)
+        raise Exit(f"{tower!r} is not a lab tower (lab, lab-a or lab-b)", code=2)
     up(c, towers=",".join(towers))
     deploy(c, tower=tower)
     verify(c, tower=tower)
@@ -231,10 +309,34 @@ def bench(c, tower="lab-a", fresh=True):
     _say(f"bench figures written to {out.relative_to(ROOT)}")
 
 
+@task(
+    help={
+        "messages": "messages in the generated corpus (1 % infected)",
+        "seed": "the corpus's random seed",
+        "amavisd_children": "amavisd-new's $max_servers",
+    }
+)
+def scanner(c, messages=2000, seed=3, amavisd_children=4):
+    """scand against amavisd-new on this machine, side by side: same clamd, sink and corpus."""
+    out = ROOT / "tests" / "output" / "bench_scanner.json"
+    _say(f"scanner bench: {messages} messages through amavisd-new and mailtower-scand")
+    with c.cd(str(ROOT)):
+        c.run(
+            f"{PY} tests/bench/scanner_vs_amavis.py --messages {messages} --seed {seed} "
+            f"--amavisd-children {amavisd_children} --json {out.relative_to(ROOT)}",
+            env={"PYTHONPATH": str(ROOT)},
+        )
+    _say(f"scanner bench figures written to {out.relative_to(ROOT)}")
+
+
+bench_ns = Collection("bench")
+bench_ns.add_task(bench, name="tower", default=True)
+bench_ns.add_task(scanner)
+
 lab_ns = Collection("lab")
 lab_ns.add_task(lab, name="run", default=True)
 lab_ns.add_task(up)
 lab_ns.add_task(down)
 lab_ns.add_task(status)
 
-ns = Collection(deploy, verify, unit, test, bench, lab_ns)
+ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns)

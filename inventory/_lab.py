@@ -7,15 +7,19 @@ import json
 from mailtower.lab import lxc, plan
 
 
-def lab_groups(tower: str) -> dict[str, list]:
-    """Inventory groups of lab tower ``tower``: host names are their addresses."""
-    scanners = int(__import__("os").environ.get("MAILTOWER_LAB_SCANNERS", plan.DEFAULT_SCANNERS))
-    ssh = {
+def _ssh() -> dict[str, str]:
+    return {
         "ssh_user": "root",
         "ssh_key": str(lxc.ssh_key()),
         "ssh_known_hosts_file": str(lxc.known_hosts()),
         "ssh_strict_host_key_checking": "yes",
     }
+
+
+def lab_groups(tower: str) -> dict[str, list]:
+    """Inventory groups of lab tower ``tower``: host names are their addresses."""
+    scanners = int(__import__("os").environ.get("MAILTOWER_LAB_SCANNERS", plan.DEFAULT_SCANNERS))
+    ssh = _ssh()
     groups: dict[str, list] = {
         "relay": [],
         "monitor": [],
@@ -46,4 +50,48 @@ def lab_tower_data(tower: str) -> dict:
             "engine_timeout_s": 10,  # the hung-engine check waits this long for its 451
         },
         "secrets": json.loads(lxc.secrets_file().read_text()),
+    }
+
+
+def internet_groups() -> dict[str, list]:
+    """Inventory groups of the twin lab's "internet": DNS server, sender, customer servers."""
+    ssh = _ssh()
+    groups: dict[str, list] = {"dns": [], "sender": [], "customers": []}
+    for host in plan.internet_hosts() + plan.customer_hosts():
+        groups[host.group].append((str(host.address), {**ssh, "lab_name": host.name}))
+    return groups
+
+
+def internet_data() -> dict:
+    """Host data of the internet's DNS server and sender: zones, the update key, resolver."""
+    dns_host = next(h for h in plan.internet_hosts() if h.group == "dns")
+    return {
+        "dns": {
+            "zones": [plan.LAB_ZONE, "201.10.in-addr.arpa"],
+            "ns_name": f"ns.{plan.LAB_ZONE}",
+            "ns_address": str(dns_host.address),
+            "update_from": str(plan.HOST_ADDRESS),  # the controller publishes (invoke dns)
+            "tsig": json.loads(lxc.tsig_key_file().read_text()),
+        },
+        "sender": {
+            "domain": plan.SENDER_DOMAIN,
+            "resolver": str(dns_host.address),
+            "submit_from": str(plan.HOST_ADDRESS),
+        },
+    }
+
+
+def lab_pair() -> dict:
+    """The twin lab's pair: towers lab-a and lab-b, published into the lab's DNS."""
+    dns = internet_data()["dns"]
+    return {
+        "towers": ["lab-a", "lab-b"],
+        "sites": ["site-a", "site-b"],
+        "server": dns["ns_address"],
+        "tsig": dns["tsig"],
+        "publication": {
+            "zones": dns["zones"],
+            "nameservers": [{"name": dns["ns_name"], "ipv4": [dns["ns_address"]]}],
+            "preference": "equal",
+        },
     }

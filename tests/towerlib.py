@@ -36,15 +36,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-class Tower:
-    """A tower as its inventory describes it, with SSH (testinfra) access to its hosts."""
+class Hosts:
+    """The hosts of an inventory, with SSH (testinfra) access to them."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.inventory_path = ROOT / "inventory" / f"{name.replace('-', '_')}.py"
         self.inventory = inventory_mod.load(self.inventory_path)
-        self.settings: TowerSettings = inventory_mod.settings_of(self.inventory)
-        self.is_lab = name.startswith("lab-")
         self._nodes: dict[str, testinfra.host.Host] = {}
 
     def hosts(self, group: str) -> list[inventory_mod.InventoryHost]:
@@ -87,6 +85,15 @@ class Tower:
         )
         host.backend.__dict__["client"] = client  # testinfra's client is a cached_property
         return host
+
+
+class Tower(Hosts):
+    """A tower as its inventory describes it, with SSH (testinfra) access to its hosts."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.settings: TowerSettings = inventory_mod.settings_of(self.inventory)
+        self.is_lab = name.startswith("lab-")
 
     def relay(self) -> testinfra.host.Host:
         return self.node(self.hosts("relay")[0].name)

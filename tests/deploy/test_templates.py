@@ -7,12 +7,56 @@ import re
 import pytest
 from conftest import all_templates, sample_settings
 
+# Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
+LAB_INTERNET = {
+    "zones": ["lab", "201.10.in-addr.arpa"],
+    "ns_name": "ns.lab",
+    "ns_address": "10.201.0.53",
+    "update_from": "10.201.0.1",
+    "tsig": {"name": "mailtower-update", "algorithm": "hmac-sha256", "secret": "c2VjcmV0"},
+    "domain": "internet.lab",
+    "resolver": "10.201.0.53",
+    "submit_from": "10.201.0.1",
+}
+
+
+def _internet(path: str) -> dict:
+    if path.startswith("dns/etc/bind/mailtower-update.key"):
+        return {"key": LAB_INTERNET["tsig"]}
+    if path.startswith(("dns/", "lab_sender/")):
+        return {"d": LAB_INTERNET, "zone_file": lambda z: f"/var/lib/bind/db.{z}", "zone": "lab"}
+    return {}
+
 
 @pytest.mark.parametrize("path", all_templates())
 def test_every_template_renders(render, settings, path):
-    out = render(path, settings, cert="/c", key="/k", domain="customer.example")
+    extra = {"cert": "/c", "key": "/k", "domain": "customer.example", **_internet(path)}
+    out = render(path, settings, **extra)
     assert out.strip()
     assert not re.search(r"\{\{\s*s\.|\{%", out), "unrendered Jinja left in the output"
+
+
+def test_dns_zones_take_signed_updates_from_the_controller_only(render, settings):
+    local = render("dns/etc/bind/named.conf.local", settings, **_internet("dns/"))
+    for zone in LAB_INTERNET["zones"]:
+        block = local.split(f'zone "{zone}"')[1].split("\n};")[0]
+        assert 'allow-update { !{ !10.201.0.1; any; }; key "mailtower-update"; };' in block
+    options = render("dns/etc/bind/named.conf.options", settings, **_internet("dns/"))
+    assert "recursion no;" in options
+
+
+def test_dns_zone_seed_has_soa_ns_and_glue(render, settings):
+    seed = render("dns/var/lib/bind/db.zone", settings, **_internet("dns/"))
+    assert re.search(r"^@\s+IN SOA\s+ns\.lab\. ", seed, re.M)
+    assert re.search(r"^ns\s+IN A\s+10\.201\.0\.53$", seed, re.M)
+
+
+def test_sender_relays_only_for_the_controller(render, settings):
+    cf = render("lab_sender/etc/postfix/main.cf", settings, **_internet("lab_sender/"))
+    conf = dict(re.findall(r"^(\w+) = ?(.*)$", cf, re.M))
+    assert conf["mynetworks"] == "127.0.0.0/8 10.201.0.1/32"
+    assert conf["smtpd_relay_restrictions"] == "permit_mynetworks, reject"
+    assert conf["relayhost"] == ""
 
 
 def test_main_cf_follows_settings(render):

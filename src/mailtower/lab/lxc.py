@@ -8,6 +8,7 @@ what this lab expects is destroyed and cloned again.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -89,6 +90,20 @@ def secrets_file() -> Path:
     if not path.exists():
         names = ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")
         path.write_text(json.dumps({n: secrets.token_urlsafe(24) for n in names}, indent=2))
+        path.chmod(0o600)
+    return path
+
+
+def tsig_key_file() -> Path:
+    """The lab's TSIG key for DNS updates (name, algorithm, base64 secret), made once per lab."""
+    path = state_dir() / "dns-update-key.json"
+    if not path.exists():
+        key = {
+            "name": "mailtower-update",
+            "algorithm": "hmac-sha256",
+            "secret": base64.b64encode(secrets.token_bytes(32)).decode(),
+        }
+        path.write_text(json.dumps(key, indent=2))
         path.chmod(0o600)
     return path
 

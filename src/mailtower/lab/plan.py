@@ -17,6 +17,9 @@ DEFAULT_SCANNERS = 23
 TOWER_NETS = {"a": 1, "b": 2}
 INTERNET_NET = 0
 CUSTOMER_FIRST = 101  # customer mail servers: 10.201.0.101, .102, …
+CUSTOMERS = 2  # customer mail servers in every lab
+LAB_ZONE = "lab"  # the lab's DNS zone: tower MX hosts, customer domains, the sender
+SENDER_DOMAIN = "internet.lab"  # mail from "the world" comes from here
 
 STATE_DIR = Path(__file__).resolve().parents[3] / ".lab"
 
@@ -49,7 +52,7 @@ def tower_hosts(tower: str, scanners: int = DEFAULT_SCANNERS) -> list[LabHost]:
     return hosts
 
 
-def customer_hosts(count: int = 1) -> list[LabHost]:
+def customer_hosts(count: int = CUSTOMERS) -> list[LabHost]:
     """The lab's customer mail servers on the "internet" net."""
     return [
         LabHost(
@@ -66,9 +69,20 @@ def customer_domain(index: int) -> str:
     return f"customer{index}.lab"
 
 
+def internet_hosts() -> list[LabHost]:
+    """The twin lab's "internet": its authoritative DNS server and a sending MTA."""
+    return [
+        LabHost("mt-dns", IPv4Address(f"10.201.{INTERNET_NET}.53"), "dns"),
+        LabHost("mt-sender", IPv4Address(f"10.201.{INTERNET_NET}.25"), "sender"),
+    ]
+
+
 def lab_hosts(towers: tuple[str, ...] = ("a",), scanners: int = DEFAULT_SCANNERS) -> list[LabHost]:
-    """Every host of a lab with the given towers."""
+    """Every host of a lab with the given towers; a twin pair also gets DNS and a sender."""
     hosts: list[LabHost] = []
     for tower in towers:
         hosts += tower_hosts(tower, scanners)
-    return hosts + customer_hosts()
+    hosts += customer_hosts()
+    if len(towers) > 1:
+        hosts += internet_hosts()
+    return hosts

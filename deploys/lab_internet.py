@@ -1,0 +1,27 @@
+"""Deploy the twin lab's internet: DNS server, sender, customer mail servers.
+
+pyinfra inventory/lab_internet.py deploys/lab_internet.py
+"""
+
+from pyinfra import host
+from pyinfra.operations import apt
+
+from mailtower.lab import plan
+from roles import dns, lab_sender
+from roles.lab_mailserver import deploy_lab_mailserver
+from roles.tower import refresh_package_lists
+
+packages = sorted(
+    set(dns.PACKAGES if "dns" in host.groups else [])
+    | set(lab_sender.PACKAGES if "sender" in host.groups else [])
+    | ({"postfix"} if "customers" in host.groups else set())
+)
+refresh_package_lists()
+apt.packages(name="Install the role's Debian packages", packages=packages, no_recommends=True)
+if "dns" in host.groups:
+    dns.deploy_dns()
+if "sender" in host.groups:
+    lab_sender.deploy_lab_sender()
+if "customers" in host.groups:
+    index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1
+    deploy_lab_mailserver(domain=plan.customer_domain(index))

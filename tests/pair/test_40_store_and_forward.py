@@ -1,0 +1,138 @@
+"""Store and forward at one tower of the pair: expiry notifies the genuine sender once; a nearly
+full queue disk answers 452 and the world's mail moves to the twin; the queue's capacity."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from conftest import Pair
+from towerlib import MAILDIR, record_figure, wait_for
+
+MAIN_CF = "/etc/postfix/main.cf"
+
+
+@contextmanager
+def relay_overrides(pair: Pair, tower: str, **params: str) -> Iterator[None]:
+    """Change relay parameters for one test; put the deployed main.cf back byte for byte."""
+    relay = pair.towers[tower].relay()
+    before = relay.check_output(f"sha256sum {MAIN_CF}")
+    relay.check_output(f"cp -p {MAIN_CF} {MAIN_CF}.verify-saved")
+    try:
+        relay.check_output("postconf -e " + " ".join(f"{k}={v}" for k, v in params.items()))
+        relay.check_output("postfix reload")
+        yield
+    finally:
+        relay.check_output(f"mv {MAIN_CF}.verify-saved {MAIN_CF} && postfix reload")
+        assert relay.check_output(f"sha256sum {MAIN_CF}") == before
+
+
+@contextmanager
+def customer_down(pair: Pair, index: int) -> Iterator[None]:
+    node = pair.customer_node(index)
+    node.check_output("systemctl stop postfix")
+    try:
+        yield
+    finally:
+        node.check_output("systemctl start postfix")
+
+
+def _send_direct(
+    pair: Pair, tower: str, sender: str, rcpt: str, token: str, body: str = ""
+) -> None:
+    settings = pair.towers[tower].settings
+    msg = pair.message(token, rcpt, sender)
+    if body:
+        msg.set_content(body)
+    with smtplib.SMTP(str(settings.hosts.relay), settings.ports.smtp, timeout=30) as smtp:
+        smtp.send_message(msg, sender, [rcpt])
+
+
+def _queued(pair: Pair, tower: str, rcpt: str) -> list[dict]:
+    out = pair.towers[tower].relay().check_output("postqueue -j")
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [e for e in entries if any(r["address"] == rcpt for r in e["recipients"])]
+
+
+def test_expired_mail_notifies_the_genuine_sender_once(pair: Pair) -> None:
+    token = pair.token()
+    sender = pair.rcpt(1, local=f"genuine-{token[:8]}")  # a customer's own address
+    rcpt = pair.rcpt(0, local="expires")
+    bounces = pair.customer_node(1)
+    with (
+        customer_down(pair, 0),
+        relay_overrides(pair, "a", maximal_queue_lifetime="20s", bounce_queue_lifetime="20s"),
+    ):
+        _send_direct(pair, "a", sender, rcpt, token)
+
+        def notified():
+            out = bounces.run(f"grep -l 'X-Test-Token: {token}' -r {MAILDIR}/new {MAILDIR}/cur")
+            return out.stdout.split() or None
+
+        files = wait_for(notified, 120, "the sender's non-delivery notice", 1)
+        wait_for(lambda: not _queued(pair, "a", rcpt), 60, "the expired message to leave")
+    assert len(files) == 1, f"{len(files)} notices for one expired message"
+    text = bounces.check_output(f"cat {files[0]}")
+    assert "Undelivered Mail Returned to Sender" in text
+    assert rcpt in text  # the notice names the recipient it could not reach
+    # Back up, the customer never gets the expired message.
+    assert token not in pair.arrivals(0)
+
+
+def test_nearly_full_queue_disk_refuses_with_452_and_the_world_moves_to_the_twin(
+    pair: Pair,
+) -> None:
+    relay = pair.towers["a"].relay()
+    free = int(relay.check_output("df -B1 --output=avail /var/spool/postfix | tail -1"))
+    with relay_overrides(pair, "a", queue_minfree=str(free + 1024**3)):
+        settings = pair.towers["a"].settings
+        with smtplib.SMTP(str(settings.hosts.relay), settings.ports.smtp, timeout=30) as smtp:
+            smtp.ehlo("verify.internet.lab")
+            code, text = smtp.mail("someone@internet.lab")
+        assert code == 452, (code, text)
+        assert b"Insufficient system storage" in text
+        tokens = pair.submit(pair.rcpt(0, local="full"), count=20)
+        arrived = pair.wait_delivered(tokens, 0, 180)
+    assert {pair.tower_of(arrived[t][0]["by"]) for t in tokens} == {"b"}
+
+
+def test_queue_capacity(pair: Pair) -> None:
+    """How much deferred mail a relay holds per GB of queue disk."""
+    rcpt = pair.rcpt(0, local="capacity")
+    relay = pair.towers["a"].relay()
+    count, size = 100, 100 * 1024
+    body = ("x" * 76 + "\n") * (size // 77)
+    tokens = [pair.token() for _ in range(count)]
+    with customer_down(pair, 0):
+        for token in tokens:
+            _send_direct(pair, "a", "someone@internet.lab", rcpt, token, body)
+        wait_for(
+            lambda: (
+                len([e for e in _queued(pair, "a", rcpt) if e["queue_name"] == "deferred"]) == count
+            ),
+            120,
+            "every message scanned and deferred for the stopped customer",
+        )
+        used = int(
+            relay.check_output(
+                "du -sB1 /var/spool/postfix/deferred /var/spool/postfix/defer "
+                "| awk '{s+=$1} END {print s}'"
+            )
+        )
+        payload = sum(e["message_size"] for e in _queued(pair, "a", rcpt))
+        free = int(relay.check_output("df -B1 --output=avail /var/spool/postfix | tail -1"))
+    pair.wait_delivered(tokens, 0, 180)
+    mb_per_gb = payload / used * 1024
+    record_figure(
+        "queue_capacity",
+        {
+            "messages": count,
+            "payload_mb": round(payload / 1024**2, 1),
+            "disk_used_mb": round(used / 1024**2, 1),
+            "deferred_mb_per_gb_of_disk": round(mb_per_gb),
+            "queue_disk_free_gb": round(free / 1024**3, 1),
+        },
+    )
+    assert 500 < mb_per_gb <= 1024
