@@ -42,6 +42,10 @@ def lab_tower_data(tower: str) -> dict:
         "name": f"lab-{tower}",
         "hostname": f"mx.tower-{tower}.lab",
         "customers": customers,
+        # Two anti-virus engines on every message: clamd, and c-icap's virus_scan (libclamav
+        # in-process) behind ICAP, the way a commercial engine plugs in.
+        "engines": ["clamd", "icap"],
+        "icap_url": "icap://127.0.0.1:1344/avscan",
         # Short retry timers so the lab proves deferral and recovery in seconds, not minutes.
         "limits": {
             "queue_run_delay": "5s",

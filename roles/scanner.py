@@ -13,7 +13,30 @@ from roles._common import settings, template
 SIG_DIR = "/var/lib/clamav"
 
 
-PACKAGES = ["clamav-daemon", "python3-venv", "curl", "nftables"]
+PACKAGES = [
+    "clamav-daemon",
+    "c-icap",
+    "libc-icap-mod-virus-scan",
+    "python3-venv",
+    "curl",
+    "nftables",
+]
+ICAP_CONTROL = "/run/c-icap/c-icap.ctl"
+
+
+def local_icap():
+    """The ICAP service this scanner runs itself (c-icap on loopback), or None.
+
+    An ``icap_url`` on another host is someone else's ICAP server (e.g. a commercial engine's
+    appliance): scand only talks to it.
+    """
+    from mailtower.engines.icap import parse_icap_url
+
+    s = settings()
+    if "icap" not in s.engines or not s.icap_url:
+        return None
+    url = parse_icap_url(s.icap_url)
+    return url if url.host in ("127.0.0.1", "localhost") else None
 
 
 def install():
@@ -53,8 +76,20 @@ def configure():
         # Debian's unit refuses to start without the official databases; a tower has its own.
         template("scanner/etc/systemd/system/clamav-daemon.service.d/mailtower.conf"),
     ]
+    icap = local_icap()
+    ops["icap"] = (
+        [
+            template("scanner/etc/c-icap/c-icap.conf", icap=icap, sig_dir=SIG_DIR),
+            template("scanner/etc/systemd/system/c-icap.service.d/mailtower.conf"),
+        ]
+        if icap
+        else []
+    )
     ops["sigsync"] = [
-        template("scanner/etc/systemd/system/mailtower-sigsync.service"),
+        template(
+            "scanner/etc/systemd/system/mailtower-sigsync.service",
+            icap_control=ICAP_CONTROL if icap else None,
+        ),
         template("scanner/etc/systemd/system/mailtower-sigsync.timer"),
     ]
     ops["scand"] = [template("scanner/etc/systemd/system/mailtower-scand.service")]
@@ -67,7 +102,7 @@ def activate(ops, install_op):
     stack_changed = install_op.did_change
     systemd.daemon_reload(
         name="Reload systemd units",
-        _if=lambda: changed["clamd"]() or changed["sigsync"]() or changed["scand"](),
+        _if=lambda: any(changed[k]() for k in ("clamd", "sigsync", "scand", "icap")),
     )
     _common.activate_nftables(changed["nftables"])
     # Signatures first: clamd will not start on an empty database directory.
@@ -87,6 +122,15 @@ def activate(ops, install_op):
         enabled=True,
     )
     _common.activate("clamav-daemon", changed["clamd"])
+    if local_icap():
+        _common.activate("c-icap", changed["icap"])
+    else:
+        systemd.service(
+            name="Stop c-icap (no local ICAP engine)",
+            service="c-icap",
+            running=False,
+            enabled=False,
+        )
     _common.activate(
         "mailtower-scand",
         lambda: changed["scand"]() or changed["settings"]() or stack_changed(),

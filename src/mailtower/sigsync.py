@@ -88,11 +88,31 @@ def reload_clamd(sock_path: str, timeout: float = 10.0) -> bool:
         return False
 
 
+def reload_icap(control: str) -> bool:
+    """Ask c-icap's virus_scan service to reload its databases through c-icap's command pipe;
+    False when c-icap is not running (no reader on the pipe) or has no such pipe."""
+    try:
+        # Non-blocking: a pipe nobody reads would otherwise hang the sync forever.
+        fd = os.open(control, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"virus_scan:dbreload")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailtower-sigsync", description=__doc__.splitlines()[0])
     parser.add_argument("--mirror", required=True, help="base URL of the mirror's clamav folder")
     parser.add_argument("--dir", type=Path, default=Path("/var/lib/clamav"))
     parser.add_argument("--clamd", default="/run/clamav/clamd.ctl", help="clamd's local socket")
+    parser.add_argument(
+        "--icap-control", help="c-icap's command pipe, when c-icap scans with these signatures"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     try:
@@ -102,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if changed:
         reloaded = reload_clamd(args.clamd)
+        icap = reload_icap(args.icap_control) if args.icap_control else None
         log.info(
-            "updated=%s clamd_reload=%s", ",".join(changed), "yes" if reloaded else "not-running"
+            "updated=%s clamd_reload=%s%s",
+            ",".join(changed),
+            "yes" if reloaded else "not-running",
+            "" if icap is None else f" icap_reload={'yes' if icap else 'not-running'}",
         )
     else:
         log.info("signatures up to date")

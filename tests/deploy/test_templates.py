@@ -7,6 +7,8 @@ import re
 import pytest
 from conftest import all_templates, sample_settings
 
+from mailtower.engines.icap import parse_icap_url
+
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
 LAB_INTERNET = {
     "zones": ["lab", "201.10.in-addr.arpa"],
@@ -23,6 +25,8 @@ LAB_INTERNET = {
 def _internet(path: str) -> dict:
     if path.startswith("dns/etc/bind/mailtower-update.key"):
         return {"key": LAB_INTERNET["tsig"]}
+    if path.startswith("scanner/etc/c-icap"):
+        return {"icap": parse_icap_url("icap://127.0.0.1:1344/avscan"), "sig_dir": "/var/lib/x"}
     if path.startswith(("dns/", "lab_sender/")):
         return {"d": LAB_INTERNET, "zone_file": lambda z: f"/var/lib/bind/db.{z}", "zone": "lab"}
     return {}
@@ -30,7 +34,13 @@ def _internet(path: str) -> dict:
 
 @pytest.mark.parametrize("path", all_templates())
 def test_every_template_renders(render, settings, path):
-    extra = {"cert": "/c", "key": "/k", "domain": "customer.example", **_internet(path)}
+    extra = {
+        "cert": "/c",
+        "key": "/k",
+        "domain": "customer.example",
+        "icap_control": None,
+        **_internet(path),
+    }
     out = render(path, settings, **extra)
     assert out.strip()
     assert not re.search(r"\{\{\s*s\.|\{%", out), "unrendered Jinja left in the output"
@@ -142,3 +152,18 @@ def test_scanner_takes_mail_from_the_relay_only(render, settings):
     assert f"tcp dport {settings.ports.filter} ip saddr != {settings.hosts.relay} reject" in rules
     health = f"tcp dport {settings.ports.scanner_http} ip saddr != {{ {settings.hosts.monitor},"
     assert health in rules
+
+
+def test_c_icap_scans_everything_in_simple_mode_and_fails_closed(render, settings):
+    conf = render("scanner/etc/c-icap/c-icap.conf", settings, **_internet("scanner/etc/c-icap"))
+    assert "Port 127.0.0.1:1344" in conf
+    assert "virus_scan.PassOnError off" in conf
+    assert "ServiceAlias avscan virus_scan?allow204=on&sizelimit=off&mode=simple" in conf
+    assert "virus_scan.DefaultEngine clamav" in conf
+
+
+def test_sigsync_reloads_c_icap_only_when_it_runs_one(render, settings):
+    unit = "scanner/etc/systemd/system/mailtower-sigsync.service"
+    assert "--icap-control" not in render(unit, settings, icap_control=None)
+    with_icap = render(unit, settings, icap_control="/run/c-icap/c-icap.ctl")
+    assert "--icap-control /run/c-icap/c-icap.ctl" in with_icap
