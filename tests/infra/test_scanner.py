@@ -53,3 +53,27 @@ def test_settings_are_the_towers(node, tower):
     got = json.loads(node.file("/etc/mailtower/tower.json").content_string)
     assert got["name"] == tower.settings.name
     assert got["hosts"]["relay"] == str(tower.settings.hosts.relay)
+
+
+def _local_icap(tower):
+    from mailtower.engines.icap import parse_icap_url
+
+    s = tower.settings
+    if "icap" not in s.engines or not s.icap_url:
+        return None
+    url = parse_icap_url(s.icap_url)
+    return url if url.host in ("127.0.0.1", "localhost") else None
+
+
+def test_c_icap_serves_the_icap_engine_on_loopback_only(node, tower):
+    icap = _local_icap(tower)
+    if icap is None:
+        assert not node.service("c-icap").is_running  # installed, but not this tower's engine
+        return
+    assert node.service("c-icap").is_running and node.service("c-icap").is_enabled
+    assert node.socket(f"tcp://127.0.0.1:{icap.port}").is_listening
+    assert not node.socket(f"tcp://0.0.0.0:{icap.port}").is_listening
+    health = json.loads(
+        node.check_output(f"curl -sS http://127.0.0.1:{tower.settings.ports.scanner_http}/health")
+    )
+    assert health["icap"].startswith("C-ICAP/"), health  # scand reached it through OPTIONS
