@@ -30,6 +30,7 @@ from mailtower.containers import ContainerLimits
 from mailtower.engines import Engine, EngineError, EngineTimeout, Finding
 from mailtower.mime import MESSAGE_PATH, MimeLimits
 from mailtower.objects import Analysis, ScanObject
+from mailtower.rules import RuleDirs
 from mailtower.scan import EngineRun, Kind, Verdict
 from mailtower.skeptic import INTERNAL_ERROR, Severity, Skeptic
 from mailtower.skeptic._sniff import native_kind
@@ -356,20 +357,23 @@ def in_process(
     policy: Policy | None = None,
     engine_timeout_s: float = 30.0,
     deadline_s: float = 60.0,
+    rules: RuleDirs | None = None,
 ) -> Pipeline:
-    """The pipeline with the in-process engines (the project's YARA rules plus ``yara_dirs``,
-    reputation, Skeptic), clamd at ``clamd`` if given, and ``engines`` — further whole-message
-    engines (scand's, from ``engines.from_settings``) — which run first, after clamd. Raises
-    EngineError (e.g. YaraRuleError) or skeptic.RuleError when rule data cannot be loaded,
-    ValueError on a bad clamd address."""
+    """The pipeline with the in-process engines (YARA rules from ``rules`` plus ``yara_dirs``,
+    reputation, Skeptic; ``rules`` None: the project's own), clamd at ``clamd`` if given, and
+    ``engines`` — further whole-message engines (scand's, from ``engines.from_settings``) —
+    which run first, after clamd. Raises EngineError (e.g. YaraRuleError) or skeptic.RuleError
+    when rule data cannot be loaded, ValueError on a bad clamd address."""
     from mailtower.engines.clamd import ClamdEngine
     from mailtower.engines.reputation import ReputationEngine
-    from mailtower.engines.yara import YaraEngine, default_rule_dirs
+    from mailtower.engines.yara import YaraEngine
 
+    rules = rules or RuleDirs.packaged()
     stack: list[Engine] = []
     if clamd is not None:
         stack.append(ClamdEngine(clamd, timeout_s=engine_timeout_s))
     stack.extend(engines)
-    stack.append(YaraEngine([*default_rule_dirs(), *yara_dirs], timeout_s=engine_timeout_s))
-    stack.append(ReputationEngine(timeout_s=engine_timeout_s))
-    return Pipeline(stack, skeptic=Skeptic.from_rules(), policy=policy, deadline_s=deadline_s)
+    stack.append(YaraEngine([rules.yara, *yara_dirs], timeout_s=engine_timeout_s))
+    stack.append(ReputationEngine([rules.reputation], timeout_s=engine_timeout_s))
+    skeptic = Skeptic.from_rules(rules.skeptic)
+    return Pipeline(stack, skeptic=skeptic, policy=policy, deadline_s=deadline_s)

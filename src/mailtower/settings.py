@@ -161,6 +161,10 @@ class TowerSettings(_Model):
     # in simple mode: it answers only once the whole message is scanned)
     icap_url: str | None = None
     spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
+    # scand's rule data: a rules root where `mailtower bundle install` puts signed bundles
+    # (e.g. /var/lib/mailtower/rules); until one is installed there, and when None, the rules
+    # shipped in the package are used.
+    rules_dir: str | None = None
 
     @field_validator("customers")
     @classmethod

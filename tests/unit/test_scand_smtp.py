@@ -296,7 +296,7 @@ def test_health_and_metrics(scand: Scand) -> None:
     status, body = scand.get("/health")
     assert status == 200
     doc = json.loads(body)
-    assert doc == {"status": "ok", "test": "test 1.0", "in_flight": 0}
+    assert doc == {"status": "ok", "test": "test 1.0", "rules_bundle": None, "in_flight": 0}
     scand.send(_mail(subject="m1"))
     scand.engine.mode = "fail"
     status, body = scand.get("/health")
@@ -315,6 +315,7 @@ def test_health_and_metrics(scand: Scand) -> None:
         assert f'mailtower_stage_seconds_count{{stage="{stage}"}} 2.0' in text
     assert "mailtower_events_spooled 2.0" in text
     assert "mailtower_in_flight 0.0" in text
+    assert "mailtower_rules_bundle_version 0.0" in text  # the shipped rules: no bundle
     assert scand.get("/nope")[0] == 404
 
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from mailtower import settings as settings_mod
@@ -52,6 +53,29 @@ def default_host_address(settings: TowerSettings) -> str:
             return socket.gethostname()
 
 
+_reload_lock = threading.Lock()
+
+
+def reload(scanner: Scanner, settings_path: Path) -> bool:
+    """SIGHUP: load the settings again and rebuild the pipeline, with the rules the rule bundle
+    ``current`` names now; messages in flight finish with the old one. On any error the old
+    pipeline stays (False). Blocking: runs in a thread."""
+    with _reload_lock:  # two quick SIGHUPs run one after the other; the last sees the newest
+        try:
+            new = settings_mod.load(settings_path)
+            scanner.reload(new)  # builds the new pipeline (rules compiled) before swapping
+        except Exception as exc:  # bad settings or rules: keep scanning with the old pipeline
+            log.error("event=reload_failed settings=%s error=%r keeping=old", settings_path, exc)
+            return False
+    log.info(
+        "event=reloaded settings=%s engines=%s rules_bundle=%s",
+        settings_path,
+        ",".join(e.name for e in scanner.pipeline.engines),
+        scanner.rules_version or "shipped",
+    )
+    return True
+
+
 async def serve(
     settings_path: Path, settings: TowerSettings, host_address: str, listen: str
 ) -> int:
@@ -66,7 +90,8 @@ async def serve(
     smtp_server = await start_smtp(handler, listen, settings.ports.filter)
     http_server = await start_http(scanner, listen, settings.ports.scanner_http)
     log.info(
-        "event=started tower=%s scanner=%s smtp=%s:%d http=%s:%d engines=%s relay=%s:%d",
+        "event=started tower=%s scanner=%s smtp=%s:%d http=%s:%d engines=%s relay=%s:%d "
+        "rules_bundle=%s",
         settings.name,
         host_address,
         listen,
@@ -76,27 +101,19 @@ async def serve(
         ",".join(e.name for e in scanner.pipeline.engines),
         settings.hosts.relay,
         settings.ports.reinject,
+        scanner.rules_version or "shipped",
     )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def reload() -> None:
-        try:
-            new = settings_mod.load(settings_path)
-            scanner.reload(new)  # builds the new pipeline (rules compiled) before swapping
-        except Exception as exc:  # bad settings or rules: keep scanning with the old pipeline
-            log.error("event=reload_failed settings=%s error=%r keeping=old", settings_path, exc)
-            return
-        log.info(
-            "event=reloaded settings=%s engines=%s",
-            settings_path,
-            ",".join(e.name for e in scanner.pipeline.engines),
-        )
+    def on_sighup() -> None:
+        # Compiling the rules takes a while: in a thread, so SMTP and /health keep answering.
+        loop.run_in_executor(None, reload, scanner, settings_path)
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     await stop.wait()
     log.info("event=stopping in_flight=%d", scanner.in_flight)

@@ -24,11 +24,14 @@ _REASONS = {
 
 
 async def health(scanner: Scanner) -> tuple[int, dict[str, object]]:
-    """200 + engine versions when every engine answers within ``health_timeout_s``, else 503."""
+    """200 + engine versions when every engine answers within ``health_timeout_s``, else 503.
+    Every answer names the rule bundle version in use (``rules_bundle``; null: shipped rules)."""
+    bundle = scanner.rules_version
     if scanner.draining:
         return 503, {
             "status": "draining",
             "reason": "scand is shutting down",
+            "rules_bundle": bundle,
             "in_flight": scanner.in_flight,
         }
     timeout = scanner.settings.limits.health_timeout_s
@@ -40,11 +43,17 @@ async def health(scanner: Scanner) -> tuple[int, dict[str, object]]:
         return 503, {
             "status": "fail",
             "reason": f"engine did not answer within {timeout}s",
+            "rules_bundle": bundle,
             "in_flight": scanner.in_flight,
         }
     except EngineError as exc:
-        return 503, {"status": "fail", "reason": str(exc), "in_flight": scanner.in_flight}
-    return 200, {"status": "ok", **versions, "in_flight": scanner.in_flight}
+        return 503, {
+            "status": "fail",
+            "reason": str(exc),
+            "rules_bundle": bundle,
+            "in_flight": scanner.in_flight,
+        }
+    return 200, {"status": "ok", **versions, "rules_bundle": bundle, "in_flight": scanner.in_flight}
 
 
 async def _handle(

@@ -19,6 +19,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mailtower import bundles
 from mailtower import engines as engines_mod
 from mailtower.engines import Engine
 from mailtower.events import Event, EventSpool
@@ -26,6 +27,7 @@ from mailtower.pipeline import Pipeline, Policy, in_process, normalise_extension
 from mailtower.quarantine import QuarantineStore
 from mailtower.reinject import ReinjectError
 from mailtower.reinject import reinject as reinject_to_relay
+from mailtower.rules import RuleDirs
 from mailtower.scan import Kind, Verdict, message_id
 from mailtower.settings import TowerSettings
 
@@ -50,11 +52,25 @@ QUARANTINED = (Kind.VIRUS, Kind.BANNED, Kind.SUSPICIOUS)
 DEADLINE_MARGIN_S = 30.0
 
 
-def build_pipeline(settings: TowerSettings, engines: Sequence[Engine] | None = None) -> Pipeline:
+def rule_dirs(settings: TowerSettings) -> RuleDirs:
+    """The rules scand loads: the bundle installed under ``settings.rules_dir`` if there is
+    one, else the shipped rules. Raises bundles.InstallError if that root is broken."""
+    if settings.rules_dir is None:
+        return RuleDirs.packaged()
+    return bundles.rule_dirs(Path(settings.rules_dir))
+
+
+def build_pipeline(
+    settings: TowerSettings,
+    engines: Sequence[Engine] | None = None,
+    rules: RuleDirs | None = None,
+) -> Pipeline:
     """scand's pipeline: the whole-message engines (``engines``, else those ``settings.engines``
-    names) then the in-process YARA, reputation and Skeptic, under the settings' policy.
-    Compiles and loads every rule: raises EngineError, skeptic.RuleError or ValueError."""
+    names) then the in-process YARA, reputation and Skeptic (rules from ``rules``, else
+    ``rule_dirs(settings)``), under the settings' policy. Compiles and loads every rule:
+    raises EngineError, skeptic.RuleError, bundles.BundleError or ValueError."""
     whole_message = list(engines) if engines is not None else engines_mod.from_settings(settings)
+    rules = rules if rules is not None else rule_dirs(settings)
     banned = frozenset(normalise_extension(e) for e in settings.banned_extensions) - {""}
     policy = Policy(banned_extensions=banned, encrypted_archives=settings.encrypted_archives)
     timeout = settings.limits.engine_timeout_s
@@ -63,6 +79,7 @@ def build_pipeline(settings: TowerSettings, engines: Sequence[Engine] | None = N
         policy=policy,
         engine_timeout_s=timeout,
         deadline_s=timeout + DEADLINE_MARGIN_S,
+        rules=rules,
     )
 
 
@@ -101,6 +118,11 @@ class Metrics:
         self.in_flight = Gauge(
             "mailtower_in_flight", "Messages being scanned now", registry=self.registry
         )
+        self.rules_bundle_version = Gauge(
+            "mailtower_rules_bundle_version",
+            "Version of the rule bundle scand scans with (0: the rules shipped in the package)",
+            registry=self.registry,
+        )
 
 
 class Scanner:
@@ -118,8 +140,11 @@ class Scanner:
         self.host_address = host_address
         # The whole-message engines (health answers for these) and the pipeline they run in.
         self.engines = engines if engines is not None else engines_mod.from_settings(settings)
-        self.pipeline = build_pipeline(settings, self.engines)
+        rules = rule_dirs(settings)
+        self.pipeline = build_pipeline(settings, self.engines, rules)
+        self.rules_version = rules.bundle_version  # None: the shipped rules
         self.metrics = metrics or Metrics()
+        self.metrics.rules_bundle_version.set(self.rules_version or 0)
         spool = Path(settings.spool_dir)
         self.quarantine = QuarantineStore(spool / "quarantine")
         self.events = EventSpool(spool / "events")
@@ -131,14 +156,17 @@ class Scanner:
         self.draining = False
 
     def reload(self, settings: TowerSettings, engines: list[Engine] | None = None) -> None:
-        """Take new settings and rebuild the pipeline (rules compiled and loaded again); messages
-        in flight finish with the old ones. If the new pipeline does not build, this raises and
-        the old settings and pipeline stay."""
+        """Take new settings and rebuild the pipeline (rules compiled and loaded again, from the
+        rule bundle ``current`` names now); messages in flight finish with the old ones. If the
+        new pipeline does not build, this raises and the old settings and pipeline stay."""
         engines = engines if engines is not None else engines_mod.from_settings(settings)
-        pipeline = build_pipeline(settings, engines)  # first: a failure changes nothing
+        rules = rule_dirs(settings)
+        pipeline = build_pipeline(settings, engines, rules)  # first: a failure changes nothing
         if settings.ports != self.settings.ports:
             log.warning("event=reload_ports_changed action='restart scand to apply new ports'")
         self.engines, self.pipeline, self.settings = engines, pipeline, settings
+        self.rules_version = rules.bundle_version
+        self.metrics.rules_bundle_version.set(self.rules_version or 0)
 
     # -- the whole job for one message (blocking) ---------------------------------------------
 

@@ -1,0 +1,76 @@
+"""Signed rule bundles: YARA, Skeptic, reputation and ClamAV rule data as one versioned file,
+signed by the GOC and checked by every tower before it is used.
+
+Usage::
+
+    keygen(Path("keys"))                                    # signing.key (0600), signing.pub
+    build(Path("rules"), load_signing_key(key), 42, Path("rules-42.tar.gz"))
+    verify(Path("rules-42.tar.gz"), load_public_key(pub), current=41)   # or raises
+    install(Path("rules-42.tar.gz"), load_public_key(pub), Path("/var/lib/mailtower/rules"))
+    rollback(Path("/var/lib/mailtower/rules"))
+
+A bundle is refused — with a BundleError subclass naming the reason, and nothing changed —
+when it is unsigned, signed by another key, tampered with, not newer than the version in use,
+unsafe to unpack, or when its rules do not load. The format is in ``_format``; the layout of
+an installed rules root in ``_install``.
+"""
+
+from __future__ import annotations
+
+from mailtower.bundles._bundle import Built, Bundle, build, collect, read, verify
+from mailtower.bundles._errors import (
+    BundleError,
+    ForeignKeyBundle,
+    InstallError,
+    InvalidRules,
+    KeyFileError,
+    MalformedBundle,
+    StaleBundle,
+    TamperedBundle,
+    UnsafeBundle,
+    UnsignedBundle,
+)
+from mailtower.bundles._format import FORMAT_VERSION, SECTIONS, Manifest
+from mailtower.bundles._install import (
+    Change,
+    Installed,
+    install,
+    installed,
+    rollback,
+    rule_dirs,
+    status,
+)
+from mailtower.bundles._keys import key_id, keygen, load_public_key, load_signing_key
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SECTIONS",
+    "Built",
+    "Bundle",
+    "BundleError",
+    "Change",
+    "ForeignKeyBundle",
+    "InstallError",
+    "Installed",
+    "InvalidRules",
+    "KeyFileError",
+    "MalformedBundle",
+    "Manifest",
+    "StaleBundle",
+    "TamperedBundle",
+    "UnsafeBundle",
+    "UnsignedBundle",
+    "build",
+    "collect",
+    "install",
+    "installed",
+    "key_id",
+    "keygen",
+    "load_public_key",
+    "load_signing_key",
+    "read",
+    "rollback",
+    "rule_dirs",
+    "status",
+    "verify",
+]
