@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 import psycopg
 
+# Physical standbys only: the GOC's logical subscription (mailtower.sync) has a walsender
+# too, and must neither count as a streaming standby nor hide a missing one.
 QUERY = (
-    "SELECT application_name, state, coalesce(extract(epoch FROM replay_lag), 0) "
-    "FROM pg_stat_replication"
+    "SELECT r.application_name, r.state, coalesce(extract(epoch FROM r.replay_lag), 0) "
+    "FROM pg_stat_replication r WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s "
+    "WHERE s.active_pid = r.pid AND s.slot_type = 'logical')"
 )
 
 

@@ -1,0 +1,113 @@
+"""The GOC's tables: the tower's configuration tables (the GOC is their source of truth) and
+the union of every tower's ``verdict_events``.
+
+The shared tables have the tower's shape (templates/sql/etc/mailtower/sql/schema.sql.j2;
+tests/unit/test_sync_schema.py compares the two column by column), because logical
+replication matches columns by name. The GOC adds, without touching what is replicated:
+
+- ``verdict_events.received_at``: when the GOC stored the event (a subscriber may have extra
+  columns; the apply worker fills their defaults);
+- an index on ``(tower, scanned_at)`` for per-tower queries and reconciliation counts;
+- a ``BEFORE INSERT`` trigger, enabled ``ALWAYS`` so it also fires in the apply and
+  table-copy workers, that skips an event whose ``event_id`` is already stored. Without it a
+  duplicate (a scanner re-flushing after a failover an event the dead primary had already
+  sent, a re-copy, a reconciliation overlap) is a unique violation that stops the tower's
+  apply worker for good; with it the duplicate is dropped and the stream goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Everything is schema-qualified: apply workers run with an empty search_path.
+TABLES: dict[str, str] = {
+    "customers": """
+CREATE TABLE public.customers (
+    id          bigserial PRIMARY KEY,
+    name        text NOT NULL UNIQUE,
+    created_at  timestamptz NOT NULL DEFAULT now()
+)""",
+    "domains": """
+CREATE TABLE public.domains (
+    name        text PRIMARY KEY CHECK (name = lower(name)),
+    customer_id bigint NOT NULL REFERENCES public.customers(id) ON DELETE CASCADE,
+    active      boolean NOT NULL DEFAULT true,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+)""",
+    "routes": """
+CREATE TABLE public.routes (
+    domain      text PRIMARY KEY REFERENCES public.domains(name) ON DELETE CASCADE,
+    transport   text NOT NULL CHECK (transport ~ '^(smtp|lmtp):'),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+)""",
+    "policies": """
+CREATE TABLE public.policies (
+    customer_id        bigint PRIMARY KEY REFERENCES public.customers(id) ON DELETE CASCADE,
+    banned_extensions  text[],
+    max_message_bytes  integer,
+    encrypted_archives text CHECK (encrypted_archives IN ('quarantine', 'pass')),
+    updated_at         timestamptz NOT NULL DEFAULT now()
+)""",
+    "verdict_events": """
+CREATE TABLE public.verdict_events (
+    event_id      uuid PRIMARY KEY,
+    tower         text NOT NULL,
+    scanner       text NOT NULL,
+    scanned_at    timestamptz NOT NULL,
+    verdict       text NOT NULL
+                  CHECK (verdict IN ('clean', 'virus', 'banned', 'suspicious', 'tempfail')),
+    message_id    text,
+    sender        text,
+    recipients    text[] NOT NULL,
+    findings      jsonb NOT NULL DEFAULT '[]',
+    quarantine_id text,
+    size_bytes    integer NOT NULL,
+    received_at   timestamptz NOT NULL DEFAULT now()
+)""",
+}
+
+GOC_ONLY_COLUMNS = {"verdict_events": ("received_at",)}
+
+
+@dataclass(frozen=True)
+class Index:
+    name: str
+    ddl: str
+
+
+INDEXES = (
+    Index(
+        "verdict_events_scanned_at",
+        "CREATE INDEX verdict_events_scanned_at ON public.verdict_events (scanned_at)",
+    ),
+    Index(
+        "verdict_events_message_id",
+        "CREATE INDEX verdict_events_message_id ON public.verdict_events (message_id)",
+    ),
+    Index(
+        "verdict_events_tower_scanned_at",
+        "CREATE INDEX verdict_events_tower_scanned_at ON public.verdict_events (tower, scanned_at)",
+    ),
+)
+
+DEDUP_FUNCTION = "mt_skip_known_event"
+DEDUP_TRIGGER = "verdict_events_skip_known"
+# The body is compared with pg_proc.prosrc to decide whether it needs replacing.
+DEDUP_BODY = """
+BEGIN
+    -- Already stored (re-copy, reconciliation, a re-flushed event): skip it, keep applying.
+    IF EXISTS (SELECT 1 FROM public.verdict_events WHERE event_id = NEW.event_id) THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+"""
+DEDUP_FUNCTION_DDL = f"""
+CREATE OR REPLACE FUNCTION public.{DEDUP_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $body${DEDUP_BODY}$body$"""
+DEDUP_TRIGGER_DDL = (
+    f"CREATE TRIGGER {DEDUP_TRIGGER} BEFORE INSERT ON public.verdict_events"
+    f" FOR EACH ROW EXECUTE FUNCTION public.{DEDUP_FUNCTION}()"
+)
+# 'A': fires whatever session_replication_role is, i.e. in apply and table-sync workers too.
+DEDUP_TRIGGER_ENABLE = f"ALTER TABLE public.verdict_events ENABLE ALWAYS TRIGGER {DEDUP_TRIGGER}"
