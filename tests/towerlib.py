@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
+import socket
 import time
 import uuid
 from collections import Counter
@@ -34,6 +35,27 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def smtp_answers(address: str, port: int = 25) -> bool:
+    """Does ``address:port`` accept a TCP connection right now?"""
+    try:
+        with socket.create_connection((address, port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def stop_postfix(node, address: str, port: int = 25) -> None:
+    """Stop Postfix on ``node`` and wait until its SMTP port refuses connections:
+    `postfix stop` returns before the master has closed its listeners."""
+    node.check_output("systemctl stop postfix")
+    wait_for(lambda: not smtp_answers(address, port), 30, f"{address}:{port} to refuse SMTP")
+
+
+def start_postfix(node, address: str, port: int = 25) -> None:
+    node.check_output("systemctl start postfix")
+    wait_for(lambda: smtp_answers(address, port), 30, f"{address}:{port} to answer SMTP")
 
 
 class Hosts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from towerlib import wait_for
+from towerlib import start_postfix, stop_postfix, wait_for
 
 
 def _queued_for(tower, rcpt: str) -> list[dict]:
@@ -17,7 +17,7 @@ def test_deferred_while_customer_down_then_delivered(mail, tower):
     local = f"saf-{mail.token()[:12]}"
     rcpt = mail.rcpt(local)
     tokens = [mail.token() for _ in range(3)]
-    mail.server.check_output("systemctl stop postfix")
+    stop_postfix(mail.server, mail.customer.server, mail.customer.port)
     try:
         for token in tokens:
             mail.send(mail.message(token, rcpt=rcpt), rcpt=rcpt)
@@ -33,15 +33,19 @@ def test_deferred_while_customer_down_then_delivered(mail, tower):
             ]
             return waiting if len(entries) == len(waiting) == len(tokens) else None
 
-        deferred = wait_for(
-            all_deferred_for_the_customer,
-            90,
-            "the relay to scan and then defer every message for the stopped server",
-        )
+        try:
+            deferred = wait_for(
+                all_deferred_for_the_customer,
+                90,
+                "the relay to scan and then defer every message for the stopped server",
+            )
+        except AssertionError as exc:
+            queue = json.dumps(_queued_for(tower, rcpt), indent=1)[-3000:]
+            raise AssertionError(f"{exc}; the relay's queue for {rcpt}:\n{queue}") from None
         assert len(deferred) == len(tokens)
         assert mail.delivered().keys().isdisjoint(tokens)
     finally:
-        mail.server.check_output("systemctl start postfix")
+        start_postfix(mail.server, mail.customer.server, mail.customer.port)
     # Retried on the relay's own schedule (minimal_backoff_time), no flush needed.
     wait_for(
         lambda: all(mail.delivered()[t] >= 1 for t in tokens),

@@ -18,7 +18,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 import pytest
-from towerlib import MAILDIR, ROOT, Hosts, Tower, wait_for
+from towerlib import MAILDIR, ROOT, Hosts, Tower, start_postfix, stop_postfix, wait_for
 
 SENDER_PORT = 25
 __all__ = ["ROOT", "Pair", "latencies", "percentile", "submit_spread"]
@@ -117,12 +117,15 @@ class Pair:
 
     @contextmanager
     def relay_stopped(self, tower: str) -> Iterator[None]:
+        """Postfix stopped on the relay: the outage begins when port 25 refuses connections."""
         relay = self.towers[tower].relay()
-        relay.check_output("systemctl stop postfix")
+        settings = self.towers[tower].settings
+        address = str(settings.hosts.relay)
+        stop_postfix(relay, address, settings.ports.smtp)
         try:
             yield
         finally:
-            relay.check_output("systemctl start postfix")
+            start_postfix(relay, address, settings.ports.smtp)
 
     @contextmanager
     def site_cut(self, tower: str) -> Iterator[None]:
