@@ -38,6 +38,20 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.02)
 
 
+def scand_argv(program: list[str], settings_path: Path) -> list[str]:
+    """The command line of a scand on loopback: ``program`` (the console script, or
+    ``python -m mailtower.scand``) with the settings and the test relay's addresses."""
+    return [
+        *program,
+        "--settings",
+        str(settings_path),
+        "--listen",
+        "127.0.0.1",
+        "--host-address",
+        "127.0.0.5",
+    ]
+
+
 def make_settings(
     spool: Path,
     *,

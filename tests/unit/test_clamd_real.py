@@ -17,7 +17,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from scand_fakes import RealClamd, make_settings, start_sink, wait_until
+from scand_fakes import RealClamd, make_settings, scand_argv, start_sink, wait_until
 
 from mailtower import testdata
 from mailtower.engines import EngineError, EngineScanError, EngineUnavailable
@@ -118,17 +118,7 @@ class Daemon:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mailtower.scand",
-                    "--settings",
-                    str(self.settings_path),
-                    "--listen",
-                    "127.0.0.1",
-                    "--host-address",
-                    "127.0.0.5",
-                ],
+                scand_argv([sys.executable, "-m", "mailtower.scand"], self.settings_path),
                 stdout=log,
                 stderr=log,
             )
