@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from towerlib import wait_for
 
 GROUP = "monitor"
 
@@ -53,7 +54,23 @@ def test_alert_rules_loaded(node, tower):
         node.check_output(f"curl -fsS http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/rules")
     )
     names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
-    assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag"} <= names
+    assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag", "ScannerRulesBehind"} <= names
+
+
+def test_prometheus_knows_the_rule_bundle_every_scanner_runs(node, tower):
+    """What the ScannerRulesBehind alert reads: one version per scanner (0 = shipped rules)."""
+    s = tower.settings
+    base = f"http://{s.hosts.monitor}:{s.ports.prometheus}"
+
+    query = "mailtower_rules_bundle_version"
+
+    def every_scanner():
+        out = json.loads(node.check_output(f"curl -fsS '{base}/api/v1/query?query={query}'"))
+        seen = {r["metric"]["instance"]: r["value"][1] for r in out["data"]["result"]}
+        return seen if len(seen) == len(s.hosts.scanners) else None
+
+    seen = wait_for(every_scanner, 60, "a scraped rule-bundle version from every scanner")
+    assert set(seen) == {f"{ip}:{s.ports.scanner_http}" for ip in s.hosts.scanners}
 
 
 def test_monitor_sees_sql_replication(node, tower):
