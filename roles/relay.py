@@ -56,6 +56,7 @@ def configure():
     ops["exporter"] = [
         template("relay/etc/systemd/system/mailtower-relay-exporter.service"),
     ]
+    ops["order"] = [template("relay/etc/systemd/system/mailtower-relay-order.service")]
     return ops
 
 
@@ -76,6 +77,12 @@ def activate(ops, install_op):
     _common.activate(
         "mailtower-relay-exporter",
         lambda: changed["exporter"]() or changed["settings"]() or install_op.did_change(),
+        daemon_reload=True,
+    )
+    # Same for the orderer; a restart gives back what it held and takes it again in order.
+    _common.activate(
+        "mailtower-relay-order",
+        lambda: changed["order"]() or changed["settings"]() or install_op.did_change(),
         daemon_reload=True,
     )
 

@@ -14,7 +14,10 @@ def test_package_installed(node, package):
     assert node.package(package).is_installed
 
 
-@pytest.mark.parametrize("service", ["postfix", "haproxy", "nftables", "mailtower-relay-exporter"])
+@pytest.mark.parametrize(
+    "service",
+    ["postfix", "haproxy", "nftables", "mailtower-relay-exporter", "mailtower-relay-order"],
+)
 def test_service_running_and_enabled(node, service):
     svc = node.service(service)
     assert svc.is_enabled
