@@ -119,16 +119,22 @@ def _pyinfra(c, inv: Path, script: str, what: str) -> None:
 
 @task(help={"tower": "inventory/<tower>.py; lab = the twin lab (both towers, internet, DNS)"})
 def deploy(c, tower="lab-a"):
-    """Deploy a tower with pyinfra (the lab's customer servers too for a lab tower)."""
-    if tower == PAIR:
-        for name in ("lab-a", "lab-b"):
-            deploy(c, tower=name)
-        _pyinfra(c, inventory_path("lab-internet"), "deploys/lab_internet.py", "the lab's internet")
-        dns(c, pair=PAIR)
+    """Deploy a tower with pyinfra (a lab tower: its internet and GOC first, the GOC after)."""
+    towers = _lab_towers(tower)
+    if not towers:
+        _pyinfra(c, inventory_path(tower), "deploys/tower.py", tower)
         return
-    inv = inventory_path(tower)
-    script = "deploys/lab.py" if _lab_towers(tower) else "deploys/tower.py"
-    _pyinfra(c, inv, script, tower)
+    if tower == PAIR:
+        first = ("lab-internet", "deploys/lab_internet.py", "the lab's internet and GOC")
+    else:
+        first = ("lab-goc", "deploys/goc.py", "the lab's GOC")
+    _pyinfra(c, inventory_path(first[0]), first[1], first[2])
+    for name in towers:
+        _pyinfra(c, inventory_path(f"lab-{name}"), "deploys/lab.py", f"lab-{name}")
+    # Its events subscription to each tower needs the tower's publication: a second pass.
+    _pyinfra(c, inventory_path("lab-goc"), "deploys/goc.py", "the GOC (towers' events)")
+    if tower == PAIR:
+        dns(c, pair=PAIR)
 
 
 @task(

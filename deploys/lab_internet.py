@@ -1,4 +1,4 @@
-"""Deploy the twin lab's internet: DNS server, sender, customer mail servers.
+"""Deploy the twin lab's internet: DNS server, sender, customer mail servers; and the GOC.
 
 pyinfra inventory/lab_internet.py deploys/lab_internet.py
 """
@@ -7,7 +7,7 @@ from pyinfra import host
 from pyinfra.operations import apt
 
 from mailtower.lab import plan
-from roles import dns, lab_sender
+from roles import dns, goc, lab_sender
 from roles.lab_mailserver import deploy_lab_mailserver
 from roles.tower import refresh_package_lists
 
@@ -15,6 +15,7 @@ packages = sorted(
     set(dns.PACKAGES if "dns" in host.groups else [])
     | set(lab_sender.PACKAGES if "sender" in host.groups else [])
     | ({"postfix"} if "customers" in host.groups else set())
+    | set(goc.PACKAGES if "goc" in host.groups else [])
 )
 refresh_package_lists()
 apt.packages(name="Install the role's Debian packages", packages=packages, no_recommends=True)
@@ -22,6 +23,8 @@ if "dns" in host.groups:
     dns.deploy_dns()
 if "sender" in host.groups:
     lab_sender.deploy_lab_sender()
+if "goc" in host.groups:
+    goc.deploy_goc()
 if "customers" in host.groups:
     index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1
     deploy_lab_mailserver(domain=plan.customer_domain(index))

@@ -34,14 +34,12 @@ def lab_groups(tower: str) -> dict[str, list]:
 
 def lab_tower_data(tower: str) -> dict:
     """The ``mailtower`` data of a lab tower: its name, customers, lab timers and secrets."""
-    customers = [
-        {"domain": plan.customer_domain(i + 1), "server": str(h.address)}
-        for i, h in enumerate(plan.customer_hosts())
-    ]
     return {
         "name": f"lab-{tower}",
         "hostname": f"mx.tower-{tower}.lab",
-        "customers": customers,
+        # The tower's own list (its tests use it); its relay routes what the GOC publishes.
+        "customers": lab_customers(),
+        "goc": {"address": str(plan.goc_host().address)},
         # Two anti-virus engines on every message: clamd, and c-icap's virus_scan (libclamav
         # in-process) behind ICAP, the way a commercial engine plugs in.
         "engines": ["clamd", "icap"],
@@ -53,7 +51,47 @@ def lab_tower_data(tower: str) -> dict:
             "maximal_backoff": "20s",
             "engine_timeout_s": 10,  # the hung-engine check waits this long for its 451
         },
-        "secrets": json.loads(lxc.secrets_file().read_text()),
+        "secrets": lxc.tower_secrets(),
+    }
+
+
+def lab_customers() -> list[dict[str, str]]:
+    return [
+        {"domain": plan.customer_domain(i + 1), "server": str(h.address)}
+        for i, h in enumerate(plan.customer_hosts())
+    ]
+
+
+def goc_groups() -> dict[str, list]:
+    host = plan.goc_host()
+    return {"goc": [(str(host.address), {**_ssh(), "lab_name": host.name})]}
+
+
+def goc_data() -> dict:
+    """The lab GOC's data: both lab towers, the lab customers, one operator."""
+    secrets = lxc.goc_secrets()
+    towers = []
+    for tower in plan.TOWER_NETS:
+        hosts = {h.name.rsplit("-", 1)[1]: str(h.address) for h in plan.tower_hosts(tower, 0)}
+        towers.append(
+            {
+                "name": f"lab-{tower}",
+                "sql": [hosts["sql1"], hosts["sql2"]],
+                "monitor": hosts["monitor"],
+            }
+        )
+    return {
+        "towers": towers,
+        "customers": lab_customers(),
+        "operators": {"operator": secrets["eye_operator"]},
+        # The controller's Chromium reaches it on the lab net (plain HTTP: lab traffic only).
+        "eye_listen": "0.0.0.0:8025",
+        "secrets": {
+            "sync": secrets["goc_sync"],
+            "status": secrets["goc_status"],
+            "eye_db": secrets["eye_db"],
+            "towers": {t["name"]: secrets["sql_sync"] for t in towers},
+        },
     }
 
 

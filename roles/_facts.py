@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import re
-
 from pyinfra.api import FactBase
 
-_SCRAM = re.compile(r"^SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)$")
+from mailtower.sync.roles import scram_matches  # one implementation of SCRAM checks
 
 
 class PostgresPasswordVerifiers(FactBase):
@@ -28,20 +23,29 @@ class PostgresPasswordVerifiers(FactBase):
         return dict(line.split("|", 1) for line in output if "|" in line)
 
 
-def scram_matches(verifier: str | None, password: str) -> bool:
-    """Whether a stored SCRAM-SHA-256 verifier was made from ``password`` (RFC 5802/7677).
+class SyncPending(FactBase):
+    """What ``mailtower sync <side> --check`` says an apply would do, run as postgres.
 
-    Lets the deploy leave a role's password alone when it is already right, so an unchanged
-    tower reports no change. (No SASLprep: the tower's passwords are ASCII.)
+    An empty list: in sync. Anything the check cannot answer (the tool or its settings not
+    installed yet, the server down) is returned as a pending line, so the apply runs and
+    reports the real error.
     """
-    match = _SCRAM.match(verifier or "")
-    if not match:
-        return False
-    iterations, salt, stored_key, _server_key = match.groups()
-    salted = hashlib.pbkdf2_hmac(
-        "sha256", password.encode(), base64.b64decode(salt), int(iterations)
-    )
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    return hmac.compare_digest(
-        base64.b64encode(hashlib.sha256(client_key).digest()).decode(), stored_key
-    )
+
+    def command(self, side: str) -> str:
+        tool = "/opt/mailtower/venv/bin/mailtower"
+        config = f"/etc/mailtower/sync/{side}.json"
+        return (
+            f"if [ -x {tool} ] && [ -f {config} ]; then"
+            f" cd /tmp && su postgres -c '{tool} sync {side} --check' 2>&1; echo \"rc=$?\";"
+            f" else echo 'pending: install mailtower and {config}'; echo rc=1; fi"
+        )
+
+    def process(self, output):
+        lines = [line for line in output if not line.startswith("rc=")]
+        status = next((line for line in output if line.startswith("rc=")), "rc=1")
+        if status == "rc=0":
+            return []
+        return [line.removeprefix("pending: ") for line in lines] or [status]
+
+
+__all__ = ["PostgresPasswordVerifiers", "SyncPending", "scram_matches"]

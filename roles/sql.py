@@ -6,18 +6,20 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import postgres, server
+from pyinfra.operations import files, postgres, server
 
+from mailtower.sync.deployed import TowerSide
+from mailtower.sync.names import SYNC_ROLE
 from roles import _common
 from roles._common import put_text, settings, template
-from roles._facts import PostgresPasswordVerifiers, scram_matches
+from roles._facts import PostgresPasswordVerifiers, SyncPending, scram_matches
 
 PG = "/etc/postgresql/15/main"
 DATA = "/var/lib/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 
 
-PACKAGES = ["postgresql-15"]
+PACKAGES = ["postgresql-15", "python3-venv"]
 
 
 def configure():
@@ -66,7 +68,6 @@ def _primary(ops):
         _su_user="postgres",
     )
     schema = template("sql/etc/mailtower/sql/schema.sql")
-    customers = template("sql/etc/mailtower/sql/customers.sql")
     server.shell(
         name="Apply the schema",
         commands=[
@@ -75,13 +76,48 @@ def _primary(ops):
         _su_user="postgres",
         _if=schema.did_change,
     )
+    if s.goc is not None:
+        return  # customers come from the GOC (_sync)
+    customers = template("sql/etc/mailtower/sql/customers.sql")
     server.shell(
-        name="Apply the lab/initial customers",
+        name="Apply the tower's customers from its settings (no GOC)",
         commands=[
             f"psql -v ON_ERROR_STOP=1 -q -d {s.sql_database} -f /etc/mailtower/sql/customers.sql"
         ],
         _su_user="postgres",
         _if=lambda: schema.did_change() or customers.did_change(),
+    )
+
+
+def _sync_settings():
+    """Both hosts get the tool and its settings: a promoted standby runs the same command."""
+    s = settings()
+    _common.service_user()
+    install_op = _common.install_stack()
+    files.directory(name="Ensure /etc/mailtower/sync", path="/etc/mailtower/sync", mode="755")
+    side = TowerSide(
+        tower=s.name,
+        dsn=f"dbname={s.sql_database} port={s.ports.postgres}",
+        goc_conninfo=s.goc_conninfo(SYNC_ROLE, s.secrets.goc_sync or ""),
+        sync_password=s.secrets.sql_sync or "",
+    )
+    config = put_text(
+        side.model_dump_json(indent=2) + "\n",
+        "/etc/mailtower/sync/tower.json",
+        mode="600",
+        user="postgres",
+        group="postgres",
+    )
+    return [install_op, config]
+
+
+def _sync(ops):
+    """Events publication and config subscription on the primary (mailtower sync tower)."""
+    pending = host.get_fact(SyncPending, side="tower")
+    server.shell(
+        name="Sync with the GOC: events publication, config subscription (mailtower sync tower)",
+        commands=["cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync tower'"],
+        _if=lambda: bool(pending) or _common.changes(ops)(),
     )
 
 
@@ -112,9 +148,13 @@ def host_address() -> str:
 @deploy("mailtower sql")
 def deploy_sql():
     ops = configure()
+    synced = settings().goc is not None
+    sync_ops = _sync_settings() if synced else []
     primary = _common.is_primary()
     if primary:
         _primary(ops)
+        if synced:
+            _sync(sync_ops)
     _common.barrier("SQL primary ready for its standby")
     if not primary:
         _standby(ops)

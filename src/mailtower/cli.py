@@ -20,6 +20,7 @@ from mailtower.engines import EngineError
 from mailtower.quarantine import QuarantineError, QuarantineStore
 from mailtower.scan import Kind, Verdict
 from mailtower.settings import SettingsError, TowerSettings
+from mailtower.sync import cli as sync_cli
 
 if TYPE_CHECKING:
     from mailtower.pipeline import Pipeline
@@ -552,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bundle_parser(commands)
     dns_cli.add_parser(commands)
+    sync_cli.add_parser(commands)
     return parser
 
 

@@ -137,6 +137,19 @@ class Secrets(_Model):
     sql_scanner: str = Field(min_length=16)  # scanners: write verdict events
     sql_monitor: str = Field(min_length=16)  # monitor: reads replication state
     sql_replication: str = Field(min_length=16)  # standby: streaming replication
+    # With a GOC (TowerSettings.goc) only:
+    sql_sync: str | None = Field(None, min_length=16)  # mt_sync here: the GOC's subscription
+    goc_sync: str | None = Field(None, min_length=16)  # mt_sync at the GOC: our config subscription
+    goc_status: str | None = Field(None, min_length=16)  # mt_status at the GOC: the monitor
+
+
+class Goc(_Model):
+    """The global operations centre the tower syncs with (DESIGN.md "Across towers")."""
+
+    address: IPv4Address  # where the tower's SQL primary and monitor reach the GOC's PostgreSQL
+    port: int = 5432
+    database: str = "goc"
+    status_interval_s: float = 5.0  # how often the monitor reports the tower's state
 
 
 class TowerSettings(_Model):
@@ -165,6 +178,22 @@ class TowerSettings(_Model):
     # (e.g. /var/lib/mailtower/rules); until one is installed there, and when None, the rules
     # shipped in the package are used.
     rules_dir: str | None = None
+    # The GOC: customers, domains, routes and policies come from it by logical replication,
+    # verdict events go up to it. None: a tower on its own, its customers from ``customers``.
+    goc: Goc | None = None
+
+    @model_validator(mode="after")
+    def _goc_secrets(self) -> TowerSettings:
+        if self.goc is None:
+            return self
+        missing = [
+            f"secrets.{name}"
+            for name in ("sql_sync", "goc_sync", "goc_status")
+            if getattr(self.secrets, name) is None
+        ]
+        if missing:
+            raise ValueError(f"a tower synced with a GOC needs {', '.join(missing)}")
+        return self
 
     @field_validator("customers")
     @classmethod
@@ -196,6 +225,15 @@ class TowerSettings(_Model):
     @property
     def mirror_url(self) -> str:
         return f"http://{self.hosts.monitor}:{self.ports.mirror_http}"
+
+    def goc_conninfo(self, user: str, password: str) -> str:
+        """The GOC's database as this tower reaches it (one host: see mailtower.sync)."""
+        if self.goc is None:
+            raise SettingsError(f"tower {self.name} has no GOC in its settings")
+        return (
+            f"host={self.goc.address} port={self.goc.port} dbname={self.goc.database} "
+            f"user={user} password={password} connect_timeout=5"
+        )
 
     def scanner_name(self, index: int) -> str:
         """HAProxy server name of the scanner at position ``index`` (0-based)."""

@@ -22,7 +22,29 @@ LAB_INTERNET = {
 }
 
 
+def _goc():
+    from roles.goc import GocData
+
+    return GocData.model_validate(
+        {
+            "towers": [
+                {"name": "tower-a", "sql": ["10.1.0.12", "10.1.0.13"], "monitor": "10.1.0.11"}
+            ],
+            "customers": [{"domain": "customer.example", "server": "192.0.2.25"}],
+            "operators": {"operator": "operator-password-1"},
+            "secrets": {
+                "sync": "s" * 16,
+                "status": "t" * 16,
+                "eye_db": "e" * 16,
+                "towers": {"tower-a": "a" * 16},
+            },
+        }
+    )
+
+
 def _internet(path: str) -> dict:
+    if path.startswith("goc/"):
+        return {"g": _goc()}
     if path.startswith("dns/etc/bind/mailtower-update.key"):
         return {"key": LAB_INTERNET["tsig"]}
     if path.startswith("scanner/etc/c-icap"):
@@ -167,3 +189,16 @@ def test_sigsync_reloads_c_icap_only_when_it_runs_one(render, settings):
     assert "--icap-control" not in render(unit, settings, icap_control=None)
     with_icap = render(unit, settings, icap_control="/run/c-icap/c-icap.ctl")
     assert "--icap-control /run/c-icap/c-icap.ctl" in with_icap
+
+
+def test_goc_lets_each_tower_host_in_by_address_only(render, settings):
+    g = _goc()
+    hba = render("goc/etc/postgresql/15/main/pg_hba.conf", settings, g=g)
+    rows = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+    assert ["host", "goc", "mt_sync", "10.1.0.12/32", "scram-sha-256"] in rows
+    assert ["host", "goc", "mt_sync", "10.1.0.13/32", "scram-sha-256"] in rows
+    assert ["host", "goc", "mt_status", "10.1.0.11/32", "scram-sha-256"] in rows
+    assert ["host", "goc", "mt_eye", "127.0.0.1/32", "scram-sha-256"] in rows
+    assert not any(r[0] == "host" and r[3].endswith("/0") for r in rows)
+    conf = render("goc/etc/postgresql/15/main/conf.d/mailtower.conf", settings, g=g)
+    assert "wal_level = logical" in conf

@@ -84,14 +84,39 @@ def known_hosts() -> Path:
     return state_dir() / "ssh" / "known_hosts"
 
 
+TOWER_SECRETS = (
+    "sql_relay",
+    "sql_scanner",
+    "sql_monitor",
+    "sql_replication",
+    "sql_sync",
+    "goc_sync",
+    "goc_status",
+)
+GOC_SECRETS = ("eye_db", "eye_operator")
+
+
 def secrets_file() -> Path:
-    """Passwords of the lab towers' SQL roles, generated once per lab."""
+    """Passwords of the lab's SQL roles and VirusEye operator, generated once per lab (a
+    password missing from an older lab's file is added; existing ones are kept)."""
     path = state_dir() / "secrets.json"
-    if not path.exists():
-        names = ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")
-        path.write_text(json.dumps({n: secrets.token_urlsafe(24) for n in names}, indent=2))
+    known = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {n: known.get(n) or secrets.token_urlsafe(24) for n in TOWER_SECRETS + GOC_SECRETS}
+    if wanted != known:
+        path.write_text(json.dumps(wanted, indent=2))
         path.chmod(0o600)
     return path
+
+
+def tower_secrets() -> dict[str, str]:
+    """The secrets a lab tower's settings take (TowerSettings.secrets)."""
+    every = json.loads(secrets_file().read_text())
+    return {n: every[n] for n in TOWER_SECRETS}
+
+
+def goc_secrets() -> dict[str, str]:
+    every = json.loads(secrets_file().read_text())
+    return {n: every[n] for n in TOWER_SECRETS + GOC_SECRETS}
 
 
 def tsig_key_file() -> Path:

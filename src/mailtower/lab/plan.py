@@ -16,6 +16,7 @@ DEFAULT_SCANNERS = 23
 # Third octet of each tower's site net (DESIGN.md address plan).
 TOWER_NETS = {"a": 1, "b": 2}
 INTERNET_NET = 0
+GOC_NET = 9
 CUSTOMER_FIRST = 101  # customer mail servers: 10.201.0.101, .102, …
 CUSTOMERS = 2  # customer mail servers in every lab
 LAB_ZONE = "lab"  # the lab's DNS zone: tower MX hosts, customer domains, the sender
@@ -77,12 +78,19 @@ def internet_hosts() -> list[LabHost]:
     ]
 
 
+def goc_host() -> LabHost:
+    """The lab's global operations centre: the PostgreSQL hub and VirusEye."""
+    return LabHost("mt-goc", IPv4Address(f"10.201.{GOC_NET}.10"), "goc")
+
+
 def lab_hosts(towers: tuple[str, ...] = ("a",), scanners: int = DEFAULT_SCANNERS) -> list[LabHost]:
-    """Every host of a lab with the given towers; a twin pair also gets DNS and a sender."""
+    """Every host of a lab with the given towers and the GOC; a twin pair also gets DNS and
+    a sender."""
     hosts: list[LabHost] = []
     for tower in towers:
         hosts += tower_hosts(tower, scanners)
     hosts += customer_hosts()
+    hosts.append(goc_host())
     if len(towers) > 1:
         hosts += internet_hosts()
     return hosts

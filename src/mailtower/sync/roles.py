@@ -53,43 +53,59 @@ def scram_matches(verifier: str | None, password: str) -> bool:
 
 def ensure_sync_role(conn: Conn, password: str | None, changes: Changes) -> None:
     """``mt_sync``: LOGIN REPLICATION, with ``password`` (None: leave the password alone)."""
+    ensure_login_role(conn, SYNC_ROLE, password, changes, replication=True)
+
+
+def ensure_login_role(
+    conn: Conn, name: str, password: str | None, changes: Changes, *, replication: bool = False
+) -> None:
+    """Role ``name`` with LOGIN (and REPLICATION), and ``password`` (None: leave it alone)."""
     row = conn.execute(
         "SELECT rolcanlogin, rolreplication, rolpassword FROM pg_authid WHERE rolname = %s",
-        (SYNC_ROLE,),
+        (name,),
     ).fetchone()
-    role = sql.Identifier(SYNC_ROLE)
+    role = sql.Identifier(name)
+    attributes = sql.SQL("LOGIN REPLICATION" if replication else "LOGIN")
     if row is None:
         if password is None:
-            raise SyncError(f"{changes.server}: role {SYNC_ROLE} is missing; give its password")
+            raise SyncError(f"{changes.server}: role {name} is missing; give its password")
         conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN REPLICATION PASSWORD {}").format(
-                role, sql.Literal(scram_verifier(password))
+            sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(
+                role, attributes, sql.Literal(scram_verifier(password))
             )
         )
-        changes.did(f"created role {SYNC_ROLE} (LOGIN REPLICATION)")
+        changes.did(f"created role {name} ({attributes.as_string(None)})")
         return
-    can_login, replication, verifier = row
-    if not (can_login and replication):
-        conn.execute(sql.SQL("ALTER ROLE {} LOGIN REPLICATION").format(role))
-        changes.did(f"gave role {SYNC_ROLE} LOGIN REPLICATION")
+    can_login, has_replication, verifier = row
+    if not can_login or (replication and not has_replication):
+        conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attributes))
+        changes.did(f"gave role {name} {attributes.as_string(None)}")
     if password is not None and not scram_matches(verifier, password):
         conn.execute(
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, sql.Literal(scram_verifier(password)))
         )
-        changes.did(f"set the password of role {SYNC_ROLE}")
+        changes.did(f"set the password of role {name}")
+
+
+def ensure_privileges(
+    conn: Conn, role: str, table: str, privileges: tuple[str, ...], changes: Changes
+) -> None:
+    """``privileges`` (e.g. SELECT, INSERT) on ``public.<table>`` for ``role``."""
+    for privilege in privileges:
+        if not scalar(
+            conn,
+            "SELECT has_table_privilege(%s, %s, %s)",
+            (role, f"public.{table}", privilege),
+        ):
+            conn.execute(
+                sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(privilege), sql.Identifier("public", table), sql.Identifier(role)
+                )
+            )
+            changes.did(f"granted {privilege} on {table} to {role}")
 
 
 def ensure_select(conn: Conn, tables: tuple[str, ...], changes: Changes) -> None:
     """SELECT for the sync role: the initial table copy and reconciliation read with it."""
     for table in tables:
-        if not scalar(
-            conn,
-            "SELECT has_table_privilege(%s, %s, 'SELECT')",
-            (SYNC_ROLE, f"public.{table}"),
-        ):
-            conn.execute(
-                sql.SQL("GRANT SELECT ON {} TO {}").format(
-                    sql.Identifier("public", table), sql.Identifier(SYNC_ROLE)
-                )
-            )
-            changes.did(f"granted SELECT on {table} to {SYNC_ROLE}")
+        ensure_privileges(conn, SYNC_ROLE, table, ("SELECT",), changes)

@@ -1,0 +1,211 @@
+"""GOC: the global operations centre. A PostgreSQL hub holding customers, domains, routes and
+policy (published to every tower) and the union of every tower's verdict events (subscribed
+from each), and VirusEye, the live outbreak view operators log in to.
+
+Host data ``goc`` (see inventory/lab_goc.py):
+
+- ``towers``: ``[{name, sql: [primary, standby], monitor}]``, the towers it syncs with
+- ``customers``: ``[{domain, server}]`` loaded at the GOC (operators add more there)
+- ``operators``: ``{name: password}`` who may log in to VirusEye
+- ``secrets``: ``sync`` (the GOC's mt_sync), ``status`` (mt_status), ``eye_db`` (mt_eye),
+  ``towers: {name: that tower's mt_sync password}``
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pyinfra import host
+from pyinfra.api import DeployError, FactBase, deploy
+from pyinfra.operations import files, postgres, server
+
+from mailtower.eye.auth import hash_password, parse_credentials, verify_password
+from mailtower.settings import Customer
+from mailtower.sync.deployed import GocSide, GocTower
+from roles import _common
+from roles._facts import SyncPending
+
+PG = "/etc/postgresql/15/main"
+SERVICE = "postgresql@15-main"
+PACKAGES = ["postgresql-15", "python3-venv", "curl"]
+OPERATORS = "/etc/mailtower/eye/operators"
+EYE_PORT = 8025
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GocTowerData(_Model):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    sql: list[IPv4Address] = Field(min_length=1, max_length=2)
+    monitor: IPv4Address
+
+
+class GocData(_Model):
+    """The ``goc`` host data, validated before anything is changed."""
+
+    database: str = "goc"
+    port: int = 5432
+    towers: list[GocTowerData] = []
+    customers: list[Customer] = []
+    operators: dict[str, str] = {}
+    secrets: dict[str, str | dict[str, str]]
+    eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with the two below
+    eye_tls_cert: str | None = None
+    eye_tls_key: str | None = None
+
+    def secret(self, name: str) -> str:
+        value = self.secrets.get(name)
+        if not isinstance(value, str) or len(value) < 16:
+            raise ValueError(f"secrets.{name}: a password of 16 characters or more is needed")
+        return value
+
+    def side(self) -> GocSide:
+        tower_passwords = self.secrets.get("towers")
+        if not isinstance(tower_passwords, dict):
+            raise ValueError("secrets.towers: {tower name: its mt_sync password} is needed")
+        towers = []
+        for t in self.towers:
+            if t.name not in tower_passwords:
+                raise ValueError(f"secrets.towers.{t.name}: the tower's mt_sync password")
+            towers.append(
+                GocTower(
+                    name=t.name,
+                    hosts=[str(ip) for ip in t.sql],
+                    sync_password=tower_passwords[t.name],
+                )
+            )
+        return GocSide(
+            dsn=f"dbname={self.database} port={self.port}",
+            sync_password=self.secret("sync"),
+            status_password=self.secret("status"),
+            eye_password=self.secret("eye_db"),
+            towers=towers,
+        )
+
+
+def goc_data() -> GocData:
+    try:
+        data = GocData.model_validate(host.data.get("goc") or {})
+        data.side()
+    except (ValidationError, ValueError) as exc:
+        raise DeployError(f"{host.name}: invalid 'goc' host data: {exc}") from exc
+    return data
+
+
+class EyeOperators(FactBase):
+    """VirusEye's operators file: name → stored scrypt hash ({} when missing)."""
+
+    def command(self) -> str:
+        return f"cat {OPERATORS} 2>/dev/null || true"
+
+    def process(self, output):
+        return parse_credentials("\n".join(output), OPERATORS)
+
+
+def _template(path: str, g: GocData, **extra):
+    return files.template(
+        name=f"Render /{path.split('/', 1)[1]}",
+        src=str(_common.TEMPLATES / f"{path}.j2"),
+        dest="/" + path.split("/", 1)[1],
+        g=g,
+        **extra,
+    )
+
+
+def _postgres(g: GocData):
+    ops = [
+        _template("goc/etc/postgresql/15/main/conf.d/mailtower.conf", g),
+        _template(
+            "goc/etc/postgresql/15/main/pg_hba.conf",
+            g,
+            mode="640",
+            user="postgres",
+            group="postgres",
+        ),
+    ]
+    _common.activate(SERVICE, _common.changes(ops))
+    postgres.database(
+        name=f"Ensure database {g.database}",
+        database=g.database,
+        owner="postgres",
+        _su_user="postgres",
+    )
+
+
+def _sync(g: GocData, install_op):
+    """Schema, roles, config publication, and every tower's events subscription."""
+    files.directory(name="Ensure /etc/mailtower/sync", path="/etc/mailtower/sync", mode="755")
+    side = _common.put_text(
+        g.side().model_dump_json(indent=2) + "\n",
+        "/etc/mailtower/sync/goc.json",
+        mode="600",
+        user="postgres",
+        group="postgres",
+    )
+    pending = host.get_fact(SyncPending, side="goc")
+    apply = server.shell(
+        name="Sync: GOC schema, config publication, every tower's events (mailtower sync goc)",
+        commands=["cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync goc'"],
+        _if=lambda: bool(pending) or side.did_change() or install_op.did_change(),
+    )
+    customers = _template("goc/etc/mailtower/goc/customers.sql", g)
+    server.shell(
+        name="Load the GOC's customers from its inventory data",
+        commands=[
+            f"cd /tmp && su postgres -c 'psql -v ON_ERROR_STOP=1 -q -d {g.database}"
+            " -f /etc/mailtower/goc/customers.sql'"
+        ],
+        _if=lambda: customers.did_change() or apply.did_change(),
+    )
+
+
+def _eye(g: GocData, install_op):
+    files.directory(
+        name="Ensure /etc/mailtower/eye",
+        path="/etc/mailtower/eye",
+        mode="750",
+        user="mailtower",
+        group="mailtower",
+    )
+    ops = [
+        _common.put_text(
+            f"127.0.0.1:{g.port}:{g.database}:mt_eye:{g.secret('eye_db')}\n",
+            "/etc/mailtower/eye/pgpass",
+            mode="600",
+            user="mailtower",
+            group="mailtower",
+        ),
+        _template("goc/etc/systemd/system/mailtower-eye.service", g),
+    ]
+    # Hashes are salted: the file is rewritten only when an operator is missing, removed or
+    # has another password, so an unchanged GOC changes nothing.
+    stored = host.get_fact(EyeOperators)
+    same = set(stored) == set(g.operators) and all(
+        verify_password(password, stored[name]) for name, password in g.operators.items()
+    )
+    if not same:
+        lines = ["# VirusEye operators (mailtower-eye operator add|remove): name:scrypt hash"]
+        lines += [f"{n}:{hash_password(p)}" for n, p in sorted(g.operators.items())]
+        ops.append(
+            _common.put_text(
+                "\n".join(lines) + "\n", OPERATORS, mode="600", user="mailtower", group="mailtower"
+            )
+        )
+    _common.activate(
+        "mailtower-eye",
+        lambda: _common.changes(ops)() or install_op.did_change(),
+        daemon_reload=True,
+    )
+
+
+@deploy("mailtower goc")
+def deploy_goc():
+    g = goc_data()
+    _common.service_user()
+    install_op = _common.install_stack()
+    _postgres(g)
+    _sync(g, install_op)
+    _eye(g, install_op)

@@ -1,0 +1,132 @@
+"""``mailtower sync tower|goc`` as the roles run it: the check lists exactly what the apply
+does, a second apply changes nothing, a tower not deployed yet is reported and skipped, and
+after a promotion the GOC follows the new primary. Real PostgreSQL 15 clusters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pgclusters import wait_until
+from synclab import (
+    GOC_SYNC_PASSWORD,
+    TOWER_SYNC_PASSWORD,
+    SyncLab,
+    add_customer,
+    flush_events,
+    make_events,
+    route_of,
+)
+
+from mailtower.cli import main as mailtower
+from mailtower.sync import deployed, event_count, names
+
+pytestmark = pytest.mark.integration
+
+TOWER = "tower-a"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[SyncLab]:
+    lab = SyncLab.create([TOWER], standby_for=[TOWER], wal_retrieve_retry_interval="1s")
+    try:
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def _goc_side(lab: SyncLab) -> deployed.GocSide:
+    tower = lab.towers[TOWER]
+    assert tower.standby is not None
+    return deployed.GocSide(
+        dsn=lab.goc.dsn(),
+        sync_password=GOC_SYNC_PASSWORD,
+        status_password="status-password-0123",
+        eye_password="eye-password-0123456",
+        towers=[
+            deployed.GocTower(
+                name=TOWER,
+                hosts=[f"127.0.0.1:{tower.primary.port}", f"127.0.0.1:{tower.standby.port}"],
+                sync_password=TOWER_SYNC_PASSWORD,
+            )
+        ],
+    )
+
+
+def _tower_side(lab: SyncLab, primary: bool = True) -> deployed.TowerSide:
+    tower = lab.towers[TOWER]
+    cluster = tower.primary if primary else tower.standby
+    assert cluster is not None
+    return deployed.TowerSide(
+        tower=TOWER,
+        dsn=cluster.dsn(),
+        goc_conninfo=lab.goc_conninfo(),
+        sync_password=TOWER_SYNC_PASSWORD,
+    )
+
+
+def test_the_whole_sync_from_the_deploy_commands(lab: SyncLab, tmp_path: Path) -> None:
+    goc, tower = _goc_side(lab), _tower_side(lab)
+    # The GOC first: its objects; the tower has no sync role yet, so it is skipped.
+    assert deployed.goc_pending(goc)
+    first = deployed.goc_apply(goc)
+    assert first.changes.changed and not first.followed
+    assert "no primary reachable as mt_sync" in first.skipped[TOWER]
+    add_customer(lab.goc, "deployed.example")
+    # The tower: pending until applied; the standby has nothing to do.
+    assert deployed.tower_pending(tower)
+    assert deployed.tower_pending(_tower_side(lab, primary=False)) == []
+    assert deployed.tower_apply(tower).changed
+    assert deployed.tower_pending(tower) == []
+    # The GOC again: now it follows the tower's primary, found among both hosts.
+    assert deployed.goc_pending(goc) == [
+        f"subscribe {names.events_subscription(TOWER)} to "
+        f"127.0.0.1:{lab.towers[TOWER].primary.port}"
+    ]
+    second = deployed.goc_apply(goc)
+    assert second.followed == {TOWER: f"127.0.0.1:{lab.towers[TOWER].primary.port}"}
+    assert deployed.goc_pending(goc) == []
+    assert not deployed.goc_apply(goc).changes.changed
+    assert not deployed.tower_apply(tower).changed
+    # Config down, events up.
+    primary = lab.towers[TOWER].primary
+    wait_until(lambda: route_of(primary, "deployed.example") is not None, 30, "config at tower")
+    flush_events(lab.towers[TOWER], make_events(TOWER, 50))
+    wait_until(lambda: event_count(lab.goc.dsn(), TOWER) == 50, 30, "events at the GOC")
+
+
+def test_cli_check_and_apply_exit_codes(lab: SyncLab, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "tower.json"
+    config.write_text(_tower_side(lab).model_dump_json())
+    assert mailtower(["sync", "tower", "--config", str(config), "--check"]) == 0
+    assert mailtower(["sync", "tower", "--config", str(config)]) == 0
+    assert "no change" in capsys.readouterr().out
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"tower": TOWER}))
+    assert mailtower(["sync", "tower", "--config", str(broken), "--check"]) == 1
+    assert "invalid sync settings" in capsys.readouterr().err
+    assert mailtower(["sync", "goc", "--config", str(tmp_path / "missing.json")]) == 1
+    assert "not found; deploy the host first" in capsys.readouterr().err
+
+
+def test_after_a_promotion_the_deploy_commands_follow_the_new_primary(lab: SyncLab) -> None:
+    tower = lab.towers[TOWER]
+    assert tower.standby is not None
+    flush_events(tower, make_events(TOWER, 30))
+    wait_until(lambda: event_count(lab.goc.dsn(), TOWER) == 80, 30, "events before")
+    tower.primary.stop()
+    tower.standby.promote()
+    wait_until(lambda: not tower.standby.in_recovery(), 30, "promotion")
+    promoted = _tower_side(lab, primary=False)
+    assert any("timeline" in line for line in deployed.tower_pending(promoted))
+    deployed.tower_apply(promoted)
+    assert deployed.tower_pending(promoted) == []
+    goc = _goc_side(lab)
+    assert any("re-point" in line for line in deployed.goc_pending(goc))
+    report = deployed.goc_apply(goc)
+    assert report.followed == {TOWER: f"127.0.0.1:{tower.standby.port}"}
+    assert deployed.goc_pending(goc) == []
+    flush_events(tower, make_events(TOWER, 20))
+    wait_until(lambda: event_count(lab.goc.dsn(), TOWER) == 100, 30, "events after")
