@@ -9,6 +9,8 @@ invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet 
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
 invoke bench.scanner             scand against amavisd-new on this machine (same clamd, corpus)
+invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sync
+invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
 """
 
 from __future__ import annotations
@@ -335,6 +337,56 @@ def scanner(c, messages=2000, seed=3, amavisd_children=4):
     _say(f"scanner bench figures written to {out.relative_to(ROOT)}")
 
 
+def _sql_tower(tower: str, goc: str):
+    from mailtower import sqlpair
+
+    goc_path = inventory_path(goc) if goc else None
+    try:
+        return sqlpair.Tower.load(inventory_path(tower), goc_path)
+    except sqlpair.PairError as exc:
+        raise Exit(f"sql: {exc}", code=2) from exc
+
+
+def _goc_default(tower: str) -> str:
+    return "lab-goc" if _lab_towers(tower) else ""
+
+
+@task(
+    help={
+        "tower": "inventory/<tower>.py",
+        "goc": "the GOC's inventory (default for lab towers: lab-goc; none: no GOC)",
+    }
+)
+def sql_failover(c, tower="lab-a", goc=None):
+    """Promote the tower's SQL standby (the primary is dead or fenced), re-point the GOC sync."""
+    from mailtower import sqlpair
+
+    pair = _sql_tower(tower, _goc_default(tower) if goc is None else goc)
+    try:
+        timings = sqlpair.failover(pair, _say)
+    except sqlpair.PairError as exc:
+        raise Exit(f"sql.failover {tower}: {exc}", code=1) from exc
+    print(json.dumps({k: round(v, 2) for k, v in timings.items()}))
+
+
+@task(help={"tower": "inventory/<tower>.py", "host": "the SQL host to make a standby again"})
+def sql_rebuild(c, tower="lab-a", host=""):
+    """Clone ``host`` afresh from the tower's current SQL primary and start it as its standby."""
+    from mailtower import sqlpair
+
+    if not host:
+        raise Exit("sql.rebuild: give --host ADDRESS (the SQL host to rebuild)", code=2)
+    pair = _sql_tower(tower, "")
+    try:
+        sqlpair.rebuild(pair, host, _say)
+    except sqlpair.PairError as exc:
+        raise Exit(f"sql.rebuild {tower}: {exc}", code=1) from exc
+
+
+sql_ns = Collection("sql")
+sql_ns.add_task(sql_failover, name="failover")
+sql_ns.add_task(sql_rebuild, name="rebuild")
+
 bench_ns = Collection("bench")
 bench_ns.add_task(bench, name="tower", default=True)
 bench_ns.add_task(scanner)
@@ -345,4 +397,4 @@ lab_ns.add_task(up)
 lab_ns.add_task(down)
 lab_ns.add_task(status)
 
-ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns)
+ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns)

@@ -182,7 +182,7 @@ def _eye(g: GocData, install_op):
     ]
     # Hashes are salted: the file is rewritten only when an operator is missing, removed or
     # has another password, so an unchanged GOC changes nothing.
-    stored = host.get_fact(EyeOperators)
+    stored = host.get_fact(EyeOperators) or {}  # None when the file is absent
     same = set(stored) == set(g.operators) and all(
         verify_password(password, stored[name]) for name, password in g.operators.items()
     )

@@ -8,6 +8,7 @@ from pyinfra.api import deploy
 from pyinfra.facts.files import File
 from pyinfra.operations import files, postgres, server
 
+from mailtower.sqlpair import clone_commands, standby_slot
 from mailtower.sync.deployed import TowerSide
 from mailtower.sync.names import SYNC_ROLE
 from roles import _common
@@ -124,17 +125,11 @@ def _sync(ops):
 def _standby(ops):
     s = settings()
     # A fresh standby is cloned from the primary once; afterwards it follows by streaming.
-    slot = "standby_" + host_address().replace(".", "_")  # keeps WAL until the standby has it
+    slot = standby_slot(host_address())  # keeps WAL until the standby has it
     need_clone = host.get_fact(File, path=f"{DATA}/standby.signal") is None
     server.shell(
         name=f"Clone the standby from the primary {s.sql_primary}",
-        commands=[
-            f"systemctl stop {SERVICE}",
-            f"rm -rf {DATA}",
-            f"cd /tmp && su postgres -c 'pg_basebackup -h {s.sql_primary}"
-            f" -p {s.ports.postgres} -U replicator -D {DATA} -R -X stream -c fast -C -S {slot}"
-            f" --no-password'",
-        ],
+        commands=clone_commands(str(s.sql_primary), s.ports.postgres, slot),
         _if=lambda: need_clone,
     )
     changed = _common.changes(ops)

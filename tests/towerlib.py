@@ -128,12 +128,7 @@ class Tower(Hosts):
 
     def psql(self, query: str, host: testinfra.host.Host | None = None) -> str:
         """Run a query on the primary (or ``host``) as postgres; return unaligned output."""
-        target = host or self.sql_primary()
-        b64 = base64.b64encode(query.encode()).decode()
-        return target.check_output(
-            f"echo {b64} | base64 -d | (cd /tmp && su postgres -c "
-            f"'psql -X -q -tA -v ON_ERROR_STOP=1 -d {self.settings.sql_database}')"
-        ).strip()
+        return psql(host or self.sql_primary(), self.settings.sql_database, query)
 
     def pool(self) -> dict[str, dict]:
         """The monitor's view of the scanner pool: name → state."""
@@ -160,6 +155,15 @@ class Tower(Hosts):
                 row = dict(zip(header, line.split(), strict=False))
                 states[row["srv_name"]] = int(row["srv_admin_state"])
         return states
+
+
+def psql(node: testinfra.host.Host, database: str, query: str) -> str:
+    """Run ``query`` on ``node`` as postgres in ``database``; return unaligned output."""
+    b64 = base64.b64encode(query.encode()).decode()
+    return node.check_output(
+        f"echo {b64} | base64 -d | (cd /tmp && su postgres -c "
+        f"'psql -X -q -tA -v ON_ERROR_STOP=1 -d {database}')"
+    ).strip()
 
 
 MAILDIR = "/var/mail/vhosts/catchall"

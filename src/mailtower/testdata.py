@@ -17,6 +17,20 @@ _EICAR_PARTS = (
 _MARKER_PARTS = ("MAILTOWER", "-TEST-SIGNATURE-", "7f3c1a9e")
 
 
+# Test outbreaks: distinct virus names the lab's signatures give, so a test can start an
+# outbreak the GOC has never seen (VirusEye's "new outbreak") on a lab that already saw EICAR.
+OUTBREAKS = 100
+
+
+def outbreak_name(index: int) -> str:
+    return f"Mailtower.Test.Outbreak-{index:02d}"
+
+
+def outbreak_marker(index: int) -> bytes:
+    """The harmless pattern the lab's signatures call ``outbreak_name(index)``."""
+    return f"MAILTOWER-TEST-OUTBREAK-{index:02d}-c41e".encode()
+
+
 def eicar() -> bytes:
     """The 68-byte EICAR test file."""
     return "".join(_EICAR_PARTS).encode()
@@ -35,6 +49,10 @@ def clamav_signatures() -> dict[str, str]:
             (
                 f"Mailtower.Test.EICAR:0:*:{data.hex()}\n",
                 f"Mailtower.Test.Marker:0:*:{marker().hex()}\n",
+                *(
+                    f"{outbreak_name(i)}:0:*:{outbreak_marker(i).hex()}\n"
+                    for i in range(OUTBREAKS)
+                ),
             )
         ),
         "mailtower-test.hdb": (

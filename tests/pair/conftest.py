@@ -18,10 +18,10 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 import pytest
-from towerlib import MAILDIR, ROOT, Hosts, Tower, start_postfix, stop_postfix, wait_for
+from towerlib import MAILDIR, ROOT, Hosts, Tower, psql, start_postfix, stop_postfix, wait_for
 
 SENDER_PORT = 25
-__all__ = ["ROOT", "Pair", "latencies", "percentile", "submit_spread"]
+__all__ = ["ROOT", "Pair", "goc_events", "latencies", "percentile", "submit_spread", "token_of"]
 CUT_TABLE = "mailtower_lab_cut"  # nftables table on the controller that cuts a site off
 
 
@@ -36,6 +36,18 @@ class Pair:
         self.dns_addr = self.internet.inventory.groups["dns"][0].address
         self.customers = self.towers["a"].settings.customers
         self.hostnames = {k: t.settings.hostname for k, t in self.towers.items()}
+        goc = self.internet.inventory.groups["goc"][0]
+        self.goc_name, self.goc_addr = goc.name, goc.address
+        self.goc_data = self.internet.inventory.group_data["goc"]["goc"]
+
+    # -- the GOC -----------------------------------------------------------------------------
+
+    def goc(self):
+        return self.internet.node(self.goc_name)
+
+    def goc_sql(self, query: str) -> str:
+        """A query in the GOC's hub database, as postgres on the GOC."""
+        return psql(self.goc(), self.goc_data.get("database", "goc"), query)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -46,23 +58,27 @@ class Pair:
     def token() -> str:
         return uuid.uuid4().hex
 
-    def message(self, token: str, rcpt: str, sender: str = "someone@internet.lab") -> EmailMessage:
+    def message(
+        self, token: str, rcpt: str, sender: str = "someone@internet.lab", body: str = ""
+    ) -> EmailMessage:
         msg = EmailMessage()
         msg["From"] = sender
         msg["To"] = rcpt
         msg["Subject"] = f"mailtower pair verification {token}"
         msg["Message-ID"] = make_msgid(idstring=token, domain="internet.lab")
         msg["X-Test-Token"] = token
-        msg.set_content(f"Hello through the twin towers, {token}.\n")
+        msg.set_content(f"Hello through the twin towers, {token}.\n{body}")
         return msg
 
-    def submit(self, rcpt: str, count: int = 1, sender: str = "someone@internet.lab") -> list[str]:
+    def submit(
+        self, rcpt: str, count: int = 1, sender: str = "someone@internet.lab", body: str = ""
+    ) -> list[str]:
         """Hand ``count`` messages to the internet's sender; return their tokens."""
         tokens = [self.token() for _ in range(count)]
         with smtplib.SMTP(self.sender_addr, SENDER_PORT, timeout=30) as smtp:
             smtp.ehlo("verify.internet.lab")
             for token in tokens:
-                smtp.send_message(self.message(token, rcpt, sender), sender, [rcpt])
+                smtp.send_message(self.message(token, rcpt, sender, body), sender, [rcpt])
         return tokens
 
     # -- reading back ------------------------------------------------------------------------
@@ -151,6 +167,34 @@ class Pair:
 def pair() -> Pair:
     subprocess.run(["nft", "delete", "table", "bridge", CUT_TABLE], capture_output=True)
     return Pair()
+
+
+def token_of(message_id: str) -> str:
+    """The test token in a Message-ID made by Pair.message (``<….TOKEN@internet.lab>``)."""
+    return message_id.strip("<>").split("@", 1)[0].rsplit(".", 1)[-1]
+
+
+def goc_events(pair: Pair, tokens: set[str]) -> list[dict]:
+    """The GOC's events of these messages (sent from the internet's sender)."""
+    out = pair.goc_sql(
+        "SELECT event_id, tower, message_id, extract(epoch FROM scanned_at),"
+        " extract(epoch FROM received_at) FROM verdict_events"
+        " WHERE message_id LIKE '%@internet.lab>' AND received_at > now() - interval '2 hours'"
+    )
+    rows = []
+    for line in out.splitlines():
+        event_id, tower, message_id, scanned, received = line.split("|")
+        if token_of(message_id) in tokens:
+            rows.append(
+                {
+                    "event_id": event_id,
+                    "tower": tower,
+                    "token": token_of(message_id),
+                    "scanned_at": float(scanned),
+                    "received_at": float(received),
+                }
+            )
+    return rows
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import eyebrowser
 import pytest
 from eye_fixtures import ROOT, add_event, finding, goc_hub
 from scand_fakes import free_port, wait_until
@@ -28,20 +29,15 @@ from mailtower.eye.status import TowerStatus, upsert_tower_status
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 EYE = Path(sys.executable).with_name("mailtower-eye")
 SCREENSHOT = ROOT / "tests" / "output" / "viruseye.png"
 PASSWORD = "operator password for the browser test"
-DEADLINE_S = 60.0  # generous: CI machines can be loaded; a pass takes about a second
 
-if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+if not eyebrowser.available():
     pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (after the skip: selenium is a controller extra)
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 def seed(conn: Any) -> None:
@@ -149,24 +145,8 @@ def eye_url(hub: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    profile = tempfile.mkdtemp(prefix="mailtower-eye-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # we run as root in CI
-        "--disable-dev-shm-usage",
-        "--window-size=1600,1100",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console: CSP, JS errors
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with eyebrowser.chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture
@@ -179,15 +159,11 @@ def page(browser: webdriver.Chrome, eye_url: str) -> webdriver.Chrome:
 
 
 def wait(driver: webdriver.Chrome, condition: Any, what: str) -> Any:
-    return WebDriverWait(driver, DEADLINE_S, poll_frequency=0.1).until(
-        lambda d: condition(d), message=f"waiting {DEADLINE_S}s for {what}"
-    )
+    return eyebrowser.wait(driver, condition, what)
 
 
 def log_in(driver: webdriver.Chrome, password: str) -> None:
-    driver.find_element(By.ID, "name").send_keys("alice")
-    driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "login-button").click()
+    eyebrowser.log_in(driver, "alice", password)
 
 
 def status_of(url: str) -> int:
@@ -216,26 +192,7 @@ def test_wrong_password_refused(page: webdriver.Chrome, eye_url: str) -> None:
     assert page.current_url == f"{eye_url}/login"
 
 
-# What the page shows, read in one script run: the page redraws every refresh, so elements
-# found one by one could belong to different snapshots (or be gone: stale element errors).
-PAGE_STATE = """
-const all = (selector) => [...document.querySelectorAll(selector)];
-return {
-  live: document.getElementById("live").textContent,
-  towers: Object.fromEntries(all("#towers .tower").map(
-    (card) => [card.dataset.tower, card.querySelector(".state").textContent])),
-  engines: all("#engines .engine").map((e) => e.dataset.engine),
-  lines: all("#timeline polyline").length,
-  outbreaks: Object.fromEntries(all("#outbreaks tbody tr").map(
-    (row) => [row.dataset.virus, {text: row.innerText, classes: row.className}])),
-  toasts: all("#toasts .toast").map((t) => t.innerText),
-  mark: window.__viruseyeMark || null,
-};
-"""
-
-
-def page_state(driver: webdriver.Chrome) -> dict[str, Any]:
-    return dict(driver.execute_script(PAGE_STATE))
+page_state = eyebrowser.page_state
 
 
 def test_new_outbreak_appears_live(page: webdriver.Chrome, eye_url: str, hub: Any) -> None:
@@ -296,7 +253,4 @@ def test_logout(page: webdriver.Chrome, eye_url: str) -> None:
 
 
 def save_screenshot(driver: webdriver.Chrome) -> None:
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    height = int(driver.execute_script("return document.documentElement.scrollHeight;"))
-    driver.set_window_size(1600, max(1100, height + 40))
-    assert driver.save_screenshot(str(SCREENSHOT)), f"could not write {SCREENSHOT}"
+    eyebrowser.save_screenshot(driver, SCREENSHOT)

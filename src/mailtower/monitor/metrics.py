@@ -10,7 +10,7 @@ from mailtower.monitor.pool import MAINT, READY, Pool
 class MonitorMetrics:
     """Every metric the monitor exports."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, goc: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.scanner_up = Gauge(
@@ -51,6 +51,27 @@ class MonitorMetrics:
             "1 if the last replication query on the SQL primary succeeded",
             registry=r,
         )
+        if goc:  # a tower without a GOC has no report to fail: no series that says it does
+            self.goc_status_up = Gauge(
+                "mailtower_goc_status_up",
+                "1 if the last report of the tower's state to the GOC succeeded, 0 if it failed",
+                registry=r,
+            )
+            self.goc_status_last_success = Gauge(
+                "mailtower_goc_status_last_success_timestamp_seconds",
+                "Unix time of the last report of the tower's state to the GOC that succeeded",
+                registry=r,
+            )
+            self.goc_status_failures = Counter(
+                "mailtower_goc_status_failures",
+                "Reports of the tower's state that the GOC did not take",
+                registry=r,
+            )
+            self.goc_status_skipped = Counter(
+                "mailtower_goc_status_skipped",
+                "Reports not sent because the relay's queue size could not be read",
+                registry=r,
+            )
         # Every series exists from the start, so rate() and absent() work before any event.
         for s in pool.scanners:
             self.scanner_up.labels(s.name, s.address).set(0)

@@ -1,4 +1,5 @@
-"""The monitor's loops: health probes, HAProxy reconciliation, SQL replication, HTTP."""
+"""The monitor's loops: health probes, HAProxy reconciliation, SQL replication, the tower's
+state to the GOC, HTTP."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mailtower.monitor import health, http, replication
+from mailtower.eye.status import TowerStatus
+from mailtower.monitor import goc_status, health, http, replication
+from mailtower.monitor.goc_status import GocStatusWriter, RelayQueueError
 from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import MAINT, READY, Pool, Transition
@@ -20,6 +23,35 @@ log = logging.getLogger("mailtower.monitor")
 
 RECONCILE_INTERVAL_S = 10.0  # catches a relay restart that lost the monitor's settings
 SQL_INTERVAL_S = 5.0
+RELAY_QUEUE_TIMEOUT_S = 3.0  # the relay exporter counts a few directories: quick when up
+# A GOC write still running after this (connect_timeout 3 s + statement_timeout 3 s) waits on
+# a GOC that does not answer at all: it is aborted and counted as failed. Until it has ended,
+# the next rounds fail at once, so threads never pile up.
+GOC_WRITE_TIMEOUT_S = 10.0
+FAILURE_LOG_EVERY_S = 60.0  # a failure that lasts is logged once a minute, not every round
+
+
+class _FailureLog:
+    """Rate limit for a lasting failure: log the first one, then one every ``every_s``."""
+
+    def __init__(self, every_s: float = FAILURE_LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self.failures = 0  # in the current streak
+        self._next_log = 0.0
+
+    def failed(self) -> bool:
+        """Count a failure; True when this one should be logged."""
+        self.failures += 1
+        now = time.monotonic()
+        if self.failures == 1 or now >= self._next_log:
+            self._next_log = now + self.every_s
+            return True
+        return False
+
+    def recovered(self) -> int:
+        """End the streak; return how many failures it had (0: there was none)."""
+        failures, self.failures = self.failures, 0
+        return failures
 
 
 class Monitor:
@@ -40,13 +72,24 @@ class Monitor:
             recover_after=limits.recover_after,
             now=time.time(),
         )
-        self.metrics = MonitorMetrics(self.pool)
+        self.metrics = MonitorMetrics(self.pool, goc=settings.goc is not None)
         self.haproxy = RuntimeAPI(str(settings.hosts.relay), settings.ports.haproxy_runtime)
         self.reconcile_interval_s = reconcile_interval_s
         self.sql_interval_s = sql_interval_s
         self.http_port: int | None = None  # the bound port, once serving
         self._reconcile_due = 0.0  # monotonic time of the next reconciliation
         self._sql_ok: bool | None = None
+        # Largest replay lag of the last SQL check; None: no standby streams, or no answer.
+        self.replication_lag_s: float | None = None
+        self.goc_writer: GocStatusWriter | None = None
+        if settings.goc is not None:
+            password = settings.secrets.goc_status
+            if password is None:  # TowerSettings refuses this; keeps mypy informed
+                raise ValueError("settings.goc needs secrets.goc_status")
+            self.goc_writer = GocStatusWriter(settings.goc_conninfo("mt_status", password))
+        self._goc_write: asyncio.Future[None] | None = None  # the write in its thread, if any
+        self._goc_log = _FailureLog()
+        self._relay_queue_log = _FailureLog()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve HTTP and run the loops until ``stop`` is set."""
@@ -63,6 +106,8 @@ class Monitor:
             asyncio.create_task(self._health_loop(stop), name="health"),
             asyncio.create_task(self._sql_loop(stop), name="sql"),
         ]
+        if self.goc_writer is not None:
+            tasks.append(asyncio.create_task(self._goc_loop(stop), name="goc-status"))
         try:
             await stop.wait()
         finally:
@@ -193,6 +238,7 @@ class Monitor:
             standbys = await asyncio.to_thread(replication.query_standbys, dsn, primary)
         except Exception as exc:  # psycopg errors, DNS, anything: a metric, never a crash
             self.metrics.sql_up.set(0)
+            self.replication_lag_s = None  # unknown now: an old value would look current
             if self._sql_ok is not False:
                 log.error("event=sql_down host=%s port=%d error=%r", primary, s.ports.postgres, exc)
             self._sql_ok = False
@@ -200,10 +246,120 @@ class Monitor:
         self.metrics.sql_up.set(1)
         streaming = [sb for sb in standbys if sb.state == "streaming"]
         self.metrics.sql_streaming.set(len(streaming))
-        self.metrics.sql_lag.set(max((sb.lag_s for sb in standbys), default=0.0))
+        lag = max((sb.lag_s for sb in standbys), default=0.0)
+        self.metrics.sql_lag.set(lag)
+        self.replication_lag_s = lag if streaming else None
         if self._sql_ok is not True:
             log.info("event=sql_up host=%s standbys_streaming=%d", primary, len(streaming))
         self._sql_ok = True
+
+    # -- the tower's state to the GOC (VirusEye) ----------------------------------------------
+
+    async def _goc_loop(self, stop: asyncio.Event) -> None:
+        goc = self.settings.goc
+        assert goc is not None and self.goc_writer is not None
+        log.info(
+            "event=goc_status_start host=%s port=%d interval_s=%g",
+            goc.address,
+            goc.port,
+            goc.status_interval_s,
+        )
+        # The first report after one interval: the pool has been probed by then.
+        next_tick = time.monotonic() + goc.status_interval_s
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, next_tick - time.monotonic()))
+                if stop.is_set():
+                    return
+                await self.report_status()
+                next_tick = max(next_tick + goc.status_interval_s, time.monotonic())
+        finally:
+            pending = self._goc_write
+            if pending is not None and not pending.done():
+                # Its thread must end, or asyncio.run would wait for it at exit.
+                self.goc_writer.abort()
+                pending.cancel()
+            else:
+                self.goc_writer.close()
+
+    def tower_status(self, queue_size: int) -> TowerStatus:
+        """The row VirusEye shows for this tower, as the monitor knows it now."""
+        scanners = self.pool.scanners
+        return TowerStatus(
+            tower=self.settings.name,
+            # in HAProxy's rotation and answering: the scanners taking mail now
+            scanners_up=sum(1 for s in scanners if s.enabled and s.healthy),
+            scanners_total=len(scanners),
+            queue_size=queue_size,
+            replication_lag_s=self.replication_lag_s,
+        )
+
+    async def report_status(self) -> bool:
+        """Send the tower's state to the GOC once; False if skipped or failed (and logged)."""
+        s, m = self.settings, self.metrics
+        assert s.goc is not None
+        relay, port = str(s.hosts.relay), s.ports.relay_exporter
+        try:
+            queued = await goc_status.read_queue_size(relay, port, RELAY_QUEUE_TIMEOUT_S)
+        except RelayQueueError as exc:
+            # queue_size is NOT NULL and a 0 would be a lie: no row this round; VirusEye
+            # sees the row's updated_at age instead.
+            m.goc_status_skipped.inc()
+            if self._relay_queue_log.failed():
+                log.error(
+                    "event=goc_status_skipped reason=relay_queue_unreadable relay=%s:%d "
+                    "failures=%d error=%r",
+                    relay,
+                    port,
+                    self._relay_queue_log.failures,
+                    str(exc),
+                )
+            return False
+        if failures := self._relay_queue_log.recovered():
+            log.info(
+                "event=relay_queue_readable relay=%s:%d after_failures=%d", relay, port, failures
+            )
+        try:
+            await self._write_goc(self.tower_status(queued))
+        except Exception as exc:  # psycopg errors, DNS, timeouts: a metric and a log line
+            m.goc_status_up.set(0)
+            m.goc_status_failures.inc()
+            if self._goc_log.failed():
+                log.error(
+                    "event=goc_status_failed host=%s port=%d failures=%d error=%r",
+                    s.goc.address,
+                    s.goc.port,
+                    self._goc_log.failures,
+                    str(exc) or type(exc).__name__,
+                )
+            return False
+        m.goc_status_up.set(1)
+        m.goc_status_last_success.set(time.time())
+        if failures := self._goc_log.recovered():
+            log.info(
+                "event=goc_status_ok host=%s port=%d after_failures=%d",
+                s.goc.address,
+                s.goc.port,
+                failures,
+            )
+        return True
+
+    async def _write_goc(self, status: TowerStatus) -> None:
+        writer = self.goc_writer
+        assert writer is not None
+        pending = self._goc_write
+        if pending is not None and not pending.done():
+            raise TimeoutError("the previous report is still waiting for the GOC")
+        write = asyncio.ensure_future(asyncio.to_thread(writer.write, status))
+        # Retrieved here even when nobody awaits it any more (timed out, or stopping).
+        write.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._goc_write = write
+        try:
+            await asyncio.wait_for(asyncio.shield(write), GOC_WRITE_TIMEOUT_S)
+        except TimeoutError:
+            writer.abort()
+            raise TimeoutError(f"no answer within {GOC_WRITE_TIMEOUT_S:g}s") from None
 
     # -- HTTP ------------------------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""VirusEye in Debian's headless Chromium (selenium): the browser, the login, and what the page
+shows; used by tests/unit/test_eye_browser.py (a local hub) and tests/pair (the lab's GOC)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+DEADLINE_S = 60.0  # generous: CI machines can be loaded; a pass takes about a second
+
+
+def available() -> bool:
+    return CHROMIUM.exists() and CHROMEDRIVER.exists()
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="mailtower-eye-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # we run as root in CI
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1100",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console: CSP, JS errors
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(driver: Any, condition: Any, what: str, deadline_s: float = DEADLINE_S) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, deadline_s, poll_frequency=0.1).until(
+        lambda d: condition(d), message=f"waiting {deadline_s}s for {what}"
+    )
+
+
+def log_in(driver: Any, name: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "name").send_keys(name)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "login-button").click()
+
+
+# What the page shows, read in one script run: the page redraws every refresh, so elements
+# found one by one could belong to different snapshots (or be gone: stale element errors).
+PAGE_STATE = """
+const all = (selector) => [...document.querySelectorAll(selector)];
+return {
+  live: document.getElementById("live").textContent,
+  towers: Object.fromEntries(all("#towers .tower").map(
+    (card) => [card.dataset.tower, card.querySelector(".state").textContent])),
+  engines: all("#engines .engine").map((e) => e.dataset.engine),
+  lines: all("#timeline polyline").length,
+  outbreaks: Object.fromEntries(all("#outbreaks tbody tr").map(
+    (row) => [row.dataset.virus, {text: row.innerText, classes: row.className}])),
+  toasts: all("#toasts .toast").map((t) => t.innerText),
+  mark: window.__viruseyeMark || null,
+};
+"""
+
+
+def page_state(driver: Any) -> dict[str, Any]:
+    return dict(driver.execute_script(PAGE_STATE))
+
+
+def save_screenshot(driver: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height = int(driver.execute_script("return document.documentElement.scrollHeight;"))
+    driver.set_window_size(1600, max(1100, height + 40))
+    assert driver.save_screenshot(str(path)), f"could not write {path}"

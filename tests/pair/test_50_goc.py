@@ -1,0 +1,278 @@
+"""The GOC (10.201.9.10) and both towers, synced by PostgreSQL logical replication: the sync
+objects the deploys made, configuration down (a customer added at the GOC is accepted by both
+relays), events up (mail through the towers is counted at the GOC), and a GOC outage (the
+towers keep carrying mail, the GOC catches up with every event once, none twice).
+
+Figures: tests/output/figures.json (goc_*), copied into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import Pair, goc_events, percentile, token_of
+from towerlib import record_figure, wait_for
+
+from mailtower.sync import names
+
+TOWERS = ("a", "b")
+# Messages sent for the events-up figure (MAILTOWER_GOC_EVENTS=1000 for the benchmark run).
+EVENTS = int(os.environ.get("MAILTOWER_GOC_EVENTS", "100"))
+CUSTOMERS_ADDED = 5
+
+
+def tower_event_ids(pair: Pair, tokens: set[str]) -> set[str]:
+    """Event ids of these messages at both towers' primaries."""
+    ids = set()
+    for key in TOWERS:
+        out = pair.towers[key].psql(
+            "SELECT event_id, message_id FROM verdict_events"
+            " WHERE message_id LIKE '%@internet.lab>'"
+            " AND scanned_at > now() - interval '2 hours'"
+        )
+        for line in out.splitlines():
+            event_id, message_id = line.split("|")
+            if token_of(message_id) in tokens:
+                ids.add(event_id)
+    return ids
+
+
+def rcpt_answer(address: str, rcpt: str) -> int:
+    with smtplib.SMTP(address, 25, timeout=10) as smtp:
+        smtp.ehlo("goc-check.internet.lab")
+        smtp.mail("someone@internet.lab")
+        code, _ = smtp.rcpt(rcpt)
+        smtp.rset()
+    return code
+
+
+def http_status(url: str) -> tuple[int, str]:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(url, timeout=5) as response:
+            return int(response.status), ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location", "")
+
+
+# -- what the deploys made ---------------------------------------------------------------------
+
+
+def test_goc_publishes_config_and_follows_both_towers(pair: Pair) -> None:
+    goc = pair.goc()
+    assert goc.service("postgresql@15-main").is_running
+    assert pair.goc_sql("SHOW wal_level") == "logical"
+    tables = pair.goc_sql(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables"
+        f" WHERE pubname = '{names.CONFIG_PUBLICATION}'"
+    )
+    assert tables == ",".join(sorted(names.CONFIG_TABLES))
+    for key in TOWERS:
+        tower = pair.towers[key].settings
+        sub = names.events_subscription(tower.name)
+        row = pair.goc_sql(
+            "SELECT s.subenabled, st.pid IS NOT NULL, s.subconninfo LIKE"
+            f" '%host={tower.sql_primary} %' FROM pg_subscription s"
+            f" JOIN pg_stat_subscription st ON st.subid = s.oid WHERE s.subname = '{sub}'"
+        )
+        assert row == "t|t|t", f"GOC subscription {sub}: enabled|worker|follows primary = {row}"
+    # A second apply would change nothing: the deploy's own check says so.
+    check = goc.run(
+        "cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync goc --check'"
+    )
+    assert check.rc == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("key", TOWERS)
+def test_tower_publishes_events_and_subscribes_config(pair: Pair, key: str) -> None:
+    tower = pair.towers[key]
+    s = tower.settings
+    assert (
+        tower.psql(
+            f"SELECT 1 FROM pg_publication WHERE pubname = '{names.EVENTS_PUBLICATION}'"
+            " AND pubinsert AND NOT pubdelete AND NOT pubupdate"
+        )
+        == "1"
+    )
+    sub = names.config_subscription(s.name)
+    row = tower.psql(
+        "SELECT s.subenabled, st.pid IS NOT NULL FROM pg_subscription s"
+        f" JOIN pg_stat_subscription st ON st.subid = s.oid WHERE s.subname = '{sub}'"
+    )
+    assert row == "t|t", f"{s.name}: config subscription enabled|worker = {row}"
+    for entry in tower.hosts("sql"):  # primary and standby alike: nothing left to do
+        check = tower.node(entry.name).run(
+            "cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync tower --check'"
+        )
+        assert check.rc == 0, f"{entry.name}: {check.stdout}{check.stderr}"
+    # The customers are the GOC's (the towers no longer load their own list).
+    goc_domains = pair.goc_sql("SELECT string_agg(name, ',' ORDER BY name) FROM domains")
+    assert tower.psql("SELECT string_agg(name, ',' ORDER BY name) FROM domains") == goc_domains
+
+
+def test_viruseye_is_served_from_the_goc_to_operators_only(pair: Pair) -> None:
+    assert pair.goc().service("mailtower-eye").is_running
+    url = f"http://{pair.goc_addr}:8025"
+    status, location = http_status(f"{url}/")
+    assert status in (302, 303) and location.endswith("/login")
+    assert http_status(f"{url}/api/snapshot")[0] == 401
+    assert http_status(f"{url}/events")[0] == 401
+
+
+# -- configuration down ------------------------------------------------------------------------
+
+
+def add_customer_at_goc(pair: Pair, domain: str, server: str) -> None:
+    pair.goc_sql(
+        "BEGIN; INSERT INTO customers (name) VALUES ('%s');"
+        " INSERT INTO domains (name, customer_id) SELECT '%s', id FROM customers"
+        " WHERE name = '%s'; INSERT INTO routes (domain, transport)"
+        " VALUES ('%s', 'smtp:[%s]:25'); COMMIT;" % (domain, domain, domain, domain, server)
+    )
+
+
+def seconds_until_accepted(relays: dict[str, str], rcpt: str, started: float) -> dict[str, float]:
+    """Each relay's seconds from ``started`` to answering 250 to ``rcpt`` (within 60 s)."""
+    accepted: dict[str, float] = {}
+
+    def watch(key: str) -> None:
+        while time.monotonic() - started < 60:
+            if rcpt_answer(relays[key], rcpt) == 250:
+                accepted[key] = time.monotonic() - started
+                return
+            time.sleep(0.05)
+
+    watchers = [threading.Thread(target=watch, args=(key,)) for key in relays]
+    for w in watchers:
+        w.start()
+    for w in watchers:
+        w.join()
+    return accepted
+
+
+def test_customers_added_at_the_goc_are_accepted_by_both_relays(pair: Pair) -> None:
+    relays = {key: str(pair.towers[key].settings.hosts.relay) for key in TOWERS}
+    server = pair.customers[0].server  # its lab server takes mail for new-<hex>.lab too
+    domains = [f"new-{pair.token()[:12]}.lab" for _ in range(CUSTOMERS_ADDED)]
+    seconds: dict[str, list[float]] = {key: [] for key in TOWERS}
+    try:
+        for domain in domains:
+            rcpt = f"user@{domain}"
+            for key, address in relays.items():
+                assert rcpt_answer(address, rcpt) >= 500, f"tower {key} took {domain} early"
+            add_customer_at_goc(pair, domain, server)
+            accepted = seconds_until_accepted(relays, rcpt, time.monotonic())
+            assert set(accepted) == set(TOWERS), f"{domain}: accepted by {sorted(accepted)}"
+            for key, value in accepted.items():
+                seconds[key].append(value)
+        record_figure(
+            "goc_config_propagation_s",
+            {
+                key: {
+                    "customers": len(v),
+                    "p50": round(percentile(v, 0.5), 2),
+                    "max": round(max(v), 2),
+                }
+                for key, v in seconds.items()
+            },
+        )
+        # Mail to the first one, handed to each tower's relay, reaches the route the GOC gave.
+        tokens = []
+        for address in relays.values():
+            token = pair.token()
+            rcpt = f"user@{domains[0]}"
+            with smtplib.SMTP(address, 25, timeout=30) as smtp:
+                smtp.send_message(pair.message(token, rcpt), "someone@internet.lab", [rcpt])
+            tokens.append(token)
+        arrivals = pair.wait_delivered(tokens, index=0, timeout=120)
+        assert {pair.tower_of(arrivals[t][0]["by"]) for t in tokens} == set(TOWERS)
+    finally:
+        pair.goc_sql(
+            "DELETE FROM customers WHERE name IN (%s)" % ",".join(f"'{d}'" for d in domains)
+        )
+    # Customers removed at the GOC are refused again by both relays.
+    wait_for(
+        lambda: all(rcpt_answer(a, f"user@{d}") >= 500 for a in relays.values() for d in domains),
+        60,
+        "both relays refusing the customers removed at the GOC",
+    )
+
+
+# -- events up ---------------------------------------------------------------------------------
+
+
+def test_every_event_reaches_the_goc_once(pair: Pair) -> None:
+    tokens: list[str] = []
+    for index in range(len(pair.customers)):
+        tokens += pair.submit(pair.rcpt(index), count=EVENTS // len(pair.customers))
+    wanted = set(tokens)
+    events = wait_for(
+        lambda: (
+            (rows := goc_events(pair, wanted)) and {r["token"] for r in rows} == wanted and rows
+        ),
+        300,
+        f"the events of {len(wanted)} messages at the GOC",
+        1,
+    )
+    assert {r["tower"] for r in events} <= {pair.towers[k].settings.name for k in TOWERS}
+    # Every event at the towers is at the GOC, and nothing else.
+    assert {r["event_id"] for r in events} == tower_event_ids(pair, wanted)
+    lag = [r["received_at"] - r["scanned_at"] for r in events]
+    by_tower = {t: sum(1 for r in events if r["tower"] == t) for t in {r["tower"] for r in events}}
+    record_figure(
+        "goc_event_lag_s",
+        {
+            "events": len(lag),
+            "by_tower": by_tower,
+            "p50": round(percentile(lag, 0.50), 3),
+            "p99": round(percentile(lag, 0.99), 3),
+            "max": round(max(lag), 3),
+        },
+    )
+    span = max(r["received_at"] for r in events) - min(r["received_at"] for r in events)
+    record_figure("goc_ingest_events_per_s_observed", round(len(events) / max(span, 0.001), 1))
+
+
+# -- the GOC away ------------------------------------------------------------------------------
+
+
+def test_goc_outage_towers_keep_working_and_the_goc_catches_up(pair: Pair) -> None:
+    goc = pair.goc()
+    goc.check_output("systemctl stop postgresql@15-main")
+    try:
+        tokens = []
+        for index in range(len(pair.customers)):
+            tokens += pair.submit(pair.rcpt(index), count=20)
+        for index in range(len(pair.customers)):
+            mine = tokens[index * 20 : (index + 1) * 20]
+            pair.wait_delivered(mine, index=index, timeout=180)
+        time.sleep(5)  # the towers' subscriptions retry the GOC meanwhile
+    finally:
+        goc.check_output("systemctl start postgresql@15-main")
+    back = time.monotonic()
+    wanted = set(tokens)
+    events = wait_for(
+        lambda: (
+            (rows := goc_events(pair, wanted)) and {r["token"] for r in rows} == wanted and rows
+        ),
+        180,
+        f"the GOC catching up with {len(wanted)} messages' events",
+        0.5,
+    )
+    caught_up = time.monotonic() - back
+    assert {r["event_id"] for r in events} == tower_event_ids(pair, wanted)
+    assert len(events) == len({r["event_id"] for r in events})
+    record_figure(
+        "goc_outage",
+        {"messages": len(wanted), "events_at_goc": len(events), "catch_up_s": round(caught_up, 1)},
+    )
