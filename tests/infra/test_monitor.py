@@ -87,3 +87,16 @@ def test_monitor_sees_sql_replication(node, tower):
         float(metrics["mailtower_sql_replication_lag_seconds"])
         < tower.settings.limits.replication_lag_alert_s
     )
+
+
+def test_monitor_reports_the_tower_to_the_goc(node, tower):
+    """What VirusEye shows of this tower, and what the GocUnreachable alert reads."""
+    if tower.settings.goc is None:
+        pytest.skip("this tower has no GOC")
+    out = node.check_output(
+        f"curl -fsS http://127.0.0.1:{tower.settings.ports.monitor_http}/metrics"
+    )
+    metrics = dict(
+        line.split(" ", 1) for line in out.splitlines() if line.startswith("mailtower_goc_")
+    )
+    assert float(metrics["mailtower_goc_status_up"]) == 1
