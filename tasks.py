@@ -376,7 +376,7 @@ def sql_rebuild(c, tower="lab-a", host=""):
 
     if not host:
         raise Exit("sql.rebuild: give --host ADDRESS (the SQL host to rebuild)", code=2)
-    pair = _sql_tower(tower, "")
+    pair = _sql_tower(tower, _goc_default(tower))
     try:
         sqlpair.rebuild(pair, host, _say)
     except sqlpair.PairError as exc:
