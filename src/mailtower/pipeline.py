@@ -170,12 +170,20 @@ class Pipeline:
 
     def _analyse(self, raw: bytes, state: _Scan) -> Analysis:
         """MIME readings plus every container member, recursively, within the deadline."""
+        # The MIME limit is CPU time (what the message costs); its wall-clock backstop ends
+        # with the message's deadline at the latest.
         mime_limits = dataclasses.replace(
-            self.mime_limits, max_time_s=max(0.0, min(self.mime_limits.max_time_s, state.left()))
+            self.mime_limits, max_wall_s=max(0.0, min(self.mime_limits.max_wall_s, state.left()))
         )
         started = time.monotonic()
         parsed = mime.analyse(raw, limits=mime_limits)
         state.stages[STAGE_MIME] = time.monotonic() - started
+        if mime.WALL_TIMEOUT in parsed.anomalies:
+            # Not read completely, through no fault of the message's: retry, never pass.
+            state.errors.append(
+                f"{ENGINE_MIME}: parsing outran its wall-clock backstop of "
+                f"{mime_limits.max_wall_s:.0f}s (machine overloaded)"
+            )
         started = time.monotonic()
         objects = list(parsed.objects)
         anomalies = list(parsed.anomalies)
