@@ -29,6 +29,7 @@ from mailtower.reinject import ReinjectError
 from mailtower.reinject import reinject as reinject_to_relay
 from mailtower.rules import RuleDirs
 from mailtower.scan import Kind, Verdict, message_id
+from mailtower.scand.smtp_data import FilterSMTP
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)
@@ -376,7 +377,7 @@ async def start_smtp(
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
-        return SMTP(
+        return FilterSMTP(
             handler,
             data_size_limit=settings.limits.message_size_bytes,
             enable_SMTPUTF8=True,
