@@ -44,6 +44,9 @@ ANOMALY_LIMIT = "container.limit-exceeded"
 ANOMALY_ENCRYPTED = "container.encrypted"
 ANOMALY_CORRUPT = "container.corrupt"
 ANOMALY_UNSUPPORTED = "container.unsupported"
+# The expansion outran its wall-clock backstop before its CPU-time limit: the machine starved
+# it. Not the archive's fault and not a finding: the pipeline answers tempfail (retry later).
+ANOMALY_WALL_TIMEOUT = "container.wall-timeout"
 
 _IN_CHUNK = 64 * 1024  # compressed bytes fed to a decoder at a time
 _OUT_CHUNK = 1 * MiB  # most output a decoder may produce per call (bounds memory per step)
@@ -57,7 +60,10 @@ class ContainerLimits:
     max_members: int = 10_000  # archive entries seen, in total
     max_expanded_bytes: int = 512 * MiB  # bytes produced, in total (intermediate archives too)
     max_ratio: float = 100.0  # output/input, per member and over the whole expansion
+    # CPU time of the expanding thread (a starved machine must not make an archive look like
+    # a bomb); a bomb of any kind reaches it in CPU, or the bytes/ratio limits first.
     max_time_s: float = 10.0
+    max_wall_s: float = 30.0  # wall-clock backstop: a starved expansion still ends
     # Ratios are judged only past this much output: a tiny member (an empty form, a line of
     # spaces) routinely exceeds 100:1 and is harmless; bombs cross this within milliseconds.
     ratio_grace_bytes: int = 1 * MiB
@@ -151,6 +157,13 @@ class _LimitExceeded(Exception):
     def __init__(self, which: str):
         super().__init__(which)
         self.which = which
+
+
+class _WallTimeout(_LimitExceeded):
+    """The wall-clock backstop ran out (anomaly container.wall-timeout, not a limit finding)."""
+
+    def __init__(self) -> None:
+        super().__init__("wall-time")
 
 
 class _Corrupt(Exception):
@@ -284,7 +297,9 @@ class _Expander:
     def __init__(self, obj: ScanObject, limits: ContainerLimits):
         self.obj = obj
         self.limits = limits
-        self.deadline = time.monotonic() + limits.max_time_s
+        # One expansion runs in one thread (thread_time is per thread).
+        self.cpu_deadline = time.thread_time() + limits.max_time_s
+        self.wall_deadline = time.monotonic() + limits.max_wall_s
         self.source_size = max(len(obj.data), 1)
         self.members: list[ScanObject] = []
         self.anomalies: list[str] = []
@@ -294,6 +309,9 @@ class _Expander:
     def run(self) -> tuple[list[ScanObject], list[str]]:
         try:
             self.expand(self.obj)
+        except _WallTimeout:
+            log.warning("%s: container expansion outran its wall-clock backstop", self.obj.path)
+            self.anomaly(ANOMALY_WALL_TIMEOUT)
         except _LimitExceeded as exc:
             log.info("%s: container limit exceeded: %s", self.obj.path, exc.which)
             self.anomaly(f"{ANOMALY_LIMIT}:{exc.which}")
@@ -311,8 +329,10 @@ class _Expander:
             self.anomalies.append(name)
 
     def check_time(self) -> None:
-        if time.monotonic() >= self.deadline:
+        if time.thread_time() >= self.cpu_deadline:
             raise _LimitExceeded("time")
+        if time.monotonic() >= self.wall_deadline:
+            raise _WallTimeout()
 
     def count_entry(self) -> None:
         self.entries += 1

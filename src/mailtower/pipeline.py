@@ -197,20 +197,29 @@ class Pipeline:
             expanded.add(obj.data)
             left = state.left()
             if left <= 0:
+                # The message's deadline (wall time) ran out: not the archive's fault. Unread,
+                # so never clean: a tempfail (retried), not a finding.
                 found = (
-                    [f"{containers.ANOMALY_LIMIT}:time"]
+                    [containers.ANOMALY_WALL_TIMEOUT]
                     if containers.detect(obj.data) is not None
                     else []
                 )
             else:
+                # CPU-time limit as configured; the wall-clock backstop ends with the deadline.
                 limits = dataclasses.replace(
-                    self.container_limits, max_time_s=min(self.container_limits.max_time_s, left)
+                    self.container_limits, max_wall_s=min(self.container_limits.max_wall_s, left)
                 )
                 members, found = containers.expand(obj, limits)
                 objects += members
             for anomaly in found:
                 if anomaly not in anomalies:
                     anomalies.append(anomaly)
+                if anomaly == containers.ANOMALY_WALL_TIMEOUT:
+                    state.errors.append(
+                        f"{ENGINE_CONTAINER}: {obj.path} not expanded within the wall-clock "
+                        "backstop (machine overloaded)"
+                    )
+                    continue
                 # Every container anomaly means "not fully scanned" (containers module doc).
                 passed = (
                     anomaly == containers.ANOMALY_ENCRYPTED

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 
 import pytest
 from mime_builders import EICAR, assert_found, attachment_message, b64_lines, hostile
 
+from mailtower.containers import ContainerLimits
 from mailtower.engines.testing import PatternEngine
 from mailtower.mime import INFORMATIONAL_ANOMALIES, MimeLimits, _email_reader, analyse, is_hostile
 from mailtower.mime._anomalies import HOSTILE_ANOMALIES
@@ -169,3 +172,17 @@ def test_garbage_never_raises(data: bytes) -> None:
     result = analyse(data)
     if data:
         assert result.objects[0].data == data
+
+
+def test_container_wall_timeout_is_a_tempfail_never_clean_nor_suspicious() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("report.txt", "quarterly figures\n" * 40)
+    pipeline = Pipeline(
+        [PatternEngine(timeout_s=1.0)],
+        container_limits=ContainerLimits(max_time_s=10.0, max_wall_s=0.0),
+    )
+    verdict = pipeline.scan(attachment_message(buf.getvalue(), name="report.zip"))
+    assert "container.wall-timeout" in verdict.anomalies
+    assert verdict.kind is Kind.TEMPFAIL, verdict
+    assert "wall-clock backstop" in verdict.reason
