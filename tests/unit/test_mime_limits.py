@@ -81,9 +81,29 @@ class _Clocks:
     def __init__(self) -> None:
         self.cpu = 100.0
         self.wall = 5000.0
+        self.cpu_reads = 0
+
+    def read_cpu(self) -> float:
+        self.cpu_reads += 1
+        return self.cpu
 
     def budget(self, limits: MimeLimits) -> Budget:
-        return Budget(limits, cpu_clock=lambda: self.cpu, wall_clock=lambda: self.wall)
+        return Budget(limits, cpu_clock=self.read_cpu, wall_clock=lambda: self.wall)
+
+
+def test_cpu_clock_is_read_only_once_the_limit_is_possible() -> None:
+    """CPU time cannot run ahead of wall time: the CPU clock (a system call) is left alone
+    until max_time_s of wall time has passed, which ordinary messages never see."""
+    clocks = _Clocks()
+    budget = clocks.budget(MimeLimits(max_time_s=10.0, max_wall_s=60.0))
+    for _ in range(100):
+        clocks.wall += 0.05
+        clocks.cpu += 0.05
+        budget.check_time()
+    assert clocks.cpu_reads == 1  # when the budget was made
+    clocks.wall += 6.0
+    budget.check_time()
+    assert clocks.cpu_reads == 2
 
 
 def test_time_limit_counts_cpu_not_wall_time() -> None:
