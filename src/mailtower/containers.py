@@ -82,6 +82,10 @@ def expand(
     obj: ScanObject, limits: ContainerLimits | None = None
 ) -> tuple[list[ScanObject], list[str]]:
     """Members of ``obj`` (recursively, in order) and the anomalies met expanding it."""
+    if _detect(obj.data)[0] is None:
+        # Not a container: nothing to expand (the expander would find the same), and no
+        # clock to start — most objects of most messages end here.
+        return [], []
     return _Expander(obj, limits or ContainerLimits()).run()
 
 
