@@ -67,8 +67,9 @@ class Limits(_Model):
     maximal_backoff: Duration = "15m"
     filter_connections: int = 46  # Postfix processes feeding the scanner pool (2 per scanner)
     scan_concurrency: int = 8  # messages one scand scans at once (over all its workers)
-    # scand's worker processes, sharing its SMTP socket (Python runs one thread at a time per
-    # process, so one process uses one core); 0: one per CPU of the scanner.
+    # scand's worker processes, sharing its SMTP socket under a supervisor (Python runs one
+    # thread at a time per process, so one process uses one core); 0: one per CPU of the
+    # scanner; 1: a single process without a supervisor (the smallest memory footprint).
     scan_workers: int = Field(default=0, ge=0)
     engine_timeout_s: float = 30.0  # one engine call; over it the message is tempfailed
     reinject_timeout_s: float = 60.0

@@ -75,8 +75,8 @@ class Daemon:
         return self.log_path.read_text()
 
 
-def _start(tmp_path: Path) -> Daemon:
-    """scand with WORKERS workers; only the in-process engines (YARA, reputation, Skeptic)."""
+def _start(tmp_path: Path, workers: int = WORKERS) -> Daemon:
+    """scand with ``workers`` workers; only the in-process engines (YARA, reputation, Skeptic)."""
     controller, sink, sink_port = start_sink()
     settings = make_settings(tmp_path / "spool", reinject_port=sink_port)
     settings = settings.model_copy(update={"engines": []})
@@ -85,9 +85,12 @@ def _start(tmp_path: Path) -> Daemon:
     log_path = tmp_path / "scand.log"
     argv = scand_argv([sys.executable, "-m", "mailtower.scand"], settings_path)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([*argv, "--workers", str(WORKERS)], stdout=log, stderr=log)
+        proc = subprocess.Popen([*argv, "--workers", str(workers)], stdout=log, stderr=log)
     d = Daemon(proc, settings, sink, log_path, controller)
-    wait_until(lambda: len(d.ready_workers()) == WORKERS, 60, f"workers ready ({log_path})")
+    if workers > 1:
+        wait_until(lambda: len(d.ready_workers()) == workers, 60, f"workers ready ({log_path})")
+    else:
+        wait_until(lambda: d.health() is not None, 60, f"/health ({log_path})")
     return d
 
 
@@ -164,3 +167,23 @@ def test_sigterm_finishes_messages_in_flight(daemon: Daemon) -> None:
     assert replies and replies[0][0] == 250, replies
     assert daemon.proc.wait(30) == 0
     assert [r.content.count(b"Subject: inflight") for r in daemon.sink.received] == [1]
+
+
+def test_one_worker_is_a_single_process(tmp_path: Path) -> None:
+    d = _start(tmp_path, workers=1)
+    try:
+        children = subprocess.run(
+            ["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert children == []
+        assert d.send("single")[0] == 250
+        assert (d.health() or {}).get("status") == "ok"
+        assert d.metric('mailtower_messages_total{verdict="clean"}') == 1
+        assert d.metric("mailtower_events_spooled") == 1
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+        d.controller.stop()

@@ -4,6 +4,7 @@ mailtower.scand.workers)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
@@ -43,7 +44,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=None,
-        help="worker processes (default: the settings' limits.scan_workers; 0: one per CPU)",
+        help="worker processes (default: the settings' limits.scan_workers; 0: one per CPU; "
+        "1: a single process, no supervisor)",
     )
     # Set by the supervisor when it starts a worker (LISTEN_FD,STATUS_FD,PARENT_PID,CONCURRENCY).
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -80,12 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 0:
         log.error("event=usage error='--workers must be 0 (one per CPU) or more'")
         return 2
+    count = workers.worker_count(settings, args.workers)
+    if count == 1:  # one process does it all: no supervisor to pay for
+        return asyncio.run(
+            workers.serve_single(
+                args.settings, settings, host_address=host_address, listen=args.listen
+            )
+        )
     return workers.supervise(
         args.settings,
         settings,
         host_address=host_address,
         listen=args.listen,
-        workers=workers.worker_count(settings, args.workers),
+        workers=count,
         log_level=args.log_level,
     )
 

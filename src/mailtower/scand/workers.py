@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,7 @@ from mailtower.scand.http import Source, engine_versions, start_http
 from mailtower.settings import TowerSettings
 
 if TYPE_CHECKING:
-    from mailtower.scand.server import Scanner
+    from mailtower.scand.server import Handler, Scanner
 
 log = logging.getLogger("mailtower.scand")
 
@@ -490,16 +491,10 @@ async def serve_worker(
     handler = Handler(scanner)
     sock = socket.socket(fileno=listen_fd)
     smtp_server = await start_smtp(handler, None, None, sock=sock)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
 
-    async def on_sighup() -> None:
-        await loop.run_in_executor(None, reload, scanner, settings_path)
+    def reloaded() -> None:
         status.send(rules_bundle=scanner.rules_version)
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_sighup()))
     status.send(ready=True, rules_bundle=scanner.rules_version)
     log.info(
         "event=worker_started pid=%d concurrency=%d engines=%s rules_bundle=%s",
@@ -508,17 +503,82 @@ async def serve_worker(
         ",".join(e.name for e in scanner.pipeline.engines),
         scanner.rules_version or "shipped",
     )
+    await _scan_until_stopped(scanner, handler, smtp_server, settings_path, reloaded)
+    log.info("event=worker_stopped pid=%d", os.getpid())
+    return 0
+
+
+async def _scan_until_stopped(
+    scanner: Scanner,
+    handler: Handler,
+    smtp_server: asyncio.Server,
+    settings_path: Path,
+    reloaded: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (SIGHUP: reload, then ``reloaded()``), then answer 451 to
+    new messages and let those in flight finish."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    async def on_sighup() -> None:
+        # Compiling the rules takes a while: in a thread, so SMTP keeps answering.
+        await loop.run_in_executor(None, reload, scanner, settings_path)
+        reloaded()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_sighup()))
     await stop.wait()
+    log.info("event=stopping in_flight=%d", scanner.in_flight)
     scanner.draining = True  # new DATA gets 451
-    smtp_server.close()  # stop accepting (the other workers may still)
+    smtp_server.close()  # stop accepting (other workers may still)
     limits = scanner.settings.limits
+    # A scan ends by the pipeline's deadline, or one engine timeout after it at the latest.
     grace = scanner.pipeline.deadline_s + limits.engine_timeout_s + limits.reinject_timeout_s + 5
     try:
         await asyncio.wait_for(handler.idle.wait(), grace)
     except TimeoutError:
+        # Unanswered messages stay with the relay, which retries them: nothing is lost.
         log.error("event=stop_grace_expired in_flight=%d grace_s=%.0f", scanner.in_flight, grace)
     scanner.executor.shutdown(wait=False, cancel_futures=True)
-    log.info("event=worker_stopped pid=%d", os.getpid())
+
+
+async def serve_single(
+    settings_path: Path, settings: TowerSettings, *, host_address: str, listen: str
+) -> int:
+    """scand as one process (``limits.scan_workers`` = 1): no supervisor, its own metrics,
+    /health and event flusher — the smallest footprint, for scanners with one core or little
+    memory. Runs until SIGTERM/SIGINT and finishes the messages in flight."""
+    from mailtower.scand.server import Handler, Scanner, start_smtp
+
+    scanner = Scanner(settings, host_address=host_address)
+    sink = PostgresSink(
+        settings.sql_dsn("mailtower_scanner", settings.secrets.sql_scanner, writable=True)
+    )
+    flusher = Flusher(scanner.events, sink)
+    flusher.start()
+    handler = Handler(scanner)
+    smtp_server = await start_smtp(handler, listen, settings.ports.filter)
+    http_server = await start_http(scanner, listen, settings.ports.scanner_http)
+    log.info(
+        "event=started tower=%s scanner=%s smtp=%s:%d http=%s:%d workers=1 engines=%s "
+        "relay=%s:%d rules_bundle=%s",
+        settings.name,
+        host_address,
+        listen,
+        settings.ports.filter,
+        listen,
+        settings.ports.scanner_http,
+        ",".join(e.name for e in scanner.pipeline.engines),
+        settings.hosts.relay,
+        settings.ports.reinject,
+        scanner.rules_version or "shipped",
+    )
+    await _scan_until_stopped(scanner, handler, smtp_server, settings_path)
+    http_server.close()
+    await asyncio.to_thread(flusher.stop)  # joins the thread: not on the event loop
+    sink.close()
+    log.info("event=stopped")
     return 0
 
 
