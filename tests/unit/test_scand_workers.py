@@ -139,7 +139,7 @@ def test_a_dead_worker_is_replaced_and_its_counts_kept(daemon: Daemon) -> None:
     )
     assert survivor in daemon.ready_workers()
     assert "event=worker_died" in daemon.log()
-    assert daemon.metric("mailtower_scand_worker_restarts") == 1
+    assert daemon.metric("mailtower_scand_worker_restarts_total") == 1
     daemon.send("after")
     # The dead worker's messages still count (prometheus multiprocess files outlive it).
     assert daemon.metric('mailtower_messages_total{verdict="clean"}') == 5

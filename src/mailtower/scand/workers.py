@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mailtower import engines as engines_mod
@@ -111,6 +111,9 @@ class _Worker:
     rules_bundle: int | None = None
     started: float = 0.0
     restarts: int = 0
+    # A SIGHUP came while the worker was starting (before its handler was in place, where
+    # SIGHUP would kill it): sent once it is ready.
+    reload_pending: bool = False
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
 
@@ -151,12 +154,11 @@ class _SupervisorCollector(Collector):
             "scand worker processes configured",
             value=len(sup.workers),
         )
-        restarts = GaugeMetricFamily(
+        yield CounterMetricFamily(
             "mailtower_scand_worker_restarts",
             "Times a worker process died and was started again, since scand started",
             value=sum(w.restarts for w in sup.workers),
         )
-        yield restarts
 
 
 class Supervisor(Source):
@@ -346,6 +348,7 @@ class Supervisor(Source):
         finally:
             os.close(status_write)
         worker.process, worker.pid, worker.ready = process, process.pid, False
+        worker.reload_pending = False  # a new worker loads the settings and rules of now
         worker.rules_bundle, worker.started = None, time.monotonic()
         reader = await self._status_reader(status_read)
         status_task = asyncio.create_task(self._read_status(worker, reader))
@@ -376,6 +379,9 @@ class Supervisor(Source):
                 worker.rules_bundle = status["rules_bundle"]
             if status.get("ready"):
                 worker.ready = True
+                if worker.reload_pending:
+                    worker.reload_pending = False
+                    self._signal(worker, signal.SIGHUP)
 
     async def reload(self) -> None:
         """SIGHUP: reload this process's settings (for /health), then every worker's."""
@@ -388,11 +394,22 @@ class Supervisor(Source):
                 except Exception as exc:  # the workers keep their pipelines too (they check)
                     log.error("event=reload_failed process=supervisor error=%r", exc)
                     return
+                if (new.limits.scan_workers, new.limits.scan_concurrency) != (
+                    self.settings.limits.scan_workers,
+                    self.settings.limits.scan_concurrency,
+                ):
+                    log.warning(
+                        "event=reload_workers_changed action='restart scand to apply new "
+                        "scan_workers or scan_concurrency'"
+                    )
                 self.settings, self.engines = new, engines
 
         await asyncio.to_thread(load)
         for worker in self.workers:
-            self._signal(worker, signal.SIGHUP)
+            if worker.ready:
+                self._signal(worker, signal.SIGHUP)
+            else:
+                worker.reload_pending = True
 
 
 def supervise(
