@@ -272,7 +272,7 @@ class Supervisor(Source):
         )
         tasks = [asyncio.create_task(self._keep_running(w)) for w in self.workers]
         await self.stopping.wait()
-        log.info("event=stopping in_flight=%d", self._in_flight())
+        log.info("event=stopping in_flight=%s", self._in_flight())
         self.draining = True  # /health says draining; each worker answers 451 to new DATA
         for worker in self.workers:
             self._signal(worker, signal.SIGTERM)
@@ -307,7 +307,11 @@ class Supervisor(Source):
         delay = _RESTART_MIN_S
         while not self.stopping.is_set():
             started = time.monotonic()
-            code = await self._run_once(worker)
+            try:
+                code = await self._run_once(worker)
+            except Exception as exc:  # e.g. out of file descriptors: try again later
+                log.error("event=worker_start_failed slot=%d error=%r", worker.slot, exc)
+                code = None
             if self.stopping.is_set():
                 return
             lived = time.monotonic() - started
@@ -345,6 +349,9 @@ class Supervisor(Source):
             process = await asyncio.create_subprocess_exec(
                 *argv, pass_fds=(listen_fd, status_write)
             )
+        except BaseException:
+            os.close(status_read)
+            raise
         finally:
             os.close(status_write)
         worker.process, worker.pid, worker.ready = process, process.pid, False
