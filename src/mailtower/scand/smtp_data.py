@@ -106,7 +106,10 @@ async def read_data(
     tail = b"\r\n"  # the last two bytes read: DATA starts at the start of a line
     # The StreamReader's line limit (aiosmtpd's line_length_limit) would refuse a piece longer
     # than a line; for the transfer it is raised to the size limit, then restored for the
-    # commands that follow. (A private attribute, stable since Python 3.4.)
+    # commands that follow. (A private attribute, stable since Python 3.4.) Memory: the reader
+    # pauses the socket only past twice its limit, so one client can have up to about twice
+    # the size limit buffered (aiosmtpd: the size limit in its list of lines); scand's port
+    # is open to the relay only.
     saved_limit: int = reader._limit  # type: ignore[attr-defined]
     reader._limit = (size_limit + _SLACK) if size_limit else _NO_LIMIT  # type: ignore[attr-defined]
     try:
