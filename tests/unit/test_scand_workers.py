@@ -10,6 +10,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -145,11 +146,23 @@ def test_a_dead_worker_is_replaced_and_its_counts_kept(daemon: Daemon) -> None:
     assert daemon.metric('mailtower_messages_total{verdict="clean"}') == 5
 
 
-def test_kill_9_of_the_supervisor_leaves_no_worker(daemon: Daemon) -> None:
+def test_kill_9_of_the_supervisor_leaves_no_worker(daemon: Daemon, tmp_path: Path) -> None:
     pids = daemon.ready_workers()
+    supervisor = daemon.proc.pid
+    stale = list(Path(tempfile.gettempdir()).glob(f"mailtower-scand-metrics-{supervisor}-*"))
+    assert len(stale) == 1  # its metrics directory, named by its pid
     daemon.proc.kill()
     daemon.proc.wait(10)
     wait_until(lambda: not any(_alive(p) for p in pids), 10, "the workers to die with scand")
+    assert stale[0].exists()  # SIGKILL: no clean-up ...
+    (tmp_path / "again").mkdir()
+    again = _start(tmp_path / "again")
+    try:
+        assert not stale[0].exists()  # ... until the next supervisor starts
+    finally:
+        again.proc.send_signal(signal.SIGTERM)
+        assert again.proc.wait(30) == 0
+        again.controller.stop()
 
 
 def test_sigterm_finishes_messages_in_flight(daemon: Daemon) -> None:

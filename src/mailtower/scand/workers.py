@@ -429,7 +429,8 @@ def supervise(
     log_level: str,
 ) -> int:
     """Run scand as a supervisor of ``workers`` worker processes (blocking); exit status."""
-    metrics_dir = tempfile.mkdtemp(prefix="mailtower-scand-metrics-")
+    _remove_stale_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers; fresh, so empty
     try:
         supervisor = Supervisor(
@@ -443,6 +444,18 @@ def supervise(
         return asyncio.run(supervisor.run())
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+_METRICS_PREFIX = "mailtower-scand-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that are gone (killed with SIGKILL, they
+    could not clean up; under systemd PrivateTmp does it anyway)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = path.name[len(_METRICS_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- a worker ------------------------------------------------------------------------------------
