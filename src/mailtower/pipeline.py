@@ -170,12 +170,20 @@ class Pipeline:
 
     def _analyse(self, raw: bytes, state: _Scan) -> Analysis:
         """MIME readings plus every container member, recursively, within the deadline."""
+        # The MIME limit is CPU time (what the message costs); its wall-clock backstop ends
+        # with the message's deadline at the latest.
         mime_limits = dataclasses.replace(
-            self.mime_limits, max_time_s=max(0.0, min(self.mime_limits.max_time_s, state.left()))
+            self.mime_limits, max_wall_s=max(0.0, min(self.mime_limits.max_wall_s, state.left()))
         )
         started = time.monotonic()
         parsed = mime.analyse(raw, limits=mime_limits)
         state.stages[STAGE_MIME] = time.monotonic() - started
+        if mime.WALL_TIMEOUT in parsed.anomalies:
+            # Not read completely, through no fault of the message's: retry, never pass.
+            state.errors.append(
+                f"{ENGINE_MIME}: parsing outran its wall-clock backstop of "
+                f"{mime_limits.max_wall_s:.0f}s (machine overloaded)"
+            )
         started = time.monotonic()
         objects = list(parsed.objects)
         anomalies = list(parsed.anomalies)
@@ -189,20 +197,29 @@ class Pipeline:
             expanded.add(obj.data)
             left = state.left()
             if left <= 0:
+                # The message's deadline (wall time) ran out: not the archive's fault. Unread,
+                # so never clean: a tempfail (retried), not a finding.
                 found = (
-                    [f"{containers.ANOMALY_LIMIT}:time"]
+                    [containers.ANOMALY_WALL_TIMEOUT]
                     if containers.detect(obj.data) is not None
                     else []
                 )
             else:
+                # CPU-time limit as configured; the wall-clock backstop ends with the deadline.
                 limits = dataclasses.replace(
-                    self.container_limits, max_time_s=min(self.container_limits.max_time_s, left)
+                    self.container_limits, max_wall_s=min(self.container_limits.max_wall_s, left)
                 )
                 members, found = containers.expand(obj, limits)
                 objects += members
             for anomaly in found:
                 if anomaly not in anomalies:
                     anomalies.append(anomaly)
+                if anomaly == containers.ANOMALY_WALL_TIMEOUT:
+                    state.errors.append(
+                        f"{ENGINE_CONTAINER}: {obj.path} not expanded within the wall-clock "
+                        "backstop (machine overloaded)"
+                    )
+                    continue
                 # Every container anomaly means "not fully scanned" (containers module doc).
                 passed = (
                     anomaly == containers.ANOMALY_ENCRYPTED

@@ -66,7 +66,15 @@ class Limits(_Model):
     minimal_backoff: Duration = "30s"  # first retry of a deferred message
     maximal_backoff: Duration = "15m"
     filter_connections: int = 46  # Postfix processes feeding the scanner pool (2 per scanner)
-    scan_concurrency: int = 8  # messages one scand scans at once
+    # Messages one scand scans at once, over all its workers (more wait for a slot). 4 on a
+    # 2-core scanner with 2 workers (2 scan threads each) against 8 (4 each), same benchmark
+    # harness, 3 pairs of runs: 87-94 against 87-88 messages/s, send p99 415-486 against
+    # 500-590 ms — fewer threads per worker share its one GIL with a large message.
+    scan_concurrency: int = 4
+    # scand's worker processes, sharing its SMTP socket under a supervisor (Python runs one
+    # thread at a time per process, so one process uses one core); 0: one per CPU of the
+    # scanner; 1: a single process without a supervisor (the smallest memory footprint).
+    scan_workers: int = Field(default=0, ge=0)
     engine_timeout_s: float = 30.0  # one engine call; over it the message is tempfailed
     reinject_timeout_s: float = 60.0
     haproxy_connect_timeout_ms: int = 1000  # a dead scanner costs at most this, then redispatch

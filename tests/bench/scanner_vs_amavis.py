@@ -83,7 +83,7 @@ DRAIN_TIMEOUT_S = 60.0
 AMAVISD = Path("/usr/sbin/amavisd")
 SCAND = Path(sys.executable).parent / "mailtower-scand"
 # The environment the scanner role's systemd unit gives scand (mailtower-scand.service.j2).
-SCAND_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
+SCAND_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def say(text: str) -> None:
@@ -594,6 +594,7 @@ class Scand(Filter):
         return {
             "engines": ["clamd (INSTREAM of the raw message)", "yara", "reputation", "skeptic"],
             "scan_concurrency": limits.scan_concurrency,
+            "workers": limits.scan_workers or os.cpu_count(),
             "engine_timeout_s": limits.engine_timeout_s,
             "quarantine": "durable files (fsync), events spooled durably (SQL unreachable)",
         }

@@ -364,6 +364,30 @@ def test_time_limit() -> None:
     assert anomalies == ["container.limit-exceeded:time"]
 
 
+def test_time_limit_is_cpu_time_with_a_wall_clock_backstop() -> None:
+    data = zip_of({"a.txt": b"x"})
+    # Past the wall-clock backstop but within the CPU limit: a starved machine, not a bomb.
+    _, anomalies = expand(obj(data), ContainerLimits(max_time_s=10, max_wall_s=0))
+    assert anomalies == ["container.wall-timeout"]
+
+
+def test_wall_time_the_thread_does_not_run_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expansion whose wall clock jumps 20 s (the thread starved) but whose CPU time does
+    not, stays within a 10 s limit: the limit is the thread's CPU time."""
+    data = zip_of({"a.txt": b"x", "b.txt": b"y"})
+    real_monotonic = time.monotonic
+    offset = [0.0]
+
+    def starved_monotonic() -> float:
+        offset[0] += 20.0  # every look at the clock: another 20 s of waiting for a core
+        return real_monotonic() + offset[0]
+
+    monkeypatch.setattr(time, "monotonic", starved_monotonic)
+    members, anomalies = expand(obj(data), ContainerLimits(max_time_s=10, max_wall_s=1000))
+    assert anomalies == []
+    assert {m.data for m in members} == {b"x", b"y"}
+
+
 def test_bytes_limit() -> None:
     data = zip_of({"a.bin": os.urandom(300_000), "b.bin": os.urandom(300_000)})
     members, anomalies = expand(obj(data), ContainerLimits(max_expanded_bytes=400_000))

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 
 import pytest
 from mime_builders import EICAR, assert_found, attachment_message, b64_lines, hostile
 
-from mailtower.mime import MimeLimits, _email_reader, analyse
+from mailtower.containers import ContainerLimits
+from mailtower.engines.testing import PatternEngine
+from mailtower.mime import INFORMATIONAL_ANOMALIES, MimeLimits, _email_reader, analyse, is_hostile
+from mailtower.mime._anomalies import HOSTILE_ANOMALIES
+from mailtower.mime._limits import Budget, LimitExceeded
+from mailtower.pipeline import Pipeline
+from mailtower.scan import Kind
 
 
 def _nested(depth: int) -> bytes:
@@ -63,7 +71,81 @@ def test_too_large() -> None:
 def test_timeout() -> None:
     result = analyse(attachment_message(), limits=MimeLimits(max_time_s=0.0))
     assert "mime.timeout" in result.anomalies
+    assert "mime.timeout" in HOSTILE_ANOMALIES
     assert result.objects[0].data == attachment_message()
+
+
+class _Clocks:
+    """A thread's CPU clock and the wall clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.cpu = 100.0
+        self.wall = 5000.0
+        self.cpu_reads = 0
+
+    def read_cpu(self) -> float:
+        self.cpu_reads += 1
+        return self.cpu
+
+    def budget(self, limits: MimeLimits) -> Budget:
+        return Budget(limits, cpu_clock=self.read_cpu, wall_clock=lambda: self.wall)
+
+
+def test_cpu_clock_is_read_only_once_the_limit_is_possible() -> None:
+    """CPU time cannot run ahead of wall time: the CPU clock (a system call) is left alone
+    until max_time_s of wall time has passed, which ordinary messages never see."""
+    clocks = _Clocks()
+    budget = clocks.budget(MimeLimits(max_time_s=10.0, max_wall_s=60.0))
+    for _ in range(100):
+        clocks.wall += 0.05
+        clocks.cpu += 0.05
+        budget.check_time()
+    assert clocks.cpu_reads == 1  # when the budget was made
+    clocks.wall += 6.0
+    budget.check_time()
+    assert clocks.cpu_reads == 2
+
+
+def test_time_limit_counts_cpu_not_wall_time() -> None:
+    clocks = _Clocks()
+    budget = clocks.budget(MimeLimits(max_time_s=10.0, max_wall_s=60.0))
+    clocks.wall += 45.0  # a starved machine: much wall time passes, little CPU
+    clocks.cpu += 9.0
+    budget.check_time()  # no limit yet: the message itself cost 9 s of CPU
+    clocks.cpu += 2.0
+    with pytest.raises(LimitExceeded) as exc:
+        budget.check_time()
+    assert exc.value.anomaly == "mime.timeout"
+
+
+def test_wall_clock_backstop_still_ends_a_starved_message() -> None:
+    clocks = _Clocks()
+    budget = clocks.budget(MimeLimits(max_time_s=10.0, max_wall_s=60.0))
+    clocks.cpu += 1.0
+    clocks.wall += 61.0
+    with pytest.raises(LimitExceeded) as exc:
+        budget.check_time()
+    assert exc.value.anomaly == "mime.wall-timeout"
+    # Not the message's fault: neither hostile (it would be quarantined) nor informational.
+    assert not is_hostile(exc.value.anomaly)
+    assert exc.value.anomaly not in INFORMATIONAL_ANOMALIES
+
+
+def test_time_a_thread_does_not_run_is_not_counted() -> None:
+    """The real clocks: wall time passes while the parsing thread sleeps, no CPU time does."""
+    budget = Budget(MimeLimits(max_time_s=0.2, max_wall_s=30.0))
+    time.sleep(0.4)  # the point of the test: wall time passing without CPU time
+    budget.check_time()  # a wall-clock limit of 0.2 s would have stopped here
+
+
+def test_wall_timeout_is_a_tempfail_never_clean_nor_suspicious() -> None:
+    pipeline = Pipeline(
+        [PatternEngine(timeout_s=1.0)], mime_limits=MimeLimits(max_time_s=10.0, max_wall_s=0.0)
+    )
+    verdict = pipeline.scan(attachment_message(payload=b"quarterly figures\n" * 40))
+    assert "mime.wall-timeout" in verdict.anomalies
+    assert verdict.kind is Kind.TEMPFAIL, verdict
+    assert "wall-clock backstop" in verdict.reason
 
 
 def test_big_message_within_time() -> None:
@@ -110,3 +192,17 @@ def test_garbage_never_raises(data: bytes) -> None:
     result = analyse(data)
     if data:
         assert result.objects[0].data == data
+
+
+def test_container_wall_timeout_is_a_tempfail_never_clean_nor_suspicious() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("report.txt", "quarterly figures\n" * 40)
+    pipeline = Pipeline(
+        [PatternEngine(timeout_s=1.0)],
+        container_limits=ContainerLimits(max_time_s=10.0, max_wall_s=0.0),
+    )
+    verdict = pipeline.scan(attachment_message(buf.getvalue(), name="report.zip"))
+    assert "container.wall-timeout" in verdict.anomalies
+    assert verdict.kind is Kind.TEMPFAIL, verdict
+    assert "wall-clock backstop" in verdict.reason

@@ -10,13 +10,19 @@ anomalies; :data:`HOSTILE_ANOMALIES` says which of them must keep a message from
 from __future__ import annotations
 
 from mailtower.mime._analyse import MESSAGE_PATH, analyse
-from mailtower.mime._anomalies import HOSTILE_ANOMALIES, INFORMATIONAL_ANOMALIES, is_hostile
+from mailtower.mime._anomalies import (
+    HOSTILE_ANOMALIES,
+    INFORMATIONAL_ANOMALIES,
+    WALL_TIMEOUT,
+    is_hostile,
+)
 from mailtower.mime._limits import MimeLimits
 
 __all__ = [
     "HOSTILE_ANOMALIES",
     "INFORMATIONAL_ANOMALIES",
     "MESSAGE_PATH",
+    "WALL_TIMEOUT",
     "MimeLimits",
     "analyse",
     "is_hostile",

@@ -13,7 +13,11 @@ FILENAME_MISMATCH = "mime.filename-mismatch"  # one object, several different fi
 TOO_DEEP = "mime.too-deep"
 TOO_MANY_PARTS = "mime.too-many-parts"
 TOO_LARGE = "mime.too-large"  # decoded bytes over the limit
-TIMEOUT = "mime.timeout"  # parsing took longer than the per-message limit
+TIMEOUT = "mime.timeout"  # parsing took more CPU time than the per-message limit
+# Parsing outran the wall-clock backstop (MimeLimits.max_wall_s) without reaching the CPU limit:
+# the machine starved the parser. Neither hostile nor informational: the message was not read
+# completely, so the pipeline answers tempfail (retried later), never clean, never suspicious.
+WALL_TIMEOUT = "mime.wall-timeout"
 MESSAGE_PARTIAL = "mime.message-partial"  # a fragment: the whole payload is not in this message
 UUENCODE = "mime.uuencode"
 YENC = "mime.yenc"

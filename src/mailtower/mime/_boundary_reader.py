@@ -22,7 +22,6 @@ _BOUNDARY_PARAM = re.compile(
     rb"""(?:"([^"\r\n]*)"?|'([^'\r\n]*)'?|([^\s;"']+))""",
     re.IGNORECASE,
 )
-_DELIMITER_START = re.compile(rb"(?:^|(?<=[\r\n]))--")
 _EOL = re.compile(rb"\r\n|\r|\n")
 # What Python's feedparser takes for a header line (email.feedparser.headerRE), plus the
 # obsolete RFC 822 form with space before the colon, which clients still accept.
@@ -34,10 +33,34 @@ _DIGEST_HEADER = re.compile(
 )
 
 
-def declared_boundaries(raw: bytes) -> set[bytes]:
-    """Every boundary value declared anywhere in ``raw``, in each plausible quoting."""
+def _boundary_params(raw: bytes, lowered: bytes) -> list[re.Match[bytes]]:
+    """What ``_BOUNDARY_PARAM.finditer(raw)`` yields, found faster.
+
+    Every match holds the word "boundary" (case-insensitive), one character after where the
+    match starts (or at 0, by "^"), so the pattern is tried only there: in ``lowered`` (``raw``
+    in ASCII lower case, as IGNORECASE folds) ``bytes.find`` locates those places at a small
+    fraction of the cost of a case-insensitive scan of the whole message. A place inside an
+    earlier match is skipped, as finditer skips it.
+    """
+    out: list[re.Match[bytes]] = []
+    resume = 0  # where finditer would go on searching
+    at = lowered.find(b"boundary")
+    while at >= 0:
+        start = max(at - 1, 0)
+        if start >= resume:
+            m = _BOUNDARY_PARAM.match(raw, start)
+            if m is not None:
+                out.append(m)
+                resume = m.end()
+        at = lowered.find(b"boundary", at + 1)
+    return out
+
+
+def declared_boundaries(raw: bytes, lowered: bytes | None = None) -> set[bytes]:
+    """Every boundary value declared anywhere in ``raw``, in each plausible quoting.
+    ``lowered``: ``raw.lower()`` if the caller has it already."""
     found: set[bytes] = set()
-    for m in _BOUNDARY_PARAM.finditer(raw):
+    for m in _boundary_params(raw, raw.lower() if lowered is None else lowered):
         value = next(g for g in m.groups() if g is not None).rstrip()
         for cand in (value, value.split(b"'", 2)[-1] if value.count(b"'") >= 2 else value):
             if 0 < len(cand) <= _MAX_BOUNDARY:
@@ -45,11 +68,13 @@ def declared_boundaries(raw: bytes) -> set[bytes]:
     return found
 
 
-def digest_boundaries(raw: bytes) -> set[bytes]:
+def digest_boundaries(raw: bytes, lowered: bytes | None = None) -> set[bytes]:
     """The boundaries (lower case) of multipart/digest parts: their parts default to
     message/rfc822 (RFC 2046 5.1.5), as every structural reading must agree (mailing list
-    digests are ordinary mail)."""
+    digests are ordinary mail). ``lowered``: ``raw.lower()`` if the caller has it already."""
     found: set[bytes] = set()
+    if b"multipart/digest" not in (raw.lower() if lowered is None else lowered):
+        return found  # the pattern needs it: the scan of the whole message can be skipped
     for m in _DIGEST_HEADER.finditer(raw):
         found |= {b.lower() for b in declared_boundaries(m.group(1))}
     return found
@@ -91,6 +116,25 @@ def _preceding_eol(raw: bytes, pos: int) -> int:
     return pos
 
 
+def delimiter_starts(raw: bytes) -> list[int]:
+    """Where a line starts with "--" (at 0, or after CR or LF), in order.
+
+    The same positions as a regular expression ``(?:^|(?<=[\r\n]))--`` would find (matches
+    cannot overlap: the byte before one is CR or LF, never "-"), found with ``bytes.find``,
+    some twenty times faster on a message with large encoded parts.
+    """
+    starts = [0] if raw.startswith(b"--") else []
+    kinds = 0
+    for eol in (b"\n--", b"\r--"):
+        at = raw.find(eol)
+        kinds += at >= 0
+        while at >= 0:
+            starts.append(at + 1)
+            at = raw.find(eol, at + 3)
+    # One kind of line end (the usual case): the positions are in order already.
+    return sorted(starts) if kinds > 1 else starts
+
+
 def _delimiters(
     raw: bytes, boundaries: set[bytes], col: Collector
 ) -> list[tuple[int, int, bool, bytes]]:
@@ -103,8 +147,7 @@ def _delimiters(
     prefixed = {b for b in lowers if any(o != b and b.startswith(o) for o in lowers)}
     pattern = re.compile(b"--(" + b"|".join(re.escape(b) for b in lowers) + b")", re.IGNORECASE)
     out: list[tuple[int, int, bool, bytes]] = []
-    for start_match in _DELIMITER_START.finditer(raw):
-        start = start_match.start()
+    for start in delimiter_starts(raw):
         m = pattern.match(raw, start)
         if m is None:
             continue
@@ -126,13 +169,14 @@ def _delimiters(
 
 def read(raw: bytes, col: Collector, *, prefix: str, depth: int) -> None:
     """Cut ``raw`` at every delimiter line and record each piece's decoded body."""
-    boundaries = declared_boundaries(raw)
+    lowered = raw.lower()
+    boundaries = declared_boundaries(raw, lowered)
     col.budget.check_parts(len(boundaries))
     delimiters = _delimiters(raw, boundaries, col) if boundaries else []
     closed = sum(1 for d in delimiters if d[2])
     if delimiters and not closed:
         col.anomaly(A.MISSING_BOUNDARY_END)
-    digests = digest_boundaries(raw) if delimiters else set()
+    digests = digest_boundaries(raw, lowered) if delimiters else set()
     pieces: list[tuple[bytes, bool, str]] = []  # (piece, follows a close delimiter, default type)
     prev, prev_close, prev_default = 0, False, "text/plain"
     for start, after, is_close, boundary in delimiters:

@@ -91,6 +91,8 @@ def _yenc_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
 
 def _segments(lines: list[bytes]) -> list[list[bytes]]:
     """Encoder-shaped pieces of a run: equal-length lines, then at most one shorter line."""
+    if lines and len(set(map(len, lines[:-1]))) <= 1 and len(lines[-1]) <= len(lines[0]):
+        return [lines]  # one encoder's block (the usual case): the loop below agrees
     out: list[list[bytes]] = []
     for line in lines:
         seg = out[-1] if out else None

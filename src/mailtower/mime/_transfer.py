@@ -87,9 +87,17 @@ def _b64_chunk(chunk: bytes) -> bytes:
         return b""
 
 
-def _b64_stream(clean: bytes) -> bytes:
+def _b64_chunks(clean: bytes) -> list[bytes]:
+    """The streams of ``clean`` (alphabet and "=" only): each run of padding ends one."""
+    body = clean.rstrip(b"=")
+    if b"=" not in body:  # the usual case: padding at the end only (no regex over the body)
+        return [body] if body else []
+    return [c for c in _PADDING_RUNS.split(body) if c]
+
+
+def _b64_stream(clean: bytes, chunks: list[bytes] | None = None) -> bytes:
     """Concatenated base64 streams: each run of padding ends one stream, the next one follows."""
-    return b"".join(_b64_chunk(c) for c in _PADDING_RUNS.split(clean) if c)
+    return b"".join(_b64_chunk(c) for c in (_b64_chunks(clean) if chunks is None else chunks))
 
 
 def _odd_lines(body: bytes, has_junk: bool) -> bool:
@@ -104,10 +112,10 @@ def decode_base64(body: bytes) -> Decoded:
     """Base64 as a lenient client decodes it, and the other plausible readings."""
     compact = body.translate(None, _WHITESPACE)
     clean = compact.translate(None, _NOT_B64)
-    result = Decoded(_b64_stream(clean))
+    chunks = _b64_chunks(clean)
+    result = Decoded(_b64_stream(clean, chunks))
     if len(clean) != len(compact):
         result.anomalies.add(A.BASE64_JUNK)
-    chunks = [c for c in _PADDING_RUNS.split(clean) if c]
     if len(chunks) > 1:
         result.anomalies.add(A.BASE64_JUNK)  # data after padding: decoders part ways here
         result.add_alternative(_b64_chunk(chunks[0]))  # decoders that stop at the first "="

@@ -1,15 +1,24 @@
-"""scand's tiny HTTP/1.0 server: GET /health for the monitor, GET /metrics for Prometheus."""
+"""scand's tiny HTTP/1.0 server: GET /health for the monitor, GET /metrics for Prometheus.
+
+It serves a :class:`Source`: one in-process :class:`Scanner` (tests, a single process), or
+the supervisor of scand's worker processes (mailtower.scand.workers), which answers for all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mailtower.engines import EngineError
-from mailtower.scand.server import Scanner
+from mailtower.engines import Engine, EngineError
+
+if TYPE_CHECKING:
+    from mailtower.scand.server import Scanner
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +30,41 @@ _REASONS = {
     405: "Method Not Allowed",
     503: "Service Unavailable",
 }
+
+
+class Source:
+    """What /health and /metrics report (a base class, not a protocol: a Scanner has a
+    ``health`` method of another kind)."""
+
+    async def health(self) -> tuple[int, dict[str, object]]:
+        raise NotImplementedError
+
+    def metrics(self) -> bytes:
+        raise NotImplementedError
+
+
+class ScannerSource(Source):
+    """One in-process scanner."""
+
+    def __init__(self, scanner: Scanner) -> None:
+        self.scanner = scanner
+
+    async def health(self) -> tuple[int, dict[str, object]]:
+        return await health(self.scanner)
+
+    def metrics(self) -> bytes:
+        return generate_latest(self.scanner.metrics.registry)
+
+
+async def engine_versions(engines: Sequence[Engine], timeout: float) -> dict[str, str]:
+    """Each engine's version (``health``); raises EngineError or TimeoutError."""
+
+    def versions() -> dict[str, str]:
+        return {e.name: e.health(timeout) for e in engines}
+
+    # A thread of its own: a busy scan pool must not make a healthy scanner look dead.
+    # Engines enforce the timeout themselves; the margin only guards against a stuck one.
+    return await asyncio.wait_for(asyncio.to_thread(versions), timeout + 1.0)
 
 
 async def health(scanner: Scanner) -> tuple[int, dict[str, object]]:
@@ -57,7 +101,7 @@ async def health(scanner: Scanner) -> tuple[int, dict[str, object]]:
 
 
 async def _handle(
-    scanner: Scanner, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    source: Source, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     try:
         request = await asyncio.wait_for(reader.readline(), _REQUEST_TIMEOUT_S)
@@ -71,11 +115,11 @@ async def _handle(
         elif parts[0] != "GET":
             status, ctype, body = 405, "text/plain", b"only GET\n"
         elif parts[1] == "/health":
-            status, doc = await health(scanner)
+            status, doc = await source.health()
             ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[1] == "/metrics":
             status, ctype = 200, CONTENT_TYPE_LATEST
-            body = generate_latest(scanner.metrics.registry)
+            body = source.metrics()
         else:
             status, ctype, body = 404, "text/plain", b"not found\n"
         head = (
@@ -90,8 +134,14 @@ async def _handle(
         writer.close()
 
 
-async def start_http(scanner: Scanner, host: str, port: int) -> asyncio.Server:
-    """Serve /health and /metrics on ``host:port``."""
+async def start_http(
+    scanner: Scanner | Source, host: str, port: int, *, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """Serve /health and /metrics of ``scanner`` (a Scanner or any Source) on ``host:port``,
+    or on the bound socket ``sock``."""
+    source = scanner if isinstance(scanner, Source) else ScannerSource(scanner)
+    if sock is not None:
+        return await asyncio.start_server(lambda r, w: _handle(source, r, w), sock=sock)
     return await asyncio.start_server(
-        lambda r, w: _handle(scanner, r, w), host=host, port=port, reuse_address=True
+        lambda r, w: _handle(source, r, w), host=host, port=port, reuse_address=True
     )

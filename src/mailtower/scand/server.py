@@ -29,6 +29,7 @@ from mailtower.reinject import ReinjectError
 from mailtower.reinject import reinject as reinject_to_relay
 from mailtower.rules import RuleDirs
 from mailtower.scan import Kind, Verdict, message_id
+from mailtower.scand.smtp_data import FilterSMTP
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,15 @@ def build_pipeline(
 
 
 class Metrics:
-    """scand's Prometheus metrics, in a registry of their own (several scanners per test)."""
+    """scand's Prometheus metrics, in a registry of their own (several scanners per test).
 
-    def __init__(self) -> None:
+    In a worker process (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor) the values live
+    in that directory and the supervisor serves them summed over the workers; the gauges say
+    how (``multiprocess_mode``; ignored in a single process). ``spool_gauge``: whether this
+    process reports the event spool (a worker does not: the spool is shared, the supervisor
+    counts it once)."""
+
+    def __init__(self, *, spool_gauge: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "mailtower_messages",
@@ -112,16 +119,28 @@ class Metrics:
             ["engine"],
             registry=self.registry,
         )
-        self.events_spooled = Gauge(
-            "mailtower_events_spooled", "Verdict events waiting for SQL", registry=self.registry
+        self.events_spooled = (
+            Gauge(
+                "mailtower_events_spooled",
+                "Verdict events waiting for SQL",
+                registry=self.registry,
+            )
+            if spool_gauge
+            else None
         )
         self.in_flight = Gauge(
-            "mailtower_in_flight", "Messages being scanned now", registry=self.registry
+            "mailtower_in_flight",
+            "Messages being scanned now",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.rules_bundle_version = Gauge(
             "mailtower_rules_bundle_version",
             "Version of the rule bundle scand scans with (0: the rules shipped in the package)",
             registry=self.registry,
+            # Over several workers: the oldest bundle any of them runs (what the monitor's
+            # ScannerRulesBehind alert must see).
+            multiprocess_mode="livemin",
         )
 
 
@@ -135,8 +154,11 @@ class Scanner:
         host_address: str,
         engines: list[Engine] | None = None,
         metrics: Metrics | None = None,
+        concurrency: int | None = None,
     ):
         self.settings = settings
+        # Messages this process scans at once (a worker's share of limits.scan_concurrency).
+        self.concurrency = concurrency or settings.limits.scan_concurrency
         self.host_address = host_address
         # The whole-message engines (health answers for these) and the pipeline they run in.
         self.engines = engines if engines is not None else engines_mod.from_settings(settings)
@@ -148,10 +170,9 @@ class Scanner:
         spool = Path(settings.spool_dir)
         self.quarantine = QuarantineStore(spool / "quarantine")
         self.events = EventSpool(spool / "events")
-        self.metrics.events_spooled.set_function(self.events.count)
-        self.executor = ThreadPoolExecutor(
-            max_workers=settings.limits.scan_concurrency, thread_name_prefix="scan"
-        )
+        if self.metrics.events_spooled is not None:
+            self.metrics.events_spooled.set_function(self.events.count)
+        self.executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="scan")
         self.in_flight = 0
         self.draining = False
 
@@ -305,7 +326,7 @@ class Handler:
 
     def __init__(self, scanner: Scanner):
         self.scanner = scanner
-        self.semaphore = asyncio.Semaphore(scanner.settings.limits.scan_concurrency)
+        self.semaphore = asyncio.Semaphore(scanner.concurrency)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -343,14 +364,20 @@ class Handler:
 
 
 async def start_smtp(
-    handler: Handler, host: str, port: int, *, hostname: str | None = None
+    handler: Handler,
+    host: str | None,
+    port: int | None,
+    *,
+    hostname: str | None = None,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen for the relay on ``host:port``; return the asyncio server."""
+    """Listen for the relay on ``host:port``, or accept on the listening socket ``sock`` (a
+    worker's, shared with the other workers); return the asyncio server."""
     settings = handler.scanner.settings
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
-        return SMTP(
+        return FilterSMTP(
             handler,
             data_size_limit=settings.limits.message_size_bytes,
             enable_SMTPUTF8=True,
@@ -358,4 +385,8 @@ async def start_smtp(
             ident="mailtower-scand",
         )
 
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock)
+    if port is None:
+        raise ValueError("start_smtp needs a port or a listening socket")
     return await loop.create_server(factory, host=host, port=port, reuse_address=True)

@@ -1,0 +1,124 @@
+"""The MIME readers' fast scanning (bytes.find, fast paths) finds exactly what the regular
+expressions and loops it replaced found.
+
+The references below are the code the readers used before (kept here, not in the readers):
+the fast scanning must give the same positions, matches and pieces on any input.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mime_builders import EICAR, attachment_message
+from mime_mutations import Base, chunk, mutated
+
+from mailtower.mime._boundary_reader import (
+    _BOUNDARY_PARAM,
+    _DIGEST_HEADER,
+    declared_boundaries,
+    delimiter_starts,
+    digest_boundaries,
+)
+from mailtower.mime._encoded_blocks import _segments
+from mailtower.mime._transfer import _b64_chunks
+
+REFERENCE_DELIMITER_START = re.compile(rb"(?:^|(?<=[\r\n]))--")
+BASE = Base(attachment_message(eol="\r\n"), EICAR)
+DIGEST = Base(
+    b"Content-Type: multipart/mixed; boundary=outer\r\n\r\n--outer\r\n"
+    b'Content-Type: Multipart/Digest;\r\n BOUNDARY="d1"; x=y\r\n\r\n--d1\r\n\r\n'
+    b"Subject: inner\r\n\r\nhi\r\n--d1--\r\n--outer--\r\n"
+)
+# Inputs rich in what the scanning looks for: line ends, dashes, "boundary" in any case.
+_parts = st.one_of(
+    chunk,
+    st.sampled_from(
+        [b"-", b"---", b"\r\n--", b"\n--", b"\r--", b"BoUnDaRy", b"boundary*0*=", b"\n\t"]
+        + [b"multipart/digest", b"content-type:", b"'", b"\r\n "]
+    ),
+)
+hostile_bytes = st.lists(_parts, max_size=40).map(b"".join)
+inputs = st.one_of(
+    hostile_bytes,
+    st.binary(max_size=400),
+    mutated(BASE, protect_body=False).map(lambda case: case[0]),
+    mutated(DIGEST, protect_body=False).map(lambda case: case[0]),
+)
+
+
+def reference_declared(raw: bytes) -> set[bytes]:
+    found: set[bytes] = set()
+    for m in _BOUNDARY_PARAM.finditer(raw):
+        value = next(g for g in m.groups() if g is not None).rstrip()
+        for cand in (value, value.split(b"'", 2)[-1] if value.count(b"'") >= 2 else value):
+            if 0 < len(cand) <= 200:
+                found.add(cand)
+    return found
+
+
+def reference_digest(raw: bytes) -> set[bytes]:
+    found: set[bytes] = set()
+    for m in _DIGEST_HEADER.finditer(raw):
+        found |= {b.lower() for b in reference_declared(m.group(1))}
+    return found
+
+
+@settings(max_examples=400, deadline=None)
+@given(inputs)
+def test_delimiter_starts_are_the_regex_positions(raw: bytes) -> None:
+    expected = [m.start() for m in REFERENCE_DELIMITER_START.finditer(raw)]
+    assert delimiter_starts(raw) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(inputs)
+def test_declared_boundaries_are_the_regex_ones(raw: bytes) -> None:
+    assert declared_boundaries(raw) == reference_declared(raw)
+    assert declared_boundaries(raw, raw.lower()) == reference_declared(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(inputs)
+def test_digest_boundaries_are_the_regex_ones(raw: bytes) -> None:
+    assert digest_boundaries(raw) == reference_digest(raw)
+
+
+def test_examples_where_the_scans_could_part_ways() -> None:
+    # A declaration inside an earlier one's quoted value is not a declaration of its own.
+    nested = b'Content-Type: multipart/mixed; boundary="a; boundary=b"\r\n'
+    assert declared_boundaries(nested) == reference_declared(nested) == {b"a; boundary=b"}
+    # At the very start, and right after a separator in any case.
+    start = b"boundary=x;BOUNDARY=y\tBoundary = z"
+    assert declared_boundaries(start) == reference_declared(start) == {b"x", b"y", b"z"}
+    # Mixed line ends: positions come back in order.
+    mixed = b"--a\r--b\n--c\r\n--d---e\n-x\r\n--"
+    assert delimiter_starts(mixed) == [0, 4, 8, 13, 25]
+    assert delimiter_starts(mixed) == [m.start() for m in REFERENCE_DELIMITER_START.finditer(mixed)]
+    assert digest_boundaries(DIGEST.raw) == reference_digest(DIGEST.raw) == {b"d1"}
+
+
+def reference_segments(lines: list[bytes]) -> list[list[bytes]]:
+    out: list[list[bytes]] = []
+    for line in lines:
+        seg = out[-1] if out else None
+        if seg and len(line) <= len(seg[0]) and len(seg[-1]) == len(seg[0]):
+            seg.append(line)
+        else:
+            out.append([line])
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"A" * 76, b"A" * 76, b"A" * 40, b"A" * 4, b"A" * 80]), max_size=8)
+)
+def test_base64_run_segments_are_the_loop_ones(lines: list[bytes]) -> None:
+    assert _segments(lines) == reference_segments(lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"QUJD", b"=", b"==", b"RA", b"x"]), max_size=12).map(b"".join))
+def test_base64_streams_split_as_the_regex_splits(clean: bytes) -> None:
+    assert _b64_chunks(clean) == [c for c in re.split(rb"=+", clean) if c]
