@@ -50,6 +50,10 @@ def lab_tower_data(tower: str) -> dict:
             "minimal_backoff": "5s",
             "maximal_backoff": "20s",
             "engine_timeout_s": 10,  # the hung-engine check waits this long for its 451
+            # One scand process per lab scanner: 46 scanners share this machine's 2 CPUs, and
+            # a worker per CPU each would cost ~130 MiB more per scanner. A real scanner host
+            # keeps the default (0: one worker per CPU).
+            "scan_workers": 1,
         },
         "secrets": lxc.tower_secrets(),
     }
