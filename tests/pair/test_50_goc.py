@@ -200,6 +200,7 @@ def test_customers_added_at_the_goc_are_accepted_by_both_relays(pair: Pair) -> N
             assert set(accepted) == set(TOWERS), f"{domain}: accepted by {sorted(accepted)}"
             for key, value in accepted.items():
                 relay_s[key].append(value)
+                assert value < 10, f"tower {key} accepted {domain} only {value:.1f} s after SQL"
         record_figure(
             "goc_config_propagation_s",
             {
