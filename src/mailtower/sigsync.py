@@ -88,16 +88,21 @@ def reload_clamd(sock_path: str, timeout: float = 10.0) -> bool:
         return False
 
 
+ICAP_RELOAD = b"clamav:dbreload"  # c-icap's clamav_mod command (virus_scan has none)
+
+
 def reload_icap(control: str) -> bool:
-    """Ask c-icap's virus_scan service to reload its databases through c-icap's command pipe;
-    False when c-icap is not running (no reader on the pipe) or has no such pipe."""
+    """Ask c-icap's clamav module (libclamav, what virus_scan scans with) to reload its
+    databases through c-icap's command pipe; False when c-icap is not running (no reader on
+    the pipe) or has no such pipe. Proven against the lab's c-icap:
+    tests/infra/test_scanner.py::test_c_icap_takes_new_signatures_without_restart."""
     try:
         # Non-blocking: a pipe nobody reads would otherwise hang the sync forever.
         fd = os.open(control, os.O_WRONLY | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        os.write(fd, b"virus_scan:dbreload")
+        os.write(fd, ICAP_RELOAD)
         return True
     except OSError:
         return False

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 GROUP = "scanners"
+ICAP_CONTROL = "/run/c-icap/c-icap.ctl"  # roles/scanner.py ICAP_CONTROL
 
 
 @pytest.mark.parametrize("package", ["clamav-daemon", "python3-venv"])
@@ -77,3 +79,38 @@ def test_c_icap_serves_the_icap_engine_on_loopback_only(node, tower):
         node.check_output(f"curl -sS http://127.0.0.1:{tower.settings.ports.scanner_http}/health")
     )
     assert health["icap"].startswith("C-ICAP/"), health  # scand reached it through OPTIONS
+
+
+def test_c_icap_takes_new_signatures_without_restart(tower):
+    """A signature added to the scanner's database is found by c-icap after sigsync's reload
+    (mailtower.sigsync.reload_icap), with no restart: what every signature update relies on."""
+    s = tower.settings
+    icap = _local_icap(tower)
+    if icap is None:
+        pytest.skip("this tower scans without a local c-icap")
+    node = tower.node(tower.hosts(GROUP)[0].name)
+    marker = f"MAILTOWER-INFRA-RELOAD-{s.name}-4e1f"
+    sig = "/var/lib/clamav/zz-mailtower-infra-reload.ndb"  # not sigsync-managed: left alone
+    scan = (
+        f"printf 'text {marker} text\\n' > /tmp/reload-probe.txt && c-icap-client -i 127.0.0.1"
+        f" -p {icap.port} -s {icap.service} -f /tmp/reload-probe.txt -resp x -v 2>&1"
+        " | grep -a -c 'VIRUS FOUND' || true"
+    )
+    reload = (
+        "/opt/mailtower/venv/bin/python -c 'from mailtower.sigsync import reload_icap;"
+        f' print(reload_icap("{ICAP_CONTROL}"))\''
+    )
+    assert node.check_output(scan) == "0"
+    try:
+        node.check_output(
+            f"echo 'Mailtower.Test.InfraReload:0:*:{marker.encode().hex()}' > {sig}"
+            f" && chown clamav: {sig}"
+        )
+        assert node.check_output(reload) == "True"
+        deadline = time.monotonic() + 60
+        while node.check_output(scan) == "0":
+            assert time.monotonic() < deadline, "c-icap did not take the new signature in 60 s"
+            time.sleep(1)
+    finally:
+        node.run(f"rm -f {sig}")
+        node.run(reload)
