@@ -45,11 +45,17 @@ def chromium() -> Iterator[Any]:
 
 
 def wait(driver: Any, condition: Any, what: str, deadline_s: float = DEADLINE_S) -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, deadline_s, poll_frequency=0.1).until(
-        lambda d: condition(d), message=f"waiting {deadline_s}s for {what}"
-    )
+    # The page redraws as it updates: an element found a moment ago can be gone (stale) or
+    # not there yet; both mean "not yet", and the condition is asked again.
+    return WebDriverWait(
+        driver,
+        deadline_s,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    ).until(lambda d: condition(d), message=f"waiting {deadline_s}s for {what}")
 
 
 def log_in(driver: Any, name: str, password: str) -> None:
