@@ -56,6 +56,9 @@ def lab_tower_data(tower: str) -> dict:
             "scan_workers": 1,
         },
         "secrets": lxc.tower_secrets(),
+        # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
+        "rules_dir": "/var/lib/mailtower/rules",
+        "bundles": {"public_key": lxc.bundle_keys()[1].read_text(), "poll_interval_s": 2},
     }
 
 

@@ -149,6 +149,9 @@ class Secrets(_Model):
     sql_sync: str | None = Field(None, min_length=16)  # mt_sync here: the GOC's subscription
     goc_sync: str | None = Field(None, min_length=16)  # mt_sync at the GOC: our config subscription
     goc_status: str | None = Field(None, min_length=16)  # mt_status at the GOC: the monitor
+    # With rule bundles (TowerSettings.bundles) only: marks the monitor's canary messages to
+    # a scanner (scanned and answered, never delivered); anyone without it gets normal mail.
+    canary: str | None = Field(None, min_length=16)
 
 
 class Goc(_Model):
@@ -158,6 +161,29 @@ class Goc(_Model):
     port: int = 5432
     database: str = "goc"
     status_interval_s: float = 5.0  # how often the monitor reports the tower's state
+    bundle_port: int = 8026  # the GOC's published rule bundles (HTTP; signed, so not secret)
+
+
+class Bundles(_Model):
+    """Signed rule bundles (mailtower.bundles): the GOC publishes, the monitor pulls, verifies
+    and mirrors them, then rolls each one across the scanner pool (mailtower.monitor.rollout)."""
+
+    public_key: str  # PEM of the GOC's signing.pub; a tower never holds the signing key
+    # Where the GOC publishes (latest.json + rules-N.tar.gz); None: http://<goc>:<bundle_port>
+    source: str | None = None
+    poll_interval_s: float = Field(10.0, gt=0)  # how often the monitor asks the source
+    batch: int = Field(4, ge=1)  # at most this many scanners drained for an update at once…
+    spare: int = Field(1, ge=0)  # …and always this many more in service than the load needs
+    drain_timeout_s: float = Field(60.0, gt=0)  # in-flight messages get this long to finish
+    apply_timeout_s: float = Field(120.0, gt=0)  # install + reload on one scanner
+    lag_alert_after: str = "15m"  # a scanner behind the mirror this long raises an alert
+
+    @field_validator("public_key")
+    @classmethod
+    def _pem(cls, value: str) -> str:
+        if "BEGIN PUBLIC KEY" not in value:
+            raise ValueError("bundles.public_key must be the PEM text of the GOC's signing.pub")
+        return value
 
 
 class TowerSettings(_Model):
@@ -189,6 +215,34 @@ class TowerSettings(_Model):
     # The GOC: customers, domains, routes and policies come from it by logical replication,
     # verdict events go up to it. None: a tower on its own, its customers from ``customers``.
     goc: Goc | None = None
+    # Rule updates from the GOC (needs ``goc`` or ``bundles.source``, ``rules_dir`` and
+    # ``secrets.canary``); None: the scanners keep the rules they were deployed with.
+    bundles: Bundles | None = None
+
+    @model_validator(mode="after")
+    def _bundle_needs(self) -> TowerSettings:
+        if self.bundles is None:
+            return self
+        missing = []
+        if self.bundles.source is None and self.goc is None:
+            missing.append("goc (or bundles.source)")
+        if self.rules_dir is None:
+            missing.append("rules_dir")
+        if self.secrets.canary is None:
+            missing.append("secrets.canary")
+        if missing:
+            raise ValueError(f"a tower taking rule bundles needs {', '.join(missing)}")
+        return self
+
+    @property
+    def bundle_source(self) -> str | None:
+        """Where the monitor pulls bundles from (None: this tower takes none)."""
+        if self.bundles is None:
+            return None
+        if self.bundles.source is not None:
+            return self.bundles.source.rstrip("/")
+        assert self.goc is not None  # _bundle_needs
+        return f"http://{self.goc.address}:{self.goc.bundle_port}"
 
     @model_validator(mode="after")
     def _goc_secrets(self) -> TowerSettings:
@@ -233,6 +287,11 @@ class TowerSettings(_Model):
     @property
     def mirror_url(self) -> str:
         return f"http://{self.hosts.monitor}:{self.ports.mirror_http}"
+
+    @property
+    def rules_mirror_url(self) -> str:
+        """The monitor's copy of the bundles it verified, for its scanners."""
+        return f"{self.mirror_url}/rules"
 
     def goc_conninfo(self, user: str, password: str) -> str:
         """The GOC's database as this tower reaches it (one host: see mailtower.sync)."""

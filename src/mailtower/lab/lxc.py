@@ -92,6 +92,7 @@ TOWER_SECRETS = (
     "sql_sync",
     "goc_sync",
     "goc_status",
+    "canary",
 )
 GOC_SECRETS = ("eye_db", "eye_operator")
 
@@ -117,6 +118,19 @@ def tower_secrets() -> dict[str, str]:
 def goc_secrets() -> dict[str, str]:
     every = json.loads(secrets_file().read_text())
     return {n: every[n] for n in TOWER_SECRETS + GOC_SECRETS}
+
+
+def bundle_keys() -> tuple[Path, Path]:
+    """The lab GOC's rule-bundle key pair (signing.key, signing.pub), made once per lab: the
+    GOC gets the signing key, the towers the public one."""
+    from mailtower import bundles
+
+    out = state_dir() / "bundle-keys"
+    key, pub = out / "signing.key", out / "signing.pub"
+    if not (key.exists() and pub.exists()):
+        shutil.rmtree(out, ignore_errors=True)
+        bundles.keygen(out)
+    return key, pub
 
 
 def tsig_key_file() -> Path:
