@@ -43,6 +43,16 @@ def configure():
     ops = {}
     ops["settings"] = [_common.write_settings()]
     _mirror()
+    if _common.settings().bundles:
+        # The monitor's copy of the GOC's bundles (mailtower.monitor.rollout), served to the
+        # scanners under <mirror>/rules.
+        files.directory(
+            name=f"Ensure {MIRROR}/rules",
+            path=f"{MIRROR}/rules",
+            user="mailtower",
+            group="mailtower",
+            mode="755",
+        )
     files.link(
         name="Remove nginx's default site", path="/etc/nginx/sites-enabled/default", present=False
     )

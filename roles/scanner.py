@@ -10,9 +10,6 @@ from pyinfra.operations import files, server, systemd
 from roles import _common
 from roles._common import settings, template
 
-SIG_DIR = "/var/lib/clamav"
-
-
 PACKAGES = [
     "clamav-daemon",
     "c-icap",
@@ -71,6 +68,24 @@ def configure():
         group="mailtower",
         mode="750",
     )
+    if s.rules_dir:
+        # scand installs rule bundles here itself, on the monitor's request (/rules/apply)
+        files.directory(
+            name=f"Ensure {s.rules_dir}",
+            path=s.rules_dir,
+            user="mailtower",
+            group="mailtower",
+            mode="755",
+        )
+    if s.bundles:
+        # …and puts their ClamAV databases (mtbundle-*) beside the mirror's for clamd
+        files.directory(
+            name=f"Let scand add bundle databases to {s.clamav_db_dir}",
+            path=s.clamav_db_dir,
+            user="clamav",
+            group="clamav",
+            mode="2775",
+        )
     ops["clamd"] = [
         template("scanner/etc/clamav/clamd.conf"),
         # Debian's unit refuses to start without the official databases; a tower has its own.
@@ -79,7 +94,7 @@ def configure():
     icap = local_icap()
     ops["icap"] = (
         [
-            template("scanner/etc/c-icap/c-icap.conf", icap=icap, sig_dir=SIG_DIR),
+            template("scanner/etc/c-icap/c-icap.conf", icap=icap, sig_dir=s.clamav_db_dir),
             template("scanner/etc/systemd/system/c-icap.service.d/mailtower.conf"),
         ]
         if icap
@@ -112,7 +127,7 @@ def activate(ops, install_op):
         _if=lambda: (
             changed["sigsync"]()
             or stack_changed()
-            or host.get_fact(File, path=f"{SIG_DIR}/mailtower-test.ndb") is None
+            or host.get_fact(File, path=f"{settings().clamav_db_dir}/mailtower-test.ndb") is None
         ),
     )
     systemd.service(

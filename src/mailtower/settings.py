@@ -176,7 +176,7 @@ class Bundles(_Model):
     spare: int = Field(1, ge=0)  # …and always this many more in service than the load needs
     drain_timeout_s: float = Field(60.0, gt=0)  # in-flight messages get this long to finish
     apply_timeout_s: float = Field(120.0, gt=0)  # install + reload on one scanner
-    lag_alert_after: str = "15m"  # a scanner behind the mirror this long raises an alert
+    lag_alert_after: Duration = "15m"  # a scanner behind the mirror this long raises an alert
 
     @field_validator("public_key")
     @classmethod
@@ -204,6 +204,7 @@ class TowerSettings(_Model):
     secrets: Secrets
     sql_database: str = "mailtower"
     clamd_socket: str = "/run/clamav/clamd.ctl"
+    clamav_db_dir: str = "/var/lib/clamav"  # clamd's (and c-icap's) DatabaseDirectory
     # the "icap" engine's service, e.g. icap://127.0.0.1:1344/avscan (c-icap's virus_scan
     # in simple mode: it answers only once the whole message is scanned)
     icap_url: str | None = None

@@ -49,10 +49,7 @@ def clamav_signatures() -> dict[str, str]:
             (
                 f"Mailtower.Test.EICAR:0:*:{data.hex()}\n",
                 f"Mailtower.Test.Marker:0:*:{marker().hex()}\n",
-                *(
-                    f"{outbreak_name(i)}:0:*:{outbreak_marker(i).hex()}\n"
-                    for i in range(OUTBREAKS)
-                ),
+                *(f"{outbreak_name(i)}:0:*:{outbreak_marker(i).hex()}\n" for i in range(OUTBREAKS)),
             )
         ),
         "mailtower-test.hdb": (

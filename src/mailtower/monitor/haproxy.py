@@ -119,3 +119,21 @@ class RuntimeAPI:
         """The servers of ``backend`` by name."""
         answer = await self.command(f"show servers state {backend}")
         return {s.name: s for s in parse_servers_state(answer)}
+
+    async def sessions(self, backend: str = BACKEND) -> int:
+        """Sessions open now to the backend's servers (``show stat``, column scur)."""
+        text = await self.command("show stat")
+        lines = text.splitlines()
+        if not lines or not lines[0].startswith("# "):
+            raise HAProxyError(f"HAProxy at {self}: 'show stat' answered {text[:80]!r}")
+        columns = lines[0][2:].split(",")
+        try:
+            px, sv, scur = columns.index("pxname"), columns.index("svname"), columns.index("scur")
+        except ValueError as exc:
+            raise HAProxyError(f"HAProxy at {self}: 'show stat' lacks {exc}") from exc
+        total = 0
+        for line in lines[1:]:
+            row = line.split(",")
+            if len(row) > scur and row[px] == backend and row[sv] not in ("BACKEND", "FRONTEND"):
+                total += int(row[scur] or 0)
+        return total

@@ -4,29 +4,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 HEALTH_PATH = "/health"
 
 
 async def probe(host: str, port: int, timeout_s: float) -> bool:
     """GET /health; True only for a 200 within ``timeout_s`` (refused, timeout, other: False)."""
+    return (await check(host, port, timeout_s))[0]
+
+
+async def check(host: str, port: int, timeout_s: float) -> tuple[bool, dict]:
+    """GET /health: (True only for a 200 within ``timeout_s``, the JSON answer or {})."""
     try:
-        return await asyncio.wait_for(_get_status(host, port), timeout_s) == 200
+        status, doc = await request(host, port, "GET", HEALTH_PATH, timeout_s=timeout_s)
     except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
-        return False
+        return False, {}
+    return status == 200, doc
 
 
-async def _get_status(host: str, port: int) -> int:
-    reader, writer = await asyncio.open_connection(host, port)
+async def request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[int, dict]:
+    """One HTTP/1.0 request to scand; (status, JSON body or {}). Raises OSError, TimeoutError,
+    ValueError on no answer or a broken one."""
+
+    async def exchange() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            head = f"{method} {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
+            for name, value in (headers or {}).items():
+                head += f"{name}: {value}\r\n"
+            if method == "POST":
+                head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            writer.write(head.encode() + b"\r\n" + body)
+            await writer.drain()
+            answer = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        status_line, _, rest = answer.partition(b"\r\n")
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise ValueError(f"not an HTTP status line: {status_line[:80]!r}")
+        return int(parts[1]), rest.partition(b"\r\n\r\n")[2]
+
+    status, payload = await asyncio.wait_for(exchange(), timeout_s)
     try:
-        writer.write(f"GET {HEALTH_PATH} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
-        await writer.drain()
-        status_line = await reader.readline()
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    parts = status_line.split()
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-        raise ValueError(f"not an HTTP status line: {status_line[:80]!r}")
-    return int(parts[1])
+        doc = json.loads(payload) if payload.strip() else {}
+    except ValueError:
+        doc = {"body": payload[:200].decode(errors="replace")}
+    return status, doc if isinstance(doc, dict) else {"body": doc}

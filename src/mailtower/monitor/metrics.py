@@ -10,7 +10,7 @@ from mailtower.monitor.pool import MAINT, READY, Pool
 class MonitorMetrics:
     """Every metric the monitor exports."""
 
-    def __init__(self, pool: Pool, *, goc: bool = False) -> None:
+    def __init__(self, pool: Pool, *, goc: bool = False, bundles: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.scanner_up = Gauge(
@@ -72,6 +72,38 @@ class MonitorMetrics:
                 "Reports not sent because the relay's queue size could not be read",
                 registry=r,
             )
+        if bundles:  # rule bundles from the GOC (mailtower.monitor.rollout)
+            self.scanner_rules_bundle = Gauge(
+                "mailtower_scanner_rules_bundle",
+                "Rule bundle version the scanner's last health answer named (0: shipped rules)",
+                ["scanner"],
+                registry=r,
+            )
+            self.rules_target = Gauge(
+                "mailtower_rules_target",
+                "Rule bundle version the tower's mirror holds and rolls out (0: none yet)",
+                registry=r,
+            )
+            self.rules_rejected = Gauge(
+                "mailtower_rules_rejected_version",
+                "Last rule bundle version rejected because it failed its canary (0: none)",
+                registry=r,
+            )
+            self.rules_updates = Counter(
+                "mailtower_rules_updates",
+                "Scanner rule updates by result (ok, failed)",
+                ["result"],
+                registry=r,
+            )
+            self.rules_pull_failures = Counter(
+                "mailtower_rules_pull_failures",
+                "Failed reads of the GOC's bundles, and bundles the monitor refused",
+                registry=r,
+            )
+            for result in ("ok", "failed"):
+                self.rules_updates.labels(result)
+            for s in pool.scanners:
+                self.scanner_rules_bundle.labels(s.name).set(0)
         # Every series exists from the start, so rate() and absent() work before any event.
         for s in pool.scanners:
             self.scanner_up.labels(s.name, s.address).set(0)

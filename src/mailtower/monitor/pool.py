@@ -25,6 +25,8 @@ class Scanner:
     streak: int = 0  # consecutive probes with the result in ``healthy``
     streak_start: float = 0.0  # clock value of the first probe of the streak
     since: float = 0.0  # clock value of the last change of ``enabled``
+    rules_bundle: int | None = None  # the rule bundle its last health answer named
+    held: bool = False  # out of service for a rule update (mailtower.monitor.rollout)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Pool:
         s.probed = True
         s.healthy = ok
         s.streak += 1
+        if s.held:  # the rollout has it in maintenance and gives it back itself
+            return None
         # Level-triggered (>=, not ==): a belief adopted from HAProxy at start, or set by hand,
         # still converges to what the probes say.
         if ok and not s.enabled and s.streak >= self.recover_after:

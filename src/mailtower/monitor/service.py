@@ -8,15 +8,18 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mailtower.eye.status import TowerStatus
 from mailtower.monitor import goc_status, health, http, replication
+from mailtower.monitor import rollout as rollout_mod
 from mailtower.monitor.goc_status import GocStatusWriter, RelayQueueError
 from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import MAINT, READY, Pool, Transition
+from mailtower.monitor.rollout import Rollout
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger("mailtower.monitor")
@@ -63,6 +66,7 @@ class Monitor:
         *,
         reconcile_interval_s: float = RECONCILE_INTERVAL_S,
         sql_interval_s: float = SQL_INTERVAL_S,
+        rules_mirror: Path = rollout_mod.MIRROR_DIR,
     ) -> None:
         self.settings = settings
         limits = settings.limits
@@ -72,7 +76,9 @@ class Monitor:
             recover_after=limits.recover_after,
             now=time.time(),
         )
-        self.metrics = MonitorMetrics(self.pool, goc=settings.goc is not None)
+        self.metrics = MonitorMetrics(
+            self.pool, goc=settings.goc is not None, bundles=settings.bundles is not None
+        )
         self.haproxy = RuntimeAPI(str(settings.hosts.relay), settings.ports.haproxy_runtime)
         self.reconcile_interval_s = reconcile_interval_s
         self.sql_interval_s = sql_interval_s
@@ -90,6 +96,8 @@ class Monitor:
         self._goc_write: asyncio.Future[None] | None = None  # the write in its thread, if any
         self._goc_log = _FailureLog()
         self._relay_queue_log = _FailureLog()
+        self.rollout: Rollout | None = None  # created in run(): it needs the event loop
+        self.rules_mirror = rules_mirror
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve HTTP and run the loops until ``stop`` is set."""
@@ -108,6 +116,9 @@ class Monitor:
         ]
         if self.goc_writer is not None:
             tasks.append(asyncio.create_task(self._goc_loop(stop), name="goc-status"))
+        if self.settings.bundles is not None:
+            self.rollout = Rollout(self, self.rules_mirror)
+            tasks.append(asyncio.create_task(self.rollout.run(stop), name="rollout"))
         try:
             await stop.wait()
         finally:
@@ -136,12 +147,16 @@ class Monitor:
         """Probe every scanner once, apply the transitions, reconcile HAProxy when due."""
         limits, port = self.settings.limits, self.settings.ports.scanner_http
         results = await asyncio.gather(
-            *(health.probe(s.address, port, limits.health_timeout_s) for s in self.pool.scanners)
+            *(health.check(s.address, port, limits.health_timeout_s) for s in self.pool.scanners)
         )
         now = time.time()
         transitions: list[Transition] = []
-        for s, ok in zip(self.pool.scanners, results, strict=True):
+        for s, (ok, doc) in zip(self.pool.scanners, results, strict=True):
             self.metrics.scanner_up.labels(s.name, s.address).set(1 if ok else 0)
+            if doc:
+                s.rules_bundle = doc.get("rules_bundle")
+                if self.settings.bundles is not None:
+                    self.metrics.scanner_rules_bundle.labels(s.name).set(s.rules_bundle or 0)
             transition = self.pool.observe(s.name, ok, now)
             if transition is not None:
                 transitions.append(transition)
@@ -206,6 +221,8 @@ class Monitor:
                         s.name,
                         s.address,
                     )
+                    continue
+                if s.held:  # in a rule update: the rollout sets its state
                     continue
                 if state.in_maintenance == s.enabled:
                     target = READY if s.enabled else MAINT
@@ -372,9 +389,12 @@ class Monitor:
                     "healthy": s.healthy,
                     "enabled": s.enabled,
                     "since": s.since,
+                    "rules_bundle": s.rules_bundle,
+                    "held": s.held,
                 }
                 for s in self.pool.scanners
-            ]
+            ],
+            "rules": self.rollout.snapshot() if self.rollout is not None else None,
         }
 
     async def _handle_http(self, path: str) -> http.Response | None:

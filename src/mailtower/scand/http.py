@@ -1,4 +1,6 @@
-"""scand's tiny HTTP/1.0 server: GET /health for the monitor, GET /metrics for Prometheus.
+"""scand's tiny HTTP/1.0 server: GET /health for the monitor, GET /metrics for Prometheus, and
+the monitor's rule-bundle requests (POST /rules/apply, POST /rules/rollback; see
+mailtower.scand.bundle_apply), which carry the tower's canary secret.
 
 It serves a :class:`Source`: one in-process :class:`Scanner` (tests, a single process), or
 the supervisor of scand's worker processes (mailtower.scand.workers), which answers for all.
@@ -6,7 +8,9 @@ the supervisor of scand's worker processes (mailtower.scand.workers), which answ
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import hmac
 import json
 import logging
 import socket
@@ -16,44 +20,115 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailtower.engines import Engine, EngineError
+from mailtower.scand import bundle_apply
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mailtower.scand.server import Scanner
+    from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT_S = 5.0
+_MAX_BODY = 4096
+TOKEN_HEADER = "x-mailtower-token"
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     503: "Service Unavailable",
 }
 
 
-class Source:
-    """What /health and /metrics report (a base class, not a protocol: a Scanner has a
-    ``health`` method of another kind)."""
+class Source(abc.ABC):
+    """What /health and /metrics report and /rules/* act on (a base class, not a protocol: a
+    Scanner has a ``health`` method of another kind)."""
 
-    async def health(self) -> tuple[int, dict[str, object]]:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        self._rules_lock = asyncio.Lock()  # one bundle request at a time
 
-    def metrics(self) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def current_settings(self) -> TowerSettings: ...
+
+    @abc.abstractmethod
+    async def health(self) -> tuple[int, dict[str, object]]: ...
+
+    @abc.abstractmethod
+    def metrics(self) -> bytes: ...
+
+    @abc.abstractmethod
+    async def reload_rules(self, version: int | None) -> None:
+        """Rebuild the scan pipeline(s) from the bundle ``current`` names now; return once
+        every process scans with ``version``, or raise ApplyError."""
+
+    async def rules(self, action: str, version: int | None) -> tuple[int, dict[str, object]]:
+        """POST /rules/apply (``version``) or /rules/rollback: the bundle, then the pipeline."""
+        async with self._rules_lock:
+            settings = self.current_settings()
+            try:
+                if action == "apply":
+                    assert version is not None
+                    done = await asyncio.to_thread(bundle_apply.apply, settings, version)
+                else:
+                    done = await asyncio.to_thread(bundle_apply.rollback, settings)
+                await self.reload_rules(done.version)
+            except (bundle_apply.ApplyError, OSError) as exc:
+                log.error("event=rules_%s_failed version=%s error=%r", action, version, str(exc))
+                return 409, {"status": "refused", "action": action, "reason": str(exc)}
+        log.info(
+            "event=rules_%s rules_bundle=%s installed=%s clamav_reloaded=%s seconds=%.2f",
+            action,
+            done.version,
+            done.installed,
+            done.clamav_reloaded,
+            done.seconds,
+        )
+        return 200, {
+            "status": "ok",
+            "action": action,
+            "rules_bundle": done.version,
+            "installed": done.installed,
+            "clamav_reloaded": done.clamav_reloaded,
+            "seconds": round(done.seconds, 3),
+        }
 
 
 class ScannerSource(Source):
-    """One in-process scanner."""
+    """One in-process scanner (``settings_path``: where SIGHUP and /rules reload it from)."""
 
-    def __init__(self, scanner: Scanner) -> None:
+    def __init__(self, scanner: Scanner, settings_path: Path | None = None) -> None:
+        super().__init__()
         self.scanner = scanner
+        self.settings_path = settings_path
+
+    def current_settings(self) -> TowerSettings:
+        return self.scanner.settings
 
     async def health(self) -> tuple[int, dict[str, object]]:
         return await health(self.scanner)
 
     def metrics(self) -> bytes:
         return generate_latest(self.scanner.metrics.registry)
+
+    async def reload_rules(self, version: int | None) -> None:
+        from mailtower import settings as settings_mod
+
+        def load() -> None:
+            new = settings_mod.load(self.settings_path) if self.settings_path else None
+            self.scanner.reload(new or self.scanner.settings)
+
+        try:
+            await asyncio.to_thread(load)
+        except Exception as exc:  # bad rules or settings: the old pipeline stays
+            raise bundle_apply.ApplyError(f"scand could not load the rules: {exc!r}") from exc
+        if self.scanner.rules_version != version:
+            raise bundle_apply.ApplyError(
+                f"scand scans with bundle {self.scanner.rules_version}, not {version}"
+            )
 
 
 async def engine_versions(engines: Sequence[Engine], timeout: float) -> dict[str, str]:
@@ -100,20 +175,50 @@ async def health(scanner: Scanner) -> tuple[int, dict[str, object]]:
     return 200, {"status": "ok", **versions, "rules_bundle": bundle, "in_flight": scanner.in_flight}
 
 
+async def _rules_request(
+    source: Source, path: str, headers: dict[str, str], body: bytes
+) -> tuple[int, dict[str, object]]:
+    """POST /rules/apply {"version": N} or /rules/rollback, with the canary secret."""
+    secret = source.current_settings().secrets.canary
+    given = headers.get(TOKEN_HEADER, "")
+    if secret is None or not hmac.compare_digest(given.encode(), secret.encode()):
+        return 403, {"status": "refused", "reason": "missing or wrong X-Mailtower-Token"}
+    if path == "/rules/rollback":
+        return await source.rules("rollback", None)
+    try:
+        version = json.loads(body)["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(version)
+    except (ValueError, KeyError, TypeError) as exc:
+        return 400, {"status": "refused", "reason": f'body must be {{"version": N}}: {exc!r}'}
+    return await source.rules("apply", version)
+
+
 async def _handle(
     source: Source, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     try:
         request = await asyncio.wait_for(reader.readline(), _REQUEST_TIMEOUT_S)
-        while True:  # headers are not needed; read past them
+        headers: dict[str, str] = {}
+        while True:
             line = await asyncio.wait_for(reader.readline(), _REQUEST_TIMEOUT_S)
             if line in (b"\r\n", b"\n", b""):
                 break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
         parts = request.decode("latin-1").split()
         if len(parts) < 2:
             status, ctype, body = 400, "text/plain", b"bad request\n"
+        elif parts[0] == "POST" and parts[1] in ("/rules/apply", "/rules/rollback"):
+            length = int(headers.get("content-length", "0") or 0)
+            if not 0 <= length <= _MAX_BODY:
+                status, ctype, body = 400, "text/plain", b"body too large\n"
+            else:
+                data = await asyncio.wait_for(reader.readexactly(length), _REQUEST_TIMEOUT_S)
+                status, doc = await _rules_request(source, parts[1], headers, data)
+                ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[0] != "GET":
-            status, ctype, body = 405, "text/plain", b"only GET\n"
+            status, ctype, body = 405, "text/plain", b"only GET (and POST /rules/*)\n"
         elif parts[1] == "/health":
             status, doc = await source.health()
             ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
@@ -128,7 +233,7 @@ async def _handle(
         )
         writer.write(head.encode() + body)
         await writer.drain()
-    except (TimeoutError, ConnectionError) as exc:
+    except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
         log.debug("event=http_client_error error=%r", exc)
     finally:
         writer.close()

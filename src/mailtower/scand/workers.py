@@ -50,7 +50,8 @@ from mailtower import engines as engines_mod
 from mailtower import settings as settings_mod
 from mailtower.engines import EngineError
 from mailtower.events import EventSpool, Flusher, PostgresSink
-from mailtower.scand.http import Source, engine_versions, start_http
+from mailtower.scand.bundle_apply import ApplyError
+from mailtower.scand.http import ScannerSource, Source, engine_versions, start_http
 from mailtower.settings import TowerSettings
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class Supervisor(Source):
         workers: int,
         log_level: str,
     ) -> None:
+        super().__init__()
         self.settings_path = settings_path
         self.settings = settings
         self.host_address = host_address
@@ -192,7 +194,29 @@ class Supervisor(Source):
         self._reload_lock = threading.Lock()
         self.sock: socket.socket | None = None
 
-    # -- the Source of /health and /metrics
+    # -- the Source of /health, /metrics and /rules
+
+    def current_settings(self) -> TowerSettings:
+        return self.settings
+
+    async def reload_rules(self, version: int | None) -> None:
+        """Reload every worker (as SIGHUP does) and wait until each ready one reports
+        ``version``; ApplyError after ``bundles.apply_timeout_s``."""
+        await self.reload()
+        bundles = self.settings.bundles
+        timeout = bundles.apply_timeout_s if bundles else 120.0
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [w for w in self.workers if w.ready]
+            if ready and all(w.rules_bundle == version for w in ready):
+                return
+            if time.monotonic() > deadline:
+                behind = [w.pid for w in ready if w.rules_bundle != version]
+                raise ApplyError(
+                    f"scand workers {behind or 'none ready'} do not scan with bundle "
+                    f"{version} after {timeout:.0f} s (see their reload_failed log lines)"
+                )
+            await asyncio.sleep(0.1)
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
@@ -596,7 +620,9 @@ async def serve_single(
     flusher.start()
     handler = Handler(scanner)
     smtp_server = await start_smtp(handler, listen, settings.ports.filter)
-    http_server = await start_http(scanner, listen, settings.ports.scanner_http)
+    http_server = await start_http(
+        ScannerSource(scanner, settings_path), listen, settings.ports.scanner_http
+    )
     log.info(
         "event=started tower=%s scanner=%s smtp=%s:%d http=%s:%d workers=1 engines=%s "
         "relay=%s:%d rules_bundle=%s",

@@ -1,0 +1,395 @@
+"""Rule bundles on the monitor: pull from the GOC, verify, mirror, roll across the pool.
+
+Every ``bundles.poll_interval_s`` the monitor reads the GOC's ``latest.json``. A newer bundle
+is downloaded and published into the tower's mirror with ``bundles.publish`` (signature,
+hashes, newer than the mirror's, rules compile — or the mirror is left as it was); that
+version becomes the pool's target.
+
+A scanner whose health answer names another version is updated in a window of its own:
+
+1. set to maintenance in the relay's HAProxy (no new connections; sessions open finish),
+2. wait until it has no message in flight,
+3. ``POST /rules/apply`` — the scanner fetches the bundle from the mirror, installs it, has
+   clamd and c-icap load its ClamAV databases, and reloads its pipeline,
+4. the canary: an EICAR message must come back ``virus`` and a clean one ``clean``, both
+   scanned with the target version (answered by scand, never delivered),
+5. back in service.
+
+The first scanner of a new version goes alone. If its canary fails, it is rolled back
+(``POST /rules/rollback``, canary again) and the version is rejected: no other scanner gets
+it, and the monitor waits for a newer one. Afterwards up to ``bundles.batch`` scanners are
+updated at once, but never so many that fewer than the load needs plus ``bundles.spare``
+stay in service; with no room the rollout waits. clamd reloads happen inside these windows,
+so the pool never has all its clamds reloading at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import smtplib
+import time
+import urllib.request
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mailtower import bundles, testdata
+from mailtower.bundles._format import MAX_BUNDLE_BYTES
+from mailtower.monitor import health
+from mailtower.monitor.haproxy import HAProxyError
+from mailtower.monitor.pool import MAINT, READY, Scanner
+
+if TYPE_CHECKING:
+    from mailtower.monitor.service import Monitor
+
+log = logging.getLogger("mailtower.monitor.rollout")
+
+MIRROR_DIR = Path("/srv/mailtower/mirror/rules")  # served by nginx as <mirror_url>/rules
+REJECTED = "rejected.json"
+FETCH_TIMEOUT_S = 30.0
+CANARY_TIMEOUT_S = 30.0
+TOKEN_HEADER = "X-Mailtower-Token"
+
+
+class RolloutError(Exception):
+    """One scanner's update failed; the message names the scanner and the step."""
+
+
+@dataclass
+class RolloutState:
+    """What the monitor knows about rule versions (also shown on /pool and in metrics)."""
+
+    target: int | None = None  # the mirror's version, unless rejected
+    rejected: set[int] = field(default_factory=set)
+    applying: set[str] = field(default_factory=set)  # scanners in an update window
+    last_error: str | None = None
+
+
+def fetch(url: str, timeout_s: float = FETCH_TIMEOUT_S, limit: int | None = None) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+        return reply.read(limit or MAX_BUNDLE_BYTES + 1)
+
+
+def canary_message(token: str, kind: str, version: int | None) -> bytes:
+    """A message the scanner recognises as the monitor's canary (``kind``: virus|clean)."""
+    body = testdata.eicar() if kind == "virus" else b"An ordinary line of a clean message.\r\n"
+    return (
+        f"From: monitor@mailtower.invalid\r\nTo: canary@mailtower.invalid\r\n"
+        f"Subject: rule bundle canary ({kind}, version {version})\r\n"
+        f"X-Mailtower-Canary: {token}\r\n\r\n"
+    ).encode() + body
+
+
+def send_canary(address: str, port: int, token: str, kind: str, version: int | None) -> str:
+    """Hand one canary to the scanner's filter port; return scand's answer (blocking)."""
+    raw = canary_message(token, kind, version)
+    with smtplib.SMTP(address, port, timeout=CANARY_TIMEOUT_S) as smtp:
+        smtp.ehlo("monitor.mailtower.invalid")
+        code, reply = smtp.mail("monitor@mailtower.invalid")
+        if code != 250:
+            raise RolloutError(f"MAIL FROM answered {code} {reply!r}")
+        code, reply = smtp.rcpt("canary@mailtower.invalid")
+        if code != 250:
+            raise RolloutError(f"RCPT TO answered {code} {reply!r}")
+        code, reply = smtp.data(raw)
+        return f"{code} {reply.decode(errors='replace')}"
+
+
+def check_canary_answer(answer: str, kind: str, version: int | None) -> None:
+    """Raise RolloutError unless ``answer`` is scand's canary reply with the verdict ``kind``,
+    scanned with ``version``."""
+    fields = dict(p.split("=", 1) for p in answer.split() if "=" in p)
+    if not answer.startswith("250") or "canary" not in answer:
+        raise RolloutError(f"the {kind} canary was not answered as a canary: {answer!r}")
+    if fields.get("rules_bundle") != str(version or 0):
+        raise RolloutError(f"the {kind} canary was scanned with another bundle: {answer!r}")
+    if fields.get("verdict") != kind:
+        raise RolloutError(f"the {kind} canary came back {fields.get('verdict')}: {answer!r}")
+
+
+class Rollout:
+    """The monitor's bundle mirror and the rolling update of its scanners."""
+
+    def __init__(self, monitor: Monitor, mirror_dir: Path = MIRROR_DIR) -> None:
+        settings = monitor.settings
+        assert settings.bundles is not None and settings.secrets.canary is not None
+        self.monitor = monitor
+        self.settings = settings
+        self.config = settings.bundles
+        self.source = settings.bundle_source
+        self.mirror_dir = mirror_dir
+        self.token = settings.secrets.canary
+        self.public_key = _load_public_key(self.config.public_key)
+        self.state = RolloutState(rejected=self._load_rejected())
+        latest = bundles.read_latest(mirror_dir) if mirror_dir.is_dir() else None
+        if latest is not None and latest.version not in self.state.rejected:
+            self.state.target = latest.version
+        self._wake = asyncio.Event()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info(
+            "event=rollout_start source=%s mirror=%s target=%s batch=%d spare=%d",
+            self.source,
+            self.mirror_dir,
+            self.state.target,
+            self.config.batch,
+            self.config.spare,
+        )
+        while not stop.is_set():
+            try:
+                await self.pull()
+                await self.roll()
+            except Exception as exc:  # a round that fails is logged; the next one tries again
+                self.state.last_error = str(exc)
+                log.exception("event=rollout_round_failed error=%r", str(exc))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    _first(stop.wait(), self._wake.wait()), self.config.poll_interval_s
+                )
+
+    async def pull(self) -> bool:
+        """Mirror the GOC's latest bundle if it is newer; True when the target moved."""
+        m = self.monitor.metrics
+        try:
+            doc = await asyncio.to_thread(fetch, f"{self.source}/latest.json", 10.0, 64 * 1024)
+            latest = bundles.parse_latest(doc)
+        except (OSError, bundles.BundleError) as exc:
+            m.rules_pull_failures.inc()
+            log.warning("event=rules_pull_failed source=%s error=%r", self.source, str(exc))
+            return False
+        mirrored = bundles.read_latest(self.mirror_dir) if self.mirror_dir.is_dir() else None
+        if mirrored is not None and latest.version <= mirrored.version:
+            return False
+        if latest.version in self.state.rejected:
+            return False
+        started = time.monotonic()
+        self.mirror_dir.mkdir(parents=True, exist_ok=True)
+        incoming = self.mirror_dir / f".incoming-{latest.file}"
+        try:
+            data = await asyncio.to_thread(fetch, f"{self.source}/{latest.file}")
+            incoming.write_bytes(data)
+            await asyncio.to_thread(bundles.publish, incoming, self.public_key, self.mirror_dir)
+        except (OSError, bundles.BundleError) as exc:
+            m.rules_pull_failures.inc()
+            log.error(
+                "event=rules_bundle_refused version=%s source=%s error=%r",
+                latest.version,
+                self.source,
+                str(exc),
+            )
+            return False
+        finally:
+            incoming.unlink(missing_ok=True)
+        self.state.target = latest.version
+        m.rules_target.set(latest.version)
+        log.info(
+            "event=rules_mirrored version=%d seconds=%.2f",
+            latest.version,
+            time.monotonic() - started,
+        )
+        return True
+
+    # -- rolling -------------------------------------------------------------------------------
+
+    def behind(self) -> list[Scanner]:
+        """Scanners in service that do not run the target version, in pool order."""
+        target = self.state.target
+        if target is None:
+            return []
+        return [
+            s
+            for s in self.monitor.pool.scanners
+            if s.enabled and s.healthy and not s.held and s.rules_bundle != target
+        ]
+
+    def room(self, sessions: int) -> int:
+        """How many scanners may leave service now: the rest must carry ``sessions``."""
+        pool = self.monitor.pool.scanners
+        in_service = sum(1 for s in pool if s.enabled and s.healthy and not s.held)
+        per_scanner = max(1, self.settings.limits.scan_concurrency)
+        needed = math.ceil(sessions / per_scanner) + self.config.spare
+        return max(0, min(self.config.batch, in_service - max(needed, 1)))
+
+    async def roll(self) -> None:
+        """Update the scanners that are behind, one window after another."""
+        m = self.monitor.metrics
+        while (todo := self.behind()) and self.state.target is not None:
+            target = self.state.target
+            first = all(s.rules_bundle != target for s in self.monitor.pool.scanners)
+            try:
+                sessions = await self.monitor.haproxy.sessions()
+            except HAProxyError as exc:
+                log.warning("event=rollout_waits reason=haproxy error=%r", str(exc))
+                return
+            room = self.room(sessions)
+            if room < 1:
+                log.info("event=rollout_waits reason=capacity sessions=%d", sessions)
+                return
+            batch = todo[: 1 if first else room]
+            results = await asyncio.gather(
+                *(self.update(s, target) for s in batch), return_exceptions=True
+            )
+            for s, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    m.rules_updates.labels("failed").inc()
+                    self.state.last_error = f"{s.name} ({s.address}): {result}"
+                    log.error(
+                        "event=rules_update_failed scanner=%s address=%s version=%d error=%r",
+                        s.name,
+                        s.address,
+                        target,
+                        str(result),
+                    )
+                    if first and isinstance(result, CanaryFailed):
+                        self.reject(target)
+                    return  # a failure stops this round; the next round looks again
+                m.rules_updates.labels("ok").inc()
+
+    def reject(self, version: int) -> None:
+        self.state.rejected.add(version)
+        self.state.target = max(
+            (s.rules_bundle for s in self.monitor.pool.scanners if s.rules_bundle), default=None
+        )
+        self.monitor.metrics.rules_rejected.set(version)
+        self.monitor.metrics.rules_target.set(self.state.target or 0)
+        (self.mirror_dir / REJECTED).write_text(json.dumps(sorted(self.state.rejected)) + "\n")
+        log.error(
+            "event=rules_bundle_rejected version=%d reason=canary_failed keeping=%s",
+            version,
+            self.state.target,
+        )
+
+    async def update(self, s: Scanner, target: int) -> None:
+        """One scanner's window: out of service, apply, canary, back (or roll back)."""
+        started = time.monotonic()
+        monitor, port = self.monitor, self.settings.ports.scanner_http
+        s.held = True
+        self.state.applying.add(s.name)
+        try:
+            await monitor.haproxy.set_state(s.name, MAINT)
+            await self._drained(s)
+            status, doc = await health.request(
+                s.address,
+                port,
+                "POST",
+                "/rules/apply",
+                json.dumps({"version": target}).encode(),
+                {TOKEN_HEADER: self.token},
+                self.config.apply_timeout_s,
+            )
+            if status != 200:
+                raise RolloutError(f"apply answered {status}: {doc.get('reason', doc)}")
+            try:
+                await self._canary(s, target)
+            except CanaryFailed:
+                await self._roll_back(s)
+                raise
+            s.rules_bundle = target
+            await monitor.haproxy.set_state(s.name, READY)
+            log.info(
+                "event=rules_updated scanner=%s address=%s version=%d seconds=%.2f",
+                s.name,
+                s.address,
+                target,
+                time.monotonic() - started,
+            )
+        finally:
+            self.state.applying.discard(s.name)
+            s.held = False
+            if s.enabled:
+                # Whatever happened, a scanner the pool believes healthy goes back in service
+                # (its old rules still scan); reconcile repeats this if HAProxy was down.
+                with contextlib.suppress(HAProxyError):
+                    await monitor.haproxy.set_state(s.name, READY)
+
+    async def _drained(self, s: Scanner) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        port, timeout = self.settings.ports.scanner_http, self.settings.limits.health_timeout_s
+        while True:
+            _, doc = await health.request(s.address, port, "GET", "/health", timeout_s=timeout)
+            if not doc.get("in_flight"):
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "event=drain_timeout scanner=%s in_flight=%s action=apply_anyway",
+                    s.name,
+                    doc.get("in_flight"),
+                )
+                return  # messages in flight finish with the old pipeline: nothing fails
+            await asyncio.sleep(0.2)
+
+    async def _canary(self, s: Scanner, version: int | None) -> None:
+        port = self.settings.ports.filter
+        for kind in ("virus", "clean"):
+            try:
+                answer = await asyncio.to_thread(
+                    send_canary, s.address, port, self.token, kind, version
+                )
+                check_canary_answer(answer, kind, version)
+            except (OSError, smtplib.SMTPException, RolloutError) as exc:
+                raise CanaryFailed(f"{s.name} ({s.address}): {exc}") from exc
+
+    async def _roll_back(self, s: Scanner) -> None:
+        port = self.settings.ports.scanner_http
+        status, doc = await health.request(
+            s.address,
+            port,
+            "POST",
+            "/rules/rollback",
+            b"",
+            {TOKEN_HEADER: self.token},
+            self.config.apply_timeout_s,
+        )
+        if status != 200:
+            raise RolloutError(f"{s.name}: rollback answered {status}: {doc.get('reason', doc)}")
+        s.rules_bundle = doc.get("rules_bundle")
+        await self._canary(s, s.rules_bundle)  # the old version must pass again
+        log.warning(
+            "event=rules_rolled_back scanner=%s address=%s version=%s",
+            s.name,
+            s.address,
+            s.rules_bundle,
+        )
+
+    def _load_rejected(self) -> set[int]:
+        try:
+            return {int(v) for v in json.loads((self.mirror_dir / REJECTED).read_text())}
+        except (OSError, ValueError, TypeError):
+            return set()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "target": self.state.target,
+            "rejected": sorted(self.state.rejected),
+            "applying": sorted(self.state.applying),
+            "last_error": self.state.last_error,
+        }
+
+
+class CanaryFailed(RolloutError):
+    """The scanner did not give the canaries their verdicts with the new rules."""
+
+
+def _load_public_key(pem: str):  # noqa: ANN202 (cryptography's key type)
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    return load_pem_public_key(pem.encode())
+
+
+async def _first(*aws: Awaitable[object]) -> None:
+    """Wait until the first of ``aws`` completes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
