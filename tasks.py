@@ -11,6 +11,7 @@ invoke verify --tower lab-a      one tower (--tower lab: both, then failover acr
 invoke bench.scanner             scand against amavisd-new on this machine (same clamd, corpus)
 invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sync
 invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
+invoke bundle.publish [--rules DIR] [--version N]   sign and publish a rule bundle at the lab GOC
 """
 
 from __future__ import annotations
@@ -383,6 +384,31 @@ def sql_rebuild(c, tower="lab-a", host=""):
         raise Exit(f"sql.rebuild {tower}: {exc}", code=1) from exc
 
 
+@task(
+    help={
+        "rules": "rules directory (yara/, skeptic/, reputation/, clamav/); default: the rules "
+        "shipped in the package",
+        "version": "bundle version (default: the version published at the GOC + 1)",
+    }
+)
+def bundle_publish(c, rules="", version=0):
+    """Copy a rules directory to the lab GOC, build and sign the bundle there, publish it."""
+    from mailtower.lab.bundles import PublishError, publish_at_goc
+    from mailtower.rules import RULES_DIR
+
+    rules_dir = Path(rules) if rules else RULES_DIR
+    if version < 0:
+        raise Exit("bundle.publish: --version must be a positive number", code=2)
+    try:
+        number = publish_at_goc(rules_dir, version or None, say=_say)
+    except PublishError as exc:
+        raise Exit(f"bundle.publish: {exc}", code=1) from exc
+    _say(f"bundle version {number} of {rules_dir} published at the lab GOC")
+
+
+bundle_ns = Collection("bundle")
+bundle_ns.add_task(bundle_publish, name="publish")
+
 sql_ns = Collection("sql")
 sql_ns.add_task(sql_failover, name="failover")
 sql_ns.add_task(sql_rebuild, name="rebuild")
@@ -397,4 +423,4 @@ lab_ns.add_task(up)
 lab_ns.add_task(down)
 lab_ns.add_task(status)
 
-ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns)
+ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns, bundle_ns)

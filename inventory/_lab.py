@@ -77,6 +77,7 @@ def goc_groups() -> dict[str, list]:
 def goc_data() -> dict:
     """The lab GOC's data: both lab towers, the lab customers, one operator."""
     secrets = lxc.goc_secrets()
+    signing_key, public_key = lxc.bundle_keys()
     towers = []
     for tower in plan.TOWER_NETS:
         hosts = {h.name.rsplit("-", 1)[1]: str(h.address) for h in plan.tower_hosts(tower, 0)}
@@ -99,6 +100,10 @@ def goc_data() -> dict:
             "eye_db": secrets["eye_db"],
             "towers": {t["name"]: secrets["sql_sync"] for t in towers},
         },
+        # The lab's bundle key pair: the GOC signs (invoke bundle.publish), the towers verify.
+        "bundles": {"signing_key": signing_key.read_text(), "public_key": public_key.read_text()},
+        # The controller reads latest.json to check what was published.
+        "bundle_readers": [str(plan.HOST_ADDRESS)],
     }
 
 

@@ -9,6 +9,10 @@ Host data ``goc`` (see inventory/lab_goc.py):
 - ``operators``: ``{name: password}`` who may log in to VirusEye
 - ``secrets``: ``sync`` (the GOC's mt_sync), ``status`` (mt_status), ``eye_db`` (mt_eye),
   ``towers: {name: that tower's mt_sync password}``
+- ``bundles`` (optional): ``{signing_key, public_key, port}``, the rule-bundle key pair (PEM
+  text, as ``mailtower bundle keygen`` writes it); the GOC then serves what is published in
+  /srv/mailtower/bundles (``mailtower bundle publish``) over HTTP on ``port`` to the towers'
+  monitors, 127.0.0.1 and ``bundle_readers``
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from ipaddress import IPv4Address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pyinfra import host
 from pyinfra.api import DeployError, FactBase, deploy
-from pyinfra.operations import files, postgres, server
+from pyinfra.operations import apt, files, postgres, server
 
+from mailtower import bundles
 from mailtower.eye.auth import hash_password, parse_credentials, verify_password
-from mailtower.settings import Customer
+from mailtower.settings import Customer, Goc
 from mailtower.sync.deployed import GocSide, GocTower
 from roles import _common
 from roles._facts import SyncPending
@@ -31,6 +36,8 @@ SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "curl"]
 OPERATORS = "/etc/mailtower/eye/operators"
 EYE_PORT = 8025
+BUNDLE_KEYS = "/etc/mailtower/goc/bundles"  # signing.key (root only), signing.pub
+BUNDLE_DIR = "/srv/mailtower/bundles"  # what is published: latest.json + rules-N.tar.gz
 
 
 class _Model(BaseModel):
@@ -41,6 +48,35 @@ class GocTowerData(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
     sql: list[IPv4Address] = Field(min_length=1, max_length=2)
     monitor: IPv4Address
+
+
+class GocBundlesData(_Model):
+    """The rule-bundle key pair the GOC signs with, and the port it serves bundles on."""
+
+    signing_key: str  # PEM (PKCS#8), secret: it never leaves the GOC
+    public_key: str  # PEM; every tower holds the same one (TowerSettings.bundles.public_key)
+    port: int = Field(Goc.model_fields["bundle_port"].default, ge=1, le=65535)
+
+    def check(self) -> None:
+        """Both keys load and are one pair (a mismatch would make every tower refuse)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+            Ed25519PrivateKey,
+            Ed25519PublicKey,
+        )
+
+        try:
+            private = serialization.load_pem_private_key(self.signing_key.encode(), None)
+            public = serialization.load_pem_public_key(self.public_key.encode())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"bundles: a key is not PEM: {exc}") from exc
+        if not isinstance(private, Ed25519PrivateKey) or not isinstance(public, Ed25519PublicKey):
+            raise ValueError("bundles: signing_key and public_key must be Ed25519 keys")
+        if bundles.key_id(private.public_key()) != bundles.key_id(public):
+            raise ValueError(
+                f"bundles: public_key (key {bundles.key_id(public)}) is not the public half of "
+                f"signing_key (key {bundles.key_id(private.public_key())})"
+            )
 
 
 class GocData(_Model):
@@ -55,6 +91,10 @@ class GocData(_Model):
     eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with the two below
     eye_tls_cert: str | None = None
     eye_tls_key: str | None = None
+    bundles: GocBundlesData | None = None
+    # Who else may fetch bundles besides every tower's monitor and 127.0.0.1 (the lab's
+    # controller, to check what was published).
+    bundle_readers: list[IPv4Address] = []
 
     def secret(self, name: str) -> str:
         value = self.secrets.get(name)
@@ -90,6 +130,8 @@ def goc_data() -> GocData:
     try:
         data = GocData.model_validate(host.data.get("goc") or {})
         data.side()
+        if data.bundles is not None:
+            data.bundles.check()
     except (ValidationError, ValueError) as exc:
         raise DeployError(f"{host.name}: invalid 'goc' host data: {exc}") from exc
     return data
@@ -201,6 +243,31 @@ def _eye(g: GocData, install_op):
     )
 
 
+def _bundles(g: GocData) -> None:
+    """The signing key pair, the published directory, and nginx serving it read-only."""
+    if g.bundles is None:
+        return
+    files.directory(name=f"Ensure {BUNDLE_KEYS}", path=BUNDLE_KEYS, mode="755")
+    _common.put_text(g.bundles.signing_key, f"{BUNDLE_KEYS}/signing.key", mode="600")
+    _common.put_text(g.bundles.public_key, f"{BUNDLE_KEYS}/signing.pub", mode="644")
+    # Published files are 0644 and the directory 0755: nginx (www-data) reads, root writes.
+    files.directory(name=f"Ensure {BUNDLE_DIR}", path=BUNDLE_DIR, mode="755")
+    apt.packages(
+        name="Install nginx-light (serves the published rule bundles)",
+        packages=["nginx-light"],
+        no_recommends=True,
+    )
+    ops = [
+        files.link(
+            name="Remove nginx's default site",
+            path="/etc/nginx/sites-enabled/default",
+            present=False,
+        ),
+        _template("goc/etc/nginx/sites-enabled/mailtower-bundles", g),
+    ]
+    _common.activate("nginx", _common.changes(ops), check="nginx -t -q", reload=True)
+
+
 @deploy("mailtower goc")
 def deploy_goc():
     g = goc_data()
@@ -209,3 +276,4 @@ def deploy_goc():
     _postgres(g)
     _sync(g, install_op)
     _eye(g, install_op)
+    _bundles(g)

@@ -7,11 +7,17 @@ import tempfile
 from pathlib import Path
 
 
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file: write, fsync, rename, fsync the directory."""
+def write_durable(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` via a temp file: write, fsync, rename, fsync the directory.
+
+    With ``mode`` the file has that mode before it appears under ``path`` (mkstemp makes it
+    0600): a reader never meets the new file with the wrong permissions.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -398,6 +398,24 @@ def _bundle_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_publish(args: argparse.Namespace) -> int:
+    from mailtower import bundles
+
+    try:
+        done = bundles.publish(
+            args.file, bundles.load_public_key(args.pubkey), args.dir, keep=args.keep
+        )
+    except bundles.BundleError as exc:
+        return _bundle_refused(args, exc)
+    if args.json:
+        print(json.dumps({"ok": True, **json.loads(done.latest.to_bytes())}))
+    else:
+        print(f"published version {done.version} at {args.dir}")
+        if done.removed:
+            print(f"removed older bundles: {', '.join(map(str, done.removed))}")
+    return 0
+
+
 def _bundle_status(args: argparse.Namespace) -> int:
     from mailtower import bundles
 
@@ -417,7 +435,7 @@ def _bundle_status(args: argparse.Namespace) -> int:
 def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bundle = commands.add_parser(
         "bundle",
-        help="signed rule bundles: keys, build, verify, install, rollback",
+        help="signed rule bundles: keys, build, verify, publish, install, rollback",
         description="Exit status: 0 done, 1 refused or failed (the reason is printed), "
         "2 usage error or unreadable key file.",
     )
@@ -478,6 +496,31 @@ def _add_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
             help="scand's rules_dir (e.g. /var/lib/mailtower/rules)",
         )
     install.set_defaults(func=_bundle_install)
+
+    publish = bcommands.add_parser(
+        "publish",
+        help="verify a bundle and publish it in --dir (latest.json + rules-N.tar.gz)",
+        description="Exit status: 0 published; 1 refused (the reason is printed, nothing "
+        "changed in DIR); 2 usage error or unreadable public key.",
+    )
+    publish.add_argument("file", type=Path, metavar="FILE")
+    publish.add_argument("--pubkey", type=Path, required=True, help="signing.pub")
+    publish.add_argument(
+        "--dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the published directory (e.g. /srv/mailtower/bundles)",
+    )
+    publish.add_argument(
+        "--keep",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="bundle files kept in DIR, newest first (default 5)",
+    )
+    publish.add_argument("--json", action="store_true", help="one JSON object for programs")
+    publish.set_defaults(func=_bundle_publish)
     rollback.set_defaults(func=_bundle_rollback)
     status.set_defaults(func=_bundle_status)
 

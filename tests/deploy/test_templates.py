@@ -38,8 +38,24 @@ def _goc():
                 "eye_db": "e" * 16,
                 "towers": {"tower-a": "a" * 16},
             },
+            "bundles": _bundle_keys(),
+            "bundle_readers": ["10.201.0.1"],
         }
     )
+
+
+def _bundle_keys() -> dict[str, str]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {"signing_key": private.decode(), "public_key": public.decode()}
 
 
 def _internet(path: str) -> dict:
@@ -202,3 +218,41 @@ def test_goc_lets_each_tower_host_in_by_address_only(render, settings):
     assert not any(r[0] == "host" and r[3].endswith("/0") for r in rows)
     conf = render("goc/etc/postgresql/15/main/conf.d/mailtower.conf", settings, g=g)
     assert "wal_level = logical" in conf
+
+
+def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
+    site = render("goc/etc/nginx/sites-enabled/mailtower-bundles", settings, g=_goc())
+    assert "listen 0.0.0.0:8026;" in site
+    assert "root /srv/mailtower/bundles;" in site
+    lines = [line.split("#")[0].strip() for line in site.splitlines()]
+    allowed = [line.split()[1].rstrip(";") for line in lines if line.startswith("allow ")]
+    assert allowed == ["10.1.0.11", "10.201.0.1", "127.0.0.1"]
+    # Every address not allowed is refused, and only reads are served.
+    assert lines.index("deny all;") > lines.index("allow 127.0.0.1;")
+    assert "limit_except GET {" in lines
+    assert "location ~ /\\. {" in lines
+
+
+def test_goc_bundle_keys_must_be_one_pair():
+    from roles.goc import GocBundlesData
+
+    one, other = _bundle_keys(), _bundle_keys()
+    GocBundlesData(**one).check()
+    mixed = GocBundlesData(signing_key=one["signing_key"], public_key=other["public_key"])
+    with pytest.raises(ValueError, match="is not the public half of signing_key"):
+        mixed.check()
+    with pytest.raises(ValueError, match="not PEM"):
+        GocBundlesData(signing_key="nope", public_key=one["public_key"]).check()
+
+
+def test_lab_goc_data_serves_bundles_to_the_controller(monkeypatch, tmp_path):
+    from inventory._lab import goc_data
+    from mailtower.lab import plan
+    from roles.goc import GocData
+
+    monkeypatch.setattr(plan, "STATE_DIR", tmp_path / "lab")  # not the real lab's keys
+    g = GocData.model_validate(goc_data())
+    assert g.bundles is not None and g.bundles.port == 8026
+    g.bundles.check()
+    assert [str(ip) for ip in g.bundle_readers] == ["10.201.0.1"]
+    assert (tmp_path / "lab" / "bundle-keys" / "signing.pub").read_text() == g.bundles.public_key

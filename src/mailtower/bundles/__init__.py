@@ -8,11 +8,14 @@ Usage::
     verify(Path("rules-42.tar.gz"), load_public_key(pub), current=41)   # or raises
     install(Path("rules-42.tar.gz"), load_public_key(pub), Path("/var/lib/mailtower/rules"))
     rollback(Path("/var/lib/mailtower/rules"))
+    publish(Path("rules-42.tar.gz"), load_public_key(pub), Path("/srv/mailtower/bundles"))
+    parse_latest(body_of_latest_json)                       # what a published directory holds
 
 A bundle is refused — with a BundleError subclass naming the reason, and nothing changed —
 when it is unsigned, signed by another key, tampered with, not newer than the version in use,
 unsafe to unpack, or when its rules do not load. The format is in ``_format``; the layout of
-an installed rules root in ``_install``.
+an installed rules root in ``_install``; of a published directory (the GOC's, a monitor's
+mirror) in ``_publish``.
 """
 
 from __future__ import annotations
@@ -41,9 +44,19 @@ from mailtower.bundles._install import (
     status,
 )
 from mailtower.bundles._keys import key_id, keygen, load_public_key, load_signing_key
+from mailtower.bundles._publish import (
+    LATEST,
+    Latest,
+    Published,
+    bundle_file_name,
+    parse_latest,
+    publish,
+    read_latest,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "LATEST",
     "SECTIONS",
     "Built",
     "Bundle",
@@ -54,13 +67,16 @@ __all__ = [
     "Installed",
     "InvalidRules",
     "KeyFileError",
+    "Latest",
     "MalformedBundle",
+    "Published",
     "Manifest",
     "StaleBundle",
     "TamperedBundle",
     "UnsafeBundle",
     "UnsignedBundle",
     "build",
+    "bundle_file_name",
     "collect",
     "install",
     "installed",
@@ -68,7 +84,10 @@ __all__ = [
     "keygen",
     "load_public_key",
     "load_signing_key",
+    "parse_latest",
+    "publish",
     "read",
+    "read_latest",
     "rollback",
     "rule_dirs",
     "status",
