@@ -130,12 +130,16 @@ class Tower(Hosts):
         """Run a query on the primary (or ``host``) as postgres; return unaligned output."""
         return psql(host or self.sql_primary(), self.settings.sql_database, query)
 
-    def pool(self) -> dict[str, dict]:
-        """The monitor's view of the scanner pool: name → state."""
+    def pool_doc(self) -> dict:
+        """The monitor's /pool answer: every scanner's state, and the rule rollout's."""
         out = self.monitor().check_output(
             f"curl -fsS http://127.0.0.1:{self.settings.ports.monitor_http}/pool"
         )
-        return {s["name"]: s for s in json.loads(out)["scanners"]}
+        return json.loads(out)
+
+    def pool(self) -> dict[str, dict]:
+        """The monitor's view of the scanner pool: name → state."""
+        return {s["name"]: s for s in self.pool_doc()["scanners"]}
 
     def haproxy_states(self) -> dict[str, int]:
         """srv_admin_state of every scanner in the relay's HAProxy, read via the monitor."""

@@ -43,7 +43,13 @@ from mailtower.bundles._install import (
     rule_dirs,
     status,
 )
-from mailtower.bundles._keys import key_id, keygen, load_public_key, load_signing_key
+from mailtower.bundles._keys import (
+    key_id,
+    keygen,
+    load_public_key,
+    load_signing_key,
+    public_key_from_pem,
+)
 from mailtower.bundles._publish import (
     LATEST,
     Latest,
@@ -84,6 +90,7 @@ __all__ = [
     "keygen",
     "load_public_key",
     "load_signing_key",
+    "public_key_from_pem",
     "parse_latest",
     "publish",
     "read",

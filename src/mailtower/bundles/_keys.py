@@ -74,10 +74,16 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """The public key in ``path`` (as keygen writes it)."""
+    return public_key_from_pem(_read(path), shown_as=str(path))
+
+
+def public_key_from_pem(pem: bytes | str, *, shown_as: str = "public key") -> Ed25519PublicKey:
+    """The Ed25519 public key in PEM text (a signing.pub's content, e.g. from the settings)."""
+    data = pem.encode() if isinstance(pem, str) else pem
     try:
-        key = serialization.load_pem_public_key(_read(path))
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path}: not a PEM public key: {exc}") from exc
+        raise KeyFileError(f"{shown_as}: not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path}: not an Ed25519 public key ({type(key).__name__})")
+        raise KeyFileError(f"{shown_as}: not an Ed25519 public key ({type(key).__name__})")
     return key

@@ -32,13 +32,14 @@ import logging
 import math
 import smtplib
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailtower import bundles, testdata
+from mailtower._fsio import write_durable
 from mailtower.bundles._format import MAX_BUNDLE_BYTES
 from mailtower.monitor import health
 from mailtower.monitor.haproxy import HAProxyError
@@ -124,12 +125,12 @@ class Rollout:
         self.source = settings.bundle_source
         self.mirror_dir = mirror_dir
         self.token = settings.secrets.canary
-        self.public_key = _load_public_key(self.config.public_key)
+        self.public_key = bundles.public_key_from_pem(self.config.public_key)
         self.state = RolloutState(rejected=self._load_rejected())
         latest = bundles.read_latest(mirror_dir) if mirror_dir.is_dir() else None
         if latest is not None and latest.version not in self.state.rejected:
             self.state.target = latest.version
-        self._wake = asyncio.Event()
+        self._said_none = False
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -149,11 +150,8 @@ class Rollout:
             except Exception as exc:  # a round that fails is logged; the next one tries again
                 self.state.last_error = str(exc)
                 log.exception("event=rollout_round_failed error=%r", str(exc))
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    _first(stop.wait(), self._wake.wait()), self.config.poll_interval_s
-                )
+                await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
 
     async def pull(self) -> bool:
         """Mirror the GOC's latest bundle if it is newer; True when the target moved."""
@@ -161,6 +159,14 @@ class Rollout:
         try:
             doc = await asyncio.to_thread(fetch, f"{self.source}/latest.json", 10.0, 64 * 1024)
             latest = bundles.parse_latest(doc)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                m.rules_pull_failures.inc()
+                log.warning("event=rules_pull_failed source=%s error=%r", self.source, str(exc))
+            elif not self._said_none:  # nothing published at the GOC yet: normal, said once
+                log.info("event=rules_none_published source=%s", self.source)
+                self._said_none = True
+            return False
         except (OSError, bundles.BundleError) as exc:
             m.rules_pull_failures.inc()
             log.warning("event=rules_pull_failed source=%s error=%r", self.source, str(exc))
@@ -260,7 +266,14 @@ class Rollout:
         )
         self.monitor.metrics.rules_rejected.set(version)
         self.monitor.metrics.rules_target.set(self.state.target or 0)
-        (self.mirror_dir / REJECTED).write_text(json.dumps(sorted(self.state.rejected)) + "\n")
+        try:
+            self.mirror_dir.mkdir(parents=True, exist_ok=True)
+            write_durable(
+                self.mirror_dir / REJECTED,
+                (json.dumps(sorted(self.state.rejected)) + "\n").encode(),
+            )
+        except OSError as exc:  # kept in memory; a restarted monitor would try it once more
+            log.error("event=rejected_not_recorded path=%s error=%r", self.mirror_dir, exc)
         log.error(
             "event=rules_bundle_rejected version=%d reason=canary_failed keeping=%s",
             version,
@@ -377,19 +390,3 @@ class Rollout:
 
 class CanaryFailed(RolloutError):
     """The scanner did not give the canaries their verdicts with the new rules."""
-
-
-def _load_public_key(pem: str):  # noqa: ANN202 (cryptography's key type)
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    return load_pem_public_key(pem.encode())
-
-
-async def _first(*aws: Awaitable[object]) -> None:
-    """Wait until the first of ``aws`` completes; cancel the others."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()

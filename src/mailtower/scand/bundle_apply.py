@@ -56,12 +56,6 @@ def _require(settings: TowerSettings) -> tuple[Path, str]:
     return Path(settings.rules_dir), settings.bundles.public_key
 
 
-def _public_key(pem: str):  # noqa: ANN202 (cryptography's key type)
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    return load_pem_public_key(pem.encode())
-
-
 def fetch(url: str, dest: Path, timeout_s: float = FETCH_TIMEOUT_S) -> None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as reply:
@@ -93,7 +87,7 @@ def apply(
         download = root / f".download-{version}.tar.gz"
         try:
             fetch(f"{settings.rules_mirror_url}/rules-{version}.tar.gz", download)
-            bundles.install(download, _public_key(pem), root)
+            bundles.install(download, bundles.public_key_from_pem(pem), root)
         except bundles.BundleError as exc:
             raise ApplyError(f"bundle {version} refused: {exc}") from exc
         finally:

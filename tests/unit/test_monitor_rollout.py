@@ -1,0 +1,147 @@
+"""The monitor's rolling rule update, with scanners and HAProxy faked at the I/O boundary:
+the first scanner alone, then batches within the capacity the load leaves; a bundle whose
+canary fails is rolled back on that scanner and goes no further."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from monitor_fakes import SCANNERS, free_port, tower
+
+from mailtower.monitor import rollout as rollout_mod
+from mailtower.monitor.service import Monitor
+from mailtower.settings import Bundles
+
+BAD = 99  # the version whose rules turn every message into a virus
+PEM = (
+    "-----BEGIN PUBLIC KEY-----\n"
+    "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+    "-----END PUBLIC KEY-----\n"
+)
+
+
+class FakeScanners:
+    """What each scanner's HTTP API and canary answer, and the record of it."""
+
+    def __init__(self, version: int) -> None:
+        self.version = dict.fromkeys(SCANNERS, version)
+        self.previous: dict[str, int] = {}
+        self.applying: set[str] = set()
+        self.most_at_once = 0
+        self.order: list[tuple[str, str, int | None]] = []  # (address, action, version)
+
+    async def request(self, host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        if path == "/health":
+            return 200, {"status": "ok", "in_flight": 0, "rules_bundle": self.version[host]}
+        assert headers == {"X-Mailtower-Token": "c" * 16}
+        if path == "/rules/apply":
+            wanted = int(body.decode().split(":")[1].strip(" }"))
+            self.applying.add(host)
+            self.most_at_once = max(self.most_at_once, len(self.applying))
+            await asyncio.sleep(0.05)  # others may start meanwhile
+            self.applying.discard(host)
+            self.previous[host] = self.version[host]
+            self.version[host] = wanted
+            self.order.append((host, "apply", wanted))
+            return 200, {"status": "ok", "rules_bundle": wanted}
+        if path == "/rules/rollback":
+            self.version[host] = self.previous[host]
+            self.order.append((host, "rollback", self.version[host]))
+            return 200, {"status": "ok", "rules_bundle": self.version[host]}
+        raise AssertionError(path)
+
+    def canary(self, address, port, token, kind, version):
+        running = self.version[address]
+        verdict = "virus" if running == BAD else kind
+        return f"250 2.0.0 canary verdict={verdict} rules_bundle={running} findings=-"
+
+
+class FakeHAProxy:
+    def __init__(self, sessions: int = 0) -> None:
+        self.state = {f"s{i + 1:02d}": "ready" for i in range(len(SCANNERS))}
+        self.sessions_now = sessions
+        self.maint_at_once = 0
+
+    async def set_state(self, server, state, backend="scanners"):
+        self.state[server] = state
+        self.maint_at_once = max(
+            self.maint_at_once, sum(1 for v in self.state.values() if v == "maint")
+        )
+
+    async def sessions(self, backend="scanners"):
+        return self.sessions_now
+
+
+def make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, version: int, sessions: int = 0
+) -> tuple[rollout_mod.Rollout, FakeScanners, FakeHAProxy]:
+    base = tower(free_port(), free_port())
+    settings = base.model_copy(
+        update={
+            "rules_dir": "/var/lib/mailtower/rules",
+            "secrets": base.secrets.model_copy(update={"canary": "c" * 16}),
+            "bundles": Bundles(public_key=PEM, source="http://127.0.0.1:9", batch=4, spare=1),
+        }
+    )
+    monitor = Monitor(settings, rules_mirror=tmp_path / "mirror")
+    scanners, haproxy = FakeScanners(version), FakeHAProxy(sessions)
+    monitor.haproxy = haproxy  # type: ignore[assignment]
+    monkeypatch.setattr(rollout_mod.health, "request", scanners.request)
+    monkeypatch.setattr(rollout_mod, "send_canary", scanners.canary)
+    for s in monitor.pool.scanners:
+        s.enabled, s.healthy, s.rules_bundle = True, True, version
+    rollout = rollout_mod.Rollout(monitor, tmp_path / "mirror")
+    monitor.rollout = rollout
+    return rollout, scanners, haproxy
+
+
+def test_first_scanner_alone_then_batches_within_capacity(tmp_path, monkeypatch) -> None:
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    rollout.state.target = 2
+    asyncio.run(rollout.roll())
+    assert scanners.version == dict.fromkeys(SCANNERS, 2)
+    assert scanners.order[0][0] == SCANNERS[0]  # the canary scanner went first…
+    assert scanners.most_at_once == 2  # …then 2 at once: 3 in service − 1 spare
+    assert haproxy.maint_at_once <= 2
+    assert set(haproxy.state.values()) == {"ready"}  # all back in service
+    assert all(s.rules_bundle == 2 and not s.held for s in rollout.monitor.pool.scanners)
+    assert rollout.behind() == []
+
+
+def test_no_room_no_update(tmp_path, monkeypatch) -> None:
+    # 8 sessions at 4 per scanner need 2 scanners, plus 1 spare: all 3 must stay in service.
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1, sessions=8)
+    rollout.state.target = 2
+    asyncio.run(rollout.roll())
+    assert scanners.order == [] and set(haproxy.state.values()) == {"ready"}
+    haproxy.sessions_now = 4  # the load falls: one may go
+    asyncio.run(rollout.roll())
+    assert scanners.version == dict.fromkeys(SCANNERS, 2)
+    assert scanners.most_at_once == 1
+
+
+def test_a_bundle_failing_its_canary_is_rolled_back_and_rejected(tmp_path, monkeypatch) -> None:
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=2)
+    rollout.state.target = BAD
+    asyncio.run(rollout.roll())
+    first = SCANNERS[0]
+    assert scanners.order == [(first, "apply", BAD), (first, "rollback", 2)]
+    assert scanners.version == dict.fromkeys(SCANNERS, 2)  # nobody runs the bad one
+    assert rollout.state.rejected == {BAD} and rollout.state.target == 2
+    assert set(haproxy.state.values()) == {"ready"}
+    assert rollout.behind() == []
+    # The rejection survives a monitor restart.
+    again = rollout_mod.Rollout(rollout.monitor, tmp_path / "mirror")
+    assert again.state.rejected == {BAD}
+
+
+def test_room_counts_only_scanners_in_service(tmp_path, monkeypatch) -> None:
+    rollout, _, _ = make(tmp_path, monkeypatch, version=1)
+    pool = rollout.monitor.pool.scanners
+    assert rollout.room(0) == 2
+    pool[0].healthy = False  # down: neither in service nor behind
+    assert rollout.room(0) == 1
+    rollout.state.target = 2
+    assert [s.name for s in rollout.behind()] == ["s02", "s03"]
