@@ -114,3 +114,16 @@ def test_c_icap_takes_new_signatures_without_restart(tower):
     finally:
         node.run(f"rm -f {sig}")
         node.run(reload)
+
+
+def test_scand_may_apply_rule_bundles(node, tower):
+    """What POST /rules/apply needs on the host: scand (user mailtower) writes its rules root
+    and clamd's database directory, and may reload c-icap through its command pipe."""
+    s = tower.settings
+    if s.bundles is None:
+        pytest.skip("this tower takes no rule bundles")
+    as_scand = "runuser -u mailtower -- test -w"
+    assert node.run(f"{as_scand} {s.rules_dir}").rc == 0
+    assert node.run(f"{as_scand} {s.clamav_db_dir}").rc == 0
+    if _local_icap(tower) is not None:
+        assert node.run(f"{as_scand} {ICAP_CONTROL}").rc == 0
