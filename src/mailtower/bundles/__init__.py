@@ -45,6 +45,8 @@ from mailtower.bundles._install import (
 )
 from mailtower.bundles._keys import key_id, keygen, load_public_key, load_signing_key
 from mailtower.bundles._publish import (
+    GOC_KEY_DIR,
+    GOC_PUBLISH_DIR,
     LATEST,
     Latest,
     Published,
@@ -56,6 +58,8 @@ from mailtower.bundles._publish import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "GOC_KEY_DIR",
+    "GOC_PUBLISH_DIR",
     "LATEST",
     "SECTIONS",
     "Built",
