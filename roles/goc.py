@@ -36,8 +36,8 @@ SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "curl"]
 OPERATORS = "/etc/mailtower/eye/operators"
 EYE_PORT = 8025
-BUNDLE_KEYS = "/etc/mailtower/goc/bundles"  # signing.key (root only), signing.pub
-BUNDLE_DIR = "/srv/mailtower/bundles"  # what is published: latest.json + rules-N.tar.gz
+BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
+BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
 
 
 class _Model(BaseModel):
@@ -263,7 +263,7 @@ def _bundles(g: GocData) -> None:
             path="/etc/nginx/sites-enabled/default",
             present=False,
         ),
-        _template("goc/etc/nginx/sites-enabled/mailtower-bundles", g),
+        _template("goc/etc/nginx/sites-enabled/mailtower-bundles", g, publish_dir=BUNDLE_DIR),
     ]
     _common.activate("nginx", _common.changes(ops), check="nginx -t -q", reload=True)
 

@@ -74,6 +74,9 @@ return {
   live: document.getElementById("live").textContent,
   towers: Object.fromEntries(all("#towers .tower").map(
     (card) => [card.dataset.tower, card.querySelector(".state").textContent])),
+  rules: Object.fromEntries(all("#towers .tower").map((card) => [card.dataset.tower,
+    [...card.querySelectorAll("dt")].find((dt) => dt.textContent === "rules")
+      ?.nextElementSibling.textContent ?? null])),
   engines: all("#engines .engine").map((e) => e.dataset.engine),
   lines: all("#timeline polyline").length,
   outbreaks: Object.fromEntries(all("#outbreaks tbody tr").map(

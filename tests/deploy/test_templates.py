@@ -60,7 +60,7 @@ def _bundle_keys() -> dict[str, str]:
 
 def _internet(path: str) -> dict:
     if path.startswith("goc/"):
-        return {"g": _goc()}
+        return {"g": _goc(), "publish_dir": "/srv/mailtower/bundles"}
     if path.startswith("dns/etc/bind/mailtower-update.key"):
         return {"key": LAB_INTERNET["tsig"]}
     if path.startswith("scanner/etc/c-icap"):
@@ -221,7 +221,12 @@ def test_goc_lets_each_tower_host_in_by_address_only(render, settings):
 
 
 def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
-    site = render("goc/etc/nginx/sites-enabled/mailtower-bundles", settings, g=_goc())
+    site = render(
+        "goc/etc/nginx/sites-enabled/mailtower-bundles",
+        settings,
+        g=_goc(),
+        publish_dir="/srv/mailtower/bundles",
+    )
     assert "listen 0.0.0.0:8026;" in site
     assert "root /srv/mailtower/bundles;" in site
     lines = [line.split("#")[0].strip() for line in site.splitlines()]

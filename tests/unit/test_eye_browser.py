@@ -69,10 +69,10 @@ def seed(conn: Any) -> None:
 
 
 def report_towers(conn: Any) -> None:
-    """Monitors' reports: tower-a fine, tower-b short of scanners with a long queue, tower-c
-    silent for 10 minutes."""
-    upsert_tower_status(conn, TowerStatus("tower-a", 23, 23, 41, 0.2))
-    upsert_tower_status(conn, TowerStatus("tower-b", 21, 23, 1288, 3.5))
+    """Monitors' reports: tower-a fine, tower-b short of scanners with a long queue and two
+    scanners still on the previous rule bundle, tower-c silent for 10 minutes."""
+    upsert_tower_status(conn, TowerStatus("tower-a", 23, 23, 41, 0.2, 8, 8, 0))
+    upsert_tower_status(conn, TowerStatus("tower-b", 21, 23, 1288, 3.5, 7, 8, 2))
     upsert_tower_status(conn, TowerStatus("tower-c", 23, 23, 0, 0.1))
     conn.execute(
         "UPDATE tower_status SET updated_at = now() - interval '10 minutes' WHERE tower = 'tower-c'"
@@ -211,6 +211,11 @@ def test_new_outbreak_appears_live(page: webdriver.Chrome, eye_url: str, hub: An
     assert "Win.Worm.Mydoom-9" in state["outbreaks"]
     assert state["live"] == "live"
     assert state["towers"] == {"tower-a": "OK", "tower-b": "DEGRADED", "tower-c": "STALE"}
+    assert state["rules"] == {
+        "tower-a": "rules v8",
+        "tower-b": "rules v7 · 2 behind v8",
+        "tower-c": "no bundle",
+    }
     assert state["engines"][:2] == ["clamd", "icap"]
     assert state["lines"] == 3  # one per tower, the silent one included
 

@@ -12,7 +12,12 @@ import pytest
 from eye_fixtures import add_event, finding, goc_hub
 
 from mailtower.eye import queries
-from mailtower.eye.status import TowerStatus, apply_schema, upsert_tower_status
+from mailtower.eye.status import (
+    TowerStatus,
+    apply_schema,
+    missing_columns,
+    upsert_tower_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -266,6 +271,62 @@ def test_tower_status_upsert_and_staleness(hub: Any, conn: psycopg.Connection[An
     assert towers["tower-b"]["stale"] is True and towers["tower-b"]["age_s"] >= 300
     # Seen in events but never reported: stale, with nothing to show.
     assert towers["tower-c"]["stale"] is True and towers["tower-c"]["scanners_up"] is None
+
+
+def test_tower_status_carries_rule_bundle_versions(hub: Any, conn: psycopg.Connection[Any]) -> None:
+    upsert_tower_status(conn, TowerStatus("tower-a", 23, 23, 0, 0.1))  # callers before bundles
+    upsert_tower_status(
+        conn,
+        TowerStatus("tower-b", 23, 23, 0, 0.1, rules_bundle=7, rules_target=8, scanners_behind=3),
+    )
+    now = queries.db_now(conn)
+    towers = {t["tower"]: t for t in queries.towers(conn, now, WINDOW, {"tower-c"})}
+    rules = {
+        name: (t["rules_bundle"], t["rules_target"], t["scanners_behind"])
+        for name, t in towers.items()
+    }
+    assert rules == {"tower-a": (None, None, 0), "tower-b": (7, 8, 3), "tower-c": (None, None, 0)}
+    upsert_tower_status(conn, TowerStatus("tower-b", 23, 23, 0, 0.1, 8, 8, 0))  # caught up
+    (row,) = conn.execute(
+        "SELECT rules_bundle, rules_target, scanners_behind FROM tower_status"
+        " WHERE tower = 'tower-b'"
+    ).fetchall()
+    assert row == (8, 8, 0)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        upsert_tower_status(conn, TowerStatus("tower-b", 23, 23, 0, 0.1, 8, 8, -1))
+
+
+def test_schema_adds_the_bundle_columns_to_an_older_tower_status(hub: Any) -> None:
+    """A GOC made before rule bundles: its tower_status gains the columns, rows kept."""
+    with hub.connect() as conn:
+        conn.execute("CREATE DATABASE old_goc")
+    try:
+        with hub.connect("old_goc") as old:
+            old.execute(
+                "CREATE TABLE verdict_events (scanned_at timestamptz, verdict text, findings jsonb)"
+            )
+            old.execute(
+                "CREATE TABLE tower_status (tower text PRIMARY KEY, scanners_up integer NOT NULL,"
+                " scanners_total integer NOT NULL, queue_size integer NOT NULL,"
+                " replication_lag_s real, updated_at timestamptz NOT NULL DEFAULT now())"
+            )
+            old.execute("INSERT INTO tower_status VALUES ('tower-a', 23, 23, 0, NULL, now())")
+            assert missing_columns(old) == ["rules_bundle", "rules_target", "scanners_behind"]
+            apply_schema(old)
+            assert missing_columns(old) == []
+            row = old.execute(
+                "SELECT scanners_up, rules_bundle, rules_target, scanners_behind FROM tower_status"
+            ).fetchone()
+            assert row == (23, None, None, 0)
+            upsert_tower_status(old, TowerStatus("tower-a", 22, 23, 1, None, 3, 4, 1))
+            apply_schema(old)  # idempotent: nothing added twice, nothing lost
+            row = old.execute(
+                "SELECT scanners_up, rules_bundle, rules_target, scanners_behind FROM tower_status"
+            ).fetchone()
+            assert row == (22, 3, 4, 1)
+    finally:
+        with hub.connect() as conn:
+            conn.execute("DROP DATABASE old_goc")
 
 
 def test_snapshot_is_json_and_covers_every_tower(conn: psycopg.Connection[Any]) -> None:

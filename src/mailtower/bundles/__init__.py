@@ -51,6 +51,8 @@ from mailtower.bundles._keys import (
     public_key_from_pem,
 )
 from mailtower.bundles._publish import (
+    GOC_KEY_DIR,
+    GOC_PUBLISH_DIR,
     LATEST,
     Latest,
     Published,
@@ -62,6 +64,8 @@ from mailtower.bundles._publish import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "GOC_KEY_DIR",
+    "GOC_PUBLISH_DIR",
     "LATEST",
     "SECTIONS",
     "Built",

@@ -36,6 +36,10 @@ from mailtower.bundles._errors import BundleError, InstallError, MalformedBundle
 from mailtower.bundles._format import MAX_BUNDLE_BYTES, sha256, utc_timestamp
 from mailtower.bundles._keys import key_id
 
+# Where a GOC keeps its key pair and publishes (roles/goc.py makes them; the lab publishes there).
+GOC_KEY_DIR = "/etc/mailtower/goc/bundles"  # signing.key (root only), signing.pub
+GOC_PUBLISH_DIR = "/srv/mailtower/bundles"  # served to the towers' monitors
+
 LATEST = "latest.json"
 LOCK = ".publish.lock"
 _INCOMING = ".incoming-"  # a bundle being checked; hidden, and never named by latest.json

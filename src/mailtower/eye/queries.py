@@ -131,7 +131,8 @@ WHERE verdict = 'virus' AND scanned_at > %(since)s AND scanned_at <= %(until)s
 """
 
 TOWERS = """
-SELECT tower, scanners_up, scanners_total, queue_size, replication_lag_s, updated_at,
+SELECT tower, scanners_up, scanners_total, queue_size, replication_lag_s,
+       rules_bundle, rules_target, scanners_behind, updated_at,
        extract(epoch FROM (%(now)s - updated_at))::float8 AS age_s
 FROM tower_status ORDER BY tower
 """
@@ -268,7 +269,7 @@ def towers(
     """Every tower's state; a tower seen only in events (never reported) is stale."""
     stale_after = window.thresholds.stale_after_s
     out: dict[str, dict[str, Any]] = {}
-    for tower, up, total, queue, lag, updated_at, age_s in conn.execute(
+    for tower, up, total, queue, lag, bundle, target, behind, updated_at, age_s in conn.execute(
         TOWERS, {"now": now}
     ).fetchall():
         out[tower] = {
@@ -277,6 +278,9 @@ def towers(
             "scanners_total": total,
             "queue_size": queue,
             "replication_lag_s": lag,
+            "rules_bundle": bundle,
+            "rules_target": target,
+            "scanners_behind": behind,
             "updated_at": updated_at.isoformat(),
             "age_s": age_s,
             "stale": age_s > stale_after,
@@ -288,6 +292,9 @@ def towers(
             "scanners_total": None,
             "queue_size": None,
             "replication_lag_s": None,
+            "rules_bundle": None,
+            "rules_target": None,
+            "scanners_behind": 0,
             "updated_at": None,
             "age_s": None,
             "stale": True,

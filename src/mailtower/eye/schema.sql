@@ -12,6 +12,16 @@ CREATE TABLE IF NOT EXISTS public.tower_status (
     replication_lag_s real,  -- NULL: the tower could not measure it (no standby streaming)
     updated_at        timestamptz NOT NULL DEFAULT now()
 );
+-- Rule bundles (mailtower.bundles), added later: ADD COLUMN IF NOT EXISTS migrates a GOC made
+-- before them. Table-level grants (mt_status, mt_eye) cover the new columns.
+ALTER TABLE public.tower_status
+    -- the oldest bundle version any in-service scanner runs; NULL: unknown or shipped rules
+    ADD COLUMN IF NOT EXISTS rules_bundle integer CHECK (rules_bundle >= 1),
+    -- the version the monitor's mirror holds: what every scanner should run
+    ADD COLUMN IF NOT EXISTS rules_target integer CHECK (rules_target >= 1),
+    -- in-service scanners running an older version than rules_target
+    ADD COLUMN IF NOT EXISTS scanners_behind integer NOT NULL DEFAULT 0
+        CHECK (scanners_behind >= 0);
 
 -- Virus events are a small slice of all events: VirusEye's window queries read this partial
 -- index instead of every clean message of the day.

@@ -19,10 +19,7 @@ from pathlib import Path
 
 from mailtower import bundles
 
-# Where roles/goc.py puts things (the stack's venv is roles/_common.VENV).
-MAILTOWER = "/opt/mailtower/venv/bin/mailtower"
-KEY_DIR = "/etc/mailtower/goc/bundles"
-PUBLISH_DIR = "/srv/mailtower/bundles"
+MAILTOWER = "/opt/mailtower/venv/bin/mailtower"  # in the stack's venv (roles/_common.VENV)
 
 Say = Callable[[str], None]
 
@@ -49,8 +46,8 @@ class GocPaths:
     """The GOC's mailtower command, key directory and published directory."""
 
     mailtower: str = MAILTOWER
-    key_dir: str = KEY_DIR
-    publish_dir: str = PUBLISH_DIR
+    key_dir: str = bundles.GOC_KEY_DIR
+    publish_dir: str = bundles.GOC_PUBLISH_DIR
 
 
 def ssh_shell(address: str, key: Path, known_hosts: Path, *, timeout: float = 300) -> Shell:

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mailtower.eye.status import apply_schema
+from mailtower.eye.status import apply_schema, missing_columns
 from mailtower.sync import subscription
 from mailtower.sync.catalog import connect, relation_exists, scalar, server_state
 from mailtower.sync.changes import Changes
@@ -164,6 +164,8 @@ def goc_pending(side: GocSide) -> list[str]:
         for table in ("verdict_events", "tower_status"):
             if not relation_exists(goc, table):
                 pending.append(f"create table {table}")
+        if relation_exists(goc, "tower_status"):
+            pending += [f"add column tower_status.{c}" for c in missing_columns(goc)]
         if not _published(goc, CONFIG_PUBLICATION):
             pending.append(f"create publication {CONFIG_PUBLICATION}")
         pending += _role_pending(goc, SYNC_ROLE, side.sync_password, replication=True)
@@ -199,9 +201,12 @@ def goc_apply(side: GocSide) -> GocReport:
     report = GocReport(changes)
     with connect(side.dsn) as goc:
         before = relation_exists(goc, "tower_status")
+        added = missing_columns(goc) if before else []
         apply_schema(goc)
         if not before:
             changes.did("created VirusEye's objects (tower_status, virus indexes)")
+        if added:
+            changes.did(f"added tower_status columns {', '.join(added)}")
         ensure_login_role(goc, STATUS_ROLE, side.status_password, changes)
         ensure_privileges(goc, STATUS_ROLE, "tower_status", ("SELECT", "INSERT", "UPDATE"), changes)
         ensure_login_role(goc, EYE_ROLE, side.eye_password, changes)

@@ -217,10 +217,23 @@
     if (t.stale || t.scanners_total === null) return { cls: "stale", text: "STALE" };
     if (t.scanners_up === 0) return { cls: "bad", text: "NO SCANNER" };
     if (t.scanners_up < t.scanners_total || t.queue_size > th.queue_warn ||
-        (t.replication_lag_s !== null && t.replication_lag_s > th.lag_warn_s)) {
+        (t.replication_lag_s !== null && t.replication_lag_s > th.lag_warn_s) ||
+        t.scanners_behind > 0) {
       return { cls: "warn", text: "DEGRADED" };
     }
     return { cls: "ok", text: "OK" };
+  }
+
+  // "rules v7", "rules v7 · 3 behind v8" (scanners still on an older bundle); "no bundle" (the
+  // shipped rules, or no bundles at this tower) or "rules unknown" (a mirror, no answer).
+  function rulesText(t) {
+    const running = t.rules_bundle !== null ? `rules v${t.rules_bundle}` :
+      t.rules_target === null ? "no bundle" : "rules unknown";
+    if (t.scanners_behind > 0) {
+      const target = t.rules_target === null ? "" : ` v${t.rules_target}`;
+      return `${running} · ${t.scanners_behind} behind${target}`;
+    }
+    return running;
   }
 
   function renderTowers(snap) {
@@ -246,6 +259,7 @@
         row("replication lag", t.replication_lag_s === null ? "no standby" :
           `${t.replication_lag_s.toFixed(1)} s`,
           t.replication_lag_s === null || t.replication_lag_s > th.lag_warn_s);
+        row("rules", rulesText(t), t.scanners_behind > 0);
         row("reported", ago(t.updated_at), t.stale);
         card.append(dl);
         const meter = el("div", { class: "meter" }, el("div"));
