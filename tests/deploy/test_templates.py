@@ -187,7 +187,12 @@ def test_clamd_stream_limit_follows_message_size(render):
 
 def test_scanner_takes_mail_from_the_relay_only(render, settings):
     rules = render("scanner/etc/nftables.conf", settings)
-    assert f"tcp dport {settings.ports.filter} ip saddr != {settings.hosts.relay} reject" in rules
+    relay, monitor = settings.hosts.relay, settings.hosts.monitor
+    assert f"tcp dport {settings.ports.filter} ip saddr != {{ {relay} }} reject" in rules
+    # With rule bundles, the monitor sends its canaries to the filter port too.
+    with_bundles = settings.model_copy(update={"bundles": object()})
+    rules_b = render("scanner/etc/nftables.conf", with_bundles)
+    assert f"tcp dport {settings.ports.filter} ip saddr != {{ {relay}, {monitor} }} reject" in rules_b
     health = f"tcp dport {settings.ports.scanner_http} ip saddr != {{ {settings.hosts.monitor},"
     assert health in rules
 

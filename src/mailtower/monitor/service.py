@@ -303,13 +303,19 @@ class Monitor:
     def tower_status(self, queue_size: int) -> TowerStatus:
         """The row VirusEye shows for this tower, as the monitor knows it now."""
         scanners = self.pool.scanners
+        # in HAProxy's rotation and answering (or in a rule update): the scanners of the tower
+        serving = [s for s in scanners if s.enabled and s.healthy]
+        running = [s.rules_bundle or 0 for s in serving]
+        target = self.rollout.state.target if self.rollout is not None else None
         return TowerStatus(
             tower=self.settings.name,
-            # in HAProxy's rotation and answering: the scanners taking mail now
-            scanners_up=sum(1 for s in scanners if s.enabled and s.healthy),
+            scanners_up=sum(1 for s in serving if not s.held),
             scanners_total=len(scanners),
             queue_size=queue_size,
             replication_lag_s=self.replication_lag_s,
+            rules_bundle=(min(running) or None) if running else None,
+            rules_target=target,
+            scanners_behind=sum(1 for v in running if target is not None and v != target),
         )
 
     async def report_status(self) -> bool:
