@@ -192,7 +192,8 @@ def test_scanner_takes_mail_from_the_relay_only(render, settings):
     # With rule bundles, the monitor sends its canaries to the filter port too.
     with_bundles = settings.model_copy(update={"bundles": object()})
     rules_b = render("scanner/etc/nftables.conf", with_bundles)
-    assert f"tcp dport {settings.ports.filter} ip saddr != {{ {relay}, {monitor} }} reject" in rules_b
+    port = settings.ports.filter
+    assert f"tcp dport {port} ip saddr != {{ {relay}, {monitor} }} reject" in rules_b
     health = f"tcp dport {settings.ports.scanner_http} ip saddr != {{ {settings.hosts.monitor},"
     assert health in rules
 
