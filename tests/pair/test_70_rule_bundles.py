@@ -100,13 +100,16 @@ def verdicts_at_goc(pair: Pair, tokens: set[str]) -> dict[str, tuple[str, str, s
 
 
 def tempfails_since(pair: Pair, since: float) -> int:
-    """Messages a scanner answered 451 to (the relays' logs), since ``since`` (epoch)."""
+    """Messages the relays could not hand to a scanner (deferred on the content filter: a 451,
+    a lost or refused connection), since ``since`` (epoch), from the relays' logs."""
     total = 0
     for tower in pair.towers.values():
-        out = tower.relay().run(
-            f"journalctl -q --since @{int(since)} | grep -c 'said: 451' || true"
+        filter_hop = f"127.0.0.1]:{tower.settings.ports.filter}"  # relay= or connect to
+        grep = (
+            f"journalctl -q --since @{int(since)} | grep -F 'status=deferred'"
+            f" | grep -c -F '{filter_hop}' || true"
         )
-        total += int(out.stdout.strip() or 0)
+        total += int(tower.relay().check_output(grep).strip() or 0)
     return total
 
 
