@@ -57,6 +57,10 @@ def yara_rule(name: str, marker: str | None) -> str:
     )
 
 
+def row_hex(tag: str, n: int) -> str:
+    return f"CLAM-ROW-{tag}-{n}".encode().hex()
+
+
 def scanners_at(pair: Pair) -> dict[str, dict[str, int | None]]:
     return {
         key: {n: s.get("rules_bundle") for n, s in tower.pool().items()}
@@ -178,7 +182,7 @@ def test_new_bundle_reaches_every_scanner_and_detects_at_both_towers(
 
     # Mail sent during the rollout: all delivered, no scanner tempfail.
     assert not load.errors, load.errors[:3]
-    pair.wait_delivered(load.sent, timeout=300)
+    lost = len(set(load.sent) - set(pair.wait_delivered(load.sent, timeout=300)))
     tempfails = tempfails_since(pair, started)
     assert tempfails == 0
 
@@ -199,7 +203,7 @@ def test_new_bundle_reaches_every_scanner_and_detects_at_both_towers(
         wait_for(rejected, 300, f"both monitors to reject bundle {bad}", 1)
         time.sleep(3)
     assert all(v == version for t in scanners_at(pair).values() for v in t.values())
-    pair.wait_delivered(bad_load.sent, timeout=300)
+    lost += len(set(bad_load.sent) - set(pair.wait_delivered(bad_load.sent, timeout=300)))
     bad_tempfails = tempfails_since(pair, bad_started)
 
     # Updates in a row (new marker each time), mail flowing all along.
@@ -210,13 +214,17 @@ def test_new_bundle_reaches_every_scanner_and_detects_at_both_towers(
             rules_n = rules_with(
                 tmp_path,
                 yara={"lab-new.yar": yara_rule(rule_name, yara_marker), **extra},
-                clamav={"lab-new.ndb": f"{sig_name}:0:*:{clam_marker.encode().hex()}\n"},
+                clamav={
+                    "lab-new.ndb": f"{sig_name}:0:*:{clam_marker.encode().hex()}\n",
+                    # a new signature each time: every update reloads clamd and c-icap too
+                    f"row-{n}.ndb": f"Mailtower.Row-{tag}-{n}:0:*:{row_hex(tag, n)}\n",
+                },
             )
             t0 = time.monotonic()
             version = publish_at_goc(rules_n)
             wait_rolled_out(pair, version)
             times.append(time.monotonic() - t0)
-    pair.wait_delivered(row_load.sent, timeout=300)
+    lost += len(set(row_load.sent) - set(pair.wait_delivered(row_load.sent, timeout=300)))
     row_tempfails = tempfails_since(pair, bad_started)
     record_figure(
         "rule_bundles",
@@ -225,7 +233,7 @@ def test_new_bundle_reaches_every_scanner_and_detects_at_both_towers(
             "rollout_after_publish_s": round(rollout_s, 1),
             "messages_during_rollout": len(load.sent),
             "tempfailed": tempfails,
-            "lost": 0,
+            "lost": lost,
             "bad_bundle_rejected": True,
             "messages_during_bad_bundle": len(bad_load.sent),
             "tempfailed_bad_bundle": bad_tempfails,
