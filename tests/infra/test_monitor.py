@@ -55,6 +55,24 @@ def test_alert_rules_loaded(node, tower):
     )
     names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
     assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag", "ScannerRulesBehind"} <= names
+    if s.bundles is not None:
+        assert {"RuleBundleRejected", "RuleBundlesUnreachable"} <= names
+
+
+def test_monitor_mirrors_rule_bundles_for_its_scanners_only(node, tower):
+    """The rollout's mirror: served to the scanners under <mirror>/rules, written by the
+    monitor (mailtower); the GOC's bundles readable from the monitor."""
+    s = tower.settings
+    if s.bundles is None:
+        pytest.skip("this tower takes no rule bundles")
+    assert node.run("runuser -u mailtower -- test -w /srv/mailtower/mirror/rules").rc == 0
+    # The GOC answers the monitor: 200 once something is published, 404 before.
+    code = node.check_output(
+        f"curl -s -o /dev/null -w '%{{http_code}}' {s.bundle_source}/latest.json"
+    )
+    assert code in ("200", "404"), code
+    pool = json.loads(node.check_output(f"curl -fsS http://127.0.0.1:{s.ports.monitor_http}/pool"))
+    assert pool["rules"]["source"] == s.bundle_source
 
 
 def test_prometheus_knows_the_rule_bundle_every_scanner_runs(node, tower):

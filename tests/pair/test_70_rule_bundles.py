@@ -226,6 +226,17 @@ def test_new_bundle_reaches_every_scanner_and_detects_at_both_towers(
             times.append(time.monotonic() - t0)
     lost += len(set(row_load.sent) - set(pair.wait_delivered(row_load.sent, timeout=300)))
     row_tempfails = tempfails_since(pair, bad_started)
+
+    # VirusEye's source: each monitor reports its tower's rule version to the GOC.
+    def goc_shows_versions() -> bool:
+        out = pair.goc_sql(
+            "SELECT tower, rules_bundle, rules_target, scanners_behind FROM tower_status"
+        )
+        rows = {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines()}
+        wanted = [str(version), str(version), "0"]
+        return all(rows.get(t.name) == wanted for t in pair.towers.values())
+
+    wait_for(goc_shows_versions, 60, f"both towers on bundle {version} in tower_status", 1)
     record_figure(
         "rule_bundles",
         {
