@@ -145,3 +145,26 @@ def test_room_counts_only_scanners_in_service(tmp_path, monkeypatch) -> None:
     assert rollout.room(0) == 1
     rollout.state.target = 2
     assert [s.name for s in rollout.behind()] == ["s02", "s03"]
+
+
+def test_a_scanner_that_fails_waits_and_the_others_go_on(tmp_path, monkeypatch) -> None:
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    broken = SCANNERS[2]
+    apply = scanners.request
+
+    async def refusing(host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        if host == broken and path == "/rules/apply":
+            return 409, {"status": "refused", "reason": "clamd did not take RELOAD"}
+        return await apply(host, port, method, path, body, headers, timeout_s)
+
+    monkeypatch.setattr(rollout_mod.health, "request", refusing)
+    rollout.state.target = 2
+    asyncio.run(rollout.roll())
+    asyncio.run(rollout.roll())  # the broken one is not drained again at once
+    assert scanners.version == {SCANNERS[0]: 2, SCANNERS[1]: 2, broken: 1}
+    assert set(haproxy.state.values()) == {"ready"}  # back in service with its old rules
+    assert rollout.state.rejected == set() and rollout.state.target == 2
+    assert "clamd did not take RELOAD" in (rollout.state.last_error or "")
+    assert rollout.behind() == []  # waiting out RETRY_AFTER_S
+    rollout._retry_at[rollout.monitor.pool.scanners[2].name] = 0.0
+    assert [s.address for s in rollout.behind()] == [broken]

@@ -55,6 +55,9 @@ REJECTED = "rejected.json"
 FETCH_TIMEOUT_S = 30.0
 CANARY_TIMEOUT_S = 30.0
 TOKEN_HEADER = "X-Mailtower-Token"
+# A scanner whose update failed (not the canary of a new version: that rejects the version)
+# is left alone this long, so one broken scanner is not drained again every round.
+RETRY_AFTER_S = 60.0
 
 
 class RolloutError(Exception):
@@ -127,6 +130,7 @@ class Rollout:
         self.token = settings.secrets.canary
         self.public_key = bundles.public_key_from_pem(self.config.public_key)
         self.state = RolloutState(rejected=self._load_rejected())
+        self._retry_at: dict[str, float] = {}  # scanner → when to try it again after a failure
         latest = bundles.read_latest(mirror_dir) if mirror_dir.is_dir() else None
         if latest is not None and latest.version not in self.state.rejected:
             self.state.target = latest.version
@@ -210,10 +214,15 @@ class Rollout:
         target = self.state.target
         if target is None:
             return []
+        now = time.monotonic()
         return [
             s
             for s in self.monitor.pool.scanners
-            if s.enabled and s.healthy and not s.held and s.rules_bundle != target
+            if s.enabled
+            and s.healthy
+            and not s.held
+            and s.rules_bundle != target
+            and self._retry_at.get(s.name, 0.0) <= now
         ]
 
     def room(self, sessions: int) -> int:
@@ -243,21 +252,30 @@ class Rollout:
             results = await asyncio.gather(
                 *(self.update(s, target) for s in batch), return_exceptions=True
             )
+            failed = False
             for s, result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    m.rules_updates.labels("failed").inc()
-                    self.state.last_error = f"{s.name} ({s.address}): {result}"
-                    log.error(
-                        "event=rules_update_failed scanner=%s address=%s version=%d error=%r",
-                        s.name,
-                        s.address,
-                        target,
-                        str(result),
-                    )
-                    if first and isinstance(result, CanaryFailed):
-                        self.reject(target)
-                    return  # a failure stops this round; the next round looks again
-                m.rules_updates.labels("ok").inc()
+                if not isinstance(result, BaseException):
+                    m.rules_updates.labels("ok").inc()
+                    self._retry_at.pop(s.name, None)
+                    continue
+                failed = True
+                m.rules_updates.labels("failed").inc()
+                self.state.last_error = f"{s.name} ({s.address}): {result}"
+                log.error(
+                    "event=rules_update_failed scanner=%s address=%s version=%d error=%r "
+                    "retry_in_s=%.0f",
+                    s.name,
+                    s.address,
+                    target,
+                    str(result),
+                    RETRY_AFTER_S,
+                )
+                if first and isinstance(result, CanaryFailed):
+                    self.reject(target)
+                else:  # this scanner waits; the others go on in the next round
+                    self._retry_at[s.name] = time.monotonic() + RETRY_AFTER_S
+            if failed:
+                return
 
     def reject(self, version: int) -> None:
         self.state.rejected.add(version)
