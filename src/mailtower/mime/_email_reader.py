@@ -1,8 +1,14 @@
-"""The readings of Python's ``email`` package, under its modern and its compat32 policy."""
+"""The readings of Python's ``email`` package, under its modern and its compat32 policy.
+
+Both readings usually build the same tree: the parser cuts a message the same way under either
+policy unless a part's content type or boundary reads differently. :class:`SharedParse` then
+parses the message once and serves that tree to both readings (most of their cost is the
+parser walking every line of the encoded bodies); otherwise each reading parses for itself.
+"""
 
 from __future__ import annotations
 
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.policy import Policy, compat32, default
 
@@ -34,9 +40,98 @@ def _child_path(path: str, index: int) -> str:
     return f"{path}.{index}" if path else str(index)
 
 
-def read(view: str, raw: bytes, col: Collector, *, prefix: str, depth: int) -> None:
-    """Parse ``raw`` with the policy named by ``view`` and record every leaf part it yields."""
-    msg = BytesParser(policy=POLICIES[view]).parsebytes(raw)
+# What each policy's parser builds its parts as (policy.message_factory; compat32 has none).
+_CLASSES: dict[str, type[Message]] = {"email-default": EmailMessage, "email-compat32": Message}
+
+
+def _parts(msg: Message) -> list[Message]:
+    """Every part of the tree, message/* children included (iteratively: nesting can be deep)."""
+    out: list[Message] = []
+    stack = [msg]
+    while stack:
+        part = stack.pop()
+        out.append(part)
+        if part.is_multipart():  # message/* parts too: their payload is the enclosed message
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend(c for c in payload if isinstance(c, Message))
+    return out
+
+
+def _decisions(part: Message) -> tuple[object, ...]:
+    """What the parser decides a part's structure by (email.feedparser calls exactly these:
+    get_content_type, get_content_maintype, get_boundary; the rest of its work — header lines
+    through header_source_parse, which both policies implement alike — is policy-free)."""
+    return (part.get_content_type(), part.get_content_maintype(), part.get_boundary())
+
+
+def _same_structure(parts: list[Message]) -> bool:
+    """Whether the parser under the other policy would have built the same tree.
+
+    By induction from the root: equal header lists and default types (both policies store
+    header lines alike) plus equal decisions give equal children. A decision that raises under
+    either policy counts as a difference (that reading then parses, and fails, on its own).
+    """
+    try:
+        for part in parts:
+            part.policy = compat32
+            mine = _decisions(part)
+            part.policy = default
+            if _decisions(part) != mine:
+                return False
+        return True
+    except Exception:
+        return False
+    finally:
+        for part in parts:
+            part.policy = compat32
+
+
+class SharedParse:
+    """One message's parse under compat32, lent to the default reading too when provably the
+    same tree (see the module doc). One per message; the readings use it one after the other."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._tree: Message | None = None
+        self._parts: list[Message] = []
+        self._same: bool | None = None  # None: not parsed yet (or the parse failed)
+
+    def tree(self, view: str) -> Message:
+        """The tree ``view``'s own parser would build (raises as that parser would)."""
+        if self._same is None:
+            try:
+                self._tree = BytesParser(policy=compat32).parsebytes(self.raw)
+                self._parts = _parts(self._tree)
+                self._same = _same_structure(self._parts)
+            except Exception:
+                self._tree, self._same = None, False
+        if self._tree is None or (view != "email-compat32" and not self._same):
+            return BytesParser(policy=POLICIES[view]).parsebytes(self.raw)
+        cls, policy = _CLASSES[view], POLICIES[view]
+        for part in self._parts:
+            # The same attributes either way (EmailMessage only adds methods): the tree as
+            # that policy's parser builds it.
+            part.__class__ = cls
+            part.policy = policy
+        return self._tree
+
+
+def read(
+    view: str,
+    raw: bytes,
+    col: Collector,
+    *,
+    prefix: str,
+    depth: int,
+    shared: SharedParse | None = None,
+) -> None:
+    """Parse ``raw`` with the policy named by ``view`` and record every leaf part it yields.
+    ``shared``: a parse of ``raw`` the other email reading may have made already."""
+    if shared is None:
+        msg = BytesParser(policy=POLICIES[view]).parsebytes(raw)
+    else:
+        msg = shared.tree(view)
     # (part, path, depth, is_root): explicit stack, since hostile nesting can be deep
     stack: list[tuple[Message, str, int, bool]] = [(msg, prefix, depth, True)]
     count = 0
