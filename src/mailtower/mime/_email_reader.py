@@ -8,6 +8,7 @@ parser walking every line of the encoded bodies); otherwise each reading parses 
 
 from __future__ import annotations
 
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.policy import Policy, compat32, default
@@ -17,7 +18,27 @@ from mailtower.mime._collect import Collector
 from mailtower.mime._names import main_value
 from mailtower.mime._transfer import BASE64, QUOTED_PRINTABLE, classify_cte
 
-POLICIES: dict[str, Policy] = {"email-default": default, "email-compat32": compat32}
+
+class _CachedHeaderClasses(HeaderRegistry):
+    """The default policy's header factory, minus its cost: the stock registry builds a new
+    class (``type(...)``) for every header it parses, the same one each time for a kind of
+    header; this builds each once. Keyed by the specialised class, so hostile header names
+    cannot grow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._built: dict[type, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        cls = self.registry.get(name.lower(), self.default_class)
+        built = self._built.get(cls)
+        if built is None:
+            built = self._built[cls] = super().__getitem__(name)
+        return built
+
+
+_DEFAULT = default.clone(header_factory=_CachedHeaderClasses())
+POLICIES: dict[str, Policy] = {"email-default": _DEFAULT, "email-compat32": compat32}
 
 
 def _raw_headers(part: Message) -> list[tuple[str, str]]:
@@ -76,7 +97,7 @@ def _same_structure(parts: list[Message]) -> bool:
         for part in parts:
             part.policy = compat32
             mine = _decisions(part)
-            part.policy = default
+            part.policy = POLICIES["email-default"]
             if _decisions(part) != mine:
                 return False
         return True
