@@ -8,6 +8,7 @@ parser walking every line of the encoded bodies); otherwise each reading parses 
 
 from __future__ import annotations
 
+import functools
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -18,16 +19,30 @@ from mailtower.mime._collect import Collector
 from mailtower.mime._names import main_value
 from mailtower.mime._transfer import BASE64, QUOTED_PRINTABLE, classify_cte
 
+# Header values remembered by the default policy's factory: enough for the messages being
+# read at once (a few content headers each); longer values are parsed every time.
+_MEMO_ENTRIES = 512
+_MEMO_MAX_CHARS = 1000
+
 
 class _CachedHeaderClasses(HeaderRegistry):
-    """The default policy's header factory, minus its cost: the stock registry builds a new
-    class (``type(...)``) for every header it parses, the same one each time for a kind of
-    header; this builds each once. Keyed by the specialised class, so hostile header names
-    cannot grow it."""
+    """The default policy's header factory, minus its cost. The stock one builds a new class
+    (``type(...)``) for every header it parses, the same one each time for a kind of header,
+    and the policy parses a header again on every access (a reading asks for a part's
+    Content-Type half a dozen times). This builds each class once — keyed by the specialised
+    class, so hostile header names cannot grow it — and remembers the last parsed values
+    (header objects are immutable strings; nothing in a reading changes them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._built: dict[type, type[BaseHeader]] = {}
+        self._memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(super().__call__)
+
+    def __call__(self, name: str, value: str) -> BaseHeader:
+        if len(value) > _MEMO_MAX_CHARS:
+            return super().__call__(name, value)
+        header: BaseHeader = self._memo(name, value)
+        return header
 
     def __getitem__(self, name: str) -> type[BaseHeader]:
         cls = self.registry.get(name.lower(), self.default_class)
