@@ -20,6 +20,7 @@ from mailtower.mime._boundary_reader import (
     declared_boundaries,
     delimiter_starts,
     digest_boundaries,
+    match_delimiter,
 )
 from mailtower.mime._encoded_blocks import _segments
 from mailtower.mime._transfer import _b64_chunks
@@ -85,6 +86,26 @@ def test_digest_boundaries_are_the_regex_ones(raw: bytes) -> None:
     assert digest_boundaries(raw) == reference_digest(raw)
 
 
+def reference_delimiter_ends(raw: bytes, boundaries: set[bytes]) -> list[int]:
+    """Where the delimiter regex the boundary reader compiled per message ended its matches."""
+    lowers = sorted({b.lower() for b in boundaries}, key=len, reverse=True)
+    pattern = re.compile(b"--(" + b"|".join(re.escape(b) for b in lowers) + b")", re.IGNORECASE)
+    return [m.end() if (m := pattern.match(raw, s)) else -1 for s in delimiter_starts(raw)]
+
+
+_boundary = st.sampled_from([b"a", b"A", b"ab", b"aB-", b"=_x", b"b'c", b"a.b", b"Ab", b"-"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(inputs, st.sets(_boundary, min_size=1, max_size=4))
+def test_delimiter_matches_are_the_regex_ones(raw: bytes, extra: set[bytes]) -> None:
+    for boundaries in (declared_boundaries(raw) or extra, extra):
+        lowers = sorted({b.lower() for b in boundaries}, key=len, reverse=True)
+        starts = delimiter_starts(raw)
+        found = [match_delimiter(raw, raw.lower(), s, lowers) for s in starts]
+        assert found == reference_delimiter_ends(raw, boundaries)
+
+
 def test_examples_where_the_scans_could_part_ways() -> None:
     # A declaration inside an earlier one's quoted value is not a declaration of its own.
     nested = b'Content-Type: multipart/mixed; boundary="a; boundary=b"\r\n'
@@ -97,6 +118,11 @@ def test_examples_where_the_scans_could_part_ways() -> None:
     assert delimiter_starts(mixed) == [0, 4, 8, 13, 25]
     assert delimiter_starts(mixed) == [m.start() for m in REFERENCE_DELIMITER_START.finditer(mixed)]
     assert digest_boundaries(DIGEST.raw) == reference_digest(DIGEST.raw) == {b"d1"}
+    # A boundary that is a prefix of another, in another case: the longer one wins.
+    colliding = b"--AB--\r\n--a\r\n--Abc\r\n--x"
+    lowers = [b"abc", b"ab", b"a"]
+    found = [match_delimiter(colliding, colliding.lower(), s, lowers) for s in (0, 8, 13, 20)]
+    assert found == reference_delimiter_ends(colliding, {b"a", b"ab", b"abc"}) == [4, 11, 18, -1]
 
 
 def reference_segments(lines: list[bytes]) -> list[list[bytes]]:

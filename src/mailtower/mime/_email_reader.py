@@ -132,6 +132,7 @@ class SharedParse:
         self._tree: Message | None = None
         self._parts: list[Message] = []
         self._same: bool | None = None  # None: not parsed yet (or the parse failed)
+        self._decoded: dict[tuple[Message, str], object] = {}
 
     def tree(self, view: str) -> Message:
         """The tree ``view``'s own parser would build (raises as that parser would)."""
@@ -151,6 +152,20 @@ class SharedParse:
             part.__class__ = cls
             part.policy = policy
         return self._tree
+
+    def decoded(self, part: Message) -> object:
+        """``part.get_payload(decode=True)``, decoded once for both readings of a shared tree.
+
+        For a leaf it depends on nothing but the payload and the Content-Transfer-Encoding
+        header as the policy reads it (email.message.Message.get_payload), so it is kept per
+        part and per that reading of the header.
+        """
+        if not self._same:  # the readings do not share the parts: nothing to share
+            return part.get_payload(decode=True)
+        key = (part, str(part.get("content-transfer-encoding", "")).lower())
+        if key not in self._decoded:
+            self._decoded[key] = part.get_payload(decode=True)
+        return self._decoded[key]
 
 
 def read(
@@ -208,7 +223,7 @@ def read(
         if main_value(ctype).startswith("multipart/"):
             col.outside(view=view, path=leaf_path, body=_payload_bytes(part))
             continue
-        data = part.get_payload(decode=True)
+        data = part.get_payload(decode=True) if shared is None else shared.decoded(part)
         try:
             extra = [part.get_filename() or ""]
         except Exception:  # a policy bug on a hostile parameter must not end this reading
