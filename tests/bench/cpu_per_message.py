@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in verdicts:
             kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
         report = {
+            "code": str(Path(pipeline_mod.__file__).parents[2]),
             "messages": count,
             "mean_kb": round(total_bytes / count / 1000, 1),
             "pipeline_cpu_ms_per_message": [round(p[0] / count * 1000, 2) for p in passes],
