@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mime_builders import EICAR, attachment_message
 from mime_mutations import Base, chunk, mutated
 
+from mailtower.mime import _email_reader
 from mailtower.mime._boundary_reader import (
     _BOUNDARY_PARAM,
     _DIGEST_HEADER,
@@ -22,7 +23,9 @@ from mailtower.mime._boundary_reader import (
     digest_boundaries,
     match_delimiter,
 )
+from mailtower.mime._collect import Collector
 from mailtower.mime._encoded_blocks import _segments
+from mailtower.mime._limits import Budget, MimeLimits
 from mailtower.mime._transfer import _b64_chunks
 
 REFERENCE_DELIMITER_START = re.compile(rb"(?:^|(?<=[\r\n]))--")
@@ -148,3 +151,50 @@ def test_base64_run_segments_are_the_loop_ones(lines: list[bytes]) -> None:
 @given(st.lists(st.sampled_from([b"QUJD", b"=", b"==", b"RA", b"x"]), max_size=12).map(b"".join))
 def test_base64_streams_split_as_the_regex_splits(clean: bytes) -> None:
     assert _b64_chunks(clean) == [c for c in re.split(rb"=+", clean) if c]
+
+
+# Headers on which the two email policies read a part's type or boundary differently (RFC 2047
+# words, RFC 2231 continuations, comments, odd quoting): the shared parse must notice them.
+_POLICY_SPLITTERS = Base(
+    # The default policy decodes the RFC 2047 word in the boundary ("b") and reads a part;
+    # compat32 takes the boundary literally and reads none.
+    b'Content-Type: multipart/mixed; boundary="=?utf-8?q?b?="\r\n\r\n'
+    b"--b\r\nContent-Type: =?utf-8?q?text/html?=\r\n\r\nx\r\n--b\r\n"
+    b'Content-Type: application/octet-stream; name="f.exe"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAA\r\n"
+    b"--b--\r\n"
+)
+email_inputs = st.one_of(
+    inputs, mutated(_POLICY_SPLITTERS, protect_body=False).map(lambda case: case[0])
+)
+
+
+def _email_readings(raw: bytes, shared: bool) -> tuple[list[object], list[str]]:
+    col = Collector(Budget(MimeLimits()))
+    parse = _email_reader.SharedParse(raw) if shared else None
+    for view in ("email-default", "email-compat32"):
+        try:
+            _email_reader.read(view, raw, col, prefix="", depth=0, shared=parse)
+        except Exception as exc:
+            col.anomaly(f"raised:{view}:{type(exc).__name__}")
+    objects = [
+        (e.data, e.path, sorted(e.filenames), sorted(e.content_types), sorted(e.views))
+        for e in col.entries.values()
+    ]
+    return objects, list(col.anomalies) + sorted(f"{v}:{n}" for v, n in col.names.items())
+
+
+@settings(max_examples=400, deadline=None)
+@given(email_inputs)
+def test_one_shared_parse_reads_as_two_parses(raw: bytes) -> None:
+    assert _email_readings(raw, shared=True) == _email_readings(raw, shared=False)
+
+
+def test_policies_that_cut_differently_parse_twice() -> None:
+    parse = _email_reader.SharedParse(_POLICY_SPLITTERS.raw)
+    default_tree = parse.tree("email-default")
+    compat_tree = parse.tree("email-compat32")
+    assert default_tree is not compat_tree  # the policies cut it differently
+    assert _email_readings(_POLICY_SPLITTERS.raw, True) == _email_readings(
+        _POLICY_SPLITTERS.raw, False
+    )
