@@ -14,14 +14,18 @@ from hypothesis import strategies as st
 from mime_builders import EICAR, attachment_message
 from mime_mutations import Base, chunk, mutated
 
+from mailtower.mime import _email_reader
 from mailtower.mime._boundary_reader import (
     _BOUNDARY_PARAM,
     _DIGEST_HEADER,
     declared_boundaries,
     delimiter_starts,
     digest_boundaries,
+    match_delimiter,
 )
+from mailtower.mime._collect import Collector
 from mailtower.mime._encoded_blocks import _segments
+from mailtower.mime._limits import Budget, MimeLimits
 from mailtower.mime._transfer import _b64_chunks
 
 REFERENCE_DELIMITER_START = re.compile(rb"(?:^|(?<=[\r\n]))--")
@@ -85,6 +89,26 @@ def test_digest_boundaries_are_the_regex_ones(raw: bytes) -> None:
     assert digest_boundaries(raw) == reference_digest(raw)
 
 
+def reference_delimiter_ends(raw: bytes, boundaries: set[bytes]) -> list[int]:
+    """Where the delimiter regex the boundary reader compiled per message ended its matches."""
+    lowers = sorted({b.lower() for b in boundaries}, key=len, reverse=True)
+    pattern = re.compile(b"--(" + b"|".join(re.escape(b) for b in lowers) + b")", re.IGNORECASE)
+    return [m.end() if (m := pattern.match(raw, s)) else -1 for s in delimiter_starts(raw)]
+
+
+_boundary = st.sampled_from([b"a", b"A", b"ab", b"aB-", b"=_x", b"b'c", b"a.b", b"Ab", b"-"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(inputs, st.sets(_boundary, min_size=1, max_size=4))
+def test_delimiter_matches_are_the_regex_ones(raw: bytes, extra: set[bytes]) -> None:
+    for boundaries in (declared_boundaries(raw) or extra, extra):
+        lowers = sorted({b.lower() for b in boundaries}, key=len, reverse=True)
+        starts = delimiter_starts(raw)
+        found = [match_delimiter(raw, raw.lower(), s, lowers) for s in starts]
+        assert found == reference_delimiter_ends(raw, boundaries)
+
+
 def test_examples_where_the_scans_could_part_ways() -> None:
     # A declaration inside an earlier one's quoted value is not a declaration of its own.
     nested = b'Content-Type: multipart/mixed; boundary="a; boundary=b"\r\n'
@@ -97,6 +121,11 @@ def test_examples_where_the_scans_could_part_ways() -> None:
     assert delimiter_starts(mixed) == [0, 4, 8, 13, 25]
     assert delimiter_starts(mixed) == [m.start() for m in REFERENCE_DELIMITER_START.finditer(mixed)]
     assert digest_boundaries(DIGEST.raw) == reference_digest(DIGEST.raw) == {b"d1"}
+    # A boundary that is a prefix of another, in another case: the longer one wins.
+    colliding = b"--AB--\r\n--a\r\n--Abc\r\n--x"
+    lowers = [b"abc", b"ab", b"a"]
+    found = [match_delimiter(colliding, colliding.lower(), s, lowers) for s in (0, 8, 13, 20)]
+    assert found == reference_delimiter_ends(colliding, {b"a", b"ab", b"abc"}) == [4, 11, 18, -1]
 
 
 def reference_segments(lines: list[bytes]) -> list[list[bytes]]:
@@ -122,3 +151,50 @@ def test_base64_run_segments_are_the_loop_ones(lines: list[bytes]) -> None:
 @given(st.lists(st.sampled_from([b"QUJD", b"=", b"==", b"RA", b"x"]), max_size=12).map(b"".join))
 def test_base64_streams_split_as_the_regex_splits(clean: bytes) -> None:
     assert _b64_chunks(clean) == [c for c in re.split(rb"=+", clean) if c]
+
+
+# Headers on which the two email policies read a part's type or boundary differently (RFC 2047
+# words, RFC 2231 continuations, comments, odd quoting): the shared parse must notice them.
+_POLICY_SPLITTERS = Base(
+    # The default policy decodes the RFC 2047 word in the boundary ("b") and reads a part;
+    # compat32 takes the boundary literally and reads none.
+    b'Content-Type: multipart/mixed; boundary="=?utf-8?q?b?="\r\n\r\n'
+    b"--b\r\nContent-Type: =?utf-8?q?text/html?=\r\n\r\nx\r\n--b\r\n"
+    b'Content-Type: application/octet-stream; name="f.exe"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAA\r\n"
+    b"--b--\r\n"
+)
+email_inputs = st.one_of(
+    inputs, mutated(_POLICY_SPLITTERS, protect_body=False).map(lambda case: case[0])
+)
+
+
+def _email_readings(raw: bytes, shared: bool) -> tuple[list[object], list[str]]:
+    col = Collector(Budget(MimeLimits()))
+    parse = _email_reader.SharedParse(raw) if shared else None
+    for view in ("email-default", "email-compat32"):
+        try:
+            _email_reader.read(view, raw, col, prefix="", depth=0, shared=parse)
+        except Exception as exc:
+            col.anomaly(f"raised:{view}:{type(exc).__name__}")
+    objects = [
+        (e.data, e.path, sorted(e.filenames), sorted(e.content_types), sorted(e.views))
+        for e in col.entries.values()
+    ]
+    return objects, list(col.anomalies) + sorted(f"{v}:{n}" for v, n in col.names.items())
+
+
+@settings(max_examples=400, deadline=None)
+@given(email_inputs)
+def test_one_shared_parse_reads_as_two_parses(raw: bytes) -> None:
+    assert _email_readings(raw, shared=True) == _email_readings(raw, shared=False)
+
+
+def test_policies_that_cut_differently_parse_twice() -> None:
+    parse = _email_reader.SharedParse(_POLICY_SPLITTERS.raw)
+    default_tree = parse.tree("email-default")
+    compat_tree = parse.tree("email-compat32")
+    assert default_tree is not compat_tree  # the policies cut it differently
+    assert _email_readings(_POLICY_SPLITTERS.raw, True) == _email_readings(
+        _POLICY_SPLITTERS.raw, False
+    )

@@ -15,11 +15,18 @@ log = logging.getLogger(__name__)
 MESSAGE_PATH = "message"
 
 
-def _run_reader(view: str, data: bytes, col: Collector, prefix: str, depth: int) -> None:
+def _run_reader(
+    view: str,
+    data: bytes,
+    col: Collector,
+    prefix: str,
+    depth: int,
+    shared: _email_reader.SharedParse,
+) -> None:
     if view == _boundary_reader.VIEW:
         _boundary_reader.read(data, col, prefix=prefix, depth=depth)
     else:
-        _email_reader.read(view, data, col, prefix=prefix, depth=depth)
+        _email_reader.read(view, data, col, prefix=prefix, depth=depth, shared=shared)
 
 
 def analyse(raw: bytes, *, limits: MimeLimits | None = None) -> Analysis:
@@ -46,10 +53,11 @@ def analyse(raw: bytes, *, limits: MimeLimits | None = None) -> Analysis:
             if data in done:
                 continue
             done.add(data)
+            shared = _email_reader.SharedParse(data)  # both email readings, parsed once
             for view in STRUCTURAL_VIEWS:
                 budget.check_time()
                 try:
-                    _run_reader(view, data, col, prefix, depth)
+                    _run_reader(view, data, col, prefix, depth, shared)
                 except LimitExceeded:
                     raise
                 except (Exception, RecursionError) as exc:

@@ -135,27 +135,42 @@ def delimiter_starts(raw: bytes) -> list[int]:
     return sorted(starts) if kinds > 1 else starts
 
 
+def match_delimiter(raw: bytes, lowered: bytes, start: int, lowers: list[bytes]) -> int:
+    """Where the boundary of a delimiter line at ``start`` (which starts with "--") ends, or -1.
+
+    ``lowers``: the boundaries in lower case, longest first. What the regular expression
+    ``--(b1|b2|…)`` (IGNORECASE, alternatives longest first) matches, found without compiling
+    one for every message (each has its own boundaries): ``lowered`` is ``raw.lower()``, which
+    folds ASCII letters as IGNORECASE does for bytes; the first (longest) boundary that follows
+    wins, as the alternation's first matching alternative does.
+    """
+    at = start + 2
+    for boundary in lowers:
+        if lowered.startswith(boundary, at):
+            return at + len(boundary)
+    return -1
+
+
 def _delimiters(
-    raw: bytes, boundaries: set[bytes], col: Collector
+    raw: bytes, boundaries: set[bytes], col: Collector, lowered: bytes
 ) -> list[tuple[int, int, bool, bytes]]:
     """(start, end after its EOL, is-close, boundary in lower case) of every line that delimits
-    a declared boundary."""
+    a declared boundary. ``lowered``: ``raw.lower()``."""
     by_lower: dict[bytes, set[bytes]] = {}
     for b in boundaries:
         by_lower.setdefault(b.lower(), set()).add(b)
     lowers = sorted(by_lower, key=len, reverse=True)
     prefixed = {b for b in lowers if any(o != b and b.startswith(o) for o in lowers)}
-    pattern = re.compile(b"--(" + b"|".join(re.escape(b) for b in lowers) + b")", re.IGNORECASE)
     out: list[tuple[int, int, bool, bytes]] = []
     for start in delimiter_starts(raw):
-        m = pattern.match(raw, start)
-        if m is None:
+        end = match_delimiter(raw, lowered, start, lowers)
+        if end < 0:
             continue
         col.budget.check_parts(len(out))
-        eol = _EOL.search(raw, m.end())
+        eol = _EOL.search(raw, end)
         line_end, after = (eol.start(), eol.end()) if eol else (len(raw), len(raw))
-        matched = m.group(1)
-        tail = raw[m.end() : line_end].rstrip(b" \t")
+        matched = raw[start + 2 : end]
+        tail = raw[end:line_end].rstrip(b" \t")
         is_close = tail.startswith(b"--")
         if tail not in (b"", b"--"):
             col.anomaly(A.BOUNDARY_COLLISION)  # a prefix-matching client cuts here, Python not
@@ -172,7 +187,7 @@ def read(raw: bytes, col: Collector, *, prefix: str, depth: int) -> None:
     lowered = raw.lower()
     boundaries = declared_boundaries(raw, lowered)
     col.budget.check_parts(len(boundaries))
-    delimiters = _delimiters(raw, boundaries, col) if boundaries else []
+    delimiters = _delimiters(raw, boundaries, col, lowered) if boundaries else []
     closed = sum(1 for d in delimiters if d[2])
     if delimiters and not closed:
         col.anomaly(A.MISSING_BOUNDARY_END)

@@ -1,8 +1,12 @@
-"""The union of what the readings yield: objects merged by SHA-256, and the anomalies."""
+"""The union of what the readings yield: objects merged by content, and the anomalies.
+
+Objects are keyed by their bytes themselves: a dict compares equal contents exactly, and a
+bytes object computes its hash once (the readings hand in the same part several times), where
+a SHA-256 of every handed-in copy cost about a millisecond per message.
+"""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -35,7 +39,7 @@ class Collector:
         self.anomalies: dict[str, None] = {}
         self.failed: set[str] = set()
         self.limit_hit = False
-        # per structural view: the hashes of the parts it reads as the message's own parts
+        # per structural view: the parts it reads as the message's own parts (their contents)
         self.compared: dict[str, set[bytes]] = {v: set() for v in STRUCTURAL_VIEWS}
         # per view, per object: the names its parts carry (for mime.filename-mismatch)
         self.names: dict[str, dict[bytes, set[str]]] = {}
@@ -62,7 +66,7 @@ class Collector:
             self.budget.check_time()
             if not data:
                 return  # empty parts carry nothing to scan (the whole message is kept even so)
-        digest = hashlib.sha256(data).digest()
+        digest = data  # the key (see the module doc)
         entry = self.entries.get(digest)
         if entry is None:
             entry = self.entries[digest] = _Entry(data, path, level=level)
