@@ -298,9 +298,13 @@ class TowerSettings(_Model):
         """The GOC's database as this tower reaches it (one host: see mailtower.sync)."""
         if self.goc is None:
             raise SettingsError(f"tower {self.name} has no GOC in its settings")
-        return (
-            f"host={self.goc.address} port={self.goc.port} dbname={self.goc.database} "
-            f"user={user} password={password} connect_timeout=5"
+        return conninfo(
+            host=str(self.goc.address),
+            port=self.goc.port,
+            dbname=self.goc.database,
+            user=user,
+            password=password,
+            connect_timeout=5,
         )
 
     def scanner_name(self, index: int) -> str:
@@ -311,10 +315,23 @@ class TowerSettings(_Model):
         """A libpq DSN naming both SQL hosts, so either can answer."""
         hosts = ",".join(str(ip) for ip in self.hosts.sql)
         attrs = "read-write" if writable else "any"
-        return (
-            f"host={hosts} port={self.ports.postgres} dbname={self.sql_database} "
-            f"user={user} password={password} target_session_attrs={attrs} connect_timeout=3"
+        return conninfo(
+            host=hosts,
+            port=self.ports.postgres,
+            dbname=self.sql_database,
+            user=user,
+            password=password,
+            target_session_attrs=attrs,
+            connect_timeout=3,
         )
+
+
+def conninfo(**params: str | int) -> str:
+    """A libpq connection string; a value with spaces, quotes or backslashes (a password) is
+    quoted as libpq reads it, any other is written as is."""
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo("", **params)
 
 
 def load(path: Path = SETTINGS_PATH) -> TowerSettings:

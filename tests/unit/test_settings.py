@@ -95,3 +95,18 @@ def test_load_missing_and_corrupt(tmp_path):
     bad.write_text(json.dumps({"name": "t"}))
     with pytest.raises(SettingsError, match="invalid tower settings"):
         settings.load(bad)
+
+
+def test_connection_strings_keep_any_password_whole():
+    """libpq reads back exactly the password given, whatever it holds."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    goc_secrets = {k: "x" * 16 for k in ("sql_sync", "goc_sync", "goc_status")}
+    tower = data(goc={"address": "10.0.9.10"}, secrets={**SECRETS, **goc_secrets})
+    s = inventory.tower_settings(tower, ADDRS)
+    for password in ("plain-token_123", "with space", "quote'and\\backslash", "a=b c='d'"):
+        dsn = conninfo_to_dict(s.sql_dsn("mailtower_monitor", password, writable=True))
+        assert dsn["password"] == password and dsn["host"] == "10.0.1.12,10.0.1.13"
+        assert dsn["target_session_attrs"] == "read-write"
+        goc = conninfo_to_dict(s.goc_conninfo("mt_status", password))
+        assert (goc["password"], goc["host"], goc["dbname"]) == (password, "10.0.9.10", "goc")
