@@ -32,6 +32,7 @@ Needs root (amavisd drops to its own user), /usr/sbin/clamd and /usr/sbin/amavis
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import base64
@@ -478,7 +479,7 @@ def _wait_for_banner(port: int, proc: subprocess.Popen[bytes], log: Path, timeou
         time.sleep(0.1)
 
 
-class Filter:
+class Filter(abc.ABC):
     """A content filter under test: started, measured, its quarantine read, stopped."""
 
     name: str
@@ -486,11 +487,11 @@ class Filter:
     proc: subprocess.Popen[bytes] | None = None
     log: Path
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def quarantined_tokens(self) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def quarantined_tokens(self) -> list[str]: ...
 
     # Log lines of each verdict, and of a virus that clamd named: counted for one corpus.
     verdict_markers: dict[str, str]
@@ -517,8 +518,8 @@ class Filter:
             counts["unexpected"] = unexpected
         return counts
 
-    def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]: ...
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
