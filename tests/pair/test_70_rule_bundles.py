@@ -33,8 +33,10 @@ UPDATES = int(os.environ.get("MAILTOWER_BUNDLE_UPDATES", "2"))
 ROLLOUT_TIMEOUT_S = 600
 
 
-def rules_with(tmp: Path, *, yara: dict[str, str], clamav: dict[str, str]) -> Path:
-    """The shipped rules plus the given YARA and ClamAV files, as a rules directory."""
+def rules_with(
+    tmp: Path, *, yara: dict[str, str], clamav: dict[str, str], canary: dict[str, str] | None = None
+) -> Path:
+    """The shipped rules plus the given YARA and ClamAV files and canary samples."""
     rules = tmp / f"rules-{uuid.uuid4().hex[:8]}"
     for section in ("yara", "skeptic", "reputation"):
         shutil.copytree(RULES_DIR / section, rules / section)
@@ -43,6 +45,9 @@ def rules_with(tmp: Path, *, yara: dict[str, str], clamav: dict[str, str]) -> Pa
     (rules / "clamav").mkdir()
     for name, text in clamav.items():
         (rules / "clamav" / name).write_text(text)
+    (rules / "canary").mkdir()
+    for name, text in (canary or {}).items():
+        (rules / "canary" / name).write_text(text)
     return rules
 
 
@@ -157,6 +162,11 @@ def test_new_bundle_reaches_every_scanner_and_detects_at_both_towers(
         tmp_path,
         yara={"lab-new.yar": yara_rule(rule_name, yara_marker)},
         clamav={"lab-new.ndb": f"{sig_name}:0:*:{clam_marker.encode().hex()}\n"},
+        # what the monitor checks the first scanner with, besides its own EICAR and clean
+        canary={
+            "virus-new-markers.eml": f"Subject: new markers\n\n{yara_marker}\n{clam_marker}\n",
+            "clean-no-marker.eml": "Subject: an ordinary line\n\nNothing to see.\n",
+        },
     )
     started = time.time()
     with Load(pair) as load:

@@ -72,6 +72,11 @@ def rules_copy(directory: Path) -> Path:
     (directory / "clamav").mkdir(parents=True)
     for name, content in testdata.clamav_signatures().items():
         (directory / "clamav" / name).write_text(content)
+    # Canary samples: what the monitor checks a scanner with after installing the bundle.
+    (directory / "canary").mkdir()
+    head = b"From: av-team@goc.test\r\nTo: canary@tower.test\r\nSubject: canary\r\n\r\n"
+    (directory / "canary" / "virus-eicar.eml").write_bytes(head + testdata.eicar() + b"\r\n")
+    (directory / "canary" / "clean-hello.eml").write_bytes(head + b"Hello.\r\n")
     return directory
 
 

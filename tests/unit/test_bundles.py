@@ -567,3 +567,31 @@ def test_bundle_repacked_by_another_tar_writer_is_accepted(
     same = repack(v1, tmp_path / "same.tar.gz", lambda found: found)
     assert same.read_bytes() != v1.read_bytes()
     assert bundles.verify(same, keys.public).files == bundles.verify(v1, keys.public).files
+
+
+# -- canary samples --------------------------------------------------------------------------------
+
+
+def test_canary_samples_are_read_with_their_verdicts(v1: Path, keys: Keys) -> None:
+    samples = bundles.canaries(bundles.read(v1, keys.public).files)
+    assert [(c.name, c.expect) for c in samples] == [
+        ("clean-hello.eml", "clean"),
+        ("virus-eicar.eml", "virus"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("maybe-x.eml", b"Subject: x\r\n\r\nbody\r\n", "named <verdict>-<name>.eml"),
+        ("virus-x.eml", b"no header line and no body", "not a message"),
+        ("clean-big.eml", b"Subject: x\r\n\r\n" + b"x" * (1024 * 1024), "at most 1 MiB"),
+    ],
+)
+def test_a_bundle_with_a_broken_canary_is_not_built(
+    rules: Path, keys: Keys, tmp_path: Path, name: str, data: bytes, reason: str
+) -> None:
+    (rules / "canary" / name).write_bytes(data)
+    with pytest.raises(bundles.InvalidRules, match=reason):
+        bundles.build(rules, keys.private, 9, tmp_path / "rules-9.tar.gz")
+    assert not (tmp_path / "rules-9.tar.gz").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from monitor_fakes import SCANNERS, free_port, tower
 
+from mailtower import bundles, testdata
 from mailtower.monitor import rollout as rollout_mod
 from mailtower.monitor.service import Monitor
 from mailtower.settings import Bundles
@@ -52,9 +53,10 @@ class FakeScanners:
             return 200, {"status": "ok", "rules_bundle": self.version[host]}
         raise AssertionError(path)
 
-    def canary(self, address, port, token, kind, version):
+    def canary(self, address, port, raw):
+        assert raw.startswith(b"X-Mailtower-Canary: " + b"c" * 16)
         running = self.version[address]
-        verdict = "virus" if running == BAD else kind
+        verdict = "virus" if running == BAD or testdata.eicar() in raw else "clean"
         return f"250 2.0.0 canary verdict={verdict} rules_bundle={running} findings=-"
 
 
@@ -168,3 +170,35 @@ def test_a_scanner_that_fails_waits_and_the_others_go_on(tmp_path, monkeypatch) 
     assert rollout.behind() == []  # waiting out RETRY_AFTER_S
     rollout._retry_at[rollout.monitor.pool.scanners[2].name] = 0.0
     assert [s.address for s in rollout.behind()] == [broken]
+
+
+def test_a_bundle_whose_own_sample_fails_is_rejected(tmp_path, monkeypatch) -> None:
+    """The new rule should catch the bundle's sample; it does not (the fake calls it clean)."""
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    sample = bundles.Canary("virus-new-dropper.eml", "virus", b"Subject: x\r\n\r\ndropper\r\n")
+    monkeypatch.setattr(rollout, "samples", lambda version: [sample] if version == 2 else [])
+    rollout.state.target = 2
+    asyncio.run(rollout.roll())
+    first = SCANNERS[0]
+    assert scanners.order == [(first, "apply", 2), (first, "rollback", 1)]
+    assert rollout.state.rejected == {2} and rollout.state.target == 1
+    assert "virus-new-dropper.eml came back clean, not virus" in (rollout.state.last_error or "")
+    assert set(haproxy.state.values()) == {"ready"}
+
+
+def test_samples_come_from_the_mirrored_bundle(tmp_path, monkeypatch) -> None:
+    from bundle_builders import make_keys, rules_copy
+
+    rollout, _, _ = make(tmp_path, monkeypatch, version=1)
+    keys = make_keys(tmp_path / "keys")
+    rollout.public_key = keys.public
+    rollout.mirror_dir.mkdir()
+    bundles.build(
+        rules_copy(tmp_path / "rules"), keys.private, 3, rollout.mirror_dir / "rules-3.tar.gz"
+    )
+    assert [(c.name, c.expect) for c in rollout.samples(3)] == [
+        ("clean-hello.eml", "clean"),
+        ("virus-eicar.eml", "virus"),
+    ]
+    assert rollout.samples(4) == []  # not in the mirror: only the built-in canaries
+    assert rollout.samples(None) == []

@@ -22,8 +22,9 @@ from mailtower.monitor import health
 from mailtower.monitor.rollout import (
     CanaryFailed,
     RolloutError,
-    canary_message,
+    builtin_canaries,
     check_canary_answer,
+    marked,
 )
 from mailtower.scand.bundle_apply import PROBE_NAME
 from mailtower.scand.http import ScannerSource, start_http
@@ -126,8 +127,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     httpd.shutdown()
 
 
-def _canary(rig: Rig, kind: str, token: str = CANARY, extra: bytes = b"") -> tuple[int, str]:
-    raw = canary_message(token, kind, None) + extra
+def _canary(rig: Rig, kind: str, token: str = CANARY) -> tuple[int, str]:
+    raw = marked(next(c.message for c in builtin_canaries() if c.expect == kind), token)
     with smtplib.SMTP("127.0.0.1", rig.smtp_port, timeout=60) as smtp:
         smtp.ehlo("monitor.test")
         smtp.mail("monitor@mailtower.invalid")
@@ -200,7 +201,7 @@ def test_canary_is_answered_with_verdict_and_version_and_never_delivered(rig: Ri
     check_canary_answer(f"{code} {reply}", "clean", 1)
     code, reply = _canary(rig, "virus")
     check_canary_answer(f"{code} {reply}", "virus", 1)
-    with pytest.raises(RolloutError, match="came back"):
+    with pytest.raises(RolloutError, match="came back virus, not clean"):
         check_canary_answer(f"{code} {reply}", "clean", 1)
     with pytest.raises(RolloutError, match="another bundle"):
         check_canary_answer(f"{code} {reply}", "virus", 2)

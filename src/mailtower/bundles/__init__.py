@@ -21,6 +21,8 @@ mirror) in ``_publish``.
 from __future__ import annotations
 
 from mailtower.bundles._bundle import Built, Bundle, build, collect, read, verify
+from mailtower.bundles._canary import Canary
+from mailtower.bundles._canary import from_files as canaries
 from mailtower.bundles._errors import (
     BundleError,
     ForeignKeyBundle,
@@ -63,6 +65,8 @@ from mailtower.bundles._publish import (
 )
 
 __all__ = [
+    "Canary",
+    "canaries",
     "FORMAT_VERSION",
     "GOC_KEY_DIR",
     "GOC_PUBLISH_DIR",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailtower.bundles import _clamav
+from mailtower.bundles import _canary, _clamav
 from mailtower.bundles._errors import InvalidRules
 from mailtower.bundles._format import SECTIONS
 from mailtower.rules import RuleDirs
@@ -37,6 +37,7 @@ def check_rules(root: Path) -> None:
         except Exception as exc:  # a loader crashing on the data: the data is not loadable
             raise InvalidRules(f"{section}: loading failed: {type(exc).__name__}: {exc}") from exc
     _clamav.check_directory(root / "clamav")
+    _canary.check_directory(root / _canary.SECTION)
 
 
 def make_sections(root: Path) -> None:

@@ -37,6 +37,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "skeptic": (".toml", ".json"),
     "reputation": (".sha256", ".tlsh"),
     "clamav": CLAMAV_SUFFIXES,
+    "canary": (".eml",),  # samples and the verdict they must get (bundles._canary)
 }
 
 # Limits well above any real rule set (the shipped one is ~100 kB), far below what would hurt

@@ -11,8 +11,9 @@ A scanner whose health answer names another version is updated in a window of it
 2. wait until it has no message in flight,
 3. ``POST /rules/apply`` — the scanner fetches the bundle from the mirror, installs it, has
    clamd and c-icap load its ClamAV databases, and reloads its pipeline,
-4. the canary: an EICAR message must come back ``virus`` and a clean one ``clean``, both
-   scanned with the target version (answered by scand, never delivered),
+4. the canary: an EICAR message must come back ``virus``, a clean one ``clean``, and each
+   sample the bundle carries (``canary/<verdict>-<name>.eml``) its verdict, all scanned with
+   the target version (answered by scand, never delivered),
 5. back in service.
 
 The first scanner of a new version goes alone. If its canary fails, it is rolled back
@@ -79,19 +80,28 @@ def fetch(url: str, timeout_s: float = FETCH_TIMEOUT_S, limit: int | None = None
         return reply.read(limit or MAX_BUNDLE_BYTES + 1)
 
 
-def canary_message(token: str, kind: str, version: int | None) -> bytes:
-    """A message the scanner recognises as the monitor's canary (``kind``: virus|clean)."""
-    body = testdata.eicar() if kind == "virus" else b"An ordinary line of a clean message.\r\n"
-    return (
-        f"From: monitor@mailtower.invalid\r\nTo: canary@mailtower.invalid\r\n"
-        f"Subject: rule bundle canary ({kind}, version {version})\r\n"
-        f"X-Mailtower-Canary: {token}\r\n\r\n"
-    ).encode() + body
+_CANARY_HEAD = (
+    b"From: monitor@mailtower.invalid\r\nTo: canary@mailtower.invalid\r\n"
+    b"Subject: rule bundle canary\r\n\r\n"
+)
 
 
-def send_canary(address: str, port: int, token: str, kind: str, version: int | None) -> str:
-    """Hand one canary to the scanner's filter port; return scand's answer (blocking)."""
-    raw = canary_message(token, kind, version)
+def builtin_canaries() -> list[bundles.Canary]:
+    """What every version must get right, whatever its bundle carries: EICAR (built here, never
+    stored) is a virus, an ordinary message is clean."""
+    return [
+        bundles.Canary("eicar", "virus", _CANARY_HEAD + testdata.eicar() + b"\r\n"),
+        bundles.Canary("clean", "clean", _CANARY_HEAD + b"An ordinary line of a message.\r\n"),
+    ]
+
+
+def marked(message: bytes, token: str) -> bytes:
+    """``message`` with the canary header: scand answers it and delivers nothing."""
+    return f"X-Mailtower-Canary: {token}\r\n".encode() + message
+
+
+def send_canary(address: str, port: int, raw: bytes) -> str:
+    """Hand one marked canary to the scanner's filter port; scand's answer (blocking)."""
     with smtplib.SMTP(address, port, timeout=CANARY_TIMEOUT_S) as smtp:
         smtp.ehlo("monitor.mailtower.invalid")
         code, reply = smtp.mail("monitor@mailtower.invalid")
@@ -104,16 +114,17 @@ def send_canary(address: str, port: int, token: str, kind: str, version: int | N
         return f"{code} {reply.decode(errors='replace')}"
 
 
-def check_canary_answer(answer: str, kind: str, version: int | None) -> None:
-    """Raise RolloutError unless ``answer`` is scand's canary reply with the verdict ``kind``,
-    scanned with ``version``."""
+def check_canary_answer(answer: str, expect: str, version: int | None, name: str = "") -> None:
+    """Raise RolloutError unless ``answer`` is scand's canary reply with the verdict
+    ``expect``, scanned with ``version``."""
+    what = f"canary {name or expect}"
     fields = dict(p.split("=", 1) for p in answer.split() if "=" in p)
     if not answer.startswith("250") or "canary" not in answer:
-        raise RolloutError(f"the {kind} canary was not answered as a canary: {answer!r}")
+        raise RolloutError(f"{what} was not answered as a canary: {answer!r}")
     if fields.get("rules_bundle") != str(version or 0):
-        raise RolloutError(f"the {kind} canary was scanned with another bundle: {answer!r}")
-    if fields.get("verdict") != kind:
-        raise RolloutError(f"the {kind} canary came back {fields.get('verdict')}: {answer!r}")
+        raise RolloutError(f"{what} was scanned with another bundle: {answer!r}")
+    if fields.get("verdict") != expect:
+        raise RolloutError(f"{what} came back {fields.get('verdict')}, not {expect}: {answer!r}")
 
 
 class Rollout:
@@ -131,6 +142,7 @@ class Rollout:
         self.public_key = bundles.public_key_from_pem(self.config.public_key)
         self.state = RolloutState(rejected=self._load_rejected())
         self._retry_at: dict[str, float] = {}  # scanner → when to try it again after a failure
+        self._samples: dict[int, list[bundles.Canary]] = {}  # version → its canary samples
         latest = bundles.read_latest(mirror_dir) if mirror_dir.is_dir() else None
         if latest is not None and latest.version not in self.state.rejected:
             self.state.target = latest.version
@@ -357,14 +369,29 @@ class Rollout:
                 return  # messages in flight finish with the old pipeline: nothing fails
             await asyncio.sleep(0.2)
 
-    async def _canary(self, s: Scanner, version: int | None) -> None:
-        port = self.settings.ports.filter
-        for kind in ("virus", "clean"):
+    def samples(self, version: int | None) -> list[bundles.Canary]:
+        """The canary samples bundle ``version`` carries (read from the mirror once)."""
+        if version is None:
+            return []
+        if version not in self._samples:
+            path = self.mirror_dir / f"rules-{version}.tar.gz"
             try:
-                answer = await asyncio.to_thread(
-                    send_canary, s.address, port, self.token, kind, version
-                )
-                check_canary_answer(answer, kind, version)
+                found = bundles.canaries(bundles.read(path, self.public_key).files)
+            except (OSError, bundles.BundleError) as exc:  # pruned, or never mirrored here
+                log.warning("event=canary_samples_unread version=%d error=%r", version, str(exc))
+                found = []
+            self._samples = {v: c for v, c in self._samples.items() if v >= version - 2}
+            self._samples[version] = found
+        return self._samples[version]
+
+    async def _canary(self, s: Scanner, version: int | None) -> None:
+        """The built-in canaries, then the bundle's own samples: each must get its verdict."""
+        port = self.settings.ports.filter
+        for sample in builtin_canaries() + self.samples(version):
+            raw = marked(sample.message, self.token)
+            try:
+                answer = await asyncio.to_thread(send_canary, s.address, port, raw)
+                check_canary_answer(answer, sample.expect, version, sample.name)
             except (OSError, smtplib.SMTPException, RolloutError) as exc:
                 raise CanaryFailed(f"{s.name} ({s.address}): {exc}") from exc
 
