@@ -2,8 +2,9 @@
 
 ``canary/<verdict>-<name>.eml`` — e.g. ``canary/virus-new-dropper.eml`` (what the new rule is
 for) or ``canary/clean-newsletter.eml`` (what it must not catch). The monitor sends each one,
-besides its own EICAR and clean message, to the first scanner that takes the bundle; a sample
-that comes back with another verdict rejects the bundle (mailtower.monitor.rollout).
+besides its own EICAR and clean message, to every scanner it updates before putting it back in
+service; on the first scanner of a version, a sample that comes back with another verdict
+rejects the bundle (mailtower.monitor.rollout).
 """
 
 from __future__ import annotations
