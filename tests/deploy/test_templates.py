@@ -267,3 +267,36 @@ def test_lab_goc_data_serves_bundles_to_the_controller(monkeypatch, tmp_path):
     g.bundles.check()
     assert [str(ip) for ip in g.bundle_readers] == ["10.201.0.1"]
     assert (tmp_path / "lab" / "bundle-keys" / "signing.pub").read_text() == g.bundles.public_key
+
+
+def test_rule_bundle_alerts_only_with_bundles(render, settings):
+    import re
+
+    from mailtower.settings import Bundles, Goc
+
+    pem = (
+        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+    )
+    with_bundles = settings.model_copy(
+        update={
+            "goc": Goc(address="10.0.9.10"),
+            "rules_dir": "/var/lib/mailtower/rules",
+            "bundles": Bundles(public_key=pem + "-----END PUBLIC KEY-----\n"),
+        }
+    )
+
+    def alerts(s) -> dict[str, str]:
+        """Alert name → its block of the rendered rules file."""
+        text = render("monitor/etc/prometheus/rules/mailtower.yml", s)
+        blocks = re.split(r"\n(?=      - alert: )", text)[1:]
+        return {b.split()[2]: b for b in blocks}
+
+    plain, bundled = alerts(settings), alerts(with_bundles)
+    for s in (settings, with_bundles):  # one alert of that name, whichever applies
+        text = render("monitor/etc/prometheus/rules/mailtower.yml", s)
+        assert text.count("- alert: ScannerRulesBehind\n") == 1
+    assert "mailtower_rules_bundle_version" in plain["ScannerRulesBehind"]
+    assert "mailtower_rules_target" in bundled["ScannerRulesBehind"]
+    assert "for: 15m" in bundled["ScannerRulesBehind"]
+    added = {"RuleBundleRejected", "RuleBundlesUnreachable", "ScannerStuckAfterRuleUpdate"}
+    assert added <= set(bundled) and not added & set(plain)

@@ -56,7 +56,11 @@ def test_alert_rules_loaded(node, tower):
     names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
     assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag", "ScannerRulesBehind"} <= names
     if s.bundles is not None:
-        assert {"RuleBundleRejected", "RuleBundlesUnreachable"} <= names
+        assert {
+            "RuleBundleRejected",
+            "RuleBundlesUnreachable",
+            "ScannerStuckAfterRuleUpdate",
+        } <= names
 
 
 def test_monitor_mirrors_rule_bundles_for_its_scanners_only(node, tower):

@@ -202,3 +202,55 @@ def test_samples_come_from_the_mirrored_bundle(tmp_path, monkeypatch) -> None:
     ]
     assert rollout.samples(4) == []  # not in the mirror: only the built-in canaries
     assert rollout.samples(None) == []
+
+
+def test_a_bad_bundle_whose_rollback_fails_keeps_the_scanner_out(tmp_path, monkeypatch) -> None:
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=2)
+    answer = scanners.request
+    broken = {"rollback": True}
+
+    async def request(host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        if path == "/rules/rollback" and broken["rollback"]:
+            return 409, {"status": "refused", "reason": "no version before 99 is kept"}
+        return await answer(host, port, method, path, body, headers, timeout_s)
+
+    monkeypatch.setattr(rollout_mod.health, "request", request)
+    rollout.state.target = BAD
+    asyncio.run(rollout.roll())
+    first = rollout.monitor.pool.scanners[0]
+    assert rollout.state.rejected == {BAD} and rollout.state.target == 2
+    # It runs the bad rules and could not go back: out of service, not given mail.
+    assert rollout.state.stuck == {first.name} and first.held
+    assert haproxy.state[first.name] == "maint"
+    assert scanners.version[first.address] == BAD
+    assert [v for a, v in scanners.version.items() if a != first.address] == [2, 2]
+    asyncio.run(rollout.roll())  # still broken: still out
+    assert haproxy.state[first.name] == "maint"
+
+    broken["rollback"] = False  # e.g. an operator freed the scanner's rules root
+    asyncio.run(rollout.roll())
+    assert rollout.state.stuck == set() and not first.held
+    assert scanners.version[first.address] == 2 and haproxy.state[first.name] == "ready"
+
+
+def test_an_apply_without_answer_is_checked_before_the_scanner_serves(
+    tmp_path, monkeypatch
+) -> None:
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    answer = scanners.request
+
+    async def request(host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        result = await answer(host, port, method, path, body, headers, timeout_s)
+        if path == "/rules/apply" and host == SCANNERS[0]:
+            raise TimeoutError  # it applied, but the answer never came
+        return result
+
+    monkeypatch.setattr(rollout_mod.health, "request", request)
+    rollout.state.target = 2
+    asyncio.run(rollout.roll())
+    first = rollout.monitor.pool.scanners[0]
+    # Its canary of what it runs (2) passed: back in service, not stuck, not rejected.
+    assert scanners.version[first.address] == 2 and first.rules_bundle == 2
+    assert haproxy.state[first.name] == "ready" and rollout.state.stuck == set()
+    assert rollout.state.rejected == set()
+    assert "no answer" in (rollout.state.last_error or "")

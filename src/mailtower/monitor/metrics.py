@@ -95,6 +95,11 @@ class MonitorMetrics:
                 ["result"],
                 registry=r,
             )
+            self.rules_stuck = Gauge(
+                "mailtower_rules_scanners_stuck",
+                "Scanners kept out of service after an update: no rules a canary passed",
+                registry=r,
+            )
             self.rules_pull_failures = Counter(
                 "mailtower_rules_pull_failures",
                 "Failed reads of the GOC's bundles, and bundles the monitor refused",

@@ -72,6 +72,7 @@ class RolloutState:
     target: int | None = None  # the mirror's version, unless rejected
     rejected: set[int] = field(default_factory=set)
     applying: set[str] = field(default_factory=set)  # scanners in an update window
+    stuck: set[str] = field(default_factory=set)  # kept out: no rules that passed a canary
     last_error: str | None = None
 
 
@@ -248,6 +249,7 @@ class Rollout:
     async def roll(self) -> None:
         """Update the scanners that are behind, one window after another."""
         m = self.monitor.metrics
+        await self.unstick()
         while (todo := self.behind()) and self.state.target is not None:
             target = self.state.target
             first = all(s.rules_bundle != target for s in self.monitor.pool.scanners)
@@ -311,32 +313,40 @@ class Rollout:
         )
 
     async def update(self, s: Scanner, target: int) -> None:
-        """One scanner's window: out of service, apply, canary, back (or roll back)."""
+        """One scanner's window: out of service, apply, canary, back (or roll back).
+
+        A scanner goes back in service only with rules that passed their canary: its old ones
+        (nothing applied, or rolled back) or the target. When that cannot be established — a
+        failed canary whose rollback fails, an apply that did not answer and a scanner that
+        does not say what it runs — it stays out (``stuck``) and every round tries again."""
         started = time.monotonic()
-        monitor, port = self.monitor, self.settings.ports.scanner_http
+        monitor = self.monitor
         s.held = True
         self.state.applying.add(s.name)
+        asked = settled = False
         try:
             await monitor.haproxy.set_state(s.name, MAINT)
             await self._drained(s)
-            status, doc = await health.request(
-                s.address,
-                port,
-                "POST",
-                "/rules/apply",
-                json.dumps({"version": target}).encode(),
-                {TOKEN_HEADER: self.token},
-                self.config.apply_timeout_s,
-            )
+            asked = True  # from here the scanner may run rules no canary has passed
+            try:
+                status, doc = await self._post(s, "/rules/apply", {"version": target})
+            except (OSError, TimeoutError, ValueError) as exc:
+                status, doc = 0, {"reason": f"no answer: {exc!r}"}
             if status != 200:
+                await self._settle(s)  # refused: nothing changed; no answer: it may have
+                settled = True
                 raise RolloutError(f"apply answered {status}: {doc.get('reason', doc)}")
             try:
                 await self._canary(s, target)
-            except CanaryFailed:
-                await self._roll_back(s)
+            except CanaryFailed as failed:
+                try:
+                    await self._roll_back(s)
+                except (RolloutError, OSError, TimeoutError, ValueError) as exc:
+                    raise CanaryFailed(f"{failed}; and the rollback failed: {exc}") from exc
+                settled = True
                 raise
+            settled = True
             s.rules_bundle = target
-            await monitor.haproxy.set_state(s.name, READY)
             log.info(
                 "event=rules_updated scanner=%s address=%s version=%d seconds=%.2f",
                 s.name,
@@ -346,12 +356,66 @@ class Rollout:
             )
         finally:
             self.state.applying.discard(s.name)
-            s.held = False
-            if s.enabled:
-                # Whatever happened, a scanner the pool believes healthy goes back in service
-                # (its old rules still scan); reconcile repeats this if HAProxy was down.
-                with contextlib.suppress(HAProxyError):
-                    await monitor.haproxy.set_state(s.name, READY)
+            if settled or not asked:
+                await self._release(s)
+            else:
+                self.state.stuck.add(s.name)
+                self.monitor.metrics.rules_stuck.set(len(self.state.stuck))
+                log.critical(
+                    "event=rules_scanner_stuck scanner=%s address=%s version=%d "
+                    "action='kept out of service; retried every round' "
+                    "hint='on the scanner: mailtower bundle status --rules-root %s'",
+                    s.name,
+                    s.address,
+                    target,
+                    self.settings.rules_dir,
+                )
+
+    async def _release(self, s: Scanner) -> None:
+        """Back in service, if the pool believes it healthy; reconcile repeats the HAProxy
+        call if HAProxy does not answer now."""
+        s.held = False
+        self.state.stuck.discard(s.name)
+        self.monitor.metrics.rules_stuck.set(len(self.state.stuck))
+        if s.enabled:
+            with contextlib.suppress(HAProxyError):
+                await self.monitor.haproxy.set_state(s.name, READY)
+
+    async def _settle(self, s: Scanner) -> None:
+        """Establish that the scanner's rules may serve: the canary of the version it runs, and
+        a rollback if that fails. Raises when it cannot."""
+        port, timeout = self.settings.ports.scanner_http, self.settings.limits.health_timeout_s
+        status, doc = await health.request(s.address, port, "GET", "/health", timeout_s=timeout)
+        if status != 200:
+            raise RolloutError(f"{s.name}: health answered {status}: {doc.get('reason', doc)}")
+        running = doc.get("rules_bundle")
+        try:
+            await self._canary(s, running)
+        except CanaryFailed:
+            await self._roll_back(s)
+        else:
+            s.rules_bundle = running
+
+    async def unstick(self) -> None:
+        """Try again with every scanner kept out after a failed update."""
+        for name in sorted(self.state.stuck):
+            s = self.monitor.pool[name]
+            if not s.healthy:
+                continue  # down: its health probes say when it is back
+            try:
+                await self._settle(s)
+            except (RolloutError, OSError, TimeoutError, ValueError) as exc:
+                log.error("event=rules_scanner_still_stuck scanner=%s error=%r", name, str(exc))
+                continue
+            log.warning("event=rules_scanner_unstuck scanner=%s version=%s", name, s.rules_bundle)
+            await self._release(s)
+
+    async def _post(self, s: Scanner, path: str, body: dict | None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else b""
+        port = self.settings.ports.scanner_http
+        headers = {TOKEN_HEADER: self.token}
+        timeout = self.config.apply_timeout_s
+        return await health.request(s.address, port, "POST", path, data, headers, timeout)
 
     async def _drained(self, s: Scanner) -> None:
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -396,16 +460,7 @@ class Rollout:
                 raise CanaryFailed(f"{s.name} ({s.address}): {exc}") from exc
 
     async def _roll_back(self, s: Scanner) -> None:
-        port = self.settings.ports.scanner_http
-        status, doc = await health.request(
-            s.address,
-            port,
-            "POST",
-            "/rules/rollback",
-            b"",
-            {TOKEN_HEADER: self.token},
-            self.config.apply_timeout_s,
-        )
+        status, doc = await self._post(s, "/rules/rollback", None)
         if status != 200:
             raise RolloutError(f"{s.name}: rollback answered {status}: {doc.get('reason', doc)}")
         s.rules_bundle = doc.get("rules_bundle")
@@ -429,6 +484,7 @@ class Rollout:
             "target": self.state.target,
             "rejected": sorted(self.state.rejected),
             "applying": sorted(self.state.applying),
+            "stuck": sorted(self.state.stuck),
             "last_error": self.state.last_error,
         }
 
