@@ -393,7 +393,8 @@ def _bundle_rollback(args: argparse.Namespace) -> int:
     except bundles.BundleError as exc:
         return _bundle_refused(args, exc)
     removed = ", ".join(map(str, change.removed)) or "none"
-    print(f"{args.rules_root}: back to bundle version {change.version} (removed: {removed})")
+    back = f"bundle version {change.version}" if change.version else "the shipped rules"
+    print(f"{args.rules_root}: back to {back} (removed: {removed})")
     print("scand uses it after a reload: systemctl reload mailtower-scand")
     return 0
 

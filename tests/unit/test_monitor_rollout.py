@@ -77,7 +77,12 @@ class FakeHAProxy:
 
 
 def make(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, version: int, sessions: int = 0
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    version: int,
+    sessions: int = 0,
+    mirrored: tuple[int, ...] = (1, 2, BAD),
 ) -> tuple[rollout_mod.Rollout, FakeScanners, FakeHAProxy]:
     base = tower(free_port(), free_port())
     settings = base.model_copy(
@@ -94,7 +99,11 @@ def make(
     monkeypatch.setattr(rollout_mod, "send_canary", scanners.canary)
     for s in monitor.pool.scanners:
         s.enabled, s.healthy, s.rules_bundle = True, True, version
-    rollout = rollout_mod.Rollout(monitor, tmp_path / "mirror")
+    mirror = tmp_path / "mirror"  # what the monitor mirrored (names only matter here)
+    mirror.mkdir()
+    for v in mirrored:
+        (mirror / f"rules-{v}.tar.gz").write_bytes(b"")
+    rollout = rollout_mod.Rollout(monitor, mirror)
     monitor.rollout = rollout
     return rollout, scanners, haproxy
 
@@ -174,7 +183,7 @@ def test_a_scanner_that_fails_waits_and_the_others_go_on(tmp_path, monkeypatch) 
 
 def test_a_bundle_whose_own_sample_fails_is_rejected(tmp_path, monkeypatch) -> None:
     """The new rule should catch the bundle's sample; it does not (the fake calls it clean)."""
-    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1, mirrored=(1, 2))
     sample = bundles.Canary("virus-new-dropper.eml", "virus", b"Subject: x\r\n\r\ndropper\r\n")
     monkeypatch.setattr(rollout, "samples", lambda version: [sample] if version == 2 else [])
     rollout.state.target = 2
@@ -192,7 +201,6 @@ def test_samples_come_from_the_mirrored_bundle(tmp_path, monkeypatch) -> None:
     rollout, _, _ = make(tmp_path, monkeypatch, version=1)
     keys = make_keys(tmp_path / "keys")
     rollout.public_key = keys.public
-    rollout.mirror_dir.mkdir()
     bundles.build(
         rules_copy(tmp_path / "rules"), keys.private, 3, rollout.mirror_dir / "rules-3.tar.gz"
     )
@@ -224,13 +232,21 @@ def test_a_bad_bundle_whose_rollback_fails_keeps_the_scanner_out(tmp_path, monke
     assert haproxy.state[first.name] == "maint"
     assert scanners.version[first.address] == BAD
     assert [v for a, v in scanners.version.items() if a != first.address] == [2, 2]
-    asyncio.run(rollout.roll())  # still broken: still out
-    assert haproxy.state[first.name] == "maint"
+    first.rules_bundle = BAD  # what its health answers say, while it is kept out
+    asyncio.run(rollout.roll())  # still broken: still out, and BAD goes nowhere else
+    assert haproxy.state[first.name] == "maint" and rollout.state.target == 2
+    assert [v for a, v in scanners.version.items() if a != first.address] == [2, 2]
+
+    # A restarted monitor keeps it out too, until it has checked it.
+    first.held = False
+    rollout = rollout_mod.Rollout(rollout.monitor, rollout.mirror_dir)
+    assert first.held and rollout.state.stuck == {first.name}
 
     broken["rollback"] = False  # e.g. an operator freed the scanner's rules root
     asyncio.run(rollout.roll())
     assert rollout.state.stuck == set() and not first.held
     assert scanners.version[first.address] == 2 and haproxy.state[first.name] == "ready"
+    assert rollout_mod.Rollout(rollout.monitor, rollout.mirror_dir).state.stuck == set()
 
 
 def test_an_apply_without_answer_is_checked_before_the_scanner_serves(
@@ -254,3 +270,23 @@ def test_an_apply_without_answer_is_checked_before_the_scanner_serves(
     assert haproxy.state[first.name] == "ready" and rollout.state.stuck == set()
     assert rollout.state.rejected == set()
     assert "no answer" in (rollout.state.last_error or "")
+
+
+def test_a_canary_without_answer_does_not_reject_the_bundle(tmp_path, monkeypatch) -> None:
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    answer = scanners.canary
+    calls = {"n": 0}
+
+    def flaky(address, port, raw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionResetError("scanner hung up")
+        return answer(address, port, raw)
+
+    monkeypatch.setattr(rollout_mod, "send_canary", flaky)
+    rollout.state.target = 2
+    asyncio.run(rollout.roll())
+    first = rollout.monitor.pool.scanners[0]
+    # Checked again (it passed), back in service; the version is not rejected.
+    assert rollout.state.rejected == set() and rollout.state.target == 2
+    assert haproxy.state[first.name] == "ready" and first.rules_bundle == 2

@@ -11,6 +11,7 @@ import smtplib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,14 @@ from mailtower.monitor.rollout import (
     check_canary_answer,
     marked,
 )
+from mailtower.scand import bundle_apply
 from mailtower.scand.bundle_apply import PROBE_NAME
 from mailtower.scand.http import ScannerSource, start_http
 from mailtower.scand.server import Handler, Scanner, start_smtp
 from mailtower.settings import Bundles
 
 CANARY = "canary-secret-0123456789"
+MONITOR = "127.0.0.6"  # the tower's monitor: the mirror, and where canaries come from
 TOKEN = {"X-Mailtower-Token": CANARY}
 
 
@@ -39,7 +42,7 @@ TOKEN = {"X-Mailtower-Token": CANARY}
 class Rig:
     keys: Keys
     rules: Path
-    mirror: Path  # served as http://127.0.0.2:<port>/rules
+    mirror: Path  # served as http://MONITOR:<port>/rules
     scanner: Scanner
     sink: SinkHandler
     smtp_port: int
@@ -75,7 +78,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     mirror.mkdir(parents=True)
     mirror_port = free_port()
     httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.2", mirror_port),
+        (MONITOR, mirror_port),
         functools.partial(_Quiet, directory=str(tmp_path / "mirror")),
     )
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -87,6 +90,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
             "rules_dir": str(tmp_path / "rules-root"),
             "clamav_db_dir": str(tmp_path / "clamav"),
             "ports": base.ports.model_copy(update={"mirror_http": mirror_port}),
+            # the monitor is this test: its canaries come from MONITOR
+            "hosts": base.hosts.model_copy(update={"monitor": IPv4Address(MONITOR)}),
             "secrets": base.secrets.model_copy(update={"canary": CANARY}),
             "bundles": Bundles(
                 public_key=keys.public_path.read_text(), source="http://127.0.0.1:9"
@@ -127,9 +132,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     httpd.shutdown()
 
 
-def _canary(rig: Rig, kind: str, token: str = CANARY) -> tuple[int, str]:
+def _canary(rig: Rig, kind: str, token: str = CANARY, source: str = MONITOR) -> tuple[int, str]:
     raw = marked(next(c.message for c in builtin_canaries() if c.expect == kind), token)
-    with smtplib.SMTP("127.0.0.1", rig.smtp_port, timeout=60) as smtp:
+    with smtplib.SMTP("127.0.0.1", rig.smtp_port, timeout=60, source_address=(source, 0)) as smtp:
         smtp.ehlo("monitor.test")
         smtp.mail("monitor@mailtower.invalid")
         smtp.rcpt("canary@mailtower.invalid")
@@ -212,7 +217,46 @@ def test_canary_is_answered_with_verdict_and_version_and_never_delivered(rig: Ri
     assert len(rig.sink.received) == 1
     with pytest.raises(RolloutError, match="not answered as a canary"):
         check_canary_answer(f"{code} {reply}", "clean", 1)
+    # With the secret, but not from the tower's monitor: ordinary mail too.
+    code, reply = _canary(rig, "clean", source="127.0.0.9")
+    assert code == 250 and "re-injected" in reply and len(rig.sink.received) == 2
 
 
 def test_canary_failure_is_its_own_error() -> None:
     assert issubclass(CanaryFailed, RolloutError)
+
+
+def test_the_first_bundle_rolls_back_to_the_shipped_rules(rig: Rig) -> None:
+    rig.publish(1)
+    assert rig.post("/rules/apply", {"version": 1})[0] == 200
+    status, doc = rig.post("/rules/rollback")
+    assert (status, doc["rules_bundle"]) == (200, None), doc
+    assert rig.scanner.rules_version is None
+    health_doc = rig.health()
+    assert (health_doc["rules_bundle"], health_doc["rules_installed"]) == (None, None)
+    assert not (rig.clamav / PROBE_NAME).exists()  # the bundle's ClamAV files are gone too
+
+
+def test_a_failure_after_the_switch_puts_the_old_bundle_back(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig.publish(1)
+    assert rig.post("/rules/apply", {"version": 1})[0] == 200
+    rig.publish(2, probe_rule=True)
+    real_sync = bundle_apply.sync_clamav
+    calls = {"n": 0}
+
+    def failing_once(*args, **kwargs):  # the new bundle is installed, then clamd fails
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise bundle_apply.ApplyError("clamd did not take RELOAD; is it running?")
+        return real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_apply, "sync_clamav", failing_once)
+    status, doc = rig.post("/rules/apply", {"version": 2})
+    assert status == 409 and doc["rules_bundle"] == 1, doc
+    assert "did not take RELOAD" in doc["reason"]
+    health_doc = rig.health()
+    # Installed and running: the old bundle, as before the request.
+    assert (health_doc["rules_bundle"], health_doc["rules_installed"]) == (1, 1)
+    assert health_doc["rules_busy"] is False

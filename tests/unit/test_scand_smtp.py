@@ -296,7 +296,14 @@ def test_health_and_metrics(scand: Scand) -> None:
     status, body = scand.get("/health")
     assert status == 200
     doc = json.loads(body)
-    assert doc == {"status": "ok", "test": "test 1.0", "rules_bundle": None, "in_flight": 0}
+    assert doc == {
+        "status": "ok",
+        "test": "test 1.0",
+        "rules_bundle": None,
+        "in_flight": 0,
+        "rules_installed": None,  # what a restart would load (None: the shipped rules)
+        "rules_busy": False,  # no bundle request being carried out
+    }
     scand.send(_mail(subject="m1"))
     scand.engine.mode = "fail"
     status, body = scand.get("/health")

@@ -41,6 +41,7 @@ CURRENT = "current"
 VERSIONS = "versions"
 STATE = "state.json"
 LOCK = ".lock"
+SHIPPED = 0  # Change.version after a rollback to the rules shipped in the package
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,20 @@ def install(bundle_path: Path, public_key: Ed25519PublicKey, root: Path) -> Chan
 
 
 def rollback(root: Path) -> Change:
-    """Switch ``current`` back to the version kept before it, and remove the one left."""
+    """Switch ``current`` back to the version kept before it, and remove the one left; the
+    first bundle installed goes back to the shipped rules (Change.version 0)."""
     with _locked(root):
         now = installed(root)
         if now is None:
             raise InstallError(f"{root}: no bundle installed; nothing to roll back")
         older = [v for v in _kept_versions(root) if v < now.version]
+        if not older and _installed_over_shipped(root, now.version):
+            # The first bundle a scanner took: before it, the rules shipped in the package.
+            (root / CURRENT).unlink()
+            fsync_dir(root)
+            removed = _prune(root, set())
+            _record(root, "rollback", None, None)
+            return Change(SHIPPED, None, removed)
         if not older:
             raise InstallError(
                 f"{root}: no version before {now.version} is kept; install an older bundle "
@@ -136,6 +145,20 @@ def rollback(root: Path) -> Change:
         removed = _prune(root, {target})
         _record(root, "rollback", target, None)
     return Change(target, None, removed)
+
+
+def _installed_over_shipped(root: Path, version: int) -> bool:
+    """Whether ``version`` was installed where no bundle was (state.json says so)."""
+    try:
+        record = json.loads((root / STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(record, dict)
+        and record.get("action") == "install"
+        and record.get("current") == version
+        and record.get("previous") is None
+    )
 
 
 def status(root: Path) -> dict[str, object]:
@@ -209,7 +232,7 @@ def _prune(root: Path, keep: set[int]) -> tuple[int, ...]:
     return tuple(sorted(removed))
 
 
-def _record(root: Path, action: str, version: int, previous: int | None) -> None:
+def _record(root: Path, action: str, version: int | None, previous: int | None) -> None:
     doc = {
         "current": version,
         "previous": previous,

@@ -53,16 +53,28 @@ log = logging.getLogger("mailtower.monitor.rollout")
 
 MIRROR_DIR = Path("/srv/mailtower/mirror/rules")  # served by nginx as <mirror_url>/rules
 REJECTED = "rejected.json"
+# Scanners that may run rules no canary has passed (in an apply, or stuck): kept out of
+# service by a restarted monitor until it has checked them.
+UNVERIFIED = "unverified.json"
 FETCH_TIMEOUT_S = 30.0
 CANARY_TIMEOUT_S = 30.0
 TOKEN_HEADER = "X-Mailtower-Token"
 # A scanner whose update failed (not the canary of a new version: that rejects the version)
 # is left alone this long, so one broken scanner is not drained again every round.
 RETRY_AFTER_S = 60.0
+# What scand may spend on an apply besides its reload (bundles.apply_timeout_s): the fetch
+# (30 s), the ClamAV check by clamscan (120 s) and the probe wait (60 s), and a margin. An
+# apply that outlasts it shows as rules_busy in the scanner's health until it ends.
+SCAND_APPLY_BUDGET_S = 240.0
 
 
 class RolloutError(Exception):
     """One scanner's update failed; the message names the scanner and the step."""
+
+
+class CanaryFailed(RolloutError):
+    """A canary came back with the wrong verdict, or scanned with another version: the rules
+    are wrong (not a scanner that could not answer, which is a plain RolloutError)."""
 
 
 @dataclass
@@ -122,10 +134,13 @@ def check_canary_answer(answer: str, expect: str, version: int | None, name: str
     fields = dict(p.split("=", 1) for p in answer.split() if "=" in p)
     if not answer.startswith("250") or "canary" not in answer:
         raise RolloutError(f"{what} was not answered as a canary: {answer!r}")
+    verdict = fields.get("verdict")
+    if verdict == "tempfail":  # an engine did not answer: says nothing about the rules
+        raise RolloutError(f"{what} was tempfailed: {answer!r}")
     if fields.get("rules_bundle") != str(version or 0):
-        raise RolloutError(f"{what} was scanned with another bundle: {answer!r}")
-    if fields.get("verdict") != expect:
-        raise RolloutError(f"{what} came back {fields.get('verdict')}, not {expect}: {answer!r}")
+        raise CanaryFailed(f"{what} was scanned with another bundle: {answer!r}")
+    if verdict != expect:
+        raise CanaryFailed(f"{what} came back {verdict}, not {expect}: {answer!r}")
 
 
 class Rollout:
@@ -144,9 +159,13 @@ class Rollout:
         self.state = RolloutState(rejected=self._load_rejected())
         self._retry_at: dict[str, float] = {}  # scanner → when to try it again after a failure
         self._samples: dict[int, list[bundles.Canary]] = {}  # version → its canary samples
-        latest = bundles.read_latest(mirror_dir) if mirror_dir.is_dir() else None
-        if latest is not None and latest.version not in self.state.rejected:
-            self.state.target = latest.version
+        self.state.target = self.good_target()
+        self._unverified: set[str] = set()
+        for name in self._load_unverified():
+            if name in {sc.name for sc in monitor.pool.scanners}:
+                monitor.pool[name].held = True  # before the health loop's first tick
+                self.state.stuck.add(name)
+                self._unverified.add(name)
         self._said_none = False
 
     # -- the loop ----------------------------------------------------------------------------
@@ -199,7 +218,9 @@ class Rollout:
         try:
             data = await asyncio.to_thread(fetch, f"{self.source}/{latest.file}")
             incoming.write_bytes(data)
-            await asyncio.to_thread(bundles.publish, incoming, self.public_key, self.mirror_dir)
+            published = await asyncio.to_thread(
+                bundles.publish, incoming, self.public_key, self.mirror_dir
+            )
         except (OSError, bundles.BundleError) as exc:
             m.rules_pull_failures.inc()
             log.error(
@@ -211,11 +232,13 @@ class Rollout:
             return False
         finally:
             incoming.unlink(missing_ok=True)
-        self.state.target = latest.version
-        m.rules_target.set(latest.version)
+        if published.version in self.state.rejected:  # latest.json is not signed: the bundle is
+            return False
+        self.state.target = published.version
+        m.rules_target.set(published.version)
         log.info(
             "event=rules_mirrored version=%d seconds=%.2f",
-            latest.version,
+            published.version,
             time.monotonic() - started,
         )
         return True
@@ -252,6 +275,8 @@ class Rollout:
         await self.unstick()
         while (todo := self.behind()) and self.state.target is not None:
             target = self.state.target
+            if target in self.state.rejected:  # never roll a rejected version further
+                return
             first = all(s.rules_bundle != target for s in self.monitor.pool.scanners)
             try:
                 sessions = await self.monitor.haproxy.sessions()
@@ -293,9 +318,7 @@ class Rollout:
 
     def reject(self, version: int) -> None:
         self.state.rejected.add(version)
-        self.state.target = max(
-            (s.rules_bundle for s in self.monitor.pool.scanners if s.rules_bundle), default=None
-        )
+        self.state.target = self.good_target()
         self.monitor.metrics.rules_rejected.set(version)
         self.monitor.metrics.rules_target.set(self.state.target or 0)
         try:
@@ -312,6 +335,15 @@ class Rollout:
             self.state.target,
         )
 
+    def good_target(self) -> int | None:
+        """The newest version the mirror holds that is not rejected (None: none)."""
+        held = []
+        for path in self.mirror_dir.glob("rules-*.tar.gz") if self.mirror_dir.is_dir() else []:
+            number = path.name[len("rules-") : -len(".tar.gz")]
+            if number.isdigit() and int(number) not in self.state.rejected:
+                held.append(int(number))
+        return max(held, default=None)
+
     async def update(self, s: Scanner, target: int) -> None:
         """One scanner's window: out of service, apply, canary, back (or roll back).
 
@@ -321,13 +353,15 @@ class Rollout:
         does not say what it runs — it stays out (``stuck``) and every round tries again."""
         started = time.monotonic()
         monitor = self.monitor
-        s.held = True
         self.state.applying.add(s.name)
         asked = settled = False
         try:
-            await monitor.haproxy.set_state(s.name, MAINT)
+            async with monitor.haproxy_lock:  # the health loop sees held before it acts
+                s.held = True
+                await monitor.haproxy.set_state(s.name, MAINT)
             await self._drained(s)
             asked = True  # from here the scanner may run rules no canary has passed
+            self._mark_unverified(s.name, True)
             try:
                 status, doc = await self._post(s, "/rules/apply", {"version": target})
             except (OSError, TimeoutError, ValueError) as exc:
@@ -343,6 +377,10 @@ class Rollout:
                     await self._roll_back(s)
                 except (RolloutError, OSError, TimeoutError, ValueError) as exc:
                     raise CanaryFailed(f"{failed}; and the rollback failed: {exc}") from exc
+                settled = True
+                raise
+            except RolloutError:  # no verdict: the new rules are not checked yet
+                await self._settle(s)
                 settled = True
                 raise
             settled = True
@@ -372,14 +410,21 @@ class Rollout:
                 )
 
     async def _release(self, s: Scanner) -> None:
-        """Back in service, if the pool believes it healthy; reconcile repeats the HAProxy
-        call if HAProxy does not answer now."""
-        s.held = False
-        self.state.stuck.discard(s.name)
-        self.monitor.metrics.rules_stuck.set(len(self.state.stuck))
-        if s.enabled:
-            with contextlib.suppress(HAProxyError):
-                await self.monitor.haproxy.set_state(s.name, READY)
+        """Back in service if its health probes say it is well; otherwise left in maintenance
+        for the health state machine to set ready after ``recover_after`` good probes.
+        Reconcile repeats the HAProxy call if HAProxy does not answer now."""
+        monitor = self.monitor
+        self._mark_unverified(s.name, False)
+        async with monitor.haproxy_lock:
+            s.held = False
+            self.state.stuck.discard(s.name)
+            monitor.metrics.rules_stuck.set(len(self.state.stuck))
+            if s.enabled and not s.healthy:
+                monitor.pool.adopt(s.name, False, time.time())
+                monitor.metrics.scanner_enabled.labels(s.name).set(0)
+            if s.enabled:
+                with contextlib.suppress(HAProxyError):
+                    await monitor.haproxy.set_state(s.name, READY)
 
     async def _settle(self, s: Scanner) -> None:
         """Establish that the scanner's rules may serve: the canary of the version it runs, and
@@ -389,6 +434,12 @@ class Rollout:
         if status != 200:
             raise RolloutError(f"{s.name}: health answered {status}: {doc.get('reason', doc)}")
         running = doc.get("rules_bundle")
+        if doc.get("rules_busy"):
+            raise RolloutError(f"{s.name}: still carrying out a bundle request")
+        if "rules_installed" in doc and doc["rules_installed"] != running:
+            raise RolloutError(
+                f"{s.name}: runs bundle {running} but has {doc['rules_installed']} installed"
+            )
         try:
             await self._canary(s, running)
         except CanaryFailed:
@@ -414,7 +465,8 @@ class Rollout:
         data = json.dumps(body).encode() if body is not None else b""
         port = self.settings.ports.scanner_http
         headers = {TOKEN_HEADER: self.token}
-        timeout = self.config.apply_timeout_s
+        # scand's own budget: fetch, the bundle checks, the ClamAV probe, then the reload
+        timeout = self.config.apply_timeout_s + SCAND_APPLY_BUDGET_S
         return await health.request(s.address, port, "POST", path, data, headers, timeout)
 
     async def _drained(self, s: Scanner) -> None:
@@ -422,7 +474,7 @@ class Rollout:
         port, timeout = self.settings.ports.scanner_http, self.settings.limits.health_timeout_s
         while True:
             _, doc = await health.request(s.address, port, "GET", "/health", timeout_s=timeout)
-            if not doc.get("in_flight"):
+            if doc.get("in_flight") == 0:  # None: the scanner could not count; not drained
                 return
             if time.monotonic() > deadline:
                 log.warning(
@@ -456,8 +508,10 @@ class Rollout:
             try:
                 answer = await asyncio.to_thread(send_canary, s.address, port, raw)
                 check_canary_answer(answer, sample.expect, version, sample.name)
-            except (OSError, smtplib.SMTPException, RolloutError) as exc:
+            except CanaryFailed as exc:
                 raise CanaryFailed(f"{s.name} ({s.address}): {exc}") from exc
+            except (OSError, smtplib.SMTPException, RolloutError) as exc:
+                raise RolloutError(f"{s.name} ({s.address}): canary: {exc}") from exc
 
     async def _roll_back(self, s: Scanner) -> None:
         status, doc = await self._post(s, "/rules/rollback", None)
@@ -471,6 +525,25 @@ class Rollout:
             s.address,
             s.rules_bundle,
         )
+
+    def _mark_unverified(self, name: str, unverified: bool) -> None:
+        before = set(self._unverified)
+        (self._unverified.add if unverified else self._unverified.discard)(name)
+        if self._unverified == before:
+            return
+        try:
+            self.mirror_dir.mkdir(parents=True, exist_ok=True)
+            record = json.dumps(sorted(self._unverified)) + "\n"
+            write_durable(self.mirror_dir / UNVERIFIED, record.encode())
+        except OSError as exc:
+            log.error("event=unverified_not_recorded path=%s error=%r", self.mirror_dir, exc)
+
+    def _load_unverified(self) -> list[str]:
+        try:
+            names = json.loads((self.mirror_dir / UNVERIFIED).read_text())
+        except (OSError, ValueError):
+            return []
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
     def _load_rejected(self) -> set[int]:
         try:
@@ -487,7 +560,3 @@ class Rollout:
             "stuck": sorted(self.state.stuck),
             "last_error": self.state.last_error,
         }
-
-
-class CanaryFailed(RolloutError):
-    """The scanner did not give the canaries their verdicts with the new rules."""

@@ -80,6 +80,9 @@ class Monitor:
             self.pool, goc=settings.goc is not None, bundles=settings.bundles is not None
         )
         self.haproxy = RuntimeAPI(str(settings.hosts.relay), settings.ports.haproxy_runtime)
+        # Held by whoever changes a scanner's HAProxy state, so the health loop and a rule
+        # update never undo each other (the update sets the pool's ``held`` under it).
+        self.haproxy_lock = asyncio.Lock()
         self.reconcile_interval_s = reconcile_interval_s
         self.sql_interval_s = sql_interval_s
         self.http_port: int | None = None  # the bound port, once serving
@@ -162,14 +165,17 @@ class Monitor:
                 transitions.append(transition)
         for t in transitions:
             self._record(t)
-        for t in transitions:
-            try:
-                await self.haproxy.set_state(t.scanner, t.to)
-                if t.to == "maint":
-                    await self.haproxy.shutdown_sessions(t.scanner)
-            except HAProxyError as exc:
-                self._haproxy_failed(exc)
-                break  # the reconciliation below (retried every tick) applies the rest
+        async with self.haproxy_lock:
+            for t in transitions:
+                if self.pool[t.scanner].held:  # a rule update took it meanwhile
+                    continue
+                try:
+                    await self.haproxy.set_state(t.scanner, t.to)
+                    if t.to == "maint":
+                        await self.haproxy.shutdown_sessions(t.scanner)
+                except HAProxyError as exc:
+                    self._haproxy_failed(exc)
+                    break  # the reconciliation below (retried every tick) applies the rest
         if time.monotonic() >= self._reconcile_due:
             await self.reconcile()
 
@@ -208,7 +214,12 @@ class Monitor:
         self._reconcile_due = time.monotonic() + self.reconcile_interval_s
 
     async def reconcile(self) -> None:
-        """Correct every server whose HAProxy admin state differs from the monitor's belief."""
+        """Correct every server whose HAProxy admin state differs from the monitor's belief
+        (a scanner in a rule update, or kept out after one, belongs in maintenance)."""
+        async with self.haproxy_lock:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         try:
             states = await self.haproxy.servers_state()
             for s in self.pool.scanners:
@@ -222,10 +233,9 @@ class Monitor:
                         s.address,
                     )
                     continue
-                if s.held:  # in a rule update: the rollout sets its state
-                    continue
-                if state.in_maintenance == s.enabled:
-                    target = READY if s.enabled else MAINT
+                ready = s.enabled and not s.held
+                if state.in_maintenance == ready:
+                    target = READY if ready else MAINT
                     log.warning(
                         "event=reconcile scanner=%s address=%s haproxy_admin_state=%d set=%s",
                         s.name,

@@ -113,7 +113,25 @@ def rollback(
         raise ApplyError(f"rollback refused: {exc}") from exc
     clamav_dir = Path(settings.clamav_db_dir)
     reloaded = sync_clamav(settings, root, clamav_dir, icap_control, probe_timeout_s)
-    return Applied(change.version, True, reloaded, time.monotonic() - started)
+    return Applied(change.version or None, True, reloaded, time.monotonic() - started)
+
+
+def restore(
+    settings: TowerSettings,
+    version: int | None,
+    *,
+    icap_control: str | None = ICAP_CONTROL,
+    probe_timeout_s: float = 60.0,
+) -> None:
+    """After a failed request: make ``version`` (None: the shipped rules) current again — the
+    install kept it for rollback — and the ClamAV side with it (blocking)."""
+    root, _ = _require(settings)
+    now = bundles.installed(root)
+    if (now.version if now else None) != version:
+        change = bundles.rollback(root)
+        if (change.version or None) != version:
+            raise ApplyError(f"{root}: went back to {change.version or 'shipped'}, not {version}")
+    sync_clamav(settings, root, Path(settings.clamav_db_dir), icap_control, probe_timeout_s)
 
 
 def wanted_clamav(root: Path) -> dict[str, bytes]:
@@ -144,6 +162,26 @@ def probe_signature(token: str) -> bytes:
     return f"Mailtower.Bundle.Probe-{token}:0:*:{probe_text(token).hex()}\n".encode()
 
 
+def local_engines(settings: TowerSettings) -> list[engines_mod.Engine]:
+    """The whole-message engines that read this scanner's ClamAV directory: clamd, and an
+    ICAP service on loopback (c-icap's clamav module). An ICAP server elsewhere (a commercial
+    engine's appliance) has signatures of its own."""
+    from mailtower.engines.icap import parse_icap_url
+
+    local = []
+    for engine in engines_mod.from_settings(settings):
+        if engine.name == "icap":
+            url = parse_icap_url(settings.icap_url or "")
+            if url.host not in ("127.0.0.1", "localhost"):
+                continue
+        local.append(engine)
+    return local
+
+
+def _token(probe: bytes) -> str:
+    return probe.split(b":", 1)[0].decode().rsplit("-", 1)[1]
+
+
 def sync_clamav(
     settings: TowerSettings,
     root: Path,
@@ -151,53 +189,70 @@ def sync_clamav(
     icap_control: str | None,
     probe_timeout_s: float,
 ) -> bool:
-    """Make clamd's directory hold the current bundle's databases; when that changed, reload
-    clamd and c-icap and wait until every engine finds the probe. True: a reload was done."""
+    """Make clamd's directory hold the current bundle's databases, and every local engine scan
+    with them: reload clamd and c-icap when the files changed, or when an engine has not
+    loaded them yet (a reload that failed before), then wait until each finds the probe (or,
+    back on the shipped rules, no longer finds the old one). True: a reload was done."""
     wanted = wanted_clamav(root)
     present = {p.name for p in clamav_dir.glob(f"{PREFIX}*")}
+    old_probe = (clamav_dir / PROBE_NAME).read_bytes() if PROBE_NAME in present else None
     changed = False
     for name, data in sorted(wanted.items()):
         path = clamav_dir / name
         if name in present and path.read_bytes() == data:
             continue
-        write_durable(path, data)
-        path.chmod(0o644)
+        write_durable(path, data, mode=0o644)
         changed = True
     for name in sorted(present - set(wanted)):
         (clamav_dir / name).unlink(missing_ok=True)
         changed = True
-    if not changed:
+    engines = local_engines(settings)
+    token = _token(wanted[PROBE_NAME]) if PROBE_NAME in wanted else None
+    if not changed and (token is None or _probe_everywhere(engines, token)):
         return False
     from mailtower.sigsync import reload_clamd, reload_icap
 
-    if "clamd" in settings.engines and not reload_clamd(settings.clamd_socket):
+    names = {e.name for e in engines}
+    if "clamd" in names and not reload_clamd(settings.clamd_socket):
         raise ApplyError(f"clamd at {settings.clamd_socket} did not take RELOAD; is it running?")
-    if "icap" in settings.engines and icap_control and not reload_icap(icap_control):
+    if "icap" in names and icap_control and not reload_icap(icap_control):
         raise ApplyError(f"c-icap did not take its reload command at {icap_control}")
-    if PROBE_NAME in wanted:
-        token = wanted[PROBE_NAME].split(b":", 1)[0].decode().rsplit("-", 1)[1]
-        wait_for_probe(settings, token, probe_timeout_s)
+    if token is not None:
+        wait_for_probe(engines, token, probe_timeout_s, present=True)
+    elif old_probe is not None:
+        wait_for_probe(engines, _token(old_probe), probe_timeout_s, present=False)
     return True
 
 
-def wait_for_probe(settings: TowerSettings, token: str, timeout_s: float) -> None:
-    """Scan the probe through every whole-message engine until each finds it."""
-    data = probe_text(token)
+def _probe_everywhere(engines: list[engines_mod.Engine], token: str) -> bool:
+    try:
+        return all(_finds(engine, token) for engine in engines)
+    except engines_mod.EngineError:
+        return False
+
+
+def _finds(engine: engines_mod.Engine, token: str) -> bool:
     name = f"Mailtower.Bundle.Probe-{token}"
+    return any(f.name.startswith(name) for f in engine.scan(probe_text(token)))
+
+
+def wait_for_probe(
+    engines: list[engines_mod.Engine], token: str, timeout_s: float, *, present: bool
+) -> None:
+    """Scan the probe through each engine until each finds it (``present``) or none does."""
     deadline = time.monotonic() + timeout_s
-    for engine in engines_mod.from_settings(settings):
+    for engine in engines:
         while True:
             error: engines_mod.EngineError | None = None
             try:
-                found = [f.name for f in engine.scan(data)]
+                if _finds(engine, token) == present:
+                    break
             except engines_mod.EngineError as exc:  # e.g. clamd busy loading: try again
-                found, error = [], exc
-            if any(f.startswith(name) for f in found):
-                break
+                error = exc
             if time.monotonic() > deadline:
                 raise ApplyError(
                     f"engine {engine.name} has not loaded the new ClamAV databases after "
-                    f"{timeout_s:.0f} s (last answer: {error or found or 'clean'})"
+                    f"{timeout_s:.0f} s (last error: {error or 'none'})"
                 )
             time.sleep(PROBE_EVERY_S)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mailtower import bundles
 from mailtower.engines import Engine, EngineError
 from mailtower.scand import bundle_apply
 
@@ -65,10 +66,22 @@ class Source(abc.ABC):
         """Rebuild the scan pipeline(s) from the bundle ``current`` names now; return once
         every process scans with ``version``, or raise ApplyError."""
 
+    def rules_state(self) -> dict[str, object]:
+        """For /health: the bundle installed (what a restart would load) and whether a bundle
+        request is being carried out."""
+        try:
+            installed = bundle_apply.current_version(self.current_settings())
+        except bundles.BundleError as exc:
+            return {"rules_installed": None, "rules_error": str(exc), "rules_busy": True}
+        return {"rules_installed": installed, "rules_busy": self._rules_lock.locked()}
+
     async def rules(self, action: str, version: int | None) -> tuple[int, dict[str, object]]:
-        """POST /rules/apply (``version``) or /rules/rollback: the bundle, then the pipeline."""
+        """POST /rules/apply (``version``) or /rules/rollback: the bundle, then the pipeline.
+        A failure after the bundle changed puts the one before back (files, ClamAV, pipeline)
+        before answering, so a refusal leaves the scanner as it was."""
         async with self._rules_lock:
             settings = self.current_settings()
+            before = bundle_apply.current_version(settings)
             try:
                 if action == "apply":
                     assert version is not None
@@ -76,9 +89,15 @@ class Source(abc.ABC):
                 else:
                     done = await asyncio.to_thread(bundle_apply.rollback, settings)
                 await self.reload_rules(done.version)
-            except (bundle_apply.ApplyError, OSError) as exc:
+            except (bundle_apply.ApplyError, bundles.BundleError, OSError) as exc:
                 log.error("event=rules_%s_failed version=%s error=%r", action, version, str(exc))
-                return 409, {"status": "refused", "action": action, "reason": str(exc)}
+                restored = await self._restore(settings, before)
+                return 409, {
+                    "status": "refused",
+                    "action": action,
+                    "reason": str(exc),
+                    "rules_bundle": restored,
+                }
         log.info(
             "event=rules_%s rules_bundle=%s installed=%s clamav_reloaded=%s seconds=%.2f",
             action,
@@ -95,6 +114,18 @@ class Source(abc.ABC):
             "clamav_reloaded": done.clamav_reloaded,
             "seconds": round(done.seconds, 3),
         }
+
+    async def _restore(self, settings: TowerSettings, before: int | None) -> int | None:
+        """Back to bundle ``before`` after a failed request; the version scanning now."""
+        try:
+            if bundle_apply.current_version(settings) != before:
+                await asyncio.to_thread(bundle_apply.restore, settings, before)
+            await self.reload_rules(before)
+        except (bundle_apply.ApplyError, bundles.BundleError, OSError) as exc:
+            log.critical("event=rules_restore_failed version=%s error=%r", before, str(exc))
+            return None
+        log.warning("event=rules_restored rules_bundle=%s", before)
+        return before
 
 
 class ScannerSource(Source):
@@ -116,10 +147,12 @@ class ScannerSource(Source):
 
     async def reload_rules(self, version: int | None) -> None:
         from mailtower import settings as settings_mod
+        from mailtower.scand.workers import _reload_lock  # SIGHUP's: one reload at a time
 
         def load() -> None:
             new = settings_mod.load(self.settings_path) if self.settings_path else None
-            self.scanner.reload(new or self.scanner.settings)
+            with _reload_lock:
+                self.scanner.reload(new or self.scanner.settings)
 
         try:
             await asyncio.to_thread(load)
@@ -221,6 +254,7 @@ async def _handle(
             status, ctype, body = 405, "text/plain", b"only GET (and POST /rules/*)\n"
         elif parts[1] == "/health":
             status, doc = await source.health()
+            doc.update(source.rules_state())
             ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[1] == "/metrics":
             status, ctype = 200, CONTENT_TYPE_LATEST

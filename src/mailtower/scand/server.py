@@ -8,6 +8,7 @@ a 4xx, so the relay keeps the message and retries. A killed scanner therefore lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import socket
@@ -212,16 +213,23 @@ class Scanner:
     # -- the whole job for one message (blocking) ---------------------------------------------
 
     def process(
-        self, raw: bytes, mail_from: str, rcpt_tos: list[str], mail_options: Sequence[str] = ()
+        self,
+        raw: bytes,
+        mail_from: str,
+        rcpt_tos: list[str],
+        mail_options: Sequence[str] = (),
+        *,
+        peer: str | None = None,
     ) -> str:
-        """Scan, then re-inject or quarantine; return the SMTP reply for the relay."""
+        """Scan, then re-inject or quarantine; return the SMTP reply for the relay. ``peer``:
+        the client's address (a canary counts only from the tower's monitor)."""
         settings, pipeline = self.settings, self.pipeline
         if len(raw) > settings.limits.message_size_bytes:
             self.metrics.messages.labels("too_big").inc()
             return S552_TOO_BIG
         verdict = pipeline.scan(raw)
         secret = settings.secrets.canary
-        if secret is not None:
+        if secret is not None and peer == str(settings.hosts.monitor):
             token = canary_token(raw)
             if token is not None and hmac.compare_digest(token, secret.encode()):
                 names = ",".join(f.name for f in verdict.findings)[:400] or "-"
@@ -367,12 +375,18 @@ class Handler:
         mail_from = envelope.mail_from or "<>"
         rcpt_tos = list(envelope.rcpt_tos)
         mail_options = [opt.upper() for opt in envelope.mail_options]
+        peer = session.peer[0] if isinstance(session.peer, tuple) else None
         self._enter()
         try:
             async with self.semaphore:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
-                    scanner.executor, scanner.process, raw, mail_from, rcpt_tos, mail_options
+                    scanner.executor,
+                    functools.partial(scanner.process, peer=peer),
+                    raw,
+                    mail_from,
+                    rcpt_tos,
+                    mail_options,
                 )
         except Exception:
             log.exception("event=process_crashed from=<%s>", mail_from)
