@@ -96,7 +96,7 @@ def install(bundle_path: Path, public_key: Ed25519PublicKey, root: Path) -> Chan
         versions.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InstallError(f"cannot create {versions}: {exc}") from exc
-    with _locked(root):
+    with locked(root / LOCK):
         before = installed(root)
         previous = before.version if before else None
         bundle = read(bundle_path, public_key, current=previous)
@@ -123,7 +123,7 @@ def install(bundle_path: Path, public_key: Ed25519PublicKey, root: Path) -> Chan
 def rollback(root: Path) -> Change:
     """Switch ``current`` back to the version kept before it, and remove the one left; the
     first bundle installed goes back to the shipped rules (Change.version 0)."""
-    with _locked(root):
+    with locked(root / LOCK):
         now = installed(root)
         if now is None:
             raise InstallError(f"{root}: no bundle installed; nothing to roll back")
@@ -180,13 +180,15 @@ def status(root: Path) -> dict[str, object]:
 
 
 @contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def locked(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (made if missing, 0644): one install,
+    rollback or publish at a time in a directory; a second waits for the first."""
     try:
-        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise InstallError(f"cannot lock {root / LOCK}: {exc}") from exc
+        raise InstallError(f"cannot lock {lock}: {exc.strerror or exc}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a second install waits for the first
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -16,13 +16,10 @@ were. Everything is world-readable (0644): the web server serving it runs as ano
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +31,7 @@ from mailtower._fsio import fsync_dir, write_durable
 from mailtower.bundles._bundle import verify
 from mailtower.bundles._errors import BundleError, InstallError, MalformedBundle, UnsafeBundle
 from mailtower.bundles._format import MAX_BUNDLE_BYTES, sha256, utc_timestamp
+from mailtower.bundles._install import locked
 from mailtower.bundles._keys import key_id
 
 # Where a GOC keeps its key pair and publishes (roles/goc.py makes them; the lab publishes there).
@@ -157,7 +155,7 @@ def publish(
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
         raise InstallError(f"cannot create {directory}: {exc.strerror or exc}") from exc
-    with _locked(directory):
+    with locked(directory / LOCK):
         before = read_latest(directory)
         # The copy in the directory is what is checked and then renamed into place, so the
         # bytes published are the bytes verified, whatever happens to ``bundle_path``.
@@ -208,19 +206,6 @@ def _rename(source: Path, target: Path) -> None:
         fsync_dir(target.parent)
     except OSError as exc:
         raise InstallError(f"cannot rename {source} to {target}: {exc.strerror or exc}") from exc
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    try:
-        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, _PUBLIC_MODE)
-    except OSError as exc:
-        raise InstallError(f"cannot lock {directory / LOCK}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a second publish waits for the first
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _prune(directory: Path, published: int, keep: int) -> tuple[int, ...]:
