@@ -1,8 +1,14 @@
-"""Verdict events: spooled durably on the scanner, flushed to PostgreSQL in the background.
+"""Verdict events: spooled on the scanner, flushed to PostgreSQL in the background.
 
 Scanning only ever writes to the local spool (fast, always available). A flusher thread moves
 spooled events into ``verdict_events`` and deletes a spool file only after the transaction that
 inserted it committed; ``ON CONFLICT (event_id) DO NOTHING`` makes a re-flush harmless.
+
+A spooled event is written atomically but not flushed to disk: it survives scand being killed
+(the kernel holds it), not a power cut of the scanner before the kernel wrote it back (up to
+about 30 s of events). The message itself is never at that risk: it was re-injected or its
+quarantine copy fsynced before the relay got its 250. An fsync per event cost the scanner
+about a tenth of its time per message (benchmark profile, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mailtower._fsio import fsync_dir, write_durable
+from mailtower._fsio import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ Sink = Callable[[Sequence[Event]], None]
 
 
 class EventSpool:
-    """Events waiting for SQL: ``<dir>/<event_id>.json``, each written durably."""
+    """Events waiting for SQL: ``<dir>/<event_id>.json``, each written atomically."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -60,7 +66,7 @@ class EventSpool:
 
     def add(self, event: Event) -> Path:
         path = self.directory / f"{event.event_id}.json"
-        write_durable(path, event.to_json())
+        write_atomic(path, event.to_json())
         self.added.set()
         return path
 

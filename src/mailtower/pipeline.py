@@ -16,14 +16,16 @@ Verdict precedence (the strongest reason wins; every finding is kept either way)
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from mailtower import containers, mime
 from mailtower.containers import ContainerLimits
@@ -36,6 +38,7 @@ from mailtower.skeptic import INTERNAL_ERROR, Severity, Skeptic
 from mailtower.skeptic._sniff import native_kind
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Windows runs these (or hands them to an interpreter) on a double click. Defaults in the spirit
 # of amavisd-new's banned_filename_re; a tower adds its own (mailtower scan --ban-ext …).
@@ -115,6 +118,30 @@ class ObjectEngine(Protocol):
 
 # -- the pipeline --------------------------------------------------------------------------------
 
+# Whole-message engines (clamd, ICAP) need nothing the parsing produces: each message's calls
+# start here at once and wait in their daemon while this process parses (threads are made only
+# as needed; one process has a few messages in flight at most).
+_RAW_ENGINE_THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="raw-engine")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one engine call gave: its findings or its failure, and its time."""
+
+    found: list[Finding] | None
+    error: BaseException | None
+    seconds: float
+
+
+def _timed(call: Callable[[T], list[Finding]], argument: T) -> _Run:
+    """``call(argument)``'s findings or failure, and how long it took."""
+    started = time.monotonic()
+    try:
+        found = call(argument)
+    except Exception as exc:  # classified in the scanning thread (Pipeline._engines)
+        return _Run(None, exc, time.monotonic() - started)
+    return _Run(found, None, time.monotonic() - started)
+
 
 @dataclass
 class _Scan:
@@ -160,8 +187,13 @@ class Pipeline:
         if not self.engines:
             # Fail closed: a scanner configured with no engine must not pass mail unscanned.
             return Verdict(Kind.TEMPFAIL, reason="no engine configured")
+        whole = {
+            id(engine): _RAW_ENGINE_THREADS.submit(_timed, engine.scan, raw)
+            for engine in self.engines
+            if not isinstance(engine, ObjectEngine)
+        }
         analysis = self._analyse(raw, state)
-        self._engines(raw, analysis, state)
+        self._engines(analysis, state, whole)
         self._skeptic(analysis, state)
         self._policy(analysis, state)
         return self._verdict(analysis, state)
@@ -232,31 +264,48 @@ class Pipeline:
 
     # -- engines
 
-    def _engines(self, raw: bytes, analysis: Analysis, state: _Scan) -> None:
+    def _engines(self, analysis: Analysis, state: _Scan, whole: dict[int, Future[_Run]]) -> None:
+        """Run the object engines and collect the whole-message engines' calls (``whole``, by
+        ``id(engine)``, started before parsing), in the order of ``self.engines``."""
         # Content engines need each distinct object once (a member may repeat in an archive).
         unique: dict[bytes, ScanObject] = {}
         for obj in analysis.objects:
             unique.setdefault(obj.data, obj)
+        # The object engines run in this thread while the whole-message calls run in theirs;
+        # results are then taken in the listed order.
+        runs: dict[int, _Run] = {}
         for engine in self.engines:
-            started = time.monotonic()
-            try:
-                if state.left() <= 0:
-                    raise EngineTimeout(f"message deadline of {self.deadline_s}s ran out first")
-                if isinstance(engine, ObjectEngine):
-                    found = engine.scan_objects(unique.values())
-                else:
-                    found = engine.scan(raw)
-            except EngineError as exc:
-                self._engine_failed(engine.name, started, exc, state)
+            if id(engine) in whole:
                 continue
-            except Exception as exc:  # a bug in an engine must not pass the message
-                log.exception("engine %s crashed", engine.name)
-                self._engine_failed(engine.name, started, exc, state)
+            if state.left() <= 0:
+                timeout = EngineTimeout(f"message deadline of {self.deadline_s}s ran out first")
+                runs[id(engine)] = _Run(None, timeout, 0.0)
+            else:
+                runs[id(engine)] = _timed(engine.scan_objects, unique.values())  # type: ignore[attr-defined]
+        for engine in self.engines:
+            call = whole.get(id(engine))
+            run = self._collect(call, state) if call is not None else runs[id(engine)]
+            if run.error is not None:
+                if not isinstance(run.error, EngineError):
+                    # A bug in an engine must not pass the message.
+                    log.error("engine %s crashed", engine.name, exc_info=run.error)
+                state.errors.append(f"{engine.name}: {run.error}")
+                state.runs.append(EngineRun(engine.name, run.seconds, type(run.error).__name__))
                 continue
-            state.runs.append(EngineRun(engine.name, time.monotonic() - started))
-            for finding in found:
+            state.runs.append(EngineRun(engine.name, run.seconds))
+            for finding in run.found or ():
                 finding = dataclasses.replace(finding, part=finding.part or MESSAGE_PATH)
                 self._classify_engine_finding(engine, finding, state)
+
+    def _collect(self, call: Future[_Run], state: _Scan) -> _Run:
+        """A whole-message call's outcome, once it ended."""
+        started = time.monotonic()
+        try:
+            # The engine's own timeout ends the call; this only guards against one without.
+            return call.result(timeout=max(state.left(), 0.0) + 1.0)
+        except concurrent.futures.TimeoutError:
+            timeout = EngineTimeout(f"no answer within the message deadline of {self.deadline_s}s")
+            return _Run(None, timeout, time.monotonic() - started)
 
     def _engine_failed(self, name: str, started: float, exc: Exception, state: _Scan) -> None:
         state.errors.append(f"{name}: {exc}")

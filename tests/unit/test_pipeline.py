@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -256,17 +257,84 @@ def test_whole_message_engine_sees_the_raw_message(pipeline: Pipeline) -> None:
     assert Finding("test", "Mailtower.Test.Marker", "message") in verdict.findings
 
 
+class _ObjectEngine:
+    """An object engine (like YARA) that records what it was handed; ``gate``: wait for it."""
+
+    name = "objects"
+
+    def __init__(
+        self, gate: threading.Event | None = None, *, name: str = "objects", busy_s: float = 0
+    ) -> None:
+        self.gate = gate
+        self.name = name
+        self.busy_s = busy_s
+        self.calls = 0
+
+    def scan_objects(self, objects: object) -> list[Finding]:
+        self.calls += 1
+        time.sleep(self.busy_s)
+        if self.gate is not None:
+            assert self.gate.wait(5), "the whole-message engine never started"
+        return []
+
+    def health(self, timeout_s: float) -> str:
+        return "objects 1.0"
+
+
 def test_message_deadline_stops_the_remaining_engines() -> None:
     slow = PatternEngine(name="slow", timeout_s=0.3)
     slow.mode = "hang"
-    later = PatternEngine(name="later")
-    verdict = Pipeline([slow, later], deadline_s=0.2).scan(with_attachment(b"hello", "a.txt"))
+    busy = _ObjectEngine(name="busy", busy_s=0.3)
+    later = _ObjectEngine(name="later")
+    verdict = Pipeline([slow, busy, later], deadline_s=0.2).scan(with_attachment(b"hello", "a.txt"))
     assert verdict.kind is Kind.TEMPFAIL
     assert later.calls == 0
     assert [(run.engine, run.error) for run in verdict.runs] == [
-        ("slow", "EngineTimeout"),
-        ("later", "EngineTimeout"),
+        ("slow", "EngineTimeout"),  # its own timeout
+        ("busy", None),
+        ("later", "EngineTimeout"),  # not started: the deadline had passed
     ]
+
+
+def test_whole_message_engines_run_while_the_message_is_read() -> None:
+    """clamd/ICAP get the raw message at once: a whole-message engine listed first is already
+    running when the object engines get the parts (run one after the other, this deadlocks
+    until the object engine gives up)."""
+    started = threading.Event()
+    finish = threading.Event()
+
+    class Whole(PatternEngine):
+        def scan(self, data: bytes) -> list[Finding]:
+            started.set()
+            assert finish.wait(5), "the object engine never ran"
+            return super().scan(data)
+
+    whole = Whole()
+    objects = _ObjectEngine(gate=started)
+    pipeline = Pipeline([whole, objects])
+    raw = message(body=f"text {testdata.marker().decode()} text").as_bytes()
+    original = objects.scan_objects
+
+    def then_finish(objs: object) -> list[Finding]:
+        found = original(objs)
+        finish.set()
+        return found
+
+    objects.scan_objects = then_finish  # type: ignore[method-assign]
+    verdict = pipeline.scan(raw)
+    assert verdict.kind is Kind.VIRUS and objects.calls == 1 and whole.calls == 1
+    assert [run.engine for run in verdict.runs] == ["test", "objects"]  # in the listed order
+    assert [run.error for run in verdict.runs] == [None, None]
+
+
+def test_a_crashing_whole_message_engine_tempfails() -> None:
+    class Broken(PatternEngine):
+        def scan(self, data: bytes) -> list[Finding]:
+            raise RuntimeError("bug")
+
+    verdict = Pipeline([Broken(name="broken")]).scan(message().as_bytes())
+    assert verdict.kind is Kind.TEMPFAIL
+    assert [(run.engine, run.error) for run in verdict.runs] == [("broken", "RuntimeError")]
 
 
 def test_no_engine_is_tempfail() -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import tlsh
 
 from mailtower.engines import EngineError, EngineTimeout, Finding
+from mailtower.mime import MESSAGE_PATH
 from mailtower.objects import ScanObject
 from mailtower.rules import REPUTATION_DIR
 
@@ -152,12 +153,14 @@ class ReputationEngine:
         lists = self._data if lists is None else lists
         return self._lookup(data, hashlib.sha256(data).hexdigest(), lists)
 
-    def _lookup(self, data: bytes, sha256: str, lists: ReputationData) -> list[ReputationHit]:
+    def _lookup(
+        self, data: bytes, sha256: str, lists: ReputationData, *, fuzzy: bool = True
+    ) -> list[ReputationHit]:
         hits: list[ReputationHit] = []
         name = lists.sha256.get(sha256)
         if name is not None:
             hits.append(ReputationHit("sha256", name))
-        if lists.tlsh:
+        if lists.tlsh and fuzzy:
             digest = fuzzy_hash(data)
             if digest is not None:
                 nearest = min(
@@ -172,17 +175,23 @@ class ReputationEngine:
         return [Finding(self.name, hit.name) for hit in self.lookup(data)]
 
     def scan_objects(self, objects: Iterable[ScanObject]) -> list[Finding]:
-        """Look up each object (one deadline for all); each finding names the object's path."""
+        """Look up each object (one deadline for all); each finding names the object's path.
+
+        The whole message is looked up by SHA-256 only: families are of files, and a message
+        is never one (its parts are looked up each). Its TLSH cost as much as all its parts'.
+        """
         lists = self._data
         deadline = time.monotonic() + self.timeout_s
-        cache: dict[str, list[ReputationHit]] = {}  # the same bytes under many paths
+        cache: dict[tuple[str, bool], list[ReputationHit]] = {}  # same bytes, many paths
         findings: list[Finding] = []
         for obj in objects:
             if time.monotonic() > deadline:
                 raise EngineTimeout(f"reputation: not finished within {self.timeout_s}s")
-            key = hashlib.sha256(obj.data).hexdigest()
+            digest = hashlib.sha256(obj.data).hexdigest()
+            fuzzy = obj.path != MESSAGE_PATH
+            key = (digest, fuzzy)
             if key not in cache:
-                cache[key] = self._lookup(obj.data, key, lists)
+                cache[key] = self._lookup(obj.data, digest, lists, fuzzy=fuzzy)
             for hit in cache[key]:
                 if hit.kind == "tlsh":
                     log.debug("%s: TLSH %d from %s", obj.path, hit.distance, hit.name)

@@ -27,8 +27,7 @@ from mailtower.engines import Engine
 from mailtower.events import Event, EventSpool
 from mailtower.pipeline import Pipeline, Policy, in_process, normalise_extension
 from mailtower.quarantine import QuarantineStore
-from mailtower.reinject import ReinjectError
-from mailtower.reinject import reinject as reinject_to_relay
+from mailtower.reinject import ReinjectError, Reinjector
 from mailtower.rules import RuleDirs
 from mailtower.scan import Kind, Verdict, message_id
 from mailtower.scand.smtp_data import FilterSMTP
@@ -194,6 +193,8 @@ class Scanner:
         if self.metrics.events_spooled is not None:
             self.metrics.events_spooled.set_function(self.events.count)
         self.executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="scan")
+        # One kept-open relay connection per scan thread at most.
+        self.reinjector = Reinjector(keep=self.concurrency)
         self.in_flight = 0
         self.draining = False
 
@@ -292,7 +293,7 @@ class Scanner:
         header = (
             f"{VERDICT_HEADER}: clean; tower={settings.name}; scanner={self.host_address}\r\n"
         ).encode()
-        return reinject_to_relay(
+        return self.reinjector.send(
             settings,
             raw,
             mail_from,

@@ -602,6 +602,7 @@ async def _scan_until_stopped(
         # Unanswered messages stay with the relay, which retries them: nothing is lost.
         log.error("event=stop_grace_expired in_flight=%d grace_s=%.0f", scanner.in_flight, grace)
     scanner.executor.shutdown(wait=False, cancel_futures=True)
+    await asyncio.to_thread(scanner.reinjector.close)  # QUIT to the relay's kept connections
 
 
 async def serve_single(
