@@ -29,6 +29,7 @@ class FakeHAProxy:
         self.admin = dict.fromkeys(servers, 0)  # name → srv_admin_state
         self.commands: list[str] = []
         self.shutdowns: list[str] = []  # servers whose sessions were shut down
+        self.scur = dict.fromkeys(servers, 0)  # name → sessions open now ("show stat")
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -66,6 +67,12 @@ class FakeHAProxy:
             else:
                 return "'set server <srv> state' expects 'ready', 'drain' and 'maint'.\n\n"
             return "\n"
+        if words == ["show", "stat"]:
+            head = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,status"
+            rows = ["stats,FRONTEND,,,3,5,100,9,0,0,OPEN"]
+            rows += [f"{self.backend},{n},0,0,{c},4,,7,0,0,UP" for n, c in self.scur.items()]
+            rows.append(f"{self.backend},BACKEND,0,0,{sum(self.scur.values())},8,,9,0,0,UP")
+            return head + "\n" + "\n".join(rows) + "\n\n"
         if words[:3] == ["shutdown", "sessions", "server"] and len(words) == 4:
             backend, _, name = words[3].partition("/")
             if backend != self.backend or name not in self.admin:

@@ -96,3 +96,19 @@ def test_client_times_out_on_a_silent_server():
             server.close()
 
     asyncio.run(scenario())
+
+
+def test_sessions_are_read_per_server_and_summed():
+    async def scenario() -> None:
+        fake = FakeHAProxy({"s01": "10.201.1.101", "s02": "10.201.1.102"})
+        fake.scur.update(s01=2, s02=5)
+        await fake.start()
+        api = RuntimeAPI("127.0.0.1", fake.port)
+        try:
+            assert await api.server_sessions() == {"s01": 2, "s02": 5}
+            assert await api.sessions() == 7  # the FRONTEND and BACKEND rows are not servers
+            assert await api.server_sessions("other") == {}
+        finally:
+            await fake.stop()
+
+    asyncio.run(scenario())

@@ -64,6 +64,7 @@ class FakeHAProxy:
     def __init__(self, sessions: int = 0) -> None:
         self.state = {f"s{i + 1:02d}": "ready" for i in range(len(SCANNERS))}
         self.sessions_now = sessions
+        self.open: dict[str, int] = {}  # server → sessions still open to it
         self.maint_at_once = 0
 
     async def set_state(self, server, state, backend="scanners"):
@@ -74,6 +75,9 @@ class FakeHAProxy:
 
     async def sessions(self, backend="scanners"):
         return self.sessions_now
+
+    async def server_sessions(self, backend="scanners"):
+        return {name: self.open.get(name, 0) for name in self.state}
 
 
 def make(
@@ -290,3 +294,33 @@ def test_a_canary_without_answer_does_not_reject_the_bundle(tmp_path, monkeypatc
     # Checked again (it passed), back in service; the version is not rejected.
     assert rollout.state.rejected == set() and rollout.state.target == 2
     assert haproxy.state[first.name] == "ready" and first.rules_bundle == 2
+
+
+def test_apply_waits_for_the_sessions_still_open_to_the_scanner(tmp_path, monkeypatch) -> None:
+    """A session the relay opened before ``maint`` may not have reached DATA yet (scand counts
+    nothing in flight): the apply waits until HAProxy has no session open to the scanner."""
+    rollout, scanners, haproxy = make(tmp_path, monkeypatch, version=1)
+    rollout.state.target = 2
+    haproxy.open["s01"] = 1
+    open_at_apply: list[int] = []
+    answer = scanners.request
+
+    async def request(host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        if path == "/rules/apply" and host == SCANNERS[0]:
+            open_at_apply.append(haproxy.open["s01"])
+        return await answer(host, port, method, path, body, headers, timeout_s)
+
+    monkeypatch.setattr(rollout_mod.health, "request", request)
+
+    async def scenario() -> None:
+        async def session_ends() -> None:
+            await asyncio.sleep(0.5)
+            haproxy.open["s01"] = 0
+
+        ending = asyncio.create_task(session_ends())
+        await rollout.roll()
+        await ending
+
+    asyncio.run(scenario())
+    assert open_at_apply == [0]
+    assert scanners.version == dict.fromkeys(SCANNERS, 2)

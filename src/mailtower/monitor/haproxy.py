@@ -122,6 +122,10 @@ class RuntimeAPI:
 
     async def sessions(self, backend: str = BACKEND) -> int:
         """Sessions open now to the backend's servers (``show stat``, column scur)."""
+        return sum((await self.server_sessions(backend)).values())
+
+    async def server_sessions(self, backend: str = BACKEND) -> dict[str, int]:
+        """Sessions open now to each of the backend's servers, by name (``show stat``, scur)."""
         text = await self.command("show stat")
         lines = text.splitlines()
         if not lines or not lines[0].startswith("# "):
@@ -131,9 +135,9 @@ class RuntimeAPI:
             px, sv, scur = columns.index("pxname"), columns.index("svname"), columns.index("scur")
         except ValueError as exc:
             raise HAProxyError(f"HAProxy at {self}: 'show stat' lacks {exc}") from exc
-        total = 0
+        found: dict[str, int] = {}
         for line in lines[1:]:
             row = line.split(",")
             if len(row) > scur and row[px] == backend and row[sv] not in ("BACKEND", "FRONTEND"):
-                total += int(row[scur] or 0)
-        return total
+                found[row[sv]] = int(row[scur] or 0)
+        return found

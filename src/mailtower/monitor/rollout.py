@@ -470,19 +470,31 @@ class Rollout:
         return await health.request(s.address, port, "POST", path, data, headers, timeout)
 
     async def _drained(self, s: Scanner) -> None:
+        """Wait until no message is on its way to the scanner: HAProxy has no session open to
+        it (the relay opens one per message; a session opened before ``maint`` may not have
+        reached DATA yet) and scand has none in flight. At ``drain_timeout_s`` the apply goes
+        ahead anyway: messages then in flight finish with the old pipeline, and one that
+        reaches DATA later is scanned with the new rules before their canary (never lost)."""
         deadline = time.monotonic() + self.config.drain_timeout_s
         port, timeout = self.settings.ports.scanner_http, self.settings.limits.health_timeout_s
         while True:
             _, doc = await health.request(s.address, port, "GET", "/health", timeout_s=timeout)
-            if doc.get("in_flight") == 0:  # None: the scanner could not count; not drained
+            in_flight = doc.get("in_flight")  # None: the scanner could not count; not drained
+            try:
+                sessions: int | None = (await self.monitor.haproxy.server_sessions()).get(s.name)
+            except HAProxyError as exc:
+                sessions = None
+                log.warning("event=drain_unknown scanner=%s error=%r", s.name, str(exc))
+            if in_flight == 0 and sessions == 0:
                 return
             if time.monotonic() > deadline:
                 log.warning(
-                    "event=drain_timeout scanner=%s in_flight=%s action=apply_anyway",
+                    "event=drain_timeout scanner=%s in_flight=%s sessions=%s action=apply_anyway",
                     s.name,
-                    doc.get("in_flight"),
+                    in_flight,
+                    sessions,
                 )
-                return  # messages in flight finish with the old pipeline: nothing fails
+                return
             await asyncio.sleep(0.2)
 
     def samples(self, version: int | None) -> list[bundles.Canary]:
