@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mime_builders import EICAR, attachment_message
 from mime_mutations import Base, chunk, mutated
 
-from mailtower.mime import _email_reader
+from mailtower.mime import _email_reader, _transfer
 from mailtower.mime._boundary_reader import (
     _BOUNDARY_PARAM,
     _DIGEST_HEADER,
@@ -198,3 +198,32 @@ def test_policies_that_cut_differently_parse_twice() -> None:
     assert _email_readings(_POLICY_SPLITTERS.raw, True) == _email_readings(
         _POLICY_SPLITTERS.raw, False
     )
+
+
+def reference_odd_lines(body: bytes, has_junk: bool) -> bool:
+    lines = body.rstrip().split(b"\n")[:-1]
+    if not has_junk:
+        return any(n % 4 for n in {len(ln.strip()) for ln in lines})
+    return any(len(ln.translate(None, _transfer._NOT_B64)) % 4 for ln in lines)
+
+
+_LINE_PIECES = st.lists(
+    st.sampled_from(
+        [b"QUJD", b"QUI", b"=", b"==", b"\r\n", b"\n", b"\r", b" ", b"\t", b"\x0b", b"A", b"*"]
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_LINE_PIECES, st.booleans())
+def test_odd_lines_finds_what_the_line_loop_found(pieces: list[bytes], has_junk: bool) -> None:
+    body = b"".join(pieces)
+    assert _transfer._odd_lines(body, has_junk) == reference_odd_lines(body, has_junk)
+
+
+def test_odd_lines_on_encoder_shaped_bodies() -> None:
+    even = b"QUJD" * 19 + b"\r\n"
+    assert not _transfer._odd_lines(even * 50 + b"QUI=\r\n", False)
+    assert _transfer._odd_lines(even * 5 + b"QUJDQ\r\n" + even * 5, False)
+    assert _transfer._odd_lines(even * 5 + b"QUJDQ \r\n" + even * 5, False)  # strip, then 5

@@ -17,6 +17,8 @@ from mailtower.mime import _anomalies as A
 _B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _WHITESPACE = b" \t\r\n\x0b\x0c"
 _NOT_B64 = bytes(b for b in range(256) if b not in _B64_CHARS + b"=")
+# Every byte but the whitespace ``bytes.strip`` removes, apart from the line feed.
+_NOT_LINE_WHITESPACE = bytes(b for b in range(256) if b not in b" \t\r\x0b\x0c")
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _PADDING_RUNS = re.compile(rb"=+")
 _INNER_SPACE = re.compile(rb"[^\s][ \t\x0b\x0c]+[^\s]")
@@ -102,10 +104,16 @@ def _b64_stream(clean: bytes, chunks: list[bytes] | None = None) -> bytes:
 
 def _odd_lines(body: bytes, has_junk: bool) -> bool:
     """Whether some line but the last holds a number of base64 characters not divisible by 4."""
-    lines = body.rstrip().split(b"\n")[:-1]
     if not has_junk:  # only whitespace besides the alphabet: line lengths tell (fast)
-        return any(n % 4 for n in {len(ln.strip()) for ln in lines})
-    return any(len(ln.translate(None, _NOT_B64)) % 4 for ln in lines)
+        plain = body.replace(b"\r\n", b"\n")
+        if not plain.translate(None, _NOT_LINE_WHITESPACE):
+            # No whitespace but the line ends: each line's length is its stripped length,
+            # taken without a Python-level step per line (a 1 MB body has 17,000 lines).
+            lengths = set(map(len, plain.rstrip().split(b"\n")[:-1]))
+        else:
+            lengths = {len(ln.strip()) for ln in body.rstrip().split(b"\n")[:-1]}
+        return any(n % 4 for n in lengths)
+    return any(len(ln.translate(None, _NOT_B64)) % 4 for ln in body.rstrip().split(b"\n")[:-1])
 
 
 def decode_base64(body: bytes) -> Decoded:
