@@ -131,6 +131,17 @@ def test_reinjection_listener_trusts_only_scanners(render, settings):
     assert "smtpd_client_restrictions=permit_mynetworks,reject" in block
 
 
+@pytest.mark.parametrize("count", [1, 23])
+def test_reinjection_listener_has_a_process_for_every_kept_connection(render, count):
+    s = sample_settings(scanners=count)
+    master = render("relay/etc/postfix/master.cf", s)
+    line = next(ln for ln in master.splitlines() if ln.startswith(f"{s.hosts.relay}:"))
+    maxproc = int(line.split()[6])
+    # scand keeps up to scan_concurrency (+ one per worker, rounding) connections per scanner
+    assert maxproc >= count * (s.limits.scan_concurrency + 2)
+    assert line.split()[7] == "smtpd"
+
+
 @pytest.mark.parametrize("count", [1, 5, 23])
 def test_haproxy_pool_has_every_scanner(render, count):
     s = sample_settings(scanners=count)
