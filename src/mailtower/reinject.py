@@ -1,8 +1,9 @@
 """Hand a message back to the relay's re-injection listener with its original envelope.
 
-``reinject`` opens one connection for one message (``mailtower quarantine release``).
 ``Reinjector`` keeps connections open between messages (scand): a connect, EHLO and QUIT per
 message cost the scanner a third of its re-injection time, and the relay an smtpd hand-off.
+``reinject`` is one that keeps none: one connection for one message (``mailtower quarantine
+release``).
 """
 
 from __future__ import annotations
@@ -114,11 +115,16 @@ def reinject(
     ``header`` is one or more complete header lines ending in CRLF. Raise ReinjectError when
     the relay refuses the sender, any recipient or the data, or cannot be reached.
     """
-    try:
-        with _connect(settings, local_hostname) as smtp:
-            return _transaction(smtp, header + raw, mail_from, rcpt_tos, mail_options, reused=False)
-    except (smtplib.SMTPException, OSError) as exc:
-        raise ReinjectError(f"{relay_address(settings)}: {exc}") from exc
+    one_shot = Reinjector(keep=0)  # keeps nothing: the connection is closed after the message
+    return one_shot.send(
+        settings,
+        raw,
+        mail_from,
+        rcpt_tos,
+        mail_options,
+        header=header,
+        local_hostname=local_hostname,
+    )
 
 
 class Reinjector:
