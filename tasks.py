@@ -323,16 +323,19 @@ def bench(c, tower="lab-a", fresh=True):
         "messages": "messages in the generated corpus (1 % infected)",
         "seed": "the corpus's random seed",
         "amavisd_children": "amavisd-new's $max_servers",
+        "floor": "also run the floor: scand's receiving and re-injection, no scanning, "
+        "then with clamd (--no-floor: without)",
     }
 )
-def scanner(c, messages=2000, seed=3, amavisd_children=4):
+def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True):
     """scand against amavisd-new on this machine, side by side: same clamd, sink and corpus."""
     out = ROOT / "tests" / "output" / "bench_scanner.json"
     _say(f"scanner bench: {messages} messages through amavisd-new and mailtower-scand")
     with c.cd(str(ROOT)):
         c.run(
             f"{PY} tests/bench/scanner_vs_amavis.py --messages {messages} --seed {seed} "
-            f"--amavisd-children {amavisd_children} --json {out.relative_to(ROOT)}",
+            f"--amavisd-children {amavisd_children} --json {out.relative_to(ROOT)}"
+            + (" --floor" if floor else ""),
             env={"PYTHONPATH": str(ROOT)},
         )
     _say(f"scanner bench figures written to {out.relative_to(ROOT)}")
