@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The content type the pipeline gives the VBA source it reads out of a document (an object of
+# its own, beside the document): what MS-OVBA compression hides from plain-text matching.
+VBA_SOURCE_TYPE = "text/x-vba"
+
 
 @dataclass(frozen=True)
 class ScanObject:

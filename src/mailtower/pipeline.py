@@ -31,10 +31,10 @@ from mailtower import containers, mime
 from mailtower.containers import ContainerLimits
 from mailtower.engines import Engine, EngineError, EngineTimeout, Finding
 from mailtower.mime import MESSAGE_PATH, MimeLimits
-from mailtower.objects import Analysis, ScanObject
+from mailtower.objects import VBA_SOURCE_TYPE, Analysis, ScanObject
 from mailtower.rules import RuleDirs
 from mailtower.scan import EngineRun, Kind, Verdict
-from mailtower.skeptic import INTERNAL_ERROR, Severity, Skeptic
+from mailtower.skeptic import INTERNAL_ERROR, Severity, Skeptic, vba_sources
 from mailtower.skeptic._sniff import native_kind
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,9 @@ class Pipeline:
         unique: dict[bytes, ScanObject] = {}
         for obj in analysis.objects:
             unique.setdefault(obj.data, obj)
+        if any(id(engine) not in whole for engine in self.engines) and state.left() > 0:
+            for vba in self._vba_objects(list(unique.values()), state):
+                unique.setdefault(vba.data, vba)
         # The object engines run in this thread while the whole-message calls run in theirs;
         # results are then taken in the listed order.
         runs: dict[int, _Run] = {}
@@ -296,6 +299,34 @@ class Pipeline:
             for finding in run.found or ():
                 finding = dataclasses.replace(finding, part=finding.part or MESSAGE_PATH)
                 self._classify_engine_finding(engine, finding, state)
+
+    def _vba_objects(self, objects: list[ScanObject], state: _Scan) -> list[ScanObject]:
+        """The VBA source of every Office document among ``objects``, as objects of their own.
+
+        MS-OVBA compression puts a flag byte before every eight tokens, so a keyword in a
+        module is visible to YARA or a fuzzy hash only when it happens to fall inside one group;
+        the source olevba reads is what they should see. A source over the container stage's
+        byte limit (an MS-OVBA bomb) is cut there, and the cut is a limit finding."""
+        limit = self.container_limits.max_expanded_bytes
+        found: list[ScanObject] = []
+        for obj in objects:
+            for k, source in enumerate(vba_sources(obj.data), 1):
+                data = source.encode("utf-8", "surrogateescape")
+                path = f"{obj.path}!vba" if k == 1 else f"{obj.path}!vba{k}"
+                if len(data) > limit:
+                    data = data[:limit]
+                    limited = f"{containers.ANOMALY_LIMIT}:bytes"
+                    state.suspicious.append(Finding(ENGINE_CONTAINER, limited, path))
+                found.append(
+                    ScanObject(
+                        data,
+                        path,
+                        content_types=frozenset({VBA_SOURCE_TYPE}),
+                        views=obj.views,
+                        depth=obj.depth + 1,
+                    )
+                )
+        return found
 
     def _collect(self, call: Future[_Run], state: _Scan) -> _Run:
         """A whole-message call's outcome, once it ended."""

@@ -3,6 +3,7 @@ whole pipeline: the macro rules judged on what olevba decompresses, not on hand-
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import warnings
@@ -306,19 +307,29 @@ def test_documents_without_macros_are_clean(
     assert verdict.findings == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rules/yara/office_macros.yar matches plain keywords, but MS-OVBA compression puts a "
-    "flag byte before every 8 tokens, so 'AutoOpen' or 'URLDownloadToFile' is only seen "
-    "when it happens to fall inside one group (Skeptic, reading olevba's output, is not "
-    "affected)",
-)
-def test_yara_macro_rule_sees_compressed_vba_at_any_alignment() -> None:
+def test_yara_macro_rule_sees_compressed_vba_at_any_alignment(pipeline: Pipeline) -> None:
+    """MS-OVBA compression puts a flag byte before every 8 tokens, so in the document itself
+    'AutoOpen' or 'Shell' is only seen when it happens to fall inside one group. The pipeline
+    hands the object engines the source olevba reads, so the rule holds at every alignment."""
     engine = YaraEngine(list(default_rule_dirs()))
-    hits = []
+    in_document, in_pipeline = [], []
     for shift in range(8):  # a comment line of 0..7 letters moves the code within the groups
         data = doc(word_modules(f"' {'x' * shift}\n{DROPPER}"))
         obj = ScanObject(data, "2", frozenset(), frozenset(), frozenset())
         found = {f.name for f in engine.scan_objects([obj])}
-        hits.append("Mailtower_Office_AutoExec_Shell_Macro" in found)
-    assert all(hits), hits
+        in_document.append("Mailtower_Office_AutoExec_Shell_Macro" in found)
+        verdict = pipeline.scan(with_attachment(data, "minutes.doc", DOC))
+        yara = {(f.name, f.part) for f in verdict.findings if f.engine == "yara"}
+        in_pipeline.append(("Mailtower_Office_AutoExec_Shell_Macro", "2!vba") in yara)
+    assert not all(in_document), "the compressed form alone no longer hides it: test moot"
+    assert all(in_pipeline), in_pipeline
+
+
+def test_vba_source_over_the_byte_limit_is_cut_and_suspicious() -> None:
+    """An MS-OVBA bomb: its source is cut at the container stage's byte limit, and the cut is a
+    limit finding on the source's path (over a limit is never clean)."""
+    small = in_process()
+    small.container_limits = dataclasses.replace(small.container_limits, max_expanded_bytes=64)
+    verdict = small.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    assert verdict.kind is Kind.SUSPICIOUS
+    assert Finding("container", "container.limit-exceeded:bytes", "2!vba") in verdict.findings

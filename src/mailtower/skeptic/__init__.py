@@ -15,6 +15,7 @@ text a ``code-similarity`` rule stores.
 from __future__ import annotations
 
 from mailtower.skeptic._engine import INTERNAL_ERROR, Rule, Skeptic, shipped_rules_dir
+from mailtower.skeptic._office import vba_sources
 from mailtower.skeptic._rules import RuleError, Severity
 from mailtower.skeptic._script import Script, normalise
 
@@ -32,4 +33,5 @@ __all__ = [
     "Skeptic",
     "fingerprint",
     "shipped_rules_dir",
+    "vba_sources",
 ]

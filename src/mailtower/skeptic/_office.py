@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -54,6 +55,22 @@ def macros(data: bytes) -> Macros:
     candidate, hint = _macro_candidate(data)
     if candidate is None:
         return NO_MACROS if not hint else Macros("unanalysable", reason=hint)
+    return _read_vba(candidate, hint)
+
+
+def vba_sources(data: bytes) -> list[str]:
+    """The VBA source read from ``data`` and from macro documents embedded in it as RTF
+    objects: what a scanner of plain text cannot see in MS-OVBA's compressed form."""
+    found = [macros(data)]
+    if is_rtf(data):
+        found += [macros(ole) for ole in (o.embedded_ole() for o in rtf_objects(data)) if ole]
+    return [m.source for m in found if m.status == "found"]
+
+
+# The pipeline reads a document's VBA for the object engines, then Skeptic for its rules: olevba
+# runs once. Only documents that may hold VBA get here, and only the last few are kept.
+@functools.lru_cache(maxsize=8)
+def _read_vba(candidate: bytes, hint: str) -> Macros:
     try:
         with warnings.catch_warnings():  # oletools 0.60 trips pyparsing deprecation warnings
             warnings.simplefilter("ignore", DeprecationWarning)
