@@ -333,3 +333,25 @@ def test_vba_source_over_the_byte_limit_is_cut_and_suspicious() -> None:
     verdict = small.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
     assert verdict.kind is Kind.SUSPICIOUS
     assert Finding("container", "container.limit-exceeded:bytes", "2!vba") in verdict.findings
+
+
+def test_olevba_reads_a_document_once_for_the_engines_and_skeptic(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import oletools.olevba
+
+    from mailtower.skeptic import _office
+
+    opened: list[int] = []
+    real = oletools.olevba.VBA_Parser
+
+    def counting(*args: object, **kwargs: object) -> object:
+        opened.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oletools.olevba, "VBA_Parser", counting)
+    _office._read_vba.cache_clear()
+    verdict = pipeline.scan(with_attachment(doc(word_modules(DROPPER)), "minutes.doc", DOC))
+    assert ("yara", "2!vba") in {(f.engine, f.part) for f in verdict.findings}
+    assert "skeptic.macro.present" in {f.name for f in verdict.findings}
+    assert len(opened) == 1
