@@ -1,5 +1,4 @@
-"""Container expansion: the members of zip, tar, gzip, bzip2, xz/lzma, 7z and ISO 9660 disk
-images, with limits.
+"""Container expansion: the members of zip, tar, gzip, bzip2, xz/lzma and 7z objects, with limits.
 
 Formats are recognised by their content (magic bytes), never by a declared name or type. Every
 decompression is streamed in bounded chunks and every byte is counted, so a decompression bomb
@@ -13,11 +12,6 @@ pipeline turns into ``suspicious`` (never ``clean``):
 * ``container.corrupt`` — damaged or inconsistent data (truncated streams, bad checksums,
   overlapping zip entries, sizes or names that disagree between headers);
 * ``container.unsupported`` — a compression method no kept library decodes (e.g. zip deflate64).
-
-A disk image (.iso, the way droppers get past Mark-of-the-Web) names each file once per
-directory tree it carries — ISO 9660, Joliet, Rock Ridge — and Windows shows the Joliet name;
-a member gets every one of those names, so a file that is "INVOICE.PDF" in one tree and
-"invoice.exe" in another is banned as an .exe. UDF-only images are not read (corrupt).
 """
 
 from __future__ import annotations
@@ -33,14 +27,12 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, Protocol
 
 import py7zr
 import py7zr.exceptions
 import py7zr.io
 import py7zr.py7zr
-import pycdlib
-import pycdlib.pycdlibexception
 
 from mailtower.objects import ScanObject
 
@@ -105,9 +97,6 @@ _ZIP_END = b"PK\x05\x06"
 _SEVENZIP = b"7z\xbc\xaf\x27\x1c"
 _XZ = b"\xfd7zXZ\x00"
 _GZIP = b"\x1f\x8b\x08"
-# Volume descriptor identifiers of a disk image, at 32 KiB + 1 (or the next sectors): ISO 9660,
-# and UDF's, which pycdlib does not read alone.
-_DISK_IMAGE = (b"CD001", b"BEA01", b"NSR02", b"NSR03")
 
 
 def _detect(data: bytes) -> tuple[str | None, bool]:
@@ -126,8 +115,6 @@ def _detect(data: bytes) -> tuple[str | None, bool]:
         return "gzip", True
     if head.startswith(_XZ):
         return "xz", True
-    if _is_disk_image(data):
-        return "iso", True
     if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
         return "bzip2", True
     if len(data) >= 512 and data[257:262] == b"ustar":
@@ -140,10 +127,6 @@ def _detect(data: bytes) -> tuple[str | None, bool]:
     if _looks_like_lzma_alone(head):
         return "lzma", False
     return None, False
-
-
-def _is_disk_image(data: bytes) -> bool:
-    return any(data[at : at + 5] in _DISK_IMAGE for at in (0x8001, 0x8801, 0x9001))
 
 
 def _looks_like_v7_tar(head: bytes) -> bool:
@@ -413,13 +396,8 @@ class _Expander:
             "bzip2": self._bzip2,
             "xz": self._xz,
             "lzma": self._lzma_alone,
-            "iso": self._iso,
         }[kind]
         handler(obj, certain)
-        if kind != "iso" and _is_disk_image(obj.data):
-            # A polyglot: an archive to whoever reads its start, a disk image to Windows when
-            # it is named .iso (the first 32 KiB of an image are free for anything).
-            self._iso(obj, True)
 
     def member(
         self,
@@ -664,77 +642,6 @@ class _Expander:
         added = [self.add(obj, name, sink, frozenset({name})) for name, sink in factory.sinks]
         for member in added:
             self.expand(member)
-
-    # -- ISO 9660 disk images
-
-    def _iso(self, obj: ScanObject, certain: bool) -> None:
-        image = pycdlib.PyCdlib()
-        try:
-            image.open_fp(io.BytesIO(obj.data))
-        except Exception as exc:  # pycdlib raises many kinds on hostile input; all mean corrupt
-            log.info("%s: corrupt disk image: %s", obj.path, exc)
-            self.anomaly(ANOMALY_CORRUPT)
-            return
-        try:
-            try:
-                files = _image_files(image)
-            except Exception as exc:
-                log.info("%s: corrupt disk image directory: %s", obj.path, exc)
-                self.anomaly(ANOMALY_CORRUPT)
-                return
-            for file in files:
-                self.count_entry()
-
-                def produce(sink: _Sink, file: _ImageFile = file) -> None:
-                    sink.consumed = file.length  # stored, not compressed: no ratio to speak of
-                    try:
-                        image.get_file_from_iso_fp(cast(BinaryIO, sink), **file.where)
-                    except (_LimitExceeded, _WallTimeout):
-                        raise
-                    except Exception as exc:
-                        raise _Corrupt(str(exc)) from exc
-
-                self.member(obj, file.name, produce, frozenset(file.names))
-        finally:
-            image.close()
-
-
-_FACADES = ("joliet_path", "rr_path", "udf_path", "iso_path")  # the name Windows shows first
-
-
-@dataclass
-class _ImageFile:
-    name: str  # as Windows shows it: the first tree's (Joliet, then Rock Ridge …)
-    names: set[str]  # every tree's
-    where: dict[str, str]  # how pycdlib finds it
-    length: int
-
-
-def _image_files(image: pycdlib.PyCdlib) -> list[_ImageFile]:
-    """Every file of a disk image once, by where its data starts, with every directory tree's
-    name for it."""
-    present = {
-        "joliet_path": image.has_joliet(),
-        "rr_path": image.has_rock_ridge(),
-        "udf_path": image.has_udf(),
-        "iso_path": True,
-    }
-    files: dict[tuple[int, int], _ImageFile] = {}
-    for facade in _FACADES:
-        if not present[facade]:
-            continue
-        for directory, _, names in image.walk(**{facade: "/"}):
-            for name in names:
-                path = f"{directory.rstrip('/')}/{name}"
-                record = image.get_record(**{facade: path})
-                length = record.get_data_length()
-                shown = path.lstrip("/")
-                if facade == "iso_path":
-                    shown = shown.removesuffix(";1")
-                key = (record.extent_location(), length)
-                entry = files.setdefault(key, _ImageFile(shown, set(), {facade: path}, length))
-                entry.names.add(shown)
-    return list(files.values())
 
 
 def _copy(src: _Sink, dst: _Sink) -> None:

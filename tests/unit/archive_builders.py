@@ -23,19 +23,3 @@ def with_encrypted_flag(zip_data: bytes) -> bytes:
             patched[pos + flag_offset] |= 0x01
             pos = patched.find(signature, pos + 4)
     return bytes(patched)
-
-
-def iso_of(members: dict[str, tuple[str, bytes]], *, joliet: bool = True) -> bytes:
-    """An ISO 9660 image (pycdlib, as disk-image droppers are made): ISO 9660 name → (the
-    Joliet and Rock Ridge name, data). Names in ISO 9660 form ("INVOICE.PDF"), at the root."""
-    import pycdlib
-
-    image = pycdlib.PyCdlib()
-    image.new(joliet=3 if joliet else None, rock_ridge="1.09")
-    for iso_name, (long_name, data) in members.items():
-        extra = {"joliet_path": f"/{long_name}"} if joliet else {}
-        image.add_fp(io.BytesIO(data), len(data), f"/{iso_name};1", rr_name=long_name, **extra)
-    out = io.BytesIO()
-    image.write_fp(out)
-    image.close()
-    return out.getvalue()

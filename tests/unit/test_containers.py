@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import py7zr
 import pytest
-from archive_builders import iso_of, with_encrypted_flag
+from archive_builders import with_encrypted_flag
 
 from mailtower import testdata
 from mailtower.containers import ContainerLimits, detect, expand
@@ -555,77 +555,3 @@ def test_mutated_archives_never_raise() -> None:
         found, anomalies = expand(obj(bytes(data)), ContainerLimits(max_time_s=5))
         assert all(a.startswith("container.") for a in anomalies)
         assert all(m.depth >= 1 for m in found)
-
-
-# -- disk images ---------------------------------------------------------------------------------
-
-
-def test_iso_members_get_every_name_the_image_gives_them() -> None:
-    """The dropper's trick: "INVOICE.PDF" in the ISO 9660 tree, "invoice.exe" in the Joliet
-    tree Windows shows. The member is read once and carries both names."""
-    program = b"MZ" + os.urandom(300)
-    data = iso_of({"INVOICE.PDF": ("invoice.exe", program), "README.TXT": ("readme.txt", b"hi")})
-    assert detect(data) == "iso"
-    members, anomalies = expand(obj(data, "scan.iso"))
-    assert anomalies == []
-    by_data = {m.data: m for m in members}
-    assert set(by_data) == {program, b"hi"}
-    assert {"invoice.exe", "INVOICE.PDF"} <= by_data[program].filenames
-    assert by_data[program].path == "1!invoice.exe"
-    assert by_data[program].depth == 1
-
-
-def test_iso_without_joliet_reads_rock_ridge_names() -> None:
-    data = iso_of({"A.TXT": ("a-long-name.txt", testdata.eicar())}, joliet=False)
-    members, anomalies = expand(obj(data))
-    assert anomalies == []
-    assert [m.data for m in members] == [testdata.eicar()]
-    assert "a-long-name.txt" in members[0].filenames
-
-
-def test_zip_inside_an_iso_is_expanded() -> None:
-    data = iso_of({"PAY.ZIP": ("pay.zip", zip_of({"run.js": b"WScript.Echo(1)"}))})
-    members, anomalies = expand(obj(data))
-    assert anomalies == []
-    assert [m.path for m in members] == ["1!pay.zip", "1!pay.zip!run.js"]
-
-
-def test_truncated_iso_is_corrupt_never_clean() -> None:
-    data = iso_of({"A.TXT": ("a.txt", os.urandom(50_000))})
-    members, anomalies = expand(obj(data[:0x8800]))
-    assert anomalies == ["container.corrupt"]
-
-
-def test_iso_members_count_against_the_limits() -> None:
-    data = iso_of({f"F{i}.TXT": (f"f{i}.txt", b"x%d" % i) for i in range(20)})
-    _, anomalies = expand(obj(data), ContainerLimits(max_members=10))
-    assert anomalies == ["container.limit-exceeded:members"]
-    big = iso_of({"BIG.BIN": ("big.bin", b"\0" * 300_000)})
-    members, anomalies = expand(obj(big), ContainerLimits(max_expanded_bytes=100_000))
-    assert anomalies == ["container.limit-exceeded:bytes"]
-    assert 0 < len(members[0].data) <= 100_000
-
-
-def test_mutated_iso_images_never_raise() -> None:
-    seed = iso_of({"A.TXT": ("a.txt", b"hello " * 300), "E.COM": ("e.com", testdata.eicar())})
-    rng = random.Random(5)
-    for _ in range(150):
-        data = bytearray(seed)
-        for _ in range(rng.randint(1, 6)):
-            # The volume descriptors and directories, where a mutation changes the reading.
-            data[rng.randrange(0x8000, min(len(data), 0xC000))] = rng.randrange(256)
-        found, anomalies = expand(obj(bytes(data)), ContainerLimits(max_time_s=5))
-        assert all(a.startswith("container.") for a in anomalies)
-        assert all(m.depth >= 1 for m in found)
-
-
-def test_archive_that_is_also_a_disk_image_is_read_both_ways() -> None:
-    """The first 32 KiB of an image are free: a zip there is what most readers see, the image
-    is what Windows mounts when the file is named .iso."""
-    image = iso_of({"RUN.TXT": ("run.lnk", b"shortcut bytes")})
-    front = zip_of({"readme.txt": b"nothing to see"})
-    polyglot = front + image[len(front) :]
-    assert detect(polyglot) == "zip"
-    members, _ = expand(obj(polyglot, "files.iso"))
-    assert b"shortcut bytes" in {m.data for m in members}
-    assert any("run.lnk" in m.filenames for m in members)

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from archive_builders import iso_of, zip_of
 from archive_builders import with_encrypted_flag as encrypted
+from archive_builders import zip_of
 from pipeline_fixtures import (
     EICAR,
     ORDINARY,
@@ -143,17 +143,6 @@ def test_windows_program_without_a_telling_name_is_banned(pipeline: Pipeline) ->
     verdict = pipeline.scan(with_attachment(archive, "files.zip", "application/zip"))
     assert verdict.kind is Kind.BANNED
     assert Finding("policy", "policy.banned-native.pe", "2!setup") in verdict.findings
-
-
-def test_disk_image_dropper_is_banned_by_the_name_windows_shows(pipeline: Pipeline) -> None:
-    """An .iso whose ISO 9660 tree says INVOICE.PDF and whose Joliet tree (what Windows
-    Explorer shows when it mounts the image) says invoice.pdf.lnk."""
-    image = iso_of({"INVOICE.PDF": ("invoice.pdf.lnk", b"not really a shortcut")})
-    verdict = pipeline.scan(with_attachment(image, "invoice.iso", "application/x-iso9660-image"))
-    assert verdict.kind is Kind.BANNED
-    assert Finding("policy", "policy.banned-extension.lnk", "2!invoice.pdf.lnk") in (
-        verdict.findings
-    )
 
 
 def test_banned_declared_type(pipeline: Pipeline) -> None:
