@@ -310,8 +310,18 @@ class Pipeline:
         limit = self.container_limits.max_expanded_bytes
         found: list[ScanObject] = []
         for obj in objects:
-            for k, source in enumerate(vba_sources(obj.data), 1):
-                data = source.encode("utf-8", "surrogateescape")
+            try:
+                sources = vba_sources(obj.data)
+            except Exception as exc:  # a bug of ours on hostile input: fail closed, go on
+                log.warning("reading VBA of %s failed: %r", obj.path, exc)
+                corrupt = Finding(ENGINE_CONTAINER, containers.ANOMALY_CORRUPT, f"{obj.path}!vba")
+                state.suspicious.append(corrupt)
+                continue
+            for k, source in enumerate(sources, 1):
+                try:
+                    data = source.encode("utf-8", "surrogateescape")
+                except UnicodeEncodeError:  # a code page that decodes to lone surrogates
+                    data = source.encode("utf-8", "surrogatepass")
                 path = f"{obj.path}!vba" if k == 1 else f"{obj.path}!vba{k}"
                 if len(data) > limit:
                     data = data[:limit]

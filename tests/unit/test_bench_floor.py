@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from scand_fakes import free_port, make_settings, start_sink, wait_until
+from scand_fakes import FakeClamd, free_port, make_settings, start_sink, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
@@ -85,9 +85,19 @@ def test_the_floor_reinjects_each_message_intact(tmp_path: Path, sink: tuple) ->
 
 
 def test_the_floor_with_clamd_asks_clamd_first(tmp_path: Path, sink: tuple) -> None:
-    """With --clamd every message goes to clamd before re-injection: with no clamd there,
-    nothing passes."""
+    """With --clamd every message goes to clamd (one INSTREAM of the raw message) before it is
+    re-injected; with no clamd there, nothing passes."""
     handler, sink_port = sink
+    clamd = FakeClamd(tmp_path / "clamd.sock")
+    proc, port = _start_floor(tmp_path, sink_port, clamd.path)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("a@example.org", ["b@customer.example.com"], MESSAGE)
+        wait_until(lambda: len(handler.received) == 1, 10, "the message re-injected")
+        assert clamd.streams == [MESSAGE]
+    finally:
+        _stop(proc)
+        clamd.close()
     proc, port = _start_floor(tmp_path, sink_port, str(tmp_path / "no-clamd.sock"))
     try:
         with (
@@ -96,7 +106,7 @@ def test_the_floor_with_clamd_asks_clamd_first(tmp_path: Path, sink: tuple) -> N
         ):
             client.sendmail("a@example.org", ["b@customer.example.com"], MESSAGE)
         time.sleep(0.3)
-        assert handler.received == []
+        assert len(handler.received) == 1
     finally:
         _stop(proc)
 

@@ -350,8 +350,55 @@ def test_olevba_reads_a_document_once_for_the_engines_and_skeptic(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(oletools.olevba, "VBA_Parser", counting)
-    _office._read_vba.cache_clear()
+    _office.forget_read_vba()
     verdict = pipeline.scan(with_attachment(doc(word_modules(DROPPER)), "minutes.doc", DOC))
     assert ("yara", "2!vba") in {(f.engine, f.part) for f in verdict.findings}
     assert "skeptic.macro.present" in {f.name for f in verdict.findings}
     assert len(opened) == 1
+
+
+def test_vba_source_with_lone_surrogates_is_scanned_not_raised(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module in a code page that decodes to a lone surrogate (UTF-7, code page 65000) must not
+    make scan() raise: the source is handed on as it encodes."""
+    from mailtower import pipeline as pipeline_mod
+
+    source = 'Attribute VB_Name = "A"\nSub AutoOpen()\n  Shell "x" \' \ud800\nEnd Sub\n'
+    monkeypatch.setattr(
+        pipeline_mod, "vba_sources", lambda data: [source] if b"\xd0\xcf" in data[:2] else []
+    )
+    verdict = pipeline.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    assert ("Mailtower_Office_AutoExec_Shell_Macro", "2!vba") in {
+        (f.name, f.part) for f in verdict.findings
+    }
+
+
+def test_vba_reading_that_fails_is_suspicious_not_a_crash(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailtower import pipeline as pipeline_mod
+
+    def broken(data: bytes) -> list[str]:
+        raise RuntimeError("olevba bug")
+
+    monkeypatch.setattr(pipeline_mod, "vba_sources", broken)
+    verdict = pipeline.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    assert verdict.kind is Kind.SUSPICIOUS
+    assert Finding("container", "container.corrupt", "2!vba") in verdict.findings
+
+
+def test_a_vba_source_over_the_limit_is_unanalysable_and_kept_by_nobody(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MS-OVBA bomb: a source over MAX_VBA_SOURCE fails closed (Skeptic's unanalysable
+    rule) and is handed to no engine."""
+    from mailtower.skeptic import _office
+
+    monkeypatch.setattr(_office, "MAX_VBA_SOURCE", 50)
+    _office.forget_read_vba()
+    verdict = pipeline.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    _office.forget_read_vba()
+    assert verdict.kind is Kind.SUSPICIOUS
+    assert "skeptic.macro.unanalysable" in {f.name for f in verdict.findings}
+    assert not [f for f in verdict.findings if f.part and f.part.endswith("!vba")]

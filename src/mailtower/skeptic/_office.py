@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import io
 import logging
 import re
+import threading
 import warnings
 import zipfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mailtower.skeptic._sniff import OLE_MAGIC, ZIP_MAGIC, find_pe
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 # Big enough for any real VBA project; a bigger "vbaProject.bin" is a bomb, not a document.
 MAX_OLE_BYTES = 64 << 20
 MAX_ZIP_MEMBERS = 5000
+# Far above real VBA projects: a longer source is taken for an MS-OVBA decompression bomb, and
+# fails closed as unanalysable.
+MAX_VBA_SOURCE = 8 * 1024 * 1024
 _VBA_STORAGE = "_VBA_PROJECT".encode("utf-16-le")  # directory entry name inside OLE
 # What zipfile raises on broken or hostile archives: bad structure or offsets, a corrupt deflate
 # stream (zlib.error, met only when a member is read), encryption (RuntimeError), methods it
@@ -68,9 +73,37 @@ def vba_sources(data: bytes) -> list[str]:
 
 
 # The pipeline reads a document's VBA for the object engines, then Skeptic for its rules: olevba
-# runs once. Only documents that may hold VBA get here, and only the last few are kept.
-@functools.lru_cache(maxsize=8)
+# runs once. Only documents that may hold VBA get here; the last few results are kept by a
+# digest of the document (not the document itself), and only when their source is small.
+_READ_KEEP = 8
+_READ_KEEP_SOURCE = 256 * 1024
+_read: OrderedDict[bytes, Macros] = OrderedDict()
+_read_lock = threading.Lock()
+
+
 def _read_vba(candidate: bytes, hint: str) -> Macros:
+    key = hashlib.blake2b(candidate, digest_size=16).digest()
+    with _read_lock:
+        found = _read.get(key)
+        if found is not None:
+            _read.move_to_end(key)
+            return found
+    found = _olevba(candidate, hint)
+    if len(found.source) <= _READ_KEEP_SOURCE:
+        with _read_lock:
+            _read[key] = found
+            while len(_read) > _READ_KEEP:
+                _read.popitem(last=False)
+    return found
+
+
+def forget_read_vba() -> None:
+    """Drop the kept results (tests that count olevba's runs)."""
+    with _read_lock:
+        _read.clear()
+
+
+def _olevba(candidate: bytes, hint: str) -> Macros:
     try:
         with warnings.catch_warnings():  # oletools 0.60 trips pyparsing deprecation warnings
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -93,6 +126,9 @@ def _read_vba(candidate: bytes, hint: str) -> Macros:
         # olevba logs and swallows a dir stream it cannot parse: a VBA project is there but no
         # module was read. Office saves every module with its attributes, never empty.
         return Macros("unanalysable", reason="olevba found a VBA project but read no module")
+    if len(source) > MAX_VBA_SOURCE:
+        # An MS-OVBA bomb (a copy token repeats up to 4 KiB): not read on by anyone.
+        return Macros("unanalysable", reason=f"VBA source of {len(source)} characters (limit)")
     return Macros("found", source=source)
 
 
