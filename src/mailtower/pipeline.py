@@ -305,8 +305,9 @@ class Pipeline:
 
         MS-OVBA compression puts a flag byte before every eight tokens, so a keyword in a
         module is visible to YARA or a fuzzy hash only when it happens to fall inside one group;
-        the source olevba reads is what they should see. A source over the container stage's
-        byte limit (an MS-OVBA bomb) is cut there, and the cut is a limit finding."""
+        the source olevba reads is what they should see. A bomb's source never gets here
+        (``skeptic._office.MAX_VBA_SOURCE``: unanalysable); one over the container stage's byte
+        limit, when that is set lower, is cut there, and the cut is a limit finding."""
         limit = self.container_limits.max_expanded_bytes
         found: list[ScanObject] = []
         for obj in objects:

@@ -239,6 +239,6 @@ def test_scripts_inside_office_macros_are_examined_too(skeptic: Skeptic) -> None
     from mailtower.skeptic._office import Macros
 
     subject = Subject(fx.obj(b"\0binary"), frozenset())
-    subject.__dict__["macros"] = Macros("found", source=fx.junk_commented_vbs())
+    subject.__dict__["all_macros"] = [Macros("found", source=fx.junk_commented_vbs())]
     kind = next(r.kind for r in skeptic.rules if r.id == "skeptic.obfuscation.junk-comments")
     assert list(kind.check(subject)) == [""]

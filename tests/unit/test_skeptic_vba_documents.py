@@ -325,12 +325,17 @@ def test_yara_macro_rule_sees_compressed_vba_at_any_alignment(pipeline: Pipeline
     assert all(in_pipeline), in_pipeline
 
 
+def harmless_doc_mail() -> bytes:
+    """A message carrying a .doc whose macro does nothing hostile."""
+    return with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC)
+
+
 def test_vba_source_over_the_byte_limit_is_cut_and_suspicious() -> None:
     """An MS-OVBA bomb: its source is cut at the container stage's byte limit, and the cut is a
     limit finding on the source's path (over a limit is never clean)."""
     small = in_process()
     small.container_limits = dataclasses.replace(small.container_limits, max_expanded_bytes=64)
-    verdict = small.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    verdict = small.scan(harmless_doc_mail())
     assert verdict.kind is Kind.SUSPICIOUS
     assert Finding("container", "container.limit-exceeded:bytes", "2!vba") in verdict.findings
 
@@ -368,7 +373,7 @@ def test_vba_source_with_lone_surrogates_is_scanned_not_raised(
     monkeypatch.setattr(
         pipeline_mod, "vba_sources", lambda data: [source] if b"\xd0\xcf" in data[:2] else []
     )
-    verdict = pipeline.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    verdict = pipeline.scan(harmless_doc_mail())
     assert ("Mailtower_Office_AutoExec_Shell_Macro", "2!vba") in {
         (f.name, f.part) for f in verdict.findings
     }
@@ -383,7 +388,7 @@ def test_vba_reading_that_fails_is_suspicious_not_a_crash(
         raise RuntimeError("olevba bug")
 
     monkeypatch.setattr(pipeline_mod, "vba_sources", broken)
-    verdict = pipeline.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    verdict = pipeline.scan(harmless_doc_mail())
     assert verdict.kind is Kind.SUSPICIOUS
     assert Finding("container", "container.corrupt", "2!vba") in verdict.findings
 
@@ -397,7 +402,7 @@ def test_a_vba_source_over_the_limit_is_unanalysable_and_kept_by_nobody(
 
     monkeypatch.setattr(_office, "MAX_VBA_SOURCE", 50)
     _office.forget_read_vba()
-    verdict = pipeline.scan(with_attachment(doc(word_modules(HARMLESS)), "minutes.doc", DOC))
+    verdict = pipeline.scan(harmless_doc_mail())
     _office.forget_read_vba()
     assert verdict.kind is Kind.SUSPICIOUS
     assert "skeptic.macro.unanalysable" in {f.name for f in verdict.findings}

@@ -81,14 +81,9 @@ class Subject:
         return found
 
     @cached_property
-    def macros(self) -> _office.Macros:
-        return _office.macros(self.obj.data)
-
-    @cached_property
     def all_macros(self) -> list[_office.Macros]:
         """The object's own VBA and that of macro documents embedded in it as RTF objects."""
-        embedded = [obj.embedded_ole() for obj in self.rtf]
-        return [self.macros] + [_office.macros(ole) for ole in embedded if ole]
+        return _office.all_macros(self.obj.data, self.rtf)
 
     @cached_property
     def rtf(self) -> list[_office.RtfObject]:

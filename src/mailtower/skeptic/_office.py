@@ -63,13 +63,18 @@ def macros(data: bytes) -> Macros:
     return _read_vba(candidate, hint)
 
 
+def all_macros(data: bytes, rtf: list[RtfObject] | None = None) -> list[Macros]:
+    """The VBA of ``data`` and that of macro documents embedded in it as RTF objects (``rtf``:
+    its RTF objects, when already read)."""
+    if rtf is None:
+        rtf = rtf_objects(data) if is_rtf(data) else []
+    return [macros(data)] + [macros(ole) for ole in (o.embedded_ole() for o in rtf) if ole]
+
+
 def vba_sources(data: bytes) -> list[str]:
     """The VBA source read from ``data`` and from macro documents embedded in it as RTF
     objects: what a scanner of plain text cannot see in MS-OVBA's compressed form."""
-    found = [macros(data)]
-    if is_rtf(data):
-        found += [macros(ole) for ole in (o.embedded_ole() for o in rtf_objects(data)) if ole]
-    return [m.source for m in found if m.status == "found"]
+    return [m.source for m in all_macros(data) if m.status == "found"]
 
 
 # The pipeline reads a document's VBA for the object engines, then Skeptic for its rules: olevba
