@@ -8,6 +8,8 @@ invoke lab.down       destroy the lab's hosts (--purge: the base image and bridg
 invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
+invoke prereqs                   every program the lab and the tests call is on this machine
+invoke prereqs.pristine          …and a new machine gets each from scripts/bootstrap
 invoke bench.scanner             scand against amavisd-new on this machine (same clamd, corpus)
 invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sync
 invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
@@ -248,9 +250,42 @@ def lab(c, tower=PAIR):
     verify(c, tower=tower)
 
 
+@task(name="check")
+def prereqs_check(c):
+    """Every program the lab and the tests call is on this machine (names the package if not)."""
+    from mailtower.lab import prereqs
+
+    try:
+        prereqs.check()
+    except prereqs.PrerequisiteError as exc:
+        raise Exit(f"prereqs: {exc}", code=1) from exc
+    _say(f"prereqs: all {len(prereqs.PROGRAMS)} programs the lab and the tests call are here")
+
+
+@task(name="pristine")
+def prereqs_pristine(c):
+    """On a freshly debootstrapped root, scripts/bootstrap brings every program the project
+    calls (what a new machine would show; this machine's own packages can hide a gap)."""
+    from mailtower.lab import lxc, prereqs, pristine
+
+    started = time.monotonic()
+    try:
+        lxc.ensure_controller(_say)  # the apt proxy the pristine root installs through
+        absent = pristine.check(_say)
+    except lxc.LabError as exc:
+        raise Exit(f"prereqs.pristine: {exc}", code=1) from exc
+    if absent:
+        raise Exit("prereqs.pristine: on a new machine " + prereqs.explain(absent), code=1)
+    _say(
+        f"prereqs.pristine: a new machine gets all {len(prereqs.PROGRAMS)} programs from "
+        f"scripts/bootstrap ({time.monotonic() - started:.0f} s)"
+    )
+
+
 @task
 def unit(c):
     """Unit and deploy tests (no hosts needed), plus integration tests on real local programs."""
+    prereqs_check(c)
     with c.cd(str(ROOT)):
         c.run(f"{BIN}/ruff check src tests roles deploys inventory tasks.py")
         c.run(f"{BIN}/mypy")
@@ -262,7 +297,9 @@ def unit(c):
 
 @task
 def test(c):
-    """What CI runs: unit tests, then a full lab tower built, deployed, verified, torn down."""
+    """What CI runs: the new-machine check, unit tests, then the twin lab built, deployed,
+    verified, torn down."""
+    prereqs_pristine(c)
     unit(c)
     try:
         lab(c)
@@ -426,4 +463,8 @@ lab_ns.add_task(up)
 lab_ns.add_task(down)
 lab_ns.add_task(status)
 
-ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns, bundle_ns)
+prereqs_ns = Collection("prereqs")
+prereqs_ns.add_task(prereqs_check, default=True)
+prereqs_ns.add_task(prereqs_pristine)
+
+ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns, bundle_ns, prereqs_ns)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import needs
 import pytest
 from bundle_builders import (
     PROBE_RULE,
@@ -266,7 +267,7 @@ def test_clamav_database_that_does_not_load_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if use_clamscan and _clamav.find_clamscan() is None:
-        pytest.skip("clamscan is not installed")
+        needs.missing("clamscan is not installed")
     if not use_clamscan:
         monkeypatch.setattr(_clamav, "find_clamscan", lambda: None)
     good = signed_bundle(tmp_path / "good.tar.gz", keys.private, rule_files(rules))

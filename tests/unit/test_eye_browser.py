@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import eyebrowser
+import needs
 import pytest
 from eye_fixtures import ROOT, add_event, finding, goc_hub
 from scand_fakes import free_port, wait_until
@@ -34,7 +35,7 @@ SCREENSHOT = ROOT / "tests" / "output" / "viruseye.png"
 PASSWORD = "operator password for the browser test"
 
 if not eyebrowser.available():
-    pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
+    needs.missing("Debian's chromium and chromium-driver", module=True)
 
 from selenium import webdriver  # noqa: E402  (after the skip: selenium is a controller extra)
 from selenium.webdriver.common.by import By  # noqa: E402

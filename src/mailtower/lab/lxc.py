@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mailtower.lab import plan
+from mailtower.lab import plan, prereqs
 from mailtower.lab.plan import LabHost
 
 LXC_DIR = Path("/var/lib/lxc")
@@ -28,6 +28,16 @@ MARKER = "mailtower.id"
 # Bump when the preparation of the base changes: every clone is then rebuilt.
 BASE_PREP_VERSION = "5"
 BASE_PACKAGES = "openssh-server,python3,ca-certificates"
+# What the base must hold once built, and the package each comes from: the Debian template
+# installs BASE_PACKAGES with apt in a chroot and carries on silently when that fails.
+BASE_FILES = (
+    ("usr/bin/python3", "python3"),
+    ("usr/sbin/sshd", "openssh-server"),
+    ("etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
+)
+# The Debian template's debootstrap cache: reused by every later lxc-create, so a bad one
+# poisons every base built after it.
+TEMPLATE_CACHE = Path("/var/cache/lxc/debian")
 
 Progress = Callable[[str], None]
 
@@ -156,10 +166,13 @@ def _base_id() -> str:
 
 
 def ensure_controller(progress: Progress) -> None:
-    """Bridge with the host's lab address, inotify limits, apt proxy; no forwarding."""
-    for tool in ("lxc-create", "lxc-copy", "lxc-start", "debootstrap", "apt-cacher-ng", "ip"):
-        if not shutil.which(tool):
-            raise LabError("controller", f"find {tool}", "install the lab tools: make bootstrap")
+    """Prerequisites, bridge with the host's lab address, inotify limits, apt proxy; no
+    forwarding."""
+    absent = prereqs.missing("lab")
+    if absent:
+        text = prereqs.explain(absent)
+        fix = text.splitlines()[-1].strip().removeprefix("fix: ")
+        raise LabError("controller", "check the lab's prerequisites", fix, text)
     # Beyond ~23 containers new ones die at once without more inotify instances (LAB.md).
     _run(
         [
@@ -257,6 +270,22 @@ def _destroy(name: str) -> None:
             shutil.rmtree(LXC_DIR / name, ignore_errors=True)
 
 
+def base_problems(rootfs: Path) -> list[str]:
+    """What a built base lacks (empty: it holds python3, sshd and the CA certificates)."""
+    return [
+        f"{rel} missing (package {package})"
+        for rel, package in BASE_FILES
+        if not (rootfs / rel).exists()
+    ]
+
+
+def flush_template_cache(progress: Progress, cache: Path = TEMPLATE_CACHE) -> None:
+    """Remove the Debian template's debootstrap cache (the next build starts afresh)."""
+    if cache.exists():
+        shutil.rmtree(cache, ignore_errors=True)
+        progress(f"removed the Debian template's cache {cache} (the next build starts afresh)")
+
+
 def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
     path = root / rel.lstrip("/")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,28 +297,45 @@ def ensure_base(progress: Progress) -> None:
     """Build (once, ~80 s) and prepare the cached base container."""
     name = plan.BASE
     rootfs = LXC_DIR / name / "rootfs"
-    if _exists(name) and not (rootfs / "usr/sbin/sshd").exists():
-        progress(f"base {name} is half-built: destroying it")
+    if _exists(name) and base_problems(rootfs):
+        progress(f"base {name} is half-built ({'; '.join(base_problems(rootfs))}): destroying it")
         _destroy(name)
     if not _exists(name):
         progress(f"building base {name} with debootstrap (about 80 s, once)")
         started = time.monotonic()
-        _run(
-            [
-                "lxc-create",
-                "-t",
-                "debian",
-                "-n",
+        try:
+            _run(
+                [
+                    "lxc-create",
+                    "-t",
+                    "debian",
+                    "-n",
+                    name,
+                    "--",
+                    "-r",
+                    "bookworm",
+                    f"--packages={BASE_PACKAGES}",
+                ],
                 name,
-                "--",
-                "-r",
-                "bookworm",
-                f"--packages={BASE_PACKAGES}",
-            ],
-            name,
-            "lxc-create (debootstrap)",
-            "check that deb.debian.org is reachable; then `invoke lab.down --purge` and retry",
-        )
+                "lxc-create (debootstrap)",
+                "check that this machine reaches Debian's mirror (`apt-get update`), "
+                "then `invoke lab.up` again",
+            )
+            problems = base_problems(rootfs)
+            if problems:
+                raise LabError(
+                    name,
+                    "check the new base image",
+                    "the Debian template's package step failed without saying so (apt in "
+                    "its chroot); check that this machine reaches Debian's mirror "
+                    "(`apt-get update`), then `invoke lab.up` again",
+                    "; ".join(problems),
+                )
+        except LabError:
+            # Neither a half-built base nor the template's cache may poison the next build.
+            _destroy(name)
+            flush_template_cache(progress)
+            raise
         progress(f"base built in {time.monotonic() - started:.0f} s")
     if _marker(name) == _base_id():
         return
@@ -435,6 +481,37 @@ def ensure_hosts(hosts: list[LabHost], progress: Progress) -> None:
     progress(f"{started} hosts started")
     _write_known_hosts(hosts)
     _wait_ssh(hosts, progress)
+    if hosts:
+        _check_apt_proxy(hosts[0], progress)
+
+
+def _check_apt_proxy(host: LabHost, progress: Progress) -> None:
+    """A lab host reaches the apt proxy (every deploy installs its packages through it)."""
+    target = f"{plan.HOST_ADDRESS}:{plan.APT_PROXY_PORT}"
+    probe = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{plan.HOST_ADDRESS}/{plan.APT_PROXY_PORT}'"
+    _run(
+        [
+            "ssh",
+            "-i",
+            str(ssh_key()),
+            "-o",
+            f"UserKnownHostsFile={known_hosts()}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            f"root@{host.address}",
+            probe,
+        ],
+        host.name,
+        f"reach the apt proxy {target}",
+        "check that apt-cacher-ng listens on the bridge address "
+        f"(`ss -ltn | grep {plan.APT_PROXY_PORT}`, /var/log/apt-cacher-ng/) and that no "
+        "firewall on this machine drops the lab bridge's traffic",
+    )
+    progress(f"{host.name} reaches the apt proxy at {target}")
 
 
 def _write_known_hosts(hosts: list[LabHost]) -> None:
@@ -501,6 +578,7 @@ def destroy(names: Iterable[str], progress: Progress) -> None:
 def purge(progress: Progress) -> None:
     """Remove the base and the bridge too (the next lab.up rebuilds the base)."""
     _destroy(plan.BASE)
+    flush_template_cache(progress)
     subprocess.run(["ip", "link", "del", plan.BRIDGE], capture_output=True)
     progress(f"base {plan.BASE} and bridge {plan.BRIDGE} removed")
 
