@@ -282,9 +282,21 @@ def prereqs_pristine(c):
     )
 
 
-@task
-def unit(c):
+@task(
+    help={
+        "fast": "only the pure unit tests (no real servers), in parallel: the inner loop",
+    }
+)
+def unit(c, fast=False):
     """Unit and deploy tests (no hosts needed), plus integration tests on real local programs."""
+    if fast:
+        with c.cd(str(ROOT)):
+            c.run(
+                f"{PY} -m pytest -p no:cacheprovider tests/unit tests/deploy -q "
+                "-m 'not integration' -n auto",
+                env={"PYTHONPATH": str(ROOT)},
+            )
+        return
     prereqs_check(c)
     with c.cd(str(ROOT)):
         c.run(f"{BIN}/ruff check src tests roles deploys inventory tasks.py")

@@ -1,4 +1,4 @@
-"""The one typed settings model of a tower (DESIGN.md invariant 3).
+"""The one typed settings model of a tower (docs/design.md invariant 3).
 
 Every port, address, limit and engine list lives here. The deploy renders it into every
 config file (Postfix, HAProxy, clamd, PostgreSQL, Prometheus) and writes it as JSON to
@@ -60,7 +60,7 @@ class Limits(_Model):
     """Limits and timers; durations use Postfix syntax (e.g. ``30s``, ``3d``)."""
 
     message_size_bytes: int = 50 * 1024 * 1024  # Postfix message_size_limit, scand's too
-    queue_lifetime: Duration = "3d"  # deferred mail is kept this long (DESIGN.md)
+    queue_lifetime: Duration = "3d"  # deferred mail is kept this long (docs/design.md)
     bounce_queue_lifetime: Duration = "3d"
     queue_run_delay: Duration = "30s"  # how often the deferred queue is scanned
     minimal_backoff: Duration = "30s"  # first retry of a deferred message
@@ -155,7 +155,7 @@ class Secrets(_Model):
 
 
 class Goc(_Model):
-    """The global operations centre the tower syncs with (DESIGN.md "Across towers")."""
+    """The global operations centre the tower syncs with (docs/design.md "Across towers")."""
 
     address: IPv4Address  # where the tower's SQL primary and monitor reach the GOC's PostgreSQL
     port: int = 5432

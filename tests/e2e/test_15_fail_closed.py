@@ -1,4 +1,4 @@
-"""Fail closed (DESIGN.md invariant 2), on a real scanner: clamd down or hung means 451, and
+"""Fail closed (docs/design.md invariant 2), on a real scanner: clamd down or hung means 451, and
 only the relay may hand a scanner mail."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Idempotence (DESIGN.md invariant 5): a second deploy of the unchanged tower changes nothing
+"""Idempotence (docs/design.md invariant 5): a second deploy of the unchanged tower changes nothing
 and restarts nothing."""
 
 from __future__ import annotations

@@ -145,3 +145,29 @@ def test_flush_template_cache_removes_it(tmp_path):
     assert not cache.exists() and "removed the Debian template's cache" in said[0]
     lxc.flush_template_cache(said.append, cache)  # nothing there: nothing said
     assert len(said) == 1
+
+
+def test_the_pristine_probe_looks_inside_the_root_only(tmp_path):
+    """The probe finds a program only in the pristine root, never on this machine: a pattern
+    such as /usr/lib/*/c_icap/… must not be expanded against the host's own files."""
+    import subprocess
+
+    from mailtower.lab import pristine
+
+    programs = (
+        prereqs.Program("lxc-create", "lxc", "x"),
+        prereqs.Program("ls", "coreutils", "on this machine, not in the root"),
+        prereqs.Program("/usr/lib/*/c_icap/virus_scan.so", "libc-icap-mod-virus-scan", "y"),
+        prereqs.Program("/usr/lib/*/nothing.so", "nothing", "z"),
+    )
+    tool = tmp_path / "usr/bin/lxc-create"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    module = tmp_path / "usr/lib/x86_64-linux-gnu/c_icap/virus_scan.so"
+    module.parent.mkdir(parents=True)
+    module.write_text("")
+    out = subprocess.run(
+        ["sh", "-c", pristine.probe(tmp_path, programs)], capture_output=True, text=True
+    ).stdout
+    assert pristine.found_programs(out) == {"lxc-create", "/usr/lib/*/c_icap/virus_scan.so"}

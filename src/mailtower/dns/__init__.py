@@ -1,4 +1,4 @@
-"""MX generation and publication for twin towers (DESIGN.md "Across towers").
+"""MX generation and publication for twin towers (docs/design.md "Across towers").
 
 From a tower pair (two towers, their shared customer domains, the zones to publish in) build
 the MX, A/AAAA and PTR records; write them as zone files; compare them with what an

@@ -67,7 +67,7 @@ class Tower(_Model):
     """One tower of the pair: where it stands, its MX host names and its relay's addresses."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
-    site: str = Field(min_length=1)  # twins stand at different sites (DESIGN.md)
+    site: str = Field(min_length=1)  # twins stand at different sites (docs/design.md)
     # Every name is an MX target of every customer domain and resolves to every address;
     # the first is the relay's own name (its PTR, SMTP banner and certificate).
     mx_hosts: list[str] = Field(min_length=1)

@@ -1,4 +1,4 @@
-"""Throwaway lab hosts as LXC system containers (see LAB.md for what was measured).
+"""Throwaway lab hosts as LXC system containers (see docs/lab.md for what was measured).
 
 Every host is an overlay snapshot clone of one cached base container, with a static address
 on the isolated bridge, its own SSH host key and the lab's SSH key for root. Every step is
@@ -173,7 +173,7 @@ def ensure_controller(progress: Progress) -> None:
         text = prereqs.explain(absent)
         fix = text.splitlines()[-1].strip().removeprefix("fix: ")
         raise LabError("controller", "check the lab's prerequisites", fix, text)
-    # Beyond ~23 containers new ones die at once without more inotify instances (LAB.md).
+    # Beyond ~23 containers new ones die at once without more inotify instances (docs/lab.md).
     _run(
         [
             "sysctl",
@@ -221,7 +221,7 @@ def _ensure_apt_proxy(progress: Progress) -> None:
     if _listening(addr, plan.APT_PROXY_PORT):
         progress(f"apt proxy already listening on {addr}:{plan.APT_PROXY_PORT}")
         return
-    # Its default Debian backend does not resolve here (LAB.md).
+    # Its default Debian backend does not resolve here (docs/lab.md).
     Path("/etc/apt-cacher-ng/backends_debian").write_text("http://deb.debian.org/debian/\n")
     _run(
         [
@@ -350,7 +350,7 @@ def ensure_base(progress: Progress) -> None:
     pub = ssh_key().with_suffix(".pub").read_text()
     _write(rootfs, "/root/.ssh/authorized_keys", pub, 0o600)
     (rootfs / "root/.ssh").chmod(0o700)
-    # With the default `dhcp` networking.service waits forever and sshd never starts (LAB.md).
+    # With the default `dhcp` networking.service waits forever and sshd never starts (docs/lab.md).
     _write(
         rootfs,
         "/etc/network/interfaces",
@@ -387,7 +387,8 @@ def ensure_base(progress: Progress) -> None:
     _set_config(
         name,
         [
-            "lxc.apparmor.profile = unconfined",  # the generated profile is not available (LAB.md)
+            # the generated profile is not available (docs/lab.md)
+            "lxc.apparmor.profile = unconfined",
             "lxc.net.0.type = empty",
         ],
     )

@@ -1,4 +1,4 @@
-"""The lab's address plan (DESIGN.md "The lab"): which throwaway hosts exist and where."""
+"""The lab's address plan (docs/design.md "The lab"): which throwaway hosts exist and where."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ APT_PROXY_PORT = 3142
 BASE = "mt-base"  # the cached base container every host is cloned from
 DEFAULT_SCANNERS = 23
 
-# Third octet of each tower's site net (DESIGN.md address plan).
+# Third octet of each tower's site net (docs/design.md address plan).
 TOWER_NETS = {"a": 1, "b": 2}
 INTERNET_NET = 0
 GOC_NET = 9

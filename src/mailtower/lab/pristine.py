@@ -14,10 +14,12 @@ packages.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from mailtower.lab import plan, prereqs
@@ -87,16 +89,33 @@ chmod +x {merged}/usr/sbin/policy-rc.d
 cp /etc/resolv.conf {merged}/etc/resolv.conf
 chroot {merged} env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root /opt/mailtower/scripts/bootstrap --apt-only
-cd {merged}
-for p in {" ".join(sorted({p.name for p in prereqs.PROGRAMS}))}; do
+{probe(merged)}"""
+
+
+def probe(root: Path, programs: Iterable[prereqs.Program] = prereqs.PROGRAMS) -> str:
+    """Shell that prints ``program NAME yes|no`` for each program, looked for inside ``root``
+    only (names are quoted: a pattern must not match this machine's own files)."""
+    names = " ".join(shlex.quote(name) for name in sorted({p.name for p in programs}))
+    return f"""for p in {names}; do
+    found=no
     case "$p" in
-        /*) found=no; for f in {merged}$p; do [ -e "$f" ] && found=yes; done ;;
-        *) found=no
-           for d in {" ".join(PATH_DIRS)}; do [ -x "{merged}/$d/$p" ] && found=yes; done ;;
+        /*) for f in {shlex.quote(str(root))}$p; do [ -e "$f" ] && found=yes; done ;;
+        *) for d in {" ".join(PATH_DIRS)}; do
+               [ -x {shlex.quote(str(root))}/"$d/$p" ] && found=yes
+           done ;;
     esac
     echo "program $p $found"
 done
 """
+
+
+def found_programs(output: str) -> set[str]:
+    """The names ``probe``'s output says were found."""
+    return {
+        fields[1]
+        for fields in (line.split() for line in output.splitlines())
+        if fields[:1] == ["program"] and fields[2:] == ["yes"]
+    }
 
 
 def check(progress: Progress, cache: Path = CACHE) -> list[prereqs.Program]:
@@ -127,9 +146,5 @@ def check(progress: Progress, cache: Path = CACHE) -> list[prereqs.Program]:
                 (done.stdout + done.stderr)[-1500:],
             )
         progress(f"pristine: bootstrap done in {time.monotonic() - started:.0f} s")
-    found = {
-        fields[1]
-        for fields in (line.split() for line in done.stdout.splitlines())
-        if fields[:1] == ["program"] and fields[2:] == ["yes"]
-    }
+    found = found_programs(done.stdout)
     return [p for p in prereqs.PROGRAMS if p.name not in found]

@@ -1,6 +1,6 @@
 """The SMTP side of scand: receive from the relay, scan, re-inject or quarantine, answer.
 
-The answer to the relay is the commit point (DESIGN.md invariant 1): 250 is sent only after
+The answer to the relay is the commit point (docs/design.md invariant 1): 250 is sent only after
 the message was re-injected (the relay answered 250) or quarantined durably; anything else is
 a 4xx, so the relay keeps the message and retries. A killed scanner therefore loses nothing.
 """
