@@ -34,18 +34,13 @@ from mailtower.mime import MESSAGE_PATH, MimeLimits
 from mailtower.objects import VBA_SOURCE_TYPE, Analysis, ScanObject
 from mailtower.rules import RuleDirs
 from mailtower.scan import EngineRun, Kind, Verdict
+from mailtower.settings import DEFAULT_BANNED_EXTENSIONS
 from mailtower.skeptic import INTERNAL_ERROR, Severity, Skeptic, vba_sources
 from mailtower.skeptic._sniff import native_kind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Windows runs these (or hands them to an interpreter) on a double click. Defaults in the spirit
-# of amavisd-new's banned_filename_re; a tower adds its own (mailtower scan --ban-ext …).
-DEFAULT_BANNED_EXTENSIONS = frozenset(
-    {"exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh"}
-    | {"hta", "cpl", "lnk", "jar", "ps1", "msi"}
-)
 # Declared types that only ever carry programs. Declared types are the sender's word, so this
 # list adds to the extension and content checks and never replaces them.
 DEFAULT_BANNED_TYPES = frozenset(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,10 +28,62 @@ _DURATION_RE = re.compile(r"^[0-9]+[smhdw]?$")
 Duration = Annotated[str, Field(pattern=_DURATION_RE.pattern)]
 
 
-def _default_banned_extensions() -> list[str]:
-    from mailtower.pipeline import DEFAULT_BANNED_EXTENSIONS  # heavy: imported only when needed
+# Windows runs these (or hands them to an interpreter) on a double click. Defaults in the spirit
+# of amavisd-new's banned_filename_re; a tower adds its own (mailtower scan --ban-ext …).
+DEFAULT_BANNED_EXTENSIONS = frozenset(
+    {"exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh"}
+    | {"hta", "cpl", "lnk", "jar", "ps1", "msi"}
+)
+# Whole-message engines scand knows (mailtower.engines.from_settings builds them).
+ENGINES = ("clamd", "icap")
+ICAP_DEFAULT_PORT = 1344  # RFC 3507's registered port (given here for error messages)
+_ICAP_EXAMPLE_URL = "icap://127.0.0.1:1344/avscan"
 
+
+def _default_banned_extensions() -> list[str]:
     return sorted(DEFAULT_BANNED_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class IcapUrl:
+    """Where an ICAP service is: ``icap://host:port/service[?arguments]``."""
+
+    host: str
+    port: int
+    service: str
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"icap://{host}:{self.port}/{self.service}"
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_icap_url(url: str) -> IcapUrl:
+    """Parse ``icap://host:port/service[?arguments]``; raise ValueError saying how to write it."""
+    example = f"write it as icap://host:{ICAP_DEFAULT_PORT}/service (e.g. {_ICAP_EXAMPLE_URL})"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"ICAP URL {url!r} is malformed ({exc}); {example}") from None
+    if parts.scheme != "icap":
+        raise ValueError(f"ICAP URL {url!r} must start with icap://; {example}")
+    if not parts.hostname:
+        raise ValueError(f"ICAP URL {url!r} names no host; {example}")
+    if port is None or port == 0:
+        raise ValueError(f"ICAP URL {url!r} names no port; {example}")
+    service = parts.path.lstrip("/")
+    if not service:
+        raise ValueError(f"ICAP URL {url!r} names no service path; {example}")
+    if parts.fragment or parts.username or parts.password:
+        raise ValueError(f"ICAP URL {url!r} has parts ICAP has no use for; {example}")
+    if parts.query:  # service arguments, e.g. c-icap's virus_scan?mode=simple
+        service += f"?{parts.query}"
+    return IcapUrl(parts.hostname, port, service)
 
 
 class SettingsError(Exception):
@@ -194,7 +248,8 @@ class TowerSettings(_Model):
     hosts: TowerHosts
     ports: Ports = Ports()
     limits: Limits = Limits()
-    engines: list[str] = ["clamd"]  # whole-message engines every message passes, in order
+    # whole-message engines every message passes, in order (known: ENGINES)
+    engines: list[Literal["clamd", "icap"]] = ["clamd"]
     # scand's policy (the in-process YARA, reputation and Skeptic stages always run too):
     # attachment extensions banned anywhere in a message (the whole list, no dots)…
     banned_extensions: list[str] = Field(default_factory=_default_banned_extensions)
@@ -268,13 +323,22 @@ class TowerSettings(_Model):
             seen.add(customer.domain)
         return value
 
+    @model_validator(mode="after")
+    def _engines_need(self) -> TowerSettings:
+        if len(set(self.engines)) != len(self.engines):
+            raise ValueError(f"engines lists an engine twice: {self.engines}")
+        if "icap" in self.engines and self.icap_url is None:
+            raise ValueError(
+                "engines lists 'icap' but icap_url is not set; set icap_url (e.g. "
+                f"{_ICAP_EXAMPLE_URL}) or remove 'icap'"
+            )
+        return self
+
     @field_validator("icap_url")
     @classmethod
     def _valid_icap_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from mailtower.engines.icap import parse_icap_url  # the one parser of ICAP URLs
-
         return str(parse_icap_url(value))  # raises ValueError saying how to write it
 
     @property

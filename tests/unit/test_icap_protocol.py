@@ -544,8 +544,12 @@ def test_from_settings_builds_the_icap_engine(tmp_path: Path) -> None:
     assert icap.client.timeout_s == 3
 
 
-def test_from_settings_needs_icap_url(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="icap_url is not set"):
-        from_settings(_settings(tmp_path, engines=["icap"]))
-    with pytest.raises(ValueError, match="known: clamd, icap"):
-        from_settings(_settings(tmp_path, engines=["sophos"]))
+def test_the_settings_model_validates_engines(tmp_path: Path) -> None:
+    """An engine list the daemon could not build is refused when the settings load (the
+    inventory, the deploy), not when scand starts on 23 scanners."""
+    with pytest.raises(ValidationError, match="icap_url is not set"):
+        _settings(tmp_path, engines=["icap"])
+    with pytest.raises(ValidationError, match=r"engines\.0[\s\S]*'clamd' or 'icap'"):
+        _settings(tmp_path, engines=["sophos"])
+    with pytest.raises(ValidationError, match="twice"):
+        _settings(tmp_path, engines=["clamd", "clamd"])

@@ -28,7 +28,6 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from mailtower.engines import (
     EngineProtocolError,
@@ -37,8 +36,10 @@ from mailtower.engines import (
     EngineUnavailable,
     Finding,
 )
+from mailtower.settings import IcapUrl, parse_icap_url
 
-DEFAULT_PORT = 1344  # RFC 3507's registered port (given here for error messages)
+__all__ = ["IcapEngine", "IcapUrl", "parse_icap_url"]
+
 CHUNK_SIZE = 64 * 1024
 # A 200 that changed the content but names no threat (e.g. a replacement page) still stops
 # the message: this is the finding's name then.
@@ -54,54 +55,11 @@ _HTTP_STATUS_RE = re.compile(r"^HTTP/1\.[0-9] ([0-9]{3})")
 _THREAT_RE = re.compile(r"Threat=([^;]*)")
 _ENCAPSULATED_NAMES = {"req-hdr", "res-hdr", "req-body", "res-body", "null-body", "opt-body"}
 _INFECTION_HEADERS = ("x-infection-found", "x-violations-found", "x-virus-id")
-_EXAMPLE_URL = "icap://127.0.0.1:1344/avscan"
 # The encapsulated request the message is the "response" to; servers log and template it.
 _HTTP_REQUEST = b"GET /message.eml HTTP/1.1\r\nHost: mailtower\r\n\r\n"
 
 
 # -- addresses ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IcapUrl:
-    """Where an ICAP service is: ``icap://host:port/service[?arguments]``."""
-
-    host: str
-    port: int
-    service: str
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"icap://{host}:{self.port}/{self.service}"
-
-    @property
-    def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_icap_url(url: str) -> IcapUrl:
-    """Parse ``icap://host:port/service[?arguments]``; raise ValueError saying how to write it."""
-    example = f"write it as icap://host:{DEFAULT_PORT}/service (e.g. {_EXAMPLE_URL})"
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"ICAP URL {url!r} is malformed ({exc}); {example}") from None
-    if parts.scheme != "icap":
-        raise ValueError(f"ICAP URL {url!r} must start with icap://; {example}")
-    if not parts.hostname:
-        raise ValueError(f"ICAP URL {url!r} names no host; {example}")
-    if port is None or port == 0:
-        raise ValueError(f"ICAP URL {url!r} names no port; {example}")
-    service = parts.path.lstrip("/")
-    if not service:
-        raise ValueError(f"ICAP URL {url!r} names no service path; {example}")
-    if parts.fragment or parts.username or parts.password:
-        raise ValueError(f"ICAP URL {url!r} has parts ICAP has no use for; {example}")
-    if parts.query:  # service arguments, e.g. c-icap's virus_scan?mode=simple
-        service += f"?{parts.query}"
-    return IcapUrl(parts.hostname, port, service)
 
 
 # -- responses (pure parsing) ------------------------------------------------------------------
