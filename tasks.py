@@ -301,6 +301,7 @@ def unit(c, fast=False):
     with c.cd(str(ROOT)):
         c.run(f"{BIN}/ruff check src tests roles deploys inventory tasks.py")
         c.run(f"{BIN}/mypy")
+        c.run(f"{BIN}/lint-imports")  # the import contract in pyproject.toml
         c.run(
             f"{PY} -m pytest -p no:cacheprovider tests/unit tests/deploy -q",
             env={"PYTHONPATH": str(ROOT)},

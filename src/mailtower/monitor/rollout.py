@@ -37,17 +37,28 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mailtower import bundles, testdata
 from mailtower._fsio import write_durable
 from mailtower.bundles._format import MAX_BUNDLE_BYTES
 from mailtower.monitor import health
-from mailtower.monitor.haproxy import HAProxyError
-from mailtower.monitor.pool import MAINT, READY, Scanner
+from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI
+from mailtower.monitor.metrics import MonitorMetrics
+from mailtower.monitor.pool import MAINT, READY, Pool, Scanner
+from mailtower.settings import TowerSettings
 
-if TYPE_CHECKING:
-    from mailtower.monitor.service import Monitor
+
+class Monitor(Protocol):
+    """What a rollout needs of the monitor that runs it (mailtower.monitor.service.Monitor):
+    its settings, pool and metrics, and the relay's HAProxy with the lock every change of a
+    scanner's state takes."""
+
+    settings: TowerSettings
+    pool: Pool
+    metrics: MonitorMetrics
+    haproxy: RuntimeAPI
+    haproxy_lock: asyncio.Lock
 
 log = logging.getLogger("mailtower.monitor.rollout")
 

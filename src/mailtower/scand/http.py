@@ -147,11 +147,10 @@ class ScannerSource(Source):
 
     async def reload_rules(self, version: int | None) -> None:
         from mailtower import settings as settings_mod
-        from mailtower.scand.workers import _reload_lock  # SIGHUP's: one reload at a time
 
         def load() -> None:
-            new = settings_mod.load(self.settings_path) if self.settings_path else None
-            with _reload_lock:
+            with self.scanner.reload_lock:  # SIGHUP's too: one reload at a time
+                new = settings_mod.load(self.settings_path) if self.settings_path else None
                 self.scanner.reload(new or self.scanner.settings)
 
         try:

@@ -12,6 +12,7 @@ import functools
 import hmac
 import logging
 import socket
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -197,11 +198,18 @@ class Scanner:
         self.reinjector = Reinjector(keep=self.concurrency)
         self.in_flight = 0
         self.draining = False
+        # One reload at a time, whoever asks (SIGHUP, a rule bundle over /rules): a caller that
+        # loads settings first holds it across load and reload, so the last sees the newest.
+        self.reload_lock = threading.RLock()
 
     def reload(self, settings: TowerSettings, engines: list[Engine] | None = None) -> None:
         """Take new settings and rebuild the pipeline (rules compiled and loaded again, from the
         rule bundle ``current`` names now); messages in flight finish with the old ones. If the
         new pipeline does not build, this raises and the old settings and pipeline stay."""
+        with self.reload_lock:
+            self._reload(settings, engines)
+
+    def _reload(self, settings: TowerSettings, engines: list[Engine] | None) -> None:
         engines = engines if engines is not None else engines_mod.from_settings(settings)
         rules = rule_dirs(settings)
         pipeline = build_pipeline(settings, engines, rules)  # first: a failure changes nothing

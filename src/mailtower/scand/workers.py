@@ -484,14 +484,12 @@ def _remove_stale_metrics_dirs() -> None:
 
 # -- a worker ------------------------------------------------------------------------------------
 
-_reload_lock = threading.Lock()
-
 
 def reload(scanner: Scanner, settings_path: Path) -> bool:
     """SIGHUP: load the settings again and rebuild the pipeline, with the rules the rule bundle
     ``current`` names now; messages in flight finish with the old one. On any error the old
     pipeline stays (False). Blocking: runs in a thread."""
-    with _reload_lock:  # two quick SIGHUPs run one after the other; the last sees the newest
+    with scanner.reload_lock:  # two quick SIGHUPs run one after the other; the last sees the newest
         try:
             new = settings_mod.load(settings_path)
             scanner.reload(new)  # builds the new pipeline (rules compiled) before swapping
