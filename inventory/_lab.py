@@ -55,6 +55,9 @@ def lab_tower_data(tower: str) -> dict:
             # keeps the default (0: one worker per CPU).
             "scan_workers": 1,
         },
+        # The controller deploys, verifies and operates the lab: SSH and the operator
+        # interfaces answer it, and nothing else on the lab's internet.
+        "operator_networks": [f"{plan.HOST_ADDRESS}/32"],
         "secrets": lxc.tower_secrets(),
         # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
         "rules_dir": "/var/lib/mailtower/rules",

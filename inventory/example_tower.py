@@ -44,6 +44,9 @@ tower = (
             "name": "tower-x",
             "hostname": "mx.tower-x.example.net",  # the name customers' MX records point at
             "customers": [{"domain": "customer.example", "server": "mail.customer.example"}],
+            # Where operators and this deploy's controller are: SSH, Prometheus and the
+            # monitor's API answer only these (and the tower's own hosts).
+            "operator_networks": ["198.51.100.0/28"],
             "secrets": _read_secrets(_secrets_path),
         }
     },

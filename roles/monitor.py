@@ -16,7 +16,7 @@ from roles._common import put_text, template
 MIRROR = "/srv/mailtower/mirror"
 
 
-PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl"]
+PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl", "nftables"]
 
 
 def install():
@@ -63,11 +63,13 @@ def configure():
         template("monitor/etc/default/prometheus"),
     ]
     ops["monitor"] = [template("monitor/etc/systemd/system/mailtower-monitor.service")]
+    ops["nftables"] = [template("monitor/etc/nftables.conf")]
     return ops
 
 
 def activate(ops, install_op):
     changed = {k: _common.changes(v) for k, v in ops.items()}
+    _common.activate_nftables(changed["nftables"])
     _common.activate("nginx", changed["nginx"], check="nginx -t -q", reload=True)
     _common.activate(
         "prometheus",

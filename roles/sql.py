@@ -20,7 +20,7 @@ DATA = "/var/lib/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 
 
-PACKAGES = ["postgresql-15", "python3-venv"]
+PACKAGES = ["postgresql-15", "python3-venv", "nftables"]
 
 
 def configure():
@@ -142,6 +142,8 @@ def host_address() -> str:
 
 @deploy("mailtower sql")
 def deploy_sql():
+    firewall = [template("sql/etc/nftables.conf")]
+    _common.activate_nftables(_common.changes(firewall))
     ops = configure()
     synced = settings().goc is not None
     sync_ops = _sync_settings() if synced else []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -256,6 +256,11 @@ class TowerSettings(_Model):
     # …and archives that cannot be opened for a password: "suspicious" (stopped) or "pass".
     encrypted_archives: Literal["suspicious", "pass"] = "suspicious"
     customers: list[Customer] = []
+    # Where the tower's operators are (their workstations, the deploy controller, a bastion):
+    # SSH and the operator interfaces (the monitor's Prometheus, its pool API, the mirror)
+    # answer only these networks and the tower's own hosts. Empty: SSH is not restricted
+    # (a tower should list them; the lab lists its controller).
+    operator_networks: list[IPv4Network] = []
     secrets: Secrets
     sql_database: str = "mailtower"
     clamd_socket: str = "/run/clamav/clamd.ctl"
@@ -340,6 +345,12 @@ class TowerSettings(_Model):
         if value is None:
             return None
         return str(parse_icap_url(value))  # raises ValueError saying how to write it
+
+    @property
+    def tower_addresses(self) -> list[IPv4Address]:
+        """Every host of the tower: relay, monitor, SQL pair, scanners."""
+        h = self.hosts
+        return [h.relay, h.monitor, *h.sql, *h.scanners]
 
     @property
     def sql_primary(self) -> IPv4Address:

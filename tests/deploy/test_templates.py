@@ -311,3 +311,54 @@ def test_rule_bundle_alerts_only_with_bundles(render, settings):
     assert "for: 15m" in bundled["ScannerRulesBehind"]
     added = {"RuleBundleRejected", "RuleBundlesUnreachable", "ScannerStuckAfterRuleUpdate"}
     assert added <= set(bundled) and not added & set(plain)
+
+
+FIREWALLS = [
+    "relay/etc/nftables.conf",
+    "scanner/etc/nftables.conf",
+    "monitor/etc/nftables.conf",
+    "sql/etc/nftables.conf",
+]
+
+
+@pytest.mark.parametrize("path", FIREWALLS)
+def test_ssh_answers_only_the_operators(render, path):
+    """Root SSH on a tower host is for its operators, not the internet (issue 15, low)."""
+    s = sample_settings(operator_networks=["198.51.100.0/28", "203.0.113.7/32"])
+    rules = render(path, s)
+    assert (
+        "tcp dport 22 ct state new ip saddr != { 198.51.100.0/28, 203.0.113.7/32 } "
+        "reject with tcp reset" in rules
+    )
+    # Without operator networks SSH is left as it was: a deploy must not lock its own
+    # controller out.
+    assert "dport 22" not in render(path, sample_settings())
+
+
+def test_monitor_operator_interfaces_answer_operators_and_itself_only(render):
+    s = sample_settings(operator_networks=["198.51.100.0/28"])
+    rules = render("monitor/etc/nftables.conf", s)
+    assert (
+        f"tcp dport {{ {s.ports.prometheus}, {s.ports.monitor_http} }} ip saddr != "
+        f"{{ 127.0.0.1, {s.hosts.monitor}, 198.51.100.0/28 }} reject with tcp reset" in rules
+    )
+    mirror = next(ln for ln in rules.splitlines() if f"dport {s.ports.mirror_http}" in ln)
+    assert all(str(ip) in mirror for ip in s.hosts.scanners)
+    assert "198.51.100" not in mirror and str(s.hosts.relay) + "," not in mirror
+
+
+@pytest.mark.parametrize("path", FIREWALLS)
+def test_firewalls_are_valid_nft(render, path, tmp_path):
+    """nft itself checks each rendered ruleset (as the deploy does before loading it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nft") is None:
+        import needs
+
+        needs.missing("nft (package nftables)")
+    s = sample_settings(operator_networks=["198.51.100.0/28", "203.0.113.7/32"], bundles=None)
+    conf = tmp_path / "nftables.conf"
+    conf.write_text(render(path, s))
+    done = subprocess.run(["nft", "-c", "-f", str(conf)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,61 @@
+"""Operator interfaces answer where operators are (issue 15: the monitor too open): from a
+host on the internet, SSH on every kind of tower host, the monitor's Prometheus, its pool API
+and the mirror are refused; from the operator's network (this controller) they answer."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def _targets(s) -> dict[str, tuple[str, int]]:
+    return {
+        "relay ssh": (str(s.hosts.relay), 22),
+        "monitor ssh": (str(s.hosts.monitor), 22),
+        "sql ssh": (str(s.sql_primary), 22),
+        "scanner ssh": (str(s.hosts.scanners[0]), 22),
+        "monitor prometheus": (str(s.hosts.monitor), s.ports.prometheus),
+        "monitor pool api": (str(s.hosts.monitor), s.ports.monitor_http),
+        "monitor mirror": (str(s.hosts.monitor), s.ports.mirror_http),
+    }
+
+
+TARGETS = [
+    "relay ssh",
+    "monitor ssh",
+    "sql ssh",
+    "scanner ssh",
+    "monitor prometheus",
+    "monitor pool api",
+    "monitor mirror",
+]
+
+
+@pytest.fixture(scope="module")
+def outsider(tower):
+    """A host on the internet side that is not an operator: the lab's first customer server."""
+    customers = tower.hosts("customers")
+    if not customers:
+        pytest.skip("the inventory has no customers group (a host outside the tower)")
+    return tower.node(customers[0].name)
+
+
+@pytest.mark.parametrize("what", TARGETS)
+def test_refused_from_the_internet(tower, outsider, what):
+    address, port = _targets(tower.settings)[what]
+    if not tower.settings.operator_networks and port == 22:
+        pytest.skip("the tower lists no operator networks: SSH is not restricted")
+    probe = (
+        f"timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/{port}' 2>/dev/null "
+        "&& echo open || echo closed"
+    )
+    assert outsider.check_output(probe) == "closed", f"{what} ({address}:{port}) answers anyone"
+
+
+@pytest.mark.parametrize("what", [t for t in TARGETS if t != "monitor mirror"])
+def test_answers_the_operator(tower, what):
+    """The mirror is left out: it is for the tower's scanners only."""
+    address, port = _targets(tower.settings)[what]
+    with socket.create_connection((address, port), timeout=5):
+        pass
