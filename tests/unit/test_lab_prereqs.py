@@ -171,3 +171,24 @@ def test_the_pristine_probe_looks_inside_the_root_only(tmp_path):
         ["sh", "-c", pristine.probe(tmp_path, programs)], capture_output=True, text=True
     ).stdout
     assert pristine.found_programs(out) == {"lxc-create", "/usr/lib/*/c_icap/virus_scan.so"}
+
+
+def test_a_bad_base_takes_its_clones_down_first(tmp_path, monkeypatch):
+    """The base's root is the lower layer of every clone: removing it under running clones
+    breaks them, so the clones go first."""
+    lxc_dir = tmp_path / "lxc"
+    (lxc_dir / "mt-base" / "rootfs").mkdir(parents=True)
+    (lxc_dir / "mt-base" / "config").write_text("")
+    (lxc_dir / "mt-a-relay").mkdir()
+    monkeypatch.setattr(lxc, "LXC_DIR", lxc_dir)
+    order: list[str] = []
+    monkeypatch.setattr(lxc, "_destroy", lambda name: order.append(name))
+
+    def stop(*args, **kwargs):
+        raise lxc.LabError("mt-base", "lxc-create", "stop here")
+
+    monkeypatch.setattr(lxc, "_run", stop)
+    monkeypatch.setattr(lxc, "flush_template_cache", lambda progress: None)
+    with pytest.raises(lxc.LabError):
+        lxc.ensure_base(lambda text: None)
+    assert order[:2] == ["mt-a-relay", "mt-base"]

@@ -299,6 +299,8 @@ def ensure_base(progress: Progress) -> None:
     rootfs = LXC_DIR / name / "rootfs"
     if _exists(name) and base_problems(rootfs):
         progress(f"base {name} is half-built ({'; '.join(base_problems(rootfs))}): destroying it")
+        # Its clones first: the base's root is the lower layer of every clone's overlay.
+        destroy(lab_containers(), progress)
         _destroy(name)
     if not _exists(name):
         progress(f"building base {name} with debootstrap (about 80 s, once)")

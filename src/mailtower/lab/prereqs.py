@@ -55,6 +55,12 @@ PROGRAMS: tuple[Program, ...] = (
     ),
     Program("debootstrap", "debootstrap", "the Debian template builds the base root with it"),
     Program("rsync", "rsync", "the Debian template copies its cached root with it"),
+    Program(
+        "debian-distro-info",
+        "distro-info",
+        "the Debian template names bookworm's security suite with it (without it apt fails "
+        "in the template's chroot and the base lacks python3)",
+    ),
     Program("apt-cacher-ng", "apt-cacher-ng", "the lab hosts' only way to Debian packages"),
     Program("ip", "iproute2", "the lab bridge mtlab0"),
     Program("sysctl", "procps", "raises the inotify limits 59 containers need"),
