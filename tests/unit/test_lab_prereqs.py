@@ -5,6 +5,7 @@ starts and after it builds its base image."""
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,12 @@ def test_a_bad_base_takes_its_clones_down_first(tmp_path, monkeypatch):
     (lxc_dir / "mt-a-relay").mkdir()
     monkeypatch.setattr(lxc, "LXC_DIR", lxc_dir)
     order: list[str] = []
-    monkeypatch.setattr(lxc, "_destroy", lambda name: order.append(name))
+
+    def destroy(name):
+        order.append(name)
+        shutil.rmtree(lxc_dir / name)
+
+    monkeypatch.setattr(lxc, "_destroy", destroy)
 
     def stop(*args, **kwargs):
         raise lxc.LabError("mt-base", "lxc-create", "stop here")

@@ -60,6 +60,7 @@ class Monitor(Protocol):
     haproxy: RuntimeAPI
     haproxy_lock: asyncio.Lock
 
+
 log = logging.getLogger("mailtower.monitor.rollout")
 
 MIRROR_DIR = Path("/srv/mailtower/mirror/rules")  # served by nginx as <mirror_url>/rules
