@@ -284,8 +284,7 @@ def test_password_checks_capped_and_excess_told_to_retry(
     async def test() -> None:
         hold = threading.Event()
         checks = CountedChecks(monkeypatch, hold)
-        settings = {"login_checks_at_once": 2, "login_check_wait_s": 0.2}
-        async with eye(tmp_path, **settings) as client:
+        async with eye(tmp_path, login_checks_at_once=2, login_check_wait_s=0.2) as client:
             first = [asyncio.create_task(login(client, password="guess")) for _ in range(2)]
             async with asyncio.timeout(10):
                 while checks.running < 2:  # both slots taken
