@@ -96,7 +96,9 @@ def test_login_over_https_sets_a_secure_cookie(served: tuple[str, Path]) -> None
 
     async def test() -> None:
         trusted = ssl.create_default_context(cafile=str(cert))
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted)) as client:
+        connector = aiohttp.TCPConnector(ssl=trusted)
+        jar = aiohttp.CookieJar(unsafe=True)  # keep cookies of an address, not only of a name
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as client:
             response = await client.post(
                 f"{url}/login",
                 data={"name": "alice", "password": PASSWORD},
@@ -108,8 +110,13 @@ def test_login_over_https_sets_a_secure_cookie(served: tuple[str, Path]) -> None
             assert cookie["secure"] is True
             assert cookie["httponly"] is True
             assert cookie["samesite"] == "Strict"
-            page = await client.get(f"{url}/")
-            assert page.status == 200
+            page = await client.get(f"{url}/", allow_redirects=False)
+            assert page.status == 200 and "operator <b>alice</b>" in await page.text()
+            response = await client.post(
+                f"{url}/logout", headers={"Origin": url}, allow_redirects=False
+            )
+            assert response.status == 303
+            assert response.cookies[SESSION_COOKIE]["secure"] is True  # the deletion too
 
     asyncio.run(test())
 

@@ -378,6 +378,8 @@ def test_logout_ends_the_session_even_for_a_kept_cookie(tmp_path: Path) -> None:
             assert (await client.get("/api/snapshot", headers=kept)).status == 200
             response = await client.post("/logout", headers=origin(client), allow_redirects=False)
             assert response.status == 303 and response.headers["Location"] == "/login"
+            gone = response.cookies[SESSION_COOKIE]
+            assert gone.value == "" and gone["httponly"] is True and gone["samesite"] == "Strict"
             assert (await client.get("/api/snapshot")).status == 401
             assert (await client.get("/api/snapshot", headers=kept)).status == 401
 

@@ -346,7 +346,14 @@ async def logout(request: web.Request) -> web.Response:
         request.app[UNSAVED].append((session.sid, session.expires))
     log.info("event=logout name=%s", session.user)
     response = web.HTTPSeeOther("/login")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    # The same attributes as when it was set, so the browser replaces that very cookie.
+    response.del_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.app[CONFIG].secure_cookie,
+    )
     raise response
 
 
