@@ -285,16 +285,16 @@ async def login(request: web.Request) -> web.Response:
     name, password = form.get("name"), form.get("password")
     if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
         return _login_page("Name and password, please.", status=400)
-    # Counted now, before the check, with no await in between: a burst of parallel guesses
-    # cannot all be checked while the count still reads low.
     sessions = request.app[SESSIONS]
     if not sessions.restored:
         return _login_page("Logins wait for the GOC database (logged-out sessions).", 503)
+    # Counted now, before the check, with no await in between: a burst of parallel guesses
+    # cannot all be checked while the count still reads low.
     limiter = request.app[LIMITER]
     attempt = limiter.reserve(client, name)
     if attempt is None:
         log.warning("event=login_throttled client=%s name=%r", client, name[:64])
-        return _login_page("Too many failed logins: wait a few minutes.", status=429)
+        return _login_page("Too many login attempts: wait a few minutes.", status=429)
     checks = request.app[CHECKS]
     try:
         async with asyncio.timeout(config.login_check_wait_s):
