@@ -17,11 +17,13 @@ Host data ``goc`` (see inventory/lab_goc.py):
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+import re
+from ipaddress import IPv4Address, ip_address
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pyinfra import host
 from pyinfra.api import DeployError, FactBase, deploy
+from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, postgres, server
 
 from mailtower import bundles
@@ -36,6 +38,9 @@ SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "curl"]
 OPERATORS = "/etc/mailtower/eye/operators"
 EYE_PORT = 8025
+EYE_TLS_CERT = "/etc/mailtower/eye/tls.crt"  # eye_tls_self_signed: made by the deploy
+EYE_TLS_KEY = "/etc/mailtower/eye/tls.key"
+TLS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")
 BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
 BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
 
@@ -88,13 +93,43 @@ class GocData(_Model):
     customers: list[Customer] = []
     operators: dict[str, str] = {}
     secrets: dict[str, str | dict[str, str]]
-    eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with the two below
+    eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with HTTPS below
+    # VirusEye over HTTPS (its session cookie is then marked Secure), either with the
+    # operator's certificate chain and key (paths on the GOC host, the key readable by the
+    # mailtower user)…
     eye_tls_cert: str | None = None
     eye_tls_key: str | None = None
+    # …or with a self-signed certificate the deploy makes for these DNS names and addresses
+    # (once, and again when the list changes); browsers must be told to trust it.
+    eye_tls_self_signed: list[str] = Field([], max_length=20)
     bundles: GocBundlesData | None = None
     # Who else may fetch bundles besides every tower's monitor and 127.0.0.1 (the lab's
     # controller, to check what was published).
     bundle_readers: list[IPv4Address] = []
+
+    @field_validator("eye_tls_self_signed")
+    @classmethod
+    def _tls_names(cls, names: list[str]) -> list[str]:
+        for name in names:  # they go into an openssl command line
+            if not (_is_address(name) or TLS_NAME.match(name)):
+                raise ValueError(f"eye_tls_self_signed: {name!r} is not a DNS name or an address")
+        return names
+
+    @model_validator(mode="after")
+    def _one_tls(self) -> GocData:
+        if bool(self.eye_tls_cert) != bool(self.eye_tls_key):
+            raise ValueError("eye_tls_cert and eye_tls_key go together")
+        if self.eye_tls_cert and self.eye_tls_self_signed:
+            raise ValueError("eye_tls_cert/eye_tls_key or eye_tls_self_signed, not both")
+        return self
+
+    def eye_tls(self) -> tuple[str, str] | None:
+        """The certificate and key VirusEye serves HTTPS with; None: plain HTTP."""
+        if self.eye_tls_self_signed:
+            return EYE_TLS_CERT, EYE_TLS_KEY
+        if self.eye_tls_cert and self.eye_tls_key:
+            return self.eye_tls_cert, self.eye_tls_key
+        return None
 
     def secret(self, name: str) -> str:
         value = self.secrets.get(name)
@@ -221,6 +256,7 @@ def _eye(g: GocData, install_op):
             group="mailtower",
         ),
         _template("goc/etc/systemd/system/mailtower-eye.service", g),
+        *_eye_self_signed(g),
     ]
     # Hashes are salted: the file is rewritten only when an operator is missing, removed or
     # has another password, so an unchanged GOC changes nothing.
@@ -241,6 +277,55 @@ def _eye(g: GocData, install_op):
         lambda: _common.changes(ops)() or install_op.did_change(),
         daemon_reload=True,
     )
+
+
+def self_signed_commands(names: list[str], cert: str, key: str) -> list[str]:
+    """Shell commands making a self-signed certificate for ``names`` (DNS names, addresses)."""
+    san = ",".join(f"IP:{n}" if _is_address(n) else f"DNS:{n}" for n in names)
+    return [
+        # P-256, two years: what browsers accept for a certificate an operator trusts by hand.
+        f"umask 077 && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        f" -days 730 -subj '/CN={names[0]}' -addext 'subjectAltName={san}'"
+        f" -keyout {key}.new -out {cert}.new",
+        f"chmod 600 {key}.new && chmod 644 {cert}.new",
+        f"mv {key}.new {key} && mv {cert}.new {cert}",
+    ]
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _eye_self_signed(g: GocData) -> list:
+    """eye_tls_self_signed: a certificate made on the GOC once, and again when the names change."""
+    if not g.eye_tls_self_signed:
+        return []
+    apt.packages(
+        name="Install openssl (makes VirusEye's certificate)",
+        packages=["openssl"],
+        no_recommends=True,
+    )
+    names = _common.put_text(
+        "\n".join(g.eye_tls_self_signed) + "\n",
+        "/etc/mailtower/eye/tls.names",
+        user="mailtower",
+        group="mailtower",
+    )
+    missing = host.get_fact(File, path=EYE_TLS_KEY) is None or (
+        host.get_fact(File, path=EYE_TLS_CERT) is None
+    )
+    commands = self_signed_commands(g.eye_tls_self_signed, EYE_TLS_CERT, EYE_TLS_KEY)
+    commands.append(f"chown mailtower:mailtower {EYE_TLS_CERT} {EYE_TLS_KEY}")
+    make = server.shell(
+        name=f"Make VirusEye's self-signed certificate {EYE_TLS_CERT}",
+        commands=commands,
+        _if=lambda: missing or names.did_change(),
+    )
+    return [names, make]
 
 
 def _bundles(g: GocData) -> None:

@@ -255,6 +255,56 @@ def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
     assert "location ~ /\\. {" in lines
 
 
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        ({}, None),
+        (
+            {"eye_tls_self_signed": ["eye.goc.example", "10.201.9.10"]},
+            ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key"),
+        ),
+        (
+            {"eye_tls_cert": "/etc/ssl/eye.pem", "eye_tls_key": "/etc/ssl/eye.key"},
+            ("/etc/ssl/eye.pem", "/etc/ssl/eye.key"),
+        ),
+    ],
+)
+def test_viruseye_serves_https_when_given_a_certificate(render, settings, tls, expected):
+    g = _goc().model_copy(update=tls)
+    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, g=g)
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    if expected is None:
+        assert "--tls-" not in exec_start
+    else:
+        assert f"--tls-cert {expected[0]} --tls-key {expected[1]}" in exec_start
+
+
+@pytest.mark.parametrize(
+    ("tls", "error"),
+    [
+        ({"eye_tls_cert": "/etc/ssl/eye.pem"}, "go together"),
+        (
+            {"eye_tls_cert": "/c", "eye_tls_key": "/k", "eye_tls_self_signed": ["eye.example"]},
+            "not both",
+        ),
+        ({"eye_tls_self_signed": ["eye.example'; rm -rf /"]}, "not a DNS name or an address"),
+    ],
+)
+def test_viruseye_tls_settings_checked(tls, error):
+    from roles.goc import GocData
+
+    with pytest.raises(ValueError, match=error):
+        GocData.model_validate({**_goc().model_dump(mode="json"), **tls})
+
+
+def test_self_signed_certificate_names_addresses_as_ip():
+    from roles.goc import self_signed_commands
+
+    command = self_signed_commands(["eye.goc.example", "10.201.9.10", "fe80::1"], "/c", "/k")[0]
+    assert "-subj '/CN=eye.goc.example'" in command
+    assert "subjectAltName=DNS:eye.goc.example,IP:10.201.9.10,IP:fe80::1" in command
+
+
 def test_goc_bundle_keys_must_be_one_pair():
     from roles.goc import GocBundlesData
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailtower.eye import auth
-from mailtower.eye.auth import Credentials, CredentialsError, LoginThrottle, SecretError, Sessions
+from mailtower.eye.auth import Credentials, CredentialsError, LoginLimiter, SecretError, Sessions
 
 SECRET = b"s" * 64
 
@@ -132,19 +132,59 @@ def test_unreadable_credentials_end_sessions(sessions: Sessions) -> None:
     assert sessions.check(token) is None
 
 
-def test_throttle() -> None:
-    throttle = LoginThrottle(max_failures=3, window_s=60)
-    for t in (0, 1, 2):
-        assert not throttle.blocked("10.0.0.1", now=t)
-        throttle.failed("10.0.0.1", now=t)
-    assert throttle.blocked("10.0.0.1", now=3)
-    assert not throttle.blocked("10.0.0.2", now=3)
-    assert not throttle.blocked("10.0.0.1", now=61)  # two failures left the window
-    throttle.failed("10.0.0.1", now=61)
-    throttle.failed("10.0.0.1", now=61.5)
-    assert throttle.blocked("10.0.0.1", now=61.9)
-    throttle.succeeded("10.0.0.1")
-    assert not throttle.blocked("10.0.0.1", now=61.9)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limiter_counts_attempts_per_address_and_per_account() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(max_attempts=3, window_s=60, clock=clock)
+    assert all(limiter.reserve("10.0.0.1", name) for name in ("alice", "bob", "carol"))
+    assert limiter.reserve("10.0.0.1", "dave") is None  # the address is at its limit
+    assert all(limiter.reserve(f"10.0.1.{i}", "alice") for i in (1, 2))
+    assert limiter.reserve("10.0.1.3", "alice") is None  # so is alice, from any address
+    assert limiter.reserve("10.0.1.3", "bob") is not None  # bob had one
+    clock.now = 60.0  # every attempt has left the window
+    assert limiter.reserve("10.0.0.1", "alice") is not None
+
+
+def test_limiter_release_gives_back_only_that_attempt() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(max_attempts=2, window_s=60, clock=clock)
+    failed = limiter.reserve("10.0.0.1", "alice")
+    clock.now = 1.0
+    succeeded = limiter.reserve("10.0.0.1", "alice")
+    assert failed and succeeded
+    assert limiter.reserve("10.0.0.1", "alice") is None
+    limiter.release(succeeded)  # a success does not count; the failure still does
+    assert limiter.reserve("10.0.0.1", "alice") is not None
+    assert limiter.reserve("10.0.0.1", "alice") is None
+
+
+def test_limiter_memory_is_bounded() -> None:
+    limiter = LoginLimiter(max_attempts=1, window_s=60, clock=Clock())
+    for i in range(LoginLimiter.MAX_KEYS + 50):
+        limiter.reserve(f"c{i}", f"a{i}")
+    assert len(limiter._by_client) <= LoginLimiter.MAX_KEYS
+    assert len(limiter._by_account) <= LoginLimiter.MAX_KEYS
+
+
+def test_sessions_refused_until_revocations_restored(tmp_path: Path) -> None:
+    creds = Credentials(tmp_path / "operators")
+    creds.set_password("alice", "alice's long password")
+    first = Sessions(SECRET, creds)
+    kept, revoked = first.issue("alice"), first.issue("alice")
+    session = first.check(revoked)
+    assert session is not None
+    restarted = Sessions(SECRET, creds, restored=False)
+    assert restarted.check(kept) is None  # a logout it does not know of yet cannot be ruled out
+    restarted.restore({session.sid: session.expires})
+    assert restarted.check(kept) is not None
+    assert restarted.check(revoked) is None
 
 
 def test_secret_created_private_and_reused(tmp_path: Path) -> None:

@@ -98,6 +98,19 @@ def test_the_whole_sync_from_the_deploy_commands(lab: SyncLab, tmp_path: Path) -
     migrated = deployed.goc_apply(goc)
     assert migrated.changes.actions == [f"added tower_status columns {', '.join(added)}"]
     assert deployed.goc_pending(goc) == []
+    # A GOC made before VirusEye kept logouts: the table and mt_eye's grants come with an apply.
+    with lab.goc.connect() as conn:
+        conn.execute("DROP TABLE eye_revoked_sessions")
+    assert deployed.goc_pending(goc) == ["create table eye_revoked_sessions"]
+    granted = deployed.goc_apply(goc)
+    assert granted.changes.actions == [
+        f"granted {p} on eye_revoked_sessions to mt_eye" for p in ("SELECT", "INSERT", "DELETE")
+    ]
+    with lab.goc.connect() as conn:
+        conn.execute("REVOKE DELETE ON eye_revoked_sessions FROM mt_eye")
+    assert deployed.goc_pending(goc) == ["grant DELETE on eye_revoked_sessions to mt_eye"]
+    deployed.goc_apply(goc)
+    assert deployed.goc_pending(goc) == []
     # Config down, events up.
     primary = lab.towers[TOWER].primary
     wait_until(lambda: route_of(primary, "deployed.example") is not None, 30, "config at tower")

@@ -18,6 +18,7 @@ from aiohttp import web
 from mailtower.eye import queries
 from mailtower.eye.app import Database, EyeConfig, make_app
 from mailtower.eye.auth import AuthError, Credentials
+from mailtower.eye.revocations import PgRevocations
 
 log = logging.getLogger("mailtower.eye")
 
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     schema = commands.add_parser(
-        "schema", help="create tower_status and the virus indexes in the hub (idempotent)"
+        "schema",
+        help="create tower_status, eye_revoked_sessions and the virus indexes in the hub "
+        "(idempotent)",
     )
     schema.add_argument("--dsn", default=os.environ.get("MAILTOWER_EYE_DSN"))
 
@@ -123,7 +126,7 @@ def _schema(args: argparse.Namespace) -> int:
     except psycopg.Error as exc:
         print(f"mailtower-eye schema: {exc}".strip(), file=sys.stderr)
         return 1
-    print("VirusEye schema in place (tower_status, verdict_events virus indexes)")
+    print("VirusEye schema in place (tower_status, eye_revoked_sessions, virus indexes)")
     return 0
 
 
@@ -169,7 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     database = Database(args.dsn, window)
     try:
-        asyncio.run(_run(make_app(config, database.snapshot), host.strip("[]"), int(port), tls))
+        app = make_app(config, database.snapshot, PgRevocations(args.dsn))
+        asyncio.run(_run(app, host.strip("[]"), int(port), tls))
     finally:
         database.close()
     return 0

@@ -28,11 +28,13 @@ import psycopg
 from aiohttp import web
 
 from mailtower.eye import queries
-from mailtower.eye.auth import Credentials, CredentialsError, LoginThrottle, Session, Sessions
+from mailtower.eye.auth import Credentials, CredentialsError, LoginLimiter, Session, Sessions
+from mailtower.eye.revocations import MemoryRevocations, RevocationStore
 
 log = logging.getLogger("mailtower.eye")
 
 SESSION_COOKIE = "viruseye_session"
+REVOCATIONS_RETRY_S = 2.0  # reading or writing revoked sessions failed: try again this often
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 MAX_BODY = 16 * 1024  # the only body we accept is the login form
 STATIC = {  # the only files /static/ serves: name → content type
@@ -64,6 +66,14 @@ class EyeConfig:
     session_lifetime_s: int = 12 * 3600
     secure_cookie: bool = False  # set when served over TLS (directly or behind a proxy)
     origin: str | None = None  # the public origin when behind a proxy, e.g. https://eye.goc
+    # Login attempts, counted before the password is checked, per client address and per
+    # account name: this many in this window, successes not counted.
+    login_attempts: int = 5
+    login_window_s: float = 300.0
+    # Password checks (scrypt: ~0.1 s and 32 MiB each) running at once, whatever the address;
+    # an attempt waits this long for its turn, then gets 503 and its attempt back.
+    login_checks_at_once: int = 2
+    login_check_wait_s: float = 10.0
 
 
 class Database:
@@ -184,8 +194,11 @@ def _one_line(exc: BaseException) -> str:
 
 HUB = web.AppKey("hub", Hub)
 SESSIONS = web.AppKey("sessions", Sessions)
-THROTTLE = web.AppKey("throttle", LoginThrottle)
+LIMITER = web.AppKey("limiter", LoginLimiter)
+CHECKS = web.AppKey("checks", asyncio.BoundedSemaphore)  # password checks running at once
 CONFIG = web.AppKey("config", EyeConfig)
+REVOCATIONS = web.AppKey("revocations", RevocationStore)
+UNSAVED = web.AppKey("unsaved", list[tuple[str, int]])  # revocations the store refused so far
 SESSION = web.RequestKey[Session | None]("session")  # the operator's, set by the middleware
 
 # Everything else needs a session; the stylesheet is public because the login page uses it.
@@ -267,26 +280,45 @@ async def login(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if not same_origin(request, config.origin):
         raise web.HTTPForbidden(text="cross-origin login refused\n")
-    throttle = request.app[THROTTLE]
     client = request.remote or "?"
-    if throttle.blocked(client):
-        log.warning("event=login_throttled client=%s", client)
-        return _login_page("Too many failed logins: wait a few minutes.", status=429)
     form = await request.post()
     name, password = form.get("name"), form.get("password")
     if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
         return _login_page("Name and password, please.", status=400)
     sessions = request.app[SESSIONS]
+    if not sessions.restored:
+        return _login_page("Logins wait for the GOC database (logged-out sessions).", 503)
+    # Counted now, before the check, with no await in between: a burst of parallel guesses
+    # cannot all be checked while the count still reads low.
+    limiter = request.app[LIMITER]
+    attempt = limiter.reserve(client, name)
+    if attempt is None:
+        log.warning("event=login_throttled client=%s name=%r", client, name[:64])
+        return _login_page("Too many login attempts: wait a few minutes.", status=429)
+    checks = request.app[CHECKS]
     try:
-        ok = await asyncio.to_thread(sessions.credentials.check, name, password)
+        async with asyncio.timeout(config.login_check_wait_s):
+            await checks.acquire()
+    except TimeoutError:
+        limiter.release(attempt)  # never checked: it does not count against the operator
+        log.warning("event=login_busy client=%s", client)
+        response = _login_page("Logins are busy: try again in a moment.", status=503)
+        response.headers["Retry-After"] = "5"
+        return response
+    # scrypt blocks for ~0.1 s: a worker thread, never the event loop. The slot is given back
+    # when the thread is done, not when this request is (a cancelled request's check runs on).
+    check = asyncio.ensure_future(asyncio.to_thread(sessions.credentials.check, name, password))
+    check.add_done_callback(lambda _: checks.release())
+    try:
+        ok = await asyncio.shield(check)
     except CredentialsError as exc:
+        limiter.release(attempt)
         log.error("event=credentials_unreadable error=%r", str(exc))
         return _login_page("Logins are unavailable: the operators' file is unreadable.", 503)
     if not ok:
-        throttle.failed(client)
         log.warning("event=login_failed client=%s name=%r", client, name[:64])
         return _login_page("Wrong name or password.", status=401)
-    throttle.succeeded(client)
+    limiter.release(attempt)
     log.info("event=login client=%s name=%s", client, name)
     response = web.HTTPSeeOther("/")
     response.set_cookie(
@@ -306,10 +338,22 @@ async def logout(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text="cross-origin logout refused\n")
     session = request[SESSION]
     assert session is not None  # the middleware let it through
-    request.app[SESSIONS].revoke(session)
+    request.app[SESSIONS].revoke(session)  # at once, in this process
+    try:  # and across restarts
+        await asyncio.to_thread(request.app[REVOCATIONS].add, session.sid, session.expires)
+    except Exception as exc:  # psycopg errors, DNS, anything: kept and retried
+        log.error("event=revocation_not_saved name=%s error=%r", session.user, _one_line(exc))
+        request.app[UNSAVED].append((session.sid, session.expires))
     log.info("event=logout name=%s", session.user)
     response = web.HTTPSeeOther("/login")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    # The same attributes as when it was set, so the browser replaces that very cookie.
+    response.del_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.app[CONFIG].secure_cookie,
+    )
     raise response
 
 
@@ -363,15 +407,58 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-def make_app(config: EyeConfig, source: Source) -> web.Application:
-    """The VirusEye application reading snapshots from ``source``."""
+async def _restore_revocations(app: web.Application) -> bool:
+    try:
+        app[SESSIONS].restore(await asyncio.to_thread(app[REVOCATIONS].load))
+    except Exception as exc:  # psycopg errors, DNS, anything: logins wait, retried
+        log.warning("event=revocations_unreadable error=%r", _one_line(exc))
+        return False
+    log.info("event=revocations_restored")
+    return True
+
+
+async def _save_unsaved(app: web.Application) -> None:
+    unsaved = app[UNSAVED]
+    while unsaved:
+        sid, expires = unsaved[0]
+        try:
+            await asyncio.to_thread(app[REVOCATIONS].add, sid, expires)
+        except Exception as exc:
+            log.warning("event=revocation_not_saved error=%r", _one_line(exc))
+            return
+        unsaved.pop(0)
+
+
+async def _keep_revocations(app: web.Application) -> None:
+    """Retry what failed: the first read of the revocations, and logouts not yet saved."""
+    while True:
+        if not app[SESSIONS].restored:
+            await _restore_revocations(app)
+        await _save_unsaved(app)
+        await asyncio.sleep(REVOCATIONS_RETRY_S)
+
+
+def make_app(
+    config: EyeConfig, source: Source, revocations: RevocationStore | None = None
+) -> web.Application:
+    """The VirusEye application reading snapshots from ``source``.
+
+    ``revocations`` keeps logouts across restarts (``PgRevocations`` in the GOC database);
+    without it they are kept in memory only, which is for tests.
+    """
     app = web.Application(middlewares=[_auth], client_max_size=MAX_BODY)
     app.on_response_prepare.append(_add_headers)
     app[CONFIG] = config
     app[SESSIONS] = Sessions(
-        config.secret, Credentials(config.credentials), lifetime_s=config.session_lifetime_s
+        config.secret,
+        Credentials(config.credentials),
+        lifetime_s=config.session_lifetime_s,
+        restored=False,
     )
-    app[THROTTLE] = LoginThrottle()
+    app[REVOCATIONS] = revocations if revocations is not None else MemoryRevocations()
+    app[UNSAVED] = []
+    app[LIMITER] = LoginLimiter(config.login_attempts, config.login_window_s)
+    app[CHECKS] = asyncio.BoundedSemaphore(config.login_checks_at_once)
     app[HUB] = Hub(source, config.refresh_s)
     app.router.add_get("/", index)
     app.router.add_get("/login", login_form)
@@ -389,9 +476,19 @@ def make_app(config: EyeConfig, source: Source) -> web.Application:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def revocations_kept(app: web.Application) -> AsyncIterator[None]:
+        await _restore_revocations(app)  # before serving, so a login seldom has to wait
+        task = asyncio.create_task(_keep_revocations(app))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _save_unsaved(app)  # one last try on the way out
+
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all()
 
     app.cleanup_ctx.append(poller)
+    app.cleanup_ctx.append(revocations_kept)
     app.on_shutdown.append(end_streams)
     return app

@@ -4,13 +4,16 @@ The credentials file has one operator a line, ``name:scrypt$<n>$<r>$<p>$<salt>$<
 (base64 salt and hash), ``#`` comments allowed; it is re-read when it changes, so adding an
 operator needs no restart. Sessions are stateless signed tokens that also carry a fingerprint
 of the operator's password hash (changing a password or removing an operator ends their
-sessions) and a random session id (logout revokes it until it would have expired anyway).
+sessions) and a random session id (logout revokes it until it would have expired anyway; the
+revocation is kept in the GOC database, eye/revocations.py, so a restart does not undo it).
+Login attempts are counted before the password is checked (``LoginLimiter``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -21,6 +24,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,11 +204,26 @@ class Session:
 class Sessions:
     """Issues and checks signed session tokens."""
 
-    def __init__(self, secret: bytes, credentials: Credentials, *, lifetime_s: int = 12 * 3600):
+    def __init__(
+        self,
+        secret: bytes,
+        credentials: Credentials,
+        *,
+        lifetime_s: int = 12 * 3600,
+        restored: bool = True,
+    ):
         self._secret = secret
         self.credentials = credentials
         self.lifetime_s = lifetime_s
         self._revoked: dict[str, int] = {}  # sid → expiry (kept only until then)
+        # False until restore() has the revocations a store kept: until then no token is
+        # accepted, since one logged out before a restart cannot be told from one that was not.
+        self.restored = restored
+
+    def restore(self, revoked: dict[str, int]) -> None:
+        """Add revocations kept across restarts (revocations.RevocationStore.load)."""
+        self._revoked.update(revoked)
+        self.restored = True
 
     def issue(self, user: str, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -219,7 +238,7 @@ class Sessions:
 
     def check(self, token: str | None, now: float | None = None) -> Session | None:
         """The session ``token`` stands for, or None (bad signature, expired, revoked, stale)."""
-        if not token or token.count(".") != 1:
+        if not self.restored or not token or token.count(".") != 1:
             return None
         body, signature = token.split(".")
         if not hmac.compare_digest(signature, self._sign(body)):
@@ -249,32 +268,79 @@ class Sessions:
         return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
 
 
-class LoginThrottle:
-    """Refuses further attempts from a client after too many failures in a sliding window."""
+class LoginLimiter:
+    """Login attempts allowed per client address and per account name, in a sliding window.
 
-    def __init__(self, max_failures: int = 5, window_s: float = 300.0):
-        self.max_failures = max_failures
+    An attempt is counted when it is *reserved*, before its password is checked, so a burst of
+    parallel requests cannot all be checked while the count still reads low: ``reserve`` checks
+    both limits and records the attempt in both in one step (under a lock, with no await in
+    between). A success or an attempt that was never checked gives its reservation back
+    (``release``); failures keep theirs until they leave the window. Per account as well as
+    per address, so guessing one operator's password from many addresses gets no further.
+    """
+
+    MAX_KEYS = 10_000  # per table: bounds memory under a spray of addresses or names
+
+    def __init__(
+        self,
+        max_attempts: int = 5,
+        window_s: float = 300.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_attempts = max_attempts
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = {}
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._by_client: dict[str, deque[float]] = {}
+        self._by_account: dict[str, deque[float]] = {}
 
-    def blocked(self, client: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        recent = self._failures.get(client)
-        if not recent:
-            return False
+    def reserve(self, client: str, account: str) -> Attempt | None:
+        """Count one attempt by ``client`` at ``account``; None when either is at its limit."""
+        account = account[:64]
+        with self._lock:
+            now = self.clock()
+            by_client = self._recent(self._by_client, client, now)
+            by_account = self._recent(self._by_account, account, now)
+            if len(by_client) >= self.max_attempts or len(by_account) >= self.max_attempts:
+                return None
+            by_client.append(now)
+            by_account.append(now)
+            self._bound(self._by_client)
+            self._bound(self._by_account)
+            return Attempt(client, account, now)
+
+    def release(self, attempt: Attempt) -> None:
+        """Give back ``attempt``'s place: it succeeded, or its password was never checked."""
+        with self._lock:
+            for table, key in (
+                (self._by_client, attempt.client),
+                (self._by_account, attempt.account),
+            ):
+                recent = table.get(key)
+                if recent is None:
+                    continue
+                with contextlib.suppress(ValueError):
+                    recent.remove(attempt.at)
+                if not recent:
+                    del table[key]
+
+    def _recent(self, table: dict[str, deque[float]], key: str, now: float) -> deque[float]:
+        recent = table.setdefault(key, deque())
         while recent and recent[0] <= now - self.window_s:
             recent.popleft()
-        if not recent:
-            del self._failures[client]
-            return False
-        return len(recent) >= self.max_failures
+        return recent
 
-    def failed(self, client: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._failures.setdefault(client, deque()).append(now)
-        if len(self._failures) > 10_000:  # bound memory under a spray from many addresses
-            oldest = min(self._failures, key=lambda c: self._failures[c][-1])
-            del self._failures[oldest]
+    def _bound(self, table: dict[str, deque[float]]) -> None:
+        if len(table) > self.MAX_KEYS:
+            stalest = min(table, key=lambda k: table[k][-1] if table[k] else float("-inf"))
+            del table[stalest]
 
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+
+@dataclass(frozen=True)
+class Attempt:
+    """One reserved login attempt (LoginLimiter.reserve)."""
+
+    client: str
+    account: str
+    at: float

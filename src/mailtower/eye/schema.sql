@@ -31,3 +31,11 @@ CREATE INDEX IF NOT EXISTS verdict_events_virus_at
 -- name. The expression must stay identical to mailtower.eye.queries.OUTBREAK_NAME.
 CREATE INDEX IF NOT EXISTS verdict_events_virus_name
     ON public.verdict_events ((findings -> 0 ->> 'name'), scanned_at) WHERE verdict = 'virus';
+
+-- Logged-out VirusEye sessions (mailtower.eye.revocations): a session id is kept until its
+-- token would have expired anyway, so a restart of the web view does not bring a logged-out
+-- cookie back. mt_eye may SELECT, INSERT and DELETE (mailtower.sync.deployed).
+CREATE TABLE IF NOT EXISTS public.eye_revoked_sessions (
+    sid        text PRIMARY KEY,
+    expires_at timestamptz NOT NULL
+);

@@ -47,6 +47,8 @@ from mailtower.sync.tower import ensure_tower
 STATUS_ROLE = "mt_status"  # a tower's monitor: its row of tower_status
 EYE_ROLE = "mt_eye"  # VirusEye: reads the hub
 EYE_TABLES = ("verdict_events", "tower_status", "customers", "domains")
+# VirusEye's own table: logouts kept across its restarts (mailtower.eye.revocations).
+EYE_REVOCATIONS = ("eye_revoked_sessions", ("SELECT", "INSERT", "DELETE"))
 
 
 class _Model(BaseModel):
@@ -161,7 +163,7 @@ def goc_pending(side: GocSide) -> list[str]:
     """What ``goc_apply`` would do (towers not reachable yet are not counted)."""
     pending: list[str] = []
     with connect(side.dsn) as goc:
-        for table in ("verdict_events", "tower_status"):
+        for table in ("verdict_events", "tower_status", EYE_REVOCATIONS[0]):
             if not relation_exists(goc, table):
                 pending.append(f"create table {table}")
         if relation_exists(goc, "tower_status"):
@@ -171,6 +173,15 @@ def goc_pending(side: GocSide) -> list[str]:
         pending += _role_pending(goc, SYNC_ROLE, side.sync_password, replication=True)
         pending += _role_pending(goc, STATUS_ROLE, side.status_password)
         pending += _role_pending(goc, EYE_ROLE, side.eye_password)
+        if not pending:
+            table, privileges = EYE_REVOCATIONS
+            pending += [
+                f"grant {p} on {table} to {EYE_ROLE}"
+                for p in privileges
+                if not scalar(
+                    goc, "SELECT has_table_privilege(%s, %s, %s)", (EYE_ROLE, f"public.{table}", p)
+                )
+            ]
         if pending:
             return pending
         for tower in side.towers:
@@ -212,6 +223,7 @@ def goc_apply(side: GocSide) -> GocReport:
         ensure_login_role(goc, EYE_ROLE, side.eye_password, changes)
         for table in EYE_TABLES:
             ensure_privileges(goc, EYE_ROLE, table, ("SELECT",), changes)
+        ensure_privileges(goc, EYE_ROLE, *EYE_REVOCATIONS, changes)
     for tower in side.towers:
         host, why = find_primary(tower)
         if host is None:
