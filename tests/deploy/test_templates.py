@@ -311,3 +311,10 @@ def test_rule_bundle_alerts_only_with_bundles(render, settings):
     assert "for: 15m" in bundled["ScannerRulesBehind"]
     added = {"RuleBundleRejected", "RuleBundlesUnreachable", "ScannerStuckAfterRuleUpdate"}
     assert added <= set(bundled) and not added & set(plain)
+
+
+def test_a_message_set_aside_alerts(render, settings):
+    text = render("monitor/etc/prometheus/rules/mailtower.yml", settings)
+    block = text.split("- alert: MessageSetAside\n")[1].split("- alert:")[0]
+    assert 'mailtower_messages_total{verdict="unprocessable"}' in block
+    assert "3600 s" in block  # the limit as the settings give it

@@ -529,3 +529,8 @@ def test_xforward_is_kept_for_one_transaction_only(scand: Scand) -> None:
         smtp.mail("sender@example.org")
         smtp.rcpt("to@example.com")
         assert smtp.data(raw)[0] == 451  # the next one has no IDENT of its own
+
+
+def test_the_unprocessable_count_is_exported_from_the_start(scand: Scand) -> None:
+    # Prometheus' increase() would not see a series that first appears at 1.
+    assert _metric(scand, 'mailtower_messages_total{verdict="unprocessable"} 0.0')

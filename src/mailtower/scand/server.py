@@ -138,6 +138,9 @@ class Metrics:
             ["verdict"],
             registry=self.registry,
         )
+        # Exported at 0 from the start: Prometheus' increase() sees no increase in a series
+        # whose first sample is already 1 (the MessageSetAside alert).
+        self.messages.labels("unprocessable")
         self.engine_seconds = Histogram(
             "mailtower_engine_seconds",
             "Time of one engine call",
