@@ -106,6 +106,22 @@ def _quarantine_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quarantine_delete(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        entry = store.get(args.id)
+        store.delete(entry.id)
+    except QuarantineError as exc:
+        print(f"mailtower: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailtower: {shown(args.id)}: cannot delete: {exc.strerror}", file=sys.stderr)
+        return 1
+    verdict = shown(entry.meta.get("verdict", "?"))
+    print(f"{entry.id} deleted ({verdict}, never delivered from here)")
+    return 0
+
+
 def _operator() -> str:
     """Who runs the command: the sudo caller if any, else the login user."""
     try:
@@ -594,7 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tower settings JSON naming the relay (default: {settings_mod.SETTINGS_PATH})",
     )
     qrelease.add_argument("--force", action="store_true", help="release again if released")
-    for sub in (qlist, qshow, qrelease):
+    qdelete = qcommands.add_parser(
+        "delete", help="delete a quarantined message and its metadata for good"
+    )
+    qdelete.add_argument("id")
+    for sub in (qlist, qshow, qrelease, qdelete):
         sub.add_argument(
             "--spool",
             type=Path,
@@ -604,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     qlist.set_defaults(func=_quarantine_list)
     qshow.set_defaults(func=_quarantine_show)
     qrelease.set_defaults(func=_quarantine_release)
+    qdelete.set_defaults(func=_quarantine_delete)
 
     sigs = commands.add_parser("signatures", help="write the lab's ClamAV test signatures")
     sigs.add_argument("--out", type=Path, required=True, help="directory to write them into")

@@ -107,3 +107,12 @@ def test_shown_and_json_line() -> None:
     value = {"s": "x\x1b\x7f\x9b\u202e\udcff\U000e0001é"}
     line = json_line(value)
     assert line.isprintable() and json.loads(line) == value
+
+
+def test_quarantine_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    qid = _hostile_entry(tmp_path)
+    assert main(["quarantine", "delete", qid, "--spool", str(tmp_path)]) == 0
+    assert "deleted (unprocessable" in capsys.readouterr().out
+    assert list((tmp_path / "quarantine").iterdir()) == []
+    assert main(["quarantine", "delete", qid, "--spool", str(tmp_path)]) == 1
+    assert "no quarantined message" in capsys.readouterr().err
