@@ -505,6 +505,8 @@ def test_a_crash_of_scand_on_an_old_message_sets_it_aside(
     assert code == 250 and b"unprocessable" in text, text
     [entry] = scand.quarantine.list()
     assert "RuntimeError" in entry.meta["reason"]
+    events = [json.loads(p.read_bytes()) for p in scand.scanner.events.pending()]
+    assert [e["quarantine_id"] for e in events] == [entry.id]
 
 
 def test_an_old_message_that_cannot_be_set_aside_is_retried(scand: Scand) -> None:

@@ -262,10 +262,14 @@ class Scanner:
             # A bug of ours on this message: the relay would bring it back to meet it again.
             log.exception("event=process_crashed from=<%r>", mail_from)
             failure = Failure(f"scand failed on it: {type(exc).__name__}: {exc}", S451_LOCAL)
+            settings = self.settings
             try:
                 reply, outcome, qid = self._failed(
-                    self.settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, None
+                    settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, None
                 )
+                if qid is not None:
+                    verdict = Verdict(Kind.TEMPFAIL, reason=failure.reason)
+                    self._record(settings, outcome, verdict, None, mail_from, rcpt_tos, raw, qid)
             except Exception:
                 log.exception("event=set_aside_crashed from=<%r>", mail_from)
                 return S451_LOCAL
