@@ -536,3 +536,13 @@ def test_xforward_is_kept_for_one_transaction_only(scand: Scand) -> None:
 def test_the_unprocessable_count_is_exported_from_the_start(scand: Scand) -> None:
     # Prometheus' increase() would not see a series that first appears at 1.
     assert _metric(scand, 'mailtower_messages_total{verdict="unprocessable"} 0.0')
+
+
+def test_xforward_takes_a_long_helo_name(scand: Scand) -> None:
+    # Postfix sends the client's HELO name xtext-encoded; a refusal would bounce the message.
+    helo = "+2B" * 250  # a HELO name of 250 plus signs
+    with smtplib.SMTP("127.0.0.1", scand.smtp_port, timeout=30) as smtp:
+        smtp.ehlo("relay.test")
+        assert smtp.docmd("XFORWARD", f"PROTO=ESMTP HELO={helo} IDENT=4ABCDE12F3")[0] == 250
+        assert smtp.docmd("XFORWARD", "NAME=[UNAVAILABLE] ADDR=IPv6:2001:db8::1 PORT=25")[0] == 250
+        assert smtp.mail("sender@example.org")[0] == 250

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import AnyStr
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import Envelope, syntax
 
@@ -52,6 +52,13 @@ class RelaySMTP(FilterSMTP):
     """scand's SMTP server: FilterSMTP plus Postfix's XFORWARD command."""
 
     _in_ehlo = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A client's HELO name goes into XFORWARD in xtext (up to three bytes a character):
+        # past aiosmtpd's 512 a command, the 500 would make Postfix bounce the message. The
+        # line limit (what aiosmtpd reads at all) bounds it instead.
+        self.command_size_limits["XFORWARD"] = self.line_length_limit
 
     def _create_envelope(self) -> Envelope:
         return RelayEnvelope()
