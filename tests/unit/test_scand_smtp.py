@@ -19,7 +19,8 @@ from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
-from scand_fakes import SinkHandler, make_settings, start_sink, wait_until
+from aiosmtpd.controller import Controller
+from scand_fakes import SinkHandler, free_port, make_settings, start_sink, wait_until
 
 from mailtower import testdata
 from mailtower.engines import EngineTimeout, Finding
@@ -546,3 +547,31 @@ def test_xforward_takes_a_long_helo_name(scand: Scand) -> None:
         assert smtp.docmd("XFORWARD", f"PROTO=ESMTP HELO={helo} IDENT=4ABCDE12F3")[0] == 250
         assert smtp.docmd("XFORWARD", "NAME=[UNAVAILABLE] ADDR=IPv6:2001:db8::1 PORT=25")[0] == 250
         assert smtp.mail("sender@example.org")[0] == 250
+
+
+def test_the_issues_message_is_set_aside_when_the_relay_cannot_take_smtputf8(
+    scand: Scand,
+) -> None:
+    # Issue 15 as reported, against a re-injection listener without SMTPUTF8: retried while
+    # young, set aside once old — never a crash, never three days of rescans.
+    handler = SinkHandler()
+    port = free_port()
+    no_utf8 = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    no_utf8.start()
+    try:
+        settings = scand.scanner.settings
+        ports = settings.ports.model_copy(update={"reinject": port})
+        scand.scanner.reload(settings.model_copy(update={"ports": ports}), [scand.engine])
+        rcpt = ["jörg@example.com".encode()]
+        young = _relay_received("4ABCDE12F3", _hours_ago(0.1)) + _mail(subject="idn-young")
+        code, text = _relay_send(scand, young, rcpts=rcpt, ident="4ABCDE12F3")
+        assert code == 451 and text.startswith(b"4.4.1"), text
+        old = _relay_received("4ABCDE12F4", _hours_ago(1.5)) + _mail(subject="idn-old")
+        code, text = _relay_send(scand, old, rcpts=rcpt, ident="4ABCDE12F4")
+        assert code == 250 and b"unprocessable" in text, text
+        [entry] = scand.quarantine.list()
+        assert "SMTPUTF8" in entry.meta["reason"]
+        assert entry.meta["envelope"]["rcpt_tos"] == ["jörg@example.com"]
+        assert handler.received == []
+    finally:
+        no_utf8.stop()
