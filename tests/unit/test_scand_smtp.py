@@ -23,6 +23,7 @@ from aiosmtpd.controller import Controller
 from scand_fakes import SinkHandler, free_port, make_settings, start_sink, wait_until
 
 from mailtower import testdata
+from mailtower.cli import main as cli_main
 from mailtower.engines import EngineTimeout, Finding
 from mailtower.engines.testing import PatternEngine
 from mailtower.engines.yara import YaraRuleError
@@ -575,3 +576,26 @@ def test_the_issues_message_is_set_aside_when_the_relay_cannot_take_smtputf8(
         assert handler.received == []
     finally:
         no_utf8.stop()
+
+
+def test_a_message_set_aside_lists_and_releases_once_the_cause_is_fixed(
+    scand: Scand, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scand.sink.refuse = "550 5.1.1 <jörg@example.com>: Recipient address rejected"
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="set-aside")
+    rcpt = ["jörg@example.com".encode()]
+    assert _relay_send(scand, raw, rcpts=rcpt, ident="4ABCDE12F3")[0] == 250
+    [entry] = scand.quarantine.list()
+    spool = ["--spool", str(scand.spool)]
+    assert cli_main(["quarantine", "list", *spool]) == 0
+    assert "unprocessable" in capsys.readouterr().out
+    scand.sink.refuse = None  # the customer's routing fixed
+    settings_path = tmp_path / "tower.json"
+    settings_path.write_text(scand.scanner.settings.model_dump_json())
+    assert (
+        cli_main(["quarantine", "release", entry.id, *spool, "--settings", str(settings_path)]) == 0
+    )
+    [got] = scand.sink.received
+    assert got.rcpt_tos == ["jörg@example.com"]
+    assert b"X-Mailtower-Verdict: released; was=unprocessable;" in got.content
+    assert got.content.endswith(raw)
