@@ -26,6 +26,44 @@ if TYPE_CHECKING:
     from mailtower.pipeline import Pipeline
 
 
+def shown(text: object) -> str:
+    """``text`` safe to print on a terminal: every character that is not printable (ESC, BEL,
+    DEL, C1 controls, bidi overrides, line separators, and the lone surrogates that stand for
+    bytes that were not UTF-8) as a backslash escape, and backslash itself doubled, so what
+    mail put there can neither drive the terminal nor pass for something else."""
+    out = []
+    for char in str(text):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte that was not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON spells a character beyond the BMP as its UTF-16 pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def json_line(value: object) -> str:
+    """``value`` as one line of JSON with readable text, but every character ``shown`` would
+    escape written as ``\\uXXXX``: the same JSON value, safe on a terminal."""
+    text = json.dumps(value, ensure_ascii=False)  # outside strings, all printable ASCII
+    return "".join(c if c.isprintable() else _json_escape(c) for c in text)
+
+
 def _default_spool() -> Path:
     """The spool of this host's settings, or the model's default when there are none."""
     try:
@@ -48,10 +86,12 @@ def _quarantine_list(args: argparse.Namespace) -> int:
         print("quarantine is empty")
         return 0
     for e in entries:
-        findings = ",".join(f["name"] for f in e.meta.get("findings", []))
+        findings = ",".join(str(f.get("name", "?")) for f in e.meta.get("findings", []))
         sender = e.meta.get("envelope", {}).get("mail_from", "")
+        verdict = e.meta.get("verdict", "?")
         released = f"  [released {e.meta['released_at']}]" if e.meta.get("released_at") else ""
-        print(f"{e.id}  {e.meta.get('size_bytes', 0):>9}  <{sender}>  {findings}{released}")
+        line = f"{e.id}  {e.meta.get('size_bytes', 0):>9}  {verdict:<13}  <{sender}>  {findings}"
+        print(shown(line + released))
     return 0
 
 
@@ -63,6 +103,22 @@ def _quarantine_show(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(entry.meta, indent=2))
     print(f"message: {entry.message_path}")
+    return 0
+
+
+def _quarantine_delete(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        entry = store.get(args.id)
+        store.delete(entry.id)
+    except QuarantineError as exc:
+        print(f"mailtower: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailtower: {shown(args.id)}: cannot delete: {exc.strerror}", file=sys.stderr)
+        return 1
+    verdict = shown(entry.meta.get("verdict", "?"))
+    print(f"{entry.id} deleted ({verdict}, never delivered from here)")
     return 0
 
 
@@ -137,7 +193,7 @@ def _quarantine_release(args: argparse.Namespace) -> int:
     except ReinjectError as exc:
         print(
             f"mailtower: release of {entry.id} to the relay {relay_address(settings)} failed: "
-            f"{exc}; not marked released",
+            f"{shown(exc)}; not marked released",
             file=sys.stderr,
         )
         return 1
@@ -145,12 +201,12 @@ def _quarantine_release(args: argparse.Namespace) -> int:
         store.mark_released(entry.id, at=now, by=user, relay_answer=answer)
     except OSError as exc:
         print(
-            f"mailtower: {entry.id} was delivered to the relay ({answer}) but could not be "
+            f"mailtower: {entry.id} was delivered to the relay ({shown(answer)}) but could not be "
             f"marked released: {exc}",
             file=sys.stderr,
         )
         return 1
-    print(f"{entry.id} released to {relay_address(settings)}: {answer}")
+    print(f"{entry.id} released to {relay_address(settings)}: {shown(answer)}")
     return 0
 
 
@@ -265,7 +321,9 @@ def _scan(args: argparse.Namespace) -> int:
             try:
                 raw = path.read_bytes()
             except OSError as exc:
-                print(f"mailtower scan: {path}: cannot read: {exc.strerror}", file=sys.stderr)
+                print(
+                    f"mailtower scan: {shown(path)}: cannot read: {exc.strerror}", file=sys.stderr
+                )
                 unreadable = True  # not scanned is not clean; exit 2 says "look at stderr"
                 continue
             verdict = pipeline.scan(raw)
@@ -276,9 +334,9 @@ def _scan(args: argparse.Namespace) -> int:
                     {"engine": f.engine, "name": f.name, "part": f.part} for f in verdict.findings
                 ]
                 line = {"path": str(path), "verdict": str(verdict.kind), "findings": findings}
-                print(json.dumps(line, ensure_ascii=False), flush=True)
+                print(json_line(line), flush=True)
             else:
-                print(f"{path}: {verdict.kind}{_finding_text(verdict)}", flush=True)
+                print(shown(f"{path}: {verdict.kind}{_finding_text(verdict)}"), flush=True)
     return EXIT_USAGE if unreadable else status
 
 
@@ -552,7 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tower settings JSON naming the relay (default: {settings_mod.SETTINGS_PATH})",
     )
     qrelease.add_argument("--force", action="store_true", help="release again if released")
-    for sub in (qlist, qshow, qrelease):
+    qdelete = qcommands.add_parser(
+        "delete", help="delete a quarantined message and its metadata for good"
+    )
+    qdelete.add_argument("id")
+    for sub in (qlist, qshow, qrelease, qdelete):
         sub.add_argument(
             "--spool",
             type=Path,
@@ -562,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     qlist.set_defaults(func=_quarantine_list)
     qshow.set_defaults(func=_quarantine_show)
     qrelease.set_defaults(func=_quarantine_release)
+    qdelete.set_defaults(func=_quarantine_delete)
 
     sigs = commands.add_parser("signatures", help="write the lab's ClamAV test signatures")
     sigs.add_argument("--out", type=Path, required=True, help="directory to write them into")

@@ -4,10 +4,20 @@
 message cost the scanner a third of its re-injection time, and the relay an smtpd hand-off.
 ``reinject`` is one that keeps none: one connection for one message (``mailtower quarantine
 release``).
+
+Every failure is a ``ReinjectError``, and which one says whose it is: ``ReinjectDeferred``, the
+relay could not take anything now (unreachable, a 4xx: retry later); ``ReinjectRefused``, the
+relay will not take this message as it is (a 5xx, an address it cannot be sent with, or a bug
+of ours on it: a retry meets the same answer). Nothing else escapes ``send``.
+
+Envelope addresses go out as the bytes the relay gave scand (UTF-8): one that is not ASCII is
+sent with SMTPUTF8 (RFC 6531), which the relay's Postfix offers; without that offer the message
+is refused here, never half-sent.
 """
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import threading
 import time
@@ -15,9 +25,27 @@ from collections.abc import Sequence
 
 from mailtower.settings import TowerSettings
 
+log = logging.getLogger(__name__)
+
 
 class ReinjectError(Exception):
     """The relay did not take the message back."""
+
+
+class ReinjectDeferred(ReinjectError):
+    """The relay could not take the message now (unreachable, closed, a 4xx): retry later."""
+
+
+class ReinjectRefused(ReinjectError):
+    """The relay will not take this message as it is (a 5xx, an address that cannot be sent,
+    a failure of ours on it): a retry would meet the same answer."""
+
+
+def _refusal(what: str, code: int, text: bytes) -> ReinjectError:
+    """The error for an unexpected reply ``code`` to ``what``: 5xx is this message's, else
+    the relay's (4xx, or a reply that is no SMTP reply at all)."""
+    cls = ReinjectRefused if 500 <= code <= 599 else ReinjectDeferred
+    return cls(f"{what} answered {code} {text!r}")
 
 
 class _Stale(Exception):
@@ -44,6 +72,27 @@ def _connect(settings: TowerSettings, local_hostname: str | None) -> smtplib.SMT
     return smtp
 
 
+def _address(addr: str) -> bytes:
+    """``addr`` as it goes into MAIL FROM / RCPT TO, angle brackets included."""
+    if addr in ("", "<>"):
+        return b"<>"
+    if any(c in addr for c in "\r\n\0"):
+        raise ReinjectRefused(f"address {addr!r} contains a line break or NUL")
+    try:
+        # aiosmtpd decodes what it read as UTF-8 with surrogateescape; bytes that were not
+        # UTF-8 come back as lone surrogates, which strict UTF-8 refuses.
+        return b"<" + addr.encode("utf-8") + b">"
+    except UnicodeEncodeError:
+        raise ReinjectRefused(f"address {addr!r} is not valid UTF-8") from None
+
+
+def _command(smtp: smtplib.SMTP, line: bytes) -> tuple[int, bytes]:
+    """Send one command line as bytes (smtplib encodes str commands as ASCII) and read the
+    reply."""
+    smtp.send(line + b"\r\n")
+    return smtp.getreply()
+
+
 def _transaction(
     smtp: smtplib.SMTP,
     data: bytes,
@@ -55,15 +104,22 @@ def _transaction(
 ) -> str:
     """One message on an open connection; on a ``reused`` one, a failure before MAIL FROM was
     answered raises _Stale (the relay has taken nothing yet)."""
-    # Keep the body type and SMTPUTF8 of the original transaction.
-    options = [
-        opt
-        for opt in mail_options
-        if (opt.startswith("BODY=") and smtp.has_extn("8bitmime"))
-        or (opt == "SMTPUTF8" and smtp.has_extn("smtputf8"))
-    ]
+    sender = _address(mail_from)
+    recipients = [_address(rcpt) for rcpt in rcpt_tos]
+    international = not all(a.isascii() for a in (sender, *recipients))
+    if international and not smtp.has_extn("smtputf8"):
+        raise ReinjectRefused(
+            "an envelope address is not ASCII and the relay does not offer SMTPUTF8"
+        )
+    # Keep the body type of the original transaction; SMTPUTF8 when it asked for it or an
+    # address needs it (Postfix takes UTF-8 addresses without it, so the relay's scan
+    # transport may not have sent it).
+    options = [opt for opt in mail_options if opt.startswith("BODY=") and smtp.has_extn("8bitmime")]
+    if international or ("SMTPUTF8" in mail_options and smtp.has_extn("smtputf8")):
+        options.append("SMTPUTF8")
+    params = "".join(f" {opt}" for opt in options).encode("ascii", "replace")
     try:
-        code, text = smtp.mail(mail_from, options)
+        code, text = _command(smtp, b"MAIL FROM:" + sender + params)
     except (smtplib.SMTPServerDisconnected, OSError) as exc:
         if reused:
             raise _Stale(str(exc)) from exc
@@ -71,20 +127,20 @@ def _transaction(
     if reused and code == 421:  # the relay is closing this (idle) connection
         raise _Stale(f"MAIL FROM answered {code} {text!r}")
     if code != 250:
-        raise ReinjectError(f"MAIL FROM answered {code} {text!r}")
-    for rcpt in rcpt_tos:
-        code, text = smtp.rcpt(rcpt)
+        raise _refusal("MAIL FROM", code, text)
+    for rcpt, address in zip(rcpt_tos, recipients, strict=True):
+        code, text = _command(smtp, b"RCPT TO:" + address)
         # Any refused recipient fails the whole message: the relay retries it
         # (a duplicate for the others is tolerated; a loss is not).
         if code not in (250, 251):
-            raise ReinjectError(f"RCPT TO:<{rcpt}> answered {code} {text!r}")
-    code, text = smtp.docmd("DATA")
+            raise _refusal(f"RCPT TO:<{rcpt}>", code, text)
+    code, text = _command(smtp, b"DATA")
     if code != 354:
-        raise ReinjectError(f"DATA answered {code} {text!r}")
+        raise _refusal("DATA", code, text)
     smtp.send(dot_stuffed(data))
     code, text = smtp.getreply()
     if code != 250:
-        raise ReinjectError(f"DATA answered {code} {text!r}")
+        raise _refusal("DATA", code, text)
     return text.decode("utf-8", errors="replace")
 
 
@@ -112,8 +168,9 @@ def reinject(
 ) -> str:
     """Send ``header + raw`` to the relay with the same envelope; return the relay's answer.
 
-    ``header`` is one or more complete header lines ending in CRLF. Raise ReinjectError when
-    the relay refuses the sender, any recipient or the data, or cannot be reached.
+    ``header`` is one or more complete header lines ending in CRLF. Raise ReinjectDeferred
+    when the relay cannot be reached or answers 4xx, ReinjectRefused when it refuses the
+    sender, any recipient or the data for good, or the message cannot be sent to it.
     """
     one_shot = Reinjector(keep=0)  # keeps nothing: the connection is closed after the message
     return one_shot.send(
@@ -187,8 +244,16 @@ class Reinjector:
                 raise
             self._give(key, smtp)
             return answer
+        except ReinjectError as exc:
+            raise type(exc)(f"{relay_address(settings)}: {exc}") from exc
         except (smtplib.SMTPException, OSError) as exc:
-            raise ReinjectError(f"{relay_address(settings)}: {exc}") from exc
+            raise ReinjectDeferred(f"{relay_address(settings)}: {exc}") from exc
+        except Exception as exc:
+            # A bug of ours on this message: a defined answer, never a crash of the caller.
+            log.exception("event=reinject_crashed relay=%s", relay_address(settings))
+            raise ReinjectRefused(
+                f"{relay_address(settings)}: unexpected {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _take(self, key: tuple[str, int, str | None]) -> smtplib.SMTP | None:
         with self._lock:

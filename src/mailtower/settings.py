@@ -139,6 +139,13 @@ class Limits(_Model):
     queue_alert_messages: int = 500  # alert when the relay queue grows past this
     replication_lag_alert_s: int = 30
     queue_min_free_bytes: int = 256 * 1024 * 1024  # below this free space the relay answers 452
+    # A message that keeps failing for a reason of its own (the relay refuses it for good,
+    # re-injection or scand fails on it, its scan times out while the engines are healthy) is
+    # quarantined as "unprocessable" once the relay has held it this long, instead of being
+    # scanned again on every retry for the whole queue lifetime. Its age comes from the
+    # relay's own Received header (scand.relay_trace); with Postfix's backoff (30 s doubling
+    # to 15 m) one hour is about 10 scans (docs/benchmarks.md).
+    unprocessable_after_s: float = Field(default=3600.0, gt=0)
 
 
 class Customer(_Model):

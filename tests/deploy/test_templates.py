@@ -412,3 +412,10 @@ def test_firewalls_are_valid_nft(render, path, tmp_path):
     conf.write_text(render(path, s))
     done = subprocess.run(["nft", "-c", "-f", str(conf)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_message_set_aside_alerts(render, settings):
+    text = render("monitor/etc/prometheus/rules/mailtower.yml", settings)
+    block = text.split("- alert: MessageSetAside\n")[1].split("- alert:")[0]
+    assert 'mailtower_messages_total{verdict="unprocessable"}' in block
+    assert "3600 s" in block  # the limit as the settings give it

@@ -225,3 +225,21 @@ def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> No
         main(["scan", *argv])
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_names_mail_put_there_are_printed_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An archive member's name is the sender's; it reaches the output as a finding's part.
+    hostile = "evil\x1b]0;owned\x07\x9b.exe"
+    path = write(
+        tmp_path / "m.eml",
+        with_attachment(zip_of({hostile: b"MZ" + b"\0" * 200}), "a.zip", "application/zip"),
+    )
+    code, out, _ = run(capsys, str(path))
+    assert code == 1 and "evil\\x1b]0;owned\\x07\\x9b.exe" in out, out
+    assert not any(c in out for c in "\x1b\x07\x9b")
+    code, out, _ = run(capsys, "--json", str(path))
+    assert not any(c in out for c in "\x1b\x07\x9b")
+    parts = [f["part"] for f in json.loads(out)["findings"]]
+    assert any(hostile in part for part in parts)  # the same value, escaped only in the text

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
 from scand_fakes import SinkHandler, free_port, make_settings, start_sink
 
 from mailtower.cli import main
@@ -127,3 +128,55 @@ def test_release_spool_defaults_to_settings(
     _, qid, argv = _setup(tmp_path, port)
     assert main(["quarantine", "release", qid, *argv[2:]]) == 0  # no --spool
     assert len(handler.received) == 1
+
+
+def test_an_unprocessable_entry_lists_and_releases(
+    tmp_path: Path, sink: tuple[SinkHandler, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What scand writes when it sets a message aside (scand.server.Scanner._failed), here for
+    # a recipient whose local part is not ASCII: released with SMTPUTF8, as scand now sends it.
+    handler, port = sink
+    _, _, argv = _setup(tmp_path, port)
+    store = QuarantineStore(tmp_path / "spool" / "quarantine")
+    qid = store.write(
+        RAW,
+        {
+            "envelope": {"mail_from": "a@example.org", "rcpt_tos": ["jörg@example.com"]},
+            "verdict": "unprocessable",
+            "findings": [],
+            "reason": "re-injection refused: RCPT TO:<jörg@example.com> answered 550",
+            "relay_queue_id": "4ABCDE12F3",
+            "relay_arrival": "2026-12-06T12:00:05+00:00",
+        },
+    )
+    assert main(["quarantine", "list", "--spool", argv[1]]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if qid in x]
+    assert "unprocessable" in line
+    assert main(["quarantine", "release", qid, *argv]) == 0
+    [got] = [r for r in handler.received if r.rcpt_tos == ["jörg@example.com"]]
+    assert b"X-Mailtower-Verdict: released; was=unprocessable;" in got.content
+    assert store.get(qid).meta["released_at"]
+
+
+class RefuseRecipients(SinkHandler):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
+        return "550 5.1.1 Recipient address rejected"
+
+
+def test_a_failed_release_prints_what_mail_put_there_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    handler = RefuseRecipients()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        store, _, argv = _setup(tmp_path, port)
+        qid = store.write(
+            RAW, {"envelope": {"mail_from": "a@example.org", "rcpt_tos": ["b\x1b[2J@example.com"]}}
+        )
+        assert main(["quarantine", "release", qid, *argv]) == 1
+        err = capsys.readouterr().err
+        assert "answered 5" in err and "b\\x1b[2J@example.com" in err and "\x1b" not in err
+    finally:
+        controller.stop()

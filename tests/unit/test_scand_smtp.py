@@ -12,19 +12,24 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
-from scand_fakes import SinkHandler, make_settings, start_sink, wait_until
+from aiosmtpd.controller import Controller
+from scand_fakes import SinkHandler, free_port, make_settings, start_sink, wait_until
 
 from mailtower import testdata
+from mailtower.cli import main as cli_main
+from mailtower.engines import EngineTimeout, Finding
 from mailtower.engines.testing import PatternEngine
 from mailtower.engines.yara import YaraRuleError
 from mailtower.quarantine import Entry as QuarantineEntry
 from mailtower.quarantine import QuarantineStore
-from mailtower.scan import message_id
+from mailtower.scan import Verdict, message_id
 from mailtower.scand import server as scand_server
 from mailtower.scand.http import start_http
 from mailtower.scand.server import Handler, Scanner, start_smtp
@@ -343,3 +348,254 @@ def test_in_flight_is_visible_while_scanning(scand: Scand) -> None:
     scand.engine.release()
     sender.join(30)
     assert scand.scanner.in_flight == 0
+
+
+# -- poison messages (issue 15): internationalised addresses, and failures of the message's own
+
+
+RELAY_HOSTNAME = "mx.tower-t.test"  # make_settings' hostname: the relay's Postfix myhostname
+
+
+def _relay_received(queue_id: str, arrived: datetime, *, host: str = RELAY_HOSTNAME) -> bytes:
+    """The Received field the relay's Postfix smtpd puts on top of every message it takes."""
+    return (
+        "Received: from sender.example (sender.example [192.0.2.25])\r\n"
+        "\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+        f"\tby {host} (Postfix) with ESMTPS id {queue_id}\r\n"
+        f"\tfor <to@example.com>; {format_datetime(arrived)}\r\n"
+    ).encode()
+
+
+def _relay_send(
+    scand: Scand,
+    raw: bytes,
+    *,
+    rcpts: list[bytes] | None = None,
+    ident: str | None = None,
+) -> tuple[int, bytes]:
+    """Send as the relay's scan transport does: XFORWARD (when ``ident``), then the envelope
+    as raw bytes (Postfix passes a UTF-8 address on without SMTPUTF8)."""
+    with smtplib.SMTP("127.0.0.1", scand.smtp_port, timeout=30) as smtp:
+        smtp.ehlo("relay.test")
+        assert smtp.has_extn("xforward")
+        if ident is not None:
+            code, _ = smtp.docmd("XFORWARD", f"NAME=sender.example ADDR=192.0.2.25 IDENT={ident}")
+            assert code == 250
+        assert smtp.mail("sender@example.org")[0] == 250
+        for rcpt in rcpts or [b"to@example.com"]:
+            smtp.send(b"RCPT TO:<" + rcpt + b">\r\n")
+            assert smtp.getreply()[0] == 250
+        return smtp.data(raw)
+
+
+def _hours_ago(hours: float) -> datetime:
+    return datetime.now(UTC) - timedelta(hours=hours)
+
+
+def _metric(scand: Scand, line: str) -> bool:
+    return line in scand.get("/metrics")[1].decode()
+
+
+def test_a_non_ascii_recipient_is_reinjected_not_a_crash(scand: Scand) -> None:
+    code, text = _relay_send(scand, _mail(subject="idn"), rcpts=["jörg@example.com".encode()])
+    assert code == 250, text
+    assert scand.sink.received[0].rcpt_tos == ["jörg@example.com"]
+
+
+def test_a_message_the_relay_refuses_for_good_is_set_aside_once_old(scand: Scand) -> None:
+    scand.sink.refuse = "550 5.1.1 <to@example.com>: Recipient address rejected"
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="poison")
+    code, text = _relay_send(scand, raw, ident="4ABCDE12F3")
+    assert code == 250 and b"set aside as" in text and b"unprocessable" in text, text
+    [entry] = scand.quarantine.list()
+    assert entry.meta["verdict"] == "unprocessable"
+    assert "re-injection refused" in entry.meta["reason"] and "550" in entry.meta["reason"]
+    assert entry.meta["relay_queue_id"] == "4ABCDE12F3"
+    assert entry.meta["envelope"] == {
+        "mail_from": "sender@example.org",
+        "rcpt_tos": ["to@example.com"],
+    }
+    assert entry.message_path.read_bytes() == raw  # the message as the relay sent it
+    assert scand.sink.received == []  # never delivered
+    [event] = [json.loads(p.read_bytes()) for p in scand.scanner.events.pending()]
+    # verdict_events admits the scan verdicts only: a tempfail, its quarantine and the finding
+    assert event["verdict"] == "tempfail" and event["quarantine_id"] == entry.id
+    assert scand_server.UNPROCESSABLE_FINDING in event["findings"]
+    assert _metric(scand, 'mailtower_messages_total{verdict="unprocessable"} 1.0')
+
+
+def test_a_young_failing_message_is_still_retried(scand: Scand) -> None:
+    scand.sink.refuse = "550 5.1.1 <to@example.com>: Recipient address rejected"
+    raw = _relay_received("4ABCDE12F3", _hours_ago(0.5)) + _mail(subject="young")
+    code, text = _relay_send(scand, raw, ident="4ABCDE12F3")
+    assert code == 451 and text.startswith(b"4.4.1"), text
+    assert scand.quarantine.list() == []
+
+
+@pytest.mark.parametrize(
+    ("received", "ident"),
+    [
+        # no XFORWARD: nothing ties a header to the relay's queue file
+        (_relay_received("4ABCDE12F3", _hours_ago(2)), None),
+        # the topmost header names another queue id
+        (_relay_received("4ABCDE12F3", _hours_ago(2)), "4FFFFF0000"),
+        # another host's header
+        (_relay_received("4ABCDE12F3", _hours_ago(2), host="mx.elsewhere.test"), "4ABCDE12F3"),
+        # the sender's forged header under the relay's own, which says: just arrived
+        (
+            _relay_received("4ABCDE12F3", _hours_ago(0))
+            + _relay_received("4ABCDE12F3", _hours_ago(50)),
+            "4ABCDE12F3",
+        ),
+    ],
+)
+def test_without_the_relays_own_arrival_a_failing_message_is_retried(
+    scand: Scand, received: bytes, ident: str | None
+) -> None:
+    scand.sink.refuse = "550 5.1.1 <to@example.com>: Recipient address rejected"
+    code, _ = _relay_send(scand, received + _mail(subject="untrusted"), ident=ident)
+    assert code == 451
+    assert scand.quarantine.list() == []
+
+
+def test_a_relay_that_is_busy_is_not_the_messages_fault(scand: Scand) -> None:
+    scand.sink.refuse = "452 4.3.1 Insufficient system storage"
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="busy-relay")
+    code, _ = _relay_send(scand, raw, ident="4ABCDE12F3")
+    assert code == 451
+    assert scand.quarantine.list() == []
+
+
+def test_a_scan_that_fails_on_one_message_with_healthy_engines_is_set_aside(
+    scand: Scand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ordinary = scand.engine.scan
+
+    def times_out_on_poison(data: bytes) -> list[Finding]:
+        if b"POISON-PAYLOAD" in data:
+            raise EngineTimeout("test: no answer within 0.2s")
+        return ordinary(data)
+
+    monkeypatch.setattr(scand.engine, "scan", times_out_on_poison)
+    old = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail("POISON-PAYLOAD\n", "slow")
+    code, text = _relay_send(scand, old, ident="4ABCDE12F3")
+    assert code == 250 and b"unprocessable" in text, text
+    [entry] = scand.quarantine.list()
+    assert "scan incomplete" in entry.meta["reason"] and "test" in entry.meta["reason"]
+    assert _relay_send(scand, _mail(subject="next"))[0] == 250  # other mail flows
+
+
+def test_an_engine_that_is_down_is_the_scanners_fault(scand: Scand) -> None:
+    scand.engine.mode = "fail"  # fails every scan and its health check
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="engine-down")
+    code, text = _relay_send(scand, raw, ident="4ABCDE12F3")
+    assert code == 451 and text.startswith(b"4.7.1"), text
+    assert scand.quarantine.list() == []
+
+
+def test_a_crash_of_scand_on_an_old_message_sets_it_aside(
+    scand: Scand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(raw: bytes) -> Verdict:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(scand.scanner.pipeline, "scan", crash)
+    young = _relay_received("4ABCDE12F3", _hours_ago(0)) + _mail(subject="crash-young")
+    assert _relay_send(scand, young, ident="4ABCDE12F3")[0] == 451
+    old = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="crash-old")
+    code, text = _relay_send(scand, old, ident="4ABCDE12F3")
+    assert code == 250 and b"unprocessable" in text, text
+    [entry] = scand.quarantine.list()
+    assert "RuntimeError" in entry.meta["reason"]
+    events = [json.loads(p.read_bytes()) for p in scand.scanner.events.pending()]
+    assert [e["quarantine_id"] for e in events] == [entry.id]
+
+
+def test_an_old_message_that_cannot_be_set_aside_is_retried(scand: Scand) -> None:
+    scand.sink.refuse = "550 5.1.1 <to@example.com>: Recipient address rejected"
+    (scand.spool / "quarantine").write_text("not a directory")  # the quarantine cannot be written
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="disk")
+    code, text = _relay_send(scand, raw, ident="4ABCDE12F3")
+    assert code == 451 and text.startswith(b"4.3.0"), text
+
+
+def test_xforward_is_kept_for_one_transaction_only(scand: Scand) -> None:
+    scand.sink.refuse = "550 5.1.1 <to@example.com>: Recipient address rejected"
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="two")
+    with smtplib.SMTP("127.0.0.1", scand.smtp_port, timeout=30) as smtp:
+        smtp.ehlo("relay.test")
+        assert smtp.docmd("XFORWARD", "IDENT=4ABCDE12F3")[0] == 250
+        assert smtp.docmd("XFORWARD", "BOGUS=1")[0] == 501
+        smtp.mail("sender@example.org")
+        assert smtp.docmd("XFORWARD", "IDENT=4ABCDE12F3")[0] == 503  # inside a transaction
+        smtp.rcpt("to@example.com")
+        assert smtp.data(raw)[0] == 250  # the first: set aside
+        smtp.mail("sender@example.org")
+        smtp.rcpt("to@example.com")
+        assert smtp.data(raw)[0] == 451  # the next one has no IDENT of its own
+
+
+def test_the_unprocessable_count_is_exported_from_the_start(scand: Scand) -> None:
+    # Prometheus' increase() would not see a series that first appears at 1.
+    assert _metric(scand, 'mailtower_messages_total{verdict="unprocessable"} 0.0')
+
+
+def test_xforward_takes_a_long_helo_name(scand: Scand) -> None:
+    # Postfix sends the client's HELO name xtext-encoded; a refusal would bounce the message.
+    helo = "+2B" * 250  # a HELO name of 250 plus signs
+    with smtplib.SMTP("127.0.0.1", scand.smtp_port, timeout=30) as smtp:
+        smtp.ehlo("relay.test")
+        assert smtp.docmd("XFORWARD", f"PROTO=ESMTP HELO={helo} IDENT=4ABCDE12F3")[0] == 250
+        assert smtp.docmd("XFORWARD", "NAME=[UNAVAILABLE] ADDR=IPv6:2001:db8::1 PORT=25")[0] == 250
+        assert smtp.mail("sender@example.org")[0] == 250
+
+
+def test_the_issues_message_is_set_aside_when_the_relay_cannot_take_smtputf8(
+    scand: Scand,
+) -> None:
+    # Issue 15 as reported, against a re-injection listener without SMTPUTF8: retried while
+    # young, set aside once old — never a crash, never three days of rescans.
+    handler = SinkHandler()
+    port = free_port()
+    no_utf8 = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    no_utf8.start()
+    try:
+        settings = scand.scanner.settings
+        ports = settings.ports.model_copy(update={"reinject": port})
+        scand.scanner.reload(settings.model_copy(update={"ports": ports}), [scand.engine])
+        rcpt = ["jörg@example.com".encode()]
+        young = _relay_received("4ABCDE12F3", _hours_ago(0.1)) + _mail(subject="idn-young")
+        code, text = _relay_send(scand, young, rcpts=rcpt, ident="4ABCDE12F3")
+        assert code == 451 and text.startswith(b"4.4.1"), text
+        old = _relay_received("4ABCDE12F4", _hours_ago(1.5)) + _mail(subject="idn-old")
+        code, text = _relay_send(scand, old, rcpts=rcpt, ident="4ABCDE12F4")
+        assert code == 250 and b"unprocessable" in text, text
+        [entry] = scand.quarantine.list()
+        assert "SMTPUTF8" in entry.meta["reason"]
+        assert entry.meta["envelope"]["rcpt_tos"] == ["jörg@example.com"]
+        assert handler.received == []
+    finally:
+        no_utf8.stop()
+
+
+def test_a_message_set_aside_lists_and_releases_once_the_cause_is_fixed(
+    scand: Scand, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scand.sink.refuse = "550 5.1.1 <jörg@example.com>: Recipient address rejected"
+    raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="set-aside")
+    rcpt = ["jörg@example.com".encode()]
+    assert _relay_send(scand, raw, rcpts=rcpt, ident="4ABCDE12F3")[0] == 250
+    [entry] = scand.quarantine.list()
+    spool = ["--spool", str(scand.spool)]
+    assert cli_main(["quarantine", "list", *spool]) == 0
+    assert "unprocessable" in capsys.readouterr().out
+    scand.sink.refuse = None  # the customer's routing fixed
+    settings_path = tmp_path / "tower.json"
+    settings_path.write_text(scand.scanner.settings.model_dump_json())
+    assert (
+        cli_main(["quarantine", "release", entry.id, *spool, "--settings", str(settings_path)]) == 0
+    )
+    [got] = scand.sink.received
+    assert got.rcpt_tos == ["jörg@example.com"]
+    assert b"X-Mailtower-Verdict: released; was=unprocessable;" in got.content
+    assert got.content.endswith(raw)

@@ -3,6 +3,15 @@
 The answer to the relay is the commit point (docs/design.md invariant 1): 250 is sent only after
 the message was re-injected (the relay answered 250) or quarantined durably; anything else is
 a 4xx, so the relay keeps the message and retries. A killed scanner therefore loses nothing.
+
+A retry is no answer to a failure that belongs to the message itself (the relay refuses it for
+good, re-injection or scand fails on it, its scan times out while the engines are healthy):
+each retry would cost a full scan again, for the whole queue lifetime. Such a message is set
+aside — quarantined as ``unprocessable``, counted, alerted on — once the relay has held it for
+``limits.unprocessable_after_s`` (its age from the relay's own Received header, see
+``relay_trace``); before that, and whenever the failure is the scanner's (shutting down, an
+engine failing its health check, the quarantine disk), it is a 451 as before. It is never
+delivered unscanned and never bounced.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ import socket
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +38,10 @@ from mailtower.engines import Engine
 from mailtower.events import Event, EventSpool
 from mailtower.pipeline import Pipeline, Policy, in_process, normalise_extension
 from mailtower.quarantine import QuarantineStore
-from mailtower.reinject import ReinjectError, Reinjector
+from mailtower.reinject import ReinjectDeferred, ReinjectError, Reinjector
 from mailtower.rules import RuleDirs
 from mailtower.scan import Kind, Verdict, message_id
-from mailtower.scand.smtp_data import FilterSMTP
+from mailtower.scand.relay_trace import RelayEnvelope, RelaySMTP, relay_arrival
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,8 @@ S451_ENGINE = "451 4.7.1 scanning not possible now, try again later"
 S451_REINJECT = "451 4.4.1 re-injection to the relay failed, try again later"
 S451_LOCAL = "451 4.3.0 local error in the scanner, try again later"
 S451_SHUTDOWN = "451 4.3.2 scanner shutting down, try again later"
+# Failing for a reason of its own for limits.unprocessable_after_s: quarantined, not retried.
+S250_UNPROCESSABLE = "250 2.7.0 set aside as {qid} (unprocessable since {since})"
 S552_TOO_BIG = "552 5.3.4 message exceeds the size limit"
 # The monitor's check of a scanner after a rule update (mailtower.monitor.rollout): a message
 # carrying the tower's canary secret in this header is scanned and answered, never delivered,
@@ -68,6 +80,11 @@ VERDICT_HEADER = "X-Mailtower-Verdict"
 
 # Verdicts that stop a message: it is quarantined and the relay told 250 (the final answer).
 QUARANTINED = (Kind.VIRUS, Kind.BANNED, Kind.SUSPICIOUS)
+# The outcome (quarantine verdict, metric label, log event) of a message set aside. The
+# verdict_events table admits only the scan verdicts, so its event says "tempfail" with the
+# quarantine id and this finding.
+UNPROCESSABLE = "unprocessable"
+UNPROCESSABLE_FINDING = {"engine": "scand", "name": "scand.unprocessable", "part": "message"}
 # The whole scan of one message (parsing, containers, every engine) gets engine_timeout_s plus
 # this; with the defaults that is the pipeline's own 60 s. Postfix waits engine_timeout_s +
 # reinject_timeout_s + 60 s for the answer (master.cf smtp_data_done_timeout).
@@ -122,6 +139,9 @@ class Metrics:
             ["verdict"],
             registry=self.registry,
         )
+        # Exported at 0 from the start: Prometheus' increase() sees no increase in a series
+        # whose first sample is already 1 (the MessageSetAside alert).
+        self.messages.labels("unprocessable")
         self.engine_seconds = Histogram(
             "mailtower_engine_seconds",
             "Time of one engine call",
@@ -163,6 +183,16 @@ class Metrics:
             # ScannerRulesBehind alert must see).
             multiprocess_mode="livemin",
         )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failure that may be the message's own: why, the 451 it gets while it is retried, and
+    whether an engine was involved (then the engines' health decides whose it is)."""
+
+    reason: str
+    reply: str
+    engines: bool = False
 
 
 class Scanner:
@@ -229,9 +259,40 @@ class Scanner:
         mail_options: Sequence[str] = (),
         *,
         peer: str | None = None,
+        relay_queue_id: str | None = None,
     ) -> str:
         """Scan, then re-inject or quarantine; return the SMTP reply for the relay. ``peer``:
-        the client's address (a canary counts only from the tower's monitor)."""
+        the client's address (a canary counts only from the tower's monitor);
+        ``relay_queue_id``: the relay's queue id of the message (XFORWARD IDENT)."""
+        try:
+            return self._process(raw, mail_from, rcpt_tos, mail_options, peer, relay_queue_id)
+        except Exception as exc:
+            # A bug of ours on this message: the relay would bring it back to meet it again.
+            log.exception("event=process_crashed from=<%r>", mail_from)
+            failure = Failure(f"scand failed on it: {type(exc).__name__}: {exc}", S451_LOCAL)
+            settings = self.settings
+            try:
+                reply, outcome, qid = self._failed(
+                    settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, None
+                )
+                if qid is not None:
+                    verdict = Verdict(Kind.TEMPFAIL, reason=failure.reason)
+                    self._record(settings, outcome, verdict, None, mail_from, rcpt_tos, raw, qid)
+            except Exception:
+                log.exception("event=set_aside_crashed from=<%r>", mail_from)
+                return S451_LOCAL
+            self.metrics.messages.labels(outcome).inc()
+            return reply
+
+    def _process(
+        self,
+        raw: bytes,
+        mail_from: str,
+        rcpt_tos: list[str],
+        mail_options: Sequence[str],
+        peer: str | None,
+        relay_queue_id: str | None,
+    ) -> str:
         settings, pipeline = self.settings, self.pipeline
         if len(raw) > settings.limits.message_size_bytes:
             self.metrics.messages.labels("too_big").inc()
@@ -258,9 +319,15 @@ class Scanner:
         if verdict.kind is Kind.CLEAN:
             try:
                 relay_answer = self.reinject(settings, raw, mail_from, rcpt_tos, mail_options)
-            except ReinjectError as exc:
+            except ReinjectDeferred as exc:  # the relay's trouble (unreachable, 4xx): retry
                 log.warning("event=reinject_failed %s error=%r", fields, str(exc))
                 reply, outcome = S451_REINJECT, "tempfail"
+            except ReinjectError as exc:  # refused for good, or unsendable: this message's
+                log.warning("event=reinject_refused %s error=%r", fields, str(exc))
+                failure = Failure(f"re-injection refused: {exc}", S451_REINJECT)
+                reply, outcome, quarantine_id = self._failed(
+                    settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, verdict
+                )
             else:
                 log.info("event=clean %s relay=%r", fields, relay_answer)
                 reply, outcome = S250_CLEAN.format(relay=relay_answer), "clean"
@@ -284,10 +351,82 @@ class Scanner:
             reply = S250_QUARANTINED.format(qid=quarantine_id, verdict=outcome)
         else:
             log.warning("event=tempfail %s reason=%r", fields, verdict.reason)
-            reply, outcome = S451_ENGINE, "tempfail"
+            failure = Failure(f"scan incomplete: {verdict.reason}", S451_ENGINE, engines=True)
+            reply, outcome, quarantine_id = self._failed(
+                settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, verdict
+            )
         self.metrics.messages.labels(outcome).inc()
         self._record(settings, outcome, verdict, msgid, mail_from, rcpt_tos, raw, quarantine_id)
         return reply
+
+    def _failed(
+        self,
+        settings: TowerSettings,
+        failure: Failure,
+        raw: bytes,
+        mail_from: str,
+        rcpt_tos: list[str],
+        relay_queue_id: str | None,
+        verdict: Verdict | None,
+    ) -> tuple[str, str, str | None]:
+        """The answer to a failure of this message's: ``failure.reply`` (retry), or, when the
+        relay has held the message for ``limits.unprocessable_after_s`` and the failure is not
+        the scanner's, quarantined as unprocessable. Returns (reply, outcome, quarantine id)."""
+        arrival = relay_arrival(raw, settings.hostname, relay_queue_id)
+        if arrival is None:  # its age unknown: retried, as before
+            return failure.reply, "tempfail", None
+        age_s = (datetime.now(UTC) - arrival).total_seconds()
+        if age_s < settings.limits.unprocessable_after_s:
+            return failure.reply, "tempfail", None
+        scanner_fault = self._scanner_fault(failure)
+        if scanner_fault is not None:
+            log.warning(
+                "event=tempfail_scanner relay_queue_id=%s why=%r", relay_queue_id, scanner_fault
+            )
+            return failure.reply, "tempfail", None
+        msgid = message_id(raw)
+        meta = {
+            "tower": settings.name,
+            "scanner": self.host_address,
+            "envelope": {"mail_from": mail_from, "rcpt_tos": list(rcpt_tos)},
+            "message_id": msgid,
+            "verdict": UNPROCESSABLE,
+            "findings": [asdict(f) for f in verdict.findings] if verdict else [],
+            "reason": failure.reason,
+            "anomalies": list(verdict.anomalies) if verdict else [],
+            "relay_queue_id": relay_queue_id,
+            "relay_arrival": arrival.isoformat(),
+        }
+        try:
+            qid = self.quarantine.write(raw, meta)
+        except OSError as exc:
+            log.error("event=quarantine_failed relay_queue_id=%s error=%r", relay_queue_id, exc)
+            return S451_LOCAL, "tempfail", None
+        log.error(
+            "event=unprocessable message_id=%s relay_queue_id=%s age_s=%.0f quarantine_id=%s"
+            " reason=%r",
+            msgid,
+            relay_queue_id,
+            age_s,
+            qid,
+            failure.reason,
+        )
+        since = arrival.astimezone(UTC).isoformat(timespec="seconds")
+        return S250_UNPROCESSABLE.format(qid=qid, since=since), UNPROCESSABLE, qid
+
+    def _scanner_fault(self, failure: Failure) -> str | None:
+        """Why the failure may be this scanner's rather than the message's, or None."""
+        if self.draining:
+            return "shutting down"
+        if not failure.engines:
+            return None
+        if not self.pipeline.engines:
+            return "no engine configured"
+        try:
+            self.health()
+        except Exception as exc:  # an engine down or slow for every message, not this one
+            return f"engine health check failed: {exc}"
+        return None
 
     def reinject(
         self,
@@ -341,6 +480,9 @@ class Scanner:
         raw: bytes,
         quarantine_id: str | None,
     ) -> None:
+        findings = [asdict(f) for f in verdict.findings]
+        if outcome == UNPROCESSABLE:
+            outcome, findings = "tempfail", [*findings, UNPROCESSABLE_FINDING]
         event = Event(
             tower=settings.name,
             scanner=self.host_address,
@@ -349,7 +491,7 @@ class Scanner:
             recipients=list(rcpt_tos),
             size_bytes=len(raw),
             message_id=msgid,
-            findings=[asdict(f) for f in verdict.findings],
+            findings=findings,
             quarantine_id=quarantine_id,
         )
         try:
@@ -385,13 +527,15 @@ class Handler:
         rcpt_tos = list(envelope.rcpt_tos)
         mail_options = [opt.upper() for opt in envelope.mail_options]
         peer = session.peer[0] if isinstance(session.peer, tuple) else None
+        xforward = envelope.xforward if isinstance(envelope, RelayEnvelope) else {}
+        relay_queue_id = xforward.get("IDENT")
         self._enter()
         try:
             async with self.semaphore:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
                     scanner.executor,
-                    functools.partial(scanner.process, peer=peer),
+                    functools.partial(scanner.process, peer=peer, relay_queue_id=relay_queue_id),
                     raw,
                     mail_from,
                     rcpt_tos,
@@ -429,7 +573,7 @@ async def start_smtp(
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
-        return FilterSMTP(
+        return RelaySMTP(
             handler,
             data_size_limit=settings.limits.message_size_bytes,
             enable_SMTPUTF8=True,
