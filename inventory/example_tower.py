@@ -44,6 +44,11 @@ tower = (
             "name": "tower-x",
             "hostname": "mx.tower-x.example.net",  # the name customers' MX records point at
             "customers": [{"domain": "customer.example", "server": "mail.customer.example"}],
+            # Who reads mail to the relay's postmaster and Postfix's notices (else discarded).
+            "postmaster": "mail-ops@example.net",
+            # Hosts sending more than the per-client rates allow, e.g. where `invoke verify`
+            # runs (its end-to-end checks send 1,000 messages in a minute).
+            "limits": {"client_limit_exempt": ["198.51.100.7/32"]},
             "secrets": _read_secrets(_secrets_path),
         }
     },
