@@ -59,7 +59,8 @@ class Ports(_Model):
 class Limits(_Model):
     """Limits and timers; durations use Postfix syntax (e.g. ``30s``, ``3d``)."""
 
-    message_size_bytes: int = 50 * 1024 * 1024  # Postfix message_size_limit, scand's too
+    # Postfix's message_size_limit; scand takes filter_message_bytes (this with the relay's own).
+    message_size_bytes: int = 50 * 1024 * 1024
     queue_lifetime: Duration = "3d"  # deferred mail is kept this long (DESIGN.md)
     bounce_queue_lifetime: Duration = "3d"
     queue_run_delay: Duration = "30s"  # how often the deferred queue is scanned
