@@ -113,15 +113,15 @@ def test_deferrals_and_successes_of_the_scan_hop_stay_as_they_are(relay, setting
 
 def test_deliveries_to_customers_keep_their_permanent_failures(relay, settings):
     # The filter is the scan transport's alone: a customer's 5xx (for scanned mail) still ends
-    # the delivery, with a headers-only notice.
+    # the delivery, with a notice that carries none of the content.
     out = relay(settings)
     assert "smtp_delivery_status_filter" not in _conf(out["main"])
     assert "smtp_delivery_status_filter" not in _options(out["master"], "relay ")
 
 
 def test_a_notice_never_carries_the_content(relay, settings):
-    # bounce_size_limit: a message over it is returned as text/rfc822-headers (postconf(5));
-    # every message is over 1 byte.
+    # bounce_size_limit: a message over it is returned as text/rfc822-headers (postconf(5)),
+    # cut at that size; every message is over 1 byte.
     conf = _conf(relay(settings)["main"])
     assert conf["bounce_size_limit"] == "1"
     # And no DSN from the internet (no RET=FULL, no success notices to forged senders).
