@@ -224,6 +224,9 @@ def test_limits_are_the_settings_and_the_filter_takes_them(relay):
     assert limits.filter_message_bytes >= (12_000_000 + limits.relay_header_bytes) * 4 / 3
     # What scand sends back (with its verdict header) fits the re-injection listener.
     assert int(reinject["message_size_limit"]) == limits.reinject_message_bytes
+    # cleanup limits the queue file to its own message_size_limit: scanned mail has its own.
+    cleanup = _options(out["master"], reinject["cleanup_service_name"] + " unix ")
+    assert int(cleanup["message_size_limit"]) == limits.reinject_message_bytes
     assert limits.reinject_message_bytes >= limits.filter_message_bytes + 1024
     assert int(conf["queue_minfree"]) >= limits.reinject_message_bytes * 1.5
 
