@@ -54,10 +54,20 @@ def lab_tower_data(tower: str) -> dict:
             # a worker per CPU each would cost ~130 MiB more per scanner. A real scanner host
             # keeps the default (0: one worker per CPU).
             "scan_workers": 1,
+            # The controller, and the lab's sender (which stands for all of the world's senders
+            # at once), send the checks' and benchmarks' mail in bursts no one internet client
+            # may send.
+            "client_limit_exempt": [
+                f"{plan.HOST_ADDRESS}/32",
+                *(f"{h.address}/32" for h in plan.internet_hosts() if h.group == "sender"),
+            ],
         },
         # The controller deploys, verifies and operates the lab: SSH and the operator
         # interfaces answer it, and nothing else on the lab's internet.
         "operator_networks": [f"{plan.HOST_ADDRESS}/32"],
+        # The relay's postmaster mail lands in the first customer's catch-all, where the
+        # end-to-end checks read it.
+        "postmaster": f"postmaster-{tower}@{plan.customer_domain(1)}",
         "secrets": lxc.tower_secrets(),
         # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
         "rules_dir": "/var/lib/mailtower/rules",

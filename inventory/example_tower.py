@@ -47,6 +47,11 @@ tower = (
             # Where operators and this deploy's controller are: SSH, Prometheus and the
             # monitor's API answer only these (and the tower's own hosts).
             "operator_networks": ["198.51.100.0/28"],
+            # Who reads mail to the relay's postmaster and Postfix's notices (else discarded).
+            "postmaster": "mail-ops@example.net",
+            # Hosts sending more than the per-client rates allow, e.g. where `invoke verify`
+            # runs (its end-to-end checks send 1,000 messages in a minute).
+            "limits": {"client_limit_exempt": ["198.51.100.7/32"]},
             "secrets": _read_secrets(_secrets_path),
         }
     },

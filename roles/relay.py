@@ -17,6 +17,7 @@ KEY = "/etc/mailtower/tls/relay.key"
 PACKAGES = [
     "postfix",
     "postfix-pgsql",
+    "postfix-pcre",  # the address syntax and scan status tables
     "haproxy",
     "nftables",
     "openssl",
@@ -48,6 +49,8 @@ def configure():
     ops["postfix"] = [
         template("relay/etc/postfix/main.cf", cert=CERT, key=KEY),
         template("relay/etc/postfix/master.cf"),
+        template("relay/etc/postfix/address_syntax.pcre"),
+        template("relay/etc/postfix/scan_status.pcre"),
         template("relay/etc/postfix/pgsql/relay_domains.cf", mode="640", group="postfix"),
         template("relay/etc/postfix/pgsql/transport.cf", mode="640", group="postfix"),
     ]

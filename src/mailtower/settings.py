@@ -113,7 +113,8 @@ class Ports(_Model):
 class Limits(_Model):
     """Limits and timers; durations use Postfix syntax (e.g. ``30s``, ``3d``)."""
 
-    message_size_bytes: int = 50 * 1024 * 1024  # Postfix message_size_limit, scand's too
+    # Postfix's message_size_limit; scand takes filter_message_bytes (this with the relay's own).
+    message_size_bytes: int = 50 * 1024 * 1024
     queue_lifetime: Duration = "3d"  # deferred mail is kept this long (docs/design.md)
     bounce_queue_lifetime: Duration = "3d"
     queue_run_delay: Duration = "30s"  # how often the deferred queue is scanned
@@ -146,6 +147,57 @@ class Limits(_Model):
     # relay's own Received header (scand.relay_trace); with Postfix's backoff (30 s doubling
     # to 15 m) one hour is about 10 scans (docs/benchmarks.md).
     unprocessable_after_s: float = Field(default=3600.0, gt=0)
+
+    # What the relay takes at SMTP time, and so what the filter (scand) must take: the relay
+    # refuses at RCPT, MAIL or DATA anything the filter could not take, so the scan hop never
+    # has a reason to refuse (docs/runbook.md "The relay's limits").
+    recipients_per_message: int = Field(default=1000, ge=1)  # smtpd_recipient_limit; one scan each
+    address_local_part_max: int = Field(default=64, ge=1)  # RFC 5321 4.5.3.1.1, characters
+    address_path_max: int = Field(default=256, ge=8)  # RFC 5321 4.5.3.1.3: "<address>" in full
+    # The scan transport folds header and body lines longer than this (smtp_line_length_limit,
+    # CRLF excluded; RFC 5322's 998), so scand never sees a longer one.
+    filter_line_bytes: int = Field(default=998, ge=80)
+    # Room for what the relay adds to a message before the filter: its Received header (which
+    # carries the client's HELO name, itself up to a 2,048-byte command line) and TLS details.
+    relay_header_bytes: int = Field(default=8192, ge=1024)
+    # Per client address and minute (Postfix anvil); 0: no limit. Addresses in
+    # client_limit_exempt (and the relay itself) are not counted: a tower's own verification
+    # host sends a thousand messages in a minute.
+    client_connection_rate: int = Field(default=60, ge=0)
+    client_message_rate: int = Field(default=120, ge=0)
+    client_recipient_rate: int = Field(default=1200, ge=0)
+    client_connection_count: int = Field(default=20, ge=0)  # at once
+    client_limit_exempt: list[IPv4Network] = []
+    # One SMTP request from a client (a command, or all of DATA) must arrive within this…
+    client_request_timeout: Duration = "60s"
+    # …and DATA earns more time only at this rate (bytes/s), so a trickle ends in about a minute.
+    client_min_data_rate: int = Field(default=500, ge=1)
+
+    @property
+    def filter_line_length(self) -> int:
+        """scand's DATA line limit: a folded line, the dot Postfix stuffs before a line that
+        starts with one, and CRLF."""
+        return self.filter_line_bytes + 1 + 2
+
+    @property
+    def filter_command_bytes(self) -> int:
+        """scand's command line limit: the longest MAIL or RCPT the relay can send it. A path
+        the relay took is at most address_path_max characters, UTF-8 takes up to 4 bytes each
+        and quoting a local part at most doubles it; 128 for the verb and MAIL's parameters."""
+        return 4 * (self.address_path_max + self.address_local_part_max + 2) + 128
+
+    @property
+    def filter_message_bytes(self) -> int:
+        """scand's data size limit: a message the relay took (message_size_bytes of content)
+        with the relay's headers, as the scan transport sends it. Dot-stuffing adds at most one
+        byte to a 3-byte line (".\r\n"), folding 3 bytes per filter_line_bytes: 4/3 bounds
+        both."""
+        return (self.message_size_bytes + self.relay_header_bytes) * 4 // 3 + 1
+
+    @property
+    def reinject_message_bytes(self) -> int:
+        """The re-injection listener's size limit: what scand took, with its verdict header."""
+        return self.filter_message_bytes + self.relay_header_bytes
 
 
 class Customer(_Model):
@@ -269,6 +321,10 @@ class TowerSettings(_Model):
     # (a tower should list them; the lab lists its controller).
     operator_networks: list[IPv4Network] = []
     secrets: Secrets
+    # Who reads the relay's postmaster mail (RFC 5321 makes it accept "postmaster" from anyone)
+    # and Postfix's notices to it: a deliverable address, e.g. at a customer domain or the
+    # operators' own. None: such mail is discarded (and logged) instead of sitting in the queue.
+    postmaster: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
     sql_database: str = "mailtower"
     clamd_socket: str = "/run/clamav/clamd.ctl"
     clamav_db_dir: str = "/var/lib/clamav"  # clamd's (and c-icap's) DatabaseDirectory

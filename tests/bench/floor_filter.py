@@ -67,7 +67,10 @@ def serve(sock: socket.socket, handler: FloorHandler) -> None:
         def factory() -> SMTP:
             return FilterSMTP(
                 handler,
-                data_size_limit=handler.settings.limits.message_size_bytes,
+                # scand's own limits (scand/server.py start_smtp)
+                data_size_limit=handler.settings.limits.filter_message_bytes,
+                line_length_limit=handler.settings.limits.filter_line_length,
+                command_size_limit=handler.settings.limits.filter_command_bytes,
                 enable_SMTPUTF8=True,
                 hostname="floor.bench.test",
                 ident="floor",

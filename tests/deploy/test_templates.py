@@ -193,7 +193,11 @@ def test_prometheus_scrapes_every_scanner(render, settings):
 
 def test_clamd_stream_limit_follows_message_size(render):
     s = sample_settings(limits={"message_size_bytes": 12345678})
-    assert "StreamMaxLength 12345678" in render("scanner/etc/clamav/clamd.conf", s)
+    conf = render("scanner/etc/clamav/clamd.conf", s)
+    # The whole message as scand has it: the relay's limit with the relay's headers.
+    assert s.limits.filter_message_bytes > 12345678
+    assert f"StreamMaxLength {s.limits.filter_message_bytes}\n" in conf
+    assert f"MaxFileSize {s.limits.filter_message_bytes}\n" in conf
 
 
 def test_scanner_takes_mail_from_the_relay_only(render, settings):

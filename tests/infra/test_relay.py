@@ -9,7 +9,9 @@ import pytest
 GROUP = "relay"
 
 
-@pytest.mark.parametrize("package", ["postfix", "postfix-pgsql", "haproxy", "nftables"])
+@pytest.mark.parametrize(
+    "package", ["postfix", "postfix-pgsql", "postfix-pcre", "haproxy", "nftables"]
+)
 def test_package_installed(node, package):
     assert node.package(package).is_installed
 
@@ -67,6 +69,32 @@ def test_customer_routes_come_from_sql(node, tower):
         node.run("postmap -q foreign.example proxy:pgsql:/etc/postfix/pgsql/relay_domains.cf").rc
         == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("a" * 617 + "@customer.example", True),
+        ("a" * 65 + "@customer.example", True),
+        ("us\x1ber@customer.example", True),
+        ("us\x7fer@customer.example", True),
+        ("a" * 64 + "@customer.example", False),
+        ("user@customer.example", False),
+    ],
+    ids=["617", "65", "ESC", "DEL", "64", "plain"],
+)
+def test_address_syntax_table_in_the_relays_own_pcre(node, address, refused):
+    got = node.run("postmap -q %s pcre:/etc/postfix/address_syntax.pcre", address)
+    assert (got.rc == 0 and got.stdout.startswith("REJECT 5.1.3 ")) is refused, got
+
+
+def test_the_scan_hop_turns_permanent_failures_into_deferrals(node):
+    assert node.check_output("postconf -Ph scan/unix/smtp_delivery_status_filter") == (
+        "pcre:/etc/postfix/scan_status.pcre"
+    )
+    status = "5.0.0 host 127.0.0.1[127.0.0.1] said: 500 Command line too long"
+    got = node.check_output("postmap -q %s pcre:/etc/postfix/scan_status.pcre", status)
+    assert got == "4" + status[1:]
 
 
 def test_haproxy_config_valid(node):

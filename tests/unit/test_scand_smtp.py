@@ -262,10 +262,90 @@ def test_relay_down_tempfails(scand: Scand) -> None:
 
 
 def test_too_big_is_552(scand: Scand) -> None:
-    raw = _mail("x" * 70 + "\n") + (b"y" * 76 + b"\r\n") * 15000  # > 1 MiB limit
+    # More than the relay can ever send it (its own limit, its headers, dot-stuffing).
+    lines = scand.scanner.settings.limits.filter_message_bytes // 78 + 1
+    raw = _mail("x" * 70 + "\n") + (b"y" * 76 + b"\r\n") * lines
     code, _ = scand.send(raw)
     assert code == 552
     assert scand.sink.received == [] and scand.engine.calls == 0
+
+
+# -- scand takes whatever the relay accepted (issue 15: a refusal here used to be a bounce) --
+
+
+def _session(scand: Scand) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", scand.smtp_port, timeout=30)
+    smtp.ehlo("relay.test")
+    return smtp
+
+
+def test_takes_a_617_character_local_part(scand: Scand) -> None:
+    # The relay refuses it at RCPT time now; were one to come, scand must not refuse it (a
+    # 5xx here used to bounce the message, unscanned, to the sender).
+    with _session(scand) as smtp:
+        assert smtp.mail("sender@example.org")[0] == 250
+        code, reply = smtp.rcpt("a" * 617 + "@example.com")
+    assert code == 250, reply
+
+
+def test_takes_the_longest_mail_and_rcpt_the_relay_can_send(scand: Scand) -> None:
+    limits = scand.scanner.settings.limits
+    # A path at the relay's limits in characters, each of them as many bytes as UTF-8 allows
+    # (SMTPUTF8), the local part quoted by Postfix (it holds a space).
+    local = '"' + "\U00020000" * (limits.address_local_part_max - 1) + ' "'
+    domain_len = limits.address_path_max - 2 - limits.address_local_part_max - 1
+    domain = ".".join(["\U00020000" * 62] * 2 + ["\U00020000" * (domain_len - 2 * 63)])
+    assert len(local) - 2 + 1 + len(domain) == limits.address_path_max - 2
+    address = f"{local}@{domain}"
+    size = f"SIZE={limits.filter_message_bytes}"
+    with _session(scand) as smtp:
+        code, reply = smtp.mail(f"<{address}>", [size, "BODY=8BITMIME", "SMTPUTF8"])
+        assert code == 250, reply
+        code, reply = smtp.rcpt(f"<{address}>")
+        assert code == 250, reply
+    assert len(f"RCPT TO:<{address}>".encode()) > 1001  # more than aiosmtpd's own limits
+
+
+def test_a_command_over_the_limit_is_still_refused(scand: Scand) -> None:
+    limit = scand.scanner.settings.limits.filter_command_bytes
+    with _session(scand) as smtp:
+        assert smtp.mail("sender@example.org")[0] == 250
+        code, _ = smtp.rcpt("a" * limit + "@example.com")
+    assert code == 500
+
+
+def test_all_recipients_in_one_transaction_one_scan(scand: Scand) -> None:
+    limit = scand.scanner.settings.limits.recipients_per_message  # the relay's, and per scan
+    rcpts = [f"user{i}@example.com" for i in range(limit)]
+    code, reply = scand.send(_mail(subject="many-rcpts"), rcpts)
+    assert code == 250, reply
+    assert scand.engine.calls == 1
+    assert [r.rcpt_tos for r in scand.sink.received] == [rcpts]
+
+
+def test_takes_the_largest_message_the_relay_can_send(scand: Scand) -> None:
+    limits = scand.scanner.settings.limits
+    # message_size_bytes as Postfix counts it (unstuffed, CRLF) and the relay's headers, all
+    # in lines that Postfix dot-stuffs on the way to the filter: the worst case of growth.
+    head = _mail(subject="largest")
+    head = head[: head.index(b"\r\n\r\n") + 4]
+    relay_headers = b"Received: from x (x [192.0.2.1])\r\n\tby relay (Postfix)\r\n"
+    fold = b"\t" + b"p" * (limits.filter_line_bytes - 1) + b"\r\n"
+    relay_headers += fold * ((limits.relay_header_bytes - len(relay_headers)) // len(fold) + 1)
+    body_size = limits.message_size_bytes - len(head)
+    raw = relay_headers + head + b".\r\n" * (body_size // 3)
+    assert len(raw) + raw.count(b"\r\n.") >= limits.message_size_bytes + limits.relay_header_bytes
+    code, reply = scand.send(raw)
+    assert code == 250, reply
+    assert len(scand.sink.received) == 1
+
+
+def test_takes_lines_as_the_relay_folds_them(scand: Scand) -> None:
+    width = scand.scanner.settings.limits.filter_line_bytes
+    # A folded line at the scan transport's width that starts with a dot: 1 more when stuffed.
+    raw = _mail(subject="long-lines") + (b"." + b"q" * (width - 1) + b"\r\n") * 3
+    code, reply = scand.send(raw)
+    assert code == 250, reply
 
 
 def test_every_verdict_is_spooled_as_event(scand: Scand) -> None:

@@ -57,6 +57,9 @@ def test_valid_tower():
         ({"secrets": {**SECRETS, "sql_relay": "short"}}, "secrets.sql_relay"),
         ({"name": "Tower One"}, "name"),
         ({"surprise": 1}, "surprise"),
+        ({"postmaster": "postmaster"}, "postmaster"),  # must be deliverable: user@domain
+        ({"limits": {"client_limit_exempt": ["10.0.0.0/33"]}}, "limits.client_limit_exempt.0"),
+        ({"limits": {"recipients_per_message": 0}}, "limits.recipients_per_message"),
     ],
 )
 def test_broken_data_names_the_field(change, field):
@@ -110,3 +113,22 @@ def test_connection_strings_keep_any_password_whole():
         assert dsn["target_session_attrs"] == "read-write"
         goc = conninfo_to_dict(s.goc_conninfo("mt_status", password))
         assert (goc["password"], goc["host"], goc["dbname"]) == (password, "10.0.9.10", "goc")
+
+
+def test_relay_limits_round_trip_and_derive_the_filters():
+    s = inventory.tower_settings(
+        data(
+            postmaster="mail-ops@c.example",
+            limits={"client_limit_exempt": ["10.201.0.1/32"], "message_size_bytes": 3000},
+        ),
+        ADDRS,
+    )
+    again = settings.TowerSettings.model_validate(json.loads(s.model_dump_json()))
+    assert again == s
+    assert str(again.limits.client_limit_exempt[0]) == "10.201.0.1/32"
+    limits = s.limits
+    # The filter takes strictly more than the relay: its limits are derived, never written.
+    assert limits.filter_message_bytes > limits.message_size_bytes + limits.relay_header_bytes
+    assert limits.reinject_message_bytes > limits.filter_message_bytes
+    assert limits.filter_line_length == limits.filter_line_bytes + 3
+    assert limits.filter_command_bytes > 4 * limits.address_path_max

@@ -294,7 +294,7 @@ class Scanner:
         relay_queue_id: str | None,
     ) -> str:
         settings, pipeline = self.settings, self.pipeline
-        if len(raw) > settings.limits.message_size_bytes:
+        if len(raw) > settings.limits.filter_message_bytes:
             self.metrics.messages.labels("too_big").inc()
             return S552_TOO_BIG
         verdict = pipeline.scan(raw)
@@ -575,7 +575,10 @@ async def start_smtp(
     def factory() -> SMTP:
         return RelaySMTP(
             handler,
-            data_size_limit=settings.limits.message_size_bytes,
+            # Everything the relay can send for a message it accepted (settings.Limits).
+            data_size_limit=settings.limits.filter_message_bytes,
+            line_length_limit=settings.limits.filter_line_length,
+            command_size_limit=settings.limits.filter_command_bytes,
             enable_SMTPUTF8=True,
             hostname=hostname or socket.getfqdn(),
             ident="mailtower-scand",

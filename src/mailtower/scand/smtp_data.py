@@ -20,8 +20,10 @@ tests/unit/test_scand_data.py sends the same random streams to stock aiosmtpd an
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
+from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP
 
@@ -140,7 +142,39 @@ async def read_data(
 
 
 class FilterSMTP(SMTP):
-    """aiosmtpd's SMTP with DATA read by :func:`read_data`; everything else is aiosmtpd's."""
+    """aiosmtpd's SMTP with DATA read by :func:`read_data`; everything else is aiosmtpd's.
+
+    ``line_length_limit`` (DATA lines, CRLF included) and ``command_size_limit`` replace
+    aiosmtpd's class-wide 1001 and 512 for this session, so scand takes every line and command
+    the relay can send it (settings.Limits.filter_line_length, filter_command_bytes)."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        line_length_limit: int | None = None,
+        command_size_limit: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if line_length_limit is not None:
+            self.line_length_limit = line_length_limit  # read by SMTP.__init__ for its reader
+        super().__init__(handler, **kwargs)
+        if command_size_limit is not None:
+            self.command_size_limit = command_size_limit
+        # aiosmtpd keeps the per-command limits in one dict shared by every session (its EHLO
+        # raises MAIL's there); this session's own, from its own base limit.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        super()._cb_client_connected(reader, writer)
+        # aiosmtpd reads a command with the StreamReader's limit, its line_length_limit: the
+        # limit must also let the longest command (with MAIL's extension allowances) through,
+        # for the command size check to answer it. (read_data sets its own for DATA.)
+        longest = self.command_size_limit + 64
+        if longest > reader._limit:  # type: ignore[attr-defined]
+            reader._limit = longest  # type: ignore[attr-defined]
 
     async def smtp_DATA(self, arg: str) -> None:
         # The checks and replies of aiosmtpd 1.4.6's smtp_DATA, in its order.

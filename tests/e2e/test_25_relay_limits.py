@@ -1,0 +1,225 @@
+"""The relay refuses at SMTP time what the filter could not take, and holds clients to its limits
+(issue 15): nothing it accepted may come back out of the tower unscanned as a bounce."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import socket
+import ssl
+import time
+
+import pytest
+from towerlib import wait_for
+
+
+def _relay(tower) -> tuple[str, int]:
+    return str(tower.settings.hosts.relay), tower.settings.ports.smtp
+
+
+def _session(tower) -> smtplib.SMTP:
+    smtp = smtplib.SMTP(*_relay(tower), timeout=60)
+    smtp.ehlo("verify.internet.lab")
+    return smtp
+
+
+# -- addresses the filter could not take are refused at RCPT and MAIL time ---------------------
+
+
+def test_a_617_character_local_part_is_refused_at_rcpt(mail, tower):
+    # The finding: 250 here, then scand's 500 and a bounce with the original to the sender.
+    with _session(tower) as smtp:
+        assert smtp.mail("sender@internet.lab")[0] == 250
+        code, reply = smtp.rcpt("a" * 617 + "@" + mail.customer.domain)
+    assert 500 <= code < 600, (code, reply)
+
+
+def test_a_617_character_sender_is_refused_at_mail(tower):
+    with _session(tower) as smtp:
+        code, reply = smtp.mail("a" * 617 + "@internet.lab")
+    assert 500 <= code < 600, (code, reply)
+
+
+@pytest.mark.parametrize("char", ["\x1b", "\x07", "\x7f"], ids=["ESC", "BEL", "DEL"])
+def test_control_characters_in_addresses_are_refused(mail, tower, char):
+    with _session(tower) as smtp:
+        assert smtp.mail("sender@internet.lab")[0] == 250
+        code, reply = smtp.rcpt(f"us{char}er@{mail.customer.domain}")
+        assert 500 <= code < 600, (code, reply)
+        smtp.rset()
+        code, reply = smtp.mail(f"se{char}nder@internet.lab")
+        assert 500 <= code < 600, (code, reply)
+
+
+def test_a_subdomain_of_a_customer_is_not_a_customer(mail, tower):
+    with _session(tower) as smtp:
+        assert smtp.mail("sender@internet.lab")[0] == 250
+        code, reply = smtp.rcpt(f"user@sub.{mail.customer.domain}")
+    assert 500 <= code < 600, (code, reply)
+
+
+# -- what the relay takes, scand takes: no bounce from the scan hop -----------------------------
+
+
+def _wire_size(msg) -> int:
+    return len(msg.as_bytes().replace(b"\n", b"\r\n"))
+
+
+def test_a_message_just_under_the_size_limit_is_delivered(mail, tower):
+    """The finding: a message the relay took just under message_size_limit grew on its way to
+    scand (Postfix counts lines unstuffed; every line that starts with a dot is one byte more
+    on the wire, and the relay adds its Received header) and scand answered 552: a bounce. Now
+    scand takes it, and it is scanned and delivered."""
+    limit = tower.settings.limits.message_size_bytes
+    # 16 KiB under the limit: cleanup also counts the envelope and the Received header against
+    # it (a queue file over the limit is refused at end of DATA, never bounced).
+    target = limit - 16 * 1024
+    token = mail.token()
+    line = "." + "p" * 69 + "\n"  # 72 bytes on the wire to the relay, 73 to the filter
+
+    def build(pad: int):
+        lines, rest = divmod(pad, 72)
+        return mail.message(token, body=line * lines + "." + "p" * rest)
+
+    pad = 0
+    for _ in range(3):  # the size is linear in the padding: converges at once
+        pad += target - _wire_size(build(pad))
+    sent = build(pad)
+    assert _wire_size(sent) == target
+    mail.send(sent)
+    wait_for(lambda: mail.delivered()[token] >= 1, 300, f"the {target}-byte message delivered")
+    got = email.message_from_bytes(mail.fetch(token), policy=email.policy.default)
+    assert got["X-Mailtower-Verdict"].startswith("clean")
+
+
+def test_mail_to_postmaster_reaches_the_operators_scanned(mail, tower):
+    operator = tower.settings.postmaster
+    if operator is None or not operator.endswith("@" + mail.customer.domain):
+        pytest.skip("the tower's postmaster is not at the test customer, where mail is read")
+    token = mail.token()
+    # RFC 5321 makes the relay accept "postmaster" from anyone; it used to sit in the queue.
+    mail.send(mail.message(token, rcpt="postmaster"), rcpt="postmaster")
+    wait_for(lambda: mail.delivered()[token] >= 1, 60, f"postmaster mail {token} at {operator}")
+    got = email.message_from_bytes(mail.fetch(token), policy=email.policy.default)
+    assert got["X-Mailtower-Verdict"].startswith("clean")
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+def test_etrn_and_dsn_are_not_offered_and_etrn_is_refused(mail, tower):
+    with _session(tower) as smtp:
+        assert not smtp.has_extn("etrn")
+        assert not smtp.has_extn("dsn")
+        code, reply = smtp.docmd("ETRN", mail.customer.domain)
+    assert 500 <= code < 600, (code, reply)
+
+
+def _replies(data: bytes) -> list[bytes]:
+    return [line for line in data.split(b"\r\n") if line[3:4] == b" "]
+
+
+def test_a_client_talking_before_the_banner_is_refused(tower):
+    commands = b"EHLO pregreet.internet.lab\r\nMAIL FROM:<pregreet@internet.lab>\r\nQUIT\r\n"
+    with socket.create_connection(_relay(tower), timeout=60) as sock:
+        sock.sendall(commands)  # at once: a bot that does not wait for the 220
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    replies = _replies(received)
+    assert not any(r.startswith(b"250 2.1.0") for r in replies), received  # MAIL not taken
+    assert any(r.startswith(b"5") for r in replies), received
+
+    # The same commands after the banner are fine.
+    with socket.create_connection(_relay(tower), timeout=60) as sock:
+        f = sock.makefile("rwb")
+        assert f.readline().startswith(b"220")
+        f.write(commands)
+        f.flush()
+        received = f.read()
+    assert any(r.startswith(b"250 2.1.0") for r in _replies(received)), received
+
+
+def test_a_data_trickle_is_cut_off(mail, tower):
+    timeout = tower.settings.limits.client_request_timeout
+    seconds = int(timeout[:-1]) * {"s": 1, "m": 60, "h": 3600}[timeout[-1]]
+    with socket.create_connection(_relay(tower), timeout=30) as sock:
+        f = sock.makefile("rwb")
+
+        def say(line: bytes) -> bytes:
+            f.write(line + b"\r\n")
+            f.flush()
+            reply = f.readline()
+            while reply[3:4] == b"-":
+                reply = f.readline()
+            return reply
+
+        assert f.readline().startswith(b"220")
+        assert say(b"EHLO trickle.internet.lab").startswith(b"250")
+        assert say(b"MAIL FROM:<trickle@internet.lab>").startswith(b"250")
+        assert say(f"RCPT TO:<{mail.rcpt('trickle')}>".encode()).startswith(b"250")
+        assert say(b"DATA").startswith(b"354")
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 3 * seconds + 60:
+                sock.sendall(b"x")
+                time.sleep(2)
+        except OSError:
+            pass  # the relay closed the session
+        else:
+            pytest.fail(f"a 1-byte DATA trickle still open after {3 * seconds + 60} s")
+    elapsed = time.monotonic() - started
+    assert elapsed < 2 * seconds + 30, elapsed
+
+
+def test_one_client_is_held_to_the_connection_rate(tower):
+    """From the tower's monitor (not exempt, like any internet client): past the rate, 421."""
+    s = tower.settings
+    rate = s.limits.client_connection_rate
+    if rate == 0:
+        pytest.skip("no connection rate limit configured")
+    script = f"""
+import socket
+from concurrent.futures import ThreadPoolExecutor
+def one(_):
+    try:
+        with socket.create_connection(("{s.hosts.relay}", {s.ports.smtp}), timeout=30) as c:
+            banner = c.makefile("rb").readline()
+            c.sendall(b"QUIT\\r\\n")
+            return banner[:3].decode() or "closed"
+    except OSError:
+        return "error"
+with ThreadPoolExecutor(8) as pool:
+    print(" ".join(pool.map(one, range({rate + 10}))))
+"""
+    monitor = tower.node(tower.hosts("monitor")[0].name)
+    codes = monitor.check_output("python3 - <<'PY'\n%s\nPY" % script).split()
+    assert codes.count("220") <= rate, codes
+    assert "421" in codes, codes
+
+
+def _client_context(ciphers: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 suites cannot be narrowed this way
+    ctx.set_ciphers(ciphers)
+    return ctx
+
+
+def _starttls(tower, ctx: ssl.SSLContext) -> str:
+    with _session(tower) as smtp:
+        smtp.starttls(context=ctx)
+        return smtp.sock.cipher()[0]
+
+
+@pytest.mark.parametrize("ciphers", ["aNULL:@SECLEVEL=0", "kRSA"], ids=["anonymous", "RSA-kx"])
+def test_tls_refuses_anonymous_and_non_forward_secret_ciphers(tower, ciphers):
+    ctx = _client_context(ciphers)  # outside the raises: only the handshake may fail
+    with pytest.raises((ssl.SSLError, smtplib.SMTPException, OSError)):
+        _starttls(tower, ctx)
+
+
+def test_tls_negotiates_a_forward_secret_cipher(tower):
+    assert _starttls(tower, _client_context("DEFAULT")).startswith(("ECDHE-", "DHE-"))
