@@ -229,11 +229,14 @@ def _build_tar(directory: Path) -> Path:
     return out
 
 
-def write_settings():
-    """/etc/mailtower/tower.json: the settings model the daemons load."""
+def write_settings(role: str):
+    """/etc/mailtower/tower.json: the settings model the daemons load, with only ``role``'s
+    share of the secrets (the relay's daemons need none; scand its SQL password and the
+    canary secret)."""
     files.directory(name="Ensure /etc/mailtower", path="/etc/mailtower", mode="755")
+    share = settings().for_role(role)
     return put_text(
-        settings().model_dump_json(indent=2) + "\n", SETTINGS_REMOTE, mode="640", group="mailtower"
+        share.model_dump_json(indent=2) + "\n", SETTINGS_REMOTE, mode="640", group="mailtower"
     )
 
 

@@ -41,7 +41,7 @@ def _mirror():
 
 def configure():
     ops = {}
-    ops["settings"] = [_common.write_settings()]
+    ops["settings"] = [_common.write_settings("monitor")]
     _mirror()
     if _common.settings().bundles:
         # The monitor's copy of the GOC's bundles (mailtower.monitor.rollout), served to the

@@ -34,7 +34,7 @@ def install():
 def configure():
     s = settings()
     ops = {}
-    ops["settings"] = [_common.write_settings()]
+    ops["settings"] = [_common.write_settings("relay")]
     # A per-tower certificate for STARTTLS, made once on the relay (the key never leaves it).
     files.directory(name="Ensure /etc/mailtower/tls", path="/etc/mailtower/tls", mode="755")
     server.shell(

@@ -60,7 +60,7 @@ def _groups_of(user: str) -> str:
 def configure():
     s = settings()
     ops = {}
-    ops["settings"] = [_common.write_settings()]
+    ops["settings"] = [_common.write_settings("scanners")]
     files.directory(
         name=f"Ensure {s.spool_dir}",
         path=s.spool_dir,

@@ -32,7 +32,7 @@ def configure():
         ),
         # Replication password for whichever host is the standby (either, after a failover).
         put_text(
-            f"*:{s.ports.postgres}:*:replicator:{s.secrets.sql_replication}\n",
+            f"*:{s.ports.postgres}:*:replicator:{s.secret('sql_replication')}\n",
             "/var/lib/postgresql/.pgpass",
             mode="600",
             user="postgres",
@@ -46,11 +46,11 @@ def _primary(ops):
     s = settings()
     _common.activate(SERVICE, _common.changes(ops))
     roles = {
-        "mailtower_relay": s.secrets.sql_relay,
-        "mailtower_scanner": s.secrets.sql_scanner,
-        "mailtower_monitor": s.secrets.sql_monitor,
+        "mailtower_relay": s.secret("sql_relay"),
+        "mailtower_scanner": s.secret("sql_scanner"),
+        "mailtower_monitor": s.secret("sql_monitor"),
     }
-    roles["replicator"] = s.secrets.sql_replication
+    roles["replicator"] = s.secret("sql_replication")
     verifiers = host.get_fact(PostgresPasswordVerifiers) or {}
     for role, password in roles.items():
         # Set the password only when the stored one differs: no change on a redeploy.

@@ -251,13 +251,22 @@ class TowerHosts(_Model):
         return self
 
 
-class Secrets(_Model):
-    """Passwords of the tower's SQL roles (kept out of the repository)."""
+Holder = Literal["tower", "relay", "scanners", "monitor"]
 
-    sql_relay: str = Field(min_length=16)  # relay: reads domains and routes
-    sql_scanner: str = Field(min_length=16)  # scanners: write verdict events
-    sql_monitor: str = Field(min_length=16)  # monitor: reads replication state
-    sql_replication: str = Field(min_length=16)  # standby: streaming replication
+
+class Secrets(_Model):
+    """Passwords of the tower's SQL roles and its canary secret (kept out of the repository).
+
+    The inventory holds the whole set (``held_by="tower"``); each host gets only its role's
+    share (``TowerSettings.for_role``): scand, which parses hostile mail, can read the
+    scanner's SQL password and the canary secret, and nothing else."""
+
+    # Whose copy this is: the whole set ("tower", the deploy's), or one role's share.
+    held_by: Holder = "tower"
+    sql_relay: str | None = Field(None, min_length=16)  # relay: reads domains and routes
+    sql_scanner: str | None = Field(None, min_length=16)  # scanners: write verdict events
+    sql_monitor: str | None = Field(None, min_length=16)  # monitor: reads replication state
+    sql_replication: str | None = Field(None, min_length=16)  # standby: streaming replication
     # With a GOC (TowerSettings.goc) only:
     sql_sync: str | None = Field(None, min_length=16)  # mt_sync here: the GOC's subscription
     goc_sync: str | None = Field(None, min_length=16)  # mt_sync at the GOC: our config subscription
@@ -265,6 +274,16 @@ class Secrets(_Model):
     # With rule bundles (TowerSettings.bundles) only: marks the monitor's canary messages to
     # a scanner (scanned and answered, never delivered); anyone without it gets normal mail.
     canary: str | None = Field(None, min_length=16)
+
+
+SECRET_NAMES = tuple(n for n in Secrets.model_fields if n != "held_by")
+# What each host role's daemons read; the relay's Postfix gets its SQL password in its own
+# map files (mode 0640, group postfix), not in tower.json.
+ROLE_SECRETS: dict[str, tuple[str, ...]] = {
+    "relay": (),
+    "scanners": ("sql_scanner", "canary"),
+    "monitor": ("sql_monitor", "goc_status", "canary"),
+}
 
 
 class Goc(_Model):
@@ -352,8 +371,6 @@ class TowerSettings(_Model):
             missing.append("goc (or bundles.source)")
         if self.rules_dir is None:
             missing.append("rules_dir")
-        if self.secrets.canary is None:
-            missing.append("secrets.canary")
         if missing:
             raise ValueError(f"a tower taking rule bundles needs {', '.join(missing)}")
         return self
@@ -368,18 +385,61 @@ class TowerSettings(_Model):
         assert self.goc is not None  # _bundle_needs
         return f"http://{self.goc.address}:{self.goc.bundle_port}"
 
+    def needed_secrets(self, holder: str = "tower") -> tuple[str, ...]:
+        """The secrets ``holder`` (the whole tower, or one role) must have, with this tower's
+        GOC and rule bundles."""
+        every = ["sql_relay", "sql_scanner", "sql_monitor", "sql_replication"]
+        if self.goc is not None:
+            every += ["sql_sync", "goc_sync", "goc_status"]
+        if self.bundles is not None:
+            every.append("canary")
+        if holder == "tower":
+            return tuple(every)
+        return tuple(n for n in ROLE_SECRETS[holder] if n in every)
+
     @model_validator(mode="after")
-    def _goc_secrets(self) -> TowerSettings:
-        if self.goc is None:
-            return self
-        missing = [
-            f"secrets.{name}"
-            for name in ("sql_sync", "goc_sync", "goc_status")
-            if getattr(self.secrets, name) is None
-        ]
+    def _secrets_held(self) -> TowerSettings:
+        holder = self.secrets.held_by
+        needed = self.needed_secrets(holder)
+        missing = [f"secrets.{n}" for n in needed if getattr(self.secrets, n) is None]
         if missing:
-            raise ValueError(f"a tower synced with a GOC needs {', '.join(missing)}")
+            what = "this tower" if holder == "tower" else f"the {holder}' share of"
+            if (
+                holder == "tower"
+                and self.goc is not None
+                and any(
+                    n in missing
+                    for n in ("secrets.sql_sync", "secrets.goc_sync", "secrets.goc_status")
+                )
+            ):
+                what = "a tower synced with a GOC"
+            raise ValueError(f"{what} needs {', '.join(missing)}")
+        if holder != "tower":
+            extra = [
+                n
+                for n in SECRET_NAMES
+                if n not in ROLE_SECRETS[holder] and getattr(self.secrets, n)
+            ]
+            if extra:
+                raise ValueError(f"the {holder}' share of the secrets must not hold {extra}")
         return self
+
+    def for_role(self, role: str) -> TowerSettings:
+        """These settings with only ``role``'s share of the secrets (what its host gets)."""
+        if role not in ROLE_SECRETS:
+            raise SettingsError(f"no secret share for role {role!r} (known: {list(ROLE_SECRETS)})")
+        share = {n: getattr(self.secrets, n) for n in ROLE_SECRETS[role]}
+        return self.model_copy(update={"secrets": Secrets(held_by=role, **share)})  # type: ignore[arg-type]
+
+    def secret(self, name: str) -> str:
+        """The secret ``name``; SettingsError if this copy of the settings does not hold it."""
+        value = getattr(self.secrets, name, None)
+        if not value:
+            raise SettingsError(
+                f"tower {self.name}: secrets.{name} is not in these settings "
+                f"(held by: {self.secrets.held_by})"
+            )
+        return value
 
     @field_validator("customers")
     @classmethod

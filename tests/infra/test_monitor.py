@@ -122,3 +122,12 @@ def test_monitor_reports_the_tower_to_the_goc(node, tower):
         line.split(" ", 1) for line in out.splitlines() if line.startswith("mailtower_goc_")
     )
     assert float(metrics["mailtower_goc_status_up"]) == 1
+
+
+def test_settings_hold_only_this_roles_secrets(node, tower):
+    """tower.json holds the secrets this host's daemons read, nothing of the rest of the
+    tower's (issue 15: every secret on every host)."""
+    doc = json.loads(node.check_output("cat /etc/mailtower/tower.json"))
+    held = {name for name, value in doc["secrets"].items() if value and name != "held_by"}
+    assert doc["secrets"]["held_by"] == "monitor"
+    assert held == set(tower.settings.needed_secrets("monitor"))

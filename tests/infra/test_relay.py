@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -127,3 +128,12 @@ def test_reinjection_port_refuses_anyone_but_scanners(tower):
     ):
         if not c.recv(100):
             raise ConnectionResetError("closed without a greeting")
+
+
+def test_settings_hold_only_this_roles_secrets(node, tower):
+    """tower.json holds the secrets this host's daemons read, nothing of the rest of the
+    tower's (issue 15: every secret on every host)."""
+    doc = json.loads(node.check_output("cat /etc/mailtower/tower.json"))
+    held = {name for name, value in doc["secrets"].items() if value and name != "held_by"}
+    assert doc["secrets"]["held_by"] == "relay"
+    assert held == set(tower.settings.needed_secrets("relay"))

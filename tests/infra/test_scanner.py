@@ -127,3 +127,12 @@ def test_scand_may_apply_rule_bundles(node, tower):
     assert node.run(f"{as_scand} {s.clamav_db_dir}").rc == 0
     if _local_icap(tower) is not None:
         assert node.run(f"{as_scand} {ICAP_CONTROL}").rc == 0
+
+
+def test_settings_hold_only_this_roles_secrets(node, tower):
+    """tower.json holds the secrets this host's daemons read, nothing of the rest of the
+    tower's (issue 15: every secret on every host)."""
+    doc = json.loads(node.check_output("cat /etc/mailtower/tower.json"))
+    held = {name for name, value in doc["secrets"].items() if value and name != "held_by"}
+    assert doc["secrets"]["held_by"] == "scanners"
+    assert held == set(tower.settings.needed_secrets("scanners"))

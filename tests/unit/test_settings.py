@@ -132,3 +132,86 @@ def test_relay_limits_round_trip_and_derive_the_filters():
     assert limits.reinject_message_bytes > limits.filter_message_bytes
     assert limits.filter_line_length == limits.filter_line_bytes + 3
     assert limits.filter_command_bytes > 4 * limits.address_path_max
+
+
+GOC_SECRETS = {k: "g" * 20 for k in ("sql_sync", "goc_sync", "goc_status")}
+# Every secret a value of its own, so a leak of one is seen by its value.
+EVERY = {name: f"{name}-value-0123456789" for name in settings.SECRET_NAMES}
+
+
+def _full():
+    """A tower with a GOC and rule bundles: every secret is in play."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    tower = data(
+        goc={"address": "10.0.9.10"},
+        secrets=EVERY,
+        rules_dir="/var/lib/mailtower/rules",
+        bundles={"public_key": pem},
+    )
+    return inventory.tower_settings(tower, ADDRS)
+
+
+@pytest.mark.parametrize(
+    ("role", "share"),
+    [
+        ("relay", set()),
+        ("scanners", {"sql_scanner", "canary"}),
+        ("monitor", {"sql_monitor", "goc_status", "canary"}),
+    ],
+)
+def test_each_role_gets_only_its_share_of_the_secrets(role, share):
+    """tower.json on a host holds what its daemons read and nothing else (issue 15: every
+    secret of the tower on every host, readable by scand)."""
+    copy = _full().for_role(role)
+    held = {n for n in settings.SECRET_NAMES if getattr(copy.secrets, n)}
+    assert held == share
+    assert copy.secrets.held_by == role
+    text = copy.model_dump_json()
+    for name in set(settings.SECRET_NAMES) - share:
+        assert EVERY[name] not in text, f"{role}'s tower.json carries {name}"
+    # What the host loads validates as that role's share.
+    reloaded = settings.TowerSettings.model_validate_json(text)
+    assert reloaded.secrets == copy.secrets
+
+
+def test_a_share_holding_another_roles_secret_is_refused():
+    share = _full().for_role("scanners").model_dump()
+    share["secrets"]["sql_relay"] = "r" * 20
+    with pytest.raises(
+        ValueError, match=r"scanners' share of the secrets must not hold \['sql_relay'\]"
+    ):
+        settings.TowerSettings.model_validate(share)
+
+
+def test_a_share_missing_its_own_secret_is_refused():
+    share = _full().for_role("monitor").model_dump()
+    share["secrets"]["goc_status"] = None
+    with pytest.raises(ValueError, match="monitor' share of needs secrets.goc_status"):
+        settings.TowerSettings.model_validate(share)
+
+
+def test_the_whole_set_names_each_missing_secret():
+    with pytest.raises(SettingsError, match="secrets.sql_monitor"):
+        inventory.tower_settings(data(secrets={**SECRETS, "sql_monitor": None}), ADDRS)
+    with pytest.raises(SettingsError, match="a tower synced with a GOC needs secrets.goc_status"):
+        no_status = {**SECRETS, **GOC_SECRETS, "goc_status": None}
+        inventory.tower_settings(data(goc={"address": "10.0.9.10"}, secrets=no_status), ADDRS)
+
+
+def test_secret_names_what_a_host_lacks():
+    scanner = _full().for_role("scanners")
+    assert scanner.secret("sql_scanner") == EVERY["sql_scanner"]
+    with pytest.raises(
+        SettingsError, match=r"secrets.sql_monitor is not in these settings \(held by: scanners\)"
+    ):
+        scanner.secret("sql_monitor")
+    with pytest.raises(SettingsError, match="no secret share for role 'sql'"):
+        _full().for_role("sql")

@@ -259,7 +259,7 @@ class Monitor:
 
     async def check_sql(self) -> None:
         s = self.settings
-        dsn = s.sql_dsn("mailtower_monitor", s.secrets.sql_monitor)
+        dsn = s.sql_dsn("mailtower_monitor", s.secret("sql_monitor"))
         primary = str(s.sql_primary)
         try:
             standbys = await asyncio.to_thread(replication.query_standbys, dsn, primary)

@@ -271,7 +271,7 @@ class Supervisor(Source):
         settings = self.settings
         self.sock = listen_socket(self.listen, settings.ports.filter)
         sink = PostgresSink(
-            settings.sql_dsn("mailtower_scanner", settings.secrets.sql_scanner, writable=True)
+            settings.sql_dsn("mailtower_scanner", settings.secret("sql_scanner"), writable=True)
         )
         flusher = Flusher(self.spool, sink)
         flusher.start()
@@ -613,7 +613,7 @@ async def serve_single(
 
     scanner = Scanner(settings, host_address=host_address)
     sink = PostgresSink(
-        settings.sql_dsn("mailtower_scanner", settings.secrets.sql_scanner, writable=True)
+        settings.sql_dsn("mailtower_scanner", settings.secret("sql_scanner"), writable=True)
     )
     flusher = Flusher(scanner.events, sink)
     flusher.start()
