@@ -1,0 +1,266 @@
+"""Finding archives inside an object: zip and 7z records at any offset, read without copying.
+
+Extractors do not agree on where an archive starts. Info-ZIP's ``unzip`` searches the whole file
+backwards for the zip end record; Python's ``zipfile`` only the last 64 KiB; streaming readers
+(Java's ``ZipInputStream``, libarchive in streaming mode) walk local headers from the front;
+7-Zip opens a zip or 7z behind a self-extractor stub. The container module reads every one of
+those ways (the union principle); this module holds the byte-level pieces, pure and bounded:
+
+* :class:`Spans` — byte ranges already read as part of an archive, so that the same bytes are
+  not opened twice (a zip stored inside a zip is its member's business, not its parent's);
+* :func:`find_uncovered` / :func:`rfind_uncovered` — a signature outside those ranges; the
+  search position only ever moves one way, so a whole object is searched in linear time;
+* :func:`zip_end_record`, :func:`zip_local_entry`, :func:`sevenzip_extent` — O(1) plausibility
+  checks of one candidate record (what a chance match of a few bytes almost never passes);
+* :class:`Window` — a read-only file over part of a buffer, for ``zipfile`` and ``py7zr``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+
+ZIP_LOCAL = b"PK\x03\x04"
+ZIP_CENTRAL = b"PK\x01\x02"
+ZIP_END = b"PK\x05\x06"
+ZIP64_END = b"PK\x06\x06"
+ZIP64_LOCATOR = b"PK\x06\x07"
+ZIP_DESCRIPTOR = b"PK\x07\x08"
+SEVENZIP = b"7z\xbc\xaf\x27\x1c"
+
+ZIP_END_SIZE = 22
+_ZIP64_END_SIZE = 56
+_ZIP64_LOCATOR_SIZE = 20
+_LOCAL_SIZE = 30
+_SEVENZIP_HEADER_SIZE = 32
+
+# Compression methods a zip entry may plausibly carry (APPNOTE 4.4.5): what a chance match of
+# "PK\3\4" in other data almost never has. 0/8/12/14 are decoded here; the rest are reported.
+ZIP_DECODED_METHODS = frozenset({0, 8, 12, 14})
+ZIP_KNOWN_METHODS = ZIP_DECODED_METHODS | frozenset(
+    {1, 2, 3, 4, 5, 6, 9, 10, 93, 95, 96, 97, 98, 99}
+)
+
+
+class Spans:
+    """Byte ranges of one object already read as part of an archive (kept merged and sorted)."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        i = bisect.bisect_left(self._starts, start)
+        # Merge with the previous range if it reaches this one, then swallow the ones after.
+        if i > 0 and self._ends[i - 1] >= start:
+            i -= 1
+            start = self._starts[i]
+            end = max(end, self._ends[i])
+        j = i
+        while j < len(self._starts) and self._starts[j] <= end:
+            end = max(end, self._ends[j])
+            j += 1
+        self._starts[i:j] = [start]
+        self._ends[i:j] = [end]
+
+    def containing(self, pos: int) -> tuple[int, int] | None:
+        """The range that holds ``pos``, if any."""
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i >= 0 and pos < self._ends[i]:
+            return self._starts[i], self._ends[i]
+        return None
+
+
+def find_uncovered(data: bytes, signature: bytes, pos: int, spans: Spans) -> int:
+    """The first ``signature`` at or after ``pos`` that does not start inside ``spans``, or -1."""
+    while True:
+        pos = data.find(signature, pos)
+        if pos < 0:
+            return -1
+        span = spans.containing(pos)
+        if span is None:
+            return pos
+        pos = span[1]
+
+
+def rfind_uncovered(data: bytes, signature: bytes, end: int, spans: Spans) -> int:
+    """The last ``signature`` starting before ``end`` and not inside ``spans``, or -1."""
+    while True:
+        pos = data.rfind(signature, 0, end + len(signature) - 1)
+        if pos < 0:
+            return -1
+        span = spans.containing(pos)
+        if span is None:
+            return pos
+        end = span[0]
+
+
+@dataclass(frozen=True)
+class ZipDirectory:
+    """Where a zip end record says its central directory is."""
+
+    start: int  # offset of the directory's first entry in the object
+    end: int  # offset just past the end record: a reader sees the object up to here
+    entries_region: tuple[int, int]  # the directory's bytes (for counting entries before parsing)
+
+
+def zip_end_record(data: bytes, pos: int) -> ZipDirectory | None:
+    """The central directory of the end record at ``pos``, if it is where a reader looks.
+
+    Like ``zipfile`` and ``unzip``, the directory is taken to lie just before the end record
+    (zip64: before its zip64 end record and locator), whatever offset the record states: that
+    is what lets a self-extractor's stub or any other prefix stand before the archive.
+    """
+    record = data[pos : pos + ZIP_END_SIZE]
+    if len(record) < ZIP_END_SIZE:
+        return None
+    _, _, _, _, entries, size, offset, _ = struct.unpack("<4sHHHHIIH", record)
+    if entries == 0xFFFF or size == 0xFFFFFFFF or offset == 0xFFFFFFFF:
+        locator = pos - _ZIP64_LOCATOR_SIZE
+        end64 = locator - _ZIP64_END_SIZE
+        if end64 < 0 or data[locator : locator + 4] != ZIP64_LOCATOR:
+            return None
+        if data[end64 : end64 + 4] != ZIP64_END:
+            return None
+        (entries, size) = struct.unpack_from("<QQ", data, end64 + 32)
+        directory_end = end64
+    else:
+        directory_end = pos
+    start = directory_end - size
+    if entries == 0 or start < 0 or data[start : start + 4] != ZIP_CENTRAL:
+        return None  # an empty archive (nothing to read) or not an end record at all
+    return ZipDirectory(start, pos + ZIP_END_SIZE, (start, directory_end))
+
+
+@dataclass(frozen=True)
+class LocalEntry:
+    """One zip local header, as a streaming reader sees it."""
+
+    offset: int
+    flags: int
+    method: int
+    crc: int
+    compressed_size: int
+    size: int
+    name: str
+    data_start: int
+    zip64: bool
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & 0x41) or self.method == 99
+
+    @property
+    def sizes_follow(self) -> bool:
+        """Bit 3: crc and sizes are in a data descriptor after the data, not in the header."""
+        return bool(self.flags & 0x08)
+
+    @property
+    def data_end(self) -> int:
+        return self.data_start + self.compressed_size
+
+
+def zip_local_entry(data: bytes, pos: int) -> LocalEntry | None:
+    """The local header at ``pos``, if it is plausible (a known method, a name that fits)."""
+    header = data[pos : pos + _LOCAL_SIZE]
+    if len(header) < _LOCAL_SIZE:
+        return None
+    (_, version, flags, method, _, _, crc, csize, size, name_len, extra_len) = struct.unpack(
+        "<4sHHHHHIIIHH", header
+    )
+    if method not in ZIP_KNOWN_METHODS or version & 0xFF > 99 or name_len == 0:
+        return None
+    name_start = pos + _LOCAL_SIZE
+    data_start = name_start + name_len + extra_len
+    if data_start > len(data):
+        return None
+    zip64 = False
+    if csize == 0xFFFFFFFF or size == 0xFFFFFFFF:
+        extra = data[name_start + name_len : data_start]
+        found = _zip64_sizes(extra)
+        if found is None:
+            return None
+        size, csize = found
+        zip64 = True
+    encoding = "utf-8" if flags & 0x800 else "cp437"
+    name = data[name_start : name_start + name_len].decode(encoding, errors="replace")
+    return LocalEntry(pos, flags, method, crc, csize, size, name, data_start, zip64)
+
+
+def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
+    pos = 0
+    while pos + 4 <= len(extra):
+        kind, length = struct.unpack_from("<HH", extra, pos)
+        if kind == 1 and length >= 16 and pos + 4 + 16 <= len(extra):
+            size, csize = struct.unpack_from("<QQ", extra, pos + 4)
+            return size, csize
+        pos += 4 + length
+    return None
+
+
+def zip_descriptor(data: bytes, pos: int, zip64: bool) -> tuple[int, int, int, int] | None:
+    """(crc, compressed size, size, end) of a data descriptor at ``pos`` (signature optional)."""
+    if data[pos : pos + 4] == ZIP_DESCRIPTOR:
+        pos += 4
+    layout = "<IQQ" if zip64 else "<III"
+    length = struct.calcsize(layout)
+    if pos + length > len(data):
+        return None
+    crc, csize, size = struct.unpack_from(layout, data, pos)
+    return crc, csize, size, pos + length
+
+
+def sevenzip_extent(data: bytes, pos: int) -> int | None:
+    """The end of the 7z archive whose signature header is at ``pos``, if its CRC holds.
+
+    The signature header carries a CRC-32 of the next 20 bytes (the header database's place
+    and size): six magic bytes found by chance almost never pass it.
+    """
+    header = data[pos : pos + _SEVENZIP_HEADER_SIZE]
+    if len(header) < _SEVENZIP_HEADER_SIZE:
+        return None
+    (start_crc,) = struct.unpack_from("<I", header, 8)
+    if zlib.crc32(header[12:32]) != start_crc:
+        return None
+    next_offset, next_size = struct.unpack_from("<QQ", header, 12)
+    end = pos + _SEVENZIP_HEADER_SIZE + next_offset + next_size
+    if end > len(data):
+        return None
+    return end
+
+
+class Window(io.RawIOBase):
+    """A read-only file over ``buf[start:end]``, without copying it."""
+
+    def __init__(self, buf: memoryview, start: int, end: int):
+        super().__init__()
+        self._buf = buf[start:end]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._buf)}[whence]
+        if base + offset < 0:
+            raise OSError("seek before the start of the window")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._buf[self._pos : self._pos + len(buffer)]
+        n = len(chunk)
+        memoryview(buffer).cast("B")[:n] = chunk
+        self._pos += n
+        return n
