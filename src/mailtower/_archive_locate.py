@@ -75,29 +75,51 @@ class Spans:
             return self._starts[i], self._ends[i]
         return None
 
+    def next_start(self, pos: int, default: int) -> int:
+        """Where the first range after ``pos`` starts (``default`` if none does)."""
+        i = bisect.bisect_right(self._starts, pos)
+        return self._starts[i] if i < len(self._starts) else default
+
+    def previous_end(self, pos: int) -> int:
+        """Where the last range ending at or before ``pos`` ends (0 if none does)."""
+        i = bisect.bisect_right(self._starts, pos) - 1
+        while i >= 0 and self._ends[i] > pos:
+            i -= 1
+        return self._ends[i] if i >= 0 else 0
+
+
+# Both searches look only in the gaps between ranges already read: bytes inside an archive's
+# members are never searched again, and every byte is searched at most once per direction.
+
 
 def find_uncovered(data: bytes, signature: bytes, pos: int, spans: Spans) -> int:
     """The first ``signature`` at or after ``pos`` that does not start inside ``spans``, or -1."""
-    while True:
-        pos = data.find(signature, pos)
-        if pos < 0:
-            return -1
+    while pos < len(data):
         span = spans.containing(pos)
-        if span is None:
-            return pos
-        pos = span[1]
+        if span is not None:
+            pos = span[1]
+            continue
+        gap_end = spans.next_start(pos, len(data))
+        found = data.find(signature, pos, gap_end + len(signature) - 1)
+        if found >= 0:
+            return found
+        pos = gap_end
+    return -1
 
 
 def rfind_uncovered(data: bytes, signature: bytes, end: int, spans: Spans) -> int:
     """The last ``signature`` starting before ``end`` and not inside ``spans``, or -1."""
-    while True:
-        pos = data.rfind(signature, 0, end + len(signature) - 1)
-        if pos < 0:
-            return -1
-        span = spans.containing(pos)
-        if span is None:
-            return pos
-        end = span[0]
+    while end > 0:
+        span = spans.containing(end - 1)
+        if span is not None:
+            end = span[0]
+            continue
+        gap_start = spans.previous_end(end - 1)
+        found = data.rfind(signature, gap_start, end + len(signature) - 1)
+        if found >= 0:
+            return found
+        end = gap_start
+    return -1
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,10 @@ def _detect(data: bytes) -> tuple[str | None, bool]:
     ordinary files contain such bytes by chance.
     """
     kind, certain = _detect_head(data)
-    if kind is None and (_ZIP_END in data or _ZIP_LOCAL in data):
-        # An archive behind something else, wherever an extractor finds one: a
-        # self-extractor's stub, a polyglot image, data appended after it.
+    # An archive behind something else, wherever an extractor finds one: a self-extractor's
+    # stub, a polyglot image, data appended after it. Every zip that has anything to extract
+    # has a local header: its end record alone is not looked for (one search fewer).
+    if kind is None and _ZIP_LOCAL in data:
         return "zip", False
     if kind is None and _SEVENZIP in data:
         return "7z", False
