@@ -10,6 +10,7 @@ those ways (the union principle); this module holds the byte-level pieces, pure 
   not opened twice (a zip stored inside a zip is its member's business, not its parent's);
 * :func:`find_uncovered` / :func:`rfind_uncovered` — a signature outside those ranges; the
   search position only ever moves one way, so a whole object is searched in linear time;
+  :class:`ForwardIndex` the same for a signature asked about again from earlier positions;
 * :func:`zip_end_record`, :func:`zip_local_entry`, :func:`sevenzip_extent` — O(1) plausibility
   checks of one candidate record (what a chance match of a few bytes almost never passes);
 * :class:`Window` — a read-only file over part of a buffer, for ``zipfile`` and ``py7zr``.
@@ -122,6 +123,48 @@ def rfind_uncovered(data: bytes, signature: bytes, end: int, spans: Spans) -> in
     return -1
 
 
+class ForwardIndex:
+    """Where one signature occurs at or after a position, each byte of ``data`` searched once.
+
+    For a walk that moves forward (``forget_before``) but may ask again about positions it
+    asked about before: zip data descriptors, looked for behind every stored entry whose size
+    comes after its data. Without it, many such headers would each search to the end.
+    """
+
+    def __init__(self, data: bytes, signature: bytes):
+        self._data = data
+        self._signature = signature
+        self._found: list[int] = []  # occurrences at or after the floor, in order
+        self._first = 0  # index of the first one not forgotten
+        self._searched = 0  # occurrences starting before this are all in _found (or forgotten)
+        self._floor = 0
+
+    def forget_before(self, pos: int) -> None:
+        self._floor = max(self._floor, pos)
+        while self._first < len(self._found) and self._found[self._first] < self._floor:
+            self._first += 1
+        if self._first > 1024 and self._first * 2 > len(self._found):
+            del self._found[: self._first]
+            self._first = 0
+
+    def next(self, pos: int) -> int:
+        """The first occurrence at or after ``pos`` (not before the floor), or -1."""
+        i = bisect.bisect_left(self._found, pos, self._first)
+        if i < len(self._found):
+            return self._found[i]
+        self._searched = max(self._searched, self._floor)
+        while self._searched < len(self._data):
+            hit = self._data.find(self._signature, self._searched)
+            if hit < 0:
+                self._searched = len(self._data)
+                break
+            self._searched = hit + 1
+            self._found.append(hit)
+            if hit >= pos:
+                return hit
+        return -1
+
+
 @dataclass(frozen=True)
 class ZipDirectory:
     """Where a zip end record says its central directory is."""
@@ -141,13 +184,13 @@ def zip_end_record(data: bytes, pos: int) -> ZipDirectory | None:
     record = data[pos : pos + ZIP_END_SIZE]
     if len(record) < ZIP_END_SIZE:
         return None
-    _, _, _, _, entries, size, offset, _ = struct.unpack("<4sHHHHIIH", record)
-    if entries == 0xFFFF or size == 0xFFFFFFFF or offset == 0xFFFFFFFF:
-        locator = pos - _ZIP64_LOCATOR_SIZE
-        end64 = locator - _ZIP64_END_SIZE
-        if end64 < 0 or data[locator : locator + 4] != ZIP64_LOCATOR:
-            return None
-        if data[end64 : end64 + 4] != ZIP64_END:
+    _, _, _, _, entries, size, _, _ = struct.unpack("<4sHHHHIIH", record)
+    locator = pos - _ZIP64_LOCATOR_SIZE
+    end64 = locator - _ZIP64_END_SIZE
+    if locator >= 0 and data[locator : locator + 4] == ZIP64_LOCATOR:
+        # zip64 records stand between the directory and the end record (zipfile writes them
+        # whenever it likes, even when the end record's own fields would do).
+        if end64 < 0 or data[end64 : end64 + 4] != ZIP64_END:
             return None
         (entries, size) = struct.unpack_from("<QQ", data, end64 + 32)
         directory_end = end64

@@ -630,15 +630,17 @@ class _Expander:
         only if its entry reads through and checks out; otherwise the walk looks further.
         """
         data = obj.data
+        descriptors = locate.ForwardIndex(data, locate.ZIP_DESCRIPTOR)
         pos = 0
         expected = 0 if certain else -1
         while (pos := locate.find_uncovered(data, _ZIP_LOCAL, pos, covered)) >= 0:
             self.count_signature()
+            descriptors.forget_before(pos)
             trusted = pos == expected
             entry = locate.zip_local_entry(data, pos)
             end = None
             if entry is not None:
-                end = self._zip_local_member(obj, entry, trusted)
+                end = self._zip_local_member(obj, entry, trusted, descriptors)
             elif trusted:
                 self.anomaly(ANOMALY_CORRUPT)
             if end is None:
@@ -648,7 +650,11 @@ class _Expander:
             pos = expected = end
 
     def _zip_local_member(
-        self, obj: ScanObject, entry: locate.LocalEntry, trusted: bool
+        self,
+        obj: ScanObject,
+        entry: locate.LocalEntry,
+        trusted: bool,
+        descriptors: locate.ForwardIndex,
     ) -> int | None:
         """Read one entry from its local header; where it ends, or None if it did not read."""
         data = obj.data
@@ -671,7 +677,7 @@ class _Expander:
         ends: list[int] = []
 
         def produce(sink: _Sink) -> None:
-            ends.append(_zip_local_data(data, entry, max_dict, sink, self.count_signature))
+            ends.append(_zip_local_data(data, entry, max_dict, sink, descriptors, self))
 
         if trusted:
             self.count_entry()
@@ -890,7 +896,8 @@ def _zip_local_data(
     entry: locate.LocalEntry,
     max_dict: int,
     sink: _Sink,
-    count_signature: Callable[[], None],
+    descriptors: locate.ForwardIndex,
+    expander: _Expander,
 ) -> int:
     """Decode one entry's data as its local header (or data descriptor) describes it; return
     where the entry ends."""
@@ -904,13 +911,13 @@ def _zip_local_data(
         crc, size, end = entry.crc, entry.size, entry.data_end
     elif entry.method == zipfile.ZIP_STORED:
         # Stored data has no end of its own: it ends at the first signed data descriptor that
-        # states its own distance from the data start (each candidate looked at once).
+        # states its own distance from the data start.
         pos = start
         while True:
-            found = data.find(locate.ZIP_DESCRIPTOR, pos)
+            found = descriptors.next(pos)
             if found < 0:
                 raise _Corrupt("stored data without a data descriptor")
-            count_signature()
+            expander.count_signature()
             descriptor = _zip_descriptor(data, found, found - start)
             if descriptor is not None:
                 break

@@ -20,6 +20,7 @@ import py7zr
 import pytest
 from archive_builders import with_encrypted_flag
 
+from mailtower import _archive_locate as locate
 from mailtower import testdata
 from mailtower.containers import ContainerLimits, detect, expand
 from mailtower.objects import ScanObject
@@ -834,3 +835,53 @@ def test_archives_behind_other_bytes_mutated_never_raise() -> None:
         found, anomalies = expand(obj(bytes(data)), ContainerLimits(max_time_s=5))
         assert all(a.startswith("container.") for a in anomalies)
         assert all(m.depth >= 1 for m in found)
+
+
+def test_zip64_end_record_behind_other_bytes_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patched:
+        patched.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)  # zip64 end records from 2 entries
+        archive = zip_of({"a.txt": b"a", "e.com": testdata.eicar()})
+    assert b"PK\x06\x06" in archive and b"PK\x06\x07" in archive
+    data = os.urandom(100) + archive + os.urandom(70 * 1024)
+    # Read through its directory (not only its local headers):
+    end = data.rfind(b"PK\x05\x06")
+    directory = locate.zip_end_record(data, end)
+    assert directory is not None and directory.start == 100 + archive.find(b"PK\x01\x02")
+    members, anomalies = expand(obj(data))
+    assert sorted(m.data for m in members) == sorted([b"a", testdata.eicar()])
+    assert anomalies == []
+
+
+def test_streamed_stored_headers_without_descriptors_cost_linear_work() -> None:
+    """Stored entries whose size follows the data end at a data descriptor; many such headers
+    and none anywhere must not make each header search the rest of the object."""
+    header = b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, 8, 0, 0, 0, 0, 0, 0, 1, 0) + b"x"
+    data = os.urandom(10) + header * 5000 + bytes(8 * MiB)
+    cpu_started = time.process_time()
+    members, anomalies = expand(obj(data))
+    assert time.process_time() - cpu_started < 2.0
+    assert (members, anomalies) == ([], [])
+
+
+def test_signature_searches_skip_exactly_the_ranges_read() -> None:
+    """find_uncovered / rfind_uncovered against a naive search, on random ranges."""
+    rng = random.Random(7)
+    for _ in range(300):
+        data = bytes(rng.choice(b"PK\x05\x06ab") for _ in range(rng.randrange(1, 200)))
+        spans = locate.Spans()
+        ranges = []
+        for _ in range(rng.randrange(0, 6)):
+            start = rng.randrange(len(data))
+            end = start + rng.randrange(0, 40)
+            spans.add(start, end)
+            ranges.append((start, end))
+
+        def free(pos: int, ranges: list[tuple[int, int]] = ranges) -> bool:
+            return not any(start <= pos < end for start, end in ranges)
+
+        hits = [p for p in range(len(data)) if data.startswith(b"PK\x05\x06", p) and free(p)]
+        pos = rng.randrange(len(data) + 1)
+        after = [p for p in hits if p >= pos]
+        before = [p for p in hits if p < pos]
+        assert locate.find_uncovered(data, b"PK\x05\x06", pos, spans) == (after or [-1])[0]
+        assert locate.rfind_uncovered(data, b"PK\x05\x06", pos, spans) == (before or [-1])[-1]
