@@ -554,10 +554,14 @@ class _Expander:
         """Read the members one central directory lists; False if it was not one after all."""
         data = obj.data
         # zipfile builds an object per central-directory entry before we see any: refuse a
-        # directory with more entries than the limit allows before it is parsed.
+        # directory with more entries than the limit allows before it is parsed, and charge
+        # them whether it then parses or not (many end records could otherwise each have a
+        # long directory parsed that fails at its end).
         first, last = directory.entries_region
-        if data.count(locate.ZIP_CENTRAL, first, last) > self.limits.max_members - self.entries:
+        entries = data.count(locate.ZIP_CENTRAL, first, last)
+        if entries > self.limits.max_members - self.entries:
             raise _LimitExceeded("members")
+        self.entries += entries
         src = memoryview(data)
         try:
             # Up to the end record: zipfile finds it last, as if nothing came after it.
@@ -574,7 +578,7 @@ class _Expander:
         covered.add(directory.start, directory.end)
         self._zip_check_layout(obj, infos)
         for info in infos:
-            self.count_entry()
+            self.check_time()  # (counted above)
             key = (info.header_offset, info.compress_type, info.compress_size, info.filename)
             if key in seen:  # the same entry listed by another directory: read once
                 continue

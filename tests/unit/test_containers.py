@@ -885,3 +885,22 @@ def test_signature_searches_skip_exactly_the_ranges_read() -> None:
         before = [p for p in hits if p < pos]
         assert locate.find_uncovered(data, b"PK\x05\x06", pos, spans) == (after or [-1])[0]
         assert locate.rfind_uncovered(data, b"PK\x05\x06", pos, spans) == (before or [-1])[-1]
+
+
+def test_many_end_records_over_one_long_broken_directory_cost_bounded_work() -> None:
+    """Each end record makes zipfile parse the same 5,000 entries before failing at the end:
+    the entries parsed are charged to the members limit whether the directory reads or not."""
+    name = b"f"
+    entry = struct.pack(
+        "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0
+    )
+    directory = (entry + name) * 5000
+    records = b""
+    for _ in range(200):
+        size = len(directory) + 4 + len(records)  # runs into the records before it: fails there
+        records += b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, size, 0, 0)
+    data = os.urandom(100) + b"PK\x03\x04" + bytes(40) + directory + b"XXXX" + records
+    cpu_started = time.process_time()
+    members, anomalies = expand(obj(data))
+    assert time.process_time() - cpu_started < 3.0
+    assert anomalies == ["container.limit-exceeded:members"]
