@@ -1,13 +1,20 @@
 """Container expansion: the members of zip, tar, gzip, bzip2, xz/lzma and 7z objects, with limits.
 
-Formats are recognised by their content (magic bytes), never by a declared name or type. Every
-decompression is streamed in bounded chunks and every byte is counted, so a decompression bomb
-stops at the first limit it crosses instead of filling memory; headers that state sizes are
-never trusted for allocation. What cannot be fully expanded is reported as an anomaly, which the
-pipeline turns into ``suspicious`` (never ``clean``):
+Formats are recognised by their content (magic bytes), never by a declared name or type. An
+object is read every way an extractor reads it (the union principle): as the format its first
+bytes declare, and as every zip or 7z further in that some extractor opens — a zip end record
+anywhere (Info-ZIP's ``unzip`` searches the whole file), its directory with anything before it
+(a self-extractor's stub) or after it, local headers no directory lists (streaming readers walk
+them), a 7z signature header at any offset (7-Zip opens self-extractors). Byte ranges one
+reading accounted for are not searched again (see ``_archive_locate``). Every decompression is
+streamed in bounded chunks and every byte is counted, so a decompression bomb stops at the first
+limit it crosses instead of filling memory; headers that state sizes are never trusted for
+allocation. What cannot be fully expanded is reported as an anomaly, which the pipeline turns
+into ``suspicious`` (never ``clean``):
 
-* ``container.limit-exceeded:<which>`` — ``depth``, ``members``, ``bytes``, ``ratio``, ``time``
-  or ``memory`` (a decoder that asks for more memory than allowed); expansion stops there;
+* ``container.limit-exceeded:<which>`` — ``depth``, ``members``, ``bytes``, ``ratio``, ``time``,
+  ``memory`` (a decoder that asks for more memory than allowed) or ``signatures`` (an object
+  stuffed with archive signatures); expansion stops there;
 * ``container.encrypted`` — an encrypted member or archive (it cannot be scanned);
 * ``container.corrupt`` — damaged or inconsistent data (truncated streams, bad checksums,
   overlapping zip entries, sizes or names that disagree between headers);
