@@ -197,8 +197,10 @@ def zip_end_record(data: bytes, pos: int) -> ZipDirectory | None:
     else:
         directory_end = pos
     start = directory_end - size
-    if entries == 0 or start < 0 or data[start : start + 4] != ZIP_CENTRAL:
-        return None  # an empty archive (nothing to read) or not an end record at all
+    if entries == 0 and size == 0:
+        return ZipDirectory(start, pos + ZIP_END_SIZE, (start, start))  # an empty archive
+    if start < 0 or data[start : start + 4] != ZIP_CENTRAL:
+        return None
     return ZipDirectory(start, pos + ZIP_END_SIZE, (start, directory_end))
 
 

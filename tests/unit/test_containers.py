@@ -278,6 +278,12 @@ def test_not_a_container(data: bytes) -> None:
     assert expand(obj(data, "x.pdf")) == ([], [])
 
 
+def test_empty_zip_is_no_anomaly() -> None:
+    empty = zip_of({})
+    assert expand(obj(empty)) == ([], [])
+    assert expand(obj(empty + os.urandom(70 * 1024))) == ([], [])
+
+
 def test_office_document_members_are_expanded_without_anomaly() -> None:
     docx = zip_of(
         {
