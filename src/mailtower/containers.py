@@ -598,8 +598,10 @@ class _Expander:
                 log.info("%s!%s: %s", obj.path, info.filename, exc)
                 self.anomaly(ANOMALY_ENCRYPTED if info.flag_bits & 0x41 else ANOMALY_CORRUPT)
                 continue
-            # The entry's bytes are read here: the local-header walk need not read them again.
-            covered.add(info.header_offset, start + info.compress_size)
+            # The entry is read here: the local-header walk need not read it again. Its data
+            # counts as read only as far as it was decoded (below): a stated size that reaches
+            # further must not hide what lies behind the real end of the data.
+            covered.add(info.header_offset, start)
             if info.flag_bits & 0x41:  # traditional or strong encryption
                 self.anomaly(ANOMALY_ENCRYPTED)
                 continue
@@ -612,18 +614,21 @@ class _Expander:
                 log.info("%s!%s: local and central sizes differ", obj.path, info.filename)
                 self.anomaly(ANOMALY_CORRUPT)
             raw = src[start : start + info.compress_size]
-            self._zip_member(obj, info, raw, local_name)
+            used = self._zip_member(obj, info, raw, local_name)
+            covered.add(start, start + used)
         return True
 
     def _zip_member(
         self, obj: ScanObject, info: zipfile.ZipInfo, raw: memoryview, local_name: str | None
-    ) -> None:
+    ) -> int:
+        """Read one member a directory lists; return how much of its data was decoded."""
         max_dict = self.limits.max_decoder_memory
+        used: list[int] = []
 
         def produce(sink: _Sink) -> None:
             if len(raw) < info.compress_size:
                 raise _Corrupt("member data runs past the end of the archive")
-            _zip_data(raw, info.compress_type, max_dict, sink)
+            used.append(_zip_data(raw, info.compress_type, max_dict, sink))
             if sink.size != info.file_size or sink.crc != info.CRC:
                 raise _Corrupt(
                     f"size {sink.size} / crc {sink.crc:08x} differ from the header's "
@@ -632,6 +637,7 @@ class _Expander:
 
         names = frozenset(n for n in (info.filename, local_name) if n)
         self.member(obj, info.filename, produce, names)
+        return used[0] if used else 0
 
     def _zip_local_entries(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
         """Local headers outside what the directories covered, walked from the front.
@@ -685,14 +691,14 @@ class _Expander:
             self.anomaly(anomaly)
             return known_end
         max_dict = self.limits.max_decoder_memory
-        ends: list[int] = []
+        ends: list[int] = []  # where the entry's data ended, once known (checked or not)
 
         def produce(sink: _Sink) -> None:
-            ends.append(_zip_local_data(data, entry, max_dict, sink, descriptors, self))
+            _zip_local_data(data, entry, max_dict, sink, descriptors, self, ends)
 
         if trusted:
             self.count_entry()
-            self.member(obj, entry.name, produce)
+            self.member(obj, entry.name, produce)  # a failed check is corrupt: kept, flagged
             return ends[0] if ends else None
         trial = self.sink()
         try:
@@ -909,17 +915,19 @@ def _zip_local_data(
     sink: _Sink,
     descriptors: locate.ForwardIndex,
     expander: _Expander,
-) -> int:
-    """Decode one entry's data as its local header (or data descriptor) describes it; return
-    where the entry ends."""
+    ends: list[int],
+) -> None:
+    """Decode one entry's data as its local header (or data descriptor) describes it; put
+    where the entry ends in ``ends`` (before its checks: a failed check still read it)."""
     src = memoryview(data)
     start = entry.data_start
     if not entry.sizes_follow:
         raw = src[start : entry.data_end]
         if len(raw) < entry.compressed_size:
             raise _Corrupt("member data runs past the end of the object")
-        _zip_data(raw, entry.method, max_dict, sink)
-        crc, size, end = entry.crc, entry.size, entry.data_end
+        # A streaming reader goes on where a compressed stream ended, whatever size was stated.
+        used = _zip_data(raw, entry.method, max_dict, sink)
+        crc, size, end = entry.crc, entry.size, start + used
     elif entry.method == zipfile.ZIP_STORED:
         # Stored data has no end of its own: it ends at the first signed data descriptor that
         # states its own distance from the data start.
@@ -941,11 +949,11 @@ def _zip_local_data(
         if descriptor is None:
             raise _Corrupt("no data descriptor after the data")
         crc, size, end = descriptor
+    ends.append(end)
     if sink.size != size or sink.crc != crc:
         raise _Corrupt(
             f"size {sink.size} / crc {sink.crc:08x} differ from the header's {size} / {crc:08x}"
         )
-    return end
 
 
 def _zip_descriptor(data: bytes, pos: int, compressed_size: int) -> tuple[int, int, int] | None:

@@ -910,3 +910,15 @@ def test_many_end_records_over_one_long_broken_directory_cost_bounded_work() -> 
     members, anomalies = expand(obj(data))
     assert time.process_time() - cpu_started < 3.0
     assert anomalies == ["container.limit-exceeded:members"]
+
+
+def test_stated_size_past_the_stream_end_hides_nothing() -> None:
+    """A member whose stated compressed size runs past its deflate stream, over a whole zip:
+    Java's ZipInputStream goes on where the stream ended and extracts the hidden member."""
+    payload = b"harmless text " * 50
+    hidden = zip_of({"hidden.exe": b"MZ hidden"})
+    raw = zlib.compress(payload, wbits=-15) + hidden
+    data = crafted_zip([("readme.txt", raw, 8, len(payload), zlib.crc32(payload))])
+    members, anomalies = expand(obj(data))
+    assert sorted(m.data for m in members) == [b"MZ hidden", payload]
+    assert anomalies == []
