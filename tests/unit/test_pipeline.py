@@ -156,6 +156,14 @@ def test_zip_between_random_bytes_is_not_clean(pipeline: Pipeline) -> None:
     assert Finding("policy", "policy.banned-native.pe", "2!invoice.exe") in verdict.findings
 
 
+def test_zip_appended_to_an_image_is_scanned(pipeline: Pipeline) -> None:
+    image = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(3000) + b"\xff\xd9"
+    data = image + zip_of({"docs/readme.txt": EICAR}) + os.urandom(70 * 1024)
+    verdict = pipeline.scan(with_attachment(data, "photo.jpg", "image/jpeg"))
+    assert verdict.kind is Kind.VIRUS
+    assert Finding("yara", "Mailtower_EICAR_Test_File", "2!docs/readme.txt") in verdict.findings
+
+
 def test_banned_declared_type(pipeline: Pipeline) -> None:
     verdict = pipeline.scan(with_attachment(b"data", "update.bin", "application/x-msdownload"))
     assert verdict.kind is Kind.BANNED
