@@ -922,3 +922,23 @@ def test_stated_size_past_the_stream_end_hides_nothing() -> None:
     members, anomalies = expand(obj(data))
     assert sorted(m.data for m in members) == [b"MZ hidden", payload]
     assert anomalies == []
+
+
+def test_any_bytes_around_an_archive_leave_its_members_found() -> None:
+    """Property (seeded): whatever random bytes stand before and after a zip or 7z, and however
+    it was written, exactly its members come out, each once, with no anomaly."""
+    rng = random.Random(1515)
+    builders: list[Callable[[dict[str, bytes]], bytes]] = [
+        zip_of,
+        functools.partial(zip_of, method=zipfile.ZIP_STORED),
+        streamed_zip,
+        sevenzip_of,
+    ]
+    for _ in range(40):
+        content = {f"m{i}.bin": rng.randbytes(rng.randrange(0, 3000)) for i in range(3)}
+        archive = rng.choice(builders)(content)
+        before = rng.randbytes(rng.choice([0, 1, 100, 5000]))
+        after = rng.randbytes(rng.choice([0, 1, 22, 70 * 1024, 200 * 1024]))
+        members, anomalies = expand(obj(before + archive + after))
+        assert anomalies == []
+        assert sorted((next(iter(m.filenames)), m.data) for m in members) == sorted(content.items())
