@@ -616,6 +616,11 @@ class _Expander:
             raw = src[start : start + info.compress_size]
             used = self._zip_member(obj, info, raw, local_name)
             covered.add(start, start + used)
+            if used and used != info.compress_size:
+                # Readers disagree: Java's ZipInputStream refuses the entry, zipfile and unzip
+                # stop at the stream's end, a reader that trusts the size skips further.
+                log.info("%s!%s: data ends before its stated size", obj.path, info.filename)
+                self.anomaly(ANOMALY_CORRUPT)
         return True
 
     def _zip_member(
@@ -699,14 +704,19 @@ class _Expander:
         if trusted:
             self.count_entry()
             self.member(obj, entry.name, produce)  # a failed check is corrupt: kept, flagged
-            return ends[0] if ends else None
-        trial = self.sink()
-        try:
-            produce(trial)
-        except (_Corrupt, _Unsupported):
-            return None  # no entry after all (what it decoded stays charged: fakes cost)
-        self.count_entry()
-        self.member(obj, entry.name, lambda sink: _copy(trial, sink))
+        else:
+            trial = self.sink()
+            try:
+                produce(trial)
+            except (_Corrupt, _Unsupported):
+                return None  # no entry after all (what it decoded stays charged: fakes cost)
+            self.count_entry()
+            self.member(obj, entry.name, lambda sink: _copy(trial, sink))
+        if not ends:
+            return None
+        if known_end is not None and ends[0] != known_end:
+            log.info("%s!%s: data ends before its stated size", obj.path, entry.name)
+            self.anomaly(ANOMALY_CORRUPT)
         return ends[0]
 
     def _zip_check_layout(self, obj: ScanObject, infos: list[zipfile.ZipInfo]) -> None:
@@ -925,7 +935,7 @@ def _zip_local_data(
         raw = src[start : entry.data_end]
         if len(raw) < entry.compressed_size:
             raise _Corrupt("member data runs past the end of the object")
-        # A streaming reader goes on where a compressed stream ended, whatever size was stated.
+        # Where a compressed stream ended, whatever size was stated (the caller compares).
         used = _zip_data(raw, entry.method, max_dict, sink)
         crc, size, end = entry.crc, entry.size, start + used
     elif entry.method == zipfile.ZIP_STORED:
