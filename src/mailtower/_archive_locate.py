@@ -1,10 +1,12 @@
 """Finding archives inside an object: zip and 7z records at any offset, read without copying.
 
-Extractors do not agree on where an archive starts. Info-ZIP's ``unzip`` searches the whole file
-backwards for the zip end record; Python's ``zipfile`` only the last 64 KiB; streaming readers
-(Java's ``ZipInputStream``, libarchive in streaming mode) walk local headers from the front;
-7-Zip opens a zip or 7z behind a self-extractor stub. The container module reads every one of
-those ways (the union principle); this module holds the byte-level pieces, pure and bounded:
+Extractors do not agree on where an archive starts. Python's ``zipfile`` looks for the zip end
+record in the last 64 KiB; Debian's Info-ZIP ``unzip`` 6.0 somewhat further back (a record 73,000
+bytes from the end was found, 75,000 not, measured 2026-12-06); streaming readers (Java's
+``ZipInputStream``) walk local headers from the front; 7-Zip opens a zip or 7z behind a
+self-extractor stub. No reach is the right one, so the container module searches the whole
+object, which covers them all (the union principle); this module holds the byte-level pieces,
+pure and bounded:
 
 * :class:`Spans` — byte ranges already read as part of an archive, so that the same bytes are
   not opened twice (a zip stored inside a zip is its member's business, not its parent's);

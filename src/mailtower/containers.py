@@ -3,9 +3,10 @@
 Formats are recognised by their content (magic bytes), never by a declared name or type. An
 object is read every way an extractor reads it (the union principle): as the format its first
 bytes declare, and as every zip or 7z further in that some extractor opens — a zip end record
-anywhere (Info-ZIP's ``unzip`` searches the whole file), its directory with anything before it
-(a self-extractor's stub) or after it, local headers no directory lists (streaming readers walk
-them), a 7z signature header at any offset (7-Zip opens self-extractors). Byte ranges one
+anywhere (``zipfile`` looks 64 KiB back, Info-ZIP's ``unzip`` further: the union is the whole
+object), its directory with anything before it (a self-extractor's stub) or after it, local
+headers no directory lists (streaming readers walk them), a 7z signature header at any offset
+(7-Zip opens self-extractors). Byte ranges one
 reading accounted for are not searched again (see ``_archive_locate``). Every decompression is
 streamed in bounded chunks and every byte is counted, so a decompression bomb stops at the first
 limit it crosses instead of filling memory; headers that state sizes are never trusted for
@@ -529,8 +530,8 @@ class _Expander:
     def _zip(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
         """Every zip in ``obj``, read every way an extractor reads one.
 
-        First each end record's central directory, wherever the record is (``unzip`` searches
-        the whole file, last record first; ``zipfile`` only the last 64 KiB), with anything
+        First each end record's central directory, wherever the record is, last first (``zipfile``
+        looks 64 KiB back, ``unzip`` somewhat further; the union is the whole object), with anything
         before it (a self-extractor's stub) or after it; then the local headers no directory
         accounted for, walked from the front as a streaming reader does (entries hidden from
         the directory, archives whose directory is missing or broken).
