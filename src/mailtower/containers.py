@@ -1,13 +1,21 @@
 """Container expansion: the members of zip, tar, gzip, bzip2, xz/lzma and 7z objects, with limits.
 
-Formats are recognised by their content (magic bytes), never by a declared name or type. Every
-decompression is streamed in bounded chunks and every byte is counted, so a decompression bomb
-stops at the first limit it crosses instead of filling memory; headers that state sizes are
-never trusted for allocation. What cannot be fully expanded is reported as an anomaly, which the
-pipeline turns into ``suspicious`` (never ``clean``):
+Formats are recognised by their content (magic bytes), never by a declared name or type. An
+object is read every way an extractor reads it (the union principle): as the format its first
+bytes declare, and as every zip or 7z further in that some extractor opens — a zip end record
+anywhere (``zipfile`` looks 64 KiB back, Info-ZIP's ``unzip`` further: the union is the whole
+object), its directory with anything before it (a self-extractor's stub) or after it, local
+headers no directory lists (streaming readers walk them), a 7z signature header at any offset
+(7-Zip opens self-extractors). Byte ranges one
+reading accounted for are not searched again (see ``_archive_locate``). Every decompression is
+streamed in bounded chunks and every byte is counted, so a decompression bomb stops at the first
+limit it crosses instead of filling memory; headers that state sizes are never trusted for
+allocation. What cannot be fully expanded is reported as an anomaly, which the pipeline turns
+into ``suspicious`` (never ``clean``):
 
-* ``container.limit-exceeded:<which>`` — ``depth``, ``members``, ``bytes``, ``ratio``, ``time``
-  or ``memory`` (a decoder that asks for more memory than allowed); expansion stops there;
+* ``container.limit-exceeded:<which>`` — ``depth``, ``members``, ``bytes``, ``ratio``, ``time``,
+  ``memory`` (a decoder that asks for more memory than allowed) or ``signatures`` (an object
+  stuffed with archive signatures); expansion stops there;
 * ``container.encrypted`` — an encrypted member or archive (it cannot be scanned);
 * ``container.corrupt`` — damaged or inconsistent data (truncated streams, bad checksums,
   overlapping zip entries, sizes or names that disagree between headers);
@@ -34,6 +42,7 @@ import py7zr.exceptions
 import py7zr.io
 import py7zr.py7zr
 
+from mailtower import _archive_locate as locate
 from mailtower.objects import ScanObject
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,10 @@ class ContainerLimits:
     # Largest dictionary an LZMA/xz decoder may allocate (xz -9 needs 64 MiB): the header of an
     # xz stream chooses it, so without a cap a few bytes could demand gigabytes.
     max_decoder_memory: int = 128 * MiB
+    # Archive signatures examined inside one object (zip end records and local headers, 7z
+    # headers, at any offset): a plausible archive needs few; a file stuffed with them is
+    # hostile, and each costs a look.
+    max_signatures: int = 10_000
 
 
 def detect(data: bytes) -> str | None:
@@ -91,10 +104,9 @@ def expand(
 
 # -- detection ---------------------------------------------------------------------------------
 
-_ZIP_LOCAL = b"PK\x03\x04"
-_ZIP_CENTRAL = b"PK\x01\x02"
-_ZIP_END = b"PK\x05\x06"
-_SEVENZIP = b"7z\xbc\xaf\x27\x1c"
+_ZIP_LOCAL = locate.ZIP_LOCAL
+_ZIP_END = locate.ZIP_END
+_SEVENZIP = locate.SEVENZIP
 _XZ = b"\xfd7zXZ\x00"
 _GZIP = b"\x1f\x8b\x08"
 
@@ -102,10 +114,23 @@ _GZIP = b"\x1f\x8b\x08"
 def _detect(data: bytes) -> tuple[str | None, bool]:
     """(format, certain): ``certain`` is False when only a weak sign matched.
 
-    A weak sign (a zip end record near the end, a plausible V7 tar header or raw LZMA header)
+    A weak sign (a zip or 7z record anywhere, a plausible V7 tar header or raw LZMA header)
     that then fails to parse means "not a container", not "corrupt container": plenty of
     ordinary files contain such bytes by chance.
     """
+    kind, certain = _detect_head(data)
+    # An archive behind something else, wherever an extractor finds one: a self-extractor's
+    # stub, a polyglot image, data appended after it. Every zip that has anything to extract
+    # has a local header: its end record alone is not looked for (one search fewer).
+    if kind is None and _ZIP_LOCAL in data:
+        return "zip", False
+    if kind is None and _SEVENZIP in data:
+        return "7z", False
+    return kind, certain
+
+
+def _detect_head(data: bytes) -> tuple[str | None, bool]:
+    """The format the object's first bytes declare (archives found further in: _detect)."""
     head = data[:512]
     if head.startswith((_ZIP_LOCAL, _ZIP_END)):
         return "zip", True
@@ -119,9 +144,6 @@ def _detect(data: bytes) -> tuple[str | None, bool]:
         return "bzip2", True
     if len(data) >= 512 and data[257:262] == b"ustar":
         return "tar", True
-    if _ZIP_END in data[-(65536 + 22) :]:
-        # An archive behind something else: a self-extractor, a polyglot image.
-        return "zip", False
     if _looks_like_v7_tar(head):
         return "tar", False
     if _looks_like_lzma_alone(head):
@@ -281,8 +303,9 @@ def _decode(src: memoryview, new_decoder: Callable[[], _Decoder], sink: _Sink) -
 
 def _decode_streams(
     src: memoryview, new_decoder: Callable[[], _Decoder], magic: bytes, sink: _Sink
-) -> None:
-    """Decode concatenated streams (gzip members, xz/bzip2 streams) as one output, like gunzip."""
+) -> int:
+    """Decode concatenated streams (gzip members, xz/bzip2 streams) as one output, like gunzip;
+    return where the last stream ended."""
     pos = 0
     while True:
         pos += _decode(src[pos:], new_decoder, sink)
@@ -291,7 +314,7 @@ def _decode_streams(
         while pos < len(src) and src[pos] == 0:
             pos += 1
         if bytes(src[pos : pos + len(magic)]) != magic:
-            return
+            return pos
 
 
 # -- the expander ------------------------------------------------------------------------------
@@ -313,6 +336,7 @@ class _Expander:
         self.anomalies: list[str] = []
         self.entries = 0
         self.expanded = 0
+        self.signatures = 0
 
     def run(self) -> tuple[list[ScanObject], list[str]]:
         try:
@@ -342,6 +366,13 @@ class _Expander:
             raise _LimitExceeded("time")
         if now >= self.wall_deadline:
             raise _WallTimeout()
+
+    def count_signature(self) -> None:
+        """Count one archive signature examined inside an object (a candidate, real or not)."""
+        self.signatures += 1
+        if self.signatures > self.limits.max_signatures:
+            raise _LimitExceeded("signatures")
+        self.check_time()
 
     def count_entry(self) -> None:
         self.entries += 1
@@ -382,22 +413,29 @@ class _Expander:
     # -- recursion
 
     def expand(self, obj: ScanObject) -> None:
-        kind, certain = _detect(obj.data)
-        if kind is None:
+        """Every reading of ``obj``: the format its first bytes declare, then every zip or 7z
+        further in that some extractor would open (each byte range read once)."""
+        if _detect(obj.data)[0] is None:
             return
         if obj.depth >= self.limits.max_depth:
             raise _LimitExceeded("depth")
         self.check_time()
-        handler = {
-            "zip": self._zip,
-            "tar": self._tar,
-            "7z": self._sevenzip,
-            "gzip": self._gzip,
-            "bzip2": self._bzip2,
-            "xz": self._xz,
-            "lzma": self._lzma_alone,
-        }[kind]
-        handler(obj, certain)
+        covered = locate.Spans()
+        kind, certain = _detect_head(obj.data)
+        if kind is not None:
+            handler = {
+                "zip": self._zip,
+                "tar": self._tar,
+                "7z": self._sevenzip,
+                "gzip": self._gzip,
+                "bzip2": self._bzip2,
+                "xz": self._xz,
+                "lzma": self._lzma_alone,
+            }[kind]
+            handler(obj, certain, covered)
+        if kind != "zip":  # _zip reads every zip in the object itself
+            self._zip(obj, False, covered)
+        self._sevenzip_embedded(obj, covered)
 
     def member(
         self,
@@ -405,8 +443,10 @@ class _Expander:
         name: str,
         produce: Callable[[_Sink], None],
         names: frozenset[str] = frozenset(),
-    ) -> None:
-        """Produce one member into a sink, keep what came out (even partial), then recurse."""
+    ) -> bool:
+        """Produce one member into a sink, keep what came out (even partial), then recurse.
+
+        False when it could not be read through (corrupt or unsupported)."""
         names = names or frozenset({name})
         sink = self.sink()
         try:
@@ -420,56 +460,58 @@ class _Expander:
             self.anomaly(ANOMALY_CORRUPT)
             if sink.size:
                 self.add(parent, name, sink, names)
-            return
+            return False
         except _Unsupported as exc:
             log.info("%s!%s: unsupported: %s", parent.path, name, exc)
             self.anomaly(ANOMALY_UNSUPPORTED)
-            return
+            return False
         self.expand(self.add(parent, name, sink, names))
+        return True
 
     # -- single-stream compressors
 
-    def _gzip(self, obj: ScanObject, certain: bool) -> None:
+    def _streams(
+        self,
+        obj: ScanObject,
+        name: str,
+        new_decoder: Callable[[], _Decoder],
+        magic: bytes,
+        covered: locate.Spans,
+    ) -> None:
+        """One compressed object's content; its compressed bytes are not searched again (what
+        they hold verbatim, a stored block's, is in the content, which is)."""
         src = memoryview(obj.data)
+        used: list[int] = []
         self.count_entry()
         self.member(
-            obj,
-            _gzip_name(obj.data) or _stripped_name(obj, (".gz", ".tgz", ".z")),
-            lambda sink: _decode_streams(src, lambda: _ZlibDecoder(31), _GZIP, sink),
+            obj, name, lambda sink: used.append(_decode_streams(src, new_decoder, magic, sink))
         )
+        if used:
+            covered.add(0, used[0])
 
-    def _bzip2(self, obj: ScanObject, certain: bool) -> None:
-        src = memoryview(obj.data)
-        self.count_entry()
-        self.member(
-            obj,
-            _stripped_name(obj, (".bz2", ".tbz", ".tbz2")),
-            lambda sink: _decode_streams(
-                src, lambda: _BufferingDecoder(bz2.BZ2Decompressor()), b"BZh", sink
-            ),
-        )
+    def _gzip(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
+        name = _gzip_name(obj.data) or _stripped_name(obj, (".gz", ".tgz", ".z"))
+        self._streams(obj, name, lambda: _ZlibDecoder(31), _GZIP, covered)
 
-    def _xz(self, obj: ScanObject, certain: bool) -> None:
-        src = memoryview(obj.data)
+    def _bzip2(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
+        name = _stripped_name(obj, (".bz2", ".tbz", ".tbz2"))
+        self._streams(obj, name, lambda: _BufferingDecoder(bz2.BZ2Decompressor()), b"BZh", covered)
+
+    def _xz(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
         memlimit = self.limits.max_decoder_memory
 
         def new() -> _Decoder:
             return _BufferingDecoder(lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=memlimit))
 
-        self.count_entry()
-        self.member(
-            obj,
-            _stripped_name(obj, (".xz", ".txz")),
-            lambda sink: _decode_streams(src, new, _XZ, sink),
-        )
+        self._streams(obj, _stripped_name(obj, (".xz", ".txz")), new, _XZ, covered)
 
-    def _lzma_alone(self, obj: ScanObject, certain: bool) -> None:
+    def _lzma_alone(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
         src = memoryview(obj.data)
         memlimit = self.limits.max_decoder_memory
         # Only a weak sign said "lzma": decode first and keep the result only if it worked.
         sink = self.sink()
         try:
-            _decode(
+            used = _decode(
                 src,
                 lambda: _BufferingDecoder(
                     lzma.LZMADecompressor(lzma.FORMAT_ALONE, memlimit=memlimit)
@@ -479,74 +521,120 @@ class _Expander:
         except _Corrupt:
             self.expanded -= sink.size
             return
+        covered.add(0, used)
         self.count_entry()
         self.member(obj, _stripped_name(obj, (".lzma", ".tlz")), lambda s: _copy(sink, s))
 
     # -- zip
 
-    def _zip(self, obj: ScanObject, certain: bool) -> None:
+    def _zip(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
+        """Every zip in ``obj``, read every way an extractor reads one.
+
+        First each end record's central directory, wherever the record is, last first (``zipfile``
+        looks 64 KiB back, ``unzip`` somewhat further; the union is the whole object), with anything
+        before it (a self-extractor's stub) or after it; then the local headers no directory
+        accounted for, walked from the front as a streaming reader does (entries hidden from
+        the directory, archives whose directory is missing or broken).
+        """
+        data = obj.data
+        seen: set[tuple[int, int, int, str]] = set()
+        directories = 0
+        end = len(data)
+        while (pos := locate.rfind_uncovered(data, _ZIP_END, end, covered)) >= 0:
+            end = pos
+            self.count_signature()
+            directory = locate.zip_end_record(data, pos)
+            if directory is not None and self._zip_directory(obj, directory, covered, seen):
+                directories += 1
+        if certain and not directories:
+            # Starts like a zip, yet no directory reads: extractors will disagree about it.
+            log.info("%s: zip without a readable central directory", obj.path)
+            self.anomaly(ANOMALY_CORRUPT)
+        self._zip_local_entries(obj, certain, covered)
+
+    def _zip_directory(
+        self,
+        obj: ScanObject,
+        directory: locate.ZipDirectory,
+        covered: locate.Spans,
+        seen: set[tuple[int, int, int, str]],
+    ) -> bool:
+        """Read the members one central directory lists; False if it was not one after all."""
         data = obj.data
         # zipfile builds an object per central-directory entry before we see any: refuse a
-        # directory with more entries than the limit allows before it is parsed.
-        if data.count(_ZIP_CENTRAL) > self.limits.max_members - self.entries:
+        # directory with more entries than the limit allows before it is parsed, and charge
+        # them whether it then parses or not (many end records could otherwise each have a
+        # long directory parsed that fails at its end).
+        first, last = directory.entries_region
+        entries = data.count(locate.ZIP_CENTRAL, first, last)
+        if entries > self.limits.max_members - self.entries:
             raise _LimitExceeded("members")
+        self.entries += entries
+        src = memoryview(data)
         try:
-            archive = zipfile.ZipFile(io.BytesIO(data))
+            # Up to the end record: zipfile finds it last, as if nothing came after it.
+            archive = zipfile.ZipFile(locate.Window(src, 0, directory.end))
             infos = archive.infolist()
         except NotImplementedError as exc:  # e.g. "zip file version 7.1" (newer than zipfile)
             log.info("%s: unsupported zip: %s", obj.path, exc)
             self.anomaly(ANOMALY_UNSUPPORTED)
-            return
+            covered.add(directory.start, directory.end)
+            return True
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
-            if certain:
-                log.info("%s: corrupt zip: %s", obj.path, exc)
-                self.anomaly(ANOMALY_CORRUPT)
-            return
+            log.debug("%s: end record at %d is no zip: %s", obj.path, directory.end, exc)
+            return False
+        covered.add(directory.start, directory.end)
         self._zip_check_layout(obj, infos)
-        src = memoryview(data)
         for info in infos:
-            self.count_entry()
+            self.check_time()  # (counted above)
+            key = (info.header_offset, info.compress_type, info.compress_size, info.filename)
+            if key in seen:  # the same entry listed by another directory: read once
+                continue
+            seen.add(key)
             if info.is_dir():
                 continue
-            if info.flag_bits & 0x41:  # traditional or strong encryption
-                self.anomaly(ANOMALY_ENCRYPTED)
-                continue
             try:
-                start, local_name = _zip_local_header(src, info)
+                start, local_name, local_flags, local_size = _zip_local_header(src, info)
             except _Corrupt as exc:
                 log.info("%s!%s: %s", obj.path, info.filename, exc)
-                self.anomaly(ANOMALY_CORRUPT)
+                self.anomaly(ANOMALY_ENCRYPTED if info.flag_bits & 0x41 else ANOMALY_CORRUPT)
+                continue
+            # The entry is read here: the local-header walk need not read it again. Its data
+            # counts as read only as far as it was decoded (below): a stated size that reaches
+            # further must not hide what lies behind the real end of the data.
+            covered.add(info.header_offset, start)
+            if info.flag_bits & 0x41:  # traditional or strong encryption
+                self.anomaly(ANOMALY_ENCRYPTED)
                 continue
             if local_name not in (None, info.filename):
                 # Clients that read local headers see another name than those that read the
                 # central directory: scan under both.
                 self.anomaly(ANOMALY_CORRUPT)
+            if not local_flags & 0x08 and local_size not in (info.compress_size, 0xFFFFFFFF):
+                # A streaming reader would take another length for this member's data.
+                log.info("%s!%s: local and central sizes differ", obj.path, info.filename)
+                self.anomaly(ANOMALY_CORRUPT)
             raw = src[start : start + info.compress_size]
-            self._zip_member(obj, info, raw, local_name)
+            used = self._zip_member(obj, info, raw, local_name)
+            covered.add(start, start + used)
+            if used and used != info.compress_size:
+                # Readers disagree: Java's ZipInputStream refuses the entry, zipfile and unzip
+                # stop at the stream's end, a reader that trusts the size skips further.
+                log.info("%s!%s: data ends before its stated size", obj.path, info.filename)
+                self.anomaly(ANOMALY_CORRUPT)
+        return True
 
     def _zip_member(
         self, obj: ScanObject, info: zipfile.ZipInfo, raw: memoryview, local_name: str | None
-    ) -> None:
-        method = info.compress_type
+    ) -> int:
+        """Read one member a directory lists; return how much of its data was decoded."""
         max_dict = self.limits.max_decoder_memory
+        used: list[int] = []
 
         def produce(sink: _Sink) -> None:
             if len(raw) < info.compress_size:
                 raise _Corrupt("member data runs past the end of the archive")
-            if method == zipfile.ZIP_STORED:
-                for pos in range(0, len(raw), _OUT_CHUNK):
-                    sink.consumed += min(_OUT_CHUNK, len(raw) - pos)
-                    sink.write(raw[pos : pos + _OUT_CHUNK])
-            elif method == zipfile.ZIP_DEFLATED:
-                _decode(raw, lambda: _ZlibDecoder(-15), sink)
-            elif method == zipfile.ZIP_BZIP2:
-                _decode(raw, lambda: _BufferingDecoder(bz2.BZ2Decompressor()), sink)
-            elif method == zipfile.ZIP_LZMA:
-                decoder, offset = _zip_lzma_decoder(raw, max_dict)
-                sink.consumed += offset
-                _decode(raw[offset:], lambda: decoder, sink)
-            else:
-                raise _Unsupported(f"zip compression method {method}")
+            used.append(_zip_data(raw, info.compress_type, max_dict, sink))
             if sink.size != info.file_size or sink.crc != info.CRC:
                 raise _Corrupt(
                     f"size {sink.size} / crc {sink.crc:08x} differ from the header's "
@@ -555,6 +643,82 @@ class _Expander:
 
         names = frozenset(n for n in (info.filename, local_name) if n)
         self.member(obj, info.filename, produce, names)
+        return used[0] if used else 0
+
+    def _zip_local_entries(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
+        """Local headers outside what the directories covered, walked from the front.
+
+        A header where one must be (at the start of a zip, or right after an entry read here)
+        is the archive's: what fails in it is corrupt. Anywhere else it is a weak sign, taken
+        only if its entry reads through and checks out; otherwise the walk looks further.
+        """
+        data = obj.data
+        descriptors = locate.ForwardIndex(data, locate.ZIP_DESCRIPTOR)
+        pos = 0
+        expected = 0 if certain else -1
+        while (pos := locate.find_uncovered(data, _ZIP_LOCAL, pos, covered)) >= 0:
+            self.count_signature()
+            descriptors.forget_before(pos)
+            trusted = pos == expected
+            entry = locate.zip_local_entry(data, pos)
+            end = None
+            if entry is not None:
+                end = self._zip_local_member(obj, entry, trusted, descriptors)
+            elif trusted:
+                self.anomaly(ANOMALY_CORRUPT)
+            if end is None:
+                pos += len(_ZIP_LOCAL)
+                continue
+            covered.add(pos, end)
+            pos = expected = end
+
+    def _zip_local_member(
+        self,
+        obj: ScanObject,
+        entry: locate.LocalEntry,
+        trusted: bool,
+        descriptors: locate.ForwardIndex,
+    ) -> int | None:
+        """Read one entry from its local header; where it ends, or None if it did not read."""
+        data = obj.data
+        known_end = None if entry.sizes_follow else entry.data_end
+        if entry.name.endswith("/") and known_end == entry.data_start:
+            self.count_entry()  # a directory
+            return known_end
+        if entry.encrypted or entry.method not in locate.ZIP_DECODED_METHODS:
+            # Unreadable here; with a stated extent that fits, it is an entry all the same.
+            anomaly = ANOMALY_ENCRYPTED if entry.encrypted else ANOMALY_UNSUPPORTED
+            if known_end is None or known_end > len(data):
+                if trusted:
+                    self.anomaly(anomaly)
+                return None
+            self.count_entry()
+            log.info("%s!%s: %s (local header)", obj.path, entry.name, anomaly)
+            self.anomaly(anomaly)
+            return known_end
+        max_dict = self.limits.max_decoder_memory
+        ends: list[int] = []  # where the entry's data ended, once known (checked or not)
+
+        def produce(sink: _Sink) -> None:
+            _zip_local_data(data, entry, max_dict, sink, descriptors, self, ends)
+
+        if trusted:
+            self.count_entry()
+            self.member(obj, entry.name, produce)  # a failed check is corrupt: kept, flagged
+        else:
+            trial = self.sink()
+            try:
+                produce(trial)
+            except (_Corrupt, _Unsupported):
+                return None  # no entry after all (what it decoded stays charged: fakes cost)
+            self.count_entry()
+            self.member(obj, entry.name, lambda sink: _copy(trial, sink))
+        if not ends:
+            return None
+        if known_end is not None and ends[0] != known_end:
+            log.info("%s!%s: data ends before its stated size", obj.path, entry.name)
+            self.anomaly(ANOMALY_CORRUPT)
+        return ends[0]
 
     def _zip_check_layout(self, obj: ScanObject, infos: list[zipfile.ZipInfo]) -> None:
         """Overlapping entries (one compressed kernel shared by many members) are a bomb."""
@@ -569,7 +733,7 @@ class _Expander:
 
     # -- tar
 
-    def _tar(self, obj: ScanObject, certain: bool) -> None:
+    def _tar(self, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
         try:
             archive = tarfile.TarFile(fileobj=io.BytesIO(obj.data), ignore_zeros=True)
         except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
@@ -588,6 +752,8 @@ class _Expander:
                 if info is None:
                     return
                 self.count_entry()
+                # A member's bytes are its own (an archive stored in it is expanded there).
+                covered.add(info.offset, info.offset_data + (info.size if info.isreg() else 0))
                 if info.isreg():
                     self._tar_member(obj, archive, info)
 
@@ -614,10 +780,17 @@ class _Expander:
 
     # -- 7z
 
-    def _sevenzip(self, obj: ScanObject, certain: bool) -> None:
+    def _sevenzip(
+        self, obj: ScanObject, certain: bool, covered: locate.Spans, start: int = 0
+    ) -> None:
+        """The 7z archive whose signature header is at ``start`` (0, or behind a stub)."""
+        end = locate.sevenzip_extent(obj.data, start)
+        if end is not None:
+            covered.add(start, end)
         factory = _SevenZipSinks(self)
+        window = locate.Window(memoryview(obj.data), start, len(obj.data))
         try:
-            with py7zr.SevenZipFile(io.BytesIO(obj.data), mode="r") as archive:
+            with py7zr.SevenZipFile(window, mode="r") as archive:  # type: ignore[arg-type]
                 if archive.needs_password():
                     self.anomaly(ANOMALY_ENCRYPTED)
                     return
@@ -642,6 +815,20 @@ class _Expander:
         added = [self.add(obj, name, sink, frozenset({name})) for name, sink in factory.sinks]
         for member in added:
             self.expand(member)
+
+    def _sevenzip_embedded(self, obj: ScanObject, covered: locate.Spans) -> None:
+        """Every 7z behind other bytes (a self-extractor, an image with an archive appended),
+        as 7-Zip opens them; its signature header's CRC tells a real one from chance bytes."""
+        data = obj.data
+        pos = 0
+        while (pos := locate.find_uncovered(data, _SEVENZIP, pos, covered)) >= 0:
+            self.count_signature()
+            end = locate.sevenzip_extent(data, pos)
+            if end is None:
+                pos += 1
+                continue
+            self._sevenzip(obj, True, covered, pos)
+            pos = end
 
 
 def _copy(src: _Sink, dst: _Sink) -> None:
@@ -698,18 +885,99 @@ py7zr.py7zr.get_memory_limit = lambda: _OUT_CHUNK
 # -- format details ----------------------------------------------------------------------------
 
 
-def _zip_local_header(src: memoryview, info: zipfile.ZipInfo) -> tuple[int, str | None]:
-    """Offset of a member's data, and the name its local header gives."""
+def _zip_local_header(src: memoryview, info: zipfile.ZipInfo) -> tuple[int, str | None, int, int]:
+    """Offset of a member's data, and the name, flags and compressed size its local header
+    gives."""
     offset = info.header_offset
     header = bytes(src[offset : offset + 30])
     if len(header) < 30 or header[:4] != _ZIP_LOCAL:
         raise _Corrupt("bad local header")
     (flags,) = struct.unpack_from("<H", header, 6)
+    (compressed_size,) = struct.unpack_from("<I", header, 18)
     name_len, extra_len = struct.unpack_from("<HH", header, 26)
     raw_name = bytes(src[offset + 30 : offset + 30 + name_len])
     encoding = "utf-8" if flags & 0x800 else "cp437"
     name = raw_name.decode(encoding, errors="replace") if raw_name else None
-    return offset + 30 + name_len + extra_len, name
+    return offset + 30 + name_len + extra_len, name, flags, compressed_size
+
+
+def _zip_data(raw: memoryview, method: int, max_dict: int, sink: _Sink) -> int:
+    """Decode one zip member's data into ``sink``; return the input bytes it used."""
+    if method == zipfile.ZIP_STORED:
+        for pos in range(0, len(raw), _OUT_CHUNK):
+            sink.consumed += min(_OUT_CHUNK, len(raw) - pos)
+            sink.write(raw[pos : pos + _OUT_CHUNK])
+        return len(raw)
+    if method == zipfile.ZIP_DEFLATED:
+        return _decode(raw, lambda: _ZlibDecoder(-15), sink)
+    if method == zipfile.ZIP_BZIP2:
+        return _decode(raw, lambda: _BufferingDecoder(bz2.BZ2Decompressor()), sink)
+    if method == zipfile.ZIP_LZMA:
+        decoder, offset = _zip_lzma_decoder(raw, max_dict)
+        sink.consumed += offset
+        return offset + _decode(raw[offset:], lambda: decoder, sink)
+    raise _Unsupported(f"zip compression method {method}")
+
+
+def _zip_local_data(
+    data: bytes,
+    entry: locate.LocalEntry,
+    max_dict: int,
+    sink: _Sink,
+    descriptors: locate.ForwardIndex,
+    expander: _Expander,
+    ends: list[int],
+) -> None:
+    """Decode one entry's data as its local header (or data descriptor) describes it; put
+    where the entry ends in ``ends`` (before its checks: a failed check still read it)."""
+    src = memoryview(data)
+    start = entry.data_start
+    if not entry.sizes_follow:
+        raw = src[start : entry.data_end]
+        if len(raw) < entry.compressed_size:
+            raise _Corrupt("member data runs past the end of the object")
+        # Where a compressed stream ended, whatever size was stated (the caller compares).
+        used = _zip_data(raw, entry.method, max_dict, sink)
+        crc, size, end = entry.crc, entry.size, start + used
+    elif entry.method == zipfile.ZIP_STORED:
+        # Stored data has no end of its own: it ends at the first signed data descriptor that
+        # states its own distance from the data start.
+        pos = start
+        while True:
+            found = descriptors.next(pos)
+            if found < 0:
+                raise _Corrupt("stored data without a data descriptor")
+            expander.count_signature()
+            descriptor = _zip_descriptor(data, found, found - start)
+            if descriptor is not None:
+                break
+            pos = found + 1
+        _zip_data(src[start:found], entry.method, max_dict, sink)
+        crc, size, end = descriptor
+    else:
+        used = _zip_data(src[start:], entry.method, max_dict, sink)
+        descriptor = _zip_descriptor(data, start + used, used)
+        if descriptor is None:
+            raise _Corrupt("no data descriptor after the data")
+        crc, size, end = descriptor
+    ends.append(end)
+    if sink.size != size or sink.crc != crc:
+        raise _Corrupt(
+            f"size {sink.size} / crc {sink.crc:08x} differ from the header's {size} / {crc:08x}"
+        )
+
+
+def _zip_descriptor(data: bytes, pos: int, compressed_size: int) -> tuple[int, int, int] | None:
+    """(crc, size, end) of the data descriptor at ``pos`` that states ``compressed_size``.
+
+    Its signature is optional, and zip64 writers use 8-byte sizes: each layout is tried.
+    """
+    for zip64 in (False, True):
+        found = locate.zip_descriptor(data, pos, zip64)
+        if found is not None and found[1] == compressed_size:
+            crc, _, size, end = found
+            return crc, size, end
+    return None
 
 
 def _zip_lzma_decoder(raw: memoryview, max_dict: int) -> tuple[_Decoder, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import tarfile
 import threading
 import time
@@ -143,6 +144,24 @@ def test_windows_program_without_a_telling_name_is_banned(pipeline: Pipeline) ->
     verdict = pipeline.scan(with_attachment(archive, "files.zip", "application/zip"))
     assert verdict.kind is Kind.BANNED
     assert Finding("policy", "policy.banned-native.pe", "2!setup") in verdict.findings
+
+
+def test_zip_between_random_bytes_is_not_clean(pipeline: Pipeline) -> None:
+    """Issue 15: a zip with 100 random bytes before it and 70 KB after it, which unzip
+    extracts, must not pass as clean: its PE member is seen."""
+    data = os.urandom(100) + zip_of({"invoice.exe": pe()}) + os.urandom(70 * 1024)
+    verdict = pipeline.scan(with_attachment(data, "invoice.zip", "application/zip"))
+    assert verdict.kind is Kind.BANNED
+    assert Finding("policy", "policy.banned-extension.exe", "2!invoice.exe") in verdict.findings
+    assert Finding("policy", "policy.banned-native.pe", "2!invoice.exe") in verdict.findings
+
+
+def test_zip_appended_to_an_image_is_scanned(pipeline: Pipeline) -> None:
+    image = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(3000) + b"\xff\xd9"
+    data = image + zip_of({"docs/readme.txt": EICAR}) + os.urandom(70 * 1024)
+    verdict = pipeline.scan(with_attachment(data, "photo.jpg", "image/jpeg"))
+    assert verdict.kind is Kind.VIRUS
+    assert Finding("yara", "Mailtower_EICAR_Test_File", "2!docs/readme.txt") in verdict.findings
 
 
 def test_banned_declared_type(pipeline: Pipeline) -> None:
