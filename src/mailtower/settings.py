@@ -335,9 +335,9 @@ class TowerSettings(_Model):
     encrypted_archives: Literal["suspicious", "pass"] = "suspicious"
     customers: list[Customer] = []
     # Where the tower's operators are (their workstations, the deploy controller, a bastion):
-    # SSH and the operator interfaces (the monitor's Prometheus, its pool API, the mirror)
-    # answer only these networks and the tower's own hosts. Empty: SSH is not restricted
-    # (a tower should list them; the lab lists its controller).
+    # SSH on every tower host, and the monitor's Prometheus and pool API, answer only these
+    # networks (and the monitor itself); the mirror answers the scanners only. Empty: SSH is
+    # not restricted (a tower should list them; the lab lists its controller).
     operator_networks: list[IPv4Network] = []
     secrets: Secrets
     # Who reads the relay's postmaster mail (RFC 5321 makes it accept "postmaster" from anyone)
@@ -428,7 +428,7 @@ class TowerSettings(_Model):
         """These settings with only ``role``'s share of the secrets (what its host gets)."""
         if role not in ROLE_SECRETS:
             raise SettingsError(f"no secret share for role {role!r} (known: {list(ROLE_SECRETS)})")
-        share = {n: getattr(self.secrets, n) for n in ROLE_SECRETS[role]}
+        share = {n: getattr(self.secrets, n) for n in self.needed_secrets(role)}
         return self.model_copy(update={"secrets": Secrets(held_by=role, **share)})  # type: ignore[arg-type]
 
     def secret(self, name: str) -> str:

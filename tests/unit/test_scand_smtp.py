@@ -565,6 +565,27 @@ def test_a_scan_that_fails_on_one_message_with_healthy_engines_is_set_aside(
     assert _relay_send(scand, _mail(subject="next"))[0] == 250  # other mail flows
 
 
+def test_a_timeout_while_messages_wait_for_a_slot_is_the_loads_fault(
+    scand: Scand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage the backlog is old and the scanner saturated: a scan that runs out of
+    time then is retried, not set aside (issue 15: a timeout under load is no reason)."""
+    ordinary = scand.engine.scan
+
+    def slow_under_load(data: bytes) -> list[Finding]:
+        if b"BACKLOG" in data:
+            raise EngineTimeout("test: no answer within 0.2s")
+        return ordinary(data)
+
+    monkeypatch.setattr(scand.engine, "scan", slow_under_load)
+    scanner = scand.scanner
+    monkeypatch.setattr(scanner, "in_flight", scanner.concurrency + 3, raising=False)
+    old = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail("BACKLOG\n", "backlog")
+    code, text = _relay_send(scand, old, ident="4ABCDE12F3")
+    assert code == 451, text
+    assert scand.quarantine.list() == []
+
+
 def test_an_engine_that_is_down_is_the_scanners_fault(scand: Scand) -> None:
     scand.engine.mode = "fail"  # fails every scan and its health check
     raw = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="engine-down")

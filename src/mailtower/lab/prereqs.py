@@ -91,6 +91,7 @@ PROGRAMS: tuple[Program, ...] = (
         ("tests",),
     ),
     Program("pgrep", "procps", "finds scand's worker processes", ("tests",)),
+    Program("openssl", "openssl", "makes VirusEye's test certificate", ("tests",)),
     Program("/usr/sbin/amavisd", "amavisd-new", "the scanner bench's reference", ("tests",)),
     Program("/usr/bin/chromium", "chromium", "VirusEye's browser test", ("tests",)),
     Program("/usr/bin/chromedriver", "chromium-driver", "drives Chromium", ("tests",)),

@@ -355,8 +355,12 @@ class Scanner:
             reply, outcome, quarantine_id = self._failed(
                 settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, verdict
             )
-        self.metrics.messages.labels(outcome).inc()
-        self._record(settings, outcome, verdict, msgid, mail_from, rcpt_tos, raw, quarantine_id)
+        try:
+            self.metrics.messages.labels(outcome).inc()
+            self._record(settings, outcome, verdict, msgid, mail_from, rcpt_tos, raw, quarantine_id)
+        except Exception:  # the answer is decided (re-injected or quarantined): never a
+            # retry that would deliver the message twice
+            log.exception("event=record_failed %s outcome=%s", fields, outcome)
         return reply
 
     def _failed(
@@ -422,6 +426,10 @@ class Scanner:
             return None
         if not self.pipeline.engines:
             return "no engine configured"
+        if self.in_flight > self.concurrency:
+            # Messages wait for a scan slot: a scan that ran out of time now may be the load's
+            # doing (a backlog after an outage), not the message's; it is retried.
+            return f"scanner saturated ({self.in_flight} messages for {self.concurrency} slots)"
         try:
             self.health()
         except Exception as exc:  # an engine down or slow for every message, not this one
