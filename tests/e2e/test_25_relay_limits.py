@@ -83,10 +83,12 @@ def test_a_message_just_under_the_size_limit_is_delivered(mail, tower):
         return mail.message(token, body=line * lines + "." + "p" * rest)
 
     pad = 0
-    for _ in range(3):  # the size is linear in the padding: converges at once
+    for _ in range(3):  # the size is all but linear in the padding: converges at once
         pad += target - _wire_size(build(pad))
+    while _wire_size(build(pad)) > target:  # a line break more or less at the end
+        pad -= 1
     sent = build(pad)
-    assert _wire_size(sent) == target
+    assert 0 <= target - _wire_size(sent) < 80, _wire_size(sent)
     mail.send(sent)
     wait_for(lambda: mail.delivered()[token] >= 1, 300, f"the {target}-byte message delivered")
     got = email.message_from_bytes(mail.fetch(token), policy=email.policy.default)
