@@ -137,3 +137,17 @@ def test_settings_hold_only_this_roles_secrets(node, tower):
     held = {name for name, value in doc["secrets"].items() if value and name != "held_by"}
     assert doc["secrets"]["held_by"] == "relay"
     assert held == set(tower.settings.needed_secrets("relay"))
+
+
+def test_the_queue_exporter_is_not_root_and_still_counts_the_queue(node, tower):
+    """Issue 15 (low): the exporter ran as root. It runs as mailtower with only the capability
+    to read and search directories, and still reads Postfix's 0700 queue directories."""
+    pid = node.check_output("systemctl show -p MainPID --value mailtower-relay-exporter")
+    assert node.check_output(f"ps -o user= -p {pid}").strip() == "mailtower"
+    # Scraped as Prometheus does, from the monitor (the only host the firewall lets in); a
+    # queue directory it could not read would fail the scrape.
+    metrics = tower.monitor().check_output(
+        f"curl -fsS http://{tower.settings.hosts.relay}:{tower.settings.ports.relay_exporter}"
+        "/metrics"
+    )
+    assert 'mailtower_relay_queue_messages{queue="deferred"}' in metrics

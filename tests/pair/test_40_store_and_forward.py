@@ -68,11 +68,11 @@ def test_expired_mail_notifies_the_genuine_sender_once(pair: Pair) -> None:
         customer_down(pair, 0),
         relay_overrides(pair, "a", maximal_queue_lifetime="20s", bounce_queue_lifetime="20s"),
     ):
-        _send_direct(pair, "a", sender, rcpt, token)
+        body = f"the content {token[::-1]}, which no notice may carry\n"
+        _send_direct(pair, "a", sender, rcpt, token, body=body)
 
         def notified():
-            # Found by its recipient: a notice keeps none of the original's headers but the
-            # relay's first Received line (bounce_size_limit), so not its X-Test-Token.
+            # Found by its recipient (the sender's address is unique to this run).
             out = bounces.run(f"grep -l '{sender}' -r {MAILDIR}/new {MAILDIR}/cur")
             return out.stdout.split() or None
 
@@ -82,7 +82,10 @@ def test_expired_mail_notifies_the_genuine_sender_once(pair: Pair) -> None:
     text = bounces.check_output(f"cat {files[0]}")
     assert "Undelivered Mail Returned to Sender" in text
     assert rcpt in text  # the notice names the recipient it could not reach
-    assert token not in text  # and carries nothing of the original's content or headers
+    # Of the original it returns the header block only (text/rfc822-headers), never the
+    # body: nothing the sender put in the content leaves the tower this way.
+    assert "Content-Type: text/rfc822-headers" in text
+    assert token[::-1] not in text
     # Back up, the customer never gets the expired message.
     assert token not in pair.arrivals(0)
 
