@@ -71,7 +71,9 @@ def deploy_dns():
         path = zone_file(zone)
         if host.get_fact(File, path=path) is None:
             seed = (TEMPLATES / "dns/var/lib/bind/db.zone.j2").read_text()
-            text = Template(seed, keep_trailing_newline=True).render(zone=zone.rstrip("."), internet=d)
+            text = Template(seed, keep_trailing_newline=True).render(
+                zone=zone.rstrip("."), internet=d
+            )
             rendered.append(
                 files.put(
                     name=f"Seed {path}",

@@ -66,7 +66,11 @@ def _internet(path: str) -> dict:
     if path.startswith("scanner/etc/c-icap"):
         return {"icap": parse_icap_url("icap://127.0.0.1:1344/avscan"), "sig_dir": "/var/lib/x"}
     if path.startswith(("dns/", "lab_sender/")):
-        return {"internet": LAB_INTERNET, "zone_file": lambda z: f"/var/lib/bind/db.{z}", "zone": "lab"}
+        return {
+            "internet": LAB_INTERNET,
+            "zone_file": lambda z: f"/var/lib/bind/db.{z}",
+            "zone": "lab",
+        }
     return {}
 
 
