@@ -124,7 +124,7 @@ def template(path: str, dest: str | None = None, **data):
         name=f"Render {dest}",
         src=str(TEMPLATES / f"{path}.j2"),
         dest=dest,
-        s=settings(),
+        settings=settings(),
         **data,
     )
 

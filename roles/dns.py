@@ -47,7 +47,7 @@ def deploy_dns():
                 name=f"Render /etc/bind/{name}",
                 src=str(TEMPLATES / f"dns/etc/bind/{name}.j2"),
                 dest=f"/etc/bind/{name}",
-                d=d,
+                internet=d,
                 zone_file=zone_file,
                 mode="644",
                 user="root",
@@ -71,7 +71,9 @@ def deploy_dns():
         path = zone_file(zone)
         if host.get_fact(File, path=path) is None:
             seed = (TEMPLATES / "dns/var/lib/bind/db.zone.j2").read_text()
-            text = Template(seed, keep_trailing_newline=True).render(zone=zone.rstrip("."), d=d)
+            text = Template(seed, keep_trailing_newline=True).render(
+                zone=zone.rstrip("."), internet=d
+            )
             rendered.append(
                 files.put(
                     name=f"Seed {path}",

@@ -187,7 +187,7 @@ def _template(path: str, g: GocData, **extra):
         name=f"Render /{path.split('/', 1)[1]}",
         src=str(_common.TEMPLATES / f"{path}.j2"),
         dest="/" + path.split("/", 1)[1],
-        g=g,
+        goc=g,
         **extra,
     )
 

@@ -31,6 +31,6 @@ def deploy_lab_sender():
         name="Render /etc/postfix/main.cf",
         src=str(TEMPLATES / "lab_sender/etc/postfix/main.cf.j2"),
         dest="/etc/postfix/main.cf",
-        d=d,
+        internet=d,
     )
     activate("postfix", changes([resolv, main]), check="postfix check")

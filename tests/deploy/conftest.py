@@ -47,7 +47,7 @@ def render():
     )
 
     def _render(path: str, s: TowerSettings, **data) -> str:
-        return env.get_template(f"{path}.j2").render(s=s, **data)
+        return env.get_template(f"{path}.j2").render(settings=s, **data)
 
     return _render
 

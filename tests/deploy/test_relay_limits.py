@@ -268,7 +268,7 @@ def test_subdomains_of_customers_are_not_customers(relay, settings, render):
         assert bool(customers & set(keys)) is relayed, keys
 
 
-# -- clients: rates, pregreet, trickle, ETRN, TLS -------------------------------------------------
+# -- clients: rates, trickle, ETRN, TLS ----------------------------------------------------------
 
 
 def test_clients_are_rate_limited_except_the_towers_own(relay):
@@ -283,13 +283,6 @@ def test_clients_are_rate_limited_except_the_towers_own(relay):
     assert conf["smtpd_client_connection_count_limit"] == str(s.limits.client_connection_count)
     assert int(conf["smtpd_client_message_rate_limit"]) > 0
     assert _items(conf["smtpd_client_event_limit_exceptions"]) == ["$mynetworks", "10.201.0.1/32"]
-
-
-def test_a_client_that_talks_before_the_banner_is_refused(relay, settings):
-    conf = _conf(relay(settings)["main"])
-    # Client restrictions at connect (before the banner): wait, then refuse pending input.
-    assert conf["smtpd_delay_reject"] == "no"
-    assert _items(conf["smtpd_client_restrictions"]) == ["sleep", "1", "reject_unauth_pipelining"]
 
 
 def test_a_data_trickle_ends_within_about_a_request_timeout(relay, settings):

@@ -60,13 +60,17 @@ def _bundle_keys() -> dict[str, str]:
 
 def _internet(path: str) -> dict:
     if path.startswith("goc/"):
-        return {"g": _goc(), "publish_dir": "/srv/mailtower/bundles"}
+        return {"goc": _goc(), "publish_dir": "/srv/mailtower/bundles"}
     if path.startswith("dns/etc/bind/mailtower-update.key"):
         return {"key": LAB_INTERNET["tsig"]}
     if path.startswith("scanner/etc/c-icap"):
         return {"icap": parse_icap_url("icap://127.0.0.1:1344/avscan"), "sig_dir": "/var/lib/x"}
     if path.startswith(("dns/", "lab_sender/")):
-        return {"d": LAB_INTERNET, "zone_file": lambda z: f"/var/lib/bind/db.{z}", "zone": "lab"}
+        return {
+            "internet": LAB_INTERNET,
+            "zone_file": lambda z: f"/var/lib/bind/db.{z}",
+            "zone": "lab",
+        }
     return {}
 
 
@@ -230,14 +234,14 @@ def test_sigsync_reloads_c_icap_only_when_it_runs_one(render, settings):
 
 def test_goc_lets_each_tower_host_in_by_address_only(render, settings):
     g = _goc()
-    hba = render("goc/etc/postgresql/15/main/pg_hba.conf", settings, g=g)
+    hba = render("goc/etc/postgresql/15/main/pg_hba.conf", settings, goc=g)
     rows = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
     assert ["host", "goc", "mt_sync", "10.1.0.12/32", "scram-sha-256"] in rows
     assert ["host", "goc", "mt_sync", "10.1.0.13/32", "scram-sha-256"] in rows
     assert ["host", "goc", "mt_status", "10.1.0.11/32", "scram-sha-256"] in rows
     assert ["host", "goc", "mt_eye", "127.0.0.1/32", "scram-sha-256"] in rows
     assert not any(r[0] == "host" and r[3].endswith("/0") for r in rows)
-    conf = render("goc/etc/postgresql/15/main/conf.d/mailtower.conf", settings, g=g)
+    conf = render("goc/etc/postgresql/15/main/conf.d/mailtower.conf", settings, goc=g)
     assert "wal_level = logical" in conf
 
 
@@ -245,7 +249,7 @@ def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
     site = render(
         "goc/etc/nginx/sites-enabled/mailtower-bundles",
         settings,
-        g=_goc(),
+        goc=_goc(),
         publish_dir="/srv/mailtower/bundles",
     )
     assert "listen 0.0.0.0:8026;" in site
@@ -275,7 +279,7 @@ def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
 )
 def test_viruseye_serves_https_when_given_a_certificate(render, settings, tls, expected):
     g = _goc().model_copy(update=tls)
-    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, g=g)
+    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=g)
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     if expected is None:
         assert "--tls-" not in exec_start

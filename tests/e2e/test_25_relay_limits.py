@@ -122,27 +122,6 @@ def _replies(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\r\n") if line[3:4] == b" "]
 
 
-def test_a_client_talking_before_the_banner_is_refused(tower):
-    commands = b"EHLO pregreet.internet.lab\r\nMAIL FROM:<pregreet@internet.lab>\r\nQUIT\r\n"
-    with socket.create_connection(_relay(tower), timeout=60) as sock:
-        sock.sendall(commands)  # at once: a bot that does not wait for the 220
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    replies = _replies(received)
-    assert not any(r.startswith(b"250 2.1.0") for r in replies), received  # MAIL not taken
-    assert any(r.startswith(b"5") for r in replies), received
-
-    # The same commands after the banner are fine.
-    with socket.create_connection(_relay(tower), timeout=60) as sock:
-        f = sock.makefile("rwb")
-        assert f.readline().startswith(b"220")
-        f.write(commands)
-        f.flush()
-        received = f.read()
-    assert any(r.startswith(b"250 2.1.0") for r in _replies(received)), received
-
-
 def test_a_data_trickle_is_cut_off(mail, tower):
     timeout = tower.settings.limits.client_request_timeout
     seconds = int(timeout[:-1]) * {"s": 1, "m": 60, "h": 3600}[timeout[-1]]
