@@ -250,3 +250,12 @@ class Mail:
         if not files:
             return None
         return base64.b64decode(self.server.check_output(f"base64 -w0 {files[0]}"))
+
+
+def assert_secret_share(node: testinfra.host.Host, tower: Tower, role: str) -> None:
+    """The host's tower.json holds the secrets its daemons read (``role``'s share), nothing of
+    the rest of the tower's (issue 15: every secret on every host)."""
+    doc = json.loads(node.check_output("cat /etc/mailtower/tower.json"))
+    held = {name for name, value in doc["secrets"].items() if value and name != "held_by"}
+    assert doc["secrets"]["held_by"] == role
+    assert held == set(tower.settings.needed_secrets(role))
