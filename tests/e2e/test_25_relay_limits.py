@@ -52,7 +52,10 @@ def test_control_characters_in_addresses_are_refused(mail, tower, char):
         code, reply = smtp.rcpt(f"us{char}er@{mail.customer.domain}")
         assert 500 <= code < 600, (code, reply)
         smtp.rset()
+        # A sender is refused at RCPT time (smtpd_delay_reject): before the message either way.
         code, reply = smtp.mail(f"se{char}nder@internet.lab")
+        if code == 250:
+            code, reply = smtp.rcpt(mail.rcpt())
         assert 500 <= code < 600, (code, reply)
 
 
