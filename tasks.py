@@ -55,7 +55,7 @@ def _lab_towers(tower: str) -> tuple[str, ...]:
 
 
 def _scanners() -> int:
-    from mailtower.lab import plan
+    from mailtower.controller.lab import plan
 
     return int(os.environ.get("MAILTOWER_LAB_SCANNERS", plan.DEFAULT_SCANNERS))
 
@@ -63,7 +63,7 @@ def _scanners() -> int:
 @task(help={"towers": "lab towers to build, e.g. a or a,b", "scanners": "scanners per tower"})
 def up(c, towers="a", scanners=None):
     """Build (or reuse) the lab's throwaway hosts."""
-    from mailtower.lab import lxc, plan
+    from mailtower.controller.lab import lxc, plan
 
     if scanners:
         os.environ["MAILTOWER_LAB_SCANNERS"] = str(scanners)
@@ -81,7 +81,7 @@ def up(c, towers="a", scanners=None):
 @task(help={"purge": "also remove the cached base image and the bridge"})
 def down(c, purge=False):
     """Destroy the lab's hosts."""
-    from mailtower.lab import lxc
+    from mailtower.controller.lab import lxc
 
     lxc.destroy(lxc.lab_containers(), _say)
     if purge:
@@ -91,7 +91,7 @@ def down(c, purge=False):
 @task(help={"json": "print JSON for programs"})
 def status(c, json_=False):
     """Show the lab's hosts, their state and memory."""
-    from mailtower.lab import lxc, plan
+    from mailtower.controller.lab import lxc, plan
 
     rows = lxc.status(plan.lab_hosts(("a", "b"), _scanners()))
     rows = [r for r in rows if r["state"] != "ABSENT"]
@@ -150,8 +150,8 @@ def deploy(c, tower="lab-a"):
 )
 def dns(c, pair=PAIR, dry_run=False):
     """Publish the pair's MX, A and PTR records (RFC 2136 + TSIG), then check what is served."""
-    from mailtower.dns import pairfile, update, verify
-    from mailtower.dns.exceptions import DnsError
+    from mailtower.controller.dns import pairfile, update, verify
+    from mailtower.controller.dns.exceptions import DnsError
 
     started = time.monotonic()
     try:
@@ -253,7 +253,7 @@ def lab(c, tower=PAIR):
 @task(name="check")
 def prereqs_check(c):
     """Every program the lab and the tests call is on this machine (names the package if not)."""
-    from mailtower.lab import prereqs
+    from mailtower.controller.lab import prereqs
 
     try:
         prereqs.check()
@@ -266,7 +266,7 @@ def prereqs_check(c):
 def prereqs_pristine(c):
     """On a freshly debootstrapped root, scripts/bootstrap brings every program the project
     calls (what a new machine would show; this machine's own packages can hide a gap)."""
-    from mailtower.lab import lxc, prereqs, pristine
+    from mailtower.controller.lab import lxc, prereqs, pristine
 
     started = time.monotonic()
     try:
@@ -323,7 +323,7 @@ def test(c):
 @task(help={"fresh": "destroy the lab's hosts first (the base image cache is kept)"})
 def bench(c, tower="lab-a", fresh=True):
     """Measure a lab tower: build + deploy from scratch, no-change redeploy, verify, memory."""
-    from mailtower.lab import lxc, plan
+    from mailtower.controller.lab import lxc, plan
 
     towers = _lab_towers(tower)
     if not towers:
@@ -392,7 +392,7 @@ def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True):
 
 
 def _sql_tower(tower: str, goc: str):
-    from mailtower import sqlpair
+    from mailtower.controller import sqlpair
 
     goc_path = inventory_path(goc) if goc else None
     try:
@@ -413,7 +413,7 @@ def _goc_default(tower: str) -> str:
 )
 def sql_failover(c, tower="lab-a", goc=None):
     """Promote the tower's SQL standby (the primary is dead or fenced), re-point the GOC sync."""
-    from mailtower import sqlpair
+    from mailtower.controller import sqlpair
 
     pair = _sql_tower(tower, _goc_default(tower) if goc is None else goc)
     try:
@@ -426,7 +426,7 @@ def sql_failover(c, tower="lab-a", goc=None):
 @task(help={"tower": "inventory/<tower>.py", "host": "the SQL host to make a standby again"})
 def sql_rebuild(c, tower="lab-a", host=""):
     """Clone ``host`` afresh from the tower's current SQL primary and start it as its standby."""
-    from mailtower import sqlpair
+    from mailtower.controller import sqlpair
 
     if not host:
         raise Exit("sql.rebuild: give --host ADDRESS (the SQL host to rebuild)", code=2)
@@ -446,8 +446,8 @@ def sql_rebuild(c, tower="lab-a", host=""):
 )
 def bundle_publish(c, rules="", version=0):
     """Copy a rules directory to the lab GOC, build and sign the bundle there, publish it."""
-    from mailtower.lab.bundles import PublishError, publish_at_goc
-    from mailtower.rules import RULES_DIR
+    from mailtower.controller.lab.bundles import PublishError, publish_at_goc
+    from mailtower.scanning.rules import RULES_DIR
 
     rules_dir = Path(rules) if rules else RULES_DIR
     if version < 0:

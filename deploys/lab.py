@@ -5,7 +5,7 @@ pyinfra inventory/lab_a.py deploys/lab.py
 
 from pyinfra import host
 
-from mailtower.lab import plan
+from mailtower.controller.lab import plan
 from roles.lab_mailserver import deploy_lab_mailserver
 from roles.tower import deploy_tower
 

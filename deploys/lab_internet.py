@@ -6,7 +6,7 @@ pyinfra inventory/lab_internet.py deploys/lab_internet.py
 from pyinfra import host
 from pyinfra.operations import apt
 
-from mailtower.lab import plan
+from mailtower.controller.lab import plan
 from roles import dns, goc, lab_sender
 from roles.lab_mailserver import deploy_lab_mailserver
 from roles.tower import refresh_package_lists

@@ -1,10 +1,10 @@
-"""Builds a pyinfra inventory of a lab tower from the lab's address plan (mailtower.lab.plan)."""
+"""Builds a pyinfra inventory of a lab tower from the lab's address plan (mailtower.controller.lab.plan)."""
 
 from __future__ import annotations
 
 import json
 
-from mailtower.lab import lxc, plan
+from mailtower.controller.lab import lxc, plan
 
 
 def _ssh() -> dict[str, str]:

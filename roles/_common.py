@@ -18,7 +18,7 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
-from mailtower.inventory import TOWER_GROUPS, tower_settings
+from mailtower.controller.inventory import TOWER_GROUPS, tower_settings
 from mailtower.settings import SettingsError, TowerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

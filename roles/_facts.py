@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyinfra.api import FactBase
 
-from mailtower.sync.roles import scram_matches  # one implementation of SCRAM checks
+from mailtower.goc.sync.roles import scram_matches  # one implementation of SCRAM checks
 
 
 class PostgresPasswordVerifiers(FactBase):

@@ -1,7 +1,8 @@
 """An authoritative DNS server (BIND 9) whose zones take RFC 2136 updates signed with TSIG.
 
 The lab's "internet" runs one; `invoke dns` publishes the towers' MX records into it
-(mailtower.dns). A real pair publishes into its operator's own authoritative servers instead.
+(mailtower.controller.dns). A real pair publishes into its operator's own authoritative
+servers instead.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, postgres, server
 
 from mailtower import bundles
-from mailtower.eye.auth import hash_password, parse_credentials, verify_password
+from mailtower.goc.eye.auth import hash_password, parse_credentials, verify_password
+from mailtower.goc.sync.deployed import GocSide, GocTower
 from mailtower.settings import Customer, Goc
-from mailtower.sync.deployed import GocSide, GocTower
 from roles import _common
 from roles._facts import SyncPending
 

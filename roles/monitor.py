@@ -9,7 +9,7 @@ import json
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from mailtower import testdata
+from mailtower.scanning import testdata
 from roles import _common
 from roles._common import put_text, template
 

@@ -27,7 +27,7 @@ def local_icap():
     An ``icap_url`` on another host is someone else's ICAP server (e.g. a commercial engine's
     appliance): scand only talks to it.
     """
-    from mailtower.engines.icap import parse_icap_url
+    from mailtower.scanning.engines.icap import parse_icap_url
 
     s = settings()
     if "icap" not in s.engines or not s.icap_url:

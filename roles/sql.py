@@ -8,9 +8,9 @@ from pyinfra.api import deploy
 from pyinfra.facts.files import File
 from pyinfra.operations import files, postgres, server
 
-from mailtower.sqlpair import clone_commands, standby_slot
-from mailtower.sync.deployed import TowerSide
-from mailtower.sync.names import SYNC_ROLE
+from mailtower.controller.sqlpair import clone_commands, standby_slot
+from mailtower.goc.sync.deployed import TowerSide
+from mailtower.goc.sync.names import SYNC_ROLE
 from roles import _common
 from roles._common import put_text, settings, template
 from roles._facts import PostgresPasswordVerifiers, SyncPending, scram_matches

@@ -12,8 +12,8 @@ import statistics
 import time
 import zipfile
 
-from mailtower.containers import expand
-from mailtower.objects import ScanObject
+from mailtower.scanning.containers import expand
+from mailtower.scanning.objects import ScanObject
 
 MB10 = 10 * 1024 * 1024
 rng = random.Random(15)

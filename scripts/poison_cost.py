@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mailtower.relay_order import duration_s  # noqa: E402  (after the path is set)
+from mailtower.relay.order import duration_s  # noqa: E402  (after the path is set)
 from mailtower.settings import Limits  # noqa: E402
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from pgclusters import Cluster, make_workdir
 
-from mailtower.events import Event, PostgresSink
-from mailtower.sync import (
+from mailtower.goc.sync import (
     ensure_goc,
     ensure_goc_subscription,
     ensure_tower,
     names,
     wait_ready,
 )
+from mailtower.scand.events import Event, PostgresSink
 
 TOWER_SCHEMA = Path(__file__).resolve().parents[1] / "templates/sql/etc/mailtower/sql/schema.sql.j2"
 GOC_SYNC_PASSWORD = "goc-sync-password-0123"

@@ -19,7 +19,7 @@ import paramiko
 import pytest
 import testinfra
 
-from mailtower import inventory as inventory_mod
+from mailtower.controller import inventory as inventory_mod
 from mailtower.settings import TowerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailtower import settings as settings_mod
-from mailtower import testdata
-from mailtower.dns import cli as dns_cli
-from mailtower.engines import EngineError
-from mailtower.quarantine import QuarantineError, QuarantineStore
-from mailtower.scan import Kind, Verdict
+from mailtower.goc.sync import cli as sync_cli
+from mailtower.scand.quarantine import QuarantineError, QuarantineStore
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import EngineError
+from mailtower.scanning.scan import Kind, Verdict
 from mailtower.settings import SettingsError, TowerSettings
-from mailtower.sync import cli as sync_cli
 
 if TYPE_CHECKING:
-    from mailtower.pipeline import Pipeline
+    from mailtower.scanning.pipeline import Pipeline
 
 
 def shown(text: object) -> str:
@@ -142,7 +141,7 @@ def _release_options(raw: bytes, mail_from: str, rcpt_tos: list[str]) -> list[st
 
 
 def _quarantine_release(args: argparse.Namespace) -> int:
-    from mailtower.reinject import ReinjectError, reinject, relay_address
+    from mailtower.scand.reinject import ReinjectError, reinject, relay_address
 
     try:
         settings = settings_mod.load(args.settings)
@@ -230,7 +229,7 @@ class _UsageError(Exception):
 
 def _extensions(value: str) -> list[str]:
     """``--ban-ext exe,.SCR`` → ["exe", "scr"]."""
-    from mailtower.pipeline import normalise_extension
+    from mailtower.scanning.pipeline import normalise_extension
 
     extensions = [normalise_extension(e) for e in value.split(",")]
     if not all(extensions):
@@ -240,9 +239,9 @@ def _extensions(value: str) -> list[str]:
 
 def _scan_pipeline(args: argparse.Namespace) -> Pipeline:
     # Imported here: the other commands need not load YARA, TLSH and the Skeptic rules.
-    from mailtower import pipeline
-    from mailtower.engines.yara import rule_files
-    from mailtower.skeptic import RuleError
+    from mailtower.scanning import pipeline
+    from mailtower.scanning.engines.yara import rule_files
+    from mailtower.scanning.skeptic import RuleError
 
     engine_timeout_s = 30.0
     if args.config is not None:
@@ -659,9 +658,24 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(func=_scan)
 
     _add_bundle_parser(commands)
-    dns_cli.add_parser(commands)
     sync_cli.add_parser(commands)
+    _add_controller_parsers(commands)
     return parser
+
+
+def _add_controller_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The controller's commands (``dns``), where the controller's code is installed.
+
+    The hosts' wheel leaves ``mailtower.controller`` out (pyproject), so on a tower host
+    ``mailtower dns`` is an unknown command rather than an import error at start-up.
+    """
+    try:
+        from mailtower.controller.dns import cli as dns_cli
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("mailtower.controller"):
+            raise  # a missing dependency of the controller's code is a real error
+        return
+    dns_cli.add_parser(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

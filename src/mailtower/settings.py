@@ -34,7 +34,7 @@ DEFAULT_BANNED_EXTENSIONS = frozenset(
     {"exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh"}
     | {"hta", "cpl", "lnk", "jar", "ps1", "msi"}
 )
-# Whole-message engines scand knows (mailtower.engines.from_settings builds them).
+# Whole-message engines scand knows (mailtower.scanning.engines.from_settings builds them).
 ENGINES = ("clamd", "icap")
 ICAP_DEFAULT_PORT = 1344  # RFC 3507's registered port (given here for error messages)
 _ICAP_EXAMPLE_URL = "icap://127.0.0.1:1344/avscan"
@@ -493,7 +493,7 @@ class TowerSettings(_Model):
         return f"{self.mirror_url}/rules"
 
     def goc_conninfo(self, user: str, password: str) -> str:
-        """The GOC's database as this tower reaches it (one host: see mailtower.sync)."""
+        """The GOC's database as this tower reaches it (one host: see mailtower.goc.sync)."""
         if self.goc is None:
             raise SettingsError(f"tower {self.name} has no GOC in its settings")
         return conninfo(

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scand_fakes import RealClamd  # noqa: E402
 from scanner_vs_amavis import build_corpus  # noqa: E402
 
-from mailtower import pipeline as pipeline_mod  # noqa: E402
-from mailtower.engines.clamd import ClamdEngine  # noqa: E402
+from mailtower.scanning import pipeline as pipeline_mod  # noqa: E402
+from mailtower.scanning.engines.clamd import ClamdEngine  # noqa: E402
 
 
 def _proc_cpu_s(pid: int) -> float:

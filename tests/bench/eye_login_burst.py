@@ -1,7 +1,7 @@
 """How many of a burst of parallel wrong passwords VirusEye actually checks (issue 15).
 
 Starts the VirusEye app on a loopback port (no database needed), sends ``--burst`` wrong
-passwords for one operator at once, and counts calls to ``mailtower.eye.auth.verify_password``
+passwords for one operator at once, and counts calls to ``mailtower.goc.eye.auth.verify_password``
 (the scrypt check). ``--addresses`` sends each from its own loopback address (127.0.0.2, …),
 which tests the per-account limit rather than the per-address one. Uses only the API the
 code had before the fix too, so the same command measures both:
@@ -27,9 +27,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from mailtower.eye import auth
-from mailtower.eye.app import EyeConfig, make_app
-from mailtower.eye.auth import Credentials
+from mailtower.goc.eye import auth
+from mailtower.goc.eye.app import EyeConfig, make_app
+from mailtower.goc.eye.auth import Credentials
 
 
 async def burst(count: int, addresses: bool) -> dict[str, object]:

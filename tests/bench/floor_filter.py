@@ -25,9 +25,9 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailtower.engines.clamd import ClamdEngine
-from mailtower.reinject import ReinjectError, Reinjector
+from mailtower.scand.reinject import ReinjectError, Reinjector
 from mailtower.scand.smtp_data import FilterSMTP
+from mailtower.scanning.engines.clamd import ClamdEngine
 from mailtower.settings import TowerSettings
 
 

@@ -76,7 +76,7 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
 from scand_fakes import RealClamd, free_port, make_settings, scand_argv  # noqa: E402
 
-from mailtower import testdata  # noqa: E402
+from mailtower.scanning import testdata  # noqa: E402
 from mailtower.settings import Limits  # noqa: E402
 
 CONNECTIONS = 8

@@ -54,7 +54,7 @@ from synclab import (  # noqa: E402
     make_events,
 )
 
-from mailtower.sync import (  # noqa: E402
+from mailtower.goc.sync import (  # noqa: E402
     ensure_goc,
     event_count,
     names,

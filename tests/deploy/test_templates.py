@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import all_templates, sample_settings
 
-from mailtower.engines.icap import parse_icap_url
+from mailtower.scanning.engines.icap import parse_icap_url
 
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
 LAB_INTERNET = {
@@ -327,7 +327,7 @@ def test_goc_bundle_keys_must_be_one_pair():
 
 def test_lab_goc_data_serves_bundles_to_the_controller(monkeypatch, tmp_path):
     from inventory._lab import goc_data
-    from mailtower.lab import plan
+    from mailtower.controller.lab import plan
     from roles.goc import GocData
 
     monkeypatch.setattr(plan, "STATE_DIR", tmp_path / "lab")  # not the real lab's keys

@@ -11,7 +11,7 @@ import ssl
 
 from towerlib import wait_for
 
-from mailtower import testdata
+from mailtower.scanning import testdata
 
 
 def test_clean_mail_reaches_the_customer_intact(mail, tower):

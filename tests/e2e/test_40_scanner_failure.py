@@ -77,7 +77,7 @@ def _deploy_to_down_host(tower, name: str) -> subprocess.CompletedProcess:
 def test_killing_scanners_loses_nothing(mail, tower):
     if not tower.is_lab:
         pytest.skip("stops a whole scanner host: the lab's LXC hosts only")
-    from mailtower.lab import lxc
+    from mailtower.controller.lab import lxc
 
     s = tower.settings
     victims = tower.hosts("scanners")[:2]

@@ -59,7 +59,7 @@ def test_settings_are_the_towers(node, tower):
 
 
 def _local_icap(tower):
-    from mailtower.engines.icap import parse_icap_url
+    from mailtower.scanning.engines.icap import parse_icap_url
 
     s = tower.settings
     if "icap" not in s.engines or not s.icap_url:
@@ -84,7 +84,8 @@ def test_c_icap_serves_the_icap_engine_on_loopback_only(node, tower):
 
 def test_c_icap_takes_new_signatures_without_restart(tower):
     """A signature added to the scanner's database is found by c-icap after sigsync's reload
-    (mailtower.sigsync.reload_icap), with no restart: what every signature update relies on."""
+    (mailtower.scand.sigsync.reload_icap), with no restart: what every signature update
+    relies on."""
     s = tower.settings
     icap = _local_icap(tower)
     if icap is None:
@@ -98,7 +99,7 @@ def test_c_icap_takes_new_signatures_without_restart(tower):
         " | grep -a -c 'VIRUS FOUND' || true"
     )
     reload = (
-        "/opt/mailtower/venv/bin/python -c 'from mailtower.sigsync import reload_icap;"
+        "/opt/mailtower/venv/bin/python -c 'from mailtower.scand.sigsync import reload_icap;"
         f' print(reload_icap("{ICAP_CONTROL}"))\''
     )
     assert node.check_output(scan) == "0"

@@ -14,7 +14,7 @@ import dns.resolver
 import pytest
 from conftest import ROOT, Pair
 
-from mailtower.dns import pairfile, verify
+from mailtower.controller.dns import pairfile, verify
 
 
 @pytest.fixture(scope="module")

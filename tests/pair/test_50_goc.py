@@ -19,7 +19,7 @@ import pytest
 from conftest import Pair, goc_events, percentile, token_of
 from towerlib import record_figure, wait_for
 
-from mailtower.sync import names
+from mailtower.goc.sync import names
 
 TOWERS = ("a", "b")
 # Messages sent for the events-up figure (MAILTOWER_GOC_EVENTS=1000 for the benchmark run).

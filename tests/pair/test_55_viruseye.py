@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, Pair
 from towerlib import record_figure
 
-from mailtower import testdata
+from mailtower.scanning import testdata
 
 SCREENSHOT = ROOT / "tests" / "output" / "viruseye-lab.png"
 

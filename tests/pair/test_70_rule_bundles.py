@@ -26,8 +26,8 @@ from pathlib import Path
 from conftest import Pair
 from towerlib import record_figure, wait_for
 
-from mailtower.lab.bundles import publish_at_goc
-from mailtower.rules import RULES_DIR
+from mailtower.controller.lab.bundles import publish_at_goc
+from mailtower.scanning.rules import RULES_DIR
 
 UPDATES = int(os.environ.get("MAILTOWER_BUNDLE_UPDATES", "2"))
 ROLLOUT_TIMEOUT_S = 600

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mailtower import bundles, testdata
+from mailtower import bundles
 from mailtower.bundles._format import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -23,7 +23,8 @@ from mailtower.bundles._format import (
     sha256,
     write_tar,
 )
-from mailtower.rules import RuleDirs
+from mailtower.scanning import testdata
+from mailtower.scanning.rules import RuleDirs
 
 # Harmless text the shipped rules pass and PROBE_RULE flags as a virus.
 PROBE = "MAILTOWER-BUNDLE-PROBE-2f9c41"

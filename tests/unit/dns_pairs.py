@@ -11,10 +11,10 @@ from typing import Any
 import dns.name
 from scand_fakes import free_port
 
-from mailtower.dns.exceptions import DnsError
-from mailtower.dns.model import TowerPair, load_pair
-from mailtower.dns.server import AuthServer, TsigKey, check_serves_zone
-from mailtower.dns.zonefile import file_name, write_zone_files
+from mailtower.controller.dns.exceptions import DnsError
+from mailtower.controller.dns.model import TowerPair, load_pair
+from mailtower.controller.dns.server import AuthServer, TsigKey, check_serves_zone
+from mailtower.controller.dns.zonefile import file_name, write_zone_files
 
 UPDATE_KEY = "mailtower-update"  # allowed to update every zone
 OTHER_KEY = "someone-else"  # known to the server, allowed nothing
@@ -28,7 +28,8 @@ ZONE_PER_DOMAIN = [
     "201.10.in-addr.arpa",
     "1.0.0.0.1.0.2.0.0.0.d.f.ip6.arpa",
 ]
-# Everything in one parent zone, as the lab's DNS serves it (mailtower.lab.plan.LAB_ZONE).
+# Everything in one parent zone, as the lab's DNS serves it
+# (mailtower.controller.lab.plan.LAB_ZONE).
 ONE_PARENT_ZONE = ["lab", "201.10.in-addr.arpa", "1.0.0.0.1.0.2.0.0.0.d.f.ip6.arpa"]
 LAYOUTS = {"zone-per-domain": ZONE_PER_DOMAIN, "one-parent-zone": ONE_PARENT_ZONE}
 

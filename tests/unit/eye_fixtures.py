@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from mailtower.eye.status import apply_schema
+from mailtower.goc.eye.status import apply_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 TOWER_SCHEMA = ROOT / "templates/sql/etc/mailtower/sql/schema.sql.j2"

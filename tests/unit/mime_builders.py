@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 
-from mailtower.mime import analyse, is_hostile
-from mailtower.objects import Analysis, ScanObject
-from mailtower.testdata import eicar, marker
+from mailtower.scanning.mime import analyse, is_hostile
+from mailtower.scanning.objects import Analysis, ScanObject
+from mailtower.scanning.testdata import eicar, marker
 
 EICAR = eicar()
 MARKER = marker()

@@ -12,7 +12,7 @@ from email.policy import SMTP
 from archive_builders import zip_of
 from skeptic_fixtures import docx
 
-from mailtower.testdata import eicar
+from mailtower.scanning.testdata import eicar
 
 EICAR = eicar()
 

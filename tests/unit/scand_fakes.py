@@ -19,7 +19,7 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailtower import testdata
+from mailtower.scanning import testdata
 from mailtower.settings import Limits, Ports, Secrets, TowerHosts, TowerSettings
 
 

@@ -13,7 +13,7 @@ import struct
 
 from archive_builders import zip_of
 
-from mailtower.objects import Analysis, ScanObject
+from mailtower.scanning.objects import Analysis, ScanObject
 
 
 def pe() -> bytes:

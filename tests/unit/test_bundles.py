@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailtower import bundles
 from mailtower.bundles import _clamav, _format
-from mailtower.rules import RuleDirs
+from mailtower.scanning.rules import RuleDirs
 
 CREATED = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from scand_fakes import RealClamd, make_settings, scand_argv, start_sink, wait_until
 
-from mailtower import testdata
-from mailtower.engines import EngineError, EngineScanError, EngineUnavailable
-from mailtower.engines.clamd import ClamdClient, ClamdEngine
-from mailtower.quarantine import QuarantineStore
-from mailtower.scan import Kind, scan_message
+from mailtower.scand.quarantine import QuarantineStore
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import EngineError, EngineScanError, EngineUnavailable
+from mailtower.scanning.engines.clamd import ClamdClient, ClamdEngine
+from mailtower.scanning.scan import Kind, scan_message
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mailtower import testdata
 from mailtower.cli import json_line, main, shown
-from mailtower.quarantine import QuarantineStore
+from mailtower.scand.quarantine import QuarantineStore
+from mailtower.scanning import testdata
 
 
 def test_quarantine_list_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

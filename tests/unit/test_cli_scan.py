@@ -9,8 +9,8 @@ import pytest
 from archive_builders import zip_of
 from pipeline_fixtures import EICAR, ORDINARY, with_attachment
 
-from mailtower import inventory
 from mailtower.cli import main
+from mailtower.controller import inventory
 
 CLEAN = ORDINARY["pdf-png-docx"]()
 INFECTED = with_attachment(EICAR, "eicar.txt", "text/plain")

@@ -20,10 +20,10 @@ import py7zr
 import pytest
 from archive_builders import with_encrypted_flag
 
-from mailtower import _archive_locate as locate
-from mailtower import testdata
-from mailtower.containers import ContainerLimits, detect, expand
-from mailtower.objects import ScanObject
+from mailtower.scanning import testdata
+from mailtower.scanning.containers import ContainerLimits, detect, expand
+from mailtower.scanning.containers import _locate as locate
+from mailtower.scanning.objects import ScanObject
 
 MiB = 1024 * 1024
 LIMITS = ContainerLimits()

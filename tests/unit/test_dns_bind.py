@@ -17,8 +17,8 @@ from dns_pairs import LAYOUTS, Named, make_pair, pair_data, with_tower
 from scand_fakes import free_port
 
 from mailtower import cli
-from mailtower.dns.diff import plan
-from mailtower.dns.exceptions import (
+from mailtower.controller.dns.diff import plan
+from mailtower.controller.dns.exceptions import (
     NameConflict,
     NotAuthoritative,
     ServerUnreachable,
@@ -28,11 +28,11 @@ from mailtower.dns.exceptions import (
     UpdateRefused,
     ZoneChanged,
 )
-from mailtower.dns.model import TowerPair, load_pair
-from mailtower.dns.server import AuthServer, TsigKey, query
-from mailtower.dns.update import apply, publish
-from mailtower.dns.verify import check_published
-from mailtower.dns.zonefile import write_zone_files
+from mailtower.controller.dns.model import TowerPair, load_pair
+from mailtower.controller.dns.server import AuthServer, TsigKey, query
+from mailtower.controller.dns.update import apply, publish
+from mailtower.controller.dns.verify import check_published
+from mailtower.controller.dns.zonefile import write_zone_files
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ import dns.rrset
 import pytest
 from dns_pairs import LAYOUTS, make_pair, with_tower
 
-from mailtower.dns.diff import Change, Plan, diff, stale_records
-from mailtower.dns.exceptions import DnsError, TsigKeyError
-from mailtower.dns.model import load_pair
-from mailtower.dns.records import EMPTY, RecordSet, RRsetKey, desired_records, rdata
-from mailtower.dns.server import AuthServer, TsigKey
-from mailtower.dns.update import update_message
-from mailtower.dns.zonefile import build_zones
+from mailtower.controller.dns.diff import Change, Plan, diff, stale_records
+from mailtower.controller.dns.exceptions import DnsError, TsigKeyError
+from mailtower.controller.dns.model import load_pair
+from mailtower.controller.dns.records import EMPTY, RecordSet, RRsetKey, desired_records, rdata
+from mailtower.controller.dns.server import AuthServer, TsigKey
+from mailtower.controller.dns.update import update_message
+from mailtower.controller.dns.zonefile import build_zones
 
 MX = dns.rdatatype.MX
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 from dns_pairs import make_pair, pair_data, with_tower
 
-from mailtower import inventory
-from mailtower.dns.exceptions import InvalidPair
-from mailtower.dns.model import BACKUP_PREFERENCE, EQUAL_PREFERENCE, load_pair, pair_from_settings
+from mailtower.controller import inventory
+from mailtower.controller.dns.exceptions import InvalidPair
+from mailtower.controller.dns.model import (
+    BACKUP_PREFERENCE,
+    EQUAL_PREFERENCE,
+    load_pair,
+    pair_from_settings,
+)
 
 SECRETS = {k: "x" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}
 

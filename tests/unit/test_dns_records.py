@@ -10,9 +10,9 @@ import dns.zone
 import pytest
 from dns_pairs import LAYOUTS, make_pair, with_tower
 
-from mailtower.dns.model import load_pair
-from mailtower.dns.records import RRsetKey, desired_records
-from mailtower.dns.zonefile import build_zones, write_zone_files, zone_text
+from mailtower.controller.dns.model import load_pair
+from mailtower.controller.dns.records import RRsetKey, desired_records
+from mailtower.controller.dns.zonefile import build_zones, write_zone_files, zone_text
 
 
 def _texts(records, name: str, rdtype: str) -> dict[str, list[str]]:

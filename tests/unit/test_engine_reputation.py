@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from mailtower import testdata
-from mailtower.engines import EngineTimeout, Finding
-from mailtower.engines.reputation import (
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import EngineTimeout, Finding
+from mailtower.scanning.engines.reputation import (
     DEFAULT_TLSH_THRESHOLD,
     ReputationDataError,
     ReputationEngine,
     fuzzy_hash,
 )
-from mailtower.objects import ScanObject
-from mailtower.rules import REPUTATION_DIR, build_reputation
-from mailtower.rules.build_reputation import FAMILIES, family_sample
+from mailtower.scanning.objects import ScanObject
+from mailtower.scanning.rules import REPUTATION_DIR, build_reputation
+from mailtower.scanning.rules.build_reputation import FAMILIES, family_sample
 
 ALPHA = FAMILIES[0]
 
@@ -53,7 +53,7 @@ def test_shipped_lists_are_what_the_generator_writes(tmp_path: Path) -> None:
     build_reputation.write(tmp_path)
     for name in (build_reputation.SHA256_FILE, build_reputation.TLSH_FILE):
         assert (REPUTATION_DIR / name).read_text() == (tmp_path / name).read_text(), (
-            f"run: python -m mailtower.rules.build_reputation ({name} is stale)"
+            f"run: python -m mailtower.scanning.rules.build_reputation ({name} is stale)"
         )
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mailtower import testdata
-from mailtower.engines import EngineTimeout, Finding
-from mailtower.engines.yara import YaraEngine, YaraRuleError, rule_files
-from mailtower.objects import ScanObject
-from mailtower.rules import YARA_DIR
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import EngineTimeout, Finding
+from mailtower.scanning.engines.yara import YaraEngine, YaraRuleError, rule_files
+from mailtower.scanning.objects import ScanObject
+from mailtower.scanning.rules import YARA_DIR
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from scand_fakes import wait_until
 
-from mailtower.events import Event, EventSpool, Flusher
+from mailtower.scand.events import Event, EventSpool, Flusher
 
 
 def _event(n: int = 0) -> Event:

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from scand_fakes import free_port, make_settings, wait_until
 
-from mailtower.events import Event, EventSpool, Flusher, PostgresSink
+from mailtower.scand.events import Event, EventSpool, Flusher, PostgresSink
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from mailtower.eye import auth
-from mailtower.eye.auth import Credentials, CredentialsError, LoginLimiter, SecretError, Sessions
+from mailtower.goc.eye import auth
+from mailtower.goc.eye.auth import (
+    Credentials,
+    CredentialsError,
+    LoginLimiter,
+    SecretError,
+    Sessions,
+)
 
 SECRET = b"s" * 64
 

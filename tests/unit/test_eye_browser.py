@@ -25,8 +25,8 @@ import pytest
 from eye_fixtures import ROOT, add_event, finding, goc_hub
 from scand_fakes import free_port, wait_until
 
-from mailtower.eye import queries
-from mailtower.eye.status import TowerStatus, upsert_tower_status
+from mailtower.goc.eye import queries
+from mailtower.goc.eye.status import TowerStatus, upsert_tower_status
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtower.eye.__main__ import main
-from mailtower.eye.auth import Credentials
+from mailtower.goc.eye.__main__ import main
+from mailtower.goc.eye.auth import Credentials
 
 
 def run(monkeypatch: pytest.MonkeyPatch, stdin: str, *argv: str) -> int:

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from eye_fixtures import add_event, finding, goc_hub
 
-from mailtower.eye import queries
-from mailtower.eye.status import (
+from mailtower.goc.eye import queries
+from mailtower.goc.eye.status import (
     TowerStatus,
     apply_schema,
     missing_columns,
@@ -370,7 +370,7 @@ def test_first_seen_uses_the_name_index(conn: psycopg.Connection[Any]) -> None:
 
 
 def test_schema_command(hub: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from mailtower.eye.__main__ import main
+    from mailtower.goc.eye.__main__ import main
 
     assert main(["schema", "--dsn", hub.dsn()]) == 0
     assert "schema in place" in capsys.readouterr().out

@@ -12,10 +12,10 @@ import pytest
 from eye_fixtures import goc_hub
 from test_eye_web import SESSION_COOKIE, eye, login, origin
 
-from mailtower.eye.revocations import PgRevocations
-from mailtower.sync.changes import Changes
-from mailtower.sync.deployed import EYE_REVOCATIONS, EYE_ROLE
-from mailtower.sync.roles import ensure_login_role, ensure_privileges
+from mailtower.goc.eye.revocations import PgRevocations
+from mailtower.goc.sync.changes import Changes
+from mailtower.goc.sync.deployed import EYE_REVOCATIONS, EYE_ROLE
+from mailtower.goc.sync.roles import ensure_login_role, ensure_privileges
 
 pytestmark = pytest.mark.integration
 

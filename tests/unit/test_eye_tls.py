@@ -20,7 +20,7 @@ import pytest
 from eye_fixtures import goc_hub
 from scand_fakes import free_port, wait_until
 
-from mailtower.eye.app import SESSION_COOKIE
+from mailtower.goc.eye.app import SESSION_COOKIE
 from roles.goc import self_signed_commands
 
 pytestmark = pytest.mark.integration

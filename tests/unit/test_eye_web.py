@@ -14,10 +14,10 @@ import pytest
 from aiohttp import ClientResponse, ClientSession, TCPConnector
 from aiohttp.test_utils import TestClient, TestServer
 
-from mailtower.eye import auth
-from mailtower.eye.app import LIMITER, SESSION_COOKIE, EyeConfig, Hub, make_app
-from mailtower.eye.auth import Credentials, LoginLimiter
-from mailtower.eye.revocations import MemoryRevocations, RevocationStore
+from mailtower.goc.eye import auth
+from mailtower.goc.eye.app import LIMITER, SESSION_COOKIE, EyeConfig, Hub, make_app
+from mailtower.goc.eye.auth import Credentials, LoginLimiter
+from mailtower.goc.eye.revocations import MemoryRevocations, RevocationStore
 
 PASSWORD = "alice's long password"
 SNAPSHOT = {"now": "2026-05-20T12:00:00+00:00", "outbreaks": [{"name": "Win.Test"}]}
@@ -335,7 +335,7 @@ def test_logins_wait_for_the_revocations(tmp_path: Path, monkeypatch: pytest.Mon
     """Database down at start: no session is accepted nor issued until the list is read."""
 
     async def test() -> None:
-        monkeypatch.setattr("mailtower.eye.app.REVOCATIONS_RETRY_S", 0.05)
+        monkeypatch.setattr("mailtower.goc.eye.app.REVOCATIONS_RETRY_S", 0.05)
         store = FailingStore()
         async with eye(tmp_path, revocations=store) as client:
             assert (await login(client)).status == 503
@@ -352,7 +352,7 @@ def test_logout_saved_later_when_the_store_was_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def test() -> None:
-        monkeypatch.setattr("mailtower.eye.app.REVOCATIONS_RETRY_S", 0.05)
+        monkeypatch.setattr("mailtower.goc.eye.app.REVOCATIONS_RETRY_S", 0.05)
         store = FailingStore()
         store.down = False
         async with eye(tmp_path, revocations=store) as client:

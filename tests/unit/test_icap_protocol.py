@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 from scand_fakes import free_port, make_settings
 
-from mailtower.engines import (
+from mailtower.scanning.engines import (
     EngineError,
     EngineProtocolError,
     EngineScanError,
@@ -22,7 +22,7 @@ from mailtower.engines import (
     Finding,
     from_settings,
 )
-from mailtower.engines.icap import (
+from mailtower.scanning.engines.icap import (
     REPLACED,
     UNNAMED,
     IcapClient,

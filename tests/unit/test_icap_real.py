@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 from scand_fakes import RealCicap, RealClamd, free_port, make_settings
 
-from mailtower import testdata
-from mailtower.engines import EngineError, EngineScanError, EngineUnavailable, from_settings
-from mailtower.engines.icap import REPLACED, IcapClient, IcapEngine
-from mailtower.pipeline import Pipeline
-from mailtower.scan import Kind, scan_message
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import (
+    EngineError,
+    EngineScanError,
+    EngineUnavailable,
+    from_settings,
+)
+from mailtower.scanning.engines.icap import REPLACED, IcapClient, IcapEngine
+from mailtower.scanning.pipeline import Pipeline
+from mailtower.scanning.scan import Kind, scan_message
 from mailtower.settings import TowerSettings
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailtower import inventory
+from mailtower.controller import inventory
 from mailtower.settings import SettingsError
 
 GOOD = """

@@ -1,5 +1,5 @@
-"""Publishing at the GOC from the controller (mailtower.lab.bundles), with the GOC's commands
-run by a local shell: upload, version choice, build, publish, and the errors it names."""
+"""Publishing at the GOC from the controller (mailtower.controller.lab.bundles), with the GOC's
+commands run by a local shell: upload, version choice, build, publish, and the errors it names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from bundle_builders import PROBE_RULE, Keys, make_keys, rules_copy
 
 from mailtower import bundles
-from mailtower.lab.bundles import (
+from mailtower.controller.lab.bundles import (
     GocPaths,
     PublishError,
     StepFailed,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtower.lab import lxc, prereqs
+from mailtower.controller.lab import lxc, prereqs
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNERS = {"run", "Popen", "check_output", "check_call", "_run"}
@@ -42,7 +42,7 @@ def test_every_program_the_code_calls_is_listed():
     called = _called_programs()
     assert "lxc-create" in called and "named" in called  # the scan sees real calls
     unlisted = {name: where for name, where in called.items() if name not in listed}
-    assert not unlisted, f"add these to mailtower.lab.prereqs.PROGRAMS: {unlisted}"
+    assert not unlisted, f"add these to mailtower.controller.lab.prereqs.PROGRAMS: {unlisted}"
 
 
 def test_every_listed_package_is_installed_by_the_bootstrap():
@@ -153,7 +153,7 @@ def test_the_pristine_probe_looks_inside_the_root_only(tmp_path):
     such as /usr/lib/*/c_icap/… must not be expanded against the host's own files."""
     import subprocess
 
-    from mailtower.lab import pristine
+    from mailtower.controller.lab import pristine
 
     programs = (
         prereqs.Program("lxc-create", "lxc", "x"),

@@ -18,7 +18,7 @@ from mime_builders import (
     yencode,
 )
 
-from mailtower.mime import analyse
+from mailtower.scanning.mime import analyse
 
 EOLS = pytest.mark.parametrize("eol", ["\r\n", "\n"], ids=["crlf", "lf"])
 B64 = base64.b64encode(EICAR).decode()

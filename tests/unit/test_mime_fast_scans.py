@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from mime_builders import EICAR, attachment_message
 from mime_mutations import Base, chunk, mutated
 
-from mailtower.mime import _email_reader, _transfer
-from mailtower.mime._boundary_reader import (
+from mailtower.scanning.mime import _email_reader, _transfer
+from mailtower.scanning.mime._boundary_reader import (
     _BOUNDARY_PARAM,
     _DIGEST_HEADER,
     declared_boundaries,
@@ -23,10 +23,10 @@ from mailtower.mime._boundary_reader import (
     digest_boundaries,
     match_delimiter,
 )
-from mailtower.mime._collect import Collector
-from mailtower.mime._encoded_blocks import _segments
-from mailtower.mime._limits import Budget, MimeLimits
-from mailtower.mime._transfer import _b64_chunks
+from mailtower.scanning.mime._collect import Collector
+from mailtower.scanning.mime._encoded_blocks import _segments
+from mailtower.scanning.mime._limits import Budget, MimeLimits
+from mailtower.scanning.mime._transfer import _b64_chunks
 
 REFERENCE_DELIMITER_START = re.compile(rb"(?:^|(?<=[\r\n]))--")
 BASE = Base(attachment_message(eol="\r\n"), EICAR)

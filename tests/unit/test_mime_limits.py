@@ -9,13 +9,19 @@ import zipfile
 import pytest
 from mime_builders import EICAR, assert_found, attachment_message, b64_lines, hostile
 
-from mailtower.containers import ContainerLimits
-from mailtower.engines.testing import PatternEngine
-from mailtower.mime import INFORMATIONAL_ANOMALIES, MimeLimits, _email_reader, analyse, is_hostile
-from mailtower.mime._anomalies import HOSTILE_ANOMALIES
-from mailtower.mime._limits import Budget, LimitExceeded
-from mailtower.pipeline import Pipeline
-from mailtower.scan import Kind
+from mailtower.scanning.containers import ContainerLimits
+from mailtower.scanning.engines.testing import PatternEngine
+from mailtower.scanning.mime import (
+    INFORMATIONAL_ANOMALIES,
+    MimeLimits,
+    _email_reader,
+    analyse,
+    is_hostile,
+)
+from mailtower.scanning.mime._anomalies import HOSTILE_ANOMALIES
+from mailtower.scanning.mime._limits import Budget, LimitExceeded
+from mailtower.scanning.pipeline import Pipeline
+from mailtower.scanning.scan import Kind
 
 
 def _nested(depth: int) -> bytes:

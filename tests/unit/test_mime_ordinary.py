@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mime_builders import analyse_text, b64_lines, hostile
 
-from mailtower.mime import HOSTILE_ANOMALIES, INFORMATIONAL_ANOMALIES, analyse, is_hostile
-from mailtower.objects import Analysis
+from mailtower.scanning.mime import HOSTILE_ANOMALIES, INFORMATIONAL_ANOMALIES, analyse, is_hostile
+from mailtower.scanning.objects import Analysis
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)  # looks like an image, random body
 PDF = b"%PDF-1.4\n" + os.urandom(5000) + b"\n%%EOF\n"

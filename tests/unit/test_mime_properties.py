@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from mime_builders import EICAR, attachment_message, decoded_objects
 from mime_mutations import Base, mutated
 
-from mailtower.mime import MimeLimits, analyse
-from mailtower.mime._transfer import decode_base64
+from mailtower.scanning.mime import MimeLimits, analyse
+from mailtower.scanning.mime._transfer import decode_base64
 
 LIMITS = MimeLimits(max_time_s=5.0)
 B64 = base64.b64encode(EICAR)

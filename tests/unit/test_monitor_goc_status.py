@@ -23,12 +23,12 @@ from eye_fixtures import goc_hub
 from monitor_fakes import SCANNERS, FakeHAProxy, FakeHealth, free_port, tower, wait_for
 from prometheus_client import start_http_server
 
-from mailtower import relay_exporter
-from mailtower.eye.status import TowerStatus
+from mailtower.goc.eye.status import TowerStatus
 from mailtower.monitor import goc_status, replication, service
 from mailtower.monitor.goc_status import RelayQueueError
 from mailtower.monitor.replication import Standby
 from mailtower.monitor.service import Monitor
+from mailtower.relay import exporter as relay_exporter
 from mailtower.settings import TowerSettings, from_data
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from monitor_fakes import SCANNERS, free_port, tower
 
-from mailtower import bundles, testdata
+from mailtower import bundles
 from mailtower.monitor import rollout as rollout_mod
 from mailtower.monitor.service import Monitor
+from mailtower.scanning import testdata
 from mailtower.settings import Bundles
 
 BAD = 99  # the version whose rules turn every message into a virus

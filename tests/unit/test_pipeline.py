@@ -23,11 +23,11 @@ from pipeline_fixtures import (
 )
 from skeptic_fixtures import MASS_MAILER_VBS, polymorph_vbs
 
-from mailtower import testdata
-from mailtower.engines import Engine, Finding
-from mailtower.engines.testing import PatternEngine
-from mailtower.pipeline import Pipeline, Policy, in_process, name_extension
-from mailtower.scan import Kind, Verdict
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import Engine, Finding
+from mailtower.scanning.engines.testing import PatternEngine
+from mailtower.scanning.pipeline import Pipeline, Policy, in_process, name_extension
+from mailtower.scanning.scan import Kind, Verdict
 
 MiB = 1024 * 1024
 

@@ -16,10 +16,10 @@ from mime_mutations import Base, mutated
 from office_builders import OLE_MAGIC, docm, word_modules
 from pipeline_fixtures import ORDINARY, pe
 
-from mailtower.pipeline import Pipeline, in_process
-from mailtower.scan import Kind, Verdict
-from mailtower.skeptic import INTERNAL_ERROR
-from mailtower.testdata import eicar
+from mailtower.scanning.pipeline import Pipeline, in_process
+from mailtower.scanning.scan import Kind, Verdict
+from mailtower.scanning.skeptic import INTERNAL_ERROR
+from mailtower.scanning.testdata import eicar
 
 DEADLINE_S = 10.0
 # The deadline is checked between steps: allow one step's overrun on a busy machine.

@@ -11,7 +11,7 @@ from aiosmtpd.controller import Controller
 from scand_fakes import SinkHandler, free_port, make_settings, start_sink
 
 from mailtower.cli import main
-from mailtower.quarantine import QuarantineStore
+from mailtower.scand.quarantine import QuarantineStore
 
 RAW = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: held\r\n\r\nbody line\r\n"
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scand_fakes import SinkHandler, free_port, make_settings, wait_until
 
-from mailtower import reinject as reinject_mod
-from mailtower.reinject import (
+from mailtower.scand import reinject as reinject_mod
+from mailtower.scand.reinject import (
     ReinjectDeferred,
     ReinjectError,
     Reinjector,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from mailtower.relay_exporter import QUEUES, count_files, registry
+from mailtower.relay.exporter import QUEUES, count_files, registry
 from mailtower.settings import from_data
 
 
@@ -80,7 +80,7 @@ def test_main_serves_metrics_and_stops_on_sigterm(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "mailtower.relay_exporter",
+            "mailtower.relay.exporter",
             "--settings",
             str(tmp_path / "tower.json"),
             "--spool",

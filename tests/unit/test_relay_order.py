@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtower.relay_order import Orderer, Queued, duration_s
+from mailtower.relay.order import Orderer, Queued, duration_s
 from mailtower.settings import Customer
 
 CUSTOMER = Customer(domain="customer1.example", server="10.0.0.5")

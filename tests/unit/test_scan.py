@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mailtower import testdata
-from mailtower.engines import Finding
-from mailtower.engines.testing import PatternEngine
-from mailtower.scan import Kind, message_id, scan_message
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.engines.testing import PatternEngine
+from mailtower.scanning.scan import Kind, message_id, scan_message
 
 CLEAN = b"From: a@example.org\r\nMessage-ID: <m1@example.org>\r\n\r\nhello\r\n"
 INFECTED = b"From: a@example.org\r\n\r\nbefore " + testdata.marker() + b" after\r\n"

@@ -23,9 +23,9 @@ from bundle_builders import PROBE, PROBE_RULE, PROBE_RULE_NAME, Keys, make_keys,
 from scand_fakes import SinkHandler, make_settings, start_sink, wait_until
 
 from mailtower import bundles
-from mailtower.quarantine import QuarantineStore
 from mailtower.scand import __main__ as scand_main
 from mailtower.scand.http import start_http
+from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scand.server import Handler, Scanner, start_smtp
 from mailtower.settings import TowerSettings
 

@@ -22,17 +22,17 @@ import pytest
 from aiosmtpd.controller import Controller
 from scand_fakes import SinkHandler, free_port, make_settings, start_sink, wait_until
 
-from mailtower import testdata
 from mailtower.cli import main as cli_main
-from mailtower.engines import EngineTimeout, Finding
-from mailtower.engines.testing import PatternEngine
-from mailtower.engines.yara import YaraRuleError
-from mailtower.quarantine import Entry as QuarantineEntry
-from mailtower.quarantine import QuarantineStore
-from mailtower.scan import Verdict, message_id
 from mailtower.scand import server as scand_server
 from mailtower.scand.http import start_http
+from mailtower.scand.quarantine import Entry as QuarantineEntry
+from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scand.server import Handler, Scanner, start_smtp
+from mailtower.scanning import testdata
+from mailtower.scanning.engines import EngineTimeout, Finding
+from mailtower.scanning.engines.testing import PatternEngine
+from mailtower.scanning.engines.yara import YaraRuleError
+from mailtower.scanning.scan import Verdict, message_id
 
 MARKER = testdata.marker().decode()
 

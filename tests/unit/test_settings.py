@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mailtower import inventory, settings
+from mailtower import settings
+from mailtower.controller import inventory
 from mailtower.settings import SettingsError
 
 SECRETS = {k: "x" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}

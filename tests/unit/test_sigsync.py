@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtower import sigsync, testdata
+from mailtower.scand import sigsync
+from mailtower.scanning import testdata
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import skeptic_fixtures as fx
 
-from mailtower.engines import Finding
-from mailtower.skeptic import Severity, Skeptic
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.skeptic import Severity, Skeptic
 
 
 @pytest.fixture(scope="module")

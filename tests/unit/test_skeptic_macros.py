@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import skeptic_fixtures as fx
 
-from mailtower.skeptic import Skeptic
-from mailtower.skeptic._office import OLE_MAGIC, macros
+from mailtower.scanning.skeptic import Skeptic
+from mailtower.scanning.skeptic._office import OLE_MAGIC, macros
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import string
 import pytest
 import skeptic_fixtures as fx
 
-from mailtower.skeptic import Skeptic
+from mailtower.scanning.skeptic import Skeptic
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +235,8 @@ def test_ordinary_outlook_automation_is_not_the_worm(skeptic: Skeptic) -> None:
 
 def test_scripts_inside_office_macros_are_examined_too(skeptic: Skeptic) -> None:
     # Macro source reaches the script rules as VBA: obfuscation is judged the same way.
-    from mailtower.skeptic._kinds import Subject
-    from mailtower.skeptic._office import Macros
+    from mailtower.scanning.skeptic._kinds import Subject
+    from mailtower.scanning.skeptic._office import Macros
 
     subject = Subject(fx.obj(b"\0binary"), frozenset())
     subject.__dict__["all_macros"] = [Macros("found", source=fx.junk_commented_vbs())]

@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 import skeptic_fixtures as fx
 
-from mailtower.engines import Finding
-from mailtower.skeptic import INTERNAL_ERROR, RuleError, Severity, Skeptic, shipped_rules_dir
-from mailtower.testdata import eicar
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.skeptic import (
+    INTERNAL_ERROR,
+    RuleError,
+    Severity,
+    Skeptic,
+    shipped_rules_dir,
+)
+from mailtower.scanning.testdata import eicar
 
 
 def test_shipped_rules_load_and_name_every_area() -> None:

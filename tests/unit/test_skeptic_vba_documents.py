@@ -28,13 +28,13 @@ from office_builders import (
 )
 from pipeline_fixtures import with_attachment
 
-from mailtower.engines import Finding
-from mailtower.engines.yara import YaraEngine, default_rule_dirs
-from mailtower.objects import Analysis, ScanObject
-from mailtower.pipeline import Pipeline, in_process
-from mailtower.scan import Kind
-from mailtower.skeptic import Skeptic
-from mailtower.skeptic._office import macros
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.engines.yara import YaraEngine, default_rule_dirs
+from mailtower.scanning.objects import Analysis, ScanObject
+from mailtower.scanning.pipeline import Pipeline, in_process
+from mailtower.scanning.scan import Kind
+from mailtower.scanning.skeptic import Skeptic
+from mailtower.scanning.skeptic._office import macros
 
 with warnings.catch_warnings():  # oletools 0.60 trips pyparsing deprecation warnings
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -345,7 +345,7 @@ def test_olevba_reads_a_document_once_for_the_engines_and_skeptic(
 ) -> None:
     import oletools.olevba
 
-    from mailtower.skeptic import _office
+    from mailtower.scanning.skeptic import _office
 
     opened: list[int] = []
     real = oletools.olevba.VBA_Parser
@@ -367,7 +367,7 @@ def test_vba_source_with_lone_surrogates_is_scanned_not_raised(
 ) -> None:
     """A module in a code page that decodes to a lone surrogate (UTF-7, code page 65000) must not
     make scan() raise: the source is handed on as it encodes."""
-    from mailtower import pipeline as pipeline_mod
+    from mailtower.scanning import pipeline as pipeline_mod
 
     source = 'Attribute VB_Name = "A"\nSub AutoOpen()\n  Shell "x" \' \ud800\nEnd Sub\n'
     monkeypatch.setattr(
@@ -382,7 +382,7 @@ def test_vba_source_with_lone_surrogates_is_scanned_not_raised(
 def test_vba_reading_that_fails_is_suspicious_not_a_crash(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailtower import pipeline as pipeline_mod
+    from mailtower.scanning import pipeline as pipeline_mod
 
     def broken(data: bytes) -> list[str]:
         raise RuntimeError("olevba bug")
@@ -398,7 +398,7 @@ def test_a_vba_source_over_the_limit_is_unanalysable_and_kept_by_nobody(
 ) -> None:
     """An MS-OVBA bomb: a source over MAX_VBA_SOURCE fails closed (Skeptic's unanalysable
     rule) and is handed to no engine."""
-    from mailtower.skeptic import _office
+    from mailtower.scanning.skeptic import _office
 
     monkeypatch.setattr(_office, "MAX_VBA_SOURCE", 50)
     _office.forget_read_vba()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mailtower import sqlpair
+from mailtower.controller import sqlpair
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from synclab import (
 )
 
 from mailtower.cli import main as mailtower
-from mailtower.sync import deployed, event_count, names
+from mailtower.goc.sync import deployed, event_count, names
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,7 @@ from synclab import (
     route_of,
 )
 
-from mailtower.monitor.replication import query_standbys
-from mailtower.sync import (
+from mailtower.goc.sync import (
     RepointNeeded,
     config_digest,
     ensure_goc,
@@ -31,6 +30,7 @@ from mailtower.sync import (
     sync_health,
     wait_caught_up,
 )
+from mailtower.monitor.replication import query_standbys
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,7 @@ from synclab import (
     route_of,
 )
 
-from mailtower.events import PostgresSink
-from mailtower.sync import (
+from mailtower.goc.sync import (
     config_digest,
     ensure_goc,
     ensure_tower,
@@ -28,7 +27,8 @@ from mailtower.sync import (
     sync_health,
     wait_ready,
 )
-from mailtower.sync.health import SlotHealth
+from mailtower.goc.sync.health import SlotHealth
+from mailtower.scand.events import PostgresSink
 
 pytestmark = pytest.mark.integration
 
@@ -180,7 +180,7 @@ def test_health_needs_pg_monitor_only(lab: SyncLab) -> None:
 def test_sync_password_change(lab: SyncLab) -> None:
     # A new password for tower-a's mt_sync: ensure_tower sets it, the GOC's subscription is
     # given the new conninfo by ensure_goc_subscription, and the stream goes on.
-    from mailtower.sync import ensure_goc_subscription
+    from mailtower.goc.sync import ensure_goc_subscription
 
     tower = lab.towers[A]
     changes = ensure_tower(

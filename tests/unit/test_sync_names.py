@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailtower.sync import SyncError, names, sync_conninfo
-from mailtower.sync.conninfo import endpoint, redact
-from mailtower.sync.roles import scram_matches, scram_verifier
+from mailtower.goc.sync import SyncError, names, sync_conninfo
+from mailtower.goc.sync.conninfo import endpoint, redact
+from mailtower.goc.sync.roles import scram_matches, scram_verifier
 
 
 def test_names_are_unique_per_tower_and_slots_per_timeline() -> None:

@@ -9,7 +9,7 @@ import pytest
 from pgclusters import Cluster
 from synclab import GOC_SYNC_PASSWORD, TOWER_SYNC_PASSWORD, SyncLab, apply_tower_schema
 
-from mailtower.sync import (
+from mailtower.goc.sync import (
     NotPrimary,
     RepointNeeded,
     SchemaMissing,
@@ -19,7 +19,7 @@ from mailtower.sync import (
     ensure_tower,
     names,
 )
-from mailtower.sync.schema import GOC_ONLY_COLUMNS
+from mailtower.goc.sync.schema import GOC_ONLY_COLUMNS
 
 pytestmark = pytest.mark.integration
 

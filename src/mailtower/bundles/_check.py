@@ -7,7 +7,7 @@ from pathlib import Path
 from mailtower.bundles import _canary, _clamav
 from mailtower.bundles._errors import InvalidRules
 from mailtower.bundles._format import SECTIONS
-from mailtower.rules import RuleDirs
+from mailtower.scanning.rules import RuleDirs
 
 
 def check_rules(root: Path) -> None:
@@ -17,10 +17,10 @@ def check_rules(root: Path) -> None:
     at least one rule: an installed bundle replaces the shipped rules as a whole.
     """
     # The engines' modules are heavy (yara, tlsh, oletools): loaded only when checking.
-    from mailtower.engines import EngineError
-    from mailtower.engines import reputation as reputation_mod
-    from mailtower.engines.yara import compile_rules
-    from mailtower.skeptic import RuleError, Skeptic
+    from mailtower.scanning.engines import EngineError
+    from mailtower.scanning.engines import reputation as reputation_mod
+    from mailtower.scanning.engines.yara import compile_rules
+    from mailtower.scanning.skeptic import RuleError, Skeptic
 
     dirs = RuleDirs.under(root)
     prefix = f"{root}/"

@@ -35,7 +35,7 @@ from mailtower.bundles._bundle import read, unpack
 from mailtower.bundles._check import check_rules
 from mailtower.bundles._errors import BundleError, InstallError
 from mailtower.bundles._format import MANIFEST_NAME, Manifest, utc_timestamp
-from mailtower.rules import RuleDirs
+from mailtower.scanning.rules import RuleDirs
 
 CURRENT = "current"
 VERSIONS = "versions"

@@ -12,9 +12,9 @@ from typing import Any
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailtower.eye.status import TowerStatus, upsert_tower_status
+from mailtower.goc.eye.status import TowerStatus, upsert_tower_status
 
-QUEUE_METRIC = "mailtower_relay_queue_messages"  # mailtower.relay_exporter.QueueCollector
+QUEUE_METRIC = "mailtower_relay_queue_messages"  # mailtower.relay.exporter.QueueCollector
 # Mail the relay accepted and has not delivered yet: being delivered, waiting for a retry, or
 # held by the relay orderer for a customer whose server is down. incoming and maildrop are
 # transient (seconds), so they are left out, as TowerStatus.queue_size documents.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-# Physical standbys only: the GOC's logical subscription (mailtower.sync) has a walsender
+# Physical standbys only: the GOC's logical subscription (mailtower.goc.sync) has a walsender
 # too, and must neither count as a streaming standby nor hide a missing one.
 QUERY = (
     "SELECT r.application_name, r.state, coalesce(extract(epoch FROM r.replay_lag), 0) "

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from mailtower import bundles, testdata
+from mailtower import bundles
 from mailtower._fsio import write_durable
 from mailtower.bundles._format import MAX_BUNDLE_BYTES
 from mailtower.monitor import health
 from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import MAINT, READY, Pool, Scanner
+from mailtower.scanning import testdata
 from mailtower.settings import TowerSettings
 
 

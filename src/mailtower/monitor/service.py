@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mailtower.eye.status import TowerStatus
+from mailtower.goc.eye.status import TowerStatus
 from mailtower.monitor import goc_status, health, http, replication
 from mailtower.monitor import rollout as rollout_mod
 from mailtower.monitor.goc_status import GocStatusWriter, RelayQueueError

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailtower import bundles
-from mailtower import engines as engines_mod
 from mailtower._fsio import write_durable
 from mailtower.bundles._format import MAX_BUNDLE_BYTES
+from mailtower.scanning import engines as engines_mod
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger("mailtower.scand.bundles")
@@ -166,7 +166,7 @@ def local_engines(settings: TowerSettings) -> list[engines_mod.Engine]:
     """The whole-message engines that read this scanner's ClamAV directory: clamd, and an
     ICAP service on loopback (c-icap's clamav module). An ICAP server elsewhere (a commercial
     engine's appliance) has signatures of its own."""
-    from mailtower.engines.icap import parse_icap_url
+    from mailtower.scanning.engines.icap import parse_icap_url
 
     local = []
     for engine in engines_mod.from_settings(settings):
@@ -210,7 +210,7 @@ def sync_clamav(
     token = _token(wanted[PROBE_NAME]) if PROBE_NAME in wanted else None
     if not changed and (token is None or _probe_everywhere(engines, token)):
         return False
-    from mailtower.sigsync import reload_clamd, reload_icap
+    from mailtower.scand.sigsync import reload_clamd, reload_icap
 
     names = {e.name for e in engines}
     if "clamd" in names and not reload_clamd(settings.clamd_socket):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailtower import bundles
-from mailtower.engines import Engine, EngineError
 from mailtower.scand import bundle_apply
+from mailtower.scanning.engines import Engine, EngineError
 
 if TYPE_CHECKING:
     from pathlib import Path

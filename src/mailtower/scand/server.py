@@ -33,15 +33,15 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mailtower import bundles
-from mailtower import engines as engines_mod
-from mailtower.engines import Engine
-from mailtower.events import Event, EventSpool
-from mailtower.pipeline import Pipeline, Policy, in_process, normalise_extension
-from mailtower.quarantine import QuarantineStore
-from mailtower.reinject import ReinjectDeferred, ReinjectError, Reinjector
-from mailtower.rules import RuleDirs
-from mailtower.scan import Kind, Verdict, message_id
+from mailtower.scand.events import Event, EventSpool
+from mailtower.scand.quarantine import QuarantineStore
+from mailtower.scand.reinject import ReinjectDeferred, ReinjectError, Reinjector
 from mailtower.scand.relay_trace import RelayEnvelope, RelaySMTP, relay_arrival
+from mailtower.scanning import engines as engines_mod
+from mailtower.scanning.engines import Engine
+from mailtower.scanning.pipeline import Pipeline, Policy, in_process, normalise_extension
+from mailtower.scanning.rules import RuleDirs
+from mailtower.scanning.scan import Kind, Verdict, message_id
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)

@@ -46,12 +46,12 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mailtower import engines as engines_mod
 from mailtower import settings as settings_mod
-from mailtower.engines import EngineError
-from mailtower.events import EventSpool, Flusher, PostgresSink
 from mailtower.scand.bundle_apply import ApplyError
+from mailtower.scand.events import EventSpool, Flusher, PostgresSink
 from mailtower.scand.http import ScannerSource, Source, engine_versions, start_http
+from mailtower.scanning import engines as engines_mod
+from mailtower.scanning.engines import EngineError
 from mailtower.settings import TowerSettings
 
 if TYPE_CHECKING:

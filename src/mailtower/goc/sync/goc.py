@@ -1,0 +1,170 @@
+"""The GOC side: its schema, the config publication, and one events subscription per tower."""
+
+from __future__ import annotations
+
+from mailtower.goc.sync import schema, slots, subscription
+from mailtower.goc.sync.catalog import (
+    Conn,
+    columns,
+    connect,
+    lock,
+    relation_exists,
+    require_primary,
+    require_publication,
+    scalar,
+)
+from mailtower.goc.sync.changes import Changes
+from mailtower.goc.sync.conninfo import endpoint, redact
+from mailtower.goc.sync.exceptions import RepointNeeded, SchemaMissing, SyncError
+from mailtower.goc.sync.names import (
+    CONFIG_PUBLICATION,
+    CONFIG_TABLES,
+    EVENTS_PUBLICATION,
+    events_slot,
+    events_subscription,
+)
+from mailtower.goc.sync.publication import ensure_publication
+from mailtower.goc.sync.roles import ensure_select, ensure_sync_role
+
+GOC = "goc"
+
+
+def ensure_goc(goc_dsn: str, *, sync_password: str | None = None) -> Changes:
+    """Schema, sync role and config publication at the GOC (superuser ``goc_dsn``).
+
+    ``sync_password``: the password of ``mt_sync`` that towers connect with (None: the role
+    must exist; its password is left alone). Returns what changed; nothing on a second call.
+    """
+    changes = Changes(GOC)
+    with connect(goc_dsn) as conn:
+        lock(conn)
+        require_primary(conn, GOC, publishes=True)
+        with conn.transaction():
+            _ensure_schema(conn, changes)
+        ensure_sync_role(conn, sync_password, changes)
+        ensure_select(conn, CONFIG_TABLES, changes)
+        # All operations: an update or delete of a route at the GOC must reach every tower.
+        ensure_publication(
+            conn,
+            CONFIG_PUBLICATION,
+            CONFIG_TABLES,
+            ("insert", "update", "delete", "truncate"),
+            changes,
+        )
+    return changes
+
+
+def _ensure_schema(conn: Conn, changes: Changes) -> None:
+    for table, ddl in schema.TABLES.items():
+        if not relation_exists(conn, table):
+            conn.execute(ddl)
+            changes.did(f"created table {table}")
+    if "received_at" not in columns(conn, "verdict_events"):  # a GOC made before it existed
+        conn.execute(
+            "ALTER TABLE public.verdict_events"
+            " ADD COLUMN received_at timestamptz NOT NULL DEFAULT now()"
+        )
+        changes.did("added column verdict_events.received_at")
+    for index in schema.INDEXES:
+        if not relation_exists(conn, index.name):  # to_regclass finds indexes too
+            conn.execute(index.ddl)
+            changes.did(f"created index {index.name}")
+    body = scalar(
+        conn,
+        "SELECT prosrc FROM pg_proc WHERE proname = %s AND pronamespace = 'public'::regnamespace",
+        (schema.DEDUP_FUNCTION,),
+    )
+    if body != schema.DEDUP_BODY:
+        conn.execute(schema.DEDUP_FUNCTION_DDL)
+        changes.did(f"{'created' if body is None else 'replaced'} function {schema.DEDUP_FUNCTION}")
+    enabled = _dedup_trigger_state(conn)
+    if enabled is None:
+        conn.execute(schema.DEDUP_TRIGGER_DDL)
+        changes.did(f"created trigger {schema.DEDUP_TRIGGER}")
+    if enabled != "A":
+        conn.execute(schema.DEDUP_TRIGGER_ENABLE)
+        changes.did(f"enabled trigger {schema.DEDUP_TRIGGER} ALWAYS (apply workers too)")
+
+
+def _dedup_trigger_state(conn: Conn) -> str | None:
+    value = scalar(
+        conn,
+        "SELECT tgenabled FROM pg_trigger WHERE tgname = %s"
+        " AND tgrelid = 'public.verdict_events'::regclass",
+        (schema.DEDUP_TRIGGER,),
+    )
+    return None if value is None else str(value)
+
+
+def require_goc_ready(conn: Conn) -> None:
+    if not relation_exists(conn, "verdict_events"):
+        raise SchemaMissing(f"{GOC}: table verdict_events missing; run ensure_goc first")
+    if _dedup_trigger_state(conn) != "A":
+        raise SchemaMissing(
+            f"{GOC}: trigger {schema.DEDUP_TRIGGER} missing or not ALWAYS; run ensure_goc first"
+        )
+
+
+def stale_reason(
+    sub: subscription.Subscription, tower_conninfo: str, slot: str, tower: Conn
+) -> str | None:
+    """Why the GOC's events subscription no longer follows the tower's primary (None: it does)."""
+    if endpoint(sub.conninfo) != endpoint(tower_conninfo):
+        return f"it follows {redact(sub.conninfo)}, not the primary {redact(tower_conninfo)}"
+    if sub.slot_name != slot:
+        return f"its slot {sub.slot_name} is not the slot {slot} of this primary's timeline"
+    found = slots.find(tower, slot)
+    if found is None:
+        return f"its slot {slot} does not exist on the primary"
+    if found.wal_status == "lost":
+        return f"its slot {slot} was invalidated (WAL removed, max_slot_wal_keep_size)"
+    return None
+
+
+def ensure_goc_subscription(goc_dsn: str, tower_name: str, tower_conninfo: str) -> Changes:
+    """The GOC's subscription ``mt_events_<tower>`` to the tower primary's events.
+
+    ``tower_conninfo``: one host (the primary), as the GOC reaches it, as ``mt_sync``. The
+    first time, existing events are copied (``copy_data``; the dedup trigger makes a re-copy
+    harmless). Raises ``RepointNeeded`` when the subscription follows another server or slot
+    (a failover happened): ``repoint_after_failover`` handles that, with reconciliation.
+    """
+    changes = Changes(GOC)
+    name = events_subscription(tower_name)
+    with connect(goc_dsn) as goc, connect(tower_conninfo) as tower:
+        lock(goc)
+        require_primary(goc, GOC, publishes=False)
+        require_goc_ready(goc)
+        timeline = require_primary(tower, tower_name, publishes=True)
+        require_publication(tower, tower_name, EVENTS_PUBLICATION, "run ensure_tower first")
+        slot = events_slot(tower_name, timeline)
+        sub = subscription.get(goc, name)
+        if sub is not None:
+            reason = stale_reason(sub, tower_conninfo, slot, tower)
+            if reason is not None:
+                raise RepointNeeded(
+                    f"{GOC}: subscription {name}: {reason}; run repoint_after_failover"
+                    f" for {tower_name}"
+                )
+            subscription.ensure_settings(goc, sub, tower_conninfo, EVENTS_PUBLICATION, changes)
+            return changes
+        existing = slots.find(tower, slot)
+        if existing is not None and existing.active_pid is not None:
+            raise SyncError(
+                f"{tower_name}: slot {slot} is in use by another subscriber (pid"
+                f" {existing.active_pid}); is another GOC subscribed to this tower?"
+            )
+        subscription.create(
+            goc,
+            name,
+            tower_conninfo,
+            EVENTS_PUBLICATION,
+            slot_name=slot,
+            create_slot=existing is None,
+            copy_data=True,
+        )
+        changes.did(
+            f"created subscription {name} to {redact(tower_conninfo)}"
+            f" (slot {slot}, copying existing events)"
+        )
+    return changes

@@ -1,0 +1,300 @@
+"""mailtower-relay-order: a returning customer gets its queued mail in the order it arrived.
+
+Postfix retries every deferred message on its own schedule and moves due messages into its
+active queue in directory order, so after an outage a customer receives its mail shuffled.
+This daemon, on the relay, keeps the order without touching how Postfix delivers:
+
+- while a customer's server does not accept connections, the messages deferred for it are put
+  on **hold** (Postfix neither retries nor expires held mail);
+- when the server answers again, they are released **oldest first, one at a time**: each is
+  handed to Postfix (``postqueue -i``) and delivered — or deferred again, which holds the rest
+  back — before the next one is released;
+- a held message older than ``maximal_queue_lifetime`` is released at once, so Postfix's
+  next failed attempt returns it to its sender as it always would (3 days by default).
+
+The IDs it holds are kept in a state file, so a restart knows its own held mail from an
+operator's; ``--release-all`` (run when the service stops) gives every one of them back to
+Postfix. Nothing is ever removed from the queue here: at worst mail is delivered unordered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mailtower import settings as settings_mod
+from mailtower.settings import Customer, TowerSettings
+
+log = logging.getLogger("mailtower.relay.order")
+
+STATE = Path("/var/lib/mailtower/relay-order.json")
+_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_UNIT_S = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}  # bare = days
+
+
+def duration_s(value: str) -> int:
+    """Seconds of a Postfix time value (``3d``, ``20s``; a bare number is days)."""
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise ValueError(f"not a Postfix time value: {value!r}")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One message in the relay's queue, as ``postqueue -j`` shows it."""
+
+    queue_id: str
+    queue: str  # incoming, active, deferred, hold …
+    arrival: int
+    recipients: tuple[tuple[str, str], ...]  # (address, delay reason)
+
+    @classmethod
+    def from_json(cls, entry: dict) -> Queued:
+        return cls(
+            entry["queue_id"],
+            entry["queue_name"],
+            int(entry.get("arrival_time", 0)),
+            tuple((r["address"], r.get("delay_reason", "")) for r in entry.get("recipients", [])),
+        )
+
+    def for_customer(self, customer: Customer) -> bool:
+        return any(a.rpartition("@")[2].lower() == customer.domain for a, _ in self.recipients)
+
+    def waits_for(self, customer: Customer) -> bool:
+        """Deferred because the customer's server could not be reached (not, e.g., a scanner)."""
+        return self.queue == "deferred" and any(
+            a.rpartition("@")[2].lower() == customer.domain and customer.server in reason
+            for a, reason in self.recipients
+        )
+
+
+class Postfix(Protocol):
+    """What the orderer needs from Postfix (a fake in the tests)."""
+
+    def queue(self) -> list[Queued]: ...
+
+    def hold(self, queue_id: str) -> None: ...
+
+    def release(self, queue_id: str) -> None: ...
+
+    def lifetime_s(self) -> int: ...
+
+    def where(self, queue_id: str) -> str | None:
+        """The queue a message is in now (cheap: no full queue listing), None when gone."""
+        ...
+
+
+SPOOL = Path("/var/spool/postfix")
+
+
+class RealPostfix:
+    """postqueue, postsuper and postconf on this host."""
+
+    def _run(self, *args: str) -> str:
+        return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
+
+    def queue(self) -> list[Queued]:
+        out = self._run("postqueue", "-j")
+        return [Queued.from_json(json.loads(line)) for line in out.splitlines() if line.strip()]
+
+    def hold(self, queue_id: str) -> None:
+        self._run("postsuper", "-h", queue_id)
+
+    def release(self, queue_id: str) -> None:
+        """Back from hold, then due now (``postqueue -i``: deliver this one message)."""
+        self._run("postsuper", "-H", queue_id)
+        self._run("postqueue", "-i", queue_id)
+
+    def lifetime_s(self) -> int:
+        return duration_s(self._run("postconf", "-h", "maximal_queue_lifetime").strip())
+
+    def where(self, queue_id: str) -> str | None:
+        # Postfix's default layout: deferred is hashed one level by the ID's first character
+        # (hash_queue_depth = 1, hash_queue_names = deferred, defer), the others are flat.
+        for queue, path in (
+            ("active", SPOOL / "active" / queue_id),
+            ("incoming", SPOOL / "incoming" / queue_id),
+            ("deferred", SPOOL / "deferred" / queue_id[0] / queue_id),
+            ("hold", SPOOL / "hold" / queue_id),
+        ):
+            if path.exists():
+                return queue
+        return None
+
+
+def accepts_connections(server: str, port: int, timeout_s: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((server, port), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+class Orderer:
+    """One pass at a time over the queue; all state but the held IDs lives in Postfix."""
+
+    def __init__(
+        self,
+        customers: Iterable[Customer],
+        postfix: Postfix,
+        *,
+        probe: Callable[[Customer], bool] | None = None,
+        state: Path = STATE,
+        step_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.customers = list(customers)
+        self.postfix = postfix
+        self.probe = probe or (lambda c: accepts_connections(c.server, c.port))
+        self.state = state
+        self.step_timeout_s = step_timeout_s
+        self.clock = clock
+        self.sleep = sleep
+        self.held: set[str] = self._load()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _load(self) -> set[str]:
+        try:
+            return set(json.loads(self.state.read_text()))
+        except FileNotFoundError:
+            return set()
+
+    def _save(self) -> None:
+        tmp = self.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(self.held)))
+        os.replace(tmp, self.state)
+
+    # -- one pass ------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        entries = self.postfix.queue()
+        present = {e.queue_id for e in entries}
+        if self.held - present:  # delivered or removed by someone else meanwhile
+            self.held &= present
+            self._save()
+        lifetime = self.postfix.lifetime_s()
+        for customer in self.customers:
+            self._customer(customer, entries, lifetime)
+
+    def _customer(self, customer: Customer, entries: list[Queued], lifetime: int) -> None:
+        now = self.clock()
+        waiting = [e for e in entries if e.waits_for(customer) and e.queue_id not in self.held]
+        held = sorted(
+            (e for e in entries if e.queue_id in self.held and e.for_customer(customer)),
+            key=lambda e: (e.arrival, e.queue_id),
+        )
+        expired = [e for e in held if now - e.arrival >= lifetime]
+        for e in expired:  # Postfix's next failed attempt returns it to its sender
+            log.info("event=release_expired queue_id=%s customer=%s", e.queue_id, customer.domain)
+            self._release(e.queue_id)
+        held = [e for e in held if e not in expired]
+        if waiting or held:
+            up = self.probe(customer)
+        else:
+            return
+        if not up:
+            for e in waiting:
+                log.info("event=hold queue_id=%s customer=%s", e.queue_id, customer.domain)
+                self.postfix.hold(e.queue_id)
+                self.held.add(e.queue_id)
+            if waiting:
+                self._save()
+            return
+        if held:
+            log.info("event=ordered_release customer=%s messages=%d", customer.domain, len(held))
+        for e in held:
+            self._release(e.queue_id)
+            if not self._wait_gone(e.queue_id, customer):
+                return  # deferred again (the server went away): the rest stay held, in order
+
+    def _release(self, queue_id: str) -> None:
+        self.postfix.release(queue_id)
+        self.held.discard(queue_id)
+        self._save()
+
+    def _wait_gone(self, queue_id: str, customer: Customer) -> bool:
+        """True when the message left the queue; False when it was deferred for the customer
+        again (it is held again, first in line) or did not move within the step timeout."""
+        released = self.clock()
+        deadline = released + self.step_timeout_s
+        while self.clock() < deadline:
+            queue = self.postfix.where(queue_id)
+            if queue is None:
+                return True
+            # Deferred again (not merely on its way from hold to active): ask why.
+            if queue == "deferred" and self.clock() - released > 0.5:
+                entry = next((e for e in self.postfix.queue() if e.queue_id == queue_id), None)
+                if entry is None:
+                    return True
+                if entry.waits_for(customer):
+                    self.postfix.hold(queue_id)
+                    self.held.add(queue_id)
+                    self._save()
+                    return False
+            self.sleep(0.02)
+        log.warning("event=release_slow queue_id=%s customer=%s", queue_id, customer.domain)
+        return False
+
+    def release_all(self) -> int:
+        """Give every message this daemon holds back to Postfix (on stop)."""
+        count = 0
+        present = {e.queue_id for e in self.postfix.queue()}
+        for queue_id in sorted(self.held):
+            if queue_id in present:
+                self.postfix.release(queue_id)
+                count += 1
+        self.held.clear()
+        self._save()
+        return count
+
+
+def run(
+    settings: TowerSettings, orderer: Orderer, interval_s: float, stop: threading.Event
+) -> None:
+    log.info("event=start customers=%d interval_s=%s", len(settings.customers), interval_s)
+    while not stop.is_set():
+        try:
+            orderer.step()
+        except (subprocess.SubprocessError, OSError, ValueError) as exc:
+            log.warning("event=step_failed error=%r", str(exc))
+        stop.wait(interval_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mailtower-relay-order", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--settings", type=Path, default=settings_mod.SETTINGS_PATH)
+    parser.add_argument("--state", type=Path, default=STATE)
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
+    parser.add_argument(
+        "--release-all", action="store_true", help="release every message it holds, then exit"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    settings = settings_mod.load(args.settings)
+    args.state.parent.mkdir(parents=True, exist_ok=True)
+    orderer = Orderer(settings.customers, RealPostfix(), state=args.state)
+    if args.release_all:
+        log.info("event=release_all messages=%d", orderer.release_all())
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run(settings, orderer, args.interval, stop)
+    return 0
