@@ -35,6 +35,7 @@ from mailtower.goc.sync.goc import GOC, ensure_goc, stale_reason
 from mailtower.goc.sync.names import (
     CONFIG_PUBLICATION,
     EVENTS_PUBLICATION,
+    EVENTS_TABLE,
     SYNC_ROLE,
     config_slot,
     config_subscription,
@@ -42,7 +43,7 @@ from mailtower.goc.sync.names import (
     events_subscription,
 )
 from mailtower.goc.sync.roles import ensure_login_role, ensure_privileges, scram_matches
-from mailtower.goc.sync.tower import ensure_tower
+from mailtower.goc.sync.tower import ensure_tower, own_tower_pending
 
 STATUS_ROLE = "mt_status"  # a tower's monitor: its row of tower_status
 EYE_ROLE = "mt_eye"  # VirusEye: reads the hub
@@ -113,6 +114,10 @@ def tower_pending(side: TowerSide) -> list[str]:
         if state.in_recovery or state.timeline is None:
             return []
         pending = _role_pending(conn, SYNC_ROLE, side.sync_password, replication=True)
+        if relation_exists(conn, EVENTS_TABLE):
+            own = own_tower_pending(conn, side.tower)
+            if own is not None:
+                pending.append(own)
         if not _published(conn, EVENTS_PUBLICATION):
             pending.append(f"create publication {EVENTS_PUBLICATION}")
         name = config_subscription(side.tower)

@@ -26,7 +26,12 @@ from mailtower.goc.sync import slots, subscription
 from mailtower.goc.sync.catalog import connect, lock, require_primary, require_publication, scalar
 from mailtower.goc.sync.changes import Changes
 from mailtower.goc.sync.exceptions import SyncError
-from mailtower.goc.sync.goc import GOC, require_goc_ready, stale_reason
+from mailtower.goc.sync.goc import (
+    GOC,
+    create_events_subscription,
+    require_goc_ready,
+    stale_reason,
+)
 from mailtower.goc.sync.names import (
     EVENTS_PUBLICATION,
     events_slot,
@@ -128,14 +133,8 @@ def repoint_events(
         if reconciled.copied:
             changes.did(f"copied {reconciled.copied} events of {tower_name} the GOC lacked")
         # 3. the stream, from the slot's start (overlap with 2 is dropped by the dedup trigger)
-        subscription.create(
-            goc,
-            name,
-            tower_conninfo,
-            EVENTS_PUBLICATION,
-            slot_name=slot,
-            create_slot=False,
-            copy_data=False,
+        create_events_subscription(
+            goc, tower_name, tower_conninfo, slot_name=slot, create_slot=False, copy_data=False
         )
         changes.did(f"created subscription {name} on slot {slot} (no copy: reconciled)")
     return changes, reconciled

@@ -20,6 +20,7 @@ from mailtower.goc.sync.names import (
     CONFIG_PUBLICATION,
     CONFIG_TABLES,
     EVENTS_PUBLICATION,
+    EVENTS_TABLE,
     events_slot,
     events_subscription,
 )
@@ -69,29 +70,31 @@ def _ensure_schema(conn: Conn, changes: Changes) -> None:
         if not relation_exists(conn, index.name):  # to_regclass finds indexes too
             conn.execute(index.ddl)
             changes.did(f"created index {index.name}")
-    body = scalar(
-        conn,
-        "SELECT prosrc FROM pg_proc WHERE proname = %s AND pronamespace = 'public'::regnamespace",
-        (schema.DEDUP_FUNCTION,),
-    )
-    if body != schema.DEDUP_BODY:
-        conn.execute(schema.DEDUP_FUNCTION_DDL)
-        changes.did(f"{'created' if body is None else 'replaced'} function {schema.DEDUP_FUNCTION}")
-    enabled = _dedup_trigger_state(conn)
-    if enabled is None:
-        conn.execute(schema.DEDUP_TRIGGER_DDL)
-        changes.did(f"created trigger {schema.DEDUP_TRIGGER}")
-    if enabled != "A":
-        conn.execute(schema.DEDUP_TRIGGER_ENABLE)
-        changes.did(f"enabled trigger {schema.DEDUP_TRIGGER} ALWAYS (apply workers too)")
+    for trigger in schema.TRIGGERS:
+        body = scalar(
+            conn,
+            "SELECT prosrc FROM pg_proc WHERE proname = %s"
+            " AND pronamespace = 'public'::regnamespace",
+            (trigger.function,),
+        )
+        if body != trigger.body:
+            conn.execute(trigger.function_ddl)
+            changes.did(f"{'created' if body is None else 'replaced'} function {trigger.function}")
+        enabled = _trigger_state(conn, trigger.name)
+        if enabled is None:
+            conn.execute(trigger.ddl)
+            changes.did(f"created trigger {trigger.name}")
+        if enabled != "A":
+            conn.execute(trigger.enable)
+            changes.did(f"enabled trigger {trigger.name} ALWAYS (apply workers too)")
 
 
-def _dedup_trigger_state(conn: Conn) -> str | None:
+def _trigger_state(conn: Conn, name: str) -> str | None:
     value = scalar(
         conn,
         "SELECT tgenabled FROM pg_trigger WHERE tgname = %s"
         " AND tgrelid = 'public.verdict_events'::regclass",
-        (schema.DEDUP_TRIGGER,),
+        (name,),
     )
     return None if value is None else str(value)
 
@@ -99,10 +102,11 @@ def _dedup_trigger_state(conn: Conn) -> str | None:
 def require_goc_ready(conn: Conn) -> None:
     if not relation_exists(conn, "verdict_events"):
         raise SchemaMissing(f"{GOC}: table verdict_events missing; run ensure_goc first")
-    if _dedup_trigger_state(conn) != "A":
-        raise SchemaMissing(
-            f"{GOC}: trigger {schema.DEDUP_TRIGGER} missing or not ALWAYS; run ensure_goc first"
-        )
+    for trigger in schema.TRIGGERS:
+        if _trigger_state(conn, trigger.name) != "A":
+            raise SchemaMissing(
+                f"{GOC}: trigger {trigger.name} missing or not ALWAYS; run ensure_goc first"
+            )
 
 
 def stale_reason(
@@ -154,11 +158,10 @@ def ensure_goc_subscription(goc_dsn: str, tower_name: str, tower_conninfo: str) 
                 f"{tower_name}: slot {slot} is in use by another subscriber (pid"
                 f" {existing.active_pid}); is another GOC subscribed to this tower?"
             )
-        subscription.create(
+        create_events_subscription(
             goc,
-            name,
+            tower_name,
             tower_conninfo,
-            EVENTS_PUBLICATION,
             slot_name=slot,
             create_slot=existing is None,
             copy_data=True,
@@ -168,3 +171,43 @@ def ensure_goc_subscription(goc_dsn: str, tower_name: str, tower_conninfo: str) 
             f" (slot {slot}, copying existing events)"
         )
     return changes
+
+
+def create_events_subscription(
+    goc: Conn,
+    tower_name: str,
+    tower_conninfo: str,
+    *,
+    slot_name: str,
+    create_slot: bool,
+    copy_data: bool,
+) -> None:
+    """``mt_events_<tower>``, enabled only once it is known to apply to ``verdict_events`` alone.
+
+    The publisher lists a publication's tables when a subscription is made: a compromised tower
+    that added ``customers`` (or any other table) to its ``mt_events`` would otherwise write
+    into the GOC's configuration, which every tower takes. Such a subscription is dropped again
+    (its slot left to the tower) and refused.
+    """
+    name = events_subscription(tower_name)
+    subscription.create(
+        goc,
+        name,
+        tower_conninfo,
+        EVENTS_PUBLICATION,
+        slot_name=slot_name,
+        create_slot=create_slot,
+        copy_data=copy_data,
+        enabled=False,
+    )
+    applied = subscription.tables(goc, name)
+    if applied != [f"public.{EVENTS_TABLE}"]:
+        sub = subscription.get(goc, name)
+        if sub is not None:
+            subscription.drop_keep_slot(goc, sub)
+        raise SyncError(
+            f"{tower_name}: its publication {EVENTS_PUBLICATION} offers {applied or 'no table'},"
+            f" not only {EVENTS_TABLE}; refused (is the tower's primary compromised, or its"
+            " publication changed by hand?). Fix the publication, then deploy the GOC again"
+        )
+    subscription.enable(goc, name)

@@ -5,6 +5,9 @@ lost): the new slot decodes only what is committed after it was made, so what th
 subscription had not delivered yet is copied here, read from the tower with psycopg and
 inserted ``ON CONFLICT DO NOTHING`` (no dblink, no extension on either server).
 
+Rows are stored under ``tower_name``, whatever their own ``tower`` column says: the GOC stamps
+the tower from where the event came (as its trigger does for what the subscription applies).
+
 Only event ids cross first (COPY into a temporary table at the GOC, one anti-join there);
 then the missing rows, in chunks, each chunk committed at the GOC on its own.
 """
@@ -55,7 +58,12 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 def reconcile(goc: Conn, tower: Conn, tower_name: str, *, chunk: int = 5000) -> ReconcileResult:
     table = sql.Identifier("public", EVENTS_TABLE)
-    cols = sql.SQL(", ").join(map(sql.Identifier, columns(tower, EVENTS_TABLE)))
+    names = columns(tower, EVENTS_TABLE)
+    cols = sql.SQL(", ").join(map(sql.Identifier, names))
+    # The tower's name from the GOC's side, never the row's (schema.py: the stamp trigger).
+    stamped = sql.SQL(", ").join(
+        sql.Literal(tower_name) if n == "tower" else sql.Identifier(n) for n in names
+    )
     goc.execute("CREATE TEMP TABLE IF NOT EXISTS mt_tower_ids (event_id uuid PRIMARY KEY)")
     goc.execute(
         sql.SQL(
@@ -108,7 +116,7 @@ def reconcile(goc: Conn, tower: Conn, tower_name: str, *, chunk: int = 5000) -> 
                     sql.SQL(
                         "INSERT INTO {} ({}) SELECT {} FROM mt_missing"
                         " ON CONFLICT (event_id) DO NOTHING"
-                    ).format(table, cols, cols)
+                    ).format(table, cols, stamped)
                 )
                 copied += max(cur.rowcount, 0)
     finally:

@@ -12,7 +12,16 @@ replication matches columns by name. The GOC adds, without touching what is repl
   table-copy workers, that skips an event whose ``event_id`` is already stored. Without it a
   duplicate (a scanner re-flushing after a failover an event the dead primary had already
   sent, a re-copy, a reconciliation overlap) is a unique violation that stops the tower's
-  apply worker for good; with it the duplicate is dropped and the stream goes on.
+  apply worker for good; with it the duplicate is dropped and the stream goes on;
+- a second ``BEFORE INSERT`` trigger, also ``ALWAYS``, that **stamps the tower**: a row an
+  apply or table-copy worker writes gets ``tower`` from the subscription that worker serves
+  (``mt_events_<tower>``, looked up by the worker's pid in ``pg_stat_subscription``), whatever
+  the row said, and ``received_at`` from the GOC's clock. A tower (or one of its scanners)
+  therefore cannot store events under another tower's name. Each subscription applies into
+  this one shared table (PostgreSQL 15 matches the publisher's schema-qualified table name and
+  cannot map it elsewhere), so the subscription, which the GOC owns and names, is the only
+  trustworthy source of the tower. Rows inserted outside a worker (reconciliation, which stamps
+  them itself; the owner by hand) are taken as they are: no other role may insert here.
 """
 
 from __future__ import annotations
@@ -111,3 +120,65 @@ DEDUP_TRIGGER_DDL = (
 )
 # 'A': fires whatever session_replication_role is, i.e. in apply and table-sync workers too.
 DEDUP_TRIGGER_ENABLE = f"ALTER TABLE public.verdict_events ENABLE ALWAYS TRIGGER {DEDUP_TRIGGER}"
+
+STAMP_FUNCTION = "mt_stamp_event_tower"
+STAMP_TRIGGER = "verdict_events_stamp_tower"
+# Subscription names are names.events_subscription(tower): 'mt_events_' + the tower's name with
+# '-' as '_' (tower names never hold '_', so this inverts it).
+STAMP_BODY = """
+DECLARE
+    sub name;
+BEGIN
+    SELECT s.subname INTO sub FROM pg_catalog.pg_stat_subscription s
+     WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1;
+    IF sub IS NULL THEN
+        RETURN NEW;  -- not a replication worker: reconciliation stamps its rows itself
+    END IF;
+    IF sub !~ '^mt_events_[a-z][a-z0-9_]*$' THEN
+        RAISE EXCEPTION 'verdict_events written by subscription %, which is no tower''s', sub;
+    END IF;
+    NEW.tower := pg_catalog.replace(pg_catalog.substr(sub, 11), '_', '-');
+    NEW.received_at := pg_catalog.now();
+    RETURN NEW;
+END
+"""
+STAMP_FUNCTION_DDL = f"""
+CREATE OR REPLACE FUNCTION public.{STAMP_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $body${STAMP_BODY}$body$"""
+STAMP_TRIGGER_DDL = (
+    f"CREATE TRIGGER {STAMP_TRIGGER} BEFORE INSERT ON public.verdict_events"
+    f" FOR EACH ROW EXECUTE FUNCTION public.{STAMP_FUNCTION}()"
+)
+STAMP_TRIGGER_ENABLE = f"ALTER TABLE public.verdict_events ENABLE ALWAYS TRIGGER {STAMP_TRIGGER}"
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A row trigger on verdict_events enabled ALWAYS (apply workers run as replicas)."""
+
+    function: str
+    body: str
+    function_ddl: str
+    name: str
+    ddl: str
+    enable: str
+
+
+TRIGGERS = (
+    Trigger(
+        DEDUP_FUNCTION,
+        DEDUP_BODY,
+        DEDUP_FUNCTION_DDL,
+        DEDUP_TRIGGER,
+        DEDUP_TRIGGER_DDL,
+        DEDUP_TRIGGER_ENABLE,
+    ),
+    Trigger(
+        STAMP_FUNCTION,
+        STAMP_BODY,
+        STAMP_FUNCTION_DDL,
+        STAMP_TRIGGER,
+        STAMP_TRIGGER_DDL,
+        STAMP_TRIGGER_ENABLE,
+    ),
+)

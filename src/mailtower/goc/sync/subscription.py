@@ -45,11 +45,12 @@ def create(
     slot_name: str,
     create_slot: bool,
     copy_data: bool,
+    enabled: bool = True,
 ) -> None:
     conn.execute(
         sql.SQL(
             "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {}"
-            " WITH (slot_name = {}, create_slot = {}, copy_data = {})"
+            " WITH (slot_name = {}, create_slot = {}, copy_data = {}, enabled = {})"
         ).format(
             sql.Identifier(name),
             sql.Literal(conninfo),
@@ -57,8 +58,27 @@ def create(
             sql.Literal(slot_name),
             sql.Literal(create_slot),
             sql.Literal(copy_data),
+            sql.Literal(enabled),
         )
     )
+
+
+def tables(conn: Conn, name: str) -> list[str]:
+    """The tables subscription ``name`` applies changes to (as the publisher listed them when
+    it was made), schema-qualified."""
+    rows = conn.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_subscription_rel r"
+        " JOIN pg_class c ON c.oid = r.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN pg_subscription s ON s.oid = r.srsubid"
+        " JOIN pg_database d ON d.oid = s.subdbid"
+        " WHERE d.datname = current_database() AND s.subname = %s ORDER BY 1",
+        (name,),
+    ).fetchall()
+    return [str(table) for (table,) in rows]
+
+
+def enable(conn: Conn, name: str) -> None:
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(name)))
 
 
 def drop_keep_slot(conn: Conn, sub: Subscription) -> None:

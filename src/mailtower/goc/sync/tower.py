@@ -6,6 +6,11 @@ that way can miss configuration: the GOC's slot has advanced to what the *old* p
 confirmed, which may include changes that never reached the standby. So a subscription made
 for another timeline (names.config_slot) is never resumed: it is dropped, and the GOC's
 configuration is loaded again at a consistent point (``_subscribe_at_snapshot``).
+
+The tower's ``verdict_events`` also gets a CHECK that ``tower`` is this tower's name
+(``OWN_TOWER_CHECK``): a scanner's SQL role — or anyone else on this primary — cannot store an
+event under another tower's name. The GOC does not rely on it (it stamps the tower from its
+subscription), but a tower's own view of its events stays true too.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from mailtower.goc.sync.roles import ensure_select, ensure_sync_role
 
 log = logging.getLogger(__name__)
 
+OWN_TOWER_CHECK = "verdict_events_own_tower"
+
 
 def ensure_tower(
     primary_dsn: str, goc_conninfo: str, tower_name: str, *, sync_password: str | None = None
@@ -66,12 +73,54 @@ def ensure_tower(
             (*CONFIG_TABLES, EVENTS_TABLE),
             "apply the tower schema first (roles/sql.py)",
         )
+        ensure_own_tower_check(conn, tower_name, changes)
         ensure_sync_role(conn, sync_password, changes)
         ensure_select(conn, (EVENTS_TABLE,), changes)
         # INSERT only: pruning old events at a tower must not delete them at the GOC.
         ensure_publication(conn, EVENTS_PUBLICATION, (EVENTS_TABLE,), ("insert",), changes)
         _ensure_config_subscription(conn, goc_conninfo, tower_name, timeline, changes)
     return changes
+
+
+def own_tower_pending(conn: Conn, tower: str) -> str | None:
+    """What ``ensure_own_tower_check`` would do on this primary (None: nothing)."""
+    found = scalar(
+        conn,
+        "SELECT pg_get_expr(conbin, conrelid) FROM pg_constraint"
+        " WHERE conname = %s AND conrelid = 'public.verdict_events'::regclass",
+        (OWN_TOWER_CHECK,),
+    )
+    if found is None:
+        return f"add CHECK {OWN_TOWER_CHECK} (tower = {tower!r}) on {EVENTS_TABLE}"
+    # PostgreSQL deparses the expression as (tower = 'name'::text).
+    if found != f"(tower = {_quote(tower)}::text)":
+        return f"replace CHECK {OWN_TOWER_CHECK} {found} by (tower = {tower!r})"
+    return None
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def ensure_own_tower_check(conn: Conn, tower: str, changes: Changes) -> None:
+    """Only rows of ``tower`` in this primary's ``verdict_events``, whoever inserts them.
+
+    ``NOT VALID``: rows already stored are not checked (a tower renamed keeps its history);
+    every new row is.
+    """
+    pending = own_tower_pending(conn, tower)
+    if pending is None:
+        return
+    table = _table(EVENTS_TABLE)
+    check = sql.Identifier(OWN_TOWER_CHECK)
+    with conn.transaction():
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(table, check))
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (tower = {}) NOT VALID").format(
+                table, check, sql.Literal(tower)
+            )
+        )
+    changes.did(pending)
 
 
 def _ensure_config_subscription(
