@@ -68,7 +68,7 @@ def lab_tower_data(tower: str) -> dict:
         # The relay's postmaster mail lands in the first customer's catch-all, where the
         # end-to-end checks read it.
         "postmaster": f"postmaster-{tower}@{plan.customer_domain(1)}",
-        "secrets": lxc.tower_secrets(),
+        "secrets": lxc.tower_secrets(f"lab-{tower}"),  # each tower its own
         # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
         "rules_dir": "/var/lib/mailtower/rules",
         "bundles": {"public_key": lxc.bundle_keys()[1].read_text(), "poll_interval_s": 2},
@@ -108,10 +108,15 @@ def goc_data() -> dict:
         # The controller's Chromium reaches it on the lab net (plain HTTP: lab traffic only).
         "eye_listen": "0.0.0.0:8025",
         "secrets": {
-            "sync": secrets["goc_sync"],
-            "status": secrets["goc_status"],
             "eye_db": secrets["eye_db"],
-            "towers": {t["name"]: secrets["sql_sync"] for t in towers},
+            # Each tower's sync and status passwords, as that tower's own settings hold them.
+            "towers": {
+                t["name"]: {
+                    n: lxc.tower_secrets(t["name"])[n]
+                    for n in ("sql_sync", "goc_sync", "goc_status")
+                }
+                for t in towers
+            },
         },
         # The lab's bundle key pair: the GOC signs (invoke bundle.publish), the towers verify.
         "bundles": {"signing_key": signing_key.read_text(), "public_key": public_key.read_text()},

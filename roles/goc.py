@@ -7,8 +7,11 @@ Host data ``goc`` (see inventory/lab_goc.py):
 - ``towers``: ``[{name, sql: [primary, standby], monitor}]``, the towers it syncs with
 - ``customers``: ``[{domain, server}]`` loaded at the GOC (operators add more there)
 - ``operators``: ``{name: password}`` who may log in to VirusEye
-- ``secrets``: ``sync`` (the GOC's mt_sync), ``status`` (mt_status), ``eye_db`` (mt_eye),
-  ``towers: {name: that tower's mt_sync password}``
+- ``secrets``: ``eye_db`` (mt_eye), and ``towers: {name: {sql_sync, goc_sync, goc_status}}``,
+  each tower's own passwords exactly as that tower's settings hold them (``secrets.*``): its
+  ``mt_sync`` the GOC connects as, and its roles here, ``mt_sync_<tower>`` (config
+  subscription) and ``mt_status_<tower>`` (its monitor, which may write only its own
+  ``tower_status`` row). No two towers share a password (docs/runbook.md, "Secrets")
 - ``bundles`` (optional): ``{signing_key, public_key, port}``, the rule-bundle key pair (PEM
   text, as ``mailtower bundle keygen`` writes it); the GOC then serves what is published in
   /srv/mailtower/bundles (``mailtower bundle publish``) over HTTP on ``port`` to the towers'
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import re
 from ipaddress import IPv4Address, ip_address
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pyinfra import host
@@ -28,7 +32,9 @@ from pyinfra.operations import apt, files, postgres, server
 
 from mailtower import bundles
 from mailtower.goc.eye.auth import hash_password, parse_credentials, verify_password
+from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.deployed import GocSide, GocTower
+from mailtower.goc.sync.names import goc_sync_role
 from mailtower.settings import Customer, Goc
 from roles import _common
 from roles._facts import SyncPending
@@ -43,6 +49,10 @@ EYE_TLS_KEY = "/etc/mailtower/eye/tls.key"
 TLS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")
 BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
 BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
+
+
+# Each tower's own passwords in ``secrets.towers.<name>``, named as in its settings (Secrets).
+TOWER_KEYS = ("sql_sync", "goc_sync", "goc_status")
 
 
 class _Model(BaseModel):
@@ -92,7 +102,7 @@ class GocData(_Model):
     towers: list[GocTowerData] = []
     customers: list[Customer] = []
     operators: dict[str, str] = {}
-    secrets: dict[str, str | dict[str, str]]
+    secrets: dict[str, str | dict[str, Any]]
     eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with HTTPS below
     # VirusEye over HTTPS (its session cookie is then marked Secure), either with the
     # operator's certificate chain and key (paths on the GOC host, the key readable by the
@@ -138,24 +148,56 @@ class GocData(_Model):
         return value
 
     def side(self) -> GocSide:
-        tower_passwords = self.secrets.get("towers")
-        if not isinstance(tower_passwords, dict):
-            raise ValueError("secrets.towers: {tower name: its mt_sync password} is needed")
+        shared = [n for n in ("sync", "status") if n in self.secrets]
+        if shared:
+            raise ValueError(
+                f"secrets.{'/'.join(shared)}: towers no longer share the GOC's roles; give each"
+                " tower's own in secrets.towers.<name>.goc_sync/goc_status (docs/runbook.md,"
+                " 'Secrets')"
+            )
+        per_tower = self.secrets.get("towers")
+        if not isinstance(per_tower, dict):
+            raise ValueError(
+                f"secrets.towers: {{tower name: {{{', '.join(TOWER_KEYS)}}}}} is needed"
+            )
         towers = []
         for t in self.towers:
-            if t.name not in tower_passwords:
-                raise ValueError(f"secrets.towers.{t.name}: the tower's mt_sync password")
+            own = per_tower.get(t.name)
+            if not isinstance(own, dict) or any(
+                not isinstance(own.get(k), str) for k in TOWER_KEYS
+            ):
+                raise ValueError(
+                    f"secrets.towers.{t.name}: {{{', '.join(TOWER_KEYS)}}}, the tower's own"
+                    " passwords as its settings hold them"
+                )
             towers.append(
                 GocTower(
                     name=t.name,
                     hosts=[str(ip) for ip in t.sql],
-                    sync_password=tower_passwords[t.name],
+                    sync_password=own["sql_sync"],
+                    goc_sync_password=own["goc_sync"],
+                    status_password=own["goc_status"],
                 )
             )
+        every = [
+            (t.name, k, p)
+            for t in towers
+            for k, p in (
+                ("sql_sync", t.sync_password),
+                ("goc_sync", t.goc_sync_password),
+                ("goc_status", t.status_password),
+            )
+        ]
+        seen: dict[str, str] = {}
+        for tower, key, password in every:
+            if password in seen and seen[password] != tower:
+                raise ValueError(
+                    f"secrets.towers: {tower} and {seen[password]} share a password ({key});"
+                    " each tower must have its own"
+                )
+            seen[password] = tower
         return GocSide(
             dsn=f"dbname={self.database} port={self.port}",
-            sync_password=self.secret("sync"),
-            status_password=self.secret("status"),
             eye_password=self.secret("eye_db"),
             towers=towers,
         )
@@ -198,6 +240,8 @@ def _postgres(g: GocData):
         _template(
             "goc/etc/postgresql/15/main/pg_hba.conf",
             g,
+            sync_role=goc_sync_role,
+            status_role=status_role,
             mode="640",
             user="postgres",
             group="postgres",

@@ -10,7 +10,7 @@ from pyinfra.operations import files, postgres, server
 
 from mailtower.controller.sqlpair import clone_commands, standby_slot
 from mailtower.goc.sync.deployed import TowerSide
-from mailtower.goc.sync.names import SYNC_ROLE
+from mailtower.goc.sync.names import goc_sync_role
 from roles import _common
 from roles._common import put_text, settings, template
 from roles._facts import PostgresPasswordVerifiers, SyncPending, scram_matches
@@ -99,7 +99,7 @@ def _sync_settings():
     side = TowerSide(
         tower=s.name,
         dsn=f"dbname={s.sql_database} port={s.ports.postgres}",
-        goc_conninfo=s.goc_conninfo(SYNC_ROLE, s.secrets.goc_sync or ""),
+        goc_conninfo=s.goc_conninfo(goc_sync_role(s.name), s.secrets.goc_sync or ""),
         sync_password=s.secrets.sql_sync or "",
     )
     config = put_text(

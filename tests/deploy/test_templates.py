@@ -7,6 +7,8 @@ import re
 import pytest
 from conftest import all_templates, sample_settings
 
+from mailtower.goc.eye.status import status_role
+from mailtower.goc.sync.names import goc_sync_role
 from mailtower.scanning.engines.icap import parse_icap_url
 
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
@@ -33,10 +35,10 @@ def _goc():
             "customers": [{"domain": "customer.example", "server": "192.0.2.25"}],
             "operators": {"operator": "operator-password-1"},
             "secrets": {
-                "sync": "s" * 16,
-                "status": "t" * 16,
                 "eye_db": "e" * 16,
-                "towers": {"tower-a": "a" * 16},
+                "towers": {
+                    "tower-a": {"sql_sync": "a" * 16, "goc_sync": "s" * 16, "goc_status": "t" * 16}
+                },
             },
             "bundles": _bundle_keys(),
             "bundle_readers": ["10.201.0.1"],
@@ -60,7 +62,12 @@ def _bundle_keys() -> dict[str, str]:
 
 def _internet(path: str) -> dict:
     if path.startswith("goc/"):
-        return {"goc": _goc(), "publish_dir": "/srv/mailtower/bundles"}
+        return {
+            "goc": _goc(),
+            "publish_dir": "/srv/mailtower/bundles",
+            "sync_role": goc_sync_role,
+            "status_role": status_role,
+        }
     if path.startswith("dns/etc/bind/mailtower-update.key"):
         return {"key": LAB_INTERNET["tsig"]}
     if path.startswith("scanner/etc/c-icap"):
@@ -234,11 +241,19 @@ def test_sigsync_reloads_c_icap_only_when_it_runs_one(render, settings):
 
 def test_goc_lets_each_tower_host_in_by_address_only(render, settings):
     g = _goc()
-    hba = render("goc/etc/postgresql/15/main/pg_hba.conf", settings, goc=g)
+    hba = render(
+        "goc/etc/postgresql/15/main/pg_hba.conf",
+        settings,
+        goc=g,
+        sync_role=goc_sync_role,
+        status_role=status_role,
+    )
     rows = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
-    assert ["host", "goc", "mt_sync", "10.1.0.12/32", "scram-sha-256"] in rows
-    assert ["host", "goc", "mt_sync", "10.1.0.13/32", "scram-sha-256"] in rows
-    assert ["host", "goc", "mt_status", "10.1.0.11/32", "scram-sha-256"] in rows
+    # Each tower logs in as its own roles: no role (and so no password) shared between towers.
+    assert ["host", "goc", "mt_sync_tower_a", "10.1.0.12/32", "scram-sha-256"] in rows
+    assert ["host", "goc", "mt_sync_tower_a", "10.1.0.13/32", "scram-sha-256"] in rows
+    assert ["host", "goc", "mt_status_tower_a", "10.1.0.11/32", "scram-sha-256"] in rows
+    assert not any(r[2] in ("mt_sync", "mt_status") for r in rows if r[0] == "host")
     assert ["host", "goc", "mt_eye", "127.0.0.1/32", "scram-sha-256"] in rows
     assert not any(r[0] == "host" and r[3].endswith("/0") for r in rows)
     conf = render("goc/etc/postgresql/15/main/conf.d/mailtower.conf", settings, goc=g)

@@ -23,7 +23,7 @@ from eye_fixtures import goc_hub
 from monitor_fakes import SCANNERS, FakeHAProxy, FakeHealth, free_port, tower, wait_for
 from prometheus_client import start_http_server
 
-from mailtower.goc.eye.status import TowerStatus
+from mailtower.goc.eye.status import TowerStatus, status_role
 from mailtower.monitor import goc_status, replication, service
 from mailtower.monitor.goc_status import RelayQueueError
 from mailtower.monitor.replication import Standby
@@ -46,9 +46,15 @@ WAIT_S = 30.0  # generous (this machine may be busy): only a failure waits this 
 def goc() -> Iterator[Any]:
     with goc_hub() as cluster:
         with cluster.connect() as conn:
-            conn.execute(f"CREATE ROLE mt_status LOGIN PASSWORD '{STATUS_PASSWORD}'")
-            # what the GOC deploy grants, nothing more
-            conn.execute("GRANT INSERT, UPDATE, SELECT ON public.tower_status TO mt_status")
+            role = status_role("unit")  # the tower's own role (monitor_fakes.tower: "unit")
+            conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{STATUS_PASSWORD}'")
+            # what the GOC deploy grants, nothing more: its own row only (goc.sync.deployed)
+            conn.execute(f"GRANT INSERT, UPDATE, SELECT ON public.tower_status TO {role}")
+            conn.execute(
+                f"CREATE POLICY own_row ON public.tower_status TO {role}"
+                " USING (tower = 'unit') WITH CHECK (tower = 'unit')"
+            )
+            conn.execute("ALTER TABLE public.tower_status ENABLE ROW LEVEL SECURITY")
         yield cluster
 
 

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from pgclusters import wait_until
 from synclab import (
@@ -21,11 +22,14 @@ from synclab import (
 )
 
 from mailtower.cli import main as mailtower
+from mailtower.goc.eye.status import TowerStatus, status_role, upsert_tower_status
 from mailtower.goc.sync import deployed, event_count, names
 
 pytestmark = pytest.mark.integration
 
 TOWER = "tower-a"
+OTHER = "tower-b"
+STATUS_PASSWORD = "status-password-0123"
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +46,23 @@ def _goc_side(lab: SyncLab) -> deployed.GocSide:
     assert tower.standby is not None
     return deployed.GocSide(
         dsn=lab.goc.dsn(),
-        sync_password=GOC_SYNC_PASSWORD,
-        status_password="status-password-0123",
         eye_password="eye-password-0123456",
         towers=[
             deployed.GocTower(
                 name=TOWER,
                 hosts=[f"127.0.0.1:{tower.primary.port}", f"127.0.0.1:{tower.standby.port}"],
                 sync_password=TOWER_SYNC_PASSWORD,
-            )
+                goc_sync_password=GOC_SYNC_PASSWORD,
+                status_password=STATUS_PASSWORD,
+            ),
+            # Deployed at the GOC, never at a tower here: its roles and row policy still exist.
+            deployed.GocTower(
+                name=OTHER,
+                hosts=["127.0.0.1:1"],
+                sync_password="other-sync-password-0123",
+                goc_sync_password="other-goc-sync-password-0123",
+                status_password="other-status-password-0123",
+            ),
         ],
     )
 
@@ -62,7 +74,8 @@ def _tower_side(lab: SyncLab, primary: bool = True) -> deployed.TowerSide:
     return deployed.TowerSide(
         tower=TOWER,
         dsn=cluster.dsn(),
-        goc_conninfo=lab.goc_conninfo(),
+        # The tower's own role at the GOC (what roles/sql.py writes)
+        goc_conninfo=lab.goc.conninfo(names.goc_sync_role(TOWER), GOC_SYNC_PASSWORD),
         sync_password=TOWER_SYNC_PASSWORD,
     )
 
@@ -74,6 +87,7 @@ def test_the_whole_sync_from_the_deploy_commands(lab: SyncLab, tmp_path: Path) -
     first = deployed.goc_apply(goc)
     assert first.changes.changed and not first.followed
     assert "no primary reachable as mt_sync" in first.skipped[TOWER]
+    assert set(first.skipped) == {TOWER, OTHER}
     add_customer(lab.goc, "deployed.example")
     # The tower: pending until applied; the standby has nothing to do.
     assert deployed.tower_pending(tower)
@@ -86,6 +100,7 @@ def test_the_whole_sync_from_the_deploy_commands(lab: SyncLab, tmp_path: Path) -
         f"127.0.0.1:{lab.towers[TOWER].primary.port}"
     ]
     second = deployed.goc_apply(goc)
+    assert second.skipped.keys() == {OTHER}
     assert second.followed == {TOWER: f"127.0.0.1:{lab.towers[TOWER].primary.port}"}
     assert deployed.goc_pending(goc) == []
     assert not deployed.goc_apply(goc).changes.changed
@@ -116,6 +131,47 @@ def test_the_whole_sync_from_the_deploy_commands(lab: SyncLab, tmp_path: Path) -
     wait_until(lambda: route_of(primary, "deployed.example") is not None, 30, "config at tower")
     flush_events(lab.towers[TOWER], make_events(TOWER, 50))
     wait_until(lambda: event_count(lab.goc.dsn(), TOWER) == 50, 30, "events at the GOC")
+
+
+def _status_row(lab: SyncLab, role: str, password: str, tower: str) -> None:
+    with psycopg.connect(lab.goc.conninfo(role, password), autocommit=True) as conn:
+        upsert_tower_status(conn, TowerStatus(tower, 1, 1, 0, None))
+
+
+def test_each_towers_monitor_writes_only_its_own_status_row(lab: SyncLab) -> None:
+    goc = _goc_side(lab)
+    _status_row(lab, status_role(TOWER), STATUS_PASSWORD, TOWER)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        _status_row(lab, status_role(TOWER), STATUS_PASSWORD, OTHER)
+    _status_row(lab, status_role(OTHER), "other-status-password-0123", OTHER)
+    # Nor can it change the other tower's row by updating its own into it.
+    with psycopg.connect(lab.goc.conninfo(status_role(TOWER), STATUS_PASSWORD)) as conn:
+        updated = conn.execute("UPDATE tower_status SET queue_size = 99").rowcount
+        assert updated == 1
+    with psycopg.connect(lab.goc.conninfo("mt_eye", goc.eye_password)) as conn:
+        rows = conn.execute("SELECT tower, queue_size FROM tower_status ORDER BY 1").fetchall()
+    assert rows == [(TOWER, 99), (OTHER, 0)]
+
+
+def test_the_shared_roles_of_an_older_goc_are_retired(lab: SyncLab) -> None:
+    goc = _goc_side(lab)
+    with lab.goc.connect() as conn:
+        conn.execute("CREATE ROLE mt_status LOGIN PASSWORD 'shared-status-password-0123'")
+        conn.execute("ALTER ROLE mt_sync LOGIN") if lab.goc.scalar(
+            "SELECT 1 FROM pg_roles WHERE rolname = 'mt_sync'"
+        ) else conn.execute("CREATE ROLE mt_sync LOGIN REPLICATION PASSWORD 'shared-0123456789'")
+    assert deployed.goc_pending(goc) == [
+        f"retire role {r} (each tower has its own)" for r in ("mt_status", "mt_sync")
+    ]
+    deployed.goc_apply(goc)
+    assert deployed.goc_pending(goc) == []
+    assert (
+        lab.goc.scalar(
+            "SELECT count(*) FROM pg_roles"
+            " WHERE rolname IN ('mt_sync', 'mt_status') AND rolcanlogin"
+        )
+        == 0
+    )
 
 
 def test_cli_check_and_apply_exit_codes(lab: SyncLab, tmp_path: Path, capsys) -> None:

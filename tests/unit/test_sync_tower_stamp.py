@@ -109,9 +109,7 @@ def test_ensure_tower_restores_a_dropped_or_altered_check(lab: SyncLab) -> None:
             f"ALTER TABLE verdict_events ADD CONSTRAINT {OWN_TOWER_CHECK}"
             f" CHECK (tower = '{A}') NOT VALID"
         )
-    changed = ensure_tower(
-        primary.dsn(), lab.goc_conninfo(), B, sync_password=TOWER_SYNC_PASSWORD
-    )
+    changed = ensure_tower(primary.dsn(), lab.goc_conninfo(), B, sync_password=TOWER_SYNC_PASSWORD)
     assert any(OWN_TOWER_CHECK in action for action in changed.actions)
     assert not ensure_tower(
         primary.dsn(), lab.goc_conninfo(), B, sync_password=TOWER_SYNC_PASSWORD
@@ -164,10 +162,13 @@ def test_a_publication_offering_more_than_events_is_refused(lab: SyncLab) -> Non
     try:
         with pytest.raises(SyncError, match="not only verdict_events"):
             ensure_goc_subscription(lab.goc.dsn(), B, lab.towers[B].conninfo())
-        assert lab.goc.scalar(
-            "SELECT count(*) FROM pg_subscription WHERE subname = %s",
-            names.events_subscription(B),
-        ) == 0
+        assert (
+            lab.goc.scalar(
+                "SELECT count(*) FROM pg_subscription WHERE subname = %s",
+                names.events_subscription(B),
+            )
+            == 0
+        )
     finally:
         with primary.connect() as conn:
             conn.execute("ALTER PUBLICATION mt_events DROP TABLE customers")

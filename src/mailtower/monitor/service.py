@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mailtower.goc.eye.status import TowerStatus
+from mailtower.goc.eye.status import TowerStatus, status_role
 from mailtower.monitor import goc_status, health, http, replication
 from mailtower.monitor import rollout as rollout_mod
 from mailtower.monitor.goc_status import GocStatusWriter, RelayQueueError
@@ -95,7 +95,9 @@ class Monitor:
             password = settings.secrets.goc_status
             if password is None:  # TowerSettings refuses this; keeps mypy informed
                 raise ValueError("settings.goc needs secrets.goc_status")
-            self.goc_writer = GocStatusWriter(settings.goc_conninfo("mt_status", password))
+            self.goc_writer = GocStatusWriter(
+                settings.goc_conninfo(status_role(settings.name), password)
+            )
         self._goc_write: asyncio.Future[None] | None = None  # the write in its thread, if any
         self._goc_log = _FailureLog()
         self._relay_queue_log = _FailureLog()

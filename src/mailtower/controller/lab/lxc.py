@@ -108,26 +108,38 @@ GOC_SECRETS = ("eye_db", "eye_operator")
 
 
 def secrets_file() -> Path:
-    """Passwords of the lab's SQL roles and VirusEye operator, generated once per lab (a
-    password missing from an older lab's file is added; existing ones are kept)."""
+    """Passwords of the lab's SQL roles and VirusEye operator, generated once per lab: each tower
+    its own set (``towers.<name>``), the GOC's beside them. A password missing from an older
+    lab's file is added and existing ones are kept (an older file's one shared tower set
+    becomes the first tower's)."""
     path = state_dir() / "secrets.json"
     known = json.loads(path.read_text()) if path.exists() else {}
-    wanted = {n: known.get(n) or secrets.token_urlsafe(24) for n in TOWER_SECRETS + GOC_SECRETS}
+    known_towers = known.get("towers") or {}
+    shared = {n: known[n] for n in TOWER_SECRETS if isinstance(known.get(n), str)}
+    towers = {}
+    for i, tower in enumerate(plan.TOWER_NETS):
+        name = f"lab-{tower}"
+        had = known_towers.get(name) or (shared if i == 0 else {})
+        towers[name] = {n: had.get(n) or secrets.token_urlsafe(24) for n in TOWER_SECRETS}
+    wanted: dict[str, object] = {n: known.get(n) or secrets.token_urlsafe(24) for n in GOC_SECRETS}
+    wanted["towers"] = towers
     if wanted != known:
         path.write_text(json.dumps(wanted, indent=2))
         path.chmod(0o600)
     return path
 
 
-def tower_secrets() -> dict[str, str]:
-    """The secrets a lab tower's settings take (TowerSettings.secrets)."""
+def tower_secrets(tower: str) -> dict[str, str]:
+    """The secrets of lab tower ``tower`` (``lab-a``) its settings take (TowerSettings.secrets);
+    no other tower has the same."""
     every = json.loads(secrets_file().read_text())
-    return {n: every[n] for n in TOWER_SECRETS}
+    return dict(every["towers"][tower])
 
 
 def goc_secrets() -> dict[str, str]:
+    """VirusEye's: its database role's and the lab operator's password."""
     every = json.loads(secrets_file().read_text())
-    return {n: every[n] for n in TOWER_SECRETS + GOC_SECRETS}
+    return {n: every[n] for n in GOC_SECRETS}
 
 
 def bundle_keys() -> tuple[Path, Path]:

@@ -26,6 +26,15 @@ ON CONFLICT (tower) DO UPDATE SET
     scanners_behind = excluded.scanners_behind,
     updated_at = excluded.updated_at
 """
+STATUS_ROLE_PREFIX = "mt_status_"
+
+
+def status_role(tower: str) -> str:
+    """The GOC role tower ``tower``'s monitor logs in as; it may write only its tower's row
+    (row-level security, ``mailtower.goc.sync.deployed``)."""
+    return STATUS_ROLE_PREFIX + tower.replace("-", "_")
+
+
 # Columns schema.sql adds to a tower_status made before them (see missing_columns).
 ADDED_COLUMNS = ("rules_bundle", "rules_target", "scanners_behind")
 

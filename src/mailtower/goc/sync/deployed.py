@@ -7,8 +7,11 @@ doing it, so a redeploy of a synced tower runs nothing (pyinfra reads it as a fa
 
 - tower: on the primary, ``ensure_tower`` (sync role, events publication, config
   subscription). On a standby there is nothing to do: its catalog is the primary's.
-- GOC: ``ensure_goc`` (schema, sync role, config publication), VirusEye's objects and roles
-  (``mt_status`` for the towers' monitors, ``mt_eye`` for the web view), then for every tower
+- GOC: ``ensure_goc`` (schema, one sync role per tower, config publication), VirusEye's
+  objects and roles (``mt_status_<tower>`` for each tower's monitor, allowed by row-level
+  security to write only its tower's ``tower_status`` row; ``mt_eye`` for the web view); the
+  shared ``mt_sync``/``mt_status`` of a GOC made before towers had their own are retired
+  (NOLOGIN). Then for every tower
   the events subscription follows that tower's *current* primary, found by asking each of its
   SQL hosts (``repoint_events``: the first time, and after a failover, alike). A tower that is
   not reachable or not deployed yet is reported and left for the next run.
@@ -22,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mailtower.goc.eye.status import apply_schema, missing_columns
+from mailtower.goc.eye.status import apply_schema, missing_columns, status_role
 from mailtower.goc.sync import subscription
 from mailtower.goc.sync.catalog import connect, relation_exists, scalar, server_state
 from mailtower.goc.sync.changes import Changes
@@ -41,11 +45,15 @@ from mailtower.goc.sync.names import (
     config_subscription,
     events_slot,
     events_subscription,
+    goc_sync_role,
 )
 from mailtower.goc.sync.roles import ensure_login_role, ensure_privileges, scram_matches
 from mailtower.goc.sync.tower import ensure_tower, own_tower_pending
 
-STATUS_ROLE = "mt_status"  # a tower's monitor: its row of tower_status
+# The one role all towers' monitors shared before each had its own (status_role): retired.
+SHARED_STATUS_ROLE = "mt_status"
+STATUS_TABLE = "tower_status"
+EYE_STATUS_POLICY = "mt_eye_reads"  # VirusEye reads every tower's row
 EYE_ROLE = "mt_eye"  # VirusEye: reads the hub
 EYE_TABLES = ("verdict_events", "tower_status", "customers", "domains")
 # VirusEye's own table: logouts kept across its restarts (mailtower.goc.eye.revocations).
@@ -71,7 +79,11 @@ class GocTower(_Model):
     hosts: list[str] = Field(min_length=1)
     port: int = 5432
     database: str = "mailtower"
-    sync_password: str = Field(min_length=16)
+    sync_password: str = Field(min_length=16)  # the tower's mt_sync, which the GOC connects as
+    # This tower's own roles at the GOC, with the passwords its settings hold (secrets.goc_sync,
+    # secrets.goc_status): mt_sync_<tower> (its config subscription), mt_status_<tower>.
+    goc_sync_password: str = Field(min_length=16)
+    status_password: str = Field(min_length=16)
 
     def conninfo(self, host: str) -> str:
         address, _, port = host.partition(":")
@@ -89,8 +101,6 @@ class GocSide(_Model):
     """``/etc/mailtower/sync/goc.json`` at the GOC."""
 
     dsn: str = "dbname=goc"  # superuser at the GOC (local socket, as postgres)
-    sync_password: str = Field(min_length=16)  # the GOC's mt_sync, which the towers use
-    status_password: str = Field(min_length=16)  # mt_status: the towers' monitors
     eye_password: str = Field(min_length=16)  # mt_eye: VirusEye
     towers: list[GocTower] = []
 
@@ -175,9 +185,15 @@ def goc_pending(side: GocSide) -> list[str]:
             pending += [f"add column tower_status.{c}" for c in missing_columns(goc)]
         if not _published(goc, CONFIG_PUBLICATION):
             pending.append(f"create publication {CONFIG_PUBLICATION}")
-        pending += _role_pending(goc, SYNC_ROLE, side.sync_password, replication=True)
-        pending += _role_pending(goc, STATUS_ROLE, side.status_password)
+        for t in side.towers:
+            pending += _role_pending(
+                goc, goc_sync_role(t.name), t.goc_sync_password, replication=True
+            )
+            pending += _role_pending(goc, status_role(t.name), t.status_password)
         pending += _role_pending(goc, EYE_ROLE, side.eye_password)
+        pending += [f"retire role {r} (each tower has its own)" for r in _shared_roles(goc)]
+        if relation_exists(goc, STATUS_TABLE):
+            pending += _status_policies_pending(goc, side)
         if not pending:
             table, privileges = EYE_REVOCATIONS
             pending += [
@@ -213,7 +229,9 @@ def goc_pending(side: GocSide) -> list[str]:
 
 
 def goc_apply(side: GocSide) -> GocReport:
-    changes = ensure_goc(side.dsn, sync_password=side.sync_password)
+    changes = ensure_goc(
+        side.dsn, tower_sync_passwords={t.name: t.goc_sync_password for t in side.towers}
+    )
     report = GocReport(changes)
     with connect(side.dsn) as goc:
         before = relation_exists(goc, "tower_status")
@@ -223,12 +241,18 @@ def goc_apply(side: GocSide) -> GocReport:
             changes.did("created VirusEye's objects (tower_status, virus indexes)")
         if added:
             changes.did(f"added tower_status columns {', '.join(added)}")
-        ensure_login_role(goc, STATUS_ROLE, side.status_password, changes)
-        ensure_privileges(goc, STATUS_ROLE, "tower_status", ("SELECT", "INSERT", "UPDATE"), changes)
+        for t in side.towers:
+            role = status_role(t.name)
+            ensure_login_role(goc, role, t.status_password, changes)
+            ensure_privileges(goc, role, STATUS_TABLE, ("SELECT", "INSERT", "UPDATE"), changes)
         ensure_login_role(goc, EYE_ROLE, side.eye_password, changes)
         for table in EYE_TABLES:
             ensure_privileges(goc, EYE_ROLE, table, ("SELECT",), changes)
         ensure_privileges(goc, EYE_ROLE, *EYE_REVOCATIONS, changes)
+        _ensure_status_policies(goc, side, changes)
+        for role in _shared_roles(goc):
+            goc.execute(sql.SQL("ALTER ROLE {} NOLOGIN NOREPLICATION").format(sql.Identifier(role)))
+            changes.did(f"retired role {role} (NOLOGIN: each tower has its own)")
     for tower in side.towers:
         host, why = find_primary(tower)
         if host is None:
@@ -249,6 +273,77 @@ def goc_apply(side: GocSide) -> GocReport:
         changes.actions.extend(tower_changes.actions)
         report.followed[tower.name] = host
     return report
+
+
+def _shared_roles(conn: psycopg.Connection[Any]) -> list[str]:
+    """The GOC's roles all towers shared before each had its own, still able to log in."""
+    rows = conn.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) AND rolcanlogin ORDER BY 1",
+        ([SYNC_ROLE, SHARED_STATUS_ROLE],),
+    ).fetchall()
+    return [str(name) for (name,) in rows]
+
+
+def _status_policies(side: GocSide) -> dict[str, tuple[str, str]]:
+    """Row-level security on tower_status: policy name -> (role, the rows it may touch)."""
+    policies = {EYE_STATUS_POLICY: (EYE_ROLE, "true")}
+    for t in side.towers:
+        policies[f"own_row_{status_role(t.name)}"] = (
+            status_role(t.name),
+            f"(tower = {sql.quote(t.name)}::text)",
+        )
+    return policies
+
+
+def _status_policies_pending(conn: psycopg.Connection[Any], side: GocSide) -> list[str]:
+    found = {
+        name: (list(roles), qual)
+        for name, roles, qual in conn.execute(
+            "SELECT policyname, roles::text[], qual FROM pg_policies"
+            " WHERE schemaname = 'public' AND tablename = %s",
+            (STATUS_TABLE,),
+        ).fetchall()
+    }
+    pending = [
+        f"create policy {name} on {STATUS_TABLE} for {role}"
+        for name, (role, qual) in _status_policies(side).items()
+        if found.get(name) != ([role], qual)
+    ]
+    if not scalar(
+        conn,
+        "SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass",
+        (f"public.{STATUS_TABLE}",),
+    ):
+        pending.append(f"enable row-level security on {STATUS_TABLE}")
+    return pending
+
+
+def _ensure_status_policies(conn: psycopg.Connection[Any], side: GocSide, changes: Changes) -> None:
+    """Each tower's monitor may read and write only its tower's row; VirusEye reads them all.
+
+    The policies are made before row-level security is switched on, in one transaction, so
+    VirusEye never sees the table empty.
+    """
+    pending = _status_policies_pending(conn, side)
+    if not pending:
+        return
+    table = sql.Identifier("public", STATUS_TABLE)
+    with conn.transaction():
+        for name, (role, qual) in _status_policies(side).items():
+            conn.execute(
+                sql.SQL("DROP POLICY IF EXISTS {} ON {}").format(sql.Identifier(name), table)
+            )
+            conn.execute(
+                sql.SQL("CREATE POLICY {} ON {} TO {} USING {} WITH CHECK {}").format(
+                    sql.Identifier(name), table, sql.Identifier(role), sql.SQL(qual), sql.SQL(qual)
+                )
+                if role != EYE_ROLE
+                else sql.SQL("CREATE POLICY {} ON {} FOR SELECT TO {} USING (true)").format(
+                    sql.Identifier(name), table, sql.Identifier(role)
+                )
+            )
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
+    changes.actions.extend(pending)
 
 
 def _published(conn: psycopg.Connection[Any], publication: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mailtower.goc.sync import schema, slots, subscription
 from mailtower.goc.sync.catalog import (
     Conn,
@@ -23,18 +25,32 @@ from mailtower.goc.sync.names import (
     EVENTS_TABLE,
     events_slot,
     events_subscription,
+    goc_sync_role,
 )
 from mailtower.goc.sync.publication import ensure_publication
-from mailtower.goc.sync.roles import ensure_select, ensure_sync_role
+from mailtower.goc.sync.roles import (
+    ensure_login_role,
+    ensure_privileges,
+    ensure_select,
+    ensure_sync_role,
+)
 
 GOC = "goc"
 
 
-def ensure_goc(goc_dsn: str, *, sync_password: str | None = None) -> Changes:
-    """Schema, sync role and config publication at the GOC (superuser ``goc_dsn``).
+def ensure_goc(
+    goc_dsn: str,
+    *,
+    sync_password: str | None = None,
+    tower_sync_passwords: Mapping[str, str] | None = None,
+) -> Changes:
+    """Schema, sync roles and config publication at the GOC (superuser ``goc_dsn``).
 
-    ``sync_password``: the password of ``mt_sync`` that towers connect with (None: the role
-    must exist; its password is left alone). Returns what changed; nothing on a second call.
+    ``tower_sync_passwords``: ``{tower: password}`` of each tower's own role
+    ``mt_sync_<tower>`` (``names.goc_sync_role``), which that tower's config subscription
+    connects as: what a deploy uses. ``sync_password``: one shared ``mt_sync`` instead (None,
+    without ``tower_sync_passwords``: the role must exist; its password is left alone).
+    Returns what changed; nothing on a second call.
     """
     changes = Changes(GOC)
     with connect(goc_dsn) as conn:
@@ -42,8 +58,14 @@ def ensure_goc(goc_dsn: str, *, sync_password: str | None = None) -> Changes:
         require_primary(conn, GOC, publishes=True)
         with conn.transaction():
             _ensure_schema(conn, changes)
-        ensure_sync_role(conn, sync_password, changes)
-        ensure_select(conn, CONFIG_TABLES, changes)
+        if sync_password is not None or not tower_sync_passwords:
+            ensure_sync_role(conn, sync_password, changes)
+            ensure_select(conn, CONFIG_TABLES, changes)
+        for tower, password in (tower_sync_passwords or {}).items():
+            role = goc_sync_role(tower)
+            ensure_login_role(conn, role, password, changes, replication=True)
+            for table in CONFIG_TABLES:
+                ensure_privileges(conn, role, table, ("SELECT",), changes)
         # All operations: an update or delete of a route at the GOC must reach every tower.
         ensure_publication(
             conn,

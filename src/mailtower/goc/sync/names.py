@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-SYNC_ROLE = "mt_sync"  # LOGIN REPLICATION: what every subscription connects as
+SYNC_ROLE = "mt_sync"  # LOGIN REPLICATION: what the GOC's subscription to a tower connects as
 CONFIG_PUBLICATION = "mt_config"  # at the GOC: customers, domains, routes, policies
 EVENTS_PUBLICATION = "mt_events"  # at each tower primary: verdict_events, INSERT only
 CONFIG_TABLES = ("customers", "domains", "routes", "policies")  # in foreign-key order
@@ -26,6 +26,15 @@ def tower_key(tower: str) -> str:
     if not _TOWER_RE.match(tower):
         raise ValueError(f"{tower!r} is not a tower name (lower case, digits and '-', ≤31)")
     return tower.replace("-", "_")
+
+
+def goc_sync_role(tower: str) -> str:
+    """The role at the GOC the tower's config subscription connects as (LOGIN REPLICATION).
+
+    One per tower, each with the tower's own password (``secrets.goc_sync`` of that tower):
+    no tower holds a password another tower uses.
+    """
+    return f"{SYNC_ROLE}_{tower_key(tower)}"
 
 
 def config_subscription(tower: str) -> str:
