@@ -8,6 +8,7 @@ Figures: tests/output/figures.json (goc_*), copied into docs/benchmarks.md.
 
 from __future__ import annotations
 
+import base64
 import os
 import smtplib
 import threading
@@ -319,4 +320,47 @@ def test_goc_outage_towers_keep_working_and_the_goc_catches_up(pair: Pair) -> No
     record_figure(
         "goc_outage",
         {"messages": len(wanted), "events_at_goc": len(events), "catch_up_s": round(caught_up, 1)},
+    )
+
+
+def test_the_goc_stamps_each_event_with_the_tower_that_sent_it(pair: Pair) -> None:
+    """Issue 15: an event forged at lab-a's primary under lab-b's name is stored at the GOC as
+    lab-a's; lab-a's scanners' SQL role cannot even store it."""
+    a, b = pair.towers["a"], pair.towers["b"]
+    forged = "00000000-0000-4000-8000-0000000000f5"
+    insert = (
+        "INSERT INTO verdict_events (event_id, tower, scanner, scanned_at, verdict, recipients,"
+        f" size_bytes) VALUES ('{forged}', '{b.settings.name}', 'forger', now(), 'virus',"
+        " ARRAY['victim@customer.lab'], 1)"
+    )
+    as_scanner = base64.b64encode(f"SET ROLE mailtower_scanner; {insert};".encode()).decode()
+    refused = a.sql_primary().run(
+        f"echo {as_scanner} | base64 -d | (cd /tmp && su postgres -c"
+        f" 'psql -X -q -tA -v ON_ERROR_STOP=1 -d {a.settings.sql_database}')"
+    )
+    assert refused.rc != 0 and "verdict_events_own_tower" in refused.stderr, refused.stderr
+    # A compromised primary: its superuser drops the CHECK and forges; the deploy restores it.
+    a.psql(
+        "BEGIN; ALTER TABLE verdict_events DROP CONSTRAINT verdict_events_own_tower;"
+        f" {insert} ON CONFLICT DO NOTHING; COMMIT"
+    )
+    try:
+        wait_for(
+            lambda: (
+                pair.goc_sql(f"SELECT tower FROM verdict_events WHERE event_id = '{forged}'") != ""
+            ),
+            60,
+            "the forged event at the GOC",
+        )
+        stored = pair.goc_sql(f"SELECT tower FROM verdict_events WHERE event_id = '{forged}'")
+        assert stored == a.settings.name
+    finally:
+        a.psql(f"DELETE FROM verdict_events WHERE event_id = '{forged}'")
+        check = a.sql_primary().run(
+            "cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync tower'"
+        )
+        assert check.rc == 0, check.stdout + check.stderr
+    assert (
+        a.psql("SELECT count(*) FROM pg_constraint WHERE conname = 'verdict_events_own_tower'")
+        == "1"
     )
