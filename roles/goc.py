@@ -7,6 +7,9 @@ Host data ``goc`` (see inventory/lab_goc.py):
 - ``towers``: ``[{name, sql: [primary, standby], monitor}]``, the towers it syncs with
 - ``customers``: ``[{domain, server}]`` loaded at the GOC (operators add more there)
 - ``operators``: ``{name: password}`` who may log in to VirusEye
+- how VirusEye serves HTTPS (it serves nothing else), one of: ``eye_tls_cert`` + ``eye_tls_key``
+  (paths on the GOC, or the PEM text), ``eye_tls_self_signed: [names]`` (made by the deploy),
+  ``eye_origin`` (a TLS proxy on the GOC host in front of it)
 - ``secrets``: ``sync`` (the GOC's mt_sync), ``status`` (mt_status), ``eye_db`` (mt_eye),
   ``towers: {name: that tower's mt_sync password}``
 - ``bundles`` (optional): ``{signing_key, public_key, port}``, the rule-bundle key pair (PEM
@@ -40,6 +43,7 @@ OPERATORS = "/etc/mailtower/eye/operators"
 EYE_PORT = 8025
 EYE_TLS_CERT = "/etc/mailtower/eye/tls.crt"  # eye_tls_self_signed: made by the deploy
 EYE_TLS_KEY = "/etc/mailtower/eye/tls.key"
+EYE_TLS_NAMES = "/etc/mailtower/eye/tls.names"  # what the self-signed one was made for
 TLS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")
 BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
 BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
@@ -93,15 +97,19 @@ class GocData(_Model):
     customers: list[Customer] = []
     operators: dict[str, str] = {}
     secrets: dict[str, str | dict[str, str]]
-    eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with HTTPS below
-    # VirusEye over HTTPS (its session cookie is then marked Secure), either with the
-    # operator's certificate chain and key (paths on the GOC host, the key readable by the
-    # mailtower user)…
+    eye_listen: str = f"127.0.0.1:{EYE_PORT}"
+    # VirusEye serves HTTPS only (its session cookie Secure, HSTS); one of three is needed:
+    # the operator's certificate chain and key, each either a path on the GOC host (the key
+    # readable by the mailtower user) or the PEM text itself (the deploy writes it to
+    # /etc/mailtower/eye/tls.crt and tls.key, the key 0600)…
     eye_tls_cert: str | None = None
     eye_tls_key: str | None = None
-    # …or with a self-signed certificate the deploy makes for these DNS names and addresses
-    # (once, and again when the list changes); browsers must be told to trust it.
+    # …or a self-signed certificate the deploy makes for these DNS names and addresses
+    # (once, and again when the list changes); browsers must be told to trust it…
     eye_tls_self_signed: list[str] = Field([], max_length=20)
+    # …or a TLS proxy on the GOC host in front of it: its public origin (https://NAME), with
+    # eye_listen on a loopback address.
+    eye_origin: str | None = Field(None, pattern=r"^https://[A-Za-z0-9.:\[\]-]+$")
     bundles: GocBundlesData | None = None
     # Who else may fetch bundles besides every tower's monitor and 127.0.0.1 (the lab's
     # controller, to check what was published).
@@ -119,15 +127,28 @@ class GocData(_Model):
     def _one_tls(self) -> GocData:
         if bool(self.eye_tls_cert) != bool(self.eye_tls_key):
             raise ValueError("eye_tls_cert and eye_tls_key go together")
-        if self.eye_tls_cert and self.eye_tls_self_signed:
-            raise ValueError("eye_tls_cert/eye_tls_key or eye_tls_self_signed, not both")
+        given = [bool(self.eye_tls_cert), bool(self.eye_tls_self_signed), bool(self.eye_origin)]
+        if sum(given) != 1:
+            raise ValueError(
+                "VirusEye serves HTTPS only: give exactly one of eye_tls_cert + eye_tls_key "
+                "(paths on the GOC or PEM text), eye_tls_self_signed: [names] or eye_origin "
+                "(a TLS proxy on the GOC host)"
+            )
+        if self.eye_origin:
+            host = self.eye_listen.rpartition(":")[0].strip("[]")
+            if not (_is_address(host) and ip_address(host).is_loopback):
+                raise ValueError(f"eye_origin: eye_listen {self.eye_listen} must be loopback")
+        if self.eye_tls_cert and self.eye_tls_key and _is_pem(self.eye_tls_cert):
+            check_tls_pair(self.eye_tls_cert, self.eye_tls_key)
         return self
 
     def eye_tls(self) -> tuple[str, str] | None:
-        """The certificate and key VirusEye serves HTTPS with; None: plain HTTP."""
+        """The certificate and key VirusEye serves HTTPS with; None: behind a TLS proxy."""
         if self.eye_tls_self_signed:
             return EYE_TLS_CERT, EYE_TLS_KEY
         if self.eye_tls_cert and self.eye_tls_key:
+            if _is_pem(self.eye_tls_cert):
+                return EYE_TLS_CERT, EYE_TLS_KEY
             return self.eye_tls_cert, self.eye_tls_key
         return None
 
@@ -257,6 +278,7 @@ def _eye(g: GocData, install_op):
         ),
         _template("goc/etc/systemd/system/mailtower-eye.service", g),
         *_eye_self_signed(g),
+        *_eye_given_pem(g),
     ]
     # Hashes are salted: the file is rewritten only when an operator is missing, removed or
     # has another password, so an unchanged GOC changes nothing.
@@ -292,12 +314,48 @@ def self_signed_commands(names: list[str], cert: str, key: str) -> list[str]:
     ]
 
 
+def _is_pem(value: str) -> bool:
+    return value.lstrip().startswith("-----BEGIN ")
+
+
+def check_tls_pair(cert_pem: str, key_pem: str) -> None:
+    """Certificate (chain) and key given as PEM text load and are one pair."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if not _is_pem(key_pem):
+        raise ValueError("eye_tls_cert is PEM text: give eye_tls_key as PEM text too")
+    try:
+        cert = x509.load_pem_x509_certificates(cert_pem.encode())[0]
+        key = serialization.load_pem_private_key(key_pem.encode(), None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"eye_tls_cert/eye_tls_key: not a PEM certificate and key: {exc}") from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise ValueError("eye_tls_key is not the key of eye_tls_cert (the first certificate)")
+
+
 def _is_address(name: str) -> bool:
     try:
         ip_address(name)
     except ValueError:
         return False
     return True
+
+
+def _eye_given_pem(g: GocData) -> list:
+    """eye_tls_cert/eye_tls_key given as PEM text: written where the service reads them."""
+    if not (g.eye_tls_cert and g.eye_tls_key and _is_pem(g.eye_tls_cert)):
+        return []
+    # Back to eye_tls_self_signed later must make a certificate again, even for the same names.
+    files.file(name="Remove /etc/mailtower/eye/tls.names", path=EYE_TLS_NAMES, present=False)
+    return [
+        _common.put_text(g.eye_tls_cert, EYE_TLS_CERT, user="mailtower", group="mailtower"),
+        _common.put_text(
+            g.eye_tls_key, EYE_TLS_KEY, mode="600", user="mailtower", group="mailtower"
+        ),
+    ]
 
 
 def _eye_self_signed(g: GocData) -> list:
@@ -311,7 +369,7 @@ def _eye_self_signed(g: GocData) -> list:
     )
     names = _common.put_text(
         "\n".join(g.eye_tls_self_signed) + "\n",
-        "/etc/mailtower/eye/tls.names",
+        EYE_TLS_NAMES,
         user="mailtower",
         group="mailtower",
     )

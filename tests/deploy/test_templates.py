@@ -32,6 +32,7 @@ def _goc():
             ],
             "customers": [{"domain": "customer.example", "server": "192.0.2.25"}],
             "operators": {"operator": "operator-password-1"},
+            "eye_tls_self_signed": ["eye.goc.example"],
             "secrets": {
                 "sync": "s" * 16,
                 "status": "t" * 16,
@@ -263,46 +264,93 @@ def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
     assert "location ~ /\\. {" in lines
 
 
+def _tls_pair(tmp_path) -> tuple[str, str]:
+    """A certificate and its key as PEM text, as an operator would paste them into secrets."""
+    import subprocess
+
+    from roles.goc import self_signed_commands
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    for command in self_signed_commands(["eye.example"], str(cert), str(key)):
+        subprocess.run(command, shell=True, check=True, capture_output=True)
+    return cert.read_text(), key.read_text()
+
+
+def _goc_with(**tls):
+    """The test GOC with only these VirusEye TLS settings."""
+    from roles.goc import GocData
+
+    data = _goc().model_dump(mode="json")
+    data.pop("eye_tls_self_signed")
+    return GocData.model_validate({**data, **tls})
+
+
 @pytest.mark.parametrize(
     ("tls", "expected"),
     [
-        ({}, None),
         (
             {"eye_tls_self_signed": ["eye.goc.example", "10.201.9.10"]},
-            ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key"),
+            "--tls-cert /etc/mailtower/eye/tls.crt --tls-key /etc/mailtower/eye/tls.key",
         ),
         (
             {"eye_tls_cert": "/etc/ssl/eye.pem", "eye_tls_key": "/etc/ssl/eye.key"},
-            ("/etc/ssl/eye.pem", "/etc/ssl/eye.key"),
+            "--tls-cert /etc/ssl/eye.pem --tls-key /etc/ssl/eye.key",
+        ),
+        (
+            {"eye_origin": "https://eye.goc.example", "eye_listen": "127.0.0.1:8025"},
+            "--listen 127.0.0.1:8025 --origin https://eye.goc.example",
         ),
     ],
 )
-def test_viruseye_serves_https_when_given_a_certificate(render, settings, tls, expected):
-    g = _goc().model_copy(update=tls)
-    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=g)
+def test_viruseye_serves_https_only(render, settings, tls, expected):
+    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=_goc_with(**tls))
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    if expected is None:
-        assert "--tls-" not in exec_start
-    else:
-        assert f"--tls-cert {expected[0]} --tls-key {expected[1]}" in exec_start
+    assert exec_start.endswith(expected)
+    # What the unit runs is what the server accepts (no plain HTTP off loopback).
+    from mailtower.goc.eye.__main__ import plain_http_refused
+
+    listen = exec_start.split("--listen ")[1].split()[0]
+    origin = exec_start.split("--origin ")[1] if "--origin" in exec_start else None
+    assert plain_http_refused(listen.rpartition(":")[0], "--tls-cert" in exec_start, origin) is None
+
+
+def test_viruseye_certificate_given_as_pem_text(render, settings, tmp_path):
+    cert, key = _tls_pair(tmp_path)
+    g = _goc_with(eye_tls_cert=cert, eye_tls_key=key)
+    assert g.eye_tls() == ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key")
+    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=g)
+    assert "BEGIN" not in unit  # the key goes to a 0600 file, never into the unit
 
 
 @pytest.mark.parametrize(
     ("tls", "error"),
     [
+        ({}, "HTTPS only"),
         ({"eye_tls_cert": "/etc/ssl/eye.pem"}, "go together"),
         (
             {"eye_tls_cert": "/c", "eye_tls_key": "/k", "eye_tls_self_signed": ["eye.example"]},
-            "not both",
+            "exactly one",
         ),
+        ({"eye_tls_self_signed": ["eye.example"], "eye_origin": "https://e.x"}, "exactly one"),
         ({"eye_tls_self_signed": ["eye.example'; rm -rf /"]}, "not a DNS name or an address"),
+        ({"eye_origin": "https://eye.example", "eye_listen": "0.0.0.0:8025"}, "must be loopback"),
+        ({"eye_origin": "http://eye.example"}, "should match pattern"),
     ],
 )
 def test_viruseye_tls_settings_checked(tls, error):
-    from roles.goc import GocData
-
     with pytest.raises(ValueError, match=error):
-        GocData.model_validate({**_goc().model_dump(mode="json"), **tls})
+        _goc_with(**tls)
+
+
+def test_viruseye_pem_text_checked(tmp_path):
+    cert, key = _tls_pair(tmp_path)
+    _other_cert, other_key = _tls_pair(tmp_path)  # a second pair (the files are rewritten)
+    with pytest.raises(ValueError, match="is not the key of eye_tls_cert"):
+        _goc_with(eye_tls_cert=cert, eye_tls_key=other_key)
+    with pytest.raises(ValueError, match="PEM text too"):
+        _goc_with(eye_tls_cert=cert, eye_tls_key="/etc/ssl/eye.key")
+    with pytest.raises(ValueError, match="not a PEM certificate and key"):
+        _goc_with(eye_tls_cert="-----BEGIN CERTIFICATE-----\nnope\n", eye_tls_key=key)
 
 
 def test_self_signed_certificate_names_addresses_as_ip():
@@ -336,6 +384,9 @@ def test_lab_goc_data_serves_bundles_to_the_controller(monkeypatch, tmp_path):
     g.bundles.check()
     assert [str(ip) for ip in g.bundle_readers] == ["10.201.0.1"]
     assert (tmp_path / "lab" / "bundle-keys" / "signing.pub").read_text() == g.bundles.public_key
+    # VirusEye over HTTPS, for the address the controller's checks and browser use.
+    assert g.eye_tls() == ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key")
+    assert g.eye_tls_self_signed[0] == str(plan.goc_host().address)
 
 
 def test_rule_bundle_alerts_only_with_bundles(render, settings):
