@@ -19,7 +19,8 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
 from mailtower.controller.inventory import TOWER_GROUPS, tower_settings
-from mailtower.settings import SettingsError, TowerSettings
+from mailtower.errors import SettingsError
+from mailtower.settings import TowerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"

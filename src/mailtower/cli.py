@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailtower import settings as settings_mod
+from mailtower.errors import SettingsError
 from mailtower.goc.sync import cli as sync_cli
-from mailtower.scand.quarantine import QuarantineError, QuarantineStore
+from mailtower.scand.errors import QuarantineError
+from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import EngineError
+from mailtower.scanning.errors import EngineError
 from mailtower.scanning.scan import Kind, Verdict
-from mailtower.settings import SettingsError, TowerSettings
+from mailtower.settings import TowerSettings
 
 if TYPE_CHECKING:
     from mailtower.scanning.pipeline import Pipeline
@@ -141,7 +143,8 @@ def _release_options(raw: bytes, mail_from: str, rcpt_tos: list[str]) -> list[st
 
 
 def _quarantine_release(args: argparse.Namespace) -> int:
-    from mailtower.scand.reinject import ReinjectError, reinject, relay_address
+    from mailtower.scand.errors import ReinjectError
+    from mailtower.scand.reinject import reinject, relay_address
 
     try:
         settings = settings_mod.load(args.settings)

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mailtower.errors import SettingsError
+
 SETTINGS_PATH = Path("/etc/mailtower/tower.json")
 
 # RFC 1123 host name labels; a customer domain needs at least two labels.
@@ -84,10 +86,6 @@ def parse_icap_url(url: str) -> IcapUrl:
     if parts.query:  # service arguments, e.g. c-icap's virus_scan?mode=simple
         service += f"?{parts.query}"
     return IcapUrl(parts.hostname, port, service)
-
-
-class SettingsError(Exception):
-    """A tower's settings are invalid; the message names the field and the fix."""
 
 
 class _Model(BaseModel):

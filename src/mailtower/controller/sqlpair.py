@@ -31,16 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailtower.controller import inventory as inventory_mod
+from mailtower.controller.errors import PairError
 
 SERVICE = "postgresql@15-main"
 DATA = "/var/lib/postgresql/15/main"
 TOOL = "/opt/mailtower/venv/bin/mailtower"
 
 Say = Callable[[str], None]
-
-
-class PairError(Exception):
-    """The command cannot go on; the message names the host, the step and the fix."""
 
 
 def clone_commands(primary: str, port: int, slot: str) -> list[str]:

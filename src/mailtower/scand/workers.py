@@ -47,11 +47,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mailtower import settings as settings_mod
-from mailtower.scand.bundle_apply import ApplyError
+from mailtower.scand.errors import ApplyError
 from mailtower.scand.events import EventSpool, Flusher, PostgresSink
 from mailtower.scand.http import ScannerSource, Source, engine_versions, start_http
 from mailtower.scanning import engines as engines_mod
-from mailtower.scanning.engines import EngineError
+from mailtower.scanning.errors import EngineError
 from mailtower.settings import TowerSettings
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from mailtower.goc.eye import queries
 from mailtower.goc.eye.app import Database, EyeConfig, make_app
-from mailtower.goc.eye.auth import AuthError, Credentials
+from mailtower.goc.eye.auth import Credentials
+from mailtower.goc.eye.errors import AuthError
 from mailtower.goc.eye.revocations import PgRevocations
 
 log = logging.getLogger("mailtower.goc.eye")

@@ -28,7 +28,8 @@ import psycopg
 from aiohttp import web
 
 from mailtower.goc.eye import queries
-from mailtower.goc.eye.auth import Credentials, CredentialsError, LoginLimiter, Session, Sessions
+from mailtower.goc.eye.auth import Credentials, LoginLimiter, Session, Sessions
+from mailtower.goc.eye.errors import CredentialsError
 from mailtower.goc.eye.revocations import MemoryRevocations, RevocationStore
 
 log = logging.getLogger("mailtower.goc.eye")
