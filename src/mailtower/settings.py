@@ -3,19 +3,33 @@
 Every port, address, limit and engine list lives here. The deploy renders it into every
 config file (Postfix, HAProxy, clamd, PostgreSQL, Prometheus) and writes it as JSON to
 ``/etc/mailtower/tower.json``, which the daemons load with this same model.
+
+The hosts beside the towers have theirs at the end: the GOC (``GocSettings``), the
+authoritative DNS server (``DnsServer``) and the lab's sender (``LabSender``); their roles
+validate their host data with ``validate`` before changing anything.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mailtower.errors import SettingsError
 
@@ -542,13 +556,224 @@ def load(path: Path = SETTINGS_PATH) -> TowerSettings:
 
 def from_data(data: dict) -> TowerSettings:
     """Build settings from inventory data; raise SettingsError naming the bad field."""
+    return validate(TowerSettings, data, "tower settings in the inventory")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: object, what: str) -> M:
+    """``data`` as ``model``; SettingsError listing each bad field (``what`` says whose)."""
     try:
-        return TowerSettings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
             for err in exc.errors()
         ]
-        raise SettingsError(
-            "invalid tower settings in the inventory:\n" + "\n".join(lines)
-        ) from exc
+        raise SettingsError(f"invalid {what}:\n" + "\n".join(lines)) from exc
+
+
+# --- The hosts beside the towers: the GOC, the authoritative DNS server, the lab's sender ----
+# Each role validates its host data into one of these when it starts (roles._common.
+# host_settings) and renders its templates from it.
+
+# A DNS name of one or more labels (a zone may be a single label, e.g. the lab's "lab").
+_DNS_NAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+# VirusEye's operator names (mailtower.goc.eye.auth.USERNAME): the deploy writes them into its
+# credentials file, which refuses any other.
+_OPERATOR_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A name for a certificate: it goes into an openssl command line.
+_TLS_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")
+EYE_PORT = 8025
+# Where the deploy puts VirusEye's self-signed certificate (GocSettings.eye_tls_self_signed).
+EYE_TLS_CERT = "/etc/mailtower/eye/tls.crt"
+EYE_TLS_KEY = "/etc/mailtower/eye/tls.key"
+
+
+def _dns_name(value: str) -> str:
+    value = value.strip().rstrip(".").lower()
+    if not _DNS_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a DNS name (e.g. example.com)")
+    return value
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+Password = Annotated[str, Field(min_length=16)]
+OperatorName = Annotated[str, Field(pattern=_OPERATOR_RE.pattern)]
+# As VirusEye's own `operator add` asks (and at most what its login form takes).
+OperatorPassword = Annotated[str, Field(min_length=12, max_length=1024)]
+
+
+class DnsUpdateKey(_Model):
+    """The TSIG key RFC 2136 updates (and zone transfers) must be signed with, as
+    ``tsig-keygen`` makes it (mailtower.controller.dns.server.TsigKey signs with it)."""
+
+    name: DnsName
+    algorithm: Literal["hmac-sha256", "hmac-sha384", "hmac-sha512"] = "hmac-sha256"
+    secret: str = Field(repr=False)  # base64
+
+    @field_validator("secret")
+    @classmethod
+    def _base64(cls, value: str) -> str:
+        try:
+            if not base64.b64decode(value, validate=True):
+                raise ValueError("empty")
+        except (binascii.Error, ValueError):
+            raise ValueError(
+                "the secret must be base64 (make a key with tsig-keygen -a hmac-sha256 NAME)"
+            ) from None
+        return value
+
+
+class DnsServer(_Model):
+    """An authoritative DNS server (roles/dns.py): the ``dns`` host data."""
+
+    zones: list[DnsName] = Field(min_length=1)  # dynamic zones, seeded with SOA and NS once
+    ns_name: DnsName  # the server's own name: every zone's SOA and NS
+    ns_address: IPv4Address  # where it listens (and the glue, when ns_name is in the zone)
+    update_from: IPv4Address  # the only address updates and transfers are taken from
+    tsig: DnsUpdateKey
+
+    @field_validator("zones")
+    @classmethod
+    def _zones_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a zone is listed twice: {value}")
+        return value
+
+
+class LabSender(_Model):
+    """The lab's internet MTA (roles/lab_sender.py): the ``sender`` host data."""
+
+    domain: DnsName  # its mail comes from this domain
+    resolver: IPv4Address  # the DNS server it finds the towers' MX records with
+    submit_from: IPv4Address  # the one address (the controller) it relays for
+    # Its retry timers, shortened so the lab sees deferred mail retried in seconds.
+    queue_run_delay: Duration = "10s"
+    minimal_backoff: Duration = "10s"
+    maximal_backoff: Duration = "30s"
+
+
+class SyncedTower(_Model):
+    """A tower the GOC syncs with (its config subscription, its events publication)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")  # its TowerSettings.name
+    sql: list[IPv4Address] = Field(min_length=1, max_length=2)  # its SQL pair
+    monitor: IPv4Address  # reports the tower's state (mt_status) and pulls rule bundles
+
+
+class GocSecrets(_Model):
+    """The GOC's passwords (kept out of the repository)."""
+
+    sync: Password  # mt_sync at the GOC: what every tower's config subscription logs in as
+    status: Password  # mt_status: the towers' monitors report their state
+    eye_db: Password  # mt_eye: VirusEye reads the hub
+    towers: dict[str, Password] = {}  # tower name → its mt_sync (the GOC's events subscription)
+
+
+class BundleKeys(_Model):
+    """The rule-bundle key pair the GOC signs with (PEM, as ``mailtower bundle keygen`` writes
+    it), and the port it serves the published bundles on."""
+
+    signing_key: str = Field(repr=False)  # PKCS#8, secret: it never leaves the GOC
+    public_key: str  # every tower holds the same one (TowerSettings.bundles.public_key)
+    port: int = Field(Goc.model_fields["bundle_port"].default, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> BundleKeys:
+        """Both keys load and are one pair (a mismatch would make every tower refuse)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+            Ed25519PrivateKey,
+            Ed25519PublicKey,
+        )
+
+        try:
+            private = serialization.load_pem_private_key(self.signing_key.encode(), None)
+            public = serialization.load_pem_public_key(self.public_key.encode())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"a key is not PEM: {exc}") from exc
+        if not isinstance(private, Ed25519PrivateKey) or not isinstance(public, Ed25519PublicKey):
+            raise ValueError("signing_key and public_key must be Ed25519 keys")
+        raw = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if private.public_key().public_bytes(*raw) != public.public_bytes(*raw):
+            raise ValueError(
+                "public_key is not the public half of signing_key (make the pair together: "
+                "mailtower bundle keygen)"
+            )
+        return self
+
+
+class GocSettings(_Model):
+    """The global operations centre (roles/goc.py): the ``goc`` host data."""
+
+    database: str = "goc"
+    port: int = 5432
+    towers: list[SyncedTower] = []
+    customers: list[Customer] = []  # loaded at the GOC (operators add more there)
+    operators: dict[OperatorName, OperatorPassword] = {}  # who may log in to VirusEye
+    secrets: GocSecrets
+    eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with HTTPS below
+    # VirusEye over HTTPS (its session cookie is then marked Secure), either with the
+    # operator's certificate chain and key (paths on the GOC host, the key readable by the
+    # mailtower user)…
+    eye_tls_cert: str | None = None
+    eye_tls_key: str | None = None
+    # …or with a self-signed certificate the deploy makes for these DNS names and addresses
+    # (once, and again when the list changes); browsers must be told to trust it.
+    eye_tls_self_signed: list[str] = Field([], max_length=20)
+    # Rule bundles: the GOC serves what is published in /srv/mailtower/bundles
+    # (``mailtower bundle publish``) to every tower's monitor, 127.0.0.1 and bundle_readers.
+    bundles: BundleKeys | None = None
+    # Who else may fetch bundles (the lab's controller, to check what was published).
+    bundle_readers: list[IPv4Address] = []
+
+    @field_validator("eye_tls_self_signed")
+    @classmethod
+    def _tls_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not (_is_ip(name) or _TLS_NAME_RE.match(name)):
+                raise ValueError(f"eye_tls_self_signed: {name!r} is not a DNS name or an address")
+        return names
+
+    @field_validator("towers")
+    @classmethod
+    def _towers_once(cls, towers: list[SyncedTower]) -> list[SyncedTower]:
+        names = [t.name for t in towers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a tower is listed twice: {names}")
+        return towers
+
+    @model_validator(mode="after")
+    def _one_tls(self) -> GocSettings:
+        if bool(self.eye_tls_cert) != bool(self.eye_tls_key):
+            raise ValueError("eye_tls_cert and eye_tls_key go together")
+        if self.eye_tls_cert and self.eye_tls_self_signed:
+            raise ValueError("eye_tls_cert/eye_tls_key or eye_tls_self_signed, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _tower_passwords(self) -> GocSettings:
+        missing = [
+            f"secrets.towers.{t.name}" for t in self.towers if t.name not in self.secrets.towers
+        ]
+        if missing:
+            raise ValueError(f"each tower's mt_sync password is needed: {', '.join(missing)}")
+        return self
+
+    def eye_tls(self) -> tuple[str, str] | None:
+        """The certificate and key VirusEye serves HTTPS with; None: plain HTTP."""
+        if self.eye_tls_self_signed:
+            return EYE_TLS_CERT, EYE_TLS_KEY
+        if self.eye_tls_cert and self.eye_tls_key:
+            return self.eye_tls_cert, self.eye_tls_key
+        return None

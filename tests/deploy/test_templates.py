@@ -8,24 +8,22 @@ import pytest
 from conftest import all_templates, sample_settings
 
 from mailtower.scanning.engines.icap import parse_icap_url
+from mailtower.settings import DnsServer, GocSettings, LabSender
+from roles.dns import zone_file
 
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
-LAB_INTERNET = {
+DNS = {
     "zones": ["lab", "201.10.in-addr.arpa"],
     "ns_name": "ns.lab",
     "ns_address": "10.201.0.53",
     "update_from": "10.201.0.1",
     "tsig": {"name": "mailtower-update", "algorithm": "hmac-sha256", "secret": "c2VjcmV0"},
-    "domain": "internet.lab",
-    "resolver": "10.201.0.53",
-    "submit_from": "10.201.0.1",
 }
+SENDER = {"domain": "internet.lab", "resolver": "10.201.0.53", "submit_from": "10.201.0.1"}
 
 
-def _goc():
-    from roles.goc import GocData
-
-    return GocData.model_validate(
+def _goc() -> GocSettings:
+    return GocSettings.model_validate(
         {
             "towers": [
                 {"name": "tower-a", "sql": ["10.1.0.12", "10.1.0.13"], "monitor": "10.1.0.11"}
@@ -62,15 +60,17 @@ def _internet(path: str) -> dict:
     if path.startswith("goc/"):
         return {"goc": _goc(), "publish_dir": "/srv/mailtower/bundles"}
     if path.startswith("dns/etc/bind/mailtower-update.key"):
-        return {"key": LAB_INTERNET["tsig"]}
+        return {"key": DnsServer.model_validate(DNS).tsig}
     if path.startswith("scanner/etc/c-icap"):
         return {"icap": parse_icap_url("icap://127.0.0.1:1344/avscan"), "sig_dir": "/var/lib/x"}
-    if path.startswith(("dns/", "lab_sender/")):
+    if path.startswith("dns/"):
         return {
-            "internet": LAB_INTERNET,
-            "zone_file": lambda z: f"/var/lib/bind/db.{z}",
+            "internet": DnsServer.model_validate(DNS),
+            "zone_file": zone_file,
             "zone": "lab",
         }
+    if path.startswith("lab_sender/"):
+        return {"internet": LabSender.model_validate(SENDER)}
     return {}
 
 
@@ -90,7 +90,7 @@ def test_every_template_renders(render, settings, path):
 
 def test_dns_zones_take_signed_updates_from_the_controller_only(render, settings):
     local = render("dns/etc/bind/named.conf.local", settings, **_internet("dns/"))
-    for zone in LAB_INTERNET["zones"]:
+    for zone in DNS["zones"]:
         block = local.split(f'zone "{zone}"')[1].split("\n};")[0]
         assert 'allow-update { !{ !10.201.0.1; any; }; key "mailtower-update"; };' in block
     options = render("dns/etc/bind/named.conf.options", settings, **_internet("dns/"))
@@ -299,10 +299,8 @@ def test_viruseye_serves_https_when_given_a_certificate(render, settings, tls, e
     ],
 )
 def test_viruseye_tls_settings_checked(tls, error):
-    from roles.goc import GocData
-
     with pytest.raises(ValueError, match=error):
-        GocData.model_validate({**_goc().model_dump(mode="json"), **tls})
+        GocSettings.model_validate({**_goc().model_dump(mode="json"), **tls})
 
 
 def test_self_signed_certificate_names_addresses_as_ip():
@@ -314,26 +312,23 @@ def test_self_signed_certificate_names_addresses_as_ip():
 
 
 def test_goc_bundle_keys_must_be_one_pair():
-    from roles.goc import GocBundlesData
+    from mailtower.settings import BundleKeys
 
     one, other = _bundle_keys(), _bundle_keys()
-    GocBundlesData(**one).check()
-    mixed = GocBundlesData(signing_key=one["signing_key"], public_key=other["public_key"])
+    BundleKeys(**one)
     with pytest.raises(ValueError, match="is not the public half of signing_key"):
-        mixed.check()
+        BundleKeys(signing_key=one["signing_key"], public_key=other["public_key"])
     with pytest.raises(ValueError, match="not PEM"):
-        GocBundlesData(signing_key="nope", public_key=one["public_key"]).check()
+        BundleKeys(signing_key="nope", public_key=one["public_key"])
 
 
 def test_lab_goc_data_serves_bundles_to_the_controller(monkeypatch, tmp_path):
     from inventory._lab import goc_data
     from mailtower.controller.lab import plan
-    from roles.goc import GocData
 
     monkeypatch.setattr(plan, "STATE_DIR", tmp_path / "lab")  # not the real lab's keys
-    g = GocData.model_validate(goc_data())
+    g = GocSettings.model_validate(goc_data())
     assert g.bundles is not None and g.bundles.port == 8026
-    g.bundles.check()
     assert [str(ip) for ip in g.bundle_readers] == ["10.201.0.1"]
     assert (tmp_path / "lab" / "bundle-keys" / "signing.pub").read_text() == g.bundles.public_key
 
