@@ -52,12 +52,25 @@ def test_postfix_check_is_clean(node):
         ("mydestination", ""),
         ("mynetworks", "127.0.0.0/8"),
         ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
+        ("postscreen_greet_action", "enforce"),
+        ("postscreen_access_list", "permit_mynetworks"),
+        ("postscreen_dnsbl_sites", ""),
     ],
 )
 def test_postfix_setting(node, tower, key, expected):
     if expected is None:
         expected = tower.settings.limits.queue_lifetime
     assert node.check_output(f"postconf -h {key}") == expected
+
+
+@pytest.mark.parametrize(
+    ("service", "command"),
+    [("smtp/inet", "postscreen"), ("smtpd/pass", "smtpd"), ("tlsproxy/unix", "tlsproxy")],
+)
+def test_port_25_is_screened_by_postscreen(node, service, command):
+    """Issue 15 (low): no pregreet test. postscreen takes port 25 and hands a client that
+    waited for the greeting to an smtpd (tests/e2e/test_25_relay_limits.py shows both sides)."""
+    assert node.check_output(f"postconf -M {service}").split()[7] == command
 
 
 def test_customer_routes_come_from_sql(node, tower):
@@ -146,3 +159,4 @@ def test_the_queue_exporter_is_not_root_and_still_counts_the_queue(node, tower):
         "/metrics"
     )
     assert 'mailtower_relay_queue_messages{queue="deferred"}' in metrics
+
