@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import all_templates, sample_settings
@@ -422,3 +423,39 @@ def test_a_message_set_aside_alerts(render, settings):
     block = text.split("- alert: MessageSetAside\n")[1].split("- alert:")[0]
     assert 'mailtower_messages_total{verdict="unprocessable"}' in block
     assert "3600 s" in block  # the limit as the settings give it
+
+
+def _unit_service(text: str) -> dict[str, str]:
+    """The [Service] section of a systemd unit (one value per key)."""
+    section = text.split("[Service]\n", 1)[1].split("\n[", 1)[0]
+    return dict(
+        line.split("=", 1) for line in section.splitlines() if line and not line.startswith("#")
+    )
+
+
+def test_the_relay_orderer_is_root_with_only_what_postsuper_needs(render, settings):
+    """Issue 15 (low): the orderer ran as root with every capability. postsuper refuses any
+    other user, so it stays root, with the capabilities postsuper and the queue need, a
+    read-only system, and no way to gain more."""
+    from mailtower.relay import order
+
+    unit = _unit_service(render("relay/etc/systemd/system/mailtower-relay-order.service", settings))
+    assert "User" not in unit
+    assert set(unit["CapabilityBoundingSet"].split()) == {
+        "CAP_SETUID",  # postsuper becomes the postfix user to move queue files
+        "CAP_SETGID",
+        "CAP_DAC_READ_SEARCH",  # the 0700 queue directories, postqueue's sockets
+    }
+    assert unit["NoNewPrivileges"] == "yes"
+    assert unit["ProtectSystem"] == "strict"
+    assert unit["ReadWritePaths"].split() == [str(order.SPOOL)]
+    # Its state file is in the one other place it may write.
+    assert order.STATE.parent == Path("/var/lib") / unit["StateDirectory"]
+
+
+def test_the_relay_exporter_is_not_root(render, settings):
+    unit = _unit_service(
+        render("relay/etc/systemd/system/mailtower-relay-exporter.service", settings)
+    )
+    assert unit["User"] == "mailtower"
+    assert unit["CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"
