@@ -396,7 +396,7 @@ def _sql_tower(tower: str, goc: str):
 
     goc_path = inventory_path(goc) if goc else None
     try:
-        return sqlpair.Tower.load(inventory_path(tower), goc_path)
+        return sqlpair.SqlTower.load(inventory_path(tower), goc_path)
     except sqlpair.PairError as exc:
         raise Exit(f"sql: {exc}", code=2) from exc
 

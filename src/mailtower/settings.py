@@ -102,11 +102,13 @@ def parse_icap_url(url: str) -> IcapUrl:
     return IcapUrl(parts.hostname, port, service)
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every settings model: unknown fields refused, values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Ports(_Model):
+class Ports(StrictModel):
     """TCP ports of the tower's services."""
 
     smtp: int = 25  # the relay's public SMTP listener
@@ -122,7 +124,7 @@ class Ports(_Model):
     prometheus: int = 9090
 
 
-class Limits(_Model):
+class Limits(StrictModel):
     """Limits and timers; durations use Postfix syntax (e.g. ``30s``, ``3d``)."""
 
     # Postfix's message_size_limit; scand takes filter_message_bytes (this with the relay's own).
@@ -212,7 +214,7 @@ class Limits(_Model):
         return self.filter_message_bytes + self.relay_header_bytes
 
 
-class Customer(_Model):
+class Customer(StrictModel):
     """A customer domain and the mail server the tower delivers it to."""
 
     domain: str
@@ -244,7 +246,7 @@ class Customer(_Model):
         return f"smtp:[{self.server}]:{self.port}"
 
 
-class TowerHosts(_Model):
+class TowerHosts(StrictModel):
     """Addresses of the tower's hosts, taken from the inventory."""
 
     relay: IPv4Address
@@ -266,7 +268,7 @@ class TowerHosts(_Model):
 Holder = Literal["tower", "relay", "scanners", "monitor"]
 
 
-class Secrets(_Model):
+class Secrets(StrictModel):
     """Passwords of the tower's SQL roles and its canary secret (kept out of the repository).
 
     The inventory holds the whole set (``held_by="tower"``); each host gets only its role's
@@ -298,7 +300,7 @@ ROLE_SECRETS: dict[str, tuple[str, ...]] = {
 }
 
 
-class Goc(_Model):
+class Goc(StrictModel):
     """The global operations centre the tower syncs with (docs/design.md "Across towers")."""
 
     address: IPv4Address  # where the tower's SQL primary and monitor reach the GOC's PostgreSQL
@@ -308,7 +310,7 @@ class Goc(_Model):
     bundle_port: int = 8026  # the GOC's published rule bundles (HTTP; signed, so not secret)
 
 
-class Bundles(_Model):
+class Bundles(StrictModel):
     """Signed rule bundles (mailtower.bundles): the GOC publishes, the monitor pulls, verifies
     and mirrors them, then rolls each one across the scanner pool (mailtower.monitor.rollout)."""
 
@@ -330,7 +332,7 @@ class Bundles(_Model):
         return value
 
 
-class TowerSettings(_Model):
+class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -613,7 +615,7 @@ OperatorName = Annotated[str, Field(pattern=_OPERATOR_RE.pattern)]
 OperatorPassword = Annotated[str, Field(min_length=12, max_length=1024)]
 
 
-class DnsUpdateKey(_Model):
+class DnsUpdateKey(StrictModel):
     """The TSIG key RFC 2136 updates (and zone transfers) must be signed with, as
     ``tsig-keygen`` makes it (mailtower.controller.dns.server.TsigKey signs with it)."""
 
@@ -634,7 +636,7 @@ class DnsUpdateKey(_Model):
         return value
 
 
-class DnsServer(_Model):
+class DnsServer(StrictModel):
     """An authoritative DNS server (roles/dns.py): the ``dns`` host data."""
 
     zones: list[DnsName] = Field(min_length=1)  # dynamic zones, seeded with SOA and NS once
@@ -651,7 +653,7 @@ class DnsServer(_Model):
         return value
 
 
-class LabSender(_Model):
+class LabSender(StrictModel):
     """The lab's internet MTA (roles/lab_sender.py): the ``sender`` host data."""
 
     domain: DnsName  # its mail comes from this domain
@@ -663,7 +665,7 @@ class LabSender(_Model):
     maximal_backoff: Duration = "30s"
 
 
-class SyncedTower(_Model):
+class SyncedTower(StrictModel):
     """A tower the GOC syncs with (its config subscription, its events publication)."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")  # its TowerSettings.name
@@ -671,7 +673,7 @@ class SyncedTower(_Model):
     monitor: IPv4Address  # reports the tower's state (mt_status) and pulls rule bundles
 
 
-class GocSecrets(_Model):
+class GocSecrets(StrictModel):
     """The GOC's passwords (kept out of the repository)."""
 
     sync: Password  # mt_sync at the GOC: what every tower's config subscription logs in as
@@ -680,7 +682,7 @@ class GocSecrets(_Model):
     towers: dict[str, Password] = {}  # tower name → its mt_sync (the GOC's events subscription)
 
 
-class BundleKeys(_Model):
+class BundleKeys(StrictModel):
     """The rule-bundle key pair the GOC signs with (PEM, as ``mailtower bundle keygen`` writes
     it), and the port it serves the published bundles on."""
 
@@ -713,7 +715,7 @@ class BundleKeys(_Model):
         return self
 
 
-class GocSettings(_Model):
+class GocSettings(StrictModel):
     """The global operations centre (roles/goc.py): the ``goc`` host data."""
 
     database: str = "goc"

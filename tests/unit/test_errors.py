@@ -55,3 +55,14 @@ def test_every_public_error_derives_from_the_root_and_lives_in_an_errors_module(
 
 def test_no_two_public_errors_share_a_name() -> None:
     assert {n: c for n, c in _public_errors().items() if len(c) > 1} == {}
+
+
+def test_no_two_classes_of_one_name_anywhere_in_the_package() -> None:
+    """One name, one meaning: a reader meeting ``Window`` or ``Change`` knows which one."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for name in _modules():
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if inspect.isclass(value) and value.__module__ == name and attr == value.__name__:
+                seen[attr].add(name)
+    assert {n: sorted(m) for n, m in seen.items() if len(m) > 1} == {}

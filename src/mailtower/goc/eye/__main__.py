@@ -159,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     Credentials(args.credentials).operators()  # fail now, not at the first login
-    window = queries.Window(
+    window = queries.TimeWindow(
         outbreaks=timedelta(hours=args.window_hours),
         thresholds=queries.Thresholds(stale_after_s=args.stale_after),
     )

@@ -63,7 +63,7 @@ class EyeConfig:
     credentials: Path
     secret: bytes
     refresh_s: float = 2.0
-    window: queries.Window = field(default_factory=queries.Window)
+    window: queries.TimeWindow = field(default_factory=queries.TimeWindow)
     session_lifetime_s: int = 12 * 3600
     secure_cookie: bool = False  # set when served over TLS (directly or behind a proxy)
     origin: str | None = None  # the public origin when behind a proxy, e.g. https://eye.goc
@@ -80,7 +80,7 @@ class EyeConfig:
 class Database:
     """A lazily (re)connected psycopg connection to the GOC hub, used by one thread at a time."""
 
-    def __init__(self, dsn: str, window: queries.Window):
+    def __init__(self, dsn: str, window: queries.TimeWindow):
         self.dsn = dsn
         self.window = window
         self._conn: psycopg.Connection | None = None

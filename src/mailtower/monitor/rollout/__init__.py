@@ -30,11 +30,11 @@ The modules, each importing only those listed below it::
     pull.py     the GOC's newest bundle into the mirror
     plan.py     which scanners are behind, how many may leave service at once
     canary.py   the canary messages and the check of scand's answers
-    state.py    the Monitor it needs, RolloutState, the records kept in the mirror
+    state.py    the RolloutMonitor it needs, RolloutState, the records kept in the mirror
 
 Usage (what mailtower.monitor.service does)::
 
-    rollout = Rollout(monitor, rules_mirror)   # monitor: anything with the Monitor protocol
+    rollout = Rollout(monitor, rules_mirror)   # monitor: anything with the RolloutMonitor protocol
     task = asyncio.create_task(rollout.run(stop))
     rollout.snapshot()                         # for /pool
 """
@@ -56,7 +56,7 @@ from mailtower.monitor.rollout.state import (
     MIRROR_DIR,
     REJECTED,
     UNVERIFIED,
-    Monitor,
+    RolloutMonitor,
     RolloutState,
 )
 from mailtower.monitor.rollout.window import SCAND_APPLY_BUDGET_S, TOKEN_HEADER
@@ -71,7 +71,7 @@ __all__ = [
     "TOKEN_HEADER",
     "UNVERIFIED",
     "CanaryFailed",
-    "Monitor",
+    "RolloutMonitor",
     "Rollout",
     "RolloutError",
     "RolloutState",

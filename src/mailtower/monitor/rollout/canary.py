@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mailtower import bundles
 from mailtower.monitor.errors import CanaryFailed, RolloutError
-from mailtower.monitor.pool import Scanner
+from mailtower.monitor.pool import PoolMember
 from mailtower.scanning import testdata
 
 log = logging.getLogger("mailtower.monitor.rollout")
@@ -97,7 +97,7 @@ class Samples:
 
 
 async def run_canaries(
-    s: Scanner, port: int, token: str, version: int | None, samples: list[bundles.Canary]
+    s: PoolMember, port: int, token: str, version: int | None, samples: list[bundles.Canary]
 ) -> None:
     """The built-in canaries, then the bundle's own ``samples``, to the scanner's filter
     ``port``: each must get its verdict, scanned with ``version``. CanaryFailed when the rules

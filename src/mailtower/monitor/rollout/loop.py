@@ -11,14 +11,14 @@ from pathlib import Path
 
 from mailtower import bundles
 from mailtower.monitor.errors import CanaryFailed, HAProxyError
-from mailtower.monitor.pool import Scanner
+from mailtower.monitor.pool import PoolMember
 from mailtower.monitor.rollout import plan
 from mailtower.monitor.rollout.canary import Samples
 from mailtower.monitor.rollout.plan import RETRY_AFTER_S
 from mailtower.monitor.rollout.pull import Puller
 from mailtower.monitor.rollout.state import (
     MIRROR_DIR,
-    Monitor,
+    RolloutMonitor,
     RolloutState,
     good_target,
     load_rejected,
@@ -32,7 +32,7 @@ log = logging.getLogger("mailtower.monitor.rollout")
 class Rollout:
     """The monitor's bundle mirror and the rolling update of its scanners."""
 
-    def __init__(self, monitor: Monitor, mirror_dir: Path = MIRROR_DIR) -> None:
+    def __init__(self, monitor: RolloutMonitor, mirror_dir: Path = MIRROR_DIR) -> None:
         settings = monitor.settings
         assert settings.bundles is not None and settings.secrets.canary is not None
         self.monitor = monitor
@@ -83,7 +83,7 @@ class Rollout:
 
     # -- rolling -------------------------------------------------------------------------------
 
-    def behind(self) -> list[Scanner]:
+    def behind(self) -> list[PoolMember]:
         """Scanners in service that do not run the target version, in pool order."""
         return plan.behind(
             self.monitor.pool.scanners, self.state.target, self._retry_at, time.monotonic()
@@ -146,7 +146,7 @@ class Rollout:
             if failed:
                 return
 
-    async def update(self, s: Scanner, target: int) -> None:
+    async def update(self, s: PoolMember, target: int) -> None:
         """One scanner's window (window.py)."""
         await self.windows.update(s, target)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from mailtower.monitor.pool import Scanner
+from mailtower.monitor.pool import PoolMember
 
 # A scanner whose update failed (not the canary of a new version: that rejects the version)
 # is left alone this long, so one broken scanner is not drained again every round.
@@ -18,8 +18,8 @@ RETRY_AFTER_S = 60.0
 
 
 def behind(
-    scanners: Sequence[Scanner], target: int | None, retry_at: Mapping[str, float], now: float
-) -> list[Scanner]:
+    scanners: Sequence[PoolMember], target: int | None, retry_at: Mapping[str, float], now: float
+) -> list[PoolMember]:
     """Scanners in service that do not run ``target``, in pool order, leaving out those
     waiting until ``retry_at`` after a failed update."""
     if target is None:
@@ -36,7 +36,7 @@ def behind(
 
 
 def room(
-    scanners: Sequence[Scanner], sessions: int, per_scanner: int, batch: int, spare: int
+    scanners: Sequence[PoolMember], sessions: int, per_scanner: int, batch: int, spare: int
 ) -> int:
     """How many scanners may leave service now: the rest must carry ``sessions``, each
     ``per_scanner`` (``limits.scan_concurrency``) of them, with ``spare`` to spare."""
@@ -45,7 +45,7 @@ def room(
     return max(0, min(batch, in_service - max(needed, 1)))
 
 
-def first_of_version(scanners: Sequence[Scanner], target: int) -> bool:
+def first_of_version(scanners: Sequence[PoolMember], target: int) -> bool:
     """Whether no scanner runs ``target`` yet: its first update goes alone, and a failed
     canary there rejects the version."""
     return all(s.rules_bundle != target for s in scanners)

@@ -25,7 +25,7 @@ REJECTED = "rejected.json"
 UNVERIFIED = "unverified.json"
 
 
-class Monitor(Protocol):
+class RolloutMonitor(Protocol):
     """What a rollout needs of the monitor that runs it (mailtower.monitor.service.Monitor):
     its settings, pool and metrics, and the relay's HAProxy with the lock every change of a
     scanner's state takes."""

@@ -25,10 +25,10 @@ from pathlib import Path
 from mailtower import bundles
 from mailtower.monitor import health
 from mailtower.monitor.errors import CanaryFailed, HAProxyError, RolloutError
-from mailtower.monitor.pool import MAINT, READY, Scanner
+from mailtower.monitor.pool import MAINT, READY, PoolMember
 from mailtower.monitor.rollout.canary import run_canaries
 from mailtower.monitor.rollout.state import (
-    Monitor,
+    RolloutMonitor,
     RolloutState,
     load_unverified,
     record_unverified,
@@ -49,7 +49,7 @@ class Windows:
 
     def __init__(
         self,
-        monitor: Monitor,
+        monitor: RolloutMonitor,
         state: RolloutState,
         mirror_dir: Path,
         samples: Callable[[int | None], list[bundles.Canary]],
@@ -70,7 +70,7 @@ class Windows:
                 state.stuck.add(name)
                 self._unverified.add(name)
 
-    async def update(self, s: Scanner, target: int) -> None:
+    async def update(self, s: PoolMember, target: int) -> None:
         """One scanner's window: out of service, apply, canary, back (or roll back).
 
         A scanner goes back in service only with rules that passed their canary: its old ones
@@ -149,7 +149,7 @@ class Windows:
             log.warning("event=rules_scanner_unstuck scanner=%s version=%s", name, s.rules_bundle)
             await self._release(s)
 
-    async def _release(self, s: Scanner) -> None:
+    async def _release(self, s: PoolMember) -> None:
         """Back in service if its health probes say it is well; otherwise left in maintenance
         for the health state machine to set ready after ``recover_after`` good probes.
         Reconcile repeats the HAProxy call if HAProxy does not answer now."""
@@ -166,7 +166,7 @@ class Windows:
                 with contextlib.suppress(HAProxyError):
                     await monitor.haproxy.set_state(s.name, READY)
 
-    async def _settle(self, s: Scanner) -> None:
+    async def _settle(self, s: PoolMember) -> None:
         """Establish that the scanner's rules may serve: the canary of the version it runs, and
         a rollback if that fails. Raises when it cannot."""
         port, timeout = self.settings.ports.scanner_http, self.settings.limits.health_timeout_s
@@ -187,7 +187,7 @@ class Windows:
         else:
             s.rules_bundle = running
 
-    async def _post(self, s: Scanner, path: str, body: dict | None) -> tuple[int, dict]:
+    async def _post(self, s: PoolMember, path: str, body: dict | None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else b""
         port = self.settings.ports.scanner_http
         headers = {TOKEN_HEADER: self.token}
@@ -195,7 +195,7 @@ class Windows:
         timeout = self.config.apply_timeout_s + SCAND_APPLY_BUDGET_S
         return await health.request(s.address, port, "POST", path, data, headers, timeout)
 
-    async def _drained(self, s: Scanner) -> None:
+    async def _drained(self, s: PoolMember) -> None:
         """Wait until no message is on its way to the scanner: HAProxy has no session open to
         it (the relay opens one per message; a session opened before ``maint`` may not have
         reached DATA yet) and scand has none in flight. At ``drain_timeout_s`` the apply goes
@@ -223,11 +223,11 @@ class Windows:
                 return
             await asyncio.sleep(0.2)
 
-    async def _canary(self, s: Scanner, version: int | None) -> None:
+    async def _canary(self, s: PoolMember, version: int | None) -> None:
         port = self.settings.ports.filter
         await run_canaries(s, port, self.token, version, self.samples(version))
 
-    async def _roll_back(self, s: Scanner) -> None:
+    async def _roll_back(self, s: PoolMember) -> None:
         status, doc = await self._post(s, "/rules/rollback", None)
         if status != 200:
             raise RolloutError(f"{s.name}: rollback answered {status}: {doc.get('reason', doc)}")

@@ -1,7 +1,8 @@
 """What every format reader shares: the limits, the anomalies, and the expansion's budget.
 
 An :class:`Expansion` counts every entry, signature, byte and CPU second of one expansion and
-raises :class:`LimitExceeded` at the first limit crossed (the bomb guard of every format); a
+raises :class:`ContainerLimitExceeded` at the first limit crossed (the bomb guard of every
+format); a
 :class:`Sink` collects one member's output and charges each chunk before keeping it;
 :meth:`Expansion.member` turns what a reader produced into a member and recurses into it. The
 recursion itself (which reader reads an object) is ``_dispatch``'s: this module imports no
@@ -64,13 +65,13 @@ class ContainerLimits:
 # -- limits and accounting ---------------------------------------------------------------------
 
 
-class LimitExceeded(Exception):
+class ContainerLimitExceeded(Exception):
     def __init__(self, which: str):
         super().__init__(which)
         self.which = which
 
 
-class WallTimeout(LimitExceeded):
+class WallTimeout(ContainerLimitExceeded):
     """The wall-clock backstop ran out (anomaly container.wall-timeout, not a limit finding)."""
 
     def __init__(self) -> None:
@@ -153,7 +154,7 @@ class Expansion:
     def check_time(self) -> None:
         now = time.monotonic()
         if now >= self.cpu_possible and time.thread_time() >= self.cpu_deadline:
-            raise LimitExceeded("time")
+            raise ContainerLimitExceeded("time")
         if now >= self.wall_deadline:
             raise WallTimeout()
 
@@ -161,13 +162,13 @@ class Expansion:
         """Count one archive signature examined inside an object (a candidate, real or not)."""
         self.signatures += 1
         if self.signatures > self.limits.max_signatures:
-            raise LimitExceeded("signatures")
+            raise ContainerLimitExceeded("signatures")
         self.check_time()
 
     def count_entry(self) -> None:
         self.entries += 1
         if self.entries > self.limits.max_members:
-            raise LimitExceeded("members")
+            raise ContainerLimitExceeded("members")
         self.check_time()
 
     def charge(self, n: int, member_size: int, member_input: int) -> None:
@@ -175,15 +176,15 @@ class Expansion:
         limits = self.limits
         self.expanded += n
         if self.expanded > limits.max_expanded_bytes:
-            raise LimitExceeded("bytes")
+            raise ContainerLimitExceeded("bytes")
         if member_size > limits.ratio_grace_bytes and (
             member_size > limits.max_ratio * max(member_input, 1)
         ):
-            raise LimitExceeded("ratio")
+            raise ContainerLimitExceeded("ratio")
         if self.expanded > limits.ratio_grace_bytes and (
             self.expanded > limits.max_ratio * self.source_size
         ):
-            raise LimitExceeded("ratio")
+            raise ContainerLimitExceeded("ratio")
         self.check_time()
 
     def sink(self) -> Sink:
@@ -216,7 +217,7 @@ class Expansion:
         sink = self.sink()
         try:
             produce(sink)
-        except LimitExceeded:
+        except ContainerLimitExceeded:
             if sink.size:
                 self.add(parent, name, sink, names)  # the bytes before the limit are scanned
             raise

@@ -2,8 +2,8 @@
 
 Input goes in ``IN_CHUNK`` bytes at a time and each call may produce at most ``OUT_CHUNK``
 bytes, every one charged to the sink before it is kept: a bomb stops at the first limit it
-crosses. Decoder errors become :class:`Corrupt` (or ``LimitExceeded("memory")`` when an LZMA
-header asks for more memory than allowed).
+crosses. Decoder errors become :class:`Corrupt` (or ``ContainerLimitExceeded("memory")`` when an
+LZMA header asks for more memory than allowed).
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from mailtower.scanning.containers._core import IN_CHUNK, OUT_CHUNK, Corrupt, LimitExceeded, Sink
+from mailtower.scanning.containers._core import (
+    IN_CHUNK,
+    OUT_CHUNK,
+    ContainerLimitExceeded,
+    Corrupt,
+    Sink,
+)
 
 
 class Decoder(Protocol):
@@ -84,7 +90,7 @@ def decode(src: memoryview, new_decoder: Callable[[], Decoder], sink: Sink) -> i
                 sink.write(out)
     except lzma.LZMAError as exc:
         if "memory" in str(exc).lower():
-            raise LimitExceeded("memory") from exc
+            raise ContainerLimitExceeded("memory") from exc
         raise Corrupt(f"{exc}") from exc
     except _DECODE_ERRORS as exc:
         raise Corrupt(f"{exc}") from exc

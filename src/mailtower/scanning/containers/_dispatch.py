@@ -16,8 +16,8 @@ from mailtower.scanning.containers._core import (
     ANOMALY_CORRUPT,
     ANOMALY_LIMIT,
     ANOMALY_WALL_TIMEOUT,
+    ContainerLimitExceeded,
     Expansion,
-    LimitExceeded,
     MiB,
     WallTimeout,
     log,
@@ -115,7 +115,7 @@ class Expander(Expansion):
         except WallTimeout:
             log.warning("%s: container expansion outran its wall-clock backstop", self.obj.path)
             self.anomaly(ANOMALY_WALL_TIMEOUT)
-        except LimitExceeded as exc:
+        except ContainerLimitExceeded as exc:
             log.info("%s: container limit exceeded: %s", self.obj.path, exc.which)
             self.anomaly(f"{ANOMALY_LIMIT}:{exc.which}")
         except Exception:
@@ -131,7 +131,7 @@ class Expander(Expansion):
         if detect(obj.data)[0] is None:
             return
         if obj.depth >= self.limits.max_depth:
-            raise LimitExceeded("depth")
+            raise ContainerLimitExceeded("depth")
         self.check_time()
         covered = locate.Spans()
         kind, certain = detect_head(obj.data)

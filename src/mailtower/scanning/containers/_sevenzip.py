@@ -17,8 +17,8 @@ from mailtower.scanning.containers._core import (
     ANOMALY_ENCRYPTED,
     ANOMALY_UNSUPPORTED,
     OUT_CHUNK,
+    ContainerLimitExceeded,
     Expansion,
-    LimitExceeded,
     Sink,
     log,
 )
@@ -33,7 +33,7 @@ def read(
     if end is not None:
         covered.add(start, end)
     factory = _SevenZipSinks(ex)
-    window = locate.Window(memoryview(obj.data), start, len(obj.data))
+    window = locate.ByteWindow(memoryview(obj.data), start, len(obj.data))
     try:
         with py7zr.SevenZipFile(window, mode="r") as archive:  # type: ignore[arg-type]
             if archive.needs_password():
@@ -45,7 +45,7 @@ def read(
     except py7zr.exceptions.PasswordRequired:
         ex.anomaly(ANOMALY_ENCRYPTED)
         return
-    except LimitExceeded:
+    except ContainerLimitExceeded:
         for name, sink in factory.sinks:
             if sink.size:
                 ex.add(obj, name, sink, frozenset({name}))

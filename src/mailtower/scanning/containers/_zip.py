@@ -15,9 +15,9 @@ from mailtower.scanning.containers._core import (
     ANOMALY_ENCRYPTED,
     ANOMALY_UNSUPPORTED,
     OUT_CHUNK,
+    ContainerLimitExceeded,
     Corrupt,
     Expansion,
-    LimitExceeded,
     Sink,
     Unsupported,
     copy,
@@ -69,12 +69,12 @@ def _zip_directory(
     first, last = directory.entries_region
     entries = data.count(locate.ZIP_CENTRAL, first, last)
     if entries > ex.limits.max_members - ex.entries:
-        raise LimitExceeded("members")
+        raise ContainerLimitExceeded("members")
     ex.entries += entries
     src = memoryview(data)
     try:
         # Up to the end record: zipfile finds it last, as if nothing came after it.
-        archive = zipfile.ZipFile(locate.Window(src, 0, directory.end))
+        archive = zipfile.ZipFile(locate.ByteWindow(src, 0, directory.end))
         infos = archive.infolist()
     except NotImplementedError as exc:  # e.g. "zip file version 7.1" (newer than zipfile)
         log.info("%s: unsupported zip: %s", obj.path, exc)
@@ -347,7 +347,7 @@ def _zip_lzma_decoder(raw: memoryview, max_dict: int) -> tuple[Decoder, int]:
         raise Corrupt("bad zip LZMA properties")
     (dict_size,) = struct.unpack_from("<I", props, 1)
     if dict_size > max_dict:  # FORMAT_RAW takes no memlimit: check the dictionary by hand
-        raise LimitExceeded("memory")
+        raise ContainerLimitExceeded("memory")
     pb, rest = divmod(props[0], 45)
     lp, lc = divmod(rest, 9)
     lzma_filter = {"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc, "lp": lp, "pb": pb}

@@ -27,7 +27,7 @@ class Rule:
     """A loaded rule: its data and the kind object that applies it."""
 
     spec: RuleSpec
-    kind: _kinds.Kind
+    kind: _kinds.FileKind
 
     @property
     def id(self) -> str:
