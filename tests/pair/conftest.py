@@ -59,9 +59,9 @@ class Pair:
     def eye_cert(self) -> bytes:
         """The certificate VirusEye serves, read from the GOC over SSH: trusting what the TLS
         connection itself offers would trust whoever answers."""
-        from roles.goc import GocData
+        from mailtower.settings import GocSettings
 
-        tls = GocData.model_validate(self.goc_data).eye_tls()
+        tls = GocSettings.model_validate(self.goc_data).eye_tls()
         assert tls is not None, "the lab GOC's VirusEye has no certificate of its own"
         return bytes(self.goc().file(tls[0]).content)
 

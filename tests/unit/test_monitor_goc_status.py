@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from mailtower.goc.eye.status import TowerStatus
 from mailtower.monitor import goc_status, replication, service
-from mailtower.monitor.goc_status import RelayQueueError
+from mailtower.monitor.errors import RelayQueueError
 from mailtower.monitor.replication import Standby
 from mailtower.monitor.service import Monitor
 from mailtower.relay import exporter as relay_exporter

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from mailtower.goc.eye import queries
 from mailtower.goc.eye.app import Database, EyeConfig, make_app
-from mailtower.goc.eye.auth import AuthError, Credentials
+from mailtower.goc.eye.auth import Credentials
+from mailtower.goc.eye.errors import AuthError
 from mailtower.goc.eye.revocations import PgRevocations
 
 log = logging.getLogger("mailtower.goc.eye")
@@ -163,7 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     Credentials(args.credentials).operators()  # fail now, not at the first login
-    window = queries.Window(
+    window = queries.TimeWindow(
         outbreaks=timedelta(hours=args.window_hours),
         thresholds=queries.Thresholds(stale_after_s=args.stale_after),
     )

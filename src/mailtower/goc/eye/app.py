@@ -28,7 +28,8 @@ import psycopg
 from aiohttp import web
 
 from mailtower.goc.eye import queries
-from mailtower.goc.eye.auth import Credentials, CredentialsError, LoginLimiter, Session, Sessions
+from mailtower.goc.eye.auth import Credentials, LoginLimiter, Session, Sessions
+from mailtower.goc.eye.errors import CredentialsError
 from mailtower.goc.eye.revocations import MemoryRevocations, RevocationStore
 
 log = logging.getLogger("mailtower.goc.eye")
@@ -65,7 +66,7 @@ class EyeConfig:
     credentials: Path
     secret: bytes
     refresh_s: float = 2.0
-    window: queries.Window = field(default_factory=queries.Window)
+    window: queries.TimeWindow = field(default_factory=queries.TimeWindow)
     session_lifetime_s: int = 12 * 3600
     # Served over HTTPS (directly or behind a TLS proxy): the session cookie is Secure and
     # every response carries HSTS. Only a loopback listener is ever plain (tests, a proxy).
@@ -84,7 +85,7 @@ class EyeConfig:
 class Database:
     """A lazily (re)connected psycopg connection to the GOC hub, used by one thread at a time."""
 
-    def __init__(self, dsn: str, window: queries.Window):
+    def __init__(self, dsn: str, window: queries.TimeWindow):
         self.dsn = dsn
         self.window = window
         self._conn: psycopg.Connection | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from mailtower.goc.eye.status import apply_schema, missing_columns
 from mailtower.goc.sync import subscription
@@ -43,6 +43,7 @@ from mailtower.goc.sync.names import (
 )
 from mailtower.goc.sync.roles import ensure_login_role, ensure_privileges, scram_matches
 from mailtower.goc.sync.tower import ensure_tower
+from mailtower.settings import StrictModel
 
 STATUS_ROLE = "mt_status"  # a tower's monitor: its row of tower_status
 EYE_ROLE = "mt_eye"  # VirusEye: reads the hub
@@ -51,11 +52,7 @@ EYE_TABLES = ("verdict_events", "tower_status", "customers", "domains")
 EYE_REVOCATIONS = ("eye_revoked_sessions", ("SELECT", "INSERT", "DELETE"))
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TowerSide(_Model):
+class TowerSide(StrictModel):
     """``/etc/mailtower/sync/tower.json`` on a tower's SQL hosts."""
 
     tower: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -64,7 +61,7 @@ class TowerSide(_Model):
     sync_password: str = Field(min_length=16)  # this tower's mt_sync, which the GOC uses
 
 
-class GocTower(_Model):
+class GocTower(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
     # Its SQL hosts (ADDRESS, or ADDRESS:PORT when not ``port``): whichever is primary is followed.
     hosts: list[str] = Field(min_length=1)
@@ -84,7 +81,7 @@ class GocTower(_Model):
         )
 
 
-class GocSide(_Model):
+class GocSide(StrictModel):
     """``/etc/mailtower/sync/goc.json`` at the GOC."""
 
     dsn: str = "dbname=goc"  # superuser at the GOC (local socket, as postgres)
