@@ -396,7 +396,7 @@ def _sql_tower(tower: str, goc: str):
 
     goc_path = inventory_path(goc) if goc else None
     try:
-        return sqlpair.Tower.load(inventory_path(tower), goc_path)
+        return sqlpair.SqlTower.load(inventory_path(tower), goc_path)
     except sqlpair.PairError as exc:
         raise Exit(f"sql: {exc}", code=2) from exc
 
@@ -446,7 +446,8 @@ def sql_rebuild(c, tower="lab-a", host=""):
 )
 def bundle_publish(c, rules="", version=0):
     """Copy a rules directory to the lab GOC, build and sign the bundle there, publish it."""
-    from mailtower.controller.lab.bundles import PublishError, publish_at_goc
+    from mailtower.controller.errors import PublishError
+    from mailtower.controller.lab.bundles import publish_at_goc
     from mailtower.scanning.rules import RULES_DIR
 
     rules_dir = Path(rules) if rules else RULES_DIR

@@ -6,10 +6,10 @@ pyinfra inventory/lab_a.py deploys/lab.py
 from pyinfra import host
 
 from mailtower.controller.lab import plan
-from roles.lab_mailserver import deploy_lab_mailserver
+from roles import lab_mailserver
 from roles.tower import deploy_tower
 
-deploy_tower(extra_packages=["postfix"] if "customers" in host.groups else None)
+deploy_tower(extra_packages=lab_mailserver.PACKAGES if "customers" in host.groups else None)
 if "customers" in host.groups:
     index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1
-    deploy_lab_mailserver(domain=plan.customer_domain(index))
+    lab_mailserver.deploy_lab_mailserver(domain=plan.customer_domain(index))

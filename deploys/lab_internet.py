@@ -7,14 +7,13 @@ from pyinfra import host
 from pyinfra.operations import apt
 
 from mailtower.controller.lab import plan
-from roles import dns, goc, lab_sender
-from roles.lab_mailserver import deploy_lab_mailserver
+from roles import dns, goc, lab_mailserver, lab_sender
 from roles.tower import refresh_package_lists
 
 packages = sorted(
     set(dns.PACKAGES if "dns" in host.groups else [])
     | set(lab_sender.PACKAGES if "sender" in host.groups else [])
-    | ({"postfix"} if "customers" in host.groups else set())
+    | set(lab_mailserver.PACKAGES if "customers" in host.groups else [])
     | set(goc.PACKAGES if "goc" in host.groups else [])
 )
 refresh_package_lists()
@@ -27,4 +26,4 @@ if "goc" in host.groups:
     goc.deploy_goc()
 if "customers" in host.groups:
     index = [h.name for h in plan.customer_hosts()].index(host.data.lab_name) + 1
-    deploy_lab_mailserver(domain=plan.customer_domain(index))
+    lab_mailserver.deploy_lab_mailserver(domain=plan.customer_domain(index))

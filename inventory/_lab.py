@@ -1,4 +1,5 @@
-"""Builds a pyinfra inventory of a lab tower from the lab's address plan (mailtower.controller.lab.plan)."""
+"""Builds a pyinfra inventory of a lab tower from the lab's address plan
+(mailtower.controller.lab.plan)."""
 
 from __future__ import annotations
 
@@ -105,8 +106,10 @@ def goc_data() -> dict:
         "towers": towers,
         "customers": lab_customers(),
         "operators": {"operator": secrets["eye_operator"]},
-        # The controller's Chromium reaches it on the lab net (plain HTTP: lab traffic only).
+        # The controller's Chromium reaches it on the lab net, over HTTPS with a certificate
+        # the deploy makes; the lab's checks trust exactly that one (fetched over SSH).
         "eye_listen": "0.0.0.0:8025",
+        "eye_tls_self_signed": [str(plan.goc_host().address), plan.goc_host().name],
         "secrets": {
             "eye_db": secrets["eye_db"],
             # Each tower's sync and status passwords, as that tower's own settings hold them.

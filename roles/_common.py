@@ -1,4 +1,10 @@
-"""What every role shares: the tower's settings from the inventory, templates, the wheelhouse."""
+"""What every role shares: its typed settings from the inventory, templates, the wheelhouse.
+
+A role reads as three stages: ``install()`` (users, the mailtower wheel, packages beyond its
+``PACKAGES``, which the deploy installs for every host at once), ``configure()`` (files,
+returning the operations that wrote them) and ``activate()`` (services, each checked and
+restarted only when its files changed).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,18 @@ import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from gevent.lock import Semaphore
+from pydantic import BaseModel
 from pyinfra import host, inventory
 from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
 from mailtower.controller.inventory import TOWER_GROUPS, tower_settings
-from mailtower.settings import SettingsError, TowerSettings
+from mailtower.errors import SettingsError
+from mailtower.settings import TowerSettings, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -51,6 +60,22 @@ def settings() -> TowerSettings:
     addresses = {g: [address(h) for h in _group(g)] for g in TOWER_GROUPS}
     try:
         return tower_settings(data, addresses)
+    except SettingsError as exc:
+        raise DeployError(f"{host.name}: {exc}") from exc
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def host_settings(model: type[M], key: str, example: str) -> M:
+    """Host data ``key`` as ``model`` (e.g. GocSettings), validated before the role changes
+    anything; DeployError naming the host and each bad field (``example``: an inventory
+    that gives it)."""
+    data = host.data.get(key)
+    if not data:
+        raise DeployError(f"{host.name}: host data has no {key!r} settings (see {example})")
+    try:
+        return validate(model, data, f"{key!r} host data")
     except SettingsError as exc:
         raise DeployError(f"{host.name}: {exc}") from exc
 

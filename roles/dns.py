@@ -2,7 +2,9 @@
 
 The lab's "internet" runs one; `invoke dns` publishes the towers' MX records into it
 (mailtower.controller.dns). A real pair publishes into its operator's own authoritative
-servers instead.
+servers instead. Its host data ``dns`` is a ``mailtower.settings.DnsServer``.
+
+Install: ``PACKAGES`` only (the deploy installs them).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import io
 from jinja2 import Template
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
-from roles._common import TEMPLATES, activate, changes
+from mailtower.settings import DnsServer
+from roles import _common
+from roles._common import TEMPLATES
 
 PACKAGES = ["bind9", "bind9-dnsutils"]
 ZONE_DIR = "/var/lib/bind"  # writable by named: dynamic zones keep their journal here
@@ -26,21 +29,12 @@ def zone_file(zone: str) -> str:
     return f"{ZONE_DIR}/db.{zone.rstrip('.')}"
 
 
-def _data() -> dict:
-    data = host.data.get("dns")
-    required = ("zones", "ns_name", "ns_address", "update_from", "tsig")
-    if not data or any(k not in data for k in required):
-        raise DeployError(
-            f"{host.name}: host data 'dns' must give {', '.join(required)} "
-            f"(see inventory/lab_internet.py)"
-        )
-    return data
+def settings() -> DnsServer:
+    """The ``dns`` host data, validated: DeployError naming the host and the bad field."""
+    return _common.host_settings(DnsServer, "dns", "inventory/lab_internet.py")
 
 
-@deploy("mailtower authoritative DNS (BIND 9)")
-def deploy_dns():
-    d = _data()
-    key = d["tsig"]
+def configure(d: DnsServer) -> list:
     rendered = []
     for name in ("named.conf.options", "named.conf.local"):
         rendered.append(
@@ -60,7 +54,7 @@ def deploy_dns():
             name="Render /etc/bind/mailtower-update.key",
             src=str(TEMPLATES / "dns/etc/bind/mailtower-update.key.j2"),
             dest="/etc/bind/mailtower-update.key",
-            key=key,
+            key=d.tsig,
             mode="640",
             user="root",
             group="bind",
@@ -68,7 +62,7 @@ def deploy_dns():
     )
     # A dynamic zone belongs to named once it exists (records arrive by RFC 2136 and live in
     # its journal): the seed with SOA and NS is written only when the zone file is missing.
-    for zone in d["zones"]:
+    for zone in d.zones:
         path = zone_file(zone)
         if host.get_fact(File, path=path) is None:
             seed = (TEMPLATES / "dns/var/lib/bind/db.zone.j2").read_text()
@@ -85,4 +79,13 @@ def deploy_dns():
                     group="bind",
                 )
             )
-    activate("named", changes(rendered), check="named-checkconf -z")
+    return rendered
+
+
+def activate(ops: list) -> None:
+    _common.activate("named", _common.changes(ops), check="named-checkconf -z")
+
+
+@deploy("mailtower authoritative DNS (BIND 9)")
+def deploy_dns():
+    activate(configure(settings()))

@@ -2,31 +2,22 @@
 policy (published to every tower) and the union of every tower's verdict events (subscribed
 from each), and VirusEye, the live outbreak view operators log in to.
 
-Host data ``goc`` (see inventory/lab_goc.py):
-
-- ``towers``: ``[{name, sql: [primary, standby], monitor}]``, the towers it syncs with
-- ``customers``: ``[{domain, server}]`` loaded at the GOC (operators add more there)
-- ``operators``: ``{name: password}`` who may log in to VirusEye
-- ``secrets``: ``eye_db`` (mt_eye), and ``towers: {name: {sql_sync, goc_sync, goc_status}}``,
-  each tower's own passwords exactly as that tower's settings hold them (``secrets.*``): its
-  ``mt_sync`` the GOC connects as, and its roles here, ``mt_sync_<tower>`` (config
-  subscription) and ``mt_status_<tower>`` (its monitor, which may write only its own
-  ``tower_status`` row). No two towers share a password (docs/runbook.md, "Secrets")
-- ``bundles`` (optional): ``{signing_key, public_key, port}``, the rule-bundle key pair (PEM
-  text, as ``mailtower bundle keygen`` writes it); the GOC then serves what is published in
-  /srv/mailtower/bundles (``mailtower bundle publish``) over HTTP on ``port`` to the towers'
-  monitors, 127.0.0.1 and ``bundle_readers``
+Its host data ``goc`` is a ``mailtower.settings.GocSettings`` (see inventory/lab_goc.py):
+the towers it syncs with, the customers loaded at the GOC, VirusEye's operators and how it
+serves HTTPS (it serves nothing else: the operator's certificate, one the deploy makes, or a
+TLS proxy in front), its passwords (VirusEye's, and each tower's own: the GOC makes
+``mt_sync_<tower>`` and ``mt_status_<tower>``; docs/runbook.md, "Secrets"), and optionally the
+rule-bundle key pair; the GOC then serves what is published in /srv/mailtower/bundles
+(``mailtower bundle publish``) over HTTP to the towers' monitors, 127.0.0.1 and
+``bundle_readers``.
 """
 
 from __future__ import annotations
 
-import re
-from ipaddress import IPv4Address, ip_address
-from typing import Any
+from ipaddress import ip_address
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pyinfra import host
-from pyinfra.api import DeployError, FactBase, deploy
+from pyinfra.api import FactBase, deploy
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, postgres, server
 
@@ -35,7 +26,7 @@ from mailtower.goc.eye.auth import hash_password, parse_credentials, verify_pass
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.deployed import GocSide, GocTower
 from mailtower.goc.sync.names import goc_sync_role
-from mailtower.settings import Customer, Goc
+from mailtower.settings import EYE_TLS_CERT, EYE_TLS_KEY, GocSettings
 from roles import _common
 from roles._facts import SyncPending
 
@@ -43,175 +34,33 @@ PG = "/etc/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "curl"]
 OPERATORS = "/etc/mailtower/eye/operators"
-EYE_PORT = 8025
-EYE_TLS_CERT = "/etc/mailtower/eye/tls.crt"  # eye_tls_self_signed: made by the deploy
-EYE_TLS_KEY = "/etc/mailtower/eye/tls.key"
-TLS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")
+EYE_TLS_NAMES = "/etc/mailtower/eye/tls.names"  # what the self-signed one was made for
 BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
 BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
 
 
-# Each tower's own passwords in ``secrets.towers.<name>``, named as in its settings (Secrets).
-TOWER_KEYS = ("sql_sync", "goc_sync", "goc_status")
+def settings() -> GocSettings:
+    """The ``goc`` host data, validated: DeployError naming the host and the bad field."""
+    return _common.host_settings(GocSettings, "goc", "inventory/lab_goc.py")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GocTowerData(_Model):
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
-    sql: list[IPv4Address] = Field(min_length=1, max_length=2)
-    monitor: IPv4Address
-
-
-class GocBundlesData(_Model):
-    """The rule-bundle key pair the GOC signs with, and the port it serves bundles on."""
-
-    signing_key: str  # PEM (PKCS#8), secret: it never leaves the GOC
-    public_key: str  # PEM; every tower holds the same one (TowerSettings.bundles.public_key)
-    port: int = Field(Goc.model_fields["bundle_port"].default, ge=1, le=65535)
-
-    def check(self) -> None:
-        """Both keys load and are one pair (a mismatch would make every tower refuse)."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-            Ed25519PrivateKey,
-            Ed25519PublicKey,
-        )
-
-        try:
-            private = serialization.load_pem_private_key(self.signing_key.encode(), None)
-            public = serialization.load_pem_public_key(self.public_key.encode())
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"bundles: a key is not PEM: {exc}") from exc
-        if not isinstance(private, Ed25519PrivateKey) or not isinstance(public, Ed25519PublicKey):
-            raise ValueError("bundles: signing_key and public_key must be Ed25519 keys")
-        if bundles.key_id(private.public_key()) != bundles.key_id(public):
-            raise ValueError(
-                f"bundles: public_key (key {bundles.key_id(public)}) is not the public half of "
-                f"signing_key (key {bundles.key_id(private.public_key())})"
+def sync_side(g: GocSettings) -> GocSide:
+    """/etc/mailtower/sync/goc.json: what ``mailtower sync goc`` needs of these settings, each
+    tower with its own passwords (GocSettings checked it has them, shared with no other)."""
+    return GocSide(
+        dsn=f"dbname={g.database} port={g.port}",
+        eye_password=g.secrets.eye_db,
+        towers=[
+            GocTower(
+                name=t.name,
+                hosts=[str(ip) for ip in t.sql],
+                sync_password=g.secrets.towers[t.name].sql_sync,  # its mt_sync: the GOC's login
+                goc_sync_password=g.secrets.towers[t.name].goc_sync,  # mt_sync_<tower> here
+                status_password=g.secrets.towers[t.name].goc_status,  # mt_status_<tower> here
             )
-
-
-class GocData(_Model):
-    """The ``goc`` host data, validated before anything is changed."""
-
-    database: str = "goc"
-    port: int = 5432
-    towers: list[GocTowerData] = []
-    customers: list[Customer] = []
-    operators: dict[str, str] = {}
-    secrets: dict[str, str | dict[str, Any]]
-    eye_listen: str = f"127.0.0.1:{EYE_PORT}"  # behind a TLS proxy, or with HTTPS below
-    # VirusEye over HTTPS (its session cookie is then marked Secure), either with the
-    # operator's certificate chain and key (paths on the GOC host, the key readable by the
-    # mailtower user)…
-    eye_tls_cert: str | None = None
-    eye_tls_key: str | None = None
-    # …or with a self-signed certificate the deploy makes for these DNS names and addresses
-    # (once, and again when the list changes); browsers must be told to trust it.
-    eye_tls_self_signed: list[str] = Field([], max_length=20)
-    bundles: GocBundlesData | None = None
-    # Who else may fetch bundles besides every tower's monitor and 127.0.0.1 (the lab's
-    # controller, to check what was published).
-    bundle_readers: list[IPv4Address] = []
-
-    @field_validator("eye_tls_self_signed")
-    @classmethod
-    def _tls_names(cls, names: list[str]) -> list[str]:
-        for name in names:  # they go into an openssl command line
-            if not (_is_address(name) or TLS_NAME.match(name)):
-                raise ValueError(f"eye_tls_self_signed: {name!r} is not a DNS name or an address")
-        return names
-
-    @model_validator(mode="after")
-    def _one_tls(self) -> GocData:
-        if bool(self.eye_tls_cert) != bool(self.eye_tls_key):
-            raise ValueError("eye_tls_cert and eye_tls_key go together")
-        if self.eye_tls_cert and self.eye_tls_self_signed:
-            raise ValueError("eye_tls_cert/eye_tls_key or eye_tls_self_signed, not both")
-        return self
-
-    def eye_tls(self) -> tuple[str, str] | None:
-        """The certificate and key VirusEye serves HTTPS with; None: plain HTTP."""
-        if self.eye_tls_self_signed:
-            return EYE_TLS_CERT, EYE_TLS_KEY
-        if self.eye_tls_cert and self.eye_tls_key:
-            return self.eye_tls_cert, self.eye_tls_key
-        return None
-
-    def secret(self, name: str) -> str:
-        value = self.secrets.get(name)
-        if not isinstance(value, str) or len(value) < 16:
-            raise ValueError(f"secrets.{name}: a password of 16 characters or more is needed")
-        return value
-
-    def side(self) -> GocSide:
-        shared = [n for n in ("sync", "status") if n in self.secrets]
-        if shared:
-            raise ValueError(
-                f"secrets.{'/'.join(shared)}: towers no longer share the GOC's roles; give each"
-                " tower's own in secrets.towers.<name>.goc_sync/goc_status (docs/runbook.md,"
-                " 'Secrets')"
-            )
-        per_tower = self.secrets.get("towers")
-        if not isinstance(per_tower, dict):
-            raise ValueError(
-                f"secrets.towers: {{tower name: {{{', '.join(TOWER_KEYS)}}}}} is needed"
-            )
-        towers = []
-        for t in self.towers:
-            own = per_tower.get(t.name)
-            if not isinstance(own, dict) or any(
-                not isinstance(own.get(k), str) for k in TOWER_KEYS
-            ):
-                raise ValueError(
-                    f"secrets.towers.{t.name}: {{{', '.join(TOWER_KEYS)}}}, the tower's own"
-                    " passwords as its settings hold them"
-                )
-            towers.append(
-                GocTower(
-                    name=t.name,
-                    hosts=[str(ip) for ip in t.sql],
-                    sync_password=own["sql_sync"],
-                    goc_sync_password=own["goc_sync"],
-                    status_password=own["goc_status"],
-                )
-            )
-        every = [
-            (t.name, k, p)
-            for t in towers
-            for k, p in (
-                ("sql_sync", t.sync_password),
-                ("goc_sync", t.goc_sync_password),
-                ("goc_status", t.status_password),
-            )
-        ]
-        seen: dict[str, str] = {}
-        for tower, key, password in every:
-            if password in seen and seen[password] != tower:
-                raise ValueError(
-                    f"secrets.towers: {tower} and {seen[password]} share a password ({key});"
-                    " each tower must have its own"
-                )
-            seen[password] = tower
-        return GocSide(
-            dsn=f"dbname={self.database} port={self.port}",
-            eye_password=self.secret("eye_db"),
-            towers=towers,
-        )
-
-
-def goc_data() -> GocData:
-    try:
-        data = GocData.model_validate(host.data.get("goc") or {})
-        data.side()
-        if data.bundles is not None:
-            data.bundles.check()
-    except (ValidationError, ValueError) as exc:
-        raise DeployError(f"{host.name}: invalid 'goc' host data: {exc}") from exc
-    return data
+            for t in g.towers
+        ],
+    )
 
 
 class EyeOperators(FactBase):
@@ -224,18 +73,30 @@ class EyeOperators(FactBase):
         return parse_credentials("\n".join(output), OPERATORS)
 
 
-def _template(path: str, g: GocData, **extra):
-    return files.template(
-        name=f"Render /{path.split('/', 1)[1]}",
-        src=str(_common.TEMPLATES / f"{path}.j2"),
-        dest="/" + path.split("/", 1)[1],
-        goc=g,
-        **extra,
-    )
+def install(g: GocSettings):
+    """The mailtower user and wheel (VirusEye, the sync tool), and the programs only some GOCs
+    need; returns the wheel's operation (its daemons restart when it changed)."""
+    _common.service_user()
+    install_op = _common.install_stack()
+    if g.eye_tls_self_signed:
+        apt.packages(
+            name="Install openssl (makes VirusEye's certificate)",
+            packages=["openssl"],
+            no_recommends=True,
+        )
+    if g.bundles is not None:
+        apt.packages(
+            name="Install nginx-light (serves the published rule bundles)",
+            packages=["nginx-light"],
+            no_recommends=True,
+        )
+    return install_op
 
 
-def _postgres(g: GocData):
-    ops = [
+def configure(g: GocSettings) -> dict[str, list]:
+    """Every file of the GOC, grouped by what activates them."""
+    ops: dict[str, list] = {}
+    ops["postgres"] = [
         _template("goc/etc/postgresql/15/main/conf.d/mailtower.conf", g),
         _template(
             "goc/etc/postgresql/15/main/pg_hba.conf",
@@ -247,43 +108,67 @@ def _postgres(g: GocData):
             group="postgres",
         ),
     ]
-    _common.activate(SERVICE, _common.changes(ops))
+    files.directory(name="Ensure /etc/mailtower/sync", path="/etc/mailtower/sync", mode="755")
+    ops["sync"] = [
+        _common.put_text(
+            sync_side(g).model_dump_json(indent=2) + "\n",
+            "/etc/mailtower/sync/goc.json",
+            mode="600",
+            user="postgres",
+            group="postgres",
+        )
+    ]
+    ops["customers"] = [_template("goc/etc/mailtower/goc/customers.sql", g)]
+    ops["eye"] = _eye_files(g)
+    ops["bundles"] = _bundle_files(g)
+    return ops
+
+
+def activate(g: GocSettings, ops: dict[str, list], install_op) -> None:
+    changed = {k: _common.changes(v) for k, v in ops.items()}
+    _common.activate(SERVICE, changed["postgres"])
     postgres.database(
         name=f"Ensure database {g.database}",
         database=g.database,
         owner="postgres",
         _su_user="postgres",
     )
-
-
-def _sync(g: GocData, install_op):
-    """Schema, roles, config publication, and every tower's events subscription."""
-    files.directory(name="Ensure /etc/mailtower/sync", path="/etc/mailtower/sync", mode="755")
-    side = _common.put_text(
-        g.side().model_dump_json(indent=2) + "\n",
-        "/etc/mailtower/sync/goc.json",
-        mode="600",
-        user="postgres",
-        group="postgres",
-    )
+    # Schema, roles, config publication, and every tower's events subscription.
     pending = host.get_fact(SyncPending, side="goc")
     apply = server.shell(
         name="Sync: GOC schema, config publication, every tower's events (mailtower sync goc)",
         commands=["cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync goc'"],
-        _if=lambda: bool(pending) or side.did_change() or install_op.did_change(),
+        _if=lambda: bool(pending) or changed["sync"]() or install_op.did_change(),
     )
-    customers = _template("goc/etc/mailtower/goc/customers.sql", g)
     server.shell(
         name="Load the GOC's customers from its inventory data",
         commands=[
             f"cd /tmp && su postgres -c 'psql -v ON_ERROR_STOP=1 -q -d {g.database}"
             " -f /etc/mailtower/goc/customers.sql'"
         ],
-        _if=lambda: customers.did_change() or apply.did_change(),
+        _if=lambda: changed["customers"]() or apply.did_change(),
+    )
+    _common.activate(
+        "mailtower-eye",
+        lambda: changed["eye"]() or install_op.did_change(),
+        daemon_reload=True,
+    )
+    if g.bundles is not None:
+        _common.activate("nginx", changed["bundles"], check="nginx -t -q", reload=True)
+
+
+def _template(path: str, g: GocSettings, **extra):
+    return files.template(
+        name=f"Render /{path.split('/', 1)[1]}",
+        src=str(_common.TEMPLATES / f"{path}.j2"),
+        dest="/" + path.split("/", 1)[1],
+        goc=g,
+        **extra,
     )
 
 
-def _eye(g: GocData, install_op):
+def _eye_files(g: GocSettings) -> list:
+    """VirusEye's database password, unit, certificate and operators."""
     files.directory(
         name="Ensure /etc/mailtower/eye",
         path="/etc/mailtower/eye",
@@ -293,7 +178,7 @@ def _eye(g: GocData, install_op):
     )
     ops = [
         _common.put_text(
-            f"127.0.0.1:{g.port}:{g.database}:mt_eye:{g.secret('eye_db')}\n",
+            f"127.0.0.1:{g.port}:{g.database}:mt_eye:{g.secrets.eye_db}\n",
             "/etc/mailtower/eye/pgpass",
             mode="600",
             user="mailtower",
@@ -301,6 +186,7 @@ def _eye(g: GocData, install_op):
         ),
         _template("goc/etc/systemd/system/mailtower-eye.service", g),
         *_eye_self_signed(g),
+        *_eye_given_pem(g),
     ]
     # Hashes are salted: the file is rewritten only when an operator is missing, removed or
     # has another password, so an unchanged GOC changes nothing.
@@ -316,11 +202,7 @@ def _eye(g: GocData, install_op):
                 "\n".join(lines) + "\n", OPERATORS, mode="600", user="mailtower", group="mailtower"
             )
         )
-    _common.activate(
-        "mailtower-eye",
-        lambda: _common.changes(ops)() or install_op.did_change(),
-        daemon_reload=True,
-    )
+    return ops
 
 
 def self_signed_commands(names: list[str], cert: str, key: str) -> list[str]:
@@ -344,18 +226,27 @@ def _is_address(name: str) -> bool:
     return True
 
 
-def _eye_self_signed(g: GocData) -> list:
+def _eye_given_pem(g: GocSettings) -> list:
+    """eye_tls_cert/eye_tls_key given as PEM text: written where the service reads them."""
+    pem = g.eye_tls_pem()
+    if pem is None:
+        return []
+    # Back to eye_tls_self_signed later must make a certificate again, even for the same names.
+    files.file(name=f"Remove {EYE_TLS_NAMES}", path=EYE_TLS_NAMES, present=False)
+    cert, key = pem
+    return [
+        _common.put_text(cert, EYE_TLS_CERT, user="mailtower", group="mailtower"),
+        _common.put_text(key, EYE_TLS_KEY, mode="600", user="mailtower", group="mailtower"),
+    ]
+
+
+def _eye_self_signed(g: GocSettings) -> list:
     """eye_tls_self_signed: a certificate made on the GOC once, and again when the names change."""
     if not g.eye_tls_self_signed:
         return []
-    apt.packages(
-        name="Install openssl (makes VirusEye's certificate)",
-        packages=["openssl"],
-        no_recommends=True,
-    )
     names = _common.put_text(
         "\n".join(g.eye_tls_self_signed) + "\n",
-        "/etc/mailtower/eye/tls.names",
+        EYE_TLS_NAMES,
         user="mailtower",
         group="mailtower",
     )
@@ -372,21 +263,16 @@ def _eye_self_signed(g: GocData) -> list:
     return [names, make]
 
 
-def _bundles(g: GocData) -> None:
-    """The signing key pair, the published directory, and nginx serving it read-only."""
+def _bundle_files(g: GocSettings) -> list:
+    """The signing key pair, the published directory, and nginx's site serving it read-only."""
     if g.bundles is None:
-        return
+        return []
     files.directory(name=f"Ensure {BUNDLE_KEYS}", path=BUNDLE_KEYS, mode="755")
     _common.put_text(g.bundles.signing_key, f"{BUNDLE_KEYS}/signing.key", mode="600")
     _common.put_text(g.bundles.public_key, f"{BUNDLE_KEYS}/signing.pub", mode="644")
     # Published files are 0644 and the directory 0755: nginx (www-data) reads, root writes.
     files.directory(name=f"Ensure {BUNDLE_DIR}", path=BUNDLE_DIR, mode="755")
-    apt.packages(
-        name="Install nginx-light (serves the published rule bundles)",
-        packages=["nginx-light"],
-        no_recommends=True,
-    )
-    ops = [
+    return [
         files.link(
             name="Remove nginx's default site",
             path="/etc/nginx/sites-enabled/default",
@@ -394,15 +280,10 @@ def _bundles(g: GocData) -> None:
         ),
         _template("goc/etc/nginx/sites-enabled/mailtower-bundles", g, publish_dir=BUNDLE_DIR),
     ]
-    _common.activate("nginx", _common.changes(ops), check="nginx -t -q", reload=True)
 
 
 @deploy("mailtower goc")
 def deploy_goc():
-    g = goc_data()
-    _common.service_user()
-    install_op = _common.install_stack()
-    _postgres(g)
-    _sync(g, install_op)
-    _eye(g, install_op)
-    _bundles(g)
+    g = settings()
+    install_op = install(g)
+    activate(g, configure(g), install_op)

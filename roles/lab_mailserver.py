@@ -6,13 +6,14 @@ from __future__ import annotations
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
-from roles._common import TEMPLATES, activate
+from roles import _common
+from roles._common import TEMPLATES
 
+PACKAGES = ["postfix"]
 MAILDIR = "/var/mail/vhosts/catchall"
 
 
-@deploy("mailtower lab customer mail server")
-def deploy_lab_mailserver(domain: str):
+def install() -> None:
     server.group(name="Ensure group vmail", group="vmail", gid=5000)
     server.user(
         name="Ensure user vmail",
@@ -22,6 +23,9 @@ def deploy_lab_mailserver(domain: str):
         home="/var/mail/vhosts",
         shell="/usr/sbin/nologin",
     )
+
+
+def configure(domain: str) -> list:
     files.directory(
         name="Ensure /var/mail/vhosts",
         path="/var/mail/vhosts",
@@ -35,4 +39,14 @@ def deploy_lab_mailserver(domain: str):
         dest="/etc/postfix/main.cf",
         domain=domain,
     )
-    activate("postfix", main.did_change, check="postfix check")
+    return [main]
+
+
+def activate(ops: list) -> None:
+    _common.activate("postfix", _common.changes(ops), check="postfix check")
+
+
+@deploy("mailtower lab customer mail server")
+def deploy_lab_mailserver(domain: str):
+    install()
+    activate(configure(domain))

@@ -1,30 +1,32 @@
 """Lab only: "the internet's" mail server — a real Postfix that finds the towers by MX lookup
-in the lab's DNS, the way every sender in the world reaches a customer domain."""
+in the lab's DNS, the way every sender in the world reaches a customer domain. Its host data
+``sender`` is a ``mailtower.settings.LabSender``.
+
+Install: ``PACKAGES`` only (the deploy installs them).
+"""
 
 from __future__ import annotations
 
-from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.api.exceptions import DeployError
 from pyinfra.operations import files
 
-from roles._common import TEMPLATES, activate, changes, put_text
+from mailtower.settings import LabSender
+from roles import _common
+from roles._common import TEMPLATES, put_text
 
 PACKAGES = ["postfix"]
 
 
-@deploy("mailtower lab sender (an internet MTA)")
-def deploy_lab_sender():
-    d = host.data.get("sender")
-    if not d or "resolver" not in d or "domain" not in d or "submit_from" not in d:
-        raise DeployError(
-            f"{host.name}: host data 'sender' must give resolver, domain and submit_from "
-            f"(see inventory/lab_internet.py)"
-        )
+def settings() -> LabSender:
+    """The ``sender`` host data, validated: DeployError naming the host and the bad field."""
+    return _common.host_settings(LabSender, "sender", "inventory/lab_internet.py")
+
+
+def configure(d: LabSender) -> list:
     # Postfix's smtp client resolves MX through this file (copied into its chroot at start).
     resolv = put_text(
         f"# Managed by mailtower (roles/lab_sender.py): the lab's DNS only.\n"
-        f"nameserver {d['resolver']}\noptions timeout:2 attempts:2\n",
+        f"nameserver {d.resolver}\noptions timeout:2 attempts:2\n",
         "/etc/resolv.conf",
     )
     main = files.template(
@@ -33,4 +35,13 @@ def deploy_lab_sender():
         dest="/etc/postfix/main.cf",
         internet=d,
     )
-    activate("postfix", changes([resolv, main]), check="postfix check")
+    return [resolv, main]
+
+
+def activate(ops: list) -> None:
+    _common.activate("postfix", _common.changes(ops), check="postfix check")
+
+
+@deploy("mailtower lab sender (an internet MTA)")
+def deploy_lab_sender():
+    activate(configure(settings()))

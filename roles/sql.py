@@ -23,9 +23,20 @@ SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "nftables"]
 
 
-def configure():
+def install():
+    """The mailtower wheel, on both hosts of a tower synced with a GOC (a promoted standby runs
+    the same sync); None: a tower on its own needs none here."""
+    if settings().goc is None:
+        return None
+    _common.service_user()
+    return _common.install_stack()
+
+
+def configure() -> dict[str, list]:
     s = settings()
-    ops = [
+    ops: dict[str, list] = {}
+    ops["nftables"] = [template("sql/etc/nftables.conf")]
+    ops["postgres"] = [
         template("sql/etc/postgresql/15/main/conf.d/mailtower.conf"),
         template(
             "sql/etc/postgresql/15/main/pg_hba.conf", mode="640", user="postgres", group="postgres"
@@ -39,12 +50,28 @@ def configure():
             group="postgres",
         ),
     ]
+    ops["sync"] = _sync_settings() if s.goc is not None else []
     return ops
 
 
-def _primary(ops):
+def activate(ops: dict[str, list], install_op) -> None:
+    """The primary first (PostgreSQL, roles, schema, the sync with the GOC), then the standby
+    is cloned from it."""
+    changed = {k: _common.changes(v) for k, v in ops.items()}
+    _common.activate_nftables(changed["nftables"])
+    primary = _common.is_primary()
+    if primary:
+        _primary(changed["postgres"])
+        if install_op is not None:
+            _sync(lambda: changed["sync"]() or install_op.did_change())
+    _common.barrier("SQL primary ready for its standby")
+    if not primary:
+        _standby(changed["postgres"])
+
+
+def _primary(changed):
     s = settings()
-    _common.activate(SERVICE, _common.changes(ops))
+    _common.activate(SERVICE, changed)
     roles = {
         "mailtower_relay": s.secret("sql_relay"),
         "mailtower_scanner": s.secret("sql_scanner"),
@@ -90,11 +117,9 @@ def _primary(ops):
     )
 
 
-def _sync_settings():
-    """Both hosts get the tool and its settings: a promoted standby runs the same command."""
+def _sync_settings() -> list:
+    """Both hosts get the sync tool's settings: a promoted standby runs the same command."""
     s = settings()
-    _common.service_user()
-    install_op = _common.install_stack()
     files.directory(name="Ensure /etc/mailtower/sync", path="/etc/mailtower/sync", mode="755")
     side = TowerSide(
         tower=s.name,
@@ -109,20 +134,20 @@ def _sync_settings():
         user="postgres",
         group="postgres",
     )
-    return [install_op, config]
+    return [config]
 
 
-def _sync(ops):
+def _sync(changed):
     """Events publication and config subscription on the primary (mailtower sync tower)."""
     pending = host.get_fact(SyncPending, side="tower")
     server.shell(
         name="Sync with the GOC: events publication, config subscription (mailtower sync tower)",
         commands=["cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync tower'"],
-        _if=lambda: bool(pending) or _common.changes(ops)(),
+        _if=lambda: bool(pending) or changed(),
     )
 
 
-def _standby(ops):
+def _standby(changed):
     s = settings()
     # A fresh standby is cloned from the primary once; afterwards it follows by streaming.
     slot = standby_slot(host_address())  # keeps WAL until the standby has it
@@ -132,7 +157,6 @@ def _standby(ops):
         commands=clone_commands(str(s.sql_primary), s.ports.postgres, slot),
         _if=lambda: need_clone,
     )
-    changed = _common.changes(ops)
     _common.activate(SERVICE, lambda: changed() and not need_clone)
 
 
@@ -142,16 +166,5 @@ def host_address() -> str:
 
 @deploy("mailtower sql")
 def deploy_sql():
-    firewall = [template("sql/etc/nftables.conf")]
-    _common.activate_nftables(_common.changes(firewall))
-    ops = configure()
-    synced = settings().goc is not None
-    sync_ops = _sync_settings() if synced else []
-    primary = _common.is_primary()
-    if primary:
-        _primary(ops)
-        if synced:
-            _sync(sync_ops)
-    _common.barrier("SQL primary ready for its standby")
-    if not primary:
-        _standby(ops)
+    install_op = install()
+    activate(configure(), install_op)

@@ -3,6 +3,8 @@ shows; used by tests/unit/test_eye_browser.py (a local hub) and tests/pair (the 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,8 +21,23 @@ def available() -> bool:
     return CHROMIUM.exists() and CHROMEDRIVER.exists()
 
 
+def spki_pin(cert_pem: bytes) -> str:
+    """The base64 SHA-256 of a certificate's public key, as Chromium's pin list takes it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (
+        x509.load_pem_x509_certificate(cert_pem)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
 @contextmanager
-def chromium() -> Iterator[Any]:
+def chromium(trust: bytes | None = None) -> Iterator[Any]:
+    """Headless Chromium; ``trust``: the PEM certificate of a self-signed server it accepts
+    (its key pinned: any other certificate error still stops the page)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -35,6 +52,10 @@ def chromium() -> Iterator[Any]:
         f"--user-data-dir={profile}",
     ):
         options.add_argument(arg)
+    if trust is not None:
+        # Not --ignore-certificate-errors: only a certificate with this very key is let through
+        # (the flag needs --user-data-dir, set above).
+        options.add_argument(f"--ignore-certificate-errors-spki-list={spki_pin(trust)}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console: CSP, JS errors
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:

@@ -3,19 +3,36 @@
 Every port, address, limit and engine list lives here. The deploy renders it into every
 config file (Postfix, HAProxy, clamd, PostgreSQL, Prometheus) and writes it as JSON to
 ``/etc/mailtower/tower.json``, which the daemons load with this same model.
+
+The hosts beside the towers have theirs at the end: the GOC (``GocSettings``), the
+authoritative DNS server (``DnsServer``) and the lab's sender (``LabSender``); their roles
+validate their host data with ``validate`` before changing anything.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from mailtower.errors import SettingsError
 
 SETTINGS_PATH = Path("/etc/mailtower/tower.json")
 
@@ -86,15 +103,13 @@ def parse_icap_url(url: str) -> IcapUrl:
     return IcapUrl(parts.hostname, port, service)
 
 
-class SettingsError(Exception):
-    """A tower's settings are invalid; the message names the field and the fix."""
+class StrictModel(BaseModel):
+    """The base of every settings model: unknown fields refused, values frozen."""
 
-
-class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Ports(_Model):
+class Ports(StrictModel):
     """TCP ports of the tower's services."""
 
     smtp: int = 25  # the relay's public SMTP listener
@@ -110,7 +125,7 @@ class Ports(_Model):
     prometheus: int = 9090
 
 
-class Limits(_Model):
+class Limits(StrictModel):
     """Limits and timers; durations use Postfix syntax (e.g. ``30s``, ``3d``)."""
 
     # Postfix's message_size_limit; scand takes filter_message_bytes (this with the relay's own).
@@ -200,7 +215,7 @@ class Limits(_Model):
         return self.filter_message_bytes + self.relay_header_bytes
 
 
-class Customer(_Model):
+class Customer(StrictModel):
     """A customer domain and the mail server the tower delivers it to."""
 
     domain: str
@@ -232,7 +247,7 @@ class Customer(_Model):
         return f"smtp:[{self.server}]:{self.port}"
 
 
-class TowerHosts(_Model):
+class TowerHosts(StrictModel):
     """Addresses of the tower's hosts, taken from the inventory."""
 
     relay: IPv4Address
@@ -254,7 +269,7 @@ class TowerHosts(_Model):
 Holder = Literal["tower", "relay", "scanners", "monitor"]
 
 
-class Secrets(_Model):
+class Secrets(StrictModel):
     """Passwords of the tower's SQL roles and its canary secret (kept out of the repository).
 
     The inventory holds the whole set (``held_by="tower"``); each host gets only its role's
@@ -269,8 +284,9 @@ class Secrets(_Model):
     sql_replication: str | None = Field(None, min_length=16)  # standby: streaming replication
     # With a GOC (TowerSettings.goc) only:
     sql_sync: str | None = Field(None, min_length=16)  # mt_sync here: the GOC's subscription
-    goc_sync: str | None = Field(None, min_length=16)  # mt_sync at the GOC: our config subscription
-    goc_status: str | None = Field(None, min_length=16)  # mt_status at the GOC: the monitor
+    # This tower's own roles at the GOC (no other tower has their passwords):
+    goc_sync: str | None = Field(None, min_length=16)  # mt_sync_<tower>: our config subscription
+    goc_status: str | None = Field(None, min_length=16)  # mt_status_<tower>: the monitor
     # With rule bundles (TowerSettings.bundles) only: marks the monitor's canary messages to
     # a scanner (scanned and answered, never delivered); anyone without it gets normal mail.
     canary: str | None = Field(None, min_length=16)
@@ -286,7 +302,7 @@ ROLE_SECRETS: dict[str, tuple[str, ...]] = {
 }
 
 
-class Goc(_Model):
+class Goc(StrictModel):
     """The global operations centre the tower syncs with (docs/design.md "Across towers")."""
 
     address: IPv4Address  # where the tower's SQL primary and monitor reach the GOC's PostgreSQL
@@ -296,7 +312,7 @@ class Goc(_Model):
     bundle_port: int = 8026  # the GOC's published rule bundles (HTTP; signed, so not secret)
 
 
-class Bundles(_Model):
+class Bundles(StrictModel):
     """Signed rule bundles (mailtower.bundles): the GOC publishes, the monitor pulls, verifies
     and mirrors them, then rolls each one across the scanner pool (mailtower.monitor.rollout)."""
 
@@ -318,7 +334,7 @@ class Bundles(_Model):
         return value
 
 
-class TowerSettings(_Model):
+class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -544,13 +560,350 @@ def load(path: Path = SETTINGS_PATH) -> TowerSettings:
 
 def from_data(data: dict) -> TowerSettings:
     """Build settings from inventory data; raise SettingsError naming the bad field."""
+    return validate(TowerSettings, data, "tower settings in the inventory")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: object, what: str) -> M:
+    """``data`` as ``model``; SettingsError listing each bad field (``what`` says whose)."""
     try:
-        return TowerSettings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
             for err in exc.errors()
         ]
-        raise SettingsError(
-            "invalid tower settings in the inventory:\n" + "\n".join(lines)
-        ) from exc
+        raise SettingsError(f"invalid {what}:\n" + "\n".join(lines)) from exc
+
+
+# --- The hosts beside the towers: the GOC, the authoritative DNS server, the lab's sender ----
+# Each role validates its host data into one of these when it starts (roles._common.
+# host_settings) and renders its templates from it.
+
+# A DNS name of one or more labels (a zone may be a single label, e.g. the lab's "lab").
+_DNS_NAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+# VirusEye's operator names (mailtower.goc.eye.auth.USERNAME): the deploy writes them into its
+# credentials file, which refuses any other.
+_OPERATOR_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A name for a certificate: it goes into an openssl command line.
+_TLS_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")
+EYE_PORT = 8025
+# Where the deploy puts VirusEye's certificate when it makes it (GocSettings.eye_tls_self_signed)
+# or is given it as PEM text (eye_tls_cert/eye_tls_key).
+EYE_TLS_CERT = "/etc/mailtower/eye/tls.crt"
+EYE_TLS_KEY = "/etc/mailtower/eye/tls.key"
+# A TLS proxy's public origin, as VirusEye's --origin takes it (its CSRF check compares it).
+_HTTPS_ORIGIN_RE = re.compile(r"^https://[A-Za-z0-9.:\[\]-]+$")
+
+
+def _dns_name(value: str) -> str:
+    value = value.strip().rstrip(".").lower()
+    if not _DNS_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a DNS name (e.g. example.com)")
+    return value
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_pem(value: str | None) -> bool:
+    """PEM text rather than a path (no path starts with a PEM header)."""
+    return value is not None and value.lstrip().startswith("-----BEGIN ")
+
+
+def _check_tls_pair(cert_pem: str, key_pem: str) -> None:
+    """A certificate (chain) and a key given as PEM text load and are one pair: ValueError if
+    not. cryptography is imported here, not at the top: only a GOC's deploy with PEM text pays
+    for it, never a daemon loading its settings (as BundleKeys does)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificates(cert_pem.encode())[0]
+        key = serialization.load_pem_private_key(key_pem.encode(), None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a PEM certificate and an unencrypted key: {exc}") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ValueError("eye_tls_key is not the key of eye_tls_cert (its first certificate)")
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+Password = Annotated[str, Field(min_length=16)]
+OperatorName = Annotated[str, Field(pattern=_OPERATOR_RE.pattern)]
+# As VirusEye's own `operator add` asks (and at most what its login form takes).
+OperatorPassword = Annotated[str, Field(min_length=12, max_length=1024)]
+
+
+class DnsUpdateKey(StrictModel):
+    """The TSIG key RFC 2136 updates (and zone transfers) must be signed with, as
+    ``tsig-keygen`` makes it (mailtower.controller.dns.server.TsigKey signs with it)."""
+
+    name: DnsName
+    algorithm: Literal["hmac-sha256", "hmac-sha384", "hmac-sha512"] = "hmac-sha256"
+    secret: str = Field(repr=False)  # base64
+
+    @field_validator("secret")
+    @classmethod
+    def _base64(cls, value: str) -> str:
+        try:
+            if not base64.b64decode(value, validate=True):
+                raise ValueError("empty")
+        except (binascii.Error, ValueError):
+            raise ValueError(
+                "the secret must be base64 (make a key with tsig-keygen -a hmac-sha256 NAME)"
+            ) from None
+        return value
+
+
+class DnsServer(StrictModel):
+    """An authoritative DNS server (roles/dns.py): the ``dns`` host data."""
+
+    zones: list[DnsName] = Field(min_length=1)  # dynamic zones, seeded with SOA and NS once
+    ns_name: DnsName  # the server's own name: every zone's SOA and NS
+    ns_address: IPv4Address  # where it listens (and the glue, when ns_name is in the zone)
+    update_from: IPv4Address  # the only address updates and transfers are taken from
+    tsig: DnsUpdateKey
+
+    @field_validator("zones")
+    @classmethod
+    def _zones_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a zone is listed twice: {value}")
+        return value
+
+
+class LabSender(StrictModel):
+    """The lab's internet MTA (roles/lab_sender.py): the ``sender`` host data."""
+
+    domain: DnsName  # its mail comes from this domain
+    resolver: IPv4Address  # the DNS server it finds the towers' MX records with
+    submit_from: IPv4Address  # the one address (the controller) it relays for
+    # Its retry timers, shortened so the lab sees deferred mail retried in seconds.
+    queue_run_delay: Duration = "10s"
+    minimal_backoff: Duration = "10s"
+    maximal_backoff: Duration = "30s"
+
+
+class SyncedTower(StrictModel):
+    """A tower the GOC syncs with (its config subscription, its events publication)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")  # its TowerSettings.name
+    sql: list[IPv4Address] = Field(min_length=1, max_length=2)  # its SQL pair
+    monitor: IPv4Address  # reports the tower's state (mt_status_<tower>) and pulls rule bundles
+
+
+class SyncedTowerSecrets(StrictModel):
+    """One tower's own passwords at the GOC, exactly as that tower's settings hold them
+    (``Secrets.sql_sync``, ``goc_sync``, ``goc_status``)."""
+
+    sql_sync: Password = Field(repr=False)  # its mt_sync, which the GOC's events subscription uses
+    # Its own roles at the GOC: mt_sync_<tower> (its config subscription) and mt_status_<tower>
+    # (its monitor, which row-level security lets write only its own tower_status row).
+    goc_sync: Password = Field(repr=False)
+    goc_status: Password = Field(repr=False)
+
+
+# Where an operator moving a GOC off the shared roles finds how (its section on secrets).
+_SECRETS_RUNBOOK = "docs/runbook.md, 'Secrets'"
+
+
+class GocSecrets(StrictModel):
+    """The GOC's passwords (kept out of the repository): VirusEye's, and each tower's own.
+
+    No two towers share a password, and none is VirusEye's: a tower's hosts hold its own, and
+    must not hold what logs in as another tower (or reads every tower's events)."""
+
+    eye_db: Password = Field(repr=False)  # mt_eye: VirusEye reads the hub
+    towers: dict[str, SyncedTowerSecrets] = {}  # tower name → its own passwords
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_shared_roles(cls, data: object) -> object:
+        # The form from before each tower had its own: one mt_sync and one mt_status for all.
+        if not isinstance(data, dict):
+            return data
+        shared = [f"secrets.{n}" for n in ("sync", "status") if n in data]
+        if shared:
+            raise ValueError(
+                f"{' and '.join(shared)}: towers no longer share the GOC's roles; give each"
+                " tower its own in secrets.towers.<name>.goc_sync and .goc_status (and"
+                f" .sql_sync), as that tower's settings hold them ({_SECRETS_RUNBOOK})"
+            )
+        return data
+
+    @field_validator("towers", mode="before")
+    @classmethod
+    def _one_set_per_tower(cls, towers: object) -> object:
+        if isinstance(towers, dict):
+            single = sorted(str(name) for name, own in towers.items() if isinstance(own, str))
+            if single:
+                raise ValueError(
+                    f"{', '.join(single)}: a tower's own {{sql_sync, goc_sync, goc_status}}, not"
+                    f" one password ({_SECRETS_RUNBOOK})"
+                )
+        return towers
+
+    @field_validator("towers")
+    @classmethod
+    def _each_its_own(
+        cls, towers: dict[str, SyncedTowerSecrets], info: ValidationInfo
+    ) -> dict[str, SyncedTowerSecrets]:
+        seen: dict[str, str] = {}
+        eye_db = info.data.get("eye_db")  # validated before (declared first)
+        if eye_db is not None:
+            seen[eye_db] = "VirusEye (eye_db)"
+        for name, own in towers.items():
+            for key in SyncedTowerSecrets.model_fields:
+                password = getattr(own, key)
+                if seen.get(password, name) != name:
+                    raise ValueError(
+                        f"{name}.{key}: {name} and {seen[password]} share a password; each"
+                        f" tower must have its own ({_SECRETS_RUNBOOK})"
+                    )
+                seen[password] = name
+        return towers
+
+
+class BundleKeys(StrictModel):
+    """The rule-bundle key pair the GOC signs with (PEM, as ``mailtower bundle keygen`` writes
+    it), and the port it serves the published bundles on."""
+
+    signing_key: str = Field(repr=False)  # PKCS#8, secret: it never leaves the GOC
+    public_key: str  # every tower holds the same one (TowerSettings.bundles.public_key)
+    port: int = Field(Goc.model_fields["bundle_port"].default, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> BundleKeys:
+        """Both keys load and are one pair (a mismatch would make every tower refuse)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+            Ed25519PrivateKey,
+            Ed25519PublicKey,
+        )
+
+        try:
+            private = serialization.load_pem_private_key(self.signing_key.encode(), None)
+            public = serialization.load_pem_public_key(self.public_key.encode())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"a key is not PEM: {exc}") from exc
+        if not isinstance(private, Ed25519PrivateKey) or not isinstance(public, Ed25519PublicKey):
+            raise ValueError("signing_key and public_key must be Ed25519 keys")
+        raw = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if private.public_key().public_bytes(*raw) != public.public_bytes(*raw):
+            raise ValueError(
+                "public_key is not the public half of signing_key (make the pair together: "
+                "mailtower bundle keygen)"
+            )
+        return self
+
+
+class GocSettings(StrictModel):
+    """The global operations centre (roles/goc.py): the ``goc`` host data."""
+
+    database: str = "goc"
+    port: int = 5432
+    towers: list[SyncedTower] = []
+    customers: list[Customer] = []  # loaded at the GOC (operators add more there)
+    operators: dict[OperatorName, OperatorPassword] = {}  # who may log in to VirusEye
+    secrets: GocSecrets
+    eye_listen: str = f"127.0.0.1:{EYE_PORT}"
+    # VirusEye serves HTTPS only (its session cookie Secure, HSTS); exactly one of three is
+    # needed: the operator's certificate chain and key, both paths on the GOC host (the key
+    # readable by the mailtower user) or both the PEM text itself (checked to be one pair; the
+    # deploy writes them to EYE_TLS_CERT and EYE_TLS_KEY, the key 0600)…
+    eye_tls_cert: str | None = None
+    eye_tls_key: str | None = Field(None, repr=False)
+    # …or a self-signed certificate the deploy makes for these DNS names and addresses
+    # (once, and again when the list changes); browsers must be told to trust it…
+    eye_tls_self_signed: list[str] = Field([], max_length=20)
+    # …or a TLS proxy on the GOC host in front of it: its public origin (https://NAME), with
+    # eye_listen on a loopback address.
+    eye_origin: str | None = Field(None, pattern=_HTTPS_ORIGIN_RE.pattern)
+    # Rule bundles: the GOC serves what is published in /srv/mailtower/bundles
+    # (``mailtower bundle publish``) to every tower's monitor, 127.0.0.1 and bundle_readers.
+    bundles: BundleKeys | None = None
+    # Who else may fetch bundles (the lab's controller, to check what was published).
+    bundle_readers: list[IPv4Address] = []
+
+    @field_validator("eye_tls_self_signed")
+    @classmethod
+    def _tls_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not (_is_ip(name) or _TLS_NAME_RE.match(name)):
+                raise ValueError(f"eye_tls_self_signed: {name!r} is not a DNS name or an address")
+        return names
+
+    @field_validator("eye_tls_key")
+    @classmethod
+    def _tls_pair(cls, key: str | None, info: ValidationInfo) -> str | None:
+        # Validated after eye_tls_cert (declared first), so a mismatch is reported at this field.
+        cert = info.data.get("eye_tls_cert")
+        if not (cert and key):
+            return key
+        if _is_pem(cert) != _is_pem(key):
+            raise ValueError(
+                "eye_tls_cert and eye_tls_key are both paths on the GOC or both PEM text"
+            )
+        if _is_pem(cert):
+            _check_tls_pair(cert, key)
+        return key
+
+    @field_validator("towers")
+    @classmethod
+    def _towers_once(cls, towers: list[SyncedTower]) -> list[SyncedTower]:
+        names = [t.name for t in towers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a tower is listed twice: {names}")
+        return towers
+
+    @model_validator(mode="after")
+    def _one_tls(self) -> GocSettings:
+        if bool(self.eye_tls_cert) != bool(self.eye_tls_key):
+            raise ValueError("eye_tls_cert and eye_tls_key go together")
+        given = [bool(self.eye_tls_cert), bool(self.eye_tls_self_signed), bool(self.eye_origin)]
+        if sum(given) != 1:
+            raise ValueError(
+                "VirusEye serves HTTPS only: give exactly one of eye_tls_cert + eye_tls_key "
+                "(paths on the GOC or PEM text), eye_tls_self_signed: [names] or eye_origin "
+                "(a TLS proxy on the GOC host)"
+            )
+        if self.eye_origin:
+            host = self.eye_listen.rpartition(":")[0].strip("[]")
+            if not (_is_ip(host) and ip_address(host).is_loopback):
+                raise ValueError(f"eye_origin: eye_listen {self.eye_listen} must be loopback")
+        return self
+
+    @model_validator(mode="after")
+    def _tower_passwords(self) -> GocSettings:
+        missing = [
+            f"secrets.towers.{t.name}" for t in self.towers if t.name not in self.secrets.towers
+        ]
+        if missing:
+            raise ValueError(
+                f"each tower's own passwords are needed: {', '.join(missing)}:"
+                f" {{{', '.join(SyncedTowerSecrets.model_fields)}}}, as that tower's settings"
+                " hold them"
+            )
+        return self
+
+    def eye_tls(self) -> tuple[str, str] | None:
+        """The certificate and key VirusEye serves HTTPS with; None: behind a TLS proxy."""
+        if self.eye_tls_self_signed or self.eye_tls_pem():
+            return EYE_TLS_CERT, EYE_TLS_KEY
+        if self.eye_tls_cert and self.eye_tls_key:
+            return self.eye_tls_cert, self.eye_tls_key
+        return None
+
+    def eye_tls_pem(self) -> tuple[str, str] | None:
+        """The certificate and key given as PEM text, for the deploy to write; None: not so."""
+        if self.eye_tls_cert and self.eye_tls_key and _is_pem(self.eye_tls_cert):
+            return self.eye_tls_cert, self.eye_tls_key
+        return None

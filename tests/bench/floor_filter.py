@@ -25,7 +25,8 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailtower.scand.reinject import ReinjectError, Reinjector
+from mailtower.scand.errors import ReinjectError
+from mailtower.scand.reinject import Reinjector
 from mailtower.scand.smtp_data import FilterSMTP
 from mailtower.scanning.engines.clamd import ClamdEngine
 from mailtower.settings import TowerSettings

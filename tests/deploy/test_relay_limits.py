@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,137 @@ def test_without_a_postmaster_its_mail_is_discarded_not_stuck(relay, settings):
     assert "virtual_alias_maps" not in conf
     first = _items(conf["transport_maps"])[0:3]
     assert first == ["inline:{", f"{settings.hostname}=discard:no-postmaster-mailbox", "}"]
+
+
+# -- postscreen: the pregreet test, on port 25 only ---------------------------------------------
+
+# Every postscreen parameter Postfix 3.7.11 knows (postconf -d on Debian 12): any other name is
+# one Postfix only warns about ("unused parameter") and otherwise ignores. The 3.5 names
+# (postscreen_blacklist_action, …) are not in it: 3.6 renamed them.
+_POSTSCREEN_37 = """
+    access_list allowlist_interfaces bare_newline_action bare_newline_enable bare_newline_ttl
+    cache_cleanup_interval cache_map cache_retention_time client_connection_count_limit
+    command_count_limit command_filter command_time_limit denylist_action disable_vrfy_command
+    discard_ehlo_keyword_address_maps discard_ehlo_keywords dnsbl_action
+    dnsbl_allowlist_threshold dnsbl_max_ttl dnsbl_min_ttl dnsbl_reply_map dnsbl_sites
+    dnsbl_threshold dnsbl_timeout enforce_tls expansion_filter forbidden_commands greet_action
+    greet_banner greet_ttl greet_wait helo_required non_smtp_command_action
+    non_smtp_command_enable non_smtp_command_ttl pipelining_action pipelining_enable
+    pipelining_ttl post_queue_limit pre_queue_limit reject_footer reject_footer_maps
+    tls_security_level upstream_proxy_protocol upstream_proxy_timeout use_tls watchdog_timeout
+"""
+POSTSCREEN_PARAMETERS = set(_POSTSCREEN_37.split())
+
+
+@dataclass
+class Service:
+    """One master.cf entry: its fields after name and type, and its -o options."""
+
+    fields: list[str]
+    options: dict[str, str]
+
+    @property
+    def command(self) -> str:
+        return self.fields[5]
+
+
+def _services(master: str) -> dict[tuple[str, str], Service]:
+    """master.cf's services by (name, type), as `postconf -M` lists them."""
+    services: dict[tuple[str, str], Service] = {}
+    current: Service | None = None
+    for line in master.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace():
+            assert current is not None, line
+            m = re.match(r"\s+-o (\w+)=(.*)$", line)
+            assert m, f"not an option line: {line!r}"
+            current.options[m.group(1)] = m.group(2)
+            continue
+        name, kind, *fields = line.split()
+        assert (name, kind) not in services, f"{name}/{kind} twice"
+        current = services[(name, kind)] = Service(fields, {})
+    return services
+
+
+def test_port_25_is_postscreen_handing_clients_to_an_smtpd(relay, settings):
+    services = _services(relay(settings)["master"])
+    screen = services[("smtp", "inet")]
+    assert screen.command == "postscreen"
+    assert screen.fields[4] == "1"  # one process screens every connection
+    assert screen.options == {}  # it reads main.cf's mynetworks: the relay only
+    assert services[("smtpd", "pass")].command == "smtpd"
+    # postscreen's own engine offers STARTTLS to a client that failed, through tlsproxy.
+    assert services[("tlsproxy", "unix")].command == "tlsproxy"
+    # No DNS blocklist is queried, so there is no dnsblog to query it with.
+    assert ("dnsblog", "unix") not in services
+
+
+def test_only_port_25_is_screened(relay, settings):
+    """The scanners' re-injection listener and the scan hop never pass through postscreen:
+    it would make every scanner wait out the greeting, and hold scanned mail to its tests."""
+    s = settings
+    services = _services(relay(s)["master"])
+    assert [key for key, svc in services.items() if svc.command == "postscreen"] == [
+        ("smtp", "inet")
+    ]
+    assert services[(f"{s.hosts.relay}:{s.ports.reinject}", "inet")].command == "smtpd"
+    assert services[("scan", "unix")].command == "smtp"
+    assert "smtpd_service_name" not in _conf(relay(s)["main"])  # postscreen hands to "smtpd"
+
+
+def test_the_screened_smtpd_is_the_public_listener_it_replaces(relay, settings):
+    """The port 25 listener had no -o options: every restriction, limit and TLS setting of it
+    is in main.cf, and the smtpd postscreen hands a client to (with the client's own
+    connection, so its own address) applies all of them, overriding none."""
+    out = relay(settings)
+    assert _services(out["master"])[("smtpd", "pass")].options == {}
+    conf = _conf(out["main"])
+    for key in (
+        "smtpd_relay_restrictions",
+        "smtpd_recipient_restrictions",
+        "smtpd_client_connection_rate_limit",
+        "smtpd_client_event_limit_exceptions",
+        "smtpd_tls_security_level",
+        "smtpd_forbid_bare_newline",
+        "content_filter",
+    ):
+        assert conf[key], key
+
+
+def test_a_client_that_talks_before_the_greeting_is_refused(relay, settings):
+    conf = _conf(relay(settings)["main"])
+    assert conf["postscreen_greet_action"] == "enforce"  # 550 to every RCPT, logged
+    assert conf["postscreen_greet_banner"]  # empty: no "220-" line, so nothing to talk before
+    wait = re.fullmatch(r"\$\{stress\?\{(\d+)\}:\{(\d+)\}\}s", conf["postscreen_greet_wait"])
+    assert wait and 0 < int(wait.group(1)) <= int(wait.group(2)) <= 10, conf
+    # The tests that make a new client hang up and come back stay off.
+    for test in ("pipelining", "non_smtp_command", "bare_newline"):
+        assert conf[f"postscreen_{test}_enable"] == "no", test
+    # A client in postscreen's own engine gets smtpd's time per command.
+    assert conf["postscreen_command_time_limit"] == conf["smtpd_timeout"]
+
+
+def test_postscreen_depends_on_no_outside_service(relay, settings):
+    conf = _conf(relay(settings)["main"])
+    assert conf["postscreen_dnsbl_sites"] == ""
+    assert conf["postscreen_cache_map"] == "btree:$data_directory/postscreen_cache"
+    assert conf["postscreen_greet_ttl"] and conf["postscreen_cache_retention_time"]
+
+
+def test_clients_exempt_from_the_limits_still_take_the_pregreet_test(relay):
+    """client_limit_exempt (the lab's controller and sender) are MTAs and test clients on the
+    internet: they wait for the greeting like any client, and the lab's checks rely on it."""
+    s = sample_settings(limits={"client_limit_exempt": ["10.201.0.1/32"]})
+    conf = _conf(relay(s)["main"])
+    assert _items(conf["postscreen_access_list"]) == ["permit_mynetworks"]
+    assert conf["mynetworks"] == "127.0.0.0/8"
+    assert "10.201.0.1/32" in _items(conf["smtpd_client_event_limit_exceptions"])
+    assert conf["postscreen_denylist_action"] == "drop"
+
+
+def test_postscreen_settings_are_postfix_37_parameters(relay, settings):
+    conf = _conf(relay(settings)["main"])
+    used = {k.removeprefix("postscreen_") for k in conf if k.startswith("postscreen_")}
+    assert used, "no postscreen settings"
+    assert used <= POSTSCREEN_PARAMETERS, used - POSTSCREEN_PARAMETERS

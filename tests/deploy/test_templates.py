@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import all_templates, sample_settings
@@ -10,30 +11,29 @@ from conftest import all_templates, sample_settings
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.names import goc_sync_role
 from mailtower.scanning.engines.icap import parse_icap_url
+from mailtower.settings import DnsServer, GocSettings, LabSender
+from roles.dns import zone_file
 
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
-LAB_INTERNET = {
+DNS = {
     "zones": ["lab", "201.10.in-addr.arpa"],
     "ns_name": "ns.lab",
     "ns_address": "10.201.0.53",
     "update_from": "10.201.0.1",
     "tsig": {"name": "mailtower-update", "algorithm": "hmac-sha256", "secret": "c2VjcmV0"},
-    "domain": "internet.lab",
-    "resolver": "10.201.0.53",
-    "submit_from": "10.201.0.1",
 }
+SENDER = {"domain": "internet.lab", "resolver": "10.201.0.53", "submit_from": "10.201.0.1"}
 
 
-def _goc():
-    from roles.goc import GocData
-
-    return GocData.model_validate(
+def _goc() -> GocSettings:
+    return GocSettings.model_validate(
         {
             "towers": [
                 {"name": "tower-a", "sql": ["10.1.0.12", "10.1.0.13"], "monitor": "10.1.0.11"}
             ],
             "customers": [{"domain": "customer.example", "server": "192.0.2.25"}],
             "operators": {"operator": "operator-password-1"},
+            "eye_tls_self_signed": ["eye.goc.example"],
             "secrets": {
                 "eye_db": "e" * 16,
                 "towers": {
@@ -69,15 +69,17 @@ def _internet(path: str) -> dict:
             "status_role": status_role,
         }
     if path.startswith("dns/etc/bind/mailtower-update.key"):
-        return {"key": LAB_INTERNET["tsig"]}
+        return {"key": DnsServer.model_validate(DNS).tsig}
     if path.startswith("scanner/etc/c-icap"):
         return {"icap": parse_icap_url("icap://127.0.0.1:1344/avscan"), "sig_dir": "/var/lib/x"}
-    if path.startswith(("dns/", "lab_sender/")):
+    if path.startswith("dns/"):
         return {
-            "internet": LAB_INTERNET,
-            "zone_file": lambda z: f"/var/lib/bind/db.{z}",
+            "internet": DnsServer.model_validate(DNS),
+            "zone_file": zone_file,
             "zone": "lab",
         }
+    if path.startswith("lab_sender/"):
+        return {"internet": LabSender.model_validate(SENDER)}
     return {}
 
 
@@ -97,7 +99,7 @@ def test_every_template_renders(render, settings, path):
 
 def test_dns_zones_take_signed_updates_from_the_controller_only(render, settings):
     local = render("dns/etc/bind/named.conf.local", settings, **_internet("dns/"))
-    for zone in LAB_INTERNET["zones"]:
+    for zone in DNS["zones"]:
         block = local.split(f'zone "{zone}"')[1].split("\n};")[0]
         assert 'allow-update { !{ !10.201.0.1; any; }; key "mailtower-update"; };' in block
     options = render("dns/etc/bind/named.conf.options", settings, **_internet("dns/"))
@@ -278,46 +280,93 @@ def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
     assert "location ~ /\\. {" in lines
 
 
+def _tls_pair(tmp_path) -> tuple[str, str]:
+    """A certificate and its key as PEM text, as an operator would paste them into secrets."""
+    import subprocess
+
+    from roles.goc import self_signed_commands
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    for command in self_signed_commands(["eye.example"], str(cert), str(key)):
+        subprocess.run(command, shell=True, check=True, capture_output=True)
+    return cert.read_text(), key.read_text()
+
+
+def _goc_with(**tls) -> GocSettings:
+    """The test GOC with only these VirusEye TLS settings."""
+    data = _goc().model_dump(mode="json")
+    data.pop("eye_tls_self_signed")
+    return GocSettings.model_validate({**data, **tls})
+
+
 @pytest.mark.parametrize(
     ("tls", "expected"),
     [
-        ({}, None),
         (
             {"eye_tls_self_signed": ["eye.goc.example", "10.201.9.10"]},
-            ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key"),
+            "--tls-cert /etc/mailtower/eye/tls.crt --tls-key /etc/mailtower/eye/tls.key",
         ),
         (
             {"eye_tls_cert": "/etc/ssl/eye.pem", "eye_tls_key": "/etc/ssl/eye.key"},
-            ("/etc/ssl/eye.pem", "/etc/ssl/eye.key"),
+            "--tls-cert /etc/ssl/eye.pem --tls-key /etc/ssl/eye.key",
+        ),
+        (
+            {"eye_origin": "https://eye.goc.example", "eye_listen": "127.0.0.1:8025"},
+            "--listen 127.0.0.1:8025 --origin https://eye.goc.example",
         ),
     ],
 )
-def test_viruseye_serves_https_when_given_a_certificate(render, settings, tls, expected):
-    g = _goc().model_copy(update=tls)
-    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=g)
+def test_viruseye_serves_https_only(render, settings, tls, expected):
+    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=_goc_with(**tls))
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    if expected is None:
-        assert "--tls-" not in exec_start
-    else:
-        assert f"--tls-cert {expected[0]} --tls-key {expected[1]}" in exec_start
+    assert exec_start.endswith(expected)
+    # What the unit runs is what the server accepts (no plain HTTP off loopback).
+    from mailtower.goc.eye.__main__ import plain_http_refused
+
+    listen = exec_start.split("--listen ")[1].split()[0]
+    origin = exec_start.split("--origin ")[1] if "--origin" in exec_start else None
+    assert plain_http_refused(listen.rpartition(":")[0], "--tls-cert" in exec_start, origin) is None
+
+
+def test_viruseye_certificate_given_as_pem_text(render, settings, tmp_path):
+    cert, key = _tls_pair(tmp_path)
+    g = _goc_with(eye_tls_cert=cert, eye_tls_key=key)
+    assert g.eye_tls() == ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key")
+    unit = render("goc/etc/systemd/system/mailtower-eye.service", settings, goc=g)
+    assert "BEGIN" not in unit  # the key goes to a 0600 file, never into the unit
 
 
 @pytest.mark.parametrize(
     ("tls", "error"),
     [
+        ({}, "HTTPS only"),
         ({"eye_tls_cert": "/etc/ssl/eye.pem"}, "go together"),
         (
             {"eye_tls_cert": "/c", "eye_tls_key": "/k", "eye_tls_self_signed": ["eye.example"]},
-            "not both",
+            "exactly one",
         ),
+        ({"eye_tls_self_signed": ["eye.example"], "eye_origin": "https://e.x"}, "exactly one"),
         ({"eye_tls_self_signed": ["eye.example'; rm -rf /"]}, "not a DNS name or an address"),
+        ({"eye_origin": "https://eye.example", "eye_listen": "0.0.0.0:8025"}, "must be loopback"),
+        ({"eye_origin": "http://eye.example"}, "should match pattern"),
     ],
 )
 def test_viruseye_tls_settings_checked(tls, error):
-    from roles.goc import GocData
-
     with pytest.raises(ValueError, match=error):
-        GocData.model_validate({**_goc().model_dump(mode="json"), **tls})
+        _goc_with(**tls)
+
+
+def test_viruseye_pem_text_checked(tmp_path):
+    cert, key = _tls_pair(tmp_path)
+    _other_cert, other_key = _tls_pair(tmp_path)  # a second pair (the files are rewritten)
+    with pytest.raises(ValueError, match="is not the key of eye_tls_cert"):
+        _goc_with(eye_tls_cert=cert, eye_tls_key=other_key)
+    with pytest.raises(ValueError, match="both PEM text"):
+        _goc_with(eye_tls_cert=cert, eye_tls_key="/etc/ssl/eye.key")
+    with pytest.raises(ValueError, match="both PEM text"):  # the key would go into the unit
+        _goc_with(eye_tls_cert="/etc/ssl/eye.pem", eye_tls_key=key)
+    with pytest.raises(ValueError, match="not a PEM certificate and an unencrypted key"):
+        _goc_with(eye_tls_cert="-----BEGIN CERTIFICATE-----\nnope\n", eye_tls_key=key)
 
 
 def test_self_signed_certificate_names_addresses_as_ip():
@@ -329,28 +378,58 @@ def test_self_signed_certificate_names_addresses_as_ip():
 
 
 def test_goc_bundle_keys_must_be_one_pair():
-    from roles.goc import GocBundlesData
+    from mailtower.settings import BundleKeys
 
     one, other = _bundle_keys(), _bundle_keys()
-    GocBundlesData(**one).check()
-    mixed = GocBundlesData(signing_key=one["signing_key"], public_key=other["public_key"])
+    BundleKeys(**one)
     with pytest.raises(ValueError, match="is not the public half of signing_key"):
-        mixed.check()
+        BundleKeys(signing_key=one["signing_key"], public_key=other["public_key"])
     with pytest.raises(ValueError, match="not PEM"):
-        GocBundlesData(signing_key="nope", public_key=one["public_key"]).check()
+        BundleKeys(signing_key="nope", public_key=one["public_key"])
 
 
 def test_lab_goc_data_serves_bundles_to_the_controller(monkeypatch, tmp_path):
     from inventory._lab import goc_data
     from mailtower.controller.lab import plan
-    from roles.goc import GocData
 
     monkeypatch.setattr(plan, "STATE_DIR", tmp_path / "lab")  # not the real lab's keys
-    g = GocData.model_validate(goc_data())
+    g = GocSettings.model_validate(goc_data())
     assert g.bundles is not None and g.bundles.port == 8026
-    g.bundles.check()
     assert [str(ip) for ip in g.bundle_readers] == ["10.201.0.1"]
     assert (tmp_path / "lab" / "bundle-keys" / "signing.pub").read_text() == g.bundles.public_key
+    # VirusEye over HTTPS, for the address the controller's checks and browser use.
+    assert g.eye_tls() == ("/etc/mailtower/eye/tls.crt", "/etc/mailtower/eye/tls.key")
+    assert g.eye_tls_self_signed[0] == str(plan.goc_host().address)
+
+
+def test_lab_goc_admits_each_tower_as_its_own_roles_only(monkeypatch, tmp_path, render, settings):
+    from inventory._lab import goc_data
+    from mailtower.controller.lab import plan
+    from roles.goc import sync_side
+
+    monkeypatch.setattr(plan, "STATE_DIR", tmp_path / "lab")  # not the real lab's secrets
+    g = GocSettings.model_validate(goc_data())
+    rendered = {
+        path: render(path, settings, **{**_internet(path), "goc": g})
+        for path in all_templates()
+        if path.startswith("goc/")
+    }
+    hba = rendered["goc/etc/postgresql/15/main/pg_hba.conf"]
+    rows = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+    hosts = [r for r in rows if r[0] == "host"]
+    want = [["host", "goc", "mt_eye", "127.0.0.1/32", "scram-sha-256"]]
+    for t in g.towers:
+        key = t.name.replace("-", "_")
+        want += [["host", "goc", f"mt_sync_{key}", f"{ip}/32", "scram-sha-256"] for ip in t.sql]
+        want.append(["host", "goc", f"mt_status_{key}", f"{t.monitor}/32", "scram-sha-256"])
+    assert hosts == want
+    assert {t.name for t in g.towers} == {"lab-a", "lab-b"}
+    # goc.json: each tower's own passwords, none shared with another tower.
+    side = sync_side(g)
+    passwords = [
+        p for t in side.towers for p in (t.sync_password, t.goc_sync_password, t.status_password)
+    ]
+    assert len(set(passwords)) == len(passwords) == 6
 
 
 def test_rule_bundle_alerts_only_with_bundles(render, settings):
@@ -442,3 +521,39 @@ def test_a_message_set_aside_alerts(render, settings):
     block = text.split("- alert: MessageSetAside\n")[1].split("- alert:")[0]
     assert 'mailtower_messages_total{verdict="unprocessable"}' in block
     assert "3600 s" in block  # the limit as the settings give it
+
+
+def _unit_service(text: str) -> dict[str, str]:
+    """The [Service] section of a systemd unit (one value per key)."""
+    section = text.split("[Service]\n", 1)[1].split("\n[", 1)[0]
+    return dict(
+        line.split("=", 1) for line in section.splitlines() if line and not line.startswith("#")
+    )
+
+
+def test_the_relay_orderer_is_root_with_only_what_postsuper_needs(render, settings):
+    """Issue 15 (low): the orderer ran as root with every capability. postsuper refuses any
+    other user, so it stays root, with the capabilities postsuper and the queue need, a
+    read-only system, and no way to gain more."""
+    from mailtower.relay import order
+
+    unit = _unit_service(render("relay/etc/systemd/system/mailtower-relay-order.service", settings))
+    assert "User" not in unit
+    assert set(unit["CapabilityBoundingSet"].split()) == {
+        "CAP_SETUID",  # postsuper becomes the postfix user to move queue files
+        "CAP_SETGID",
+        "CAP_DAC_READ_SEARCH",  # the 0700 queue directories, postqueue's sockets
+    }
+    assert unit["NoNewPrivileges"] == "yes"
+    assert unit["ProtectSystem"] == "strict"
+    assert unit["ReadWritePaths"].split() == [str(order.SPOOL)]
+    # Its state file is in the one other place it may write.
+    assert order.STATE.parent == Path("/var/lib") / unit["StateDirectory"]
+
+
+def test_the_relay_exporter_is_not_root(render, settings):
+    unit = _unit_service(
+        render("relay/etc/systemd/system/mailtower-relay-exporter.service", settings)
+    )
+    assert unit["User"] == "mailtower"
+    assert unit["CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"

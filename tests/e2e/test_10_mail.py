@@ -6,9 +6,9 @@ import email
 import email.policy
 import hashlib
 import smtplib
-import socket
 import ssl
 
+from rawsmtp import RawSmtp
 from towerlib import wait_for
 
 from mailtower.scanning import testdata
@@ -79,29 +79,18 @@ def test_starttls_with_the_towers_certificate(tower):
 def test_smtp_smuggling_bare_newline_is_refused(mail, tower):
     """CVE-2023-51764: a bare LF before '.' must not end the message or start another."""
     s = tower.settings
-    with socket.create_connection((str(s.hosts.relay), s.ports.smtp), timeout=30) as sock:
-        f = sock.makefile("rwb")
-
-        def say(line: bytes) -> bytes:
-            f.write(line + b"\r\n")
-            f.flush()
-            reply = f.readline()
-            while reply[3:4] == b"-":
-                reply = f.readline()
-            return reply
-
-        f.readline()
-        assert say(b"EHLO verify.internet.lab").startswith(b"250")
-        assert say(b"MAIL FROM:<sender@internet.lab>").startswith(b"250")
-        assert say(f"RCPT TO:<{mail.rcpt()}>".encode()).startswith(b"250")
-        assert say(b"DATA").startswith(b"354")
+    with RawSmtp(str(s.hosts.relay), s.ports.smtp) as smtp:
+        assert smtp.reply().startswith(b"220")  # the whole greeting: never talk before it
+        assert smtp.say(b"EHLO verify.internet.lab").startswith(b"250")
+        assert smtp.say(b"MAIL FROM:<sender@internet.lab>").startswith(b"250")
+        assert smtp.say(f"RCPT TO:<{mail.rcpt()}>".encode()).startswith(b"250")
+        assert smtp.say(b"DATA").startswith(b"354")
         smuggled = (
             b"Subject: first\r\n\r\nbody\n.\nMAIL FROM:<evil@internet.lab>\r\n"
             b"RCPT TO:<" + mail.rcpt("victim").encode() + b">\r\n"
         )
-        f.write(smuggled + b".\r\n")
-        f.flush()
-        reply = f.readline()
+        smtp.send(smuggled + b".\r\n")
+        reply = smtp.reply()
     assert reply.startswith(b"5"), reply
 
 

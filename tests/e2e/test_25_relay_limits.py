@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import smtplib
-import socket
 import ssl
 import time
 
 import pytest
+from rawsmtp import RawSmtp, remote_script
 from towerlib import wait_for
 
 
@@ -137,26 +138,16 @@ def _replies(data: bytes) -> list[bytes]:
 def test_a_data_trickle_is_cut_off(mail, tower):
     timeout = tower.settings.limits.client_request_timeout
     seconds = int(timeout[:-1]) * {"s": 1, "m": 60, "h": 3600}[timeout[-1]]
-    with socket.create_connection(_relay(tower), timeout=30) as sock:
-        f = sock.makefile("rwb")
-
-        def say(line: bytes) -> bytes:
-            f.write(line + b"\r\n")
-            f.flush()
-            reply = f.readline()
-            while reply[3:4] == b"-":
-                reply = f.readline()
-            return reply
-
-        assert f.readline().startswith(b"220")
-        assert say(b"EHLO trickle.internet.lab").startswith(b"250")
-        assert say(b"MAIL FROM:<trickle@internet.lab>").startswith(b"250")
-        assert say(f"RCPT TO:<{mail.rcpt('trickle')}>".encode()).startswith(b"250")
-        assert say(b"DATA").startswith(b"354")
+    with RawSmtp(*_relay(tower)) as smtp:
+        assert smtp.reply().startswith(b"220")
+        assert smtp.say(b"EHLO trickle.internet.lab").startswith(b"250")
+        assert smtp.say(b"MAIL FROM:<trickle@internet.lab>").startswith(b"250")
+        assert smtp.say(f"RCPT TO:<{mail.rcpt('trickle')}>".encode()).startswith(b"250")
+        assert smtp.say(b"DATA").startswith(b"354")
         started = time.monotonic()
         try:
             while time.monotonic() - started < 3 * seconds + 60:
-                sock.sendall(b"x")
+                smtp.sock.sendall(b"x")
                 time.sleep(2)
         except OSError:
             pass  # the relay closed the session
@@ -166,28 +157,108 @@ def test_a_data_trickle_is_cut_off(mail, tower):
     assert elapsed < 2 * seconds + 30, elapsed
 
 
+# A python3 script for a lab host (with RawSmtp, rawsmtp.remote_script), after a first line
+# "RELAY, PORT, RCPT = …": it talks before the greeting, then tries a customer's recipient.
+_PREGREET = """
+import json
+with RawSmtp(RELAY, PORT) as smtp:
+    smtp.send(b"EHLO pregreet.internet.lab\\r\\n")  # before a line of the greeting was read
+    # postscreen's own engine answers it after its "220-" line (it sends no "220 " to a client
+    # that talked first); an smtpd would send its "220 " greeting, then the EHLO's answer.
+    ehlo = smtp.reply()
+    if ehlo.startswith(b"220"):
+        ehlo = smtp.reply()
+    smtp.say(b"MAIL FROM:<pregreet@internet.lab>")
+    rcpt = smtp.say(b"RCPT TO:<" + RCPT.encode() + b">")
+    smtp.say(b"QUIT")
+lines = [x.decode("ascii", "replace") for x in smtp.lines]
+print(json.dumps({"rcpt": rcpt.decode(), "lines": lines}))
+"""
+
+# The same, from a client that waits for the whole greeting; it sends no message.
+_WAITS = """
+import json, time
+with RawSmtp(RELAY, PORT) as smtp:
+    started = time.monotonic()
+    greeting = smtp.reply()
+    waited = time.monotonic() - started
+    smtp.say(b"EHLO waits.internet.lab")
+    smtp.say(b"MAIL FROM:<waits@internet.lab>")
+    rcpt = smtp.say(b"RCPT TO:<" + RCPT.encode() + b">")
+    smtp.say(b"QUIT")
+lines = [x.decode("ascii", "replace") for x in smtp.lines]
+print(json.dumps({"greeting": greeting.decode(), "waited": waited, "rcpt": rcpt.decode(),
+                  "lines": lines}))
+"""
+
+
+def _smtp_script(tower, mail, script: str) -> str:
+    s = tower.settings
+    return remote_script(
+        f"RELAY, PORT, RCPT = {str(s.hosts.relay)!r}, {s.ports.smtp}, "
+        f"{mail.rcpt('screened')!r}\n{script}"
+    )
+
+
+def test_a_client_that_talks_before_the_greeting_gets_no_recipient(mail, tower):
+    """Issue 15 (low): no pregreet test. postscreen sends the first line of a two-line greeting
+    and waits; a client that talks first (a spam bot) gets postscreen's own engine, never an
+    smtpd, and that engine refuses every recipient (postscreen_greet_action = enforce: 550
+    5.5.1). Before postscreen, smtpd answered the early EHLO and took the recipient.
+
+    Run on the relay, against its own public address: no honest client ever connects from
+    there, so postscreen has never cached that address as passed (an address that passed
+    skips the test for postscreen_greet_ttl, and would be handed straight to an smtpd)."""
+    s = tower.settings
+    since = int(time.time()) - 2
+    relay = tower.relay()
+    out = json.loads(relay.check_output(_smtp_script(tower, mail, _PREGREET)))
+    assert out["rcpt"].startswith("550 5.5.1"), out["lines"]
+    assert out["lines"][0].startswith("220-"), out["lines"]  # postscreen's teaser, not smtpd's
+    wait_for(
+        lambda: relay.run(
+            f"journalctl -q --since @{since} | grep -F ' PREGREET ' | grep -F '[{s.hosts.relay}]'"
+        ).stdout.strip(),
+        30,
+        "postscreen's PREGREET line in the relay's log",
+    )
+
+
+def test_a_client_that_waits_for_the_greeting_gets_an_smtpd(mail, tower):
+    """The other side of the pregreet test, from the monitor (an internet client like any
+    other, not exempt from the relay's limits): a client that waits gets the whole greeting,
+    on the same connection, and an smtpd that takes its recipient, which postscreen's own
+    engine never does. A client postscreen has not seen for postscreen_greet_ttl waits
+    postscreen_greet_wait (6 s) first; one it has seen gets smtpd's greeting at once."""
+    out = json.loads(tower.monitor().check_output(_smtp_script(tower, mail, _WAITS)))
+    assert out["greeting"].startswith("220 "), out["lines"]
+    assert out["rcpt"].startswith("250"), out["lines"]
+    if out["lines"][0].startswith("220-"):  # screened now: it passed by waiting
+        assert out["waited"] >= 1.5, out  # postscreen_greet_wait: 6 s, 2 s under stress
+
+
 def test_one_client_is_held_to_the_connection_rate(tower):
-    """From the tower's monitor (not exempt, like any internet client): past the rate, 421."""
+    """From the tower's monitor (not exempt, like any internet client): past the rate, 421.
+    smtpd counts the connections postscreen hands it; a client postscreen screens gets its
+    "220-" line before that, so a connection's answer is the last line of the greeting."""
     s = tower.settings
     rate = s.limits.client_connection_rate
     if rate == 0:
         pytest.skip("no connection rate limit configured")
     script = f"""
-import socket
 from concurrent.futures import ThreadPoolExecutor
 def one(_):
     try:
-        with socket.create_connection(("{s.hosts.relay}", {s.ports.smtp}), timeout=30) as c:
-            banner = c.makefile("rb").readline()
-            c.sendall(b"QUIT\\r\\n")
-            return banner[:3].decode() or "closed"
+        with RawSmtp("{s.hosts.relay}", {s.ports.smtp}) as smtp:
+            code = smtp.reply()[:3].decode() or "closed"
+            smtp.send(b"QUIT\\r\\n")
+            return code
     except OSError:
         return "error"
 with ThreadPoolExecutor(8) as pool:
     print(" ".join(pool.map(one, range({rate + 10}))))
 """
-    monitor = tower.node(tower.hosts("monitor")[0].name)
-    codes = monitor.check_output("python3 - <<'PY'\n%s\nPY" % script).split()
+    codes = tower.monitor().check_output(remote_script(script)).split()
     assert codes.count("220") <= rate, codes
     assert "421" in codes, codes
 

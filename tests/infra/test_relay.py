@@ -52,12 +52,25 @@ def test_postfix_check_is_clean(node):
         ("mydestination", ""),
         ("mynetworks", "127.0.0.0/8"),
         ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
+        ("postscreen_greet_action", "enforce"),
+        ("postscreen_access_list", "permit_mynetworks"),
+        ("postscreen_dnsbl_sites", ""),
     ],
 )
 def test_postfix_setting(node, tower, key, expected):
     if expected is None:
         expected = tower.settings.limits.queue_lifetime
     assert node.check_output(f"postconf -h {key}") == expected
+
+
+@pytest.mark.parametrize(
+    ("service", "command"),
+    [("smtp/inet", "postscreen"), ("smtpd/pass", "smtpd"), ("tlsproxy/unix", "tlsproxy")],
+)
+def test_port_25_is_screened_by_postscreen(node, service, command):
+    """Issue 15 (low): no pregreet test. postscreen takes port 25 and hands a client that
+    waited for the greeting to an smtpd (tests/e2e/test_25_relay_limits.py shows both sides)."""
+    assert node.check_output(f"postconf -M {service}").split()[7] == command
 
 
 def test_customer_routes_come_from_sql(node, tower):
@@ -146,3 +159,26 @@ def test_the_queue_exporter_is_not_root_and_still_counts_the_queue(node, tower):
         "/metrics"
     )
     assert 'mailtower_relay_queue_messages{queue="deferred"}' in metrics
+
+
+# CAP_DAC_READ_SEARCH, CAP_SETGID, CAP_SETUID (linux/capability.h)
+ORDERER_CAPABILITIES = (1 << 2) | (1 << 6) | (1 << 7)
+
+
+def test_the_orderer_is_root_with_three_capabilities_and_still_reads_the_queue(node):
+    """Issue 15 (low): the orderer ran as root with every capability. postsuper, which holds
+    and releases its messages, refuses every user but root (the postfix user included), so it
+    stays root, bounded to what postsuper and the queue need, unable to gain more.
+    tests/pair/test_40_store_and_forward.py shows it still holds and releases in order."""
+    pid = node.check_output("systemctl show -p MainPID --value mailtower-relay-order")
+    assert node.check_output(f"ps -o user= -p {pid}").strip() == "root"
+    status = dict(
+        line.split(":", 1) for line in node.check_output(f"cat /proc/{pid}/status").splitlines()
+    )
+    assert int(status["CapBnd"], 16) == ORDERER_CAPABILITIES, status["CapBnd"]
+    assert int(status["CapEff"], 16) == ORDERER_CAPABILITIES, status["CapEff"]
+    assert status["NoNewPrivs"].strip() == "1"
+    # A pass every 2 s lists the queue (postqueue) and reads postconf; one it could not do is
+    # logged as event=step_failed, so the last 10 s of its log hold several passes.
+    log = node.check_output("journalctl -q -u mailtower-relay-order --since=-10s")
+    assert "event=step_failed" not in log, log

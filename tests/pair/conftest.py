@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
+import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -48,6 +50,39 @@ class Pair:
     def goc_sql(self, query: str) -> str:
         """A query in the GOC's hub database, as postgres on the GOC."""
         return psql(self.goc(), self.goc_data.get("database", "goc"), query)
+
+    def eye_url(self) -> str:
+        """VirusEye's base URL: HTTPS only, on the port the GOC data gives it."""
+        port = self.goc_data.get("eye_listen", "").rpartition(":")[2] or "8025"
+        return f"https://{self.goc_addr}:{port}"
+
+    def eye_cert(self) -> bytes:
+        """The certificate VirusEye serves, read from the GOC over SSH: trusting what the TLS
+        connection itself offers would trust whoever answers."""
+        from mailtower.settings import GocSettings
+
+        tls = GocSettings.model_validate(self.goc_data).eye_tls()
+        assert tls is not None, "the lab GOC's VirusEye has no certificate of its own"
+        return bytes(self.goc().file(tls[0]).content)
+
+    def eye_tls(self) -> ssl.SSLContext:
+        """A client context trusting VirusEye's certificate, and nothing else."""
+        return ssl.create_default_context(cadata=self.eye_cert().decode())
+
+    def eye_plain_http(self) -> bytes:
+        """What VirusEye's port answers a plain-HTTP request (b'' when it hangs up)."""
+        host, port = self.eye_url().removeprefix("https://").rsplit(":", 1)
+        answer = b""
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                f"GET /login HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            try:
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        return answer
 
     # -- sending -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import smtplib
+import ssl
 import threading
 import time
 import urllib.error
@@ -53,17 +54,19 @@ def rcpt_answer(address: str, rcpt: str) -> int:
     return code
 
 
-def http_status(url: str) -> tuple[int, str]:
+def http_status(url: str, tls: ssl.SSLContext) -> tuple[int, str, dict[str, str]]:
+    """(status, Location, headers) of a GET over verified HTTPS, redirects not followed."""
+
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             return None
 
-    opener = urllib.request.build_opener(NoRedirect)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls), NoRedirect)
     try:
         with opener.open(url, timeout=5) as response:
-            return int(response.status), ""
+            return int(response.status), "", dict(response.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Location", "")
+        return exc.code, exc.headers.get("Location", ""), dict(exc.headers)
 
 
 # -- what the deploys made ---------------------------------------------------------------------
@@ -123,11 +126,18 @@ def test_tower_publishes_events_and_subscribes_config(pair: Pair, key: str) -> N
 
 def test_viruseye_is_served_from_the_goc_to_operators_only(pair: Pair) -> None:
     assert pair.goc().service("mailtower-eye").is_running
-    url = f"http://{pair.goc_addr}:8025"
-    status, location = http_status(f"{url}/")
+    url, tls = pair.eye_url(), pair.eye_tls()  # verified against the GOC's own certificate
+    status, location, headers = http_status(f"{url}/", tls)
     assert status in (302, 303) and location.endswith("/login")
-    assert http_status(f"{url}/api/snapshot")[0] == 401
-    assert http_status(f"{url}/events")[0] == 401
+    assert headers.get("Strict-Transport-Security", "").startswith("max-age=")
+    assert http_status(f"{url}/api/snapshot", tls)[0] == 401
+    assert http_status(f"{url}/events", tls)[0] == 401
+
+
+def test_viruseye_answers_no_plain_http(pair: Pair) -> None:
+    """HTTPS only (issue 15): plain HTTP to the port gets no page, so no session cookie."""
+    answer = pair.eye_plain_http()
+    assert b"HTTP/" not in answer and b"Set-Cookie" not in answer, answer[:200]
 
 
 # -- configuration down ------------------------------------------------------------------------

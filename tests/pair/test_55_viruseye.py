@@ -39,15 +39,17 @@ def unseen_outbreak(pair: Pair) -> int:
 
 
 def test_operator_sees_a_new_outbreak_arrive_live(pair: Pair) -> None:
-    url = f"http://{pair.goc_addr}:8025"
+    url = pair.eye_url()  # HTTPS; the browser trusts the GOC's certificate (read over SSH) alone
     (operator, password), *_ = pair.goc_data["operators"].items()
     towers = {t.settings.name for t in pair.towers.values()}
     index = unseen_outbreak(pair)
     name = testdata.outbreak_name(index)
-    with eyebrowser.chromium() as page:
+    with eyebrowser.chromium(trust=pair.eye_cert()) as page:
         page.get(f"{url}/login")
         eyebrowser.log_in(page, operator, password)
         eyebrowser.wait(page, lambda d: d.current_url == f"{url}/", "the page after login")
+        cookie = page.get_cookie("viruseye_session")
+        assert cookie is not None and cookie["secure"] and cookie["httpOnly"], cookie
         state = eyebrowser.wait(
             page,
             lambda d: (

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from scand_fakes import FakeClamd, wait_until
 
-from mailtower.scanning.engines import (
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.engines.clamd import ClamdClient, ClamdEngine, parse_address
+from mailtower.scanning.errors import (
     EngineProtocolError,
     EngineScanError,
     EngineTimeout,
     EngineUnavailable,
-    Finding,
 )
-from mailtower.scanning.engines.clamd import ClamdClient, ClamdEngine, parse_address
 
 
 @pytest.fixture

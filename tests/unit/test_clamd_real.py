@@ -21,8 +21,8 @@ from scand_fakes import RealClamd, make_settings, scand_argv, start_sink, wait_u
 
 from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import EngineError, EngineScanError, EngineUnavailable
 from mailtower.scanning.engines.clamd import ClamdClient, ClamdEngine
+from mailtower.scanning.errors import EngineError, EngineScanError, EngineUnavailable
 from mailtower.scanning.scan import Kind, scan_message
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtower.cli import json_line, main, shown
+from mailtower._text import json_line, shown
+from mailtower.cli import main
 from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scanning import testdata
 

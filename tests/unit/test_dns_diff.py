@@ -12,7 +12,7 @@ import dns.rrset
 import pytest
 from dns_pairs import LAYOUTS, make_pair, with_tower
 
-from mailtower.controller.dns.diff import Change, Plan, diff, stale_records
+from mailtower.controller.dns.diff import Plan, RecordChange, diff, stale_records
 from mailtower.controller.dns.exceptions import DnsError, TsigKeyError
 from mailtower.controller.dns.model import load_pair
 from mailtower.controller.dns.records import EMPTY, RecordSet, RRsetKey, desired_records, rdata
@@ -158,8 +158,8 @@ def test_update_message_requires_the_old_rrset_and_changes_only_the_difference()
     message = update_message(
         dns.name.from_text("customer1.lab."),
         [
-            Change(key, old, new),
-            Change(absent_key, EMPTY, RecordSet.of(60, [rdata(dns.rdatatype.A, "1.2.3.4")])),
+            RecordChange(key, old, new),
+            RecordChange(absent_key, EMPTY, RecordSet.of(60, [rdata(dns.rdatatype.A, "1.2.3.4")])),
         ],
     )
     # One RR per entry on the wire; together they require exactly the old RRset.

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import EngineTimeout, Finding
+from mailtower.scanning.engines import Finding
 from mailtower.scanning.engines.reputation import (
     DEFAULT_TLSH_THRESHOLD,
-    ReputationDataError,
     ReputationEngine,
     fuzzy_hash,
 )
+from mailtower.scanning.errors import EngineTimeout, ReputationDataError
 from mailtower.scanning.objects import ScanObject
 from mailtower.scanning.rules import REPUTATION_DIR, build_reputation
 from mailtower.scanning.rules.build_reputation import FAMILIES, family_sample

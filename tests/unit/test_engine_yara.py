@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import EngineTimeout, Finding
-from mailtower.scanning.engines.yara import YaraEngine, YaraRuleError, rule_files
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.engines.yara import YaraEngine, rule_files
+from mailtower.scanning.errors import EngineTimeout, YaraRuleError
 from mailtower.scanning.objects import ScanObject
 from mailtower.scanning.rules import YARA_DIR
 

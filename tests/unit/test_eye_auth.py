@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 
 from mailtower.goc.eye import auth
-from mailtower.goc.eye.auth import (
-    Credentials,
-    CredentialsError,
-    LoginLimiter,
-    SecretError,
-    Sessions,
-)
+from mailtower.goc.eye.auth import Credentials, LoginLimiter, Sessions
+from mailtower.goc.eye.errors import CredentialsError, SecretError
 
 SECRET = b"s" * 64
 

@@ -1,5 +1,6 @@
 """VirusEye end to end in Debian's headless Chromium: the real ``mailtower-eye serve`` over a real
-PostgreSQL hub; a tower's event arriving shows up on an open page without a reload.
+PostgreSQL hub, on HTTPS with the deploy's self-signed certificate (the browser trusts its key
+alone); a tower's event arriving shows up on an open page without a reload.
 
 Screenshot for review: tests/output/viruseye.png.
 """
@@ -7,30 +8,21 @@ Screenshot for review: tests/output/viruseye.png.
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import eyebrowser
 import needs
 import pytest
-from eye_fixtures import ROOT, add_event, finding, goc_hub
-from scand_fakes import free_port, wait_until
+from eye_fixtures import ROOT, ServedEye, add_event, finding, goc_hub, serve_eye
 
 from mailtower.goc.eye import queries
 from mailtower.goc.eye.status import TowerStatus, upsert_tower_status
 
 pytestmark = pytest.mark.integration
 
-EYE = Path(sys.executable).with_name("mailtower-eye")
 SCREENSHOT = ROOT / "tests" / "output" / "viruseye.png"
 PASSWORD = "operator password for the browser test"
 
@@ -89,64 +81,20 @@ def hub() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def eye_url(hub: Any) -> Iterator[str]:
-    """``mailtower-eye serve`` as an operator would run it; yields its base URL."""
-    etc = Path(tempfile.mkdtemp(prefix="mailtower-eye-etc-"))
-    credentials = etc / "operators"
-    subprocess.run(
-        [str(EYE), "operator", "add", "alice", "--credentials", str(credentials)],
-        input=PASSWORD + "\n",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
-    port = free_port()
-    log = (etc / "eye.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(EYE),
-            "serve",
-            "--dsn",
-            hub.dsn(),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--credentials",
-            str(credentials),
-            "--secret-file",
-            str(etc / "session.key"),
-            "--refresh",
-            "0.5",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (etc / "eye.log").read_text()
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    try:
-        wait_until(healthy, 20, "mailtower-eye to answer /healthz")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-        shutil.rmtree(etc, ignore_errors=True)
+def served(hub: Any) -> Iterator[ServedEye]:
+    """``mailtower-eye serve`` as the GOC deploy runs it: HTTPS with a self-signed certificate."""
+    with serve_eye(hub.dsn(), "alice", PASSWORD, "--refresh", "0.5") as eye:
+        yield eye
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    with eyebrowser.chromium() as driver:
+def eye_url(served: ServedEye) -> str:
+    return served.url
+
+
+@pytest.fixture(scope="module")
+def browser(served: ServedEye) -> Iterator[webdriver.Chrome]:
+    with eyebrowser.chromium(trust=served.cert.read_bytes()) as driver:
         yield driver
 
 
@@ -167,20 +115,14 @@ def log_in(driver: webdriver.Chrome, password: str) -> None:
     eyebrowser.log_in(driver, "alice", password)
 
 
-def status_of(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def test_unauthenticated_access_refused(page: webdriver.Chrome, eye_url: str) -> None:
+def test_unauthenticated_access_refused(
+    page: webdriver.Chrome, eye_url: str, served: ServedEye
+) -> None:
     page.get(f"{eye_url}/")
     assert page.current_url == f"{eye_url}/login"
     assert page.find_element(By.ID, "login-button").is_displayed()
-    assert status_of(f"{eye_url}/api/snapshot") == 401
-    assert status_of(f"{eye_url}/events") == 401
+    assert served.status("/api/snapshot")[0] == 401
+    assert served.status("/events")[0] == 401
 
 
 def test_wrong_password_refused(page: webdriver.Chrome, eye_url: str) -> None:
@@ -204,6 +146,7 @@ def test_new_outbreak_appears_live(page: webdriver.Chrome, eye_url: str, hub: An
     wait(page, lambda d: d.current_url == f"{eye_url}/", "the page after login")
     cookie = page.get_cookie("viruseye_session")
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert cookie["secure"]
     state = wait(
         page,
         lambda d: (s := page_state(d))["outbreaks"] and s,

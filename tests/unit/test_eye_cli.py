@@ -52,6 +52,16 @@ def test_operator_short_password_refused(tmp_path: Path, monkeypatch: pytest.Mon
         (["--dsn", "host=x", "--listen", "8025"], "use HOST:PORT"),
         (["--dsn", "host=x", "--tls-cert", "c.pem"], "go together"),
         (["--dsn", "host=x", "--credentials", "/nonexistent/operators"], "/nonexistent/operators"),
+        # HTTPS only: plain HTTP on an address others reach, or behind a proxy said to be HTTP.
+        (["--dsn", "host=x", "--listen", "0.0.0.0:8025"], "plain HTTP only on a loopback"),
+        (["--dsn", "host=x", "--listen", "10.201.9.10:8025"], "plain HTTP only on a loopback"),
+        (["--dsn", "host=x", "--listen", "[::]:8025"], "plain HTTP only on a loopback"),
+        (["--dsn", "host=x", "--listen", "eye.example:8025"], "plain HTTP only on a loopback"),
+        (
+            ["--dsn", "host=x", "--listen", "0.0.0.0:8025", "--origin", "https://eye.example"],
+            "plain HTTP only on a loopback",
+        ),
+        (["--dsn", "host=x", "--origin", "http://eye.example"], "must be https://"),
     ],
 )
 def test_serve_refuses_bad_arguments(
@@ -65,3 +75,20 @@ def test_serve_refuses_bad_arguments(
     argv = ["serve", "--secret-file", str(tmp_path / "key"), *args]
     assert run(monkeypatch, "", *argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "tls", "origin"),
+    [
+        ("127.0.0.1", False, None),
+        ("::1", False, None),
+        ("localhost", False, None),
+        ("127.0.0.1", False, "https://eye.example"),
+        ("0.0.0.0", True, None),
+        ("10.201.9.10", True, None),
+    ],
+)
+def test_serve_allows_https_or_loopback(host: str, tls: bool, origin: str | None) -> None:
+    from mailtower.goc.eye.__main__ import plain_http_refused
+
+    assert plain_http_refused(host, tls, origin) is None

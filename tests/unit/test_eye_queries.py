@@ -22,7 +22,7 @@ from mailtower.goc.eye.status import (
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 5, 20, 12, 0, 0, tzinfo=UTC)
-WINDOW = queries.Window()
+WINDOW = queries.TimeWindow()
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_shorter_window_drops_older_outbreaks(conn: psycopg.Connection[Any]) -> 
     add_event(
         conn, tower="t", at=ago(minutes=2), findings=[finding("clamd", "B")], recipients=["a@b.c"]
     )
-    window = queries.Window(outbreaks=timedelta(hours=1))
+    window = queries.TimeWindow(outbreaks=timedelta(hours=1))
     assert [r["name"] for r in queries.outbreaks(conn, NOW, window)] == ["B"]
 
 

@@ -15,7 +15,7 @@ from aiohttp import ClientResponse, ClientSession, TCPConnector
 from aiohttp.test_utils import TestClient, TestServer
 
 from mailtower.goc.eye import auth
-from mailtower.goc.eye.app import LIMITER, SESSION_COOKIE, EyeConfig, Hub, make_app
+from mailtower.goc.eye.app import HSTS, LIMITER, SESSION_COOKIE, EyeConfig, Hub, make_app
 from mailtower.goc.eye.auth import Credentials, LoginLimiter
 from mailtower.goc.eye.revocations import MemoryRevocations, RevocationStore
 
@@ -96,6 +96,24 @@ def test_unauthenticated_access(tmp_path: Path, path: str, status: int) -> None:
             if status == 303:
                 assert response.headers["Location"] == "/login"
             assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("settings", "hsts"),
+    [
+        ({}, None),  # plain HTTP on loopback (a test): HSTS would mean nothing
+        ({"secure_cookie": True}, HSTS),  # HTTPS, directly or behind a proxy
+        ({"secure_cookie": True, "origin": "https://eye.example"}, HSTS),
+    ],
+)
+def test_hsts_only_over_https(tmp_path: Path, settings: dict[str, Any], hsts: str | None) -> None:
+    async def test() -> None:
+        async with eye(tmp_path, **settings) as client:
+            for path in ("/login", "/api/snapshot", "/healthz"):
+                response = await client.get(path, allow_redirects=False)
+                assert response.headers.get("Strict-Transport-Security") == hsts, path
 
     run(test)
 

@@ -13,15 +13,7 @@ import pytest
 from pydantic import ValidationError
 from scand_fakes import free_port, make_settings
 
-from mailtower.scanning.engines import (
-    EngineError,
-    EngineProtocolError,
-    EngineScanError,
-    EngineTimeout,
-    EngineUnavailable,
-    Finding,
-    from_settings,
-)
+from mailtower.scanning.engines import Finding, from_settings
 from mailtower.scanning.engines.icap import (
     REPLACED,
     UNNAMED,
@@ -30,6 +22,13 @@ from mailtower.scanning.engines.icap import (
     IcapUrl,
     ResponseParser,
     parse_icap_url,
+)
+from mailtower.scanning.errors import (
+    EngineError,
+    EngineProtocolError,
+    EngineScanError,
+    EngineTimeout,
+    EngineUnavailable,
 )
 from mailtower.settings import TowerSettings
 

@@ -13,13 +13,9 @@ import pytest
 from scand_fakes import RealCicap, RealClamd, free_port, make_settings
 
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import (
-    EngineError,
-    EngineScanError,
-    EngineUnavailable,
-    from_settings,
-)
+from mailtower.scanning.engines import from_settings
 from mailtower.scanning.engines.icap import REPLACED, IcapClient, IcapEngine
+from mailtower.scanning.errors import EngineError, EngineScanError, EngineUnavailable
 from mailtower.scanning.pipeline import Pipeline
 from mailtower.scanning.scan import Kind, scan_message
 from mailtower.settings import TowerSettings

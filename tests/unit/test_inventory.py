@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailtower.controller import inventory
-from mailtower.settings import SettingsError
+from mailtower.errors import SettingsError
 
 GOOD = """
 SECRETS = {k: "x" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}

@@ -11,13 +11,8 @@ import pytest
 from bundle_builders import PROBE_RULE, Keys, make_keys, rules_copy
 
 from mailtower import bundles
-from mailtower.controller.lab.bundles import (
-    GocPaths,
-    PublishError,
-    StepFailed,
-    next_version,
-    publish_at_goc,
-)
+from mailtower.controller.errors import PublishError, StepFailed
+from mailtower.controller.lab.bundles import GocPaths, next_version, publish_at_goc
 
 
 def _local_shell(command: str, stdin: bytes) -> str:

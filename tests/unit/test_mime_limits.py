@@ -19,7 +19,7 @@ from mailtower.scanning.mime import (
     is_hostile,
 )
 from mailtower.scanning.mime._anomalies import HOSTILE_ANOMALIES
-from mailtower.scanning.mime._limits import Budget, LimitExceeded
+from mailtower.scanning.mime._limits import Budget, MimeLimitExceeded
 from mailtower.scanning.pipeline import Pipeline
 from mailtower.scanning.scan import Kind
 
@@ -119,7 +119,7 @@ def test_time_limit_counts_cpu_not_wall_time() -> None:
     clocks.cpu += 9.0
     budget.check_time()  # no limit yet: the message itself cost 9 s of CPU
     clocks.cpu += 2.0
-    with pytest.raises(LimitExceeded) as exc:
+    with pytest.raises(MimeLimitExceeded) as exc:
         budget.check_time()
     assert exc.value.anomaly == "mime.timeout"
 
@@ -129,7 +129,7 @@ def test_wall_clock_backstop_still_ends_a_starved_message() -> None:
     budget = clocks.budget(MimeLimits(max_time_s=10.0, max_wall_s=60.0))
     clocks.cpu += 1.0
     clocks.wall += 61.0
-    with pytest.raises(LimitExceeded) as exc:
+    with pytest.raises(MimeLimitExceeded) as exc:
         budget.check_time()
     assert exc.value.anomaly == "mime.wall-timeout"
     # Not the message's fault: neither hostile (it would be quarantined) nor informational.

@@ -1,7 +1,8 @@
 """The monitor reports its tower's state to a real PostgreSQL GOC (tower_status, VirusEye).
 
 The GOC is a throwaway cluster (tests/pgclusters.py) with the hub's verdict_events and the
-eye's objects; the monitor logs in as ``mt_status`` with only the grants the GOC deploy gives.
+eye's objects; the monitor logs in as its tower's own ``mt_status_<tower>`` with only what the
+GOC deploy gives it (its own row of tower_status).
 The relay's queue comes from the real relay exporter's collector over a spool directory.
 """
 
@@ -25,7 +26,7 @@ from prometheus_client import start_http_server
 
 from mailtower.goc.eye.status import TowerStatus, status_role
 from mailtower.monitor import goc_status, replication, service
-from mailtower.monitor.goc_status import RelayQueueError
+from mailtower.monitor.errors import RelayQueueError
 from mailtower.monitor.replication import Standby
 from mailtower.monitor.service import Monitor
 from mailtower.relay import exporter as relay_exporter

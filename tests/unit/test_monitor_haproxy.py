@@ -8,7 +8,8 @@ import socket
 import pytest
 from monitor_fakes import FakeHAProxy
 
-from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI, parse_servers_state
+from mailtower.monitor.errors import HAProxyError
+from mailtower.monitor.haproxy import RuntimeAPI, parse_servers_state
 
 
 def closed_port() -> int:

@@ -11,7 +11,9 @@ import pytest
 from monitor_fakes import SCANNERS, free_port, tower
 
 from mailtower import bundles
+from mailtower.monitor import health
 from mailtower.monitor import rollout as rollout_mod
+from mailtower.monitor.rollout import canary
 from mailtower.monitor.service import Monitor
 from mailtower.scanning import testdata
 from mailtower.settings import Bundles
@@ -100,8 +102,8 @@ def make(
     monitor = Monitor(settings, rules_mirror=tmp_path / "mirror")
     scanners, haproxy = FakeScanners(version), FakeHAProxy(sessions)
     monitor.haproxy = haproxy  # type: ignore[assignment]
-    monkeypatch.setattr(rollout_mod.health, "request", scanners.request)
-    monkeypatch.setattr(rollout_mod, "send_canary", scanners.canary)
+    monkeypatch.setattr(health, "request", scanners.request)
+    monkeypatch.setattr(canary, "send_canary", scanners.canary)
     for s in monitor.pool.scanners:
         s.enabled, s.healthy, s.rules_bundle = True, True, version
     mirror = tmp_path / "mirror"  # what the monitor mirrored (names only matter here)
@@ -173,7 +175,7 @@ def test_a_scanner_that_fails_waits_and_the_others_go_on(tmp_path, monkeypatch) 
             return 409, {"status": "refused", "reason": "clamd did not take RELOAD"}
         return await apply(host, port, method, path, body, headers, timeout_s)
 
-    monkeypatch.setattr(rollout_mod.health, "request", refusing)
+    monkeypatch.setattr(health, "request", refusing)
     rollout.state.target = 2
     asyncio.run(rollout.roll())
     asyncio.run(rollout.roll())  # the broken one is not drained again at once
@@ -227,7 +229,7 @@ def test_a_bad_bundle_whose_rollback_fails_keeps_the_scanner_out(tmp_path, monke
             return 409, {"status": "refused", "reason": "no version before 99 is kept"}
         return await answer(host, port, method, path, body, headers, timeout_s)
 
-    monkeypatch.setattr(rollout_mod.health, "request", request)
+    monkeypatch.setattr(health, "request", request)
     rollout.state.target = BAD
     asyncio.run(rollout.roll())
     first = rollout.monitor.pool.scanners[0]
@@ -266,7 +268,7 @@ def test_an_apply_without_answer_is_checked_before_the_scanner_serves(
             raise TimeoutError  # it applied, but the answer never came
         return result
 
-    monkeypatch.setattr(rollout_mod.health, "request", request)
+    monkeypatch.setattr(health, "request", request)
     rollout.state.target = 2
     asyncio.run(rollout.roll())
     first = rollout.monitor.pool.scanners[0]
@@ -288,7 +290,7 @@ def test_a_canary_without_answer_does_not_reject_the_bundle(tmp_path, monkeypatc
             raise ConnectionResetError("scanner hung up")
         return answer(address, port, raw)
 
-    monkeypatch.setattr(rollout_mod, "send_canary", flaky)
+    monkeypatch.setattr(canary, "send_canary", flaky)
     rollout.state.target = 2
     asyncio.run(rollout.roll())
     first = rollout.monitor.pool.scanners[0]
@@ -311,7 +313,7 @@ def test_apply_waits_for_the_sessions_still_open_to_the_scanner(tmp_path, monkey
             open_at_apply.append(haproxy.open["s01"])
         return await answer(host, port, method, path, body, headers, timeout_s)
 
-    monkeypatch.setattr(rollout_mod.health, "request", request)
+    monkeypatch.setattr(health, "request", request)
 
     async def scenario() -> None:
         async def session_ends() -> None:

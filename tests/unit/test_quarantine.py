@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtower.scand.quarantine import ID_RE, QuarantineError, QuarantineStore, new_id
+from mailtower.scand.errors import QuarantineError
+from mailtower.scand.quarantine import ID_RE, QuarantineStore, new_id
 
 
 def test_write_then_get(tmp_path: Path) -> None:

@@ -16,13 +16,8 @@ from hypothesis import strategies as st
 from scand_fakes import SinkHandler, free_port, make_settings, wait_until
 
 from mailtower.scand import reinject as reinject_mod
-from mailtower.scand.reinject import (
-    ReinjectDeferred,
-    ReinjectError,
-    Reinjector,
-    ReinjectRefused,
-    dot_stuffed,
-)
+from mailtower.scand.errors import ReinjectDeferred, ReinjectError, ReinjectRefused
+from mailtower.scand.reinject import Reinjector, dot_stuffed
 from mailtower.settings import TowerSettings
 
 RAW = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: s\r\n\r\nbody\r\n"

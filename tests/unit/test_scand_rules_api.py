@@ -20,13 +20,8 @@ from scand_fakes import SinkHandler, free_port, make_settings, start_sink
 
 from mailtower import bundles
 from mailtower.monitor import health
-from mailtower.monitor.rollout import (
-    CanaryFailed,
-    RolloutError,
-    builtin_canaries,
-    check_canary_answer,
-    marked,
-)
+from mailtower.monitor.errors import CanaryFailed, RolloutError
+from mailtower.monitor.rollout import builtin_canaries, check_canary_answer, marked
 from mailtower.scand import bundle_apply
 from mailtower.scand.bundle_apply import PROBE_NAME
 from mailtower.scand.http import ScannerSource, start_http

@@ -29,9 +29,9 @@ from mailtower.scand.quarantine import Entry as QuarantineEntry
 from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scand.server import Handler, Scanner, start_smtp
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import EngineTimeout, Finding
+from mailtower.scanning.engines import Finding
 from mailtower.scanning.engines.testing import PatternEngine
-from mailtower.scanning.engines.yara import YaraRuleError
+from mailtower.scanning.errors import EngineTimeout, YaraRuleError
 from mailtower.scanning.scan import Verdict, message_id
 
 MARKER = testdata.marker().decode()

@@ -8,7 +8,7 @@ import pytest
 
 from mailtower import settings
 from mailtower.controller import inventory
-from mailtower.settings import SettingsError
+from mailtower.errors import SettingsError
 
 SECRETS = {k: "x" * 20 for k in ("sql_relay", "sql_scanner", "sql_monitor", "sql_replication")}
 

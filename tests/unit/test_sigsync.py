@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailtower.scand import sigsync
+from mailtower.scand.errors import SignatureSyncError
 from mailtower.scanning import testdata
 
 
@@ -75,18 +76,18 @@ def test_mismatching_file_is_refused_and_not_installed(mirror, tmp_path):
     publish(root, {"a.ndb": "A:0:*:41414141\n"})
     (root / "evil.ndb").write_text("tampered")
     publish(root, {"a.ndb": "A:0:*:41414141\n"}, lie="evil.ndb")
-    with pytest.raises(sigsync.SyncError, match="does not match"):
+    with pytest.raises(SignatureSyncError, match="does not match"):
         sigsync.sync(url, db)
     assert not (db / "evil.ndb").exists()
 
 
 def test_unreachable_mirror_names_the_url(tmp_path):
-    with pytest.raises(sigsync.SyncError, match="127.0.0.1:9/index.json"):
+    with pytest.raises(SignatureSyncError, match="127.0.0.1:9/index.json"):
         sigsync.sync("http://127.0.0.1:9", tmp_path, timeout=2)
 
 
 def test_unsafe_names_are_refused(mirror, tmp_path):
     root, url = mirror
     (root / "index.json").write_text(json.dumps({"files": {"../etc/passwd": "0" * 64}}))
-    with pytest.raises(sigsync.SyncError, match="unsafe"):
+    with pytest.raises(SignatureSyncError, match="unsafe"):
         sigsync.sync(url, tmp_path)

@@ -29,9 +29,9 @@ class FakeHost(sqlpair.Remote):
         return "t" if role == "standby" else "f"
 
 
-def pair(state: dict, goc: bool = True) -> sqlpair.Tower:
+def pair(state: dict, goc: bool = True) -> sqlpair.SqlTower:
     hosts = [FakeHost("10.0.0.12", state=state), FakeHost("10.0.0.13", state=state)]
-    return sqlpair.Tower(
+    return sqlpair.SqlTower(
         "tower-a", hosts, 5432, FakeHost("10.0.9.10", state=state) if goc else None
     )
 

@@ -37,7 +37,7 @@ from mailtower.bundles._errors import (
 )
 from mailtower.bundles._format import FORMAT_VERSION, SECTIONS, Manifest
 from mailtower.bundles._install import (
-    Change,
+    BundleChange,
     Installed,
     install,
     installed,
@@ -75,7 +75,7 @@ __all__ = [
     "Built",
     "Bundle",
     "BundleError",
-    "Change",
+    "BundleChange",
     "ForeignKeyBundle",
     "InstallError",
     "Installed",

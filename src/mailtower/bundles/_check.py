@@ -17,10 +17,10 @@ def check_rules(root: Path) -> None:
     at least one rule: an installed bundle replaces the shipped rules as a whole.
     """
     # The engines' modules are heavy (yara, tlsh, oletools): loaded only when checking.
-    from mailtower.scanning.engines import EngineError
     from mailtower.scanning.engines import reputation as reputation_mod
     from mailtower.scanning.engines.yara import compile_rules
-    from mailtower.scanning.skeptic import RuleError, Skeptic
+    from mailtower.scanning.errors import EngineError, RuleError
+    from mailtower.scanning.skeptic import Skeptic
 
     dirs = RuleDirs.under(root)
     prefix = f"{root}/"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mailtower.errors import MailtowerError
 
-class BundleError(Exception):
+
+class BundleError(MailtowerError):
     """A bundle was refused, or a bundle operation failed; nothing was changed."""
 
     code = "error"  # a stable word for programs (mailtower bundle … --json)

@@ -41,7 +41,7 @@ CURRENT = "current"
 VERSIONS = "versions"
 STATE = "state.json"
 LOCK = ".lock"
-SHIPPED = 0  # Change.version after a rollback to the rules shipped in the package
+SHIPPED = 0  # BundleChange.version after a rollback to the rules shipped in the package
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Installed:
 
 
 @dataclass(frozen=True)
-class Change:
+class BundleChange:
     """What an install or rollback did."""
 
     version: int  # now current
@@ -88,7 +88,7 @@ def rule_dirs(root: Path) -> RuleDirs:
     return RuleDirs.under(now.path, bundle_version=now.version)
 
 
-def install(bundle_path: Path, public_key: Ed25519PublicKey, root: Path) -> Change:
+def install(bundle_path: Path, public_key: Ed25519PublicKey, root: Path) -> BundleChange:
     """Verify the bundle against the installed version, unpack it, check its rules load,
     switch ``current`` to it. Any refusal (BundleError) leaves ``root`` as it was."""
     versions = root / VERSIONS
@@ -117,12 +117,12 @@ def install(bundle_path: Path, public_key: Ed25519PublicKey, root: Path) -> Chan
         kept = {bundle.version} | ({previous} if previous is not None else set())
         removed = _prune(root, kept)
         _record(root, "install", bundle.version, previous)
-    return Change(bundle.version, previous, removed)
+    return BundleChange(bundle.version, previous, removed)
 
 
-def rollback(root: Path) -> Change:
+def rollback(root: Path) -> BundleChange:
     """Switch ``current`` back to the version kept before it, and remove the one left; the
-    first bundle installed goes back to the shipped rules (Change.version 0)."""
+    first bundle installed goes back to the shipped rules (BundleChange.version 0)."""
     with locked(root / LOCK):
         now = installed(root)
         if now is None:
@@ -134,7 +134,7 @@ def rollback(root: Path) -> Change:
             fsync_dir(root)
             removed = _prune(root, set())
             _record(root, "rollback", None, None)
-            return Change(SHIPPED, None, removed)
+            return BundleChange(SHIPPED, None, removed)
         if not older:
             raise InstallError(
                 f"{root}: no version before {now.version} is kept; install an older bundle "
@@ -144,7 +144,7 @@ def rollback(root: Path) -> Change:
         _switch(root, target)
         removed = _prune(root, {target})
         _record(root, "rollback", target, None)
-    return Change(target, None, removed)
+    return BundleChange(target, None, removed)
 
 
 def _installed_over_shipped(root: Path, version: int) -> bool:

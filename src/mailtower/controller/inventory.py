@@ -11,7 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailtower.settings import SettingsError, TowerSettings, from_data
+from mailtower.errors import SettingsError
+from mailtower.settings import TowerSettings, from_data
 
 TOWER_GROUPS = ("relay", "monitor", "sql", "scanners")
 

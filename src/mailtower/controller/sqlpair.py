@@ -31,16 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailtower.controller import inventory as inventory_mod
+from mailtower.controller.errors import PairError
 
 SERVICE = "postgresql@15-main"
 DATA = "/var/lib/postgresql/15/main"
 TOOL = "/opt/mailtower/venv/bin/mailtower"
 
 Say = Callable[[str], None]
-
-
-class PairError(Exception):
-    """The command cannot go on; the message names the host, the step and the fix."""
 
 
 def clone_commands(primary: str, port: int, slot: str) -> list[str]:
@@ -120,7 +117,7 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class Tower:
+class SqlTower:
     """A tower's SQL hosts and its GOC, from the inventories."""
 
     name: str
@@ -129,7 +126,7 @@ class Tower:
     goc: Remote | None
 
     @classmethod
-    def load(cls, inventory: Path, goc_inventory: Path | None) -> Tower:
+    def load(cls, inventory: Path, goc_inventory: Path | None) -> SqlTower:
         inv = inventory_mod.load(inventory)
         settings = inventory_mod.settings_of(inv)
         goc = None
@@ -151,7 +148,7 @@ class Tower:
         return {r.address: role_of(r) for r in self.sql}
 
 
-def failover(tower: Tower, say: Say) -> dict[str, float]:
+def failover(tower: SqlTower, say: Say) -> dict[str, float]:
     """Promote the standby; re-point the sync. Returns the seconds each step took."""
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -193,7 +190,7 @@ def failover(tower: Tower, say: Say) -> dict[str, float]:
     return timings
 
 
-def rebuild(tower: Tower, address: str, say: Say) -> float:
+def rebuild(tower: SqlTower, address: str, say: Say) -> float:
     """Make ``address`` a fresh standby of the current primary; returns the seconds it took."""
     started = time.monotonic()
     target = next((r for r in tower.sql if r.address == address), None)

@@ -13,6 +13,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailtower.goc.eye.status import TowerStatus, upsert_tower_status
+from mailtower.monitor.errors import RelayQueueError
 
 QUEUE_METRIC = "mailtower_relay_queue_messages"  # mailtower.relay.exporter.QueueCollector
 # Mail the relay accepted and has not delivered yet: being delivered, waiting for a retry, or
@@ -33,10 +34,6 @@ GOC_CONNECT: dict[str, Any] = {
     "keepalives_interval": 3,
     "keepalives_count": 3,
 }
-
-
-class RelayQueueError(Exception):
-    """The relay exporter's metrics could not be read or lack the queue counts."""
 
 
 def queue_size(metrics_text: str) -> int:

@@ -6,14 +6,11 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from mailtower.monitor.errors import HAProxyError
 from mailtower.monitor.pool import Target
 
 BACKEND = "scanners"
 ADMIN_FORCED_MAINT = 0x01  # SRV_ADMF_FMAINT: put in maintenance by "set server … state maint"
-
-
-class HAProxyError(Exception):
-    """The runtime API could not be reached or refused a command."""
 
 
 @dataclass(frozen=True)

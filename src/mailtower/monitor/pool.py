@@ -14,7 +14,7 @@ READY: Target = "ready"
 
 
 @dataclass
-class Scanner:
+class PoolMember:
     """What the monitor knows and believes about one scanner."""
 
     name: str  # HAProxy server name (s01 …)
@@ -55,10 +55,10 @@ class Pool:
             raise ValueError("fail_after and recover_after must be at least 1")
         self.fail_after = fail_after
         self.recover_after = recover_after
-        self.scanners = [Scanner(name, address, since=now) for name, address in scanners]
+        self.scanners = [PoolMember(name, address, since=now) for name, address in scanners]
         self._by_name = {s.name: s for s in self.scanners}
 
-    def __getitem__(self, name: str) -> Scanner:
+    def __getitem__(self, name: str) -> PoolMember:
         return self._by_name[name]
 
     def observe(self, name: str, ok: bool, now: float) -> Transition | None:
@@ -87,7 +87,7 @@ class Pool:
             s.enabled = enabled
             s.since = now
 
-    def _move(self, s: Scanner, to: Target, now: float) -> Transition:
+    def _move(self, s: PoolMember, to: Target, now: float) -> Transition:
         s.enabled = to == READY
         s.since = now
         return Transition(s.name, s.address, to, now, now - s.streak_start)

@@ -14,12 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mailtower.goc.eye.status import TowerStatus, status_role
 from mailtower.monitor import goc_status, health, http, replication
-from mailtower.monitor import rollout as rollout_mod
-from mailtower.monitor.goc_status import GocStatusWriter, RelayQueueError
-from mailtower.monitor.haproxy import HAProxyError, RuntimeAPI
+from mailtower.monitor.errors import HAProxyError, RelayQueueError
+from mailtower.monitor.goc_status import GocStatusWriter
+from mailtower.monitor.haproxy import RuntimeAPI
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import MAINT, READY, Pool, Transition
-from mailtower.monitor.rollout import Rollout
+from mailtower.monitor.rollout import MIRROR_DIR, Rollout
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger("mailtower.monitor")
@@ -66,7 +66,7 @@ class Monitor:
         *,
         reconcile_interval_s: float = RECONCILE_INTERVAL_S,
         sql_interval_s: float = SQL_INTERVAL_S,
-        rules_mirror: Path = rollout_mod.MIRROR_DIR,
+        rules_mirror: Path = MIRROR_DIR,
     ) -> None:
         self.settings = settings
         limits = settings.limits

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from mailtower import settings as settings_mod
+from mailtower.errors import SettingsError
 from mailtower.scand import workers
 from mailtower.scand.workers import reload
-from mailtower.settings import SettingsError, TowerSettings
+from mailtower.settings import TowerSettings
 
 __all__ = ["default_host_address", "main", "reload"]
 

@@ -26,7 +26,9 @@ from pathlib import Path
 from mailtower import bundles
 from mailtower._fsio import write_durable
 from mailtower.bundles._format import MAX_BUNDLE_BYTES
+from mailtower.scand.errors import ApplyError
 from mailtower.scanning import engines as engines_mod
+from mailtower.scanning.errors import EngineError
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger("mailtower.scand.bundles")
@@ -36,10 +38,6 @@ PREFIX = "mtbundle-"
 PROBE_NAME = f"{PREFIX}probe.ndb"
 FETCH_TIMEOUT_S = 30.0
 PROBE_EVERY_S = 0.2
-
-
-class ApplyError(Exception):
-    """The bundle could not be applied; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +225,7 @@ def sync_clamav(
 def _probe_everywhere(engines: list[engines_mod.Engine], token: str) -> bool:
     try:
         return all(_finds(engine, token) for engine in engines)
-    except engines_mod.EngineError:
+    except EngineError:
         return False
 
 
@@ -243,11 +241,11 @@ def wait_for_probe(
     deadline = time.monotonic() + timeout_s
     for engine in engines:
         while True:
-            error: engines_mod.EngineError | None = None
+            error: EngineError | None = None
             try:
                 if _finds(engine, token) == present:
                     break
-            except engines_mod.EngineError as exc:  # e.g. clamd busy loading: try again
+            except EngineError as exc:  # e.g. clamd busy loading: try again
                 error = exc
             if time.monotonic() > deadline:
                 raise ApplyError(

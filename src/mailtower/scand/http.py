@@ -21,7 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailtower import bundles
 from mailtower.scand import bundle_apply
-from mailtower.scanning.engines import Engine, EngineError
+from mailtower.scanning.engines import Engine
+from mailtower.scanning.errors import EngineError
 
 if TYPE_CHECKING:
     from pathlib import Path

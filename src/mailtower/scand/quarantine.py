@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from mailtower._fsio import fsync_dir, write_durable
+from mailtower.scand.errors import QuarantineError
 
 ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}$")
-
-
-class QuarantineError(Exception):
-    """A quarantine entry is missing or its id is malformed."""
 
 
 def new_id(now: datetime | None = None) -> str:

@@ -23,22 +23,10 @@ import threading
 import time
 from collections.abc import Sequence
 
+from mailtower.scand.errors import ReinjectDeferred, ReinjectError, ReinjectRefused
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger(__name__)
-
-
-class ReinjectError(Exception):
-    """The relay did not take the message back."""
-
-
-class ReinjectDeferred(ReinjectError):
-    """The relay could not take the message now (unreachable, closed, a 4xx): retry later."""
-
-
-class ReinjectRefused(ReinjectError):
-    """The relay will not take this message as it is (a 5xx, an address that cannot be sent,
-    a failure of ours on it): a retry would meet the same answer."""
 
 
 def _refusal(what: str, code: int, text: bytes) -> ReinjectError:

@@ -33,9 +33,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mailtower import bundles
+from mailtower.scand.errors import ReinjectDeferred, ReinjectError
 from mailtower.scand.events import Event, EventSpool
 from mailtower.scand.quarantine import QuarantineStore
-from mailtower.scand.reinject import ReinjectDeferred, ReinjectError, Reinjector
+from mailtower.scand.reinject import Reinjector
 from mailtower.scand.relay_trace import RelayEnvelope, RelaySMTP, relay_arrival
 from mailtower.scanning import engines as engines_mod
 from mailtower.scanning.engines import Engine

@@ -18,12 +18,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from mailtower.scand.errors import SignatureSyncError
+
 log = logging.getLogger("mailtower.scand.sigsync")
 STATE = ".mailtower-sigsync.json"  # names this tool manages in the database directory
-
-
-class SyncError(Exception):
-    """The mirror could not be read or served a file that does not match its index."""
 
 
 def _fetch(url: str, timeout: float) -> bytes:
@@ -31,7 +29,7 @@ def _fetch(url: str, timeout: float) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
             return reply.read()
     except OSError as exc:
-        raise SyncError(f"{url}: {exc}; is the monitor's mirror up?") from exc
+        raise SignatureSyncError(f"{url}: {exc}; is the monitor's mirror up?") from exc
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -54,17 +52,19 @@ def sync(mirror: str, directory: Path, timeout: float = 10.0) -> list[str]:
     try:
         index = json.loads(_fetch(f"{mirror}/index.json", timeout))["files"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise SyncError(f"{mirror}/index.json is not a signature index: {exc}") from exc
+        raise SignatureSyncError(f"{mirror}/index.json is not a signature index: {exc}") from exc
     changed: list[str] = []
     for name, digest in sorted(index.items()):
         if "/" in name or name.startswith("."):
-            raise SyncError(f"{mirror}/index.json names an unsafe file: {name!r}")
+            raise SignatureSyncError(f"{mirror}/index.json names an unsafe file: {name!r}")
         target = directory / name
         if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == digest:
             continue
         data = _fetch(f"{mirror}/{name}", timeout)
         if hashlib.sha256(data).hexdigest() != digest:
-            raise SyncError(f"{mirror}/{name}: content does not match index.json; not installed")
+            raise SignatureSyncError(
+                f"{mirror}/{name}: content does not match index.json; not installed"
+            )
         _write_atomic(target, data)
         changed.append(name)
     state_path = directory / STATE
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     try:
         changed = sync(args.mirror.rstrip("/"), args.dir)
-    except SyncError as exc:
+    except SignatureSyncError as exc:
         log.error("sync failed: %s", exc)
         return 1
     if changed:

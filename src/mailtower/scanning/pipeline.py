@@ -29,7 +29,8 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from mailtower.scanning import containers, mime
 from mailtower.scanning.containers import ContainerLimits
-from mailtower.scanning.engines import Engine, EngineError, EngineTimeout, Finding
+from mailtower.scanning.engines import Engine, Finding
+from mailtower.scanning.errors import EngineError, EngineTimeout
 from mailtower.scanning.mime import MESSAGE_PATH, MimeLimits
 from mailtower.scanning.objects import VBA_SOURCE_TYPE, Analysis, ScanObject
 from mailtower.scanning.rules import RuleDirs

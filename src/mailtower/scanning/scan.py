@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from mailtower.scanning.engines import Engine, EngineError, Finding
+from mailtower.scanning.engines import Engine, Finding
+from mailtower.scanning.errors import EngineError
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 

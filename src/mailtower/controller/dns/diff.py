@@ -40,7 +40,7 @@ def _line(sign: str, key: RRsetKey, ttl: int, rd: dns.rdata.Rdata) -> str:
 
 
 @dataclass(frozen=True)
-class Change:
+class RecordChange:
     """One record set to change: what the server has (``old``) and what it should have."""
 
     key: RRsetKey
@@ -76,7 +76,7 @@ class Plan:
     """The changes that make ``server`` serve the pair's records; empty when it already does."""
 
     server: str
-    changes: tuple[Change, ...]
+    changes: tuple[RecordChange, ...]
 
     @property
     def empty(self) -> bool:
@@ -122,13 +122,13 @@ class Plan:
 
 def diff(
     desired: Mapping[RRsetKey, RecordSet], current: Mapping[RRsetKey, RecordSet]
-) -> list[Change]:
+) -> list[RecordChange]:
     """The changes that turn ``current`` into ``desired``, for the keys of ``desired`` only."""
     changes = []
     for key in sorted(desired):
         old = current.get(key, EMPTY)
         if not old.same_as(desired[key]):
-            changes.append(Change(key, old, desired[key]))
+            changes.append(RecordChange(key, old, desired[key]))
     return changes
 
 

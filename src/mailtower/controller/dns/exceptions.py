@@ -6,8 +6,10 @@ what to do about it.
 
 from __future__ import annotations
 
+from mailtower.controller.errors import ControllerError
 
-class DnsError(Exception):
+
+class DnsError(ControllerError):
     """MX records could not be generated, compared or published."""
 
 

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import dns.exception
 import dns.name
 import dns.reversename
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mailtower.controller.dns.exceptions import InvalidPair
+from mailtower.settings import StrictModel
 
 if TYPE_CHECKING:
     from mailtower.settings import TowerSettings
@@ -59,11 +60,7 @@ def _duplicates(items: Iterable[Any]) -> list[Any]:
     return dups
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Tower(_Model):
+class Tower(StrictModel):
     """One tower of the pair: where it stands, its MX host names and its relay's addresses."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -99,7 +96,7 @@ class Tower(_Model):
         return [*self.ipv4, *self.ipv6]
 
 
-class NameServer(_Model):
+class NameServer(StrictModel):
     """An authoritative server named in the zones' SOA and NS records."""
 
     name: str
@@ -111,7 +108,7 @@ class NameServer(_Model):
         return _absolute(value, "name server", min_labels=2)
 
 
-class Soa(_Model):
+class Soa(StrictModel):
     """SOA values of generated zone files (dynamic updates never touch the SOA)."""
 
     serial: int = Field(default=1, ge=1, le=2**32 - 1)  # BIND bumps it on every update
@@ -127,7 +124,7 @@ class Soa(_Model):
         return None if value is None else _absolute(value, "hostmaster", min_labels=2)
 
 
-class TowerPair(_Model):
+class TowerPair(StrictModel):
     """Two twin towers, the customer domains both receive mail for, and where to publish."""
 
     towers: list[Tower] = Field(min_length=2, max_length=2)

@@ -17,7 +17,7 @@ from mailtower.controller import inventory
 from mailtower.controller.dns.exceptions import InvalidPair
 from mailtower.controller.dns.model import TowerPair, pair_from_settings
 from mailtower.controller.dns.server import AuthServer, TsigKey
-from mailtower.settings import SettingsError
+from mailtower.errors import SettingsError
 
 REQUIRED = ("towers", "sites", "server", "publication")
 

@@ -14,7 +14,7 @@ import dns.name
 import dns.rcode
 import dns.update
 
-from mailtower.controller.dns.diff import Change, Plan, plan
+from mailtower.controller.dns.diff import Plan, RecordChange, plan
 from mailtower.controller.dns.exceptions import (
     TsigKeyError,
     UpdateFailed,
@@ -35,7 +35,7 @@ _PREREQUISITE_FAILED = (
 )
 
 
-def update_message(zone: dns.name.Name, changes: list[Change]) -> dns.update.UpdateMessage:
+def update_message(zone: dns.name.Name, changes: list[RecordChange]) -> dns.update.UpdateMessage:
     """The (unsigned) update of ``zone`` that makes ``changes``, guarded by prerequisites."""
     message = dns.update.UpdateMessage(zone)
     for change in changes:
@@ -52,7 +52,7 @@ def update_message(zone: dns.name.Name, changes: list[Change]) -> dns.update.Upd
     return message
 
 
-def _send(server: AuthServer, zone: dns.name.Name, changes: list[Change]) -> None:
+def _send(server: AuthServer, zone: dns.name.Name, changes: list[RecordChange]) -> None:
     if server.key is None:
         raise TsigKeyError(f"zone {zone}: updates to {server} need a TSIG key; none was given")
     message = update_message(zone, changes)

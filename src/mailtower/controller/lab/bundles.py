@@ -18,23 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailtower import bundles
+from mailtower.controller.errors import PublishError, StepFailed
 
 MAILTOWER = "/opt/mailtower/venv/bin/mailtower"  # in the stack's venv (roles/_common.VENV)
 
 Say = Callable[[str], None]
-
-
-class PublishError(Exception):
-    """Publishing at the GOC failed: the message names the host, the step and the fix."""
-
-
-class StepFailed(Exception):
-    """A command on the GOC exited non-zero (or could not be run); ``output`` says why."""
-
-    def __init__(self, returncode: int, output: str) -> None:
-        super().__init__(output)
-        self.returncode = returncode
-        self.output = output
 
 
 # Runs a shell command on the GOC with ``stdin``; returns its stdout or raises StepFailed.

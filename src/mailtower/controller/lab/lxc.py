@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from mailtower.controller.errors import LabError
 from mailtower.controller.lab import plan, prereqs
 from mailtower.controller.lab.plan import LabHost
 
@@ -40,17 +41,6 @@ BASE_FILES = (
 TEMPLATE_CACHE = Path("/var/cache/lxc/debian")
 
 Progress = Callable[[str], None]
-
-
-class LabError(Exception):
-    """A lab step failed; the message names the host, the step and what to do."""
-
-    def __init__(self, host: str, step: str, fix: str, detail: str = "") -> None:
-        self.host, self.step, self.fix = host, step, fix
-        text = f"lab host {host}: {step} failed"
-        if detail:
-            text += f": {detail.strip()[-800:]}"
-        super().__init__(f"{text}\n  fix: {fix}")
 
 
 def _run(args: list[str], host: str, step: str, fix: str, **kwargs) -> str:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mailtower.controller.errors import PrerequisiteError
+
 Use = Literal["lab", "tests"]
 
 REQUIREMENTS = Path(__file__).resolve().parents[4] / "requirements-apt.txt"
@@ -140,10 +142,6 @@ def explain(absent: list[Program], listed: Iterable[str] | None = None) -> str:
     else:
         lines.append("  fix: run `make bootstrap` (it installs requirements-apt.txt)")
     return "\n".join(lines)
-
-
-class PrerequisiteError(Exception):
-    """The controller lacks programs the lab or the tests call; the message names each."""
 
 
 def check(use: Use | None = None) -> None:

@@ -22,8 +22,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from mailtower.controller.errors import LabError
 from mailtower.controller.lab import plan, prereqs
-from mailtower.controller.lab.lxc import LabError, Progress
+from mailtower.controller.lab.lxc import Progress
 
 CACHE = Path("/var/cache/mailtower/pristine-bookworm-minbase")
 MIRROR = "http://deb.debian.org/debian"

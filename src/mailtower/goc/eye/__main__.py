@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import ipaddress
 import logging
 import os
 import signal
@@ -17,7 +18,8 @@ from aiohttp import web
 
 from mailtower.goc.eye import queries
 from mailtower.goc.eye.app import Database, EyeConfig, make_app
-from mailtower.goc.eye.auth import AuthError, Credentials
+from mailtower.goc.eye.auth import Credentials
+from mailtower.goc.eye.errors import AuthError
 from mailtower.goc.eye.revocations import PgRevocations
 
 log = logging.getLogger("mailtower.goc.eye")
@@ -153,12 +155,16 @@ def _serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("mailtower-eye serve: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    refused = plain_http_refused(host.strip("[]"), bool(args.tls_cert), args.origin)
+    if refused:
+        print(f"mailtower-eye serve: {refused}", file=sys.stderr)
+        return 2
     tls: ssl.SSLContext | None = None
     if args.tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     Credentials(args.credentials).operators()  # fail now, not at the first login
-    window = queries.Window(
+    window = queries.TimeWindow(
         outbreaks=timedelta(hours=args.window_hours),
         thresholds=queries.Thresholds(stale_after_s=args.stale_after),
     )
@@ -177,6 +183,32 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         database.close()
     return 0
+
+
+def plain_http_refused(host: str, tls: bool, origin: str | None) -> str | None:
+    """Why serving this way would send passwords and session cookies in clear; None: it would not.
+
+    HTTPS only: plain HTTP is served on a loopback address alone, where the only client is this
+    host (a test, or a TLS proxy in front, named by ``--origin https://…``).
+    """
+    if origin is not None and not origin.startswith("https://"):
+        return f"--origin {origin!r}: the public origin must be https://"
+    if tls or _is_loopback(host):
+        return None
+    return (
+        f"--listen {host}: plain HTTP only on a loopback address; give --tls-cert and "
+        "--tls-key to serve HTTPS here, or put a TLS proxy in front (--listen 127.0.0.1:PORT "
+        "--origin https://NAME)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 async def _run(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> None:

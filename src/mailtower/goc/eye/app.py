@@ -28,7 +28,8 @@ import psycopg
 from aiohttp import web
 
 from mailtower.goc.eye import queries
-from mailtower.goc.eye.auth import Credentials, CredentialsError, LoginLimiter, Session, Sessions
+from mailtower.goc.eye.auth import Credentials, LoginLimiter, Session, Sessions
+from mailtower.goc.eye.errors import CredentialsError
 from mailtower.goc.eye.revocations import MemoryRevocations, RevocationStore
 
 log = logging.getLogger("mailtower.goc.eye")
@@ -51,6 +52,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
+# Served over HTTPS: browsers that have seen it once never try plain HTTP for a year. Not for
+# subdomains: the GOC's name may share its domain with hosts this server knows nothing of.
+HSTS = "max-age=31536000"
 
 Source = Callable[[], dict[str, Any]]  # blocking: one snapshot of the database
 
@@ -62,9 +66,11 @@ class EyeConfig:
     credentials: Path
     secret: bytes
     refresh_s: float = 2.0
-    window: queries.Window = field(default_factory=queries.Window)
+    window: queries.TimeWindow = field(default_factory=queries.TimeWindow)
     session_lifetime_s: int = 12 * 3600
-    secure_cookie: bool = False  # set when served over TLS (directly or behind a proxy)
+    # Served over HTTPS (directly or behind a TLS proxy): the session cookie is Secure and
+    # every response carries HSTS. Only a loopback listener is ever plain (tests, a proxy).
+    secure_cookie: bool = False
     origin: str | None = None  # the public origin when behind a proxy, e.g. https://eye.goc
     # Login attempts, counted before the password is checked, per client address and per
     # account name: this many in this window, successes not counted.
@@ -79,7 +85,7 @@ class EyeConfig:
 class Database:
     """A lazily (re)connected psycopg connection to the GOC hub, used by one thread at a time."""
 
-    def __init__(self, dsn: str, window: queries.Window):
+    def __init__(self, dsn: str, window: queries.TimeWindow):
         self.dsn = dsn
         self.window = window
         self._conn: psycopg.Connection | None = None
@@ -217,6 +223,8 @@ def _page(name: str, **values: str) -> str:
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every response, errors and the event stream included, just before its headers go out."""
     response.headers.update(SECURITY_HEADERS)
+    if request.app[CONFIG].secure_cookie:
+        response.headers["Strict-Transport-Security"] = HSTS
     response.headers.setdefault("Cache-Control", "no-store")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailtower._fsio import write_durable
+from mailtower.goc.eye.errors import CredentialsError, SecretError
 
 USERNAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # scrypt cost: 32 MiB and ~0.1 s per attempt here, far beyond what a guessing run can afford.
@@ -38,18 +39,6 @@ SCRYPT_P = 1
 _SCRYPT_MAXMEM = 64 * 1024 * 1024
 _MAX_N = 2**20  # a hash asking for more is refused rather than allowed to exhaust memory
 SECRET_BYTES = 32
-
-
-class AuthError(Exception):
-    """Root of VirusEye's authentication errors."""
-
-
-class CredentialsError(AuthError):
-    """The credentials file cannot be read or has a malformed line."""
-
-
-class SecretError(AuthError):
-    """The session secret file is missing, unreadable, too short or too open."""
 
 
 def _b64(data: bytes) -> str:

@@ -149,7 +149,7 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
-class Window:
+class TimeWindow:
     """How far back each part of the page looks."""
 
     outbreaks: timedelta = timedelta(hours=24)  # an outbreak is "current" if seen this recently
@@ -163,7 +163,7 @@ class Window:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
-def _params(now: datetime, window: Window) -> dict[str, Any]:
+def _params(now: datetime, window: TimeWindow) -> dict[str, Any]:
     policy = pipeline.Policy()
     return {
         "now": now,
@@ -191,7 +191,7 @@ def db_now(conn: psycopg.Connection) -> datetime:
     return row[0]  # type: ignore[no-any-return]
 
 
-def outbreaks(conn: psycopg.Connection, now: datetime, window: Window) -> list[dict[str, Any]]:
+def outbreaks(conn: psycopg.Connection, now: datetime, window: TimeWindow) -> list[dict[str, Any]]:
     """Current outbreaks, busiest in the last hour first."""
     rows = conn.execute(OUTBREAKS, _params(now, window)).fetchall()
     out = []
@@ -230,7 +230,7 @@ def outbreaks(conn: psycopg.Connection, now: datetime, window: Window) -> list[d
     return out
 
 
-def timeline(conn: psycopg.Connection, now: datetime, window: Window) -> dict[str, Any]:
+def timeline(conn: psycopg.Connection, now: datetime, window: TimeWindow) -> dict[str, Any]:
     """Virus detections per tower in fixed buckets (aligned to the epoch, so they do not slide)."""
     bucket_s = int(window.bucket.total_seconds())
     count = math.ceil(window.timeline.total_seconds() / bucket_s)
@@ -249,7 +249,7 @@ def timeline(conn: psycopg.Connection, now: datetime, window: Window) -> dict[st
     return {"start": first, "bucket_s": bucket_s, "count": count, "towers": series}
 
 
-def engines(conn: psycopg.Connection, now: datetime, window: Window) -> list[dict[str, Any]]:
+def engines(conn: psycopg.Connection, now: datetime, window: TimeWindow) -> list[dict[str, Any]]:
     """Per engine: virus events it flagged in the window, in the last hour, and alone."""
     rows = conn.execute(ENGINES, _params(now, window)).fetchall()
     return [
@@ -258,14 +258,14 @@ def engines(conn: psycopg.Connection, now: datetime, window: Window) -> list[dic
     ]
 
 
-def totals(conn: psycopg.Connection, now: datetime, window: Window) -> dict[str, int]:
+def totals(conn: psycopg.Connection, now: datetime, window: TimeWindow) -> dict[str, int]:
     row = conn.execute(TOTALS, _params(now, window)).fetchone()
     assert row is not None
     return {"virus_window": row[0], "virus_last_hour": row[1]}
 
 
 def towers(
-    conn: psycopg.Connection, now: datetime, window: Window, seen: set[str]
+    conn: psycopg.Connection, now: datetime, window: TimeWindow, seen: set[str]
 ) -> list[dict[str, Any]]:
     """Every tower's state; a tower seen only in events (never reported) is stale."""
     stale_after = window.thresholds.stale_after_s
@@ -304,10 +304,10 @@ def towers(
 
 
 def snapshot(
-    conn: psycopg.Connection, window: Window | None = None, now: datetime | None = None
+    conn: psycopg.Connection, window: TimeWindow | None = None, now: datetime | None = None
 ) -> dict[str, Any]:
     """Everything the page shows, as one JSON-ready dict, read in one snapshot of the database."""
-    window = window or Window()
+    window = window or TimeWindow()
     # REPEATABLE READ: every query sees the same events, so the parts of the page agree.
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")

@@ -37,13 +37,13 @@ def scalar(conn: Conn, query: str | sql.Composable, params: Any = None) -> Any:
 
 
 @dataclass(frozen=True)
-class ServerState:
+class DatabaseState:
     in_recovery: bool
     wal_level: str
     timeline: int | None  # None on a standby
 
 
-def server_state(conn: Conn) -> ServerState:
+def server_state(conn: Conn) -> DatabaseState:
     in_recovery = bool(scalar(conn, "SELECT pg_is_in_recovery()"))
     wal_level = str(scalar(conn, "SHOW wal_level"))
     timeline = None
@@ -52,7 +52,7 @@ def server_state(conn: Conn) -> ServerState:
         # timeline being written now (pg_control_checkpoint() lags until the next checkpoint).
         walfile = str(scalar(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())"))
         timeline = int(walfile[:8], 16)
-    return ServerState(in_recovery, wal_level, timeline)
+    return DatabaseState(in_recovery, wal_level, timeline)
 
 
 def require_primary(conn: Conn, label: str, *, publishes: bool) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from mailtower.goc.eye.status import apply_schema, missing_columns, status_role
 from mailtower.goc.sync import subscription
@@ -49,6 +49,7 @@ from mailtower.goc.sync.names import (
 )
 from mailtower.goc.sync.roles import ensure_login_role, ensure_privileges, scram_matches
 from mailtower.goc.sync.tower import ensure_tower, own_tower_pending
+from mailtower.settings import StrictModel
 
 # The one role all towers' monitors shared before each had its own (status_role): retired.
 SHARED_STATUS_ROLE = "mt_status"
@@ -60,11 +61,7 @@ EYE_TABLES = ("verdict_events", "tower_status", "customers", "domains")
 EYE_REVOCATIONS = ("eye_revoked_sessions", ("SELECT", "INSERT", "DELETE"))
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TowerSide(_Model):
+class TowerSide(StrictModel):
     """``/etc/mailtower/sync/tower.json`` on a tower's SQL hosts."""
 
     tower: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -73,7 +70,7 @@ class TowerSide(_Model):
     sync_password: str = Field(min_length=16)  # this tower's mt_sync, which the GOC uses
 
 
-class GocTower(_Model):
+class GocTower(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
     # Its SQL hosts (ADDRESS, or ADDRESS:PORT when not ``port``): whichever is primary is followed.
     hosts: list[str] = Field(min_length=1)
@@ -97,7 +94,7 @@ class GocTower(_Model):
         )
 
 
-class GocSide(_Model):
+class GocSide(StrictModel):
     """``/etc/mailtower/sync/goc.json`` at the GOC."""
 
     dsn: str = "dbname=goc"  # superuser at the GOC (local socket, as postgres)

@@ -5,8 +5,10 @@ Every message names the server (a redacted conninfo or the tower) and what to do
 
 from __future__ import annotations
 
+from mailtower.errors import MailtowerError
 
-class SyncError(Exception):
+
+class SyncError(MailtowerError):
     """A sync object could not be created, checked or re-pointed."""
 
 

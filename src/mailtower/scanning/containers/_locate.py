@@ -15,7 +15,7 @@ pure and bounded:
   :class:`ForwardIndex` the same for a signature asked about again from earlier positions;
 * :func:`zip_end_record`, :func:`zip_local_entry`, :func:`sevenzip_extent` — O(1) plausibility
   checks of one candidate record (what a chance match of a few bytes almost never passes);
-* :class:`Window` — a read-only file over part of a buffer, for ``zipfile`` and ``py7zr``.
+* :class:`ByteWindow` — a read-only file over part of a buffer, for ``zipfile`` and ``py7zr``.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def sevenzip_extent(data: bytes, pos: int) -> int | None:
     return end
 
 
-class Window(io.RawIOBase):
+class ByteWindow(io.RawIOBase):
     """A read-only file over ``buf[start:end]``, without copying it."""
 
     def __init__(self, buf: memoryview, start: int, end: int):

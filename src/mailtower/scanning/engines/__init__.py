@@ -23,26 +23,6 @@ class Finding:
     part: str | None = None  # which view of the message; None = the whole message
 
 
-class EngineError(Exception):
-    """An engine could not give a full answer; the message must not pass (fail closed)."""
-
-
-class EngineUnavailable(EngineError):
-    """The engine cannot be reached (daemon down, socket missing, connection refused)."""
-
-
-class EngineTimeout(EngineError):
-    """The engine did not answer within its timeout."""
-
-
-class EngineProtocolError(EngineError):
-    """The engine answered something this client does not understand."""
-
-
-class EngineScanError(EngineError):
-    """The engine reported an error scanning this message (e.g. a size limit)."""
-
-
 class Engine(Protocol):
     """What the scanner needs from an engine."""
 

@@ -15,12 +15,12 @@ import struct
 import threading
 import time
 
-from mailtower.scanning.engines import (
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.errors import (
     EngineProtocolError,
     EngineScanError,
     EngineTimeout,
     EngineUnavailable,
-    Finding,
 )
 
 CHUNK_SIZE = 64 * 1024

@@ -29,12 +29,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mailtower.scanning.engines import (
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.errors import (
     EngineProtocolError,
     EngineScanError,
     EngineTimeout,
     EngineUnavailable,
-    Finding,
 )
 from mailtower.settings import IcapUrl, parse_icap_url
 

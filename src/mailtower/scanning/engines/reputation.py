@@ -24,7 +24,8 @@ from pathlib import Path
 
 import tlsh
 
-from mailtower.scanning.engines import EngineError, EngineTimeout, Finding
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.errors import EngineTimeout, ReputationDataError
 from mailtower.scanning.mime import MESSAGE_PATH
 from mailtower.scanning.objects import ScanObject
 from mailtower.scanning.rules import REPUTATION_DIR
@@ -35,10 +36,6 @@ DEFAULT_TLSH_THRESHOLD = 70  # TLSH authors: < ~100 "likely related"; 70 keeps f
 TLSH_MIN_BYTES = 50
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TLSH = re.compile(r"(T1)?[0-9A-F]{70}")
-
-
-class ReputationDataError(EngineError):
-    """A reputation list could not be loaded (a malformed line, a missing directory)."""
 
 
 @dataclass(frozen=True)

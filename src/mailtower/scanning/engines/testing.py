@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 from mailtower.scanning import testdata
-from mailtower.scanning.engines import EngineTimeout, EngineUnavailable, Finding
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.errors import EngineTimeout, EngineUnavailable
 
 
 class PatternEngine:

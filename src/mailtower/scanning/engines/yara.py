@@ -18,17 +18,14 @@ from typing import Any
 
 import yara
 
-from mailtower.scanning.engines import EngineError, EngineScanError, EngineTimeout, Finding
+from mailtower.scanning.engines import Finding
+from mailtower.scanning.errors import EngineScanError, EngineTimeout, YaraRuleError
 from mailtower.scanning.objects import ScanObject
 from mailtower.scanning.rules import YARA_DIR
 
 log = logging.getLogger(__name__)
 
 RULE_SUFFIXES = (".yar", ".yara")
-
-
-class YaraRuleError(EngineError):
-    """A rule set could not be loaded: a file does not compile, or there are no rules."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import logging
 from mailtower.scanning.mime import _anomalies as A
 from mailtower.scanning.mime import _boundary_reader, _email_reader, _encoded_blocks
 from mailtower.scanning.mime._collect import STRUCTURAL_VIEWS, Collector
-from mailtower.scanning.mime._limits import Budget, LimitExceeded, MimeLimits
+from mailtower.scanning.mime._limits import Budget, MimeLimitExceeded, MimeLimits
 from mailtower.scanning.objects import Analysis
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,14 @@ def analyse(raw: bytes, *, limits: MimeLimits | None = None) -> Analysis:
                 budget.check_time()
                 try:
                     _run_reader(view, data, col, prefix, depth, shared)
-                except LimitExceeded:
+                except MimeLimitExceeded:
                     raise
                 except (Exception, RecursionError) as exc:
                     log.debug("MIME reading %s failed: %r", view, exc)
                     col.anomaly(f"{A.READER_ERROR}:{view}")
                     col.failed.add(view)
         _encoded_blocks.extract(col)
-    except LimitExceeded as exc:
+    except MimeLimitExceeded as exc:
         col.limit_hit = True
         col.anomaly(exc.anomaly)
     except Exception as exc:  # a bug of ours must not pass a message: report, fail closed

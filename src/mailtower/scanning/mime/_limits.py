@@ -26,7 +26,7 @@ class MimeLimits:
     max_wall_s: float = 30.0
 
 
-class LimitExceeded(Exception):
+class MimeLimitExceeded(Exception):
     """A limit was hit; parsing stops and ``anomaly`` is reported."""
 
     def __init__(self, anomaly: str) -> None:
@@ -59,20 +59,20 @@ class Budget:
     def check_time(self) -> None:
         now = self._wall_clock()
         if now >= self.cpu_possible and self._cpu_clock() > self.cpu_deadline:
-            raise LimitExceeded(A.TIMEOUT)
+            raise MimeLimitExceeded(A.TIMEOUT)
         if now > self.wall_deadline:
-            raise LimitExceeded(A.WALL_TIMEOUT)
+            raise MimeLimitExceeded(A.WALL_TIMEOUT)
 
     def check_depth(self, depth: int) -> None:
         if depth > self.limits.max_depth:
-            raise LimitExceeded(A.TOO_DEEP)
+            raise MimeLimitExceeded(A.TOO_DEEP)
 
     def check_parts(self, count: int) -> None:
         if count > self.limits.max_parts:
-            raise LimitExceeded(A.TOO_MANY_PARTS)
+            raise MimeLimitExceeded(A.TOO_MANY_PARTS)
         self.check_time()
 
     def add_bytes(self, n: int, *, check: bool = True) -> None:
         self.decoded_bytes += n
         if check and self.decoded_bytes > self.limits.max_decoded_bytes:
-            raise LimitExceeded(A.TOO_LARGE)
+            raise MimeLimitExceeded(A.TOO_LARGE)

@@ -14,9 +14,10 @@ text a ``code-similarity`` rule stores.
 
 from __future__ import annotations
 
+from mailtower.scanning.errors import RuleError
 from mailtower.scanning.skeptic._engine import INTERNAL_ERROR, Rule, Skeptic, shipped_rules_dir
 from mailtower.scanning.skeptic._office import vba_sources
-from mailtower.scanning.skeptic._rules import RuleError, Severity
+from mailtower.scanning.skeptic._rules import Severity
 from mailtower.scanning.skeptic._script import Script, normalise
 
 

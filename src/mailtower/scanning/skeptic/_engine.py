@@ -8,9 +8,10 @@ from importlib import resources
 from pathlib import Path
 
 from mailtower.scanning.engines import Finding
+from mailtower.scanning.errors import RuleError
 from mailtower.scanning.objects import Analysis
 from mailtower.scanning.skeptic import _kinds
-from mailtower.scanning.skeptic._rules import RuleError, RuleSpec, Severity, load_specs
+from mailtower.scanning.skeptic._rules import RuleSpec, Severity, load_specs
 from mailtower.scanning.skeptic._sniff import base_name
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class Rule:
     """A loaded rule: its data and the kind object that applies it."""
 
     spec: RuleSpec
-    kind: _kinds.Kind
+    kind: _kinds.FileKind
 
     @property
     def id(self) -> str:

@@ -90,7 +90,7 @@ class Subject:
         return _office.rtf_objects(self.obj.data) if _office.is_rtf(self.obj.data) else []
 
 
-class Kind:
+class FileKind:
     """Base of every rule kind."""
 
     def __init__(self, params: Params) -> None:
@@ -106,7 +106,7 @@ class Kind:
 # --- disguised executables --------------------------------------------------------------------
 
 
-class ExecutableAttachment(Kind):
+class ExecutableAttachment(FileKind):
     """Native code, or a name Windows would run: informational, the policy layer decides."""
 
     def __init__(self, params: Params) -> None:
@@ -118,7 +118,7 @@ class ExecutableAttachment(Kind):
             yield ""
 
 
-class ContentMismatch(Kind):
+class ContentMismatch(FileKind):
     """Native code under a name whose extension is not one such code is shipped as."""
 
     def __init__(self, params: Params) -> None:
@@ -132,7 +132,7 @@ class ContentMismatch(Kind):
             yield ""
 
 
-class DeclaredTypeMismatch(Kind):
+class DeclaredTypeMismatch(FileKind):
     """Native code declared as a type that is not a program (text/plain, application/pdf …)."""
 
     def __init__(self, params: Params) -> None:
@@ -148,7 +148,7 @@ class DeclaredTypeMismatch(Kind):
             yield ""
 
 
-class DoubleExtension(Kind):
+class DoubleExtension(FileKind):
     """A document-looking extension right before an executable one (invoice.pdf   .exe)."""
 
     def __init__(self, params: Params) -> None:
@@ -167,7 +167,7 @@ class DoubleExtension(Kind):
 _PADDING = re.compile(r"[\s\u2800\u3164\uffa0\u115f\u1160_]")
 
 
-class PaddedName(Kind):
+class PaddedName(FileKind):
     """A run of blanks in an executable's name, pushing the real extension out of sight."""
 
     def __init__(self, params: Params) -> None:
@@ -183,7 +183,7 @@ class PaddedName(Kind):
                 return
 
 
-class NameCharacters(Kind):
+class NameCharacters(FileKind):
     """Invisible or direction-changing characters in a name (U+202E "exe.pdf" tricks)."""
 
     def __init__(self, params: Params) -> None:
@@ -211,7 +211,7 @@ class NameCharacters(Kind):
                 return
 
 
-class NamePattern(Kind):
+class NamePattern(FileKind):
     """A file name matching one of the rule's regexes."""
 
     def __init__(self, params: Params) -> None:
@@ -226,7 +226,7 @@ class NamePattern(Kind):
 # --- known-vulnerability tricks ---------------------------------------------------------------
 
 
-class MediaTypeExecutable(Kind):
+class MediaTypeExecutable(FileKind):
     """A part declared audio/image/video that is or is named a program (Nimda, Klez)."""
 
     def __init__(self, params: Params) -> None:
@@ -244,7 +244,7 @@ _ATTRIBUTE = re.compile(r"([\w:-]+)\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s>]+)")
 _URL_NOISE = re.compile(r"[\x00-\x20\x7f]")
 
 
-class HtmlAutorun(Kind):
+class HtmlAutorun(FileKind):
     """Frames/objects in a page that load an attachment or a local-content scheme on view."""
 
     def __init__(self, params: Params) -> None:
@@ -272,7 +272,7 @@ class HtmlAutorun(Kind):
         return bool(target) and "://" not in value and target in subject.message_names
 
 
-class Pattern(Kind):
+class Pattern(FileKind):
     """Regexes over scripts, pages or any text: ``all`` must each match, ``any`` must reach
     ``min_count`` matches in total. The general kind a tower uses for new tricks."""
 
@@ -312,7 +312,7 @@ def _count(patterns: list[re.Pattern[str]], text: str, enough: int) -> int:
     return total
 
 
-class RtfObject(Kind):
+class RtfObjectKind(FileKind):
     """RTF embedded objects: executables inside, dangerous classes, or forced auto-update."""
 
     def __init__(self, params: Params) -> None:
@@ -344,7 +344,7 @@ class RtfObject(Kind):
         return False
 
 
-class VbaMacro(Kind):
+class VbaMacro(FileKind):
     """Office VBA: present, auto-executing with shell/download behaviour, or unanalysable."""
 
     def __init__(self, params: Params) -> None:
@@ -372,7 +372,7 @@ class VbaMacro(Kind):
         return behaviour and bool(_office.macro_keywords(source, self.autoexec))
 
 
-class OoxmlExternal(Kind):
+class OoxmlExternal(FileKind):
     """OOXML relationships that fetch a template/object from the network when opened."""
 
     def __init__(self, params: Params) -> None:
@@ -413,7 +413,7 @@ class OoxmlExternal(Kind):
 # --- obfuscation ------------------------------------------------------------------------------
 
 
-class EvalDecode(Kind):
+class EvalDecode(FileKind):
     """An evaluating sink (eval, Function, Execute, IEX) fed by a decoder within reach."""
 
     def __init__(self, params: Params) -> None:
@@ -449,7 +449,7 @@ class EvalDecode(Kind):
         return text[start : sink.start()] + " " + text[sink.end() : end]
 
 
-class HighEntropy(Kind):
+class HighEntropy(FileKind):
     """Script text whose character distribution is far more random than code or prose."""
 
     def __init__(self, params: Params) -> None:
@@ -469,7 +469,7 @@ class HighEntropy(Kind):
                 return
 
 
-class JunkIdentifiers(Kind):
+class JunkIdentifiers(FileKind):
     """Many long, random-looking names: generated per copy to defeat signatures."""
 
     def __init__(self, params: Params) -> None:
@@ -498,7 +498,7 @@ class JunkIdentifiers(Kind):
 _WORD = re.compile(r"[^\W\d_]{5,}")
 
 
-class JunkComments(Kind):
+class JunkComments(FileKind):
     """Long comments made of random letters: padding that changes every copy's hash."""
 
     def __init__(self, params: Params) -> None:
@@ -519,7 +519,7 @@ class JunkComments(Kind):
                 return
 
 
-class CodeSimilarity(Kind):
+class CodeSimilarity(FileKind):
     """Normalised code close to a known worm's fingerprint (token shingles, Jaccard)."""
 
     def __init__(self, params: Params) -> None:
@@ -559,7 +559,7 @@ class CodeSimilarity(Kind):
 # --- MIME parser anomalies --------------------------------------------------------------------
 
 
-class Anomaly(Kind):
+class Anomaly(FileKind):
     """Parser/container anomalies the rule data lists as hostile, passed through by name."""
 
     def __init__(self, params: Params) -> None:
@@ -572,7 +572,7 @@ class Anomaly(Kind):
                 yield anomaly
 
 
-KINDS: dict[str, Callable[[Params], Kind]] = {
+KINDS: dict[str, Callable[[Params], FileKind]] = {
     "executable-attachment": ExecutableAttachment,
     "content-mismatch": ContentMismatch,
     "declared-type-mismatch": DeclaredTypeMismatch,
@@ -583,7 +583,7 @@ KINDS: dict[str, Callable[[Params], Kind]] = {
     "media-type-executable": MediaTypeExecutable,
     "html-autorun": HtmlAutorun,
     "pattern": Pattern,
-    "rtf-object": RtfObject,
+    "rtf-object": RtfObjectKind,
     "vba-macro": VbaMacro,
     "ooxml-external": OoxmlExternal,
     "eval-decode": EvalDecode,
@@ -595,7 +595,7 @@ KINDS: dict[str, Callable[[Params], Kind]] = {
 }
 
 
-def build(spec: RuleSpec) -> Kind:
+def build(spec: RuleSpec) -> FileKind:
     """The kind object for a rule spec (raises RuleError for unknown kinds or bad params)."""
     factory = KINDS.get(spec.kind)
     if factory is None:

@@ -22,9 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-
-class RuleError(Exception):
-    """The rule data is unusable (syntax, unknown kind, bad parameter); nothing was loaded."""
+from mailtower.scanning.errors import RuleError
 
 
 class Severity(StrEnum):

@@ -1,14 +1,7 @@
-"""scand as several processes: a supervisor and worker processes sharing one SMTP socket.
+"""The supervisor: the parent of scand's worker processes (see mailtower.scand.workers).
 
-Python runs one thread at a time per process, so one scand process uses one core however many
-scan threads it has. The supervisor binds the filter port once and starts
-``limits.scan_workers`` workers (0: one per CPU), fresh interpreters (``python -m
-mailtower.scand --worker …``) that inherit the listening socket: the kernel hands each new
-connection to whichever worker accepts it first. Each worker has its own event loop, pipeline
-and scan threads (its share of ``limits.scan_concurrency``) and answers the relay exactly as a
-single scand does (server.py): 250 only after re-injection or a durable quarantine copy.
-
-The supervisor
+It binds the filter port once and starts the workers (``python -m mailtower.scand --worker
+…``), which inherit the listening socket. It
 
 - restarts a worker that dies (with a growing delay if it keeps dying);
 - forwards SIGHUP (reload) to every worker, and SIGTERM/SIGINT as a graceful stop: each
@@ -16,18 +9,12 @@ The supervisor
 - serves /health (engines, every worker, the oldest rule bundle any worker runs) and /metrics
   (the workers' metrics summed, with prometheus_client's multiprocess mode);
 - flushes the shared event spool to SQL.
-
-Workers ask the kernel to kill them when the supervisor dies (PR_SET_PDEATHSIG), so a
-``kill -9`` of scand leaves no worker behind holding the port; what they had in flight was not
-answered 250, so the relay still has it (nothing is lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import json
 import logging
 import os
 import shutil
@@ -37,48 +24,36 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mailtower import settings as settings_mod
-from mailtower.scand.bundle_apply import ApplyError
+from mailtower.scand.errors import ApplyError
 from mailtower.scand.events import EventSpool, Flusher, PostgresSink
-from mailtower.scand.http import ScannerSource, Source, engine_versions, start_http
+from mailtower.scand.http import Source, engine_versions, start_http
+from mailtower.scand.workers.protocol import (
+    MULTIPROC_ENV,
+    WorkerSpec,
+    parse_status,
+    worker_concurrency,
+)
 from mailtower.scanning import engines as engines_mod
-from mailtower.scanning.engines import EngineError
+from mailtower.scanning.errors import EngineError
 from mailtower.settings import TowerSettings
-
-if TYPE_CHECKING:
-    from mailtower.scand.server import Handler, Scanner
 
 log = logging.getLogger("mailtower.scand")
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # A worker that dies sooner than this after its start is "crash-looping": wait longer each time.
 _STABLE_S = 10.0
 _RESTART_MIN_S = 0.5
 _RESTART_MAX_S = 30.0
 # How long a restarted supervisor retries binding the port a dying worker may still hold.
 _BIND_RETRY_S = 10.0
-_PR_SET_PDEATHSIG = 1
-
-
-def worker_count(settings: TowerSettings, override: int | None = None) -> int:
-    """Workers to run: ``override``, else ``limits.scan_workers``, 0 meaning one per CPU."""
-    wanted = override if override is not None else settings.limits.scan_workers
-    return wanted or os.cpu_count() or 1
-
-
-def worker_concurrency(settings: TowerSettings, workers: int) -> int:
-    """One worker's share of ``limits.scan_concurrency`` (at least 1), so that the scanner as a
-    whole scans about as many messages at once as the setting says."""
-    return max(1, -(-settings.limits.scan_concurrency // workers))
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -97,9 +72,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-# -- the supervisor ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -367,7 +339,7 @@ class Supervisor(Source):
             "--log-level",
             self.log_level,
             "--worker",
-            f"{listen_fd},{status_write},{os.getpid()},{self.concurrency}",
+            WorkerSpec(listen_fd, status_write, os.getpid(), self.concurrency).arg(),
         ]
         try:
             process = await asyncio.create_subprocess_exec(
@@ -402,7 +374,7 @@ class Supervisor(Source):
         """A worker's status lines (JSON): ready, and the rule bundle after each reload."""
         while line := await reader.readline():
             try:
-                status = json.loads(line)
+                status = parse_status(line)
             except ValueError:
                 log.warning("event=worker_status_unreadable pid=%s line=%r", worker.pid, line)
                 continue
@@ -480,182 +452,3 @@ def _remove_stale_metrics_dirs() -> None:
         pid = path.name[len(_METRICS_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(path, ignore_errors=True)
-
-
-# -- a worker ------------------------------------------------------------------------------------
-
-
-def reload(scanner: Scanner, settings_path: Path) -> bool:
-    """SIGHUP: load the settings again and rebuild the pipeline, with the rules the rule bundle
-    ``current`` names now; messages in flight finish with the old one. On any error the old
-    pipeline stays (False). Blocking: runs in a thread."""
-    with scanner.reload_lock:  # two quick SIGHUPs run one after the other; the last sees the newest
-        try:
-            new = settings_mod.load(settings_path)
-            scanner.reload(new)  # builds the new pipeline (rules compiled) before swapping
-        except Exception as exc:  # bad settings or rules: keep scanning with the old pipeline
-            log.error("event=reload_failed settings=%s error=%r keeping=old", settings_path, exc)
-            return False
-    log.info(
-        "event=reloaded settings=%s engines=%s rules_bundle=%s",
-        settings_path,
-        ",".join(e.name for e in scanner.pipeline.engines),
-        scanner.rules_version or "shipped",
-    )
-    return True
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; exit now if it died already."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-
-
-class _Status:
-    """The worker's end of its status pipe to the supervisor."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def send(self, **status: object) -> None:
-        try:
-            os.write(self.fd, json.dumps(status).encode() + b"\n")  # one short write: atomic
-        except OSError as exc:  # the supervisor is gone; PR_SET_PDEATHSIG ends this worker
-            log.warning("event=worker_status_failed error=%r", exc)
-
-
-async def serve_worker(
-    settings_path: Path,
-    settings: TowerSettings,
-    *,
-    host_address: str,
-    listen_fd: int,
-    status_fd: int,
-    concurrency: int,
-) -> int:
-    """One worker: scan what arrives on the inherited socket until SIGTERM, then finish the
-    messages in flight; the exit status."""
-    from mailtower.scand.server import Handler, Metrics, Scanner, start_smtp
-
-    status = _Status(status_fd)
-    scanner = Scanner(
-        settings,
-        host_address=host_address,
-        metrics=Metrics(spool_gauge=False),
-        concurrency=concurrency,
-    )
-    handler = Handler(scanner)
-    sock = socket.socket(fileno=listen_fd)
-    smtp_server = await start_smtp(handler, None, None, sock=sock)
-
-    def reloaded() -> None:
-        status.send(rules_bundle=scanner.rules_version)
-
-    status.send(ready=True, rules_bundle=scanner.rules_version)
-    log.info(
-        "event=worker_started pid=%d concurrency=%d engines=%s rules_bundle=%s",
-        os.getpid(),
-        concurrency,
-        ",".join(e.name for e in scanner.pipeline.engines),
-        scanner.rules_version or "shipped",
-    )
-    await _scan_until_stopped(scanner, handler, smtp_server, settings_path, reloaded)
-    log.info("event=worker_stopped pid=%d", os.getpid())
-    return 0
-
-
-async def _scan_until_stopped(
-    scanner: Scanner,
-    handler: Handler,
-    smtp_server: asyncio.Server,
-    settings_path: Path,
-    reloaded: Callable[[], None] = lambda: None,
-) -> None:
-    """Serve until SIGTERM/SIGINT (SIGHUP: reload, then ``reloaded()``), then answer 451 to
-    new messages and let those in flight finish."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    async def on_sighup() -> None:
-        # Compiling the rules takes a while: in a thread, so SMTP keeps answering.
-        await loop.run_in_executor(None, reload, scanner, settings_path)
-        reloaded()
-
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_sighup()))
-    await stop.wait()
-    log.info("event=stopping in_flight=%d", scanner.in_flight)
-    scanner.draining = True  # new DATA gets 451
-    smtp_server.close()  # stop accepting (other workers may still)
-    limits = scanner.settings.limits
-    # A scan ends by the pipeline's deadline, or one engine timeout after it at the latest.
-    grace = scanner.pipeline.deadline_s + limits.engine_timeout_s + limits.reinject_timeout_s + 5
-    try:
-        await asyncio.wait_for(handler.idle.wait(), grace)
-    except TimeoutError:
-        # Unanswered messages stay with the relay, which retries them: nothing is lost.
-        log.error("event=stop_grace_expired in_flight=%d grace_s=%.0f", scanner.in_flight, grace)
-    scanner.executor.shutdown(wait=False, cancel_futures=True)
-    await asyncio.to_thread(scanner.reinjector.close)  # QUIT to the relay's kept connections
-
-
-async def serve_single(
-    settings_path: Path, settings: TowerSettings, *, host_address: str, listen: str
-) -> int:
-    """scand as one process (``limits.scan_workers`` = 1): no supervisor, its own metrics,
-    /health and event flusher — the smallest footprint, for scanners with one core or little
-    memory. Runs until SIGTERM/SIGINT and finishes the messages in flight."""
-    from mailtower.scand.server import Handler, Scanner, start_smtp
-
-    scanner = Scanner(settings, host_address=host_address)
-    sink = PostgresSink(
-        settings.sql_dsn("mailtower_scanner", settings.secret("sql_scanner"), writable=True)
-    )
-    flusher = Flusher(scanner.events, sink)
-    flusher.start()
-    handler = Handler(scanner)
-    smtp_server = await start_smtp(handler, listen, settings.ports.filter)
-    http_server = await start_http(
-        ScannerSource(scanner, settings_path), listen, settings.ports.scanner_http
-    )
-    log.info(
-        "event=started tower=%s scanner=%s smtp=%s:%d http=%s:%d workers=1 engines=%s "
-        "relay=%s:%d rules_bundle=%s",
-        settings.name,
-        host_address,
-        listen,
-        settings.ports.filter,
-        listen,
-        settings.ports.scanner_http,
-        ",".join(e.name for e in scanner.pipeline.engines),
-        settings.hosts.relay,
-        settings.ports.reinject,
-        scanner.rules_version or "shipped",
-    )
-    await _scan_until_stopped(scanner, handler, smtp_server, settings_path)
-    http_server.close()
-    await asyncio.to_thread(flusher.stop)  # joins the thread: not on the event loop
-    sink.close()
-    log.info("event=stopped")
-    return 0
-
-
-def worker_main(settings_path: Path, host_address: str, spec: str) -> int:
-    """``--worker LISTEN_FD,STATUS_FD,PARENT_PID,CONCURRENCY`` (set by the supervisor)."""
-    listen_fd, status_fd, parent_pid, concurrency = (int(x) for x in spec.split(","))
-    die_with_parent(parent_pid)
-    settings = settings_mod.load(settings_path)
-    return asyncio.run(
-        serve_worker(
-            settings_path,
-            settings,
-            host_address=host_address,
-            listen_fd=listen_fd,
-            status_fd=status_fd,
-            concurrency=concurrency,
-        )
-    )

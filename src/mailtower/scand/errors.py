@@ -1,0 +1,34 @@
+"""The scanner daemon's errors: quarantine, re-injection, signature sync, bundle apply."""
+
+from __future__ import annotations
+
+from mailtower.errors import MailtowerError
+
+
+class ScandError(MailtowerError):
+    """What the scanner daemon cannot do."""
+
+
+class QuarantineError(ScandError):
+    """A quarantine entry is missing or its id is malformed."""
+
+
+class ReinjectError(ScandError):
+    """The relay did not take the message back."""
+
+
+class ReinjectDeferred(ReinjectError):
+    """The relay could not take the message now (unreachable, closed, a 4xx): retry later."""
+
+
+class ReinjectRefused(ReinjectError):
+    """The relay will not take this message as it is (a 5xx, an address that cannot be sent,
+    a failure of ours on it): a retry would meet the same answer."""
+
+
+class SignatureSyncError(ScandError):
+    """The mirror could not be read or served a file that does not match its index."""
+
+
+class ApplyError(ScandError):
+    """The bundle could not be applied; the message says where and why."""
