@@ -104,9 +104,11 @@ def parse_icap_url(url: str) -> IcapUrl:
 
 
 class StrictModel(BaseModel):
-    """The base of every settings model: unknown fields refused, values frozen."""
+    """The base of every settings model: unknown fields refused, values frozen, and a bad
+    value never echoed in an error's text (it may be a password: errors reach deploy output
+    and logs; the message names the field)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class Ports(StrictModel):

@@ -101,6 +101,43 @@ def test_load_missing_and_corrupt(tmp_path):
         settings.load(bad)
 
 
+LEAKED = "Leaked-Pw-0123"  # too short for any secret (16): refused, and never echoed
+
+
+def _bad_secret_file(kind):
+    """(loader, content) of a settings file holding LEAKED as a password its model refuses."""
+    from mailtower.goc.sync import deployed
+
+    if kind == "tower settings":
+        tower_data = json.loads(inventory.tower_settings(data(), ADDRS).model_dump_json())
+        tower_data["secrets"]["sql_relay"] = LEAKED
+        return settings.load, tower_data
+    if kind == "sync tower.json":
+        content = {"tower": "t1", "goc_conninfo": "host=goc", "sync_password": LEAKED}
+        return lambda p: deployed.load(p, deployed.TowerSide), content
+    goc_tower = {
+        "name": "t1",
+        "hosts": ["10.0.1.12"],
+        "sync_password": "x" * 16,
+        "goc_sync_password": LEAKED,
+        "status_password": "y" * 16,
+    }
+    content = {"eye_password": "e" * 16, "towers": [goc_tower], "old_password": LEAKED}
+    return lambda p: deployed.load(p, deployed.GocSide), content
+
+
+@pytest.mark.parametrize("kind", ["tower settings", "sync tower.json", "sync goc.json"])
+def test_a_refused_password_is_never_in_the_error_text(tmp_path, kind):
+    """Errors reach deploy output and logs: they name the field, never its value."""
+    loader, content = _bad_secret_file(kind)
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(Exception, match="invalid") as err:
+        loader(path)
+    assert LEAKED not in str(err.value)
+    assert "password" in str(err.value) or "sql_relay" in str(err.value)
+
+
 def test_connection_strings_keep_any_password_whole():
     """libpq reads back exactly the password given, whatever it holds."""
     from psycopg.conninfo import conninfo_to_dict

@@ -207,3 +207,27 @@ def test_after_a_promotion_the_deploy_commands_follow_the_new_primary(lab: SyncL
     assert deployed.goc_pending(goc) == []
     flush_events(tower, make_events(TOWER, 20))
     wait_until(lambda: event_count(lab.goc.dsn(), TOWER) == 100, 30, "events after")
+
+
+def test_a_goc_without_towers_never_touches_the_shared_sync_role() -> None:
+    """``towers: []``: a fresh GOC deploys (no shared mt_sync asked for), and an upgraded one
+    keeps its retired mt_sync retired, apply after apply."""
+    alone = SyncLab.create([])
+    try:
+        side = deployed.GocSide(dsn=alone.goc.dsn(), eye_password="eye-password-0123456")
+        assert deployed.goc_apply(side).changes.changed
+        assert alone.goc.scalar("SELECT count(*) FROM pg_roles WHERE rolname = 'mt_sync'") == 0
+        assert deployed.goc_pending(side) == []
+        assert not deployed.goc_apply(side).changes.changed
+        with alone.goc.connect() as conn:  # what an older GOC's deploy retired
+            conn.execute("CREATE ROLE mt_sync NOLOGIN NOREPLICATION PASSWORD 'shared-0123456789'")
+        again = deployed.goc_apply(side)
+        assert not again.changes.changed, again.changes
+        assert (
+            alone.goc.scalar(
+                "SELECT rolcanlogin OR rolreplication FROM pg_roles WHERE rolname = 'mt_sync'"
+            )
+            is False
+        )
+    finally:
+        alone.destroy()

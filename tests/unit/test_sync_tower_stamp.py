@@ -1,10 +1,12 @@
 """The GOC stamps each event with the tower whose subscription delivered it, never the row's own
 ``tower``; a tower's scanners can store only their own tower's events. Real PostgreSQL 15
 clusters (tests/synclab.py): a GOC, tower-a, tower-b, each tower's primary playing a
-compromised one (a superuser there drops the tower's own CHECK and forges rows)."""
+compromised one (a superuser there drops the tower's own CHECK and forges rows, or widens its
+publication to send UPDATE, DELETE and TRUNCATE, which the GOC skips or refuses)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -22,13 +24,18 @@ from synclab import (
 
 from mailtower.goc.sync import (
     SyncError,
+    deployed,
     ensure_goc,
     ensure_goc_subscription,
     ensure_tower,
     names,
     reconcile_events,
+    schema,
+    sync_health,
     wait_ready,
 )
+from mailtower.goc.sync.exceptions import SchemaMissing
+from mailtower.goc.sync.goc import require_goc_ready, schema_pending
 from mailtower.goc.sync.tower import OWN_TOWER_CHECK
 
 pytestmark = pytest.mark.integration
@@ -174,3 +181,175 @@ def test_a_publication_offering_more_than_events_is_refused(lab: SyncLab) -> Non
             conn.execute("ALTER PUBLICATION mt_events DROP TABLE customers")
     ensure_goc_subscription(lab.goc.dsn(), B, lab.towers[B].conninfo())
     wait_ready(lab.goc.dsn(), names.events_subscription(B), timeout_s=30)
+
+
+# --- A tower that widens its publication after the GOC subscribed -------------------------------
+
+EVERYTHING = "insert, update, delete, truncate"
+
+
+def subscribed(lab: SyncLab) -> None:
+    """Both towers' events subscriptions made and streaming (the earlier tests made them)."""
+    for tower in lab.towers.values():
+        ensure_goc_subscription(lab.goc.dsn(), tower.name, tower.conninfo())
+        wait_ready(lab.goc.dsn(), names.events_subscription(tower.name), timeout_s=30)
+
+
+def stored(lab: SyncLab, tower: str, count: int) -> list[str]:
+    """``count`` honest events of ``tower`` (its scanners' path), once they are at the GOC."""
+    events = make_events(tower, count)
+    flush_events(lab.towers[tower], events)
+    ids = [str(e.event_id) for e in events]
+    wait_until(lambda: len(towers_at_goc(lab, ids)) == count, 30, f"{tower}'s events at the GOC")
+    return ids
+
+
+def rows_at_goc(lab: SyncLab, ids: list[str]) -> dict[str, tuple[str, str]]:
+    with lab.goc.connect() as conn:
+        rows = conn.execute(
+            "SELECT event_id::text, tower, verdict FROM verdict_events"
+            " WHERE event_id = ANY(%s::uuid[])",
+            (ids,),
+        ).fetchall()
+    return {event_id: (tower, verdict) for event_id, tower, verdict in rows}
+
+
+def widen(lab: SyncLab, at: str) -> None:
+    """What a compromised primary's superuser can do at any time after the GOC's check."""
+    with lab.towers[at].primary.connect() as conn:
+        conn.execute(f"ALTER PUBLICATION mt_events SET (publish = '{EVERYTHING}')")
+        conn.execute(f"ALTER TABLE verdict_events DROP CONSTRAINT IF EXISTS {OWN_TOWER_CHECK}")
+
+
+def published_operations(lab: SyncLab, at: str) -> tuple[bool, ...]:
+    with lab.towers[at].primary.connect() as conn:
+        row = conn.execute(
+            "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication"
+            " WHERE pubname = 'mt_events'"
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def tower_side(lab: SyncLab, at: str) -> deployed.TowerSide:
+    return deployed.TowerSide(
+        tower=at,
+        dsn=lab.towers[at].primary.dsn(),
+        goc_conninfo=lab.goc_conninfo(),
+        sync_password=TOWER_SYNC_PASSWORD,
+    )
+
+
+def test_a_widened_publication_cannot_relabel_or_delete_events_at_the_goc(lab: SyncLab) -> None:
+    subscribed(lab)
+    own, others = stored(lab, A, 3), stored(lab, B, 2)
+    before = rows_at_goc(lab, own + others)
+    widen(lab, A)
+    with lab.towers[A].primary.connect() as conn:
+        # Relabel its own events as tower-b's, and change their verdict.
+        conn.execute(
+            "UPDATE verdict_events SET tower = %s, verdict = 'clean' WHERE event_id = %s",
+            (B, own[0]),
+        )
+        conn.execute("DELETE FROM verdict_events WHERE event_id = %s", (own[1],))
+        # Another tower's event, by id: insert it here (the GOC drops it as a duplicate), then
+        # delete it, which sends a DELETE of that id.
+        conn.execute(
+            "INSERT INTO verdict_events (event_id, tower, scanner, scanned_at, verdict,"
+            " recipients, size_bytes) VALUES (%s, %s, 's01', now(), 'clean', ARRAY['x@y'], 1)",
+            (others[0], B),
+        )
+        conn.execute("DELETE FROM verdict_events WHERE event_id = %s", (others[0],))
+    after = stored(lab, A, 1)  # streamed after the forgeries: they were applied (or skipped)
+    assert rows_at_goc(lab, own + others) == before
+    log = lab.goc.log_text()
+    sub = names.events_subscription(A)
+    for op, event_id in (("UPDATE", own[0]), ("DELETE", own[1]), ("DELETE", others[0])):
+        assert f"{op} of event {event_id} from subscription {sub} skipped" in log
+    # The deploy's check sees the widened publication; ensure_tower narrows it again.
+    assert (
+        f"set publication mt_events to publish insert (it publishes {EVERYTHING})"
+        in deployed.tower_pending(tower_side(lab, A))
+    )
+    changed = ensure_tower(
+        lab.towers[A].primary.dsn(), lab.goc_conninfo(), A, sync_password=TOWER_SYNC_PASSWORD
+    )
+    assert "set publication mt_events to publish insert" in changed.actions
+    assert published_operations(lab, A) == (True, False, False, False)
+    assert deployed.tower_pending(tower_side(lab, A)) == []
+    assert after[0] in towers_at_goc(lab, after)
+
+
+def test_an_operator_at_the_goc_still_updates_deletes_and_truncates(lab: SyncLab) -> None:
+    subscribed(lab)
+    ids = stored(lab, B, 2)
+    with lab.goc.connect() as conn:
+        assert (
+            conn.execute(
+                "UPDATE verdict_events SET verdict = 'suspicious' WHERE event_id = %s", (ids[0],)
+            ).rowcount
+            == 1
+        )
+        assert conn.execute("DELETE FROM verdict_events WHERE event_id = %s", (ids[1],)).rowcount
+        with conn.transaction(force_rollback=True):
+            conn.execute("TRUNCATE verdict_events")
+            assert conn.execute("SELECT count(*) FROM verdict_events").fetchone() == (0,)
+    assert rows_at_goc(lab, ids) == {ids[0]: (B, "suspicious")}
+
+
+def test_the_goc_reports_and_recreates_a_missing_guard_trigger(lab: SyncLab) -> None:
+    for trigger in (schema.KEEP_DELETE_TRIGGER, schema.REFUSE_TRUNCATE_TRIGGER):
+        with lab.goc.connect() as conn:
+            conn.execute(f"DROP TRIGGER {trigger} ON verdict_events")
+            assert f"create trigger {trigger} (enabled ALWAYS)" in schema_pending(conn)
+            with pytest.raises(SchemaMissing, match=trigger):
+                require_goc_ready(conn)
+        assert ensure_goc(lab.goc.dsn()).actions == [
+            f"created trigger {trigger}",
+            f"enabled trigger {trigger} ALWAYS (apply workers too)",
+        ]
+        assert not ensure_goc(lab.goc.dsn()).changed
+        with lab.goc.connect() as conn:
+            assert schema_pending(conn) == []
+
+
+def test_a_replicated_truncate_stalls_only_that_towers_stream(lab: SyncLab) -> None:
+    """Last: it leaves tower-a's subscription stalled until the operator skips the TRUNCATE."""
+    subscribed(lab)
+    own, others = stored(lab, A, 2), stored(lab, B, 2)
+    with lab.goc.connect() as conn:
+        total = conn.execute("SELECT count(*) FROM verdict_events").fetchone()
+    widen(lab, A)
+    with lab.towers[A].primary.connect() as conn:
+        conn.execute("TRUNCATE verdict_events")
+    stalled = make_events(A, 1)
+    flush_events(lab.towers[A], stalled)
+    sub = names.events_subscription(A)
+
+    def apply_errors() -> int:
+        (found,) = [s for s in sync_health(lab.goc.dsn()).subscriptions if s.name == sub]
+        return found.apply_errors
+
+    # The apply worker fails on the TRUNCATE, restarts, fails again: sync health shows it.
+    wait_until(lambda: apply_errors() >= 2, 30, f"apply errors of {sub}")
+    assert f"TRUNCATE from subscription {sub} refused" in lab.goc.log_text()
+    with lab.goc.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM verdict_events").fetchone() == total
+    assert set(towers_at_goc(lab, own + others).values()) == {A, B}
+    assert towers_at_goc(lab, [str(stalled[0].event_id)]) == {}  # stalled behind it
+    stored(lab, B, 1)  # the other tower's stream goes on
+    # The runbook's way out: narrow the publication, skip the transaction the error names.
+    ensure_tower(
+        lab.towers[A].primary.dsn(), lab.goc_conninfo(), A, sync_password=TOWER_SYNC_PASSWORD
+    )
+    finished = re.findall(
+        r"TRUNCATE\" in transaction \d+, finished at ([0-9A-F]+/[0-9A-F]+)", lab.goc.log_text()
+    )
+    assert finished, "the error's context names the transaction's finish LSN"
+    with lab.goc.connect() as conn:
+        conn.execute(f"ALTER SUBSCRIPTION {sub} SKIP (lsn = '{finished[-1]}')")
+    wait_until(
+        lambda: towers_at_goc(lab, [str(stalled[0].event_id)]) != {}, 30, "the stream resumed"
+    )
+    with lab.goc.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM verdict_events").fetchone()[0] > total[0]

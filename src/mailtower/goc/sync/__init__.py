@@ -7,7 +7,8 @@ publication ``mt_events`` (INSERT only) on each tower's primary, subscription
 ("GOC sync") gives the design, failover included. One module per concept:
 
 - ``names``: every object's name, from the tower's name (slots carry the primary's timeline)
-- ``schema``: the GOC's tables, and the trigger that makes duplicate events harmless
+- ``schema``: the GOC's tables, and the triggers that make duplicate events harmless, stamp
+  the tower and keep a tower from changing or removing events it already sent
 - ``goc``: ``ensure_goc``, ``ensure_goc_subscription``
 - ``tower``: ``ensure_tower`` (re-subscribes the configuration on a promoted standby)
 - ``failover``: ``repoint_after_failover`` (events re-pointed without loss or duplicates)

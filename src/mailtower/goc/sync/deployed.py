@@ -35,7 +35,7 @@ from mailtower.goc.sync.changes import Changes
 from mailtower.goc.sync.conninfo import endpoint, redact, sync_conninfo
 from mailtower.goc.sync.exceptions import SyncError
 from mailtower.goc.sync.failover import repoint_events
-from mailtower.goc.sync.goc import GOC, ensure_goc, stale_reason
+from mailtower.goc.sync.goc import GOC, ensure_goc, schema_pending, stale_reason
 from mailtower.goc.sync.names import (
     CONFIG_PUBLICATION,
     EVENTS_PUBLICATION,
@@ -47,8 +47,9 @@ from mailtower.goc.sync.names import (
     events_subscription,
     goc_sync_role,
 )
+from mailtower.goc.sync.publication import publication_pending
 from mailtower.goc.sync.roles import ensure_login_role, ensure_privileges, scram_matches
-from mailtower.goc.sync.tower import ensure_tower, own_tower_pending
+from mailtower.goc.sync.tower import EVENTS_OPERATIONS, ensure_tower, own_tower_pending
 from mailtower.settings import StrictModel
 
 # The one role all towers' monitors shared before each had its own (status_role): retired.
@@ -125,8 +126,8 @@ def tower_pending(side: TowerSide) -> list[str]:
             own = own_tower_pending(conn, side.tower)
             if own is not None:
                 pending.append(own)
-        if not _published(conn, EVENTS_PUBLICATION):
-            pending.append(f"create publication {EVENTS_PUBLICATION}")
+        # A publication widened by hand (update, delete, truncate; another table) is put back.
+        pending += publication_pending(conn, EVENTS_PUBLICATION, (EVENTS_TABLE,), EVENTS_OPERATIONS)
         name = config_subscription(side.tower)
         sub = subscription.get(conn, name)
         if sub is None:
@@ -175,7 +176,9 @@ def goc_pending(side: GocSide) -> list[str]:
     """What ``goc_apply`` would do (towers not reachable yet are not counted)."""
     pending: list[str] = []
     with connect(side.dsn) as goc:
-        for table in ("verdict_events", "tower_status", EYE_REVOCATIONS[0]):
+        # The sync's tables, indexes and verdict_events' triggers (an upgraded GOC lacks new ones).
+        pending += schema_pending(goc)
+        for table in ("tower_status", EYE_REVOCATIONS[0]):
             if not relation_exists(goc, table):
                 pending.append(f"create table {table}")
         if relation_exists(goc, "tower_status"):

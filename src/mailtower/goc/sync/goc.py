@@ -48,9 +48,10 @@ def ensure_goc(
 
     ``tower_sync_passwords``: ``{tower: password}`` of each tower's own role
     ``mt_sync_<tower>`` (``names.goc_sync_role``), which that tower's config subscription
-    connects as: what a deploy uses. ``sync_password``: one shared ``mt_sync`` instead (None,
-    without ``tower_sync_passwords``: the role must exist; its password is left alone).
-    Returns what changed; nothing on a second call.
+    connects as: what a deploy uses, and then the shared ``mt_sync`` is left alone (even with
+    no tower: ``{}``), so the deploy never gives back a login it retired. ``sync_password``:
+    one shared ``mt_sync`` instead (None, and ``tower_sync_passwords`` None too: the role
+    must exist; its password is left alone). Returns what changed; nothing on a second call.
     """
     changes = Changes(GOC)
     with connect(goc_dsn) as conn:
@@ -58,7 +59,7 @@ def ensure_goc(
         require_primary(conn, GOC, publishes=True)
         with conn.transaction():
             _ensure_schema(conn, changes)
-        if sync_password is not None or not tower_sync_passwords:
+        if sync_password is not None or tower_sync_passwords is None:
             ensure_sync_role(conn, sync_password, changes)
             ensure_select(conn, CONFIG_TABLES, changes)
         for tower, password in (tower_sync_passwords or {}).items():
@@ -109,6 +110,30 @@ def _ensure_schema(conn: Conn, changes: Changes) -> None:
         if enabled != "A":
             conn.execute(trigger.enable)
             changes.did(f"enabled trigger {trigger.name} ALWAYS (apply workers too)")
+
+
+def schema_pending(conn: Conn) -> list[str]:
+    """What ``_ensure_schema`` would do at the GOC (empty: nothing), for a deploy's check."""
+    pending = [f"create table {t}" for t in schema.TABLES if not relation_exists(conn, t)]
+    if pending:
+        return pending
+    if "received_at" not in columns(conn, "verdict_events"):
+        pending.append("add column verdict_events.received_at")
+    pending += [
+        f"create index {i.name}" for i in schema.INDEXES if not relation_exists(conn, i.name)
+    ]
+    for trigger in schema.TRIGGERS:
+        body = scalar(
+            conn,
+            "SELECT prosrc FROM pg_proc WHERE proname = %s"
+            " AND pronamespace = 'public'::regnamespace",
+            (trigger.function,),
+        )
+        if body != trigger.body and f"replace function {trigger.function}" not in pending:
+            pending.append(f"replace function {trigger.function}")
+        if _trigger_state(conn, trigger.name) != "A":
+            pending.append(f"create trigger {trigger.name} (enabled ALWAYS)")
+    return pending
 
 
 def _trigger_state(conn: Conn, name: str) -> str | None:

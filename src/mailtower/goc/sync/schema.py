@@ -21,7 +21,19 @@ replication matches columns by name. The GOC adds, without touching what is repl
   this one shared table (PostgreSQL 15 matches the publisher's schema-qualified table name and
   cannot map it elsewhere), so the subscription, which the GOC owns and names, is the only
   trustworthy source of the tower. Rows inserted outside a worker (reconciliation, which stamps
-  them itself; the owner by hand) are taken as they are: no other role may insert here.
+  them itself; the owner by hand) are taken as they are: no other role may insert here;
+- ``BEFORE UPDATE`` and ``BEFORE DELETE`` row triggers and a ``BEFORE TRUNCATE`` statement
+  trigger, all ``ALWAYS``, that **keep the events a tower already sent**. A tower publishes
+  inserts only, but its primary's superuser can widen ``mt_events`` at any time (the GOC
+  checks the publication only when it subscribes); its UPDATE would then relabel an event
+  as another tower's, its DELETE remove any event whose id it knows, its TRUNCATE empty the
+  whole table, every tower's rows included. In a replication worker an UPDATE or DELETE is
+  skipped with a WARNING naming the subscription (the GOC's log shows it), and a TRUNCATE is
+  an error: that tower's stream stops there (apply errors in ``sync_health``) until an
+  operator skips the transaction, instead of the GOC losing every tower's events. Nothing
+  legitimate updates, deletes or truncates through a subscription here: re-points and
+  reconciliation insert, and a table copy (``copy_data``) only inserts. Outside a worker (an
+  operator by hand) UPDATE, DELETE and TRUNCATE work as before.
 """
 
 from __future__ import annotations
@@ -151,10 +163,65 @@ STAMP_TRIGGER_DDL = (
 )
 STAMP_TRIGGER_ENABLE = f"ALTER TABLE public.verdict_events ENABLE ALWAYS TRIGGER {STAMP_TRIGGER}"
 
+# UPDATE and DELETE from a tower: only a widened publication sends them (towers publish
+# inserts). Skipped, not an error: the tower's later inserts keep flowing.
+KEEP_FUNCTION = "mt_keep_sent_event"
+KEEP_UPDATE_TRIGGER = "verdict_events_keep_on_update"
+KEEP_DELETE_TRIGGER = "verdict_events_keep_on_delete"
+KEEP_BODY = """
+DECLARE
+    sub name;
+BEGIN
+    SELECT s.subname INTO sub FROM pg_catalog.pg_stat_subscription s
+     WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1;
+    IF sub IS NULL THEN  -- an operator: as without the trigger
+        IF TG_OP = 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+        RETURN NEW;
+    END IF;
+    RAISE WARNING 'verdict_events: % of event % from subscription % skipped: towers publish'
+        ' inserts only (was its publication widened on a compromised primary?)',
+        TG_OP, OLD.event_id, sub;
+    RETURN NULL;
+END
+"""
+KEEP_FUNCTION_DDL = f"""
+CREATE OR REPLACE FUNCTION public.{KEEP_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $body${KEEP_BODY}$body$"""
+
+# TRUNCATE cannot be skipped (a statement trigger's result is ignored): it is refused, which
+# stops that tower's apply worker at this transaction; the other towers go on.
+REFUSE_TRUNCATE_FUNCTION = "mt_refuse_replicated_truncate"
+REFUSE_TRUNCATE_TRIGGER = "verdict_events_refuse_truncate"
+REFUSE_TRUNCATE_BODY = """
+DECLARE
+    sub name;
+BEGIN
+    SELECT s.subname INTO sub FROM pg_catalog.pg_stat_subscription s
+     WHERE s.pid = pg_catalog.pg_backend_pid() LIMIT 1;
+    IF sub IS NOT NULL THEN
+        RAISE EXCEPTION 'verdict_events: TRUNCATE from subscription % refused: towers publish'
+            ' inserts only (was its publication widened on a compromised primary?)', sub
+            USING HINT = 'narrow the tower''s publication (deploy it), then ALTER SUBSCRIPTION '
+                || sub || ' SKIP (lsn = ...) with the finish LSN this error''s context names';
+    END IF;
+    RETURN NULL;
+END
+"""
+REFUSE_TRUNCATE_FUNCTION_DDL = f"""
+CREATE OR REPLACE FUNCTION public.{REFUSE_TRUNCATE_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $body${REFUSE_TRUNCATE_BODY}$body$"""
+
+
+def _always(trigger: str) -> str:
+    # 'A': fires whatever session_replication_role is, i.e. in apply and table-sync workers too.
+    return f"ALTER TABLE public.verdict_events ENABLE ALWAYS TRIGGER {trigger}"
+
 
 @dataclass(frozen=True)
 class Trigger:
-    """A row trigger on verdict_events enabled ALWAYS (apply workers run as replicas)."""
+    """A trigger on verdict_events enabled ALWAYS (apply workers run as replicas)."""
 
     function: str
     body: str
@@ -180,5 +247,32 @@ TRIGGERS = (
         STAMP_TRIGGER,
         STAMP_TRIGGER_DDL,
         STAMP_TRIGGER_ENABLE,
+    ),
+    Trigger(
+        KEEP_FUNCTION,
+        KEEP_BODY,
+        KEEP_FUNCTION_DDL,
+        KEEP_UPDATE_TRIGGER,
+        f"CREATE TRIGGER {KEEP_UPDATE_TRIGGER} BEFORE UPDATE ON public.verdict_events"
+        f" FOR EACH ROW EXECUTE FUNCTION public.{KEEP_FUNCTION}()",
+        _always(KEEP_UPDATE_TRIGGER),
+    ),
+    Trigger(
+        KEEP_FUNCTION,
+        KEEP_BODY,
+        KEEP_FUNCTION_DDL,
+        KEEP_DELETE_TRIGGER,
+        f"CREATE TRIGGER {KEEP_DELETE_TRIGGER} BEFORE DELETE ON public.verdict_events"
+        f" FOR EACH ROW EXECUTE FUNCTION public.{KEEP_FUNCTION}()",
+        _always(KEEP_DELETE_TRIGGER),
+    ),
+    Trigger(
+        REFUSE_TRUNCATE_FUNCTION,
+        REFUSE_TRUNCATE_BODY,
+        REFUSE_TRUNCATE_FUNCTION_DDL,
+        REFUSE_TRUNCATE_TRIGGER,
+        f"CREATE TRIGGER {REFUSE_TRUNCATE_TRIGGER} BEFORE TRUNCATE ON public.verdict_events"
+        f" FOR EACH STATEMENT EXECUTE FUNCTION public.{REFUSE_TRUNCATE_FUNCTION}()",
+        _always(REFUSE_TRUNCATE_TRIGGER),
     ),
 )

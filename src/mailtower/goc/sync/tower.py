@@ -49,6 +49,9 @@ from mailtower.goc.sync.roles import ensure_select, ensure_sync_role
 log = logging.getLogger(__name__)
 
 OWN_TOWER_CHECK = "verdict_events_own_tower"
+# INSERT only: pruning old events at a tower must not delete them at the GOC. (The GOC skips
+# or refuses anything else a widened publication sends: schema.py.)
+EVENTS_OPERATIONS = ("insert",)
 
 
 def ensure_tower(
@@ -76,8 +79,7 @@ def ensure_tower(
         ensure_own_tower_check(conn, tower_name, changes)
         ensure_sync_role(conn, sync_password, changes)
         ensure_select(conn, (EVENTS_TABLE,), changes)
-        # INSERT only: pruning old events at a tower must not delete them at the GOC.
-        ensure_publication(conn, EVENTS_PUBLICATION, (EVENTS_TABLE,), ("insert",), changes)
+        ensure_publication(conn, EVENTS_PUBLICATION, (EVENTS_TABLE,), EVENTS_OPERATIONS, changes)
         _ensure_config_subscription(conn, goc_conninfo, tower_name, timeline, changes)
     return changes
 
