@@ -142,8 +142,12 @@ class Expansion:
         self.signatures = 0
 
     def expand(self, obj: ScanObject) -> None:
-        """Every reading of ``obj`` (recursing into the members found)."""
-        raise NotImplementedError
+        """Every reading of ``obj`` (recursing into the members found).
+
+        Abstract here so that the core imports no format: ``_dispatch.Expander``, the only
+        class ``expand()`` instantiates, overrides it with the format table.
+        """
+        raise NotImplementedError("the core has no formats: use _dispatch.Expander")
 
     # -- bookkeeping
 
