@@ -74,6 +74,24 @@ PROGRAMS: tuple[Program, ...] = (
     # Real servers the unit and integration tests start on this machine.
     Program("/usr/sbin/clamd", "clamav-daemon", "real clamd for the engine tests", ("tests",)),
     Program("clamscan", "clamav", "checks ClamAV signatures in rule bundles", ("tests",)),
+    Program(
+        "sigtool",
+        "clamav",
+        "verifies and unpacks ClamAV databases (the signature mirror's tests)",
+        ("tests",),
+    ),
+    Program(
+        "freshclam",
+        "clamav-freshclam",
+        "fetches ClamAV databases from a mirror as a scanner does (tests)",
+        ("tests",),
+    ),
+    Program(
+        "apt-get",
+        "apt",
+        "fetches ClamAV's signed test databases from Debian's clamav source package",
+        ("lab", "tests"),
+    ),
     Program("/usr/bin/c-icap", "c-icap", "real ICAP server for the ICAP engine", ("tests",)),
     Program(
         "/usr/lib/*/c_icap/virus_scan.so",
