@@ -256,6 +256,8 @@ class TowerHosts(StrictModel):
     monitor: IPv4Address
     sql: list[IPv4Address] = Field(min_length=2, max_length=2)  # primary first, then standby
     scanners: list[IPv4Address] = Field(min_length=1)
+    # RAM of each scanner, MiB (None: the deploy reads it from the host): sizes clamd's reloads
+    scanner_ram_mib: int | None = Field(None, ge=64)
 
     @model_validator(mode="after")
     def _unique(self) -> TowerHosts:
@@ -336,6 +338,24 @@ class Bundles(StrictModel):
         return value
 
 
+_DB_NAME = r"^[a-z][a-z0-9_-]{0,40}$"  # a ClamAV database name: main, daily, bytecode, test…
+
+
+class ClamavMirror(StrictModel):
+    """Official ClamAV databases on a tower: the monitor mirrors the GOC's verified copies and
+    rolls them across the scanners in windows (docs/design.md, issue 16)."""
+
+    databases: list[Annotated[str, Field(pattern=_DB_NAME)]] = Field(
+        ["main", "daily", "bytecode"], min_length=1
+    )  # what the scanners load
+    poll_interval_s: float = Field(60.0, gt=0)  # how often the monitor asks the GOC
+    max_age: Duration = "1d"  # the mirror older than this (since the GOC's last good check): alert
+    lag_alert_after: Duration = "2h"  # a scanner behind the mirror this long: alert
+    engine_mib: int = Field(1200, ge=1)  # clamd's RSS with these databases (docs/benchmarks.md)
+    working_set_mib: int = Field(512, ge=0)  # clamd's, scand's and c-icap's memory beside it
+    concurrent_reload: Literal["auto", "yes", "no"] = "auto"
+
+
 class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
@@ -379,6 +399,15 @@ class TowerSettings(StrictModel):
     # Rule updates from the GOC (needs ``goc`` or ``bundles.source``, ``rules_dir`` and
     # ``secrets.canary``); None: the scanners keep the rules they were deployed with.
     bundles: Bundles | None = None
+    # Official ClamAV databases from the GOC's mirror (needs ``goc``); None: the scanners load
+    # only mailtower's own signatures and the rule bundles'.
+    clamav: ClamavMirror | None = None
+
+    @model_validator(mode="after")
+    def _clamav_needs(self) -> TowerSettings:
+        if self.clamav is not None and self.goc is None:
+            raise ValueError("a tower taking the official ClamAV databases needs goc")
+        return self
 
     @model_validator(mode="after")
     def _bundle_needs(self) -> TowerSettings:
@@ -807,6 +836,27 @@ class BundleKeys(StrictModel):
         return self
 
 
+class ClamavFeed(StrictModel):
+    """A third-party signature feed fetched by Fangfrisch at the GOC (each off by default)."""
+
+    name: Annotated[str, Field(pattern=_DB_NAME)]  # Fangfrisch's section: sanesecurity, urlhaus…
+    enabled: bool = False
+    options: dict[str, str] = {}  # Fangfrisch options of that section (url_prefix, …)
+
+
+class ClamavUpstream(StrictModel):
+    """The GOC's mirror of ClamAV's official databases (cvdupdate), served to the monitors."""
+
+    # name → field of the current.cvd.clamav.net TXT record with its version (0: by HTTP header)
+    databases: dict[Annotated[str, Field(pattern=_DB_NAME)], int] = Field(
+        {"main": 1, "daily": 2, "bytecode": 7}, min_length=1
+    )
+    url: str = Field("https://database.clamav.net", pattern=r"^https?://[^/\s]+(/[^\s]*)?$")
+    nameserver: str = ""  # cvdupdate's resolvers for the TXT record, comma-separated ("": system)
+    check_interval: Duration = "1h"  # ClamAV asks mirrors not to check more often
+    feeds: list[ClamavFeed] = []
+
+
 class GocSettings(StrictModel):
     """The global operations centre (roles/goc.py): the ``goc`` host data."""
 
@@ -832,6 +882,9 @@ class GocSettings(StrictModel):
     # Rule bundles: the GOC serves what is published in /srv/mailtower/bundles
     # (``mailtower bundle publish``) to every tower's monitor, 127.0.0.1 and bundle_readers.
     bundles: BundleKeys | None = None
+    # The official ClamAV databases: cvdupdate mirrors them here for every tower's monitor
+    # (served beside the bundles, /clamav/); None: the GOC fetches no signatures.
+    clamav: ClamavUpstream | None = None
     # Who else may fetch bundles (the lab's controller, to check what was published).
     bundle_readers: list[IPv4Address] = []
 
