@@ -1,4 +1,5 @@
-"""``mailtower``: operator commands (quarantine, signatures, scan, rule bundles, dns)."""
+"""``mailtower``: operator commands (quarantine, signatures, scan, rule bundles, ClamAV's
+databases, dns)."""
 
 # Each area registers its own commands (``add_parser``) in its own package; this module only
 # composes them, in the order ``mailtower --help`` lists them.
@@ -9,6 +10,7 @@ import argparse
 import sys
 
 from mailtower.bundles import cli as bundles_cli
+from mailtower.clamavdb import cli as clamavdb_cli
 from mailtower.goc.sync import cli as sync_cli
 from mailtower.scand import cli as scand_cli
 from mailtower.scanning import cli as scanning_cli
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     scand_cli.add_parser(commands)  # quarantine
     scanning_cli.add_parser(commands)  # signatures, scan
     bundles_cli.add_parser(commands)  # bundle
+    clamavdb_cli.add_parser(commands)  # clamavdb
     sync_cli.add_parser(commands)  # sync
     _add_controller_parsers(commands)  # dns, where the controller is installed
     return parser

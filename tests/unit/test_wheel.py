@@ -30,7 +30,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_has_every_host_package_and_no_controller_code(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("mailtower/controller/")]
-    for package in ("scanning", "scand", "monitor", "relay", "goc/eye", "goc/sync", "bundles"):
+    for package in (
+        "scanning",
+        "scand",
+        "monitor",
+        "relay",
+        "goc/eye",
+        "goc/sync",
+        "bundles",
+        "clamavdb",
+    ):
         assert f"mailtower/{package}/__init__.py" in names, package
     assert "mailtower/scanning/rules/skeptic/" in "".join(names)  # package data travels too
 
@@ -52,4 +61,5 @@ def test_the_hosts_cli_starts_without_the_controller(wheel: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr
     commands = done.stdout
     assert "'quarantine'" in commands and "'scan'" in commands and "'sync'" in commands
+    assert "'clamavdb'" in commands
     assert "'dns'" not in commands  # the controller's command, not on a host
