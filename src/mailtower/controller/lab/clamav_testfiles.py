@@ -74,15 +74,18 @@ def ensure(progress: Callable[[str], None] = lambda _: None, cache: Path = CACHE
             )
             if done.returncode != 0:
                 raise LabError(
-                    f"controller: `apt-get {' '.join(args)}` for clamav's source failed "
-                    f"(rc {done.returncode}): {done.stderr.strip()[-400:]}; fix: the machine "
-                    "must reach deb.debian.org's bookworm main pool (source packages)"
+                    "controller",
+                    f"`apt-get {' '.join(args)}` for clamav's source (rc {done.returncode})",
+                    "the machine must reach deb.debian.org's bookworm main pool (source packages)",
+                    done.stderr,
                 )
         origs = sorted(work.glob("clamav_*.orig.tar.*"))
         if not origs:
             raise LabError(
-                "controller: Debian's clamav source package had no .orig tarball; "
-                f"found {[p.name for p in work.iterdir()]}"
+                "controller",
+                "finding the .orig tarball of Debian's clamav source package",
+                "check what `apt-get source clamav` fetches",
+                f"found {[p.name for p in work.iterdir()]}",
             )
         staging = work / "out"
         staging.mkdir()
@@ -99,8 +102,10 @@ def ensure(progress: Callable[[str], None] = lambda _: None, cache: Path = CACHE
         if not complete(staging):
             missing = sorted(set(expected_names()) - {p.name for p in staging.iterdir()})
             raise LabError(
-                f"controller: {origs[-1].name} lacks ClamAV's test databases {missing}; "
-                "fix: pin a clamav source version that has unit_tests/input/freshclam_testfiles"
+                "controller",
+                f"taking ClamAV's test databases from {origs[-1].name}",
+                "pin a clamav source version that has unit_tests/input/freshclam_testfiles",
+                f"missing {missing}",
             )
         cache.parent.mkdir(parents=True, exist_ok=True)
         if cache.exists():
