@@ -134,12 +134,27 @@ def deploy(c, tower="lab-a"):
     else:
         first = ("lab-goc", "deploys/goc.py", "the lab's GOC")
     _pyinfra(c, inventory_path(first[0]), first[1], first[2])
+    if tower == PAIR:
+        _clamav_upstream_initial()
     for name in towers:
         _pyinfra(c, inventory_path(f"lab-{name}"), "deploys/lab.py", f"lab-{name}")
     # Its events subscription to each tower needs the tower's publication: a second pass.
     _pyinfra(c, inventory_path("lab-goc"), "deploys/goc.py", "the GOC (towers' events)")
     if tower == PAIR:
         dns(c, pair=PAIR)
+
+
+def _clamav_upstream_initial() -> None:
+    """The stand-in ClamAV upstream serves its first version (once: later deploys keep what
+    the tests moved it to)."""
+    from mailtower.controller.errors import ControllerError
+    from mailtower.controller.lab import clamav_upstream
+
+    try:
+        version = clamav_upstream.ensure_initial(_say)
+    except ControllerError as exc:
+        raise Exit(f"stand-in ClamAV upstream: {exc}", code=1) from exc
+    _say(f"stand-in ClamAV upstream serves test version {version}")
 
 
 @task(

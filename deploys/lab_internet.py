@@ -1,4 +1,5 @@
-"""Deploy the twin lab's internet: DNS server, sender, customer mail servers; and the GOC.
+"""Deploy the twin lab's internet: DNS server (and on it the stand-in ClamAV upstream),
+sender, customer mail servers; and the GOC.
 
 pyinfra inventory/lab_internet.py deploys/lab_internet.py
 """
@@ -7,11 +8,11 @@ from pyinfra import host
 from pyinfra.operations import apt
 
 from mailtower.controller.lab import plan
-from roles import dns, goc, lab_mailserver, lab_sender
+from roles import dns, goc, lab_clamav_upstream, lab_mailserver, lab_sender
 from roles.tower import refresh_package_lists
 
 packages = sorted(
-    set(dns.PACKAGES if "dns" in host.groups else [])
+    set(dns.PACKAGES + lab_clamav_upstream.PACKAGES if "dns" in host.groups else [])
     | set(lab_sender.PACKAGES if "sender" in host.groups else [])
     | set(lab_mailserver.PACKAGES if "customers" in host.groups else [])
     | set(goc.PACKAGES if "goc" in host.groups else [])
@@ -20,6 +21,7 @@ refresh_package_lists()
 apt.packages(name="Install the role's Debian packages", packages=packages, no_recommends=True)
 if "dns" in host.groups:
     dns.deploy_dns()
+    lab_clamav_upstream.deploy_lab_clamav_upstream()
 if "sender" in host.groups:
     lab_sender.deploy_lab_sender()
 if "goc" in host.groups:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from mailtower.controller.lab import lxc, plan
+from mailtower.controller.lab import clamav_upstream, lxc, plan
 
 
 def _ssh() -> dict[str, str]:
@@ -73,6 +73,13 @@ def lab_tower_data(tower: str) -> dict:
         # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
         "rules_dir": "/var/lib/mailtower/rules",
         "bundles": {"public_key": lxc.bundle_keys()[1].read_text(), "poll_interval_s": 2},
+        # ClamAV's signed test database from the GOC's mirror of the lab's stand-in upstream
+        # (it is small: clamd with it stays far below a real tower's engine size).
+        "clamav": {
+            "databases": [clamav_upstream.DATABASE],
+            "engine_mib": 64,
+            "working_set_mib": 256,
+        },
     }
 
 
@@ -125,6 +132,19 @@ def goc_data() -> dict:
         "bundles": {"signing_key": signing_key.read_text(), "public_key": public_key.read_text()},
         # The controller reads latest.json to check what was published.
         "bundle_readers": [str(plan.HOST_ADDRESS)],
+        "clamav": lab_clamav_upstream(),
+    }
+
+
+def lab_clamav_upstream() -> dict:
+    """The lab GOC's ClamavUpstream: the stand-in on the lab's DNS host (the twin lab has it;
+    a lab-a alone has no DNS host, and its GOC's checks fail, recorded as upstream errors).
+    Its check interval is short so the tests see a new version within minutes."""
+    return {
+        "databases": {clamav_upstream.DATABASE: clamav_upstream.TXT_FIELD},
+        "url": clamav_upstream.base_url(),
+        "nameserver": clamav_upstream.dns_host(),
+        "check_interval": "2m",
     }
 
 
@@ -142,7 +162,8 @@ def internet_data() -> dict:
     dns_host = next(h for h in plan.internet_hosts() if h.group == "dns")
     return {
         "dns": {
-            "zones": [plan.LAB_ZONE, "201.10.in-addr.arpa"],
+            # clamav.net: the stand-in upstream's current.cvd TXT record (clamav_upstream)
+            "zones": [plan.LAB_ZONE, "201.10.in-addr.arpa", clamav_upstream.ZONE],
             "ns_name": f"ns.{plan.LAB_ZONE}",
             "ns_address": str(dns_host.address),
             "update_from": str(plan.HOST_ADDRESS),  # the controller publishes (invoke dns)
@@ -165,7 +186,8 @@ def lab_pair() -> dict:
         "server": dns["ns_address"],
         "tsig": dns["tsig"],
         "publication": {
-            "zones": dns["zones"],
+            # The towers' records only: clamav.net belongs to the stand-in ClamAV upstream.
+            "zones": [z for z in dns["zones"] if z != clamav_upstream.ZONE],
             "nameservers": [{"name": dns["ns_name"], "ipv4": [dns["ns_address"]]}],
             "preference": "equal",
         },

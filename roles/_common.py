@@ -241,6 +241,29 @@ def wheelhouse_tar() -> Path:
         return _build_tar(_build_wheelhouse())
 
 
+def pinned_wheelhouse_tar(name: str, requirements: Path) -> Path:
+    """A tool's own wheelhouse as a reproducible tar: exactly the pins of ``requirements``
+    (every dependency listed there too), built on the controller like the mailtower one."""
+    with _wheelhouse_lock:
+        return _build_tar(_build_pinned(name, requirements))
+
+
+@functools.cache
+def _build_pinned(name: str, requirements: Path) -> Path:
+    out = ROOT / "build" / f"wheelhouse-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / ".requirements.sha256"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != digest:
+        for old in out.glob("*.whl"):
+            old.unlink()
+        # --no-deps: a dependency missing from the pins fails at the host's --no-index install
+        # instead of arriving unpinned.
+        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), "-r", str(requirements)])
+        stamp.write_text(digest)
+    return out
+
+
 @functools.cache
 def _build_tar(directory: Path) -> Path:
     out = directory.with_suffix(".tar")

@@ -10,23 +10,30 @@ TLS proxy in front), its passwords (VirusEye's, and each tower's own: the GOC ma
 rule-bundle key pair; the GOC then serves what is published in /srv/mailtower/bundles
 (``mailtower bundle publish``) over HTTP to the towers' monitors, 127.0.0.1 and
 ``bundle_readers``.
+
+With ``clamav`` it mirrors ClamAV's official databases: cvdupdate (pinned, its own venv and
+wheelhouse, run by its own user ``mtcvd``) on the ``mailtower-cvdupdate`` timer, then
+``mailtower clamavdb publish`` verifies what it fetched into /srv/mailtower/clamav, which the
+same nginx site serves at ``/clamav/`` (docs/runbook.md, "The GOC's ClamAV mirror").
 """
 
 from __future__ import annotations
 
+import json
 from ipaddress import ip_address
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, files, postgres, server
+from pyinfra.operations import apt, files, postgres, server, systemd
 
 from mailtower import bundles
+from mailtower.goc import cvdupdate
 from mailtower.goc.eye.auth import hash_password, parse_credentials, verify_password
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.deployed import GocSide, GocTower
 from mailtower.goc.sync.names import goc_sync_role
-from mailtower.settings import EYE_TLS_CERT, EYE_TLS_KEY, GocSettings
+from mailtower.settings import EYE_TLS_CERT, EYE_TLS_KEY, Goc, GocSettings
 from roles import _common
 from roles._facts import SyncPending
 
@@ -37,6 +44,12 @@ OPERATORS = "/etc/mailtower/eye/operators"
 EYE_TLS_NAMES = "/etc/mailtower/eye/tls.names"  # what the self-signed one was made for
 BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
 BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
+CLAMAV_DIR = "/srv/mailtower/clamav"  # the verified mirror the monitors pull (/clamav/)
+CVD_USER = "mtcvd"  # runs cvdupdate and the publish step; never root
+CVD_VENV = "/opt/mailtower/cvdupdate"  # cvdupdate's own venv (requirements-cvdupdate.txt)
+CVD_WHEELHOUSE = "/opt/mailtower/cvdupdate-wheelhouse"
+CVD_REQUIREMENTS = _common.ROOT / "requirements-cvdupdate.txt"
+CVD_RUN = "/usr/local/lib/mailtower/cvdupdate-run"  # the timer's script: update, then publish
 
 
 def settings() -> GocSettings:
@@ -84,13 +97,64 @@ def install(g: GocSettings):
             packages=["openssl"],
             no_recommends=True,
         )
-    if g.bundles is not None:
+    if g.bundles is not None or g.clamav is not None:
         apt.packages(
-            name="Install nginx-light (serves the published rule bundles)",
+            name="Install nginx-light (serves the rule bundles and the ClamAV mirror)",
             packages=["nginx-light"],
             no_recommends=True,
         )
+    if g.clamav is not None:
+        _install_cvdupdate()
     return install_op
+
+
+def _install_cvdupdate() -> None:
+    """sigtool (``clamav``, for publish's checks) with freshclam off, the mtcvd user, and
+    cvdupdate into its own venv from its pinned wheelhouse (the GOC needs no PyPI)."""
+    apt.packages(
+        name="Install clamav (sigtool verifies what cvdupdate fetched)",
+        packages=["clamav"],
+        no_recommends=True,
+    )
+    # clamav depends on clamav-freshclam: the GOC's databases come from cvdupdate only.
+    systemd.service(
+        name="Keep clamav-freshclam stopped and disabled",
+        service="clamav-freshclam",
+        running=False,
+        enabled=False,
+    )
+    server.user(
+        name=f"Ensure user {CVD_USER}",
+        user=CVD_USER,
+        system=True,
+        home=cvdupdate.HOME,
+        shell="/usr/sbin/nologin",
+        ensure_home=False,
+    )
+    files.directory(
+        name=f"Ensure {cvdupdate.HOME}",
+        path=cvdupdate.HOME,
+        mode="750",
+        user=CVD_USER,
+        group=CVD_USER,
+    )
+    tarball = _common.pinned_wheelhouse_tar("cvdupdate", CVD_REQUIREMENTS)
+    upload = files.put(
+        name=f"Upload {CVD_WHEELHOUSE}.tar", src=str(tarball), dest=f"{CVD_WHEELHOUSE}.tar"
+    )
+    missing = host.get_fact(File, path=f"{CVD_VENV}/bin/cvd") is None
+    server.shell(
+        name=f"Install cvdupdate into {CVD_VENV} from its wheelhouse",
+        commands=[
+            f"rm -rf {CVD_WHEELHOUSE} && mkdir -p {CVD_WHEELHOUSE}"
+            f" && tar -xf {CVD_WHEELHOUSE}.tar -C {CVD_WHEELHOUSE}",
+            # A new venv each time the pins change: exactly the pinned set, nothing left over.
+            f"rm -rf {CVD_VENV} && python3 -m venv {CVD_VENV}",
+            f"{CVD_VENV}/bin/pip install --quiet --no-index --no-deps {CVD_WHEELHOUSE}/*.whl",
+            f"{CVD_VENV}/bin/pip check",
+        ],
+        _if=lambda: missing or upload.did_change(),
+    )
 
 
 def configure(g: GocSettings) -> dict[str, list]:
@@ -120,7 +184,8 @@ def configure(g: GocSettings) -> dict[str, list]:
     ]
     ops["customers"] = [_template("goc/etc/mailtower/goc/customers.sql", g)]
     ops["eye"] = _eye_files(g)
-    ops["bundles"] = _bundle_files(g)
+    ops["nginx"] = _served_files(g)
+    ops["clamav"] = _clamav_files(g)
     return ops
 
 
@@ -153,8 +218,12 @@ def activate(g: GocSettings, ops: dict[str, list], install_op) -> None:
         lambda: changed["eye"]() or install_op.did_change(),
         daemon_reload=True,
     )
-    if g.bundles is not None:
-        _common.activate("nginx", changed["bundles"], check="nginx -t -q", reload=True)
+    if g.bundles is not None or g.clamav is not None:
+        _common.activate("nginx", changed["nginx"], check="nginx -t -q", reload=True)
+    if g.clamav is not None:
+        # The timer only: it starts the check (OnActiveSec) and repeats it; a changed unit
+        # restarts the timer, so new settings are checked within a minute.
+        _common.activate("mailtower-cvdupdate.timer", changed["clamav"], daemon_reload=True)
 
 
 def _template(path: str, g: GocSettings, **extra):
@@ -263,22 +332,90 @@ def _eye_self_signed(g: GocSettings) -> list:
     return [names, make]
 
 
-def _bundle_files(g: GocSettings) -> list:
-    """The signing key pair, the published directory, and nginx's site serving it read-only."""
-    if g.bundles is None:
+def serve_port(g: GocSettings) -> int:
+    """The port of the GOC's nginx site (bundles and the ClamAV mirror): the towers'
+    ``goc.bundle_port``."""
+    return g.bundles.port if g.bundles is not None else Goc.model_fields["bundle_port"].default
+
+
+def _served_files(g: GocSettings) -> list:
+    """The signing key pair, the published directories, and nginx's site serving them
+    read-only to the towers' monitors."""
+    if g.bundles is None and g.clamav is None:
         return []
-    files.directory(name=f"Ensure {BUNDLE_KEYS}", path=BUNDLE_KEYS, mode="755")
-    _common.put_text(g.bundles.signing_key, f"{BUNDLE_KEYS}/signing.key", mode="600")
-    _common.put_text(g.bundles.public_key, f"{BUNDLE_KEYS}/signing.pub", mode="644")
-    # Published files are 0644 and the directory 0755: nginx (www-data) reads, root writes.
-    files.directory(name=f"Ensure {BUNDLE_DIR}", path=BUNDLE_DIR, mode="755")
+    if g.bundles is not None:
+        files.directory(name=f"Ensure {BUNDLE_KEYS}", path=BUNDLE_KEYS, mode="755")
+        _common.put_text(g.bundles.signing_key, f"{BUNDLE_KEYS}/signing.key", mode="600")
+        _common.put_text(g.bundles.public_key, f"{BUNDLE_KEYS}/signing.pub", mode="644")
+        # Published files are 0644 and the directory 0755: nginx (www-data) reads, root writes.
+        files.directory(name=f"Ensure {BUNDLE_DIR}", path=BUNDLE_DIR, mode="755")
     return [
         files.link(
             name="Remove nginx's default site",
             path="/etc/nginx/sites-enabled/default",
             present=False,
         ),
-        _template("goc/etc/nginx/sites-enabled/mailtower-bundles", g, publish_dir=BUNDLE_DIR),
+        _template(
+            "goc/etc/nginx/sites-enabled/mailtower-bundles",
+            g,
+            publish_dir=BUNDLE_DIR,
+            clamav_dir=CLAMAV_DIR,
+            port=serve_port(g),
+        ),
+    ]
+
+
+def cvdupdate_run(g: GocSettings) -> dict:
+    """What the timer's script and units are rendered with (paths, the publish arguments)."""
+    assert g.clamav is not None
+    interval = cvdupdate.interval_seconds(g.clamav.check_interval)
+    return {
+        "user": CVD_USER,
+        "home": cvdupdate.HOME,
+        "run": CVD_RUN,
+        "python": f"{_common.VENV}/bin/python",
+        "mailtower": f"{_common.VENV}/bin/mailtower",
+        "cvd": f"{CVD_VENV}/bin/cvd",
+        "wanted": cvdupdate.WANTED,
+        "config": f"{cvdupdate.HOME}/config.json",
+        "state": f"{cvdupdate.HOME}/state.json",
+        "db_dir": f"{cvdupdate.HOME}/database",
+        "dest": CLAMAV_DIR,
+        "databases": ",".join(sorted(g.clamav.databases)),
+        "interval_s": interval,
+        # Spread the checks (ClamAV's CDN sees every mirror at once otherwise): a tenth of the
+        # interval, at most 5 minutes, so the checks stay at most one per interval on average.
+        "delay_s": max(1, min(300, interval // 10)),
+    }
+
+
+def _clamav_files(g: GocSettings) -> list:
+    """cvdupdate's wanted config, the served mirror directory, the timer's script and units."""
+    if g.clamav is None:
+        return []
+    # mtcvd writes the mirror (0755, files 0644); nginx (www-data) only reads it.
+    files.directory(
+        name=f"Ensure {CLAMAV_DIR}", path=CLAMAV_DIR, mode="755", user=CVD_USER, group=CVD_USER
+    )
+    files.directory(
+        name="Ensure /usr/local/lib/mailtower", path="/usr/local/lib/mailtower", mode="755"
+    )
+    run = cvdupdate_run(g)
+    return [
+        _common.put_text(
+            json.dumps(cvdupdate.wanted(g.clamav), indent=2, sort_keys=True) + "\n",
+            cvdupdate.WANTED,
+        ),
+        files.template(
+            name=f"Render {CVD_RUN}",
+            src=str(_common.TEMPLATES / "goc/usr/local/lib/mailtower/cvdupdate-run.j2"),
+            dest=CVD_RUN,
+            mode="755",
+            goc=g,
+            cvd=run,
+        ),
+        _template("goc/etc/systemd/system/mailtower-cvdupdate.service", g, cvd=run),
+        _template("goc/etc/systemd/system/mailtower-cvdupdate.timer", g, cvd=run),
     ]
 
 

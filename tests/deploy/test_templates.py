@@ -25,6 +25,15 @@ DNS = {
 SENDER = {"domain": "internet.lab", "resolver": "10.201.0.53", "submit_from": "10.201.0.1"}
 
 
+# The GOC's mirror of ClamAV's official databases, with one database added beside the three.
+CLAMAV = {
+    "databases": {"main": 1, "daily": 2, "bytecode": 7, "extra": 0},
+    "url": "https://mirror.example/clamav/",
+    "nameserver": "192.0.2.53",
+    "check_interval": "1h",
+}
+
+
 def _goc() -> GocSettings:
     return GocSettings.model_validate(
         {
@@ -42,6 +51,7 @@ def _goc() -> GocSettings:
             },
             "bundles": _bundle_keys(),
             "bundle_readers": ["10.201.0.1"],
+            "clamav": CLAMAV,
         }
     )
 
@@ -62,11 +72,24 @@ def _bundle_keys() -> dict[str, str]:
 
 def _internet(path: str) -> dict:
     if path.startswith("goc/"):
+        from roles.goc import CLAMAV_DIR, cvdupdate_run
+
+        g = _goc()
         return {
-            "goc": _goc(),
+            "goc": g,
             "publish_dir": "/srv/mailtower/bundles",
+            "clamav_dir": CLAMAV_DIR,
+            "port": 8026,
+            "cvd": cvdupdate_run(g),
             "sync_role": goc_sync_role,
             "status_role": status_role,
+        }
+    if path.startswith("lab_clamav_upstream/"):
+        return {
+            "address": "10.201.0.53",
+            "port": 80,
+            "root": "/srv/clamav-upstream",
+            "readers": ["10.201.9.10", "10.201.0.1"],
         }
     if path.startswith("dns/etc/bind/mailtower-update.key"):
         return {"key": DnsServer.model_validate(DNS).tsig}
@@ -268,6 +291,8 @@ def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):
         settings,
         goc=_goc(),
         publish_dir="/srv/mailtower/bundles",
+        clamav_dir="/srv/mailtower/clamav",
+        port=8026,
     )
     assert "listen 0.0.0.0:8026;" in site
     assert "root /srv/mailtower/bundles;" in site

@@ -1,0 +1,122 @@
+"""cvdupdate's configuration at the GOC, from the settings, without touching its own state.
+
+cvdupdate (ClamAV's mirror tool, pinned, in its own venv) keeps two JSON files: its config
+(directories, nameserver, …) and its state (per database: url, DNS field, and what it learnt:
+local version, CDIFFs, ``retry after`` of a 429 cool-down; and the uuid of its User-Agent).
+The deploy writes what the settings want (:func:`wanted`) to :data:`WANTED`; before each run
+the timer's script merges it into cvdupdate's files (:func:`merge`), so a redeploy never
+clobbers what cvdupdate learnt, and never writes while cvdupdate runs.
+
+    python -m mailtower.goc.cvdupdate --wanted /etc/mailtower/cvdupdate.json \\
+        --config /var/lib/mailtower/cvdupdate/config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+from mailtower._fsio import write_atomic
+from mailtower.settings import ClamavUpstream
+
+HOME = "/var/lib/mailtower/cvdupdate"  # the mtcvd user's home: config, state, files, logs
+WANTED = "/etc/mailtower/cvdupdate.json"
+
+# A database cvdupdate has not met yet (its own defaults for one, cvdupdate.py default_state).
+_NEW_DATABASE = {
+    "url": "",
+    "retry after": 0,
+    "last modified": 0,
+    "last checked": 0,
+    "DNS field": 0,
+    "local version": 0,
+    "CDIFFs": [],
+}
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}  # systemd: bare = s
+
+
+def wanted(upstream: ClamavUpstream, home: str = HOME) -> dict:
+    """What the settings fix of cvdupdate's config and of each database's state."""
+    base = upstream.url.rstrip("/")
+    return {
+        "config": {
+            "db directory": f"{home}/database",
+            "log directory": f"{home}/logs",
+            "state file": f"{home}/state.json",
+            "nameserver": upstream.nameserver,
+        },
+        "dbs": {
+            f"{name}.cvd": {"url": f"{base}/{name}.cvd", "DNS field": field}
+            for name, field in sorted(upstream.databases.items())
+        },
+    }
+
+
+def merge(want: dict, config: dict, state: dict) -> tuple[dict, dict]:
+    """cvdupdate's config and state with ``want`` applied: the wanted keys set, every database
+    not wanted dropped, and all that cvdupdate learnt (versions, cool-downs, uuid) kept."""
+    config = {**copy.deepcopy(config), **want["config"]}
+    state = copy.deepcopy(state)
+    old = state.get("dbs") or {}
+    state["dbs"] = {
+        name: {**copy.deepcopy(_NEW_DATABASE), **old.get(name, {}), **fields}
+        for name, fields in want["dbs"].items()
+    }
+    return config, state
+
+
+def interval_seconds(value: str) -> int:
+    """Seconds of a settings Duration (``2m``, ``1h``; a bare number is seconds, as systemd
+    reads it)."""
+    match = re.fullmatch(r"(\d+)([smhdw]?)", value.strip())
+    if not match:
+        raise ValueError(f"not a duration: {value!r}")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _load(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cvdupdate config: {path} is unreadable ({exc}); move it away") from exc
+    if not isinstance(data, dict):
+        raise SystemExit(f"cvdupdate config: {path} is not a JSON object; move it away")
+    return data
+
+
+def apply(wanted_path: Path, config_path: Path) -> bool:
+    """Merge the wanted file into cvdupdate's files; True when either changed."""
+    want = _load(wanted_path)
+    if not want:
+        raise SystemExit(f"cvdupdate config: {wanted_path} is missing; deploy the GOC again")
+    config = _load(config_path)
+    state_path = Path(want["config"]["state file"])
+    state = _load(state_path)
+    new_config, new_state = merge(want, config, state)
+    changed = False
+    for path, old, new in ((config_path, config, new_config), (state_path, state, new_state)):
+        if old != new:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, (json.dumps(new, indent=4) + "\n").encode(), mode=0o644)
+            changed = True
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailtower.goc.cvdupdate", description=__doc__)
+    parser.add_argument("--wanted", type=Path, default=Path(WANTED))
+    parser.add_argument("--config", type=Path, default=Path(f"{HOME}/config.json"))
+    args = parser.parse_args(argv)
+    if apply(args.wanted, args.config):
+        print(f"cvdupdate config: {args.config} and its state updated from {args.wanted}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
