@@ -176,10 +176,9 @@ def configure():
     ops["sigsync"] = [
         template(
             "scanner/etc/systemd/system/mailtower-sigsync.service",
+            # With the official databases (--no-reload) clamd reloads only in the monitor's
+            # windows: sigsync only writes mailtower's own signatures for the next one to load.
             icap_control=ICAP_CONTROL if icap else None,
-            # With the official databases clamd reloads only in the monitor's windows: sigsync
-            # only writes mailtower's own signatures, the next window's reload loads them.
-            reload=s.clamav is None,
         ),
         template("scanner/etc/systemd/system/mailtower-sigsync.timer"),
     ]
