@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import FactBase, deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
+from mailtower.settings import TowerSettings
 from roles import _common
 from roles._common import settings, template
 
@@ -19,6 +23,62 @@ PACKAGES = [
     "nftables",
 ]
 ICAP_CONTROL = "/run/c-icap/c-icap.ctl"
+# scand's ClamAV apply (mailtower.scand.clamav_apply): freshclam's staging directory, the
+# databases kept for a rollback, freshclam's configuration.
+CLAMAV_STAGED = "/var/lib/mailtower/clamav-staged"
+CLAMAV_PREVIOUS = "/var/lib/mailtower/clamav-previous"
+FRESHCLAM_CONF = "/etc/mailtower/freshclam.conf"
+
+
+class MemTotalMib(FactBase):
+    """The host's RAM as the kernel counts it (/proc/meminfo MemTotal), in MiB."""
+
+    def command(self) -> str:
+        return "awk '/^MemTotal:/ {print $2}' /proc/meminfo"
+
+    def process(self, output):
+        return int(output[0]) // 1024
+
+
+@dataclass(frozen=True)
+class ClamavMemory:
+    ram_mib: int
+    needed_mib: int  # the databases loaded once in each engine, and the working set
+    concurrent_reload: bool  # clamd's ConcurrentDatabaseReload
+
+
+def clamav_memory(s: TowerSettings, scanner: str, ram_mib: int, *, icap: bool) -> ClamavMemory:
+    """What the official databases need on ``scanner`` with ``ram_mib`` of RAM: refused
+    (DeployError) below one engine (per engine process: clamd, and c-icap's libclamav when a
+    local c-icap scans) plus the working set; a concurrent reload (a second engine while the
+    first serves) only when RAM holds that too ("auto"), or as forced ("yes"/"no")."""
+    c = s.clamav
+    assert c is not None
+    copies = 2 if icap else 1
+    needed = copies * c.engine_mib + c.working_set_mib
+    if ram_mib < needed:
+        engines = (
+            f"engine {c.engine_mib}"
+            if copies == 1
+            else f"2 engines (clamd, c-icap) of {c.engine_mib}"
+        )
+        raise DeployError(
+            f"scanner {scanner} has {ram_mib} MiB; the ClamAV databases need {needed} MiB "
+            f"({engines} + working set {c.working_set_mib}): give it more RAM or fewer "
+            f"databases (settings clamav.databases, hosts.scanner_ram_mib)"
+        )
+    if c.concurrent_reload == "auto":
+        concurrent = ram_mib >= needed + c.engine_mib
+    else:
+        concurrent = c.concurrent_reload == "yes"
+    return ClamavMemory(ram_mib, needed, concurrent)
+
+
+def scanner_ram_mib(s: TowerSettings) -> int:
+    """TowerHosts.scanner_ram_mib, else what this host has."""
+    if s.hosts.scanner_ram_mib is not None:
+        return s.hosts.scanner_ram_mib
+    return int(host.get_fact(MemTotalMib))
 
 
 def local_icap():
@@ -77,21 +137,34 @@ def configure():
             group="mailtower",
             mode="755",
         )
-    if s.bundles:
-        # …and puts their ClamAV databases (mtbundle-*) beside the mirror's for clamd
+    if s.bundles or s.clamav:
+        # …and puts their ClamAV databases (mtbundle-*), and the official ones, beside the
+        # mirror's for clamd
         files.directory(
-            name=f"Let scand add bundle databases to {s.clamav_db_dir}",
+            name=f"Let scand add databases to {s.clamav_db_dir}",
             path=s.clamav_db_dir,
             user="clamav",
             group="clamav",
             mode="2775",
         )
+    icap = local_icap()
+    memory = None
+    if s.clamav:
+        memory = clamav_memory(s, _common.address(host), scanner_ram_mib(s), icap=bool(icap))
+        for path in (CLAMAV_STAGED, CLAMAV_PREVIOUS):
+            files.directory(
+                name=f"Ensure {path}", path=path, user="mailtower", group="mailtower", mode="755"
+            )
+    ops["freshclam"] = [template("scanner/etc/mailtower/freshclam.conf")] if s.clamav else []
     ops["clamd"] = [
-        template("scanner/etc/clamav/clamd.conf"),
+        template(
+            "scanner/etc/clamav/clamd.conf",
+            concurrent_reload=memory.concurrent_reload if memory else False,
+            ram_mib=memory.ram_mib if memory else 0,
+        ),
         # Debian's unit refuses to start without the official databases; a tower has its own.
         template("scanner/etc/systemd/system/clamav-daemon.service.d/mailtower.conf"),
     ]
-    icap = local_icap()
     ops["icap"] = (
         [
             template("scanner/etc/c-icap/c-icap.conf", icap=icap, sig_dir=s.clamav_db_dir),
@@ -103,6 +176,8 @@ def configure():
     ops["sigsync"] = [
         template(
             "scanner/etc/systemd/system/mailtower-sigsync.service",
+            # With the official databases (--no-reload) clamd reloads only in the monitor's
+            # windows: sigsync only writes mailtower's own signatures for the next one to load.
             icap_control=ICAP_CONTROL if icap else None,
         ),
         template("scanner/etc/systemd/system/mailtower-sigsync.timer"),

@@ -438,8 +438,8 @@ class TowerSettings(StrictModel):
         every = ["sql_relay", "sql_scanner", "sql_monitor", "sql_replication"]
         if self.goc is not None:
             every += ["sql_sync", "goc_sync", "goc_status"]
-        if self.bundles is not None:
-            every.append("canary")
+        if self.bundles is not None or self.clamav is not None:
+            every.append("canary")  # the monitor's windows: its requests and canaries
         if holder == "tower":
             return tuple(every)
         return tuple(n for n in ROLE_SECRETS[holder] if n in every)

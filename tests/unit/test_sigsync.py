@@ -91,3 +91,37 @@ def test_unsafe_names_are_refused(mirror, tmp_path):
     (root / "index.json").write_text(json.dumps({"files": {"../etc/passwd": "0" * 64}}))
     with pytest.raises(SignatureSyncError, match="unsafe"):
         sigsync.sync(url, tmp_path)
+
+
+def test_official_database_files_are_never_written_or_removed(mirror, tmp_path):
+    root, url = mirror
+    dest = tmp_path / "db"
+    dest.mkdir()
+    (dest / "daily.cld").write_bytes(b"live official database")
+    publish(root, {"main.cvd": "not through sigsync"})
+    with pytest.raises(SignatureSyncError, match="official database file"):
+        sigsync.sync(url, dest)
+    assert not (dest / "main.cvd").exists()
+    # A state that names one (written by an older sigsync, or by hand) removes nothing of it.
+    (dest / sigsync.STATE).write_text(json.dumps(["daily.cld", "old.ndb"]))
+    (dest / "old.ndb").write_text("x")
+    publish(root, {"mailtower-test.ndb": "sig"})
+    (root / "main.cvd").unlink()
+    assert sigsync.sync(url, dest) == ["mailtower-test.ndb", "old.ndb"]
+    assert (dest / "daily.cld").read_bytes() == b"live official database"
+    assert not (dest / "old.ndb").exists()
+
+
+def test_no_reload_writes_the_files_and_never_asks_clamd(mirror, tmp_path, monkeypatch):
+    root, url = mirror
+    dest = tmp_path / "db"
+    dest.mkdir()
+    publish(root, {"mailtower-test.ndb": "sig"})
+    asked: list[str] = []
+    monkeypatch.setattr(sigsync, "reload_clamd", lambda path: asked.append(path) or True)
+    argv = ["--mirror", url, "--dir", str(dest), "--clamd", str(tmp_path / "c.ctl")]
+    assert sigsync.main([*argv, "--no-reload"]) == 0
+    assert (dest / "mailtower-test.ndb").read_text() == "sig" and asked == []
+    publish(root, {"mailtower-test.ndb": "sig2"})
+    assert sigsync.main(argv) == 0
+    assert asked == [str(tmp_path / "c.ctl")]

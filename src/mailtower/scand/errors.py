@@ -32,3 +32,13 @@ class SignatureSyncError(ScandError):
 
 class ApplyError(ScandError):
     """The bundle could not be applied; the message says where and why."""
+
+
+class ClamavApplyError(ApplyError):
+    """The official ClamAV databases were not applied. ``status`` is scand's HTTP answer:
+    409 refused (the live databases as they were), 502 freshclam could not stage them from the
+    monitor's mirror, 500 the databases before could not be put back (look at the scanner)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,6 +1,7 @@
 """scand's tiny HTTP/1.0 server: GET /health for the monitor, GET /metrics for Prometheus, and
 the monitor's rule-bundle requests (POST /rules/apply, POST /rules/rollback; see
-mailtower.scand.bundle_apply), which carry the tower's canary secret.
+mailtower.scand.bundle_apply) and official ClamAV database requests (POST /clamav/apply,
+POST /clamav/rollback; see mailtower.scand.clamav_apply), which carry the tower's canary secret.
 
 It serves a :class:`Source`: one in-process :class:`Scanner` (tests, a single process), or
 the supervisor of scand's worker processes (mailtower.scand.workers), which answers for all.
@@ -20,7 +21,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailtower import bundles
-from mailtower.scand import bundle_apply
+from mailtower.clamavdb import DatabaseError
+from mailtower.scand import bundle_apply, clamav_apply
+from mailtower.scand.errors import ClamavApplyError
 from mailtower.scanning.engines import Engine
 from mailtower.scanning.errors import EngineError
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 _REQUEST_TIMEOUT_S = 5.0
 _MAX_BODY = 4096
 TOKEN_HEADER = "x-mailtower-token"
+_POSTS = ("/rules/apply", "/rules/rollback", "/clamav/apply", "/clamav/rollback")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -42,6 +46,8 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
     503: "Service Unavailable",
 }
 
@@ -52,6 +58,9 @@ class Source(abc.ABC):
 
     def __init__(self) -> None:
         self._rules_lock = asyncio.Lock()  # one bundle request at a time
+        self._clamav_lock = asyncio.Lock()  # one ClamAV database request at a time
+        # Both kinds reload clamd and c-icap and wait for a probe: never two at once.
+        self._engines_lock = asyncio.Lock()
 
     @abc.abstractmethod
     def current_settings(self) -> TowerSettings: ...
@@ -80,7 +89,7 @@ class Source(abc.ABC):
         """POST /rules/apply (``version``) or /rules/rollback: the bundle, then the pipeline.
         A failure after the bundle changed puts the one before back (files, ClamAV, pipeline)
         before answering, so a refusal leaves the scanner as it was."""
-        async with self._rules_lock:
+        async with self._rules_lock, self._engines_lock:
             settings = self.current_settings()
             before = bundle_apply.current_version(settings)
             try:
@@ -127,6 +136,63 @@ class Source(abc.ABC):
             return None
         log.warning("event=rules_restored rules_bundle=%s", before)
         return before
+
+    def clamav_state(self) -> dict[str, object]:
+        """For /health: the official ClamAV databases live in clamd's directory ({db:
+        version}) and whether a ClamAV request is being carried out; {} when the tower takes
+        none (settings.clamav unset)."""
+        settings = self.current_settings()
+        if settings.clamav is None:
+            return {}
+        busy = self._clamav_lock.locked()
+        try:
+            versions = clamav_apply.live(settings)
+        except (DatabaseError, OSError) as exc:
+            return {"clamav": {}, "clamav_error": str(exc), "clamav_busy": busy}
+        return {"clamav": versions, "clamav_busy": busy}
+
+    async def clamav(
+        self, action: str, versions: dict[str, int] | None
+    ) -> tuple[int, dict[str, object]]:
+        """POST /clamav/apply (``versions``) or /clamav/rollback (mailtower.scand.clamav_apply:
+        a failure puts the databases before back before answering)."""
+        async with self._clamav_lock, self._engines_lock:
+            settings = self.current_settings()
+            try:
+                if action == "apply":
+                    assert versions is not None
+                    done = await asyncio.to_thread(clamav_apply.apply, settings, versions)
+                else:
+                    done = await asyncio.to_thread(clamav_apply.rollback, settings)
+            except (bundle_apply.ApplyError, DatabaseError, OSError) as exc:
+                status = exc.status if isinstance(exc, ClamavApplyError) else 409
+                log.error("event=clamav_%s_failed asked=%r error=%r", action, versions, str(exc))
+                try:
+                    now: dict[str, int] | None = clamav_apply.live(settings)
+                except (bundle_apply.ApplyError, DatabaseError, OSError):
+                    now = None
+                return status, {
+                    "status": "refused" if status == 409 else "failed",
+                    "action": action,
+                    "reason": str(exc),
+                    "clamav": now,
+                }
+        log.info(
+            "event=clamav_%s clamav=%r installed=%s reloaded=%s seconds=%.2f",
+            action,
+            done.versions,
+            done.installed,
+            done.reloaded,
+            done.seconds,
+        )
+        return 200, {
+            "status": "ok",
+            "action": action,
+            "clamav": done.versions,
+            "installed": done.installed,
+            "reloaded": done.reloaded,
+            "seconds": round(done.seconds, 3),
+        }
 
 
 class ScannerSource(Source):
@@ -212,9 +278,7 @@ async def _rules_request(
     source: Source, path: str, headers: dict[str, str], body: bytes
 ) -> tuple[int, dict[str, object]]:
     """POST /rules/apply {"version": N} or /rules/rollback, with the canary secret."""
-    secret = source.current_settings().secrets.canary
-    given = headers.get(TOKEN_HEADER, "")
-    if secret is None or not hmac.compare_digest(given.encode(), secret.encode()):
+    if not _authorized(source, headers):
         return 403, {"status": "refused", "reason": "missing or wrong X-Mailtower-Token"}
     if path == "/rules/rollback":
         return await source.rules("rollback", None)
@@ -225,6 +289,35 @@ async def _rules_request(
     except (ValueError, KeyError, TypeError) as exc:
         return 400, {"status": "refused", "reason": f'body must be {{"version": N}}: {exc!r}'}
     return await source.rules("apply", version)
+
+
+def _authorized(source: Source, headers: dict[str, str]) -> bool:
+    secret = source.current_settings().secrets.canary
+    given = headers.get(TOKEN_HEADER, "")
+    return secret is not None and hmac.compare_digest(given.encode(), secret.encode())
+
+
+async def _clamav_request(
+    source: Source, path: str, headers: dict[str, str], body: bytes
+) -> tuple[int, dict[str, object]]:
+    """POST /clamav/apply {"versions": {db: N}} or /clamav/rollback, with the canary secret."""
+    if not _authorized(source, headers):
+        return 403, {"status": "refused", "reason": "missing or wrong X-Mailtower-Token"}
+    if path == "/clamav/rollback":
+        return await source.clamav("rollback", None)
+    try:
+        versions = json.loads(body)["versions"]
+        if not isinstance(versions, dict) or not versions:
+            raise ValueError(versions)
+        for db, version in versions.items():
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"{db}: {version!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        return 400, {
+            "status": "refused",
+            "reason": f'body must be {{"versions": {{"<db>": N, …}}}}: {exc!r}',
+        }
+    return await source.clamav("apply", versions)
 
 
 async def _handle(
@@ -242,19 +335,21 @@ async def _handle(
         parts = request.decode("latin-1").split()
         if len(parts) < 2:
             status, ctype, body = 400, "text/plain", b"bad request\n"
-        elif parts[0] == "POST" and parts[1] in ("/rules/apply", "/rules/rollback"):
+        elif parts[0] == "POST" and parts[1] in _POSTS:
             length = int(headers.get("content-length", "0") or 0)
             if not 0 <= length <= _MAX_BODY:
                 status, ctype, body = 400, "text/plain", b"body too large\n"
             else:
                 data = await asyncio.wait_for(reader.readexactly(length), _REQUEST_TIMEOUT_S)
-                status, doc = await _rules_request(source, parts[1], headers, data)
+                handler = _rules_request if parts[1].startswith("/rules/") else _clamav_request
+                status, doc = await handler(source, parts[1], headers, data)
                 ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[0] != "GET":
-            status, ctype, body = 405, "text/plain", b"only GET (and POST /rules/*)\n"
+            status, ctype, body = 405, "text/plain", b"only GET (and POST /rules/*, /clamav/*)\n"
         elif parts[1] == "/health":
             status, doc = await source.health()
             doc.update(source.rules_state())
+            doc.update(source.clamav_state())
             ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[1] == "/metrics":
             status, ctype = 200, CONTENT_TYPE_LATEST

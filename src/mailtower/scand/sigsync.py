@@ -3,7 +3,9 @@
 The mirror serves ``index.json`` (``{"files": {name: sha256}}``) beside the database files.
 Files are written atomically (temp file, fsync, rename), checked against the index, and a file
 this tool wrote earlier that has left the index is removed. clamd is told to RELOAD only when
-something changed.
+something changed, and never with ``--no-reload`` (a tower with the official databases: clamd
+reloads only in the monitor's windows, mailtower.scand.clamav_apply, which loads these files
+too). The official databases' files (.cvd, .cld) are never written or removed here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mailtower.scand.errors import SignatureSyncError
 
 log = logging.getLogger("mailtower.scand.sigsync")
 STATE = ".mailtower-sigsync.json"  # names this tool manages in the database directory
+OFFICIAL_SUFFIXES = (".cvd", ".cld", ".cud", ".cdiff")  # scand's /clamav/apply alone installs
 
 
 def _fetch(url: str, timeout: float) -> bytes:
@@ -57,6 +60,11 @@ def sync(mirror: str, directory: Path, timeout: float = 10.0) -> list[str]:
     for name, digest in sorted(index.items()):
         if "/" in name or name.startswith("."):
             raise SignatureSyncError(f"{mirror}/index.json names an unsafe file: {name!r}")
+        if name.endswith(OFFICIAL_SUFFIXES):
+            raise SignatureSyncError(
+                f"{mirror}/index.json names {name!r}, an official database file: those reach "
+                "clamd through the monitor's windows (POST /clamav/apply), never through sigsync"
+            )
         target = directory / name
         if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == digest:
             continue
@@ -70,6 +78,8 @@ def sync(mirror: str, directory: Path, timeout: float = 10.0) -> list[str]:
     state_path = directory / STATE
     managed = set(json.loads(state_path.read_text())) if state_path.exists() else set()
     for name in sorted(managed - set(index)):
+        if name.endswith(OFFICIAL_SUFFIXES) or "/" in name:
+            continue  # never an official database's file (nor outside the directory)
         (directory / name).unlink(missing_ok=True)
         changed.append(name)
     _write_atomic(state_path, json.dumps(sorted(index)).encode())
@@ -118,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--icap-control", help="c-icap's command pipe, when c-icap scans with these signatures"
     )
+    parser.add_argument(
+        "--no-reload",
+        action="store_true",
+        help="write the files only: clamd reloads in the monitor's windows (official databases)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     try:
@@ -125,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except SignatureSyncError as exc:
         log.error("sync failed: %s", exc)
         return 1
-    if changed:
+    if changed and args.no_reload:
+        log.info("updated=%s reload=next-window", ",".join(changed))
+    elif changed:
         reloaded = reload_clamd(args.clamd)
         icap = reload_icap(args.icap_control) if args.icap_control else None
         log.info(
