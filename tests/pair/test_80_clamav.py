@@ -25,6 +25,7 @@ Figures: tests/output/figures.json (clamav_databases).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -36,7 +37,7 @@ from conftest import Pair
 from test_70_rule_bundles import Load, tempfails_since
 from towerlib import record_figure, wait_for
 
-from mailtower.controller.lab import clamav_upstream
+from mailtower.controller.lab import clamav_testfiles, clamav_upstream
 
 DB = "test"
 ROLL_TIMEOUT_S = 900
@@ -86,6 +87,14 @@ def scanner_names(pair: Pair, key: str) -> list[str]:
 def staged_files(pair: Pair, key: str, name: str) -> set[str]:
     out = pair.towers[key].node(name).check_output("ls /var/lib/mailtower/clamav-staged")
     return set(out.split())
+
+
+def put(node, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` on a lab host, keeping the file's owner and mode."""
+    b64 = base64.b64encode(data).decode()
+    node.check_output(
+        f"echo {b64} | base64 -d > {path}.new && cat {path}.new > {path} && rm {path}.new"
+    )
 
 
 def _unix(line: str) -> float:
@@ -181,10 +190,10 @@ def test_flipped_cvd_refused_at_the_goc(pair: Pair) -> None:
 def test_flipped_files_at_a_monitor_refused_by_its_scanners(pair: Pair) -> None:
     tower = pair.towers["a"]
     monitor = tower.monitor()
-    files = clamav_upstream.testfiles()
+    files = clamav_testfiles.ensure()
     flipped = {
-        "test.cvd": clamav_upstream.flipped((files / "test-6.cvd").read_bytes()),
-        "test-6.cdiff": clamav_upstream.flipped((files / "test-6.cdiff").read_bytes()),
+        "test.cvd": clamav_upstream.flip_byte((files / "test-6.cvd").read_bytes()),
+        "test-6.cdiff": clamav_upstream.flip_byte((files / "test-6.cdiff").read_bytes()),
     }
     since = time.time()
     monitor.check_output("systemctl stop mailtower-monitor")
@@ -195,8 +204,8 @@ def test_flipped_files_at_a_monitor_refused_by_its_scanners(pair: Pair) -> None:
         entry["sha256"] = hashlib.sha256(flipped["test.cvd"]).hexdigest()
         entry["cdiffs"]["test-6.cdiff"] = hashlib.sha256(flipped["test-6.cdiff"]).hexdigest()
         for name, data in flipped.items():
-            clamav_upstream.put(monitor, f"{MONITOR_MIRROR}/{name}", data)
-        clamav_upstream.put(monitor, f"{MONITOR_MIRROR}/index.json", json.dumps(index).encode())
+            put(monitor, f"{MONITOR_MIRROR}/{name}", data)
+        put(monitor, f"{MONITOR_MIRROR}/index.json", json.dumps(index).encode())
     finally:
         monitor.check_output("systemctl start mailtower-monitor")
 

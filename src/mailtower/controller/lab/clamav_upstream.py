@@ -45,7 +45,8 @@ TXT_FIELD = 2  # daily's field; the lab GOC's ClamavUpstream.databases = {"test"
 TXT_TTL = 60
 SERVE_DIR = "/srv/clamav-upstream"
 PORT = 80
-INITIAL_VERSION = 3  # what a newly deployed lab serves, so the tests can move it up and down
+# What a newly deployed lab serves; the pair test moves it up (cvdupdate never goes down).
+INITIAL_VERSION = 2
 # The rest of a real record ("1.4.3:62:27850:1734950400:1:90:49192:336"): engine version,
 # main, daily, time, …, bytecode. Fields not served carry 0.
 _TXT_FIELDS = 8
