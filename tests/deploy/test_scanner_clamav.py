@@ -42,7 +42,7 @@ def test_paths_are_scands(render):
 def test_freshclam_fetches_from_the_monitor_into_staging_only(render):
     s = clamav(databases=["main", "daily", "bytecode"])
     conf = _lines(render("scanner/etc/mailtower/freshclam.conf", s))
-    assert f"DatabaseMirror http://{s.hosts.monitor}:{s.ports.mirror_http}/clamav" in conf
+    assert f"DatabaseMirror http://{s.hosts.monitor}:{s.ports.mirror_http}/official" in conf
     for line in (
         "DNSDatabaseInfo no",
         "ScriptedUpdates yes",

@@ -42,7 +42,7 @@ from mailtower.controller.lab import clamav_testfiles, clamav_upstream
 DB = "test"
 ROLL_TIMEOUT_S = 900
 GOC_SERVED = "/srv/mailtower/clamav"
-MONITOR_MIRROR = "/srv/mailtower/mirror/clamav"
+MONITOR_MIRROR = "/srv/mailtower/mirror/official"
 FIGURES: dict[str, object] = {}
 STARTED: list[float] = []
 
