@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from pyinfra.api import deploy
-from pyinfra.operations import files
+from pyinfra.operations import apt, files, systemd
 
 from mailtower.scanning import testdata
 from roles import _common
@@ -21,12 +21,37 @@ PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl", "nftables"]
 
 def install():
     _common.service_user()
+    if _common.settings().clamav:
+        # sigtool, with which mailtower.clamavdb checks every CVD and CDIFF it pulls from the
+        # GOC. Without recommends: no clamd here (the package does not depend on it); freshclam
+        # comes with it (a dependency) and must not run: the monitor talks to the GOC only.
+        apt.packages(
+            name="Install clamav (sigtool checks the GOC's ClamAV databases)",
+            packages=["clamav"],
+            no_recommends=True,
+        )
+        systemd.service(
+            name="Disable clamav-freshclam",
+            service="clamav-freshclam",
+            running=False,
+            enabled=False,
+        )
     return _common.install_stack()
 
 
 def _mirror():
-    """The tower's ClamAV mirror. In the lab (and until a real mirror is configured) it holds
-    mailtower's own test signatures; a real tower mirrors the official databases (cvdupdate)."""
+    """The tower's ClamAV mirror. With ``clamav`` set the monitor's service pulls the GOC's
+    official databases into it (its own, so the service's user writes it); without, it holds
+    mailtower's own test signatures."""
+    if _common.settings().clamav:
+        files.directory(
+            name=f"Ensure {MIRROR}/clamav",
+            path=f"{MIRROR}/clamav",
+            user="mailtower",
+            group="mailtower",
+            mode="755",
+        )
+        return []
     files.directory(name=f"Ensure {MIRROR}/clamav", path=f"{MIRROR}/clamav", mode="755")
     ops = []
     index = {}

@@ -40,9 +40,18 @@ SETTINGS_PATH = Path("/etc/mailtower/tower.json")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
 # Postfix time values: a number with an optional unit (s, m, h, d, w).
-_DURATION_RE = re.compile(r"^[0-9]+[smhdw]?$")
+_DURATION_RE = re.compile(r"^([0-9]+)([smhdw]?)$")
 
 Duration = Annotated[str, Field(pattern=_DURATION_RE.pattern)]
+_DURATION_UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_s(value: str) -> int:
+    """Seconds of a Duration (``3d``, ``20s``; a bare number is days, as Postfix reads it)."""
+    match = _DURATION_RE.match(value.strip())
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (a number, then s, m, h, d or w)")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 # Windows runs these (or hands them to an interpreter) on a double click. Defaults in the spirit
@@ -291,8 +300,9 @@ class Secrets(StrictModel):
     # This tower's own roles at the GOC (no other tower has their passwords):
     goc_sync: str | None = Field(None, min_length=16)  # mt_sync_<tower>: our config subscription
     goc_status: str | None = Field(None, min_length=16)  # mt_status_<tower>: the monitor
-    # With rule bundles (TowerSettings.bundles) only: marks the monitor's canary messages to
-    # a scanner (scanned and answered, never delivered); anyone without it gets normal mail.
+    # With rule bundles or ClamAV databases (TowerSettings.bundles, .clamav) only: marks the
+    # monitor's canary messages to a scanner (scanned and answered, never delivered) and its
+    # update requests to scand; anyone without it gets normal mail.
     canary: str | None = Field(None, min_length=16)
 
 
@@ -355,6 +365,11 @@ class ClamavMirror(StrictModel):
     working_set_mib: int = Field(512, ge=0)  # clamd's, scand's and c-icap's memory beside it
     concurrent_reload: Literal["auto", "yes", "no"] = "auto"
 
+    @property
+    def max_age_s(self) -> int:
+        """``max_age`` in seconds (the monitor's alert compares the mirror's age with it)."""
+        return duration_s(self.max_age)
+
 
 class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
@@ -399,8 +414,8 @@ class TowerSettings(StrictModel):
     # Rule updates from the GOC (needs ``goc`` or ``bundles.source``, ``rules_dir`` and
     # ``secrets.canary``); None: the scanners keep the rules they were deployed with.
     bundles: Bundles | None = None
-    # Official ClamAV databases from the GOC's mirror (needs ``goc``); None: the scanners load
-    # only mailtower's own signatures and the rule bundles'.
+    # Official ClamAV databases from the GOC's mirror (needs ``goc`` and ``secrets.canary``);
+    # None: the scanners load only mailtower's own signatures and the rule bundles'.
     clamav: ClamavMirror | None = None
 
     @model_validator(mode="after")

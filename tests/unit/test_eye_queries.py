@@ -311,7 +311,12 @@ def test_schema_adds_the_bundle_columns_to_an_older_tower_status(hub: Any) -> No
                 " replication_lag_s real, updated_at timestamptz NOT NULL DEFAULT now())"
             )
             old.execute("INSERT INTO tower_status VALUES ('tower-a', 23, 23, 0, NULL, now())")
-            assert missing_columns(old) == ["rules_bundle", "rules_target", "scanners_behind"]
+            assert missing_columns(old) == [
+                "rules_bundle",
+                "rules_target",
+                "scanners_behind",
+                "clamav",
+            ]
             apply_schema(old)
             assert missing_columns(old) == []
             row = old.execute(

@@ -10,7 +10,14 @@ from mailtower.monitor.pool import MAINT, READY, Pool
 class MonitorMetrics:
     """Every metric the monitor exports."""
 
-    def __init__(self, pool: Pool, *, goc: bool = False, bundles: bool = False) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        goc: bool = False,
+        bundles: bool = False,
+        clamav: list[str] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.scanner_up = Gauge(
@@ -109,12 +116,79 @@ class MonitorMetrics:
                 self.rules_updates.labels(result)
             for s in pool.scanners:
                 self.scanner_rules_bundle.labels(s.name).set(0)
+        if clamav is not None:  # the official databases ``clamav`` (rollout/clamav.py)
+            self._clamav(pool, clamav)
         # Every series exists from the start, so rate() and absent() work before any event.
         for s in pool.scanners:
             self.scanner_up.labels(s.name, s.address).set(0)
             self.scanner_enabled.labels(s.name).set(1 if s.enabled else 0)
             for to in (MAINT, READY):
                 self.transitions.labels(s.name, to)
+
+    def _clamav(self, pool: Pool, databases: list[str]) -> None:
+        r = self.registry
+        self.clamav_mirror_version = Gauge(
+            "mailtower_clamav_mirror_version",
+            "Version of the ClamAV database the tower's mirror holds, verified (0: none)",
+            ["db"],
+            registry=r,
+        )
+        self.clamav_scanner_version = Gauge(
+            "mailtower_clamav_scanner_version",
+            "Version of the ClamAV database the scanner's last health answer named (0: none)",
+            ["scanner", "db"],
+            registry=r,
+        )
+        self.clamav_mirror_age = Gauge(
+            "mailtower_clamav_mirror_age_seconds",
+            "Since the GOC last checked the upstream successfully (its index's upstream.last_ok;"
+            " +Inf: never, or no mirror here yet)",
+            registry=r,
+        )
+        self.clamav_upstream_cooldown = Gauge(
+            "mailtower_clamav_upstream_cooldown",
+            "1 while the GOC waits out the upstream's cool-down (429/403, Retry-After)",
+            registry=r,
+        )
+        self.clamav_upstream_refusals = Gauge(
+            "mailtower_clamav_upstream_refusals",
+            "Refusals of the GOC by the upstream, as the GOC's index reports them",
+            registry=r,
+        )
+        self.clamav_behind = Gauge(
+            "mailtower_clamav_behind_scanners",
+            "Scanners in service that do not run the mirror's version of every database",
+            registry=r,
+        )
+        self.clamav_rejected = Gauge(
+            "mailtower_clamav_rejected",
+            "1 while the mirror's set of databases is rejected (its canary failed on the first"
+            " scanner): the scanners keep theirs",
+            registry=r,
+        )
+        self.clamav_updates = Counter(
+            "mailtower_clamav_updates",
+            "Scanner ClamAV database updates by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.clamav_stuck = Gauge(
+            "mailtower_clamav_scanners_stuck",
+            "Scanners kept out of service after a database update: nothing a canary passed",
+            registry=r,
+        )
+        self.clamav_pull_failures = Counter(
+            "mailtower_clamav_pull_failures",
+            "Failed pulls of the GOC's ClamAV mirror (unreachable, or files refused here)",
+            registry=r,
+        )
+        self.clamav_mirror_age.set(float("inf"))
+        for result in ("ok", "failed"):
+            self.clamav_updates.labels(result)
+        for db in databases:
+            self.clamav_mirror_version.labels(db).set(0)
+            for s in pool.scanners:
+                self.clamav_scanner_version.labels(s.name, db).set(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,7 +26,9 @@ class PoolMember:
     streak_start: float = 0.0  # clock value of the first probe of the streak
     since: float = 0.0  # clock value of the last change of ``enabled``
     rules_bundle: int | None = None  # the rule bundle its last health answer named
-    held: bool = False  # out of service for a rule update (mailtower.monitor.rollout)
+    # the ClamAV database versions its last health answer named ({db: version}; None: none)
+    clamav: dict[str, int] | None = None
+    held: bool = False  # out of service for an update (mailtower.monitor.rollout)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,14 @@ from mailtower.monitor.errors import HAProxyError, RelayQueueError
 from mailtower.monitor.goc_status import GocStatusWriter
 from mailtower.monitor.haproxy import RuntimeAPI
 from mailtower.monitor.metrics import MonitorMetrics
-from mailtower.monitor.pool import MAINT, READY, Pool, Transition
-from mailtower.monitor.rollout import MIRROR_DIR, Rollout
+from mailtower.monitor.pool import MAINT, READY, Pool, PoolMember, Transition
+from mailtower.monitor.rollout import (
+    CLAMAV_MIRROR_DIR,
+    CLAMAV_STATE_DIR,
+    MIRROR_DIR,
+    ClamavRollout,
+    Rollout,
+)
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger("mailtower.monitor")
@@ -67,6 +73,8 @@ class Monitor:
         reconcile_interval_s: float = RECONCILE_INTERVAL_S,
         sql_interval_s: float = SQL_INTERVAL_S,
         rules_mirror: Path = MIRROR_DIR,
+        clamav_mirror: Path = CLAMAV_MIRROR_DIR,
+        clamav_state: Path = CLAMAV_STATE_DIR,
     ) -> None:
         self.settings = settings
         limits = settings.limits
@@ -77,12 +85,18 @@ class Monitor:
             now=time.time(),
         )
         self.metrics = MonitorMetrics(
-            self.pool, goc=settings.goc is not None, bundles=settings.bundles is not None
+            self.pool,
+            goc=settings.goc is not None,
+            bundles=settings.bundles is not None,
+            clamav=list(settings.clamav.databases) if settings.clamav is not None else None,
         )
         self.haproxy = RuntimeAPI(str(settings.hosts.relay), settings.ports.haproxy_runtime)
         # Held by whoever changes a scanner's HAProxy state, so the health loop and a rule
         # update never undo each other (the update sets the pool's ``held`` under it).
         self.haproxy_lock = asyncio.Lock()
+        # Held by a rollout (rule bundles, ClamAV databases) while it has update windows open:
+        # the two share the pool's capacity (batch, spare), so never both at once.
+        self.windows_lock = asyncio.Lock()
         self.reconcile_interval_s = reconcile_interval_s
         self.sql_interval_s = sql_interval_s
         self.http_port: int | None = None  # the bound port, once serving
@@ -103,6 +117,9 @@ class Monitor:
         self._relay_queue_log = _FailureLog()
         self.rollout: Rollout | None = None  # created in run(): it needs the event loop
         self.rules_mirror = rules_mirror
+        self.clamav_rollout: ClamavRollout | None = None  # likewise
+        self.clamav_mirror = clamav_mirror
+        self.clamav_state = clamav_state
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve HTTP and run the loops until ``stop`` is set."""
@@ -124,6 +141,16 @@ class Monitor:
         if self.settings.bundles is not None:
             self.rollout = Rollout(self, self.rules_mirror)
             tasks.append(asyncio.create_task(self.rollout.run(stop), name="rollout"))
+        if self.settings.clamav is not None:
+            rules = self.rollout
+            self.clamav_rollout = ClamavRollout(
+                self,
+                self.clamav_mirror,
+                self.clamav_state,
+                # the canary samples of the rule bundle a scanner runs, when there are bundles
+                samples=rules.samples if rules is not None else None,
+            )
+            tasks.append(asyncio.create_task(self.clamav_rollout.run(stop), name="clamav"))
         try:
             await stop.wait()
         finally:
@@ -162,6 +189,8 @@ class Monitor:
                 s.rules_bundle = doc.get("rules_bundle")
                 if self.settings.bundles is not None:
                     self.metrics.scanner_rules_bundle.labels(s.name).set(s.rules_bundle or 0)
+                if self.settings.clamav is not None:
+                    self._record_clamav(s, doc.get("clamav"))
             transition = self.pool.observe(s.name, ok, now)
             if transition is not None:
                 transitions.append(transition)
@@ -180,6 +209,18 @@ class Monitor:
                     break  # the reconciliation below (retried every tick) applies the rest
         if time.monotonic() >= self._reconcile_due:
             await self.reconcile()
+
+    def _record_clamav(self, s: PoolMember, running: object) -> None:
+        """The ClamAV versions a scanner's health answer names ({db: version})."""
+        assert self.settings.clamav is not None
+        if isinstance(running, dict):
+            s.clamav = {str(db): v for db, v in running.items() if isinstance(v, int)}
+        else:  # a scand without the official databases: nothing it runs is known
+            s.clamav = None
+        for db in self.settings.clamav.databases:
+            self.metrics.clamav_scanner_version.labels(s.name, db).set((s.clamav or {}).get(db, 0))
+        if self.clamav_rollout is not None:
+            self.metrics.clamav_behind.set(self.clamav_rollout.scanners_behind())
 
     def _record(self, t: Transition) -> None:
         self.metrics.transitions.labels(t.scanner, t.to).inc()
@@ -328,6 +369,7 @@ class Monitor:
             rules_bundle=(min(running) or None) if running else None,
             rules_target=target,
             scanners_behind=sum(1 for v in running if target is not None and v != target),
+            clamav=self.clamav_rollout.status() if self.clamav_rollout is not None else None,
         )
 
     async def report_status(self) -> bool:
@@ -408,11 +450,13 @@ class Monitor:
                     "enabled": s.enabled,
                     "since": s.since,
                     "rules_bundle": s.rules_bundle,
+                    "clamav": s.clamav,
                     "held": s.held,
                 }
                 for s in self.pool.scanners
             ],
             "rules": self.rollout.snapshot() if self.rollout is not None else None,
+            "clamav": (self.clamav_rollout.snapshot() if self.clamav_rollout is not None else None),
         }
 
     async def _handle_http(self, path: str) -> http.Response | None:

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -40,16 +39,8 @@ from mailtower.settings import Customer, TowerSettings
 log = logging.getLogger("mailtower.relay.order")
 
 STATE = Path("/var/lib/mailtower/relay-order.json")
-_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
-_UNIT_S = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}  # bare = days
-
-
-def duration_s(value: str) -> int:
-    """Seconds of a Postfix time value (``3d``, ``20s``; a bare number is days)."""
-    match = _DURATION.match(value.strip())
-    if not match:
-        raise ValueError(f"not a Postfix time value: {value!r}")
-    return int(match.group(1)) * _UNIT_S[match.group(2)]
+# Seconds of a Postfix time value (``3d``, ``20s``; a bare number is days): the settings' own.
+duration_s = settings_mod.duration_s
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ WHERE verdict = 'virus' AND scanned_at > %(since)s AND scanned_at <= %(until)s
 
 TOWERS = """
 SELECT tower, scanners_up, scanners_total, queue_size, replication_lag_s,
-       rules_bundle, rules_target, scanners_behind, updated_at,
+       rules_bundle, rules_target, scanners_behind, clamav, updated_at,
        extract(epoch FROM (%(now)s - updated_at))::float8 AS age_s
 FROM tower_status ORDER BY tower
 """
@@ -270,9 +270,8 @@ def towers(
     """Every tower's state; a tower seen only in events (never reported) is stale."""
     stale_after = window.thresholds.stale_after_s
     out: dict[str, dict[str, Any]] = {}
-    for tower, up, total, queue, lag, bundle, target, behind, updated_at, age_s in conn.execute(
-        TOWERS, {"now": now}
-    ).fetchall():
+    rows = conn.execute(TOWERS, {"now": now}).fetchall()
+    for tower, up, total, queue, lag, bundle, target, behind, clamav, updated_at, age_s in rows:
         out[tower] = {
             "tower": tower,
             "scanners_up": up,
@@ -282,6 +281,7 @@ def towers(
             "rules_bundle": bundle,
             "rules_target": target,
             "scanners_behind": behind,
+            "clamav": clamav,
             "updated_at": updated_at.isoformat(),
             "age_s": age_s,
             "stale": age_s > stale_after,
@@ -296,6 +296,7 @@ def towers(
             "rules_bundle": None,
             "rules_target": None,
             "scanners_behind": 0,
+            "clamav": None,
             "updated_at": None,
             "age_s": None,
             "stale": True,

@@ -22,6 +22,11 @@ ALTER TABLE public.tower_status
     -- in-service scanners running an older version than rules_target
     ADD COLUMN IF NOT EXISTS scanners_behind integer NOT NULL DEFAULT 0
         CHECK (scanners_behind >= 0);
+-- The official ClamAV databases in the tower's mirror, added later still (issue 16): per
+-- database its version, build time and scanners behind, and the GOC's last good check upstream
+-- (mailtower.goc.eye.status.TowerStatus.clamav). NULL: the tower takes none.
+ALTER TABLE public.tower_status
+    ADD COLUMN IF NOT EXISTS clamav jsonb CHECK (jsonb_typeof(clamav) = 'object');
 
 -- Virus events are a small slice of all events: VirusEye's window queries read this partial
 -- index instead of every clean message of the day.

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 UPSERT = """
 INSERT INTO public.tower_status AS s
     (tower, scanners_up, scanners_total, queue_size, replication_lag_s,
-     rules_bundle, rules_target, scanners_behind, updated_at)
+     rules_bundle, rules_target, scanners_behind, clamav, updated_at)
 VALUES (%(tower)s, %(scanners_up)s, %(scanners_total)s, %(queue_size)s,
-        %(replication_lag_s)s, %(rules_bundle)s, %(rules_target)s, %(scanners_behind)s, now())
+        %(replication_lag_s)s, %(rules_bundle)s, %(rules_target)s, %(scanners_behind)s,
+        %(clamav)s, now())
 ON CONFLICT (tower) DO UPDATE SET
     scanners_up = excluded.scanners_up,
     scanners_total = excluded.scanners_total,
@@ -24,6 +27,7 @@ ON CONFLICT (tower) DO UPDATE SET
     rules_bundle = excluded.rules_bundle,
     rules_target = excluded.rules_target,
     scanners_behind = excluded.scanners_behind,
+    clamav = excluded.clamav,
     updated_at = excluded.updated_at
 """
 STATUS_ROLE_PREFIX = "mt_status_"
@@ -36,7 +40,7 @@ def status_role(tower: str) -> str:
 
 
 # Columns schema.sql adds to a tower_status made before them (see missing_columns).
-ADDED_COLUMNS = ("rules_bundle", "rules_target", "scanners_behind")
+ADDED_COLUMNS = ("rules_bundle", "rules_target", "scanners_behind", "clamav")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class TowerStatus:
     rules_bundle: int | None = None
     rules_target: int | None = None
     scanners_behind: int = 0
+    # The official ClamAV databases in the tower's mirror (None: the tower takes none, or has
+    # none yet): {"databases": {db: {"version", "built_at" (Unix time or None), "behind"
+    # (scanners serving without that version)}}, "upstream_last_ok" (the GOC's last good
+    # check upstream, Unix time or None), "scanners_behind", "rejected" (the set failed its
+    # canary)} — mailtower.monitor.rollout.clamav.ClamavRollout.status.
+    clamav: dict[str, Any] | None = None
 
 
 def schema_sql() -> str:
@@ -92,5 +102,6 @@ def upsert_tower_status(conn: psycopg.Connection, status: TowerStatus) -> None:
                 "rules_bundle": status.rules_bundle,
                 "rules_target": status.rules_target,
                 "scanners_behind": status.scanners_behind,
+                "clamav": Jsonb(status.clamav) if status.clamav is not None else None,
             },
         )

@@ -23,20 +23,31 @@ updated at once, but never so many that fewer than the load needs plus ``bundles
 stay in service; with no room the rollout waits. clamd reloads happen inside these windows,
 so the pool never has all its clamds reloading at once.
 
+The official ClamAV databases (``clamav`` settings) roll the same way, in the same windows
+(clamav.py): the mirror's verified set of versions is the target, ``POST /clamav/apply`` the
+apply, and the canary scans with the rules the scanner runs. The two rollouts share the pool's
+capacity: each round holds the monitor's ``windows_lock`` while it has windows open, so they
+never drain scanners at the same time.
+
 The modules, each importing only those listed below it::
 
-    loop.py     Rollout: the loop of rounds (pull, then roll), rejecting a version
+    clamav.py   ClamavRollout: the GOC's ClamAV mirror pulled (clamavdb.pull), its set rolled
+    loop.py     Rounds: the rounds of windows towards a target, rejecting one whose first
+                canary fails; Rollout: the rule bundles' loop (pull, then roll)
     window.py   one scanner's window: maintenance, drain, apply, canary, back or roll back
     pull.py     the GOC's newest bundle into the mirror
     plan.py     which scanners are behind, how many may leave service at once
     canary.py   the canary messages and the check of scand's answers
-    state.py    the RolloutMonitor it needs, RolloutState, the records kept in the mirror
+    state.py    the RolloutMonitor it needs, the Tracks (rules, clamav), their states, the
+                records kept in the mirror
 
 Usage (what mailtower.monitor.service does)::
 
     rollout = Rollout(monitor, rules_mirror)   # monitor: anything with the RolloutMonitor protocol
     task = asyncio.create_task(rollout.run(stop))
     rollout.snapshot()                         # for /pool
+    clamav = ClamavRollout(monitor, samples=rollout.samples)   # with settings.clamav
+    task = asyncio.create_task(clamav.run(stop))
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from mailtower.monitor.rollout.canary import (
     marked,
     send_canary,
 )
+from mailtower.monitor.rollout.clamav import CLAMAV_MIRROR_DIR, CLAMAV_STATE_DIR, ClamavRollout
 from mailtower.monitor.rollout.loop import Rollout
 from mailtower.monitor.rollout.plan import RETRY_AFTER_S
 from mailtower.monitor.rollout.pull import FETCH_TIMEOUT_S, fetch
@@ -63,6 +75,8 @@ from mailtower.monitor.rollout.window import SCAND_APPLY_BUDGET_S, TOKEN_HEADER
 
 __all__ = [
     "CANARY_TIMEOUT_S",
+    "CLAMAV_MIRROR_DIR",
+    "CLAMAV_STATE_DIR",
     "FETCH_TIMEOUT_S",
     "MIRROR_DIR",
     "REJECTED",
@@ -71,6 +85,7 @@ __all__ = [
     "TOKEN_HEADER",
     "UNVERIFIED",
     "CanaryFailed",
+    "ClamavRollout",
     "RolloutMonitor",
     "Rollout",
     "RolloutError",

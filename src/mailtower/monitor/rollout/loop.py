@@ -1,5 +1,10 @@
 """The rollout's loop: every ``bundles.poll_interval_s`` pull the GOC's newest bundle into the
-mirror, then update the scanners that run another version, window after window."""
+mirror, then update the scanners that run another version, window after window.
+
+``Rounds`` is what every rollout does with its target (rule bundles here, ClamAV databases in
+clamav.py): the first scanner of a new target alone, then batches within the capacity the load
+leaves, a target whose canary fails on its first scanner rejected. A round holds the monitor's
+``windows_lock`` while it has windows open, so two rollouts never take capacity at once."""
 
 from __future__ import annotations
 
@@ -7,7 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter
 
 from mailtower import bundles
 from mailtower.monitor.errors import CanaryFailed, HAProxyError
@@ -18,18 +27,132 @@ from mailtower.monitor.rollout.plan import RETRY_AFTER_S
 from mailtower.monitor.rollout.pull import Puller
 from mailtower.monitor.rollout.state import (
     MIRROR_DIR,
+    RULES,
     RolloutMonitor,
     RolloutState,
+    Track,
+    WindowLimits,
+    WindowState,
     good_target,
     load_rejected,
     record_rejected,
+    window_limits,
 )
-from mailtower.monitor.rollout.window import Windows
+from mailtower.monitor.rollout.window import Windows, shown_version
 
 log = logging.getLogger("mailtower.monitor.rollout")
 
 
-class Rollout:
+class Rounds:
+    """Rounds of update windows towards one target; a subclass says what the target is."""
+
+    monitor: RolloutMonitor
+    state: WindowState
+    windows: Windows
+    track: Track = RULES
+    limits: WindowLimits
+    _retry_at: dict[str, float]  # scanner → when to try it again after a failed update
+
+    def target(self) -> Any:
+        """What every scanner should run now (None: nothing to roll)."""
+        raise NotImplementedError  # each rollout says (Rollout, ClamavRollout)
+
+    def current(self, target: Any) -> Callable[[PoolMember], bool]:
+        """Whether a scanner runs ``target``."""
+        raise NotImplementedError
+
+    def rejected(self, target: Any) -> bool:
+        raise NotImplementedError
+
+    def reject(self, target: Any) -> None:
+        raise NotImplementedError
+
+    def updates(self) -> Counter:
+        """The counter of this track's updates by result."""
+        raise NotImplementedError
+
+    def behind(self) -> list[PoolMember]:
+        """Scanners in service that do not run the target, in pool order."""
+        target = self.target()
+        current = None if target is None else self.current(target)
+        return plan.behind(self.monitor.pool.scanners, current, self._retry_at, time.monotonic())
+
+    def room(self, sessions: int) -> int:
+        """How many scanners may leave service now: the rest must carry ``sessions``."""
+        return plan.room(
+            self.monitor.pool.scanners,
+            sessions,
+            self.monitor.settings.limits.scan_concurrency,
+            self.limits.batch,
+            self.limits.spare,
+        )
+
+    async def roll(self) -> None:
+        """Update the scanners that are behind, one window after another, holding the
+        monitor's windows lock: no other rollout opens windows meanwhile."""
+        async with self.monitor.windows_lock:
+            await self._roll()
+
+    async def _roll(self) -> None:
+        await self.unstick()
+        while (todo := self.behind()) and (target := self.target()) is not None:
+            if self.rejected(target):  # never roll a rejected target further
+                return
+            first = plan.first_of_version(self.monitor.pool.scanners, self.current(target))
+            try:
+                sessions = await self.monitor.haproxy.sessions()
+            except HAProxyError as exc:
+                log.warning("event=rollout_waits reason=haproxy error=%r", str(exc))
+                return
+            room = self.room(sessions)
+            if room < 1:
+                log.info("event=rollout_waits reason=capacity sessions=%d", sessions)
+                return
+            batch = todo[: 1 if first else room]
+            results = await asyncio.gather(
+                *(self.update(s, target) for s in batch), return_exceptions=True
+            )
+            if self._record(batch, results, target, first):
+                return
+
+    def _record(
+        self, batch: list[PoolMember], results: list[Any], target: Any, first: bool
+    ) -> bool:
+        """Count and log a batch's results; True when one failed (the round ends)."""
+        failed = False
+        for s, result in zip(batch, results, strict=True):
+            if not isinstance(result, BaseException):
+                self.updates().labels("ok").inc()
+                self._retry_at.pop(s.name, None)
+                continue
+            failed = True
+            self.updates().labels("failed").inc()
+            self.state.last_error = f"{s.name} ({s.address}): {result}"
+            log.error(
+                "event=%s_update_failed scanner=%s address=%s version=%s error=%r retry_in_s=%.0f",
+                self.track.name,
+                s.name,
+                s.address,
+                shown_version(target),
+                str(result),
+                RETRY_AFTER_S,
+            )
+            if first and isinstance(result, CanaryFailed):
+                self.reject(target)
+            else:  # this scanner waits; the others go on in the next round
+                self._retry_at[s.name] = time.monotonic() + RETRY_AFTER_S
+        return failed
+
+    async def update(self, s: PoolMember, target: Any) -> None:
+        """One scanner's window (window.py)."""
+        await self.windows.update(s, target)
+
+    async def unstick(self) -> None:
+        """Try again with every scanner kept out after a failed update."""
+        await self.windows.unstick()
+
+
+class Rollout(Rounds):
     """The monitor's bundle mirror and the rolling update of its scanners."""
 
     def __init__(self, monitor: RolloutMonitor, mirror_dir: Path = MIRROR_DIR) -> None:
@@ -38,13 +161,14 @@ class Rollout:
         self.monitor = monitor
         self.settings = settings
         self.config = settings.bundles
+        self.limits = window_limits(settings)
         self.source = settings.bundle_source
         assert self.source is not None  # with bundles set, there is a source
         self.mirror_dir = mirror_dir
         self.token = settings.secrets.canary
         self.public_key = bundles.public_key_from_pem(self.config.public_key)
-        self.state = RolloutState(rejected=load_rejected(mirror_dir))
-        self._retry_at: dict[str, float] = {}  # scanner → when to try it again after a failure
+        self.state: RolloutState = RolloutState(rejected=load_rejected(mirror_dir))
+        self._retry_at = {}
         self._samples = Samples(mirror_dir)
         self.state.target = self.good_target()
         # samples looked up on each call: a test may replace them on this object
@@ -81,78 +205,19 @@ class Rollout:
         self.monitor.metrics.rules_target.set(version)
         return True
 
-    # -- rolling -------------------------------------------------------------------------------
+    # -- what Rounds asks --------------------------------------------------------------------
 
-    def behind(self) -> list[PoolMember]:
-        """Scanners in service that do not run the target version, in pool order."""
-        return plan.behind(
-            self.monitor.pool.scanners, self.state.target, self._retry_at, time.monotonic()
-        )
+    def target(self) -> int | None:
+        return self.state.target
 
-    def room(self, sessions: int) -> int:
-        """How many scanners may leave service now: the rest must carry ``sessions``."""
-        return plan.room(
-            self.monitor.pool.scanners,
-            sessions,
-            self.settings.limits.scan_concurrency,
-            self.config.batch,
-            self.config.spare,
-        )
+    def current(self, target: int) -> Callable[[PoolMember], bool]:
+        return lambda s: s.rules_bundle == target
 
-    async def roll(self) -> None:
-        """Update the scanners that are behind, one window after another."""
-        m = self.monitor.metrics
-        await self.unstick()
-        while (todo := self.behind()) and self.state.target is not None:
-            target = self.state.target
-            if target in self.state.rejected:  # never roll a rejected version further
-                return
-            first = plan.first_of_version(self.monitor.pool.scanners, target)
-            try:
-                sessions = await self.monitor.haproxy.sessions()
-            except HAProxyError as exc:
-                log.warning("event=rollout_waits reason=haproxy error=%r", str(exc))
-                return
-            room = self.room(sessions)
-            if room < 1:
-                log.info("event=rollout_waits reason=capacity sessions=%d", sessions)
-                return
-            batch = todo[: 1 if first else room]
-            results = await asyncio.gather(
-                *(self.update(s, target) for s in batch), return_exceptions=True
-            )
-            failed = False
-            for s, result in zip(batch, results, strict=True):
-                if not isinstance(result, BaseException):
-                    m.rules_updates.labels("ok").inc()
-                    self._retry_at.pop(s.name, None)
-                    continue
-                failed = True
-                m.rules_updates.labels("failed").inc()
-                self.state.last_error = f"{s.name} ({s.address}): {result}"
-                log.error(
-                    "event=rules_update_failed scanner=%s address=%s version=%d error=%r "
-                    "retry_in_s=%.0f",
-                    s.name,
-                    s.address,
-                    target,
-                    str(result),
-                    RETRY_AFTER_S,
-                )
-                if first and isinstance(result, CanaryFailed):
-                    self.reject(target)
-                else:  # this scanner waits; the others go on in the next round
-                    self._retry_at[s.name] = time.monotonic() + RETRY_AFTER_S
-            if failed:
-                return
+    def rejected(self, target: int) -> bool:
+        return target in self.state.rejected
 
-    async def update(self, s: PoolMember, target: int) -> None:
-        """One scanner's window (window.py)."""
-        await self.windows.update(s, target)
-
-    async def unstick(self) -> None:
-        """Try again with every scanner kept out after a failed update."""
-        await self.windows.unstick()
+    def updates(self) -> Counter:
+        return self.monitor.metrics.rules_updates
 
     def reject(self, version: int) -> None:
         self.state.rejected.add(version)

@@ -8,7 +8,7 @@ in service; with no room the rollout waits.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from mailtower.monitor.pool import PoolMember
 
@@ -18,11 +18,14 @@ RETRY_AFTER_S = 60.0
 
 
 def behind(
-    scanners: Sequence[PoolMember], target: int | None, retry_at: Mapping[str, float], now: float
+    scanners: Sequence[PoolMember],
+    current: Callable[[PoolMember], bool] | None,
+    retry_at: Mapping[str, float],
+    now: float,
 ) -> list[PoolMember]:
-    """Scanners in service that do not run ``target``, in pool order, leaving out those
-    waiting until ``retry_at`` after a failed update."""
-    if target is None:
+    """Scanners in service that are not ``current`` (None: no target, none is behind), in pool
+    order, leaving out those waiting until ``retry_at`` after a failed update."""
+    if current is None:
         return []
     return [
         s
@@ -30,7 +33,7 @@ def behind(
         if s.enabled
         and s.healthy
         and not s.held
-        and s.rules_bundle != target
+        and not current(s)
         and retry_at.get(s.name, 0.0) <= now
     ]
 
@@ -45,7 +48,7 @@ def room(
     return max(0, min(batch, in_service - max(needed, 1)))
 
 
-def first_of_version(scanners: Sequence[PoolMember], target: int) -> bool:
-    """Whether no scanner runs ``target`` yet: its first update goes alone, and a failed
-    canary there rejects the version."""
-    return all(s.rules_bundle != target for s in scanners)
+def first_of_version(scanners: Sequence[PoolMember], current: Callable[[PoolMember], bool]) -> bool:
+    """Whether no scanner is ``current`` yet: the target's first update goes alone, and a
+    failed canary there rejects it."""
+    return not any(current(s) for s in scanners)

@@ -218,7 +218,7 @@
     if (t.scanners_up === 0) return { cls: "bad", text: "NO SCANNER" };
     if (t.scanners_up < t.scanners_total || t.queue_size > th.queue_warn ||
         (t.replication_lag_s !== null && t.replication_lag_s > th.lag_warn_s) ||
-        t.scanners_behind > 0) {
+        t.scanners_behind > 0 || (t.clamav && t.clamav.scanners_behind > 0)) {
       return { cls: "warn", text: "DEGRADED" };
     }
     return { cls: "ok", text: "OK" };
@@ -234,6 +234,25 @@
       return `${running} · ${t.scanners_behind} behind${target}`;
     }
     return running;
+  }
+
+  // The official ClamAV databases in the tower's mirror, one row each: "v27500 · built 3 h ago
+  // · 2 behind" (scanners serving without that version); then the GOC's last good check
+  // upstream. Nothing for a tower that takes none.
+  function clamavRows(t, row) {
+    const c = t.clamav;
+    if (!c || typeof c !== "object") return;
+    const since = (epochS) => ago(new Date(epochS * 1000).toISOString());
+    for (const [db, d] of Object.entries(c.databases || {})) {
+      let text = `v${d.version}`;
+      if (typeof d.built_at === "number") text += ` · built ${since(d.built_at)}`;
+      if (d.behind > 0) text += ` · ${d.behind} behind`;
+      if (c.rejected) text += " · canary failed, not rolled";
+      row(`clamav ${db}`, text, d.behind > 0 || c.rejected);
+    }
+    row("clamav upstream", typeof c.upstream_last_ok === "number" ?
+      `GOC checked ${since(c.upstream_last_ok)}` : "GOC never checked",
+    typeof c.upstream_last_ok !== "number");
   }
 
   function renderTowers(snap) {
@@ -260,6 +279,7 @@
           `${t.replication_lag_s.toFixed(1)} s`,
           t.replication_lag_s === null || t.replication_lag_s > th.lag_warn_s);
         row("rules", rulesText(t), t.scanners_behind > 0);
+        clamavRows(t, row);
         row("reported", ago(t.updated_at), t.stale);
         card.append(dl);
         const meter = el("div", { class: "meter" }, el("div"));
