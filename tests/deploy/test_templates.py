@@ -490,6 +490,41 @@ def test_rule_bundle_alerts_only_with_bundles(render, settings):
     assert added <= set(bundled) and not added & set(plain)
 
 
+def test_clamav_alerts_and_mirror_only_with_clamav(render, settings):
+    from mailtower.settings import ClamavMirror, Goc
+
+    with_clamav = settings.model_copy(
+        update={"goc": Goc(address="10.0.9.10"), "clamav": ClamavMirror(max_age="2d")}
+    )
+
+    def alerts(s) -> dict[str, str]:
+        text = render("monitor/etc/prometheus/rules/mailtower.yml", s)
+        blocks = re.split(r"\n(?=      - alert: )", text)[1:]
+        return {b.split()[2]: b for b in blocks}
+
+    plain, clamav = alerts(settings), alerts(with_clamav)
+    added = {
+        "ScannerClamavBehind",
+        "ClamavMirrorOld",
+        "ClamavUpstreamRefusing",
+        "ClamavSetRejected",
+        "ScannerStuckAfterClamavUpdate",
+        "ClamavMirrorUnreachable",
+    }
+    assert added <= set(clamav) and not added & set(plain)
+    assert "for: 2h" in clamav["ScannerClamavBehind"]  # lag_alert_after
+    assert "mailtower_clamav_mirror_age_seconds > 172800\n" in clamav["ClamavMirrorOld"]
+    assert "http://10.0.9.10:8026/clamav" in clamav["ClamavMirrorUnreachable"]
+    unit = _unit_service(
+        render("monitor/etc/systemd/system/mailtower-monitor.service", with_clamav)
+    )
+    assert unit["ReadWritePaths"] == "/srv/mailtower/mirror/clamav"
+    assert unit["StateDirectory"] == "mailtower-monitor" and unit["PrivateTmp"] == "yes"
+    assert "ReadWritePaths" not in _unit_service(
+        render("monitor/etc/systemd/system/mailtower-monitor.service", settings)
+    )
+
+
 FIREWALLS = [
     "relay/etc/nftables.conf",
     "scanner/etc/nftables.conf",

@@ -201,5 +201,47 @@ def test_logout(page: webdriver.Chrome, eye_url: str) -> None:
     assert page.current_url == f"{eye_url}/login"
 
 
+CLAMAV_ROWS = """
+const card = document.querySelector('#towers .tower[data-tower="tower-d"]');
+if (!card) return null;
+return {
+  state: card.querySelector(".state").textContent,
+  rows: [...card.querySelectorAll("dt")].filter((dt) => dt.textContent.startsWith("clamav"))
+    .map((dt) => [dt.textContent, dt.nextElementSibling.textContent,
+                  dt.nextElementSibling.className]),
+  images: card.querySelectorAll("img").length,
+  pwned: window.__pwned || null,
+};
+"""
+
+
+def test_clamav_mirror_shown_per_tower_as_text(page: webdriver.Chrome, eye_url: str, hub: Any):
+    """Each database of a tower's ClamAV mirror: its version, age and scanners behind; what a
+    tower reports is shown as text, never as markup."""
+    markup = "<img src=x onerror=window.__pwned=1>"
+    with hub.connect() as conn:
+        now = queries.db_now(conn).timestamp()
+        mirror = {
+            "databases": {
+                "daily": {"version": 27500, "built_at": now - 3 * 3600 - 60, "behind": 2},
+                markup: {"version": 62, "built_at": None, "behind": 0},
+            },
+            "upstream_last_ok": now - 600,
+            "scanners_behind": 2,
+            "rejected": False,
+        }
+        upsert_tower_status(conn, TowerStatus("tower-d", 23, 23, 0, 0.1, 8, 8, 0, mirror))
+    log_in(page, PASSWORD)
+    wait(page, lambda d: d.current_url == f"{eye_url}/", "the page after login")
+    shown = wait(page, lambda d: d.execute_script(CLAMAV_ROWS), "tower-d's card")
+    assert shown["state"] == "DEGRADED"  # two scanners behind the mirror
+    assert shown["rows"] == [
+        ["clamav daily", "v27500 · built 3 h 1 min ago · 2 behind", "warn"],
+        [f"clamav {markup}", "v62", ""],
+        ["clamav upstream", "GOC checked 10 min ago", ""],
+    ]
+    assert shown["images"] == 0 and shown["pwned"] is None
+
+
 def save_screenshot(driver: webdriver.Chrome) -> None:
     eyebrowser.save_screenshot(driver, SCREENSHOT)

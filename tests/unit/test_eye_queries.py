@@ -296,6 +296,30 @@ def test_tower_status_carries_rule_bundle_versions(hub: Any, conn: psycopg.Conne
         upsert_tower_status(conn, TowerStatus("tower-b", 23, 23, 0, 0.1, 8, 8, -1))
 
 
+def test_tower_status_carries_the_clamav_mirror(hub: Any, conn: psycopg.Connection[Any]) -> None:
+    mirror = {
+        "databases": {
+            "daily": {"version": 27500, "built_at": 1765000000.0, "behind": 2},
+            "main": {"version": 62, "built_at": None, "behind": 0},
+        },
+        "upstream_last_ok": 1765003600.0,
+        "scanners_behind": 2,
+        "rejected": False,
+    }
+    upsert_tower_status(conn, TowerStatus("tower-a", 23, 23, 0, 0.1))  # takes no databases
+    upsert_tower_status(conn, TowerStatus("tower-b", 23, 23, 0, 0.1, clamav=mirror))
+    now = queries.db_now(conn)
+    towers = {t["tower"]: t for t in queries.towers(conn, now, WINDOW, {"tower-c"})}
+    assert {name: t["clamav"] for name, t in towers.items()} == {
+        "tower-a": None,
+        "tower-b": mirror,
+        "tower-c": None,
+    }
+    json.dumps(queries.snapshot(conn))  # the page gets it as JSON
+    with pytest.raises(psycopg.errors.CheckViolation):  # an object, or nothing
+        conn.execute("UPDATE tower_status SET clamav = '[1]' WHERE tower = 'tower-b'")
+
+
 def test_schema_adds_the_bundle_columns_to_an_older_tower_status(hub: Any) -> None:
     """A GOC made before rule bundles: its tower_status gains the columns, rows kept."""
     with hub.connect() as conn:

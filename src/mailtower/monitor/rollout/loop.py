@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from mailtower.monitor.rollout.window import Windows, shown_version
 log = logging.getLogger("mailtower.monitor.rollout")
 
 
-class Rounds:
+class Rounds(ABC):
     """Rounds of update windows towards one target; a subclass says what the target is."""
 
     monitor: RolloutMonitor
@@ -53,23 +54,25 @@ class Rounds:
     limits: WindowLimits
     _retry_at: dict[str, float]  # scanner → when to try it again after a failed update
 
+    @abstractmethod
     def target(self) -> Any:
         """What every scanner should run now (None: nothing to roll)."""
-        raise NotImplementedError  # each rollout says (Rollout, ClamavRollout)
 
+    @abstractmethod
     def current(self, target: Any) -> Callable[[PoolMember], bool]:
         """Whether a scanner runs ``target``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rejected(self, target: Any) -> bool:
-        raise NotImplementedError
+        """Whether ``target`` failed its canary on a first scanner here."""
 
+    @abstractmethod
     def reject(self, target: Any) -> None:
-        raise NotImplementedError
+        """Roll ``target`` no further, and remember that across restarts."""
 
+    @abstractmethod
     def updates(self) -> Counter:
         """The counter of this track's updates by result."""
-        raise NotImplementedError
 
     def behind(self) -> list[PoolMember]:
         """Scanners in service that do not run the target, in pool order."""

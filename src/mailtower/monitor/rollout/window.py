@@ -70,7 +70,7 @@ class Windows:
         self.limits = window_limits(settings)
         self.token = settings.secrets.canary
         self.state = state
-        self.mirror_dir = records_dir
+        self.records_dir = records_dir
         self.samples = samples
         self.track = track
         m = monitor.metrics
@@ -122,7 +122,7 @@ class Windows:
                 settled = True
                 raise
             settled = True
-            setattr(s, track.field, target)
+            setattr(s, track.field, dict(target) if isinstance(target, dict) else target)
             log.info(
                 "event=%s_updated scanner=%s address=%s version=%s seconds=%.2f",
                 track.name,
@@ -276,7 +276,7 @@ class Windows:
         (self._unverified.add if unverified else self._unverified.discard)(name)
         if self._unverified == before:
             return
-        record_unverified(self.mirror_dir, self._unverified)
+        record_unverified(self.records_dir, self._unverified)
 
 
 def shown_version(version: object) -> str:
