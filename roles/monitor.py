@@ -40,18 +40,18 @@ def install():
 
 
 def _mirror():
-    """The tower's ClamAV mirror. With ``clamav`` set the monitor's service pulls the GOC's
-    official databases into it (its own, so the service's user writes it); without, it holds
-    mailtower's own test signatures."""
+    """The tower's ClamAV mirror: mailtower's own signatures (in the lab, and until a real
+    mirror is configured) under /clamav; with ``clamav`` set, the official databases the
+    monitor's service pulls from the GOC under /official (its own: the service's user writes
+    it; freshclam on the scanners reads it)."""
     if _common.settings().clamav:
         files.directory(
-            name=f"Ensure {MIRROR}/clamav",
-            path=f"{MIRROR}/clamav",
+            name=f"Ensure {MIRROR}/official",
+            path=f"{MIRROR}/official",
             user="mailtower",
             group="mailtower",
             mode="755",
         )
-        return []
     files.directory(name=f"Ensure {MIRROR}/clamav", path=f"{MIRROR}/clamav", mode="755")
     ops = []
     index = {}

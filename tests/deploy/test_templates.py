@@ -518,7 +518,7 @@ def test_clamav_alerts_and_mirror_only_with_clamav(render, settings):
     unit = _unit_service(
         render("monitor/etc/systemd/system/mailtower-monitor.service", with_clamav)
     )
-    assert unit["ReadWritePaths"] == "/srv/mailtower/mirror/clamav"
+    assert unit["ReadWritePaths"] == "/srv/mailtower/mirror/official"
     assert unit["StateDirectory"] == "mailtower-monitor" and unit["PrivateTmp"] == "yes"
     assert "ReadWritePaths" not in _unit_service(
         render("monitor/etc/systemd/system/mailtower-monitor.service", settings)

@@ -1,7 +1,7 @@
 """The official ClamAV databases on the monitor: mirror the GOC's, roll them across the pool.
 
 Every ``clamav.poll_interval_s`` ``clamavdb.pull`` copies the GOC's served directory into the
-tower's mirror (``/srv/mailtower/mirror/clamav``, which nginx serves to the scanners), checking
+tower's mirror (``/srv/mailtower/mirror/official``, which nginx serves to the scanners), checking
 every file again at this hop; the mirror's verified ``{db: version}`` (its ``index.json``) is
 the target. A scanner whose health answer names other versions is updated in a window, as
 rule bundles are (window.py, with the CLAMAV track): maintenance, drain,
@@ -42,7 +42,7 @@ from mailtower.monitor.rollout.window import Windows, shown_version
 
 log = logging.getLogger("mailtower.monitor.rollout")
 
-CLAMAV_MIRROR_DIR = Path("/srv/mailtower/mirror/clamav")  # <mirror_url>/clamav for freshclam
+CLAMAV_MIRROR_DIR = Path("/srv/mailtower/mirror/official")  # freshclam: <mirror_url>/official
 CLAMAV_STATE_DIR = Path("/var/lib/mailtower-monitor/clamav")  # the unit's StateDirectory
 BUILT_FORMAT = "%d %b %Y %H:%M %z"  # a CVD header's build time: "22 Jun 2021 21:34 -0400"
 
