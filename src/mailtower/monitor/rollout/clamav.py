@@ -16,7 +16,6 @@ mirror.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -64,6 +63,7 @@ class ClamavRollout(Rounds):
     """The monitor's mirror of the GOC's ClamAV databases and their rolling reload."""
 
     track = CLAMAV
+    round_name = "clamav"
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class ClamavRollout(Rounds):
         self.monitor = monitor
         self.config = settings.clamav
         self.limits = window_limits(settings)
+        self.poll_interval_s = self.config.poll_interval_s
         self.source = f"http://{settings.goc.address}:{settings.goc.bundle_port}/clamav"
         self.mirror_dir = mirror_dir
         self.state_dir = state_dir
@@ -93,7 +94,7 @@ class ClamavRollout(Rounds):
 
     # -- the loop ----------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def started(self) -> None:
         log.info(
             "event=clamav_rollout_start source=%s mirror=%s databases=%s target=%s",
             self.source,
@@ -101,15 +102,6 @@ class ClamavRollout(Rounds):
             ",".join(self.config.databases),
             shown_version(self.state.target),
         )
-        while not stop.is_set():
-            try:
-                await self.pull()
-                await self.roll()
-            except Exception as exc:  # a round that fails is logged; the next one tries again
-                self.state.last_error = str(exc)
-                log.exception("event=clamav_round_failed error=%r", str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
 
     async def pull(self) -> bool:
         """Mirror the GOC's databases (blocking: in a thread); True when the target moved. A

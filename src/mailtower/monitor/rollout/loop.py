@@ -51,6 +51,8 @@ class Rounds(ABC):
     state: WindowState
     windows: Windows
     track: Track = RULES
+    round_name = "rollout"  # event=<round_name>_round_failed
+    poll_interval_s: float
     limits: WindowLimits
     _retry_at: dict[str, float]  # scanner → when to try it again after a failed update
 
@@ -73,6 +75,27 @@ class Rounds(ABC):
     @abstractmethod
     def updates(self) -> Counter:
         """The counter of this track's updates by result."""
+
+    @abstractmethod
+    async def pull(self) -> bool:
+        """Bring the mirror up to the GOC's; True when the target moved."""
+
+    @abstractmethod
+    def started(self) -> None:
+        """Log what the loop starts with."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Every ``poll_interval_s`` a round: pull, then roll."""
+        self.started()
+        while not stop.is_set():
+            try:
+                await self.pull()
+                await self.roll()
+            except Exception as exc:  # a round that fails is logged; the next one tries again
+                self.state.last_error = str(exc)
+                log.exception("event=%s_round_failed error=%r", self.round_name, str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll_interval_s)
 
     def behind(self) -> list[PoolMember]:
         """Scanners in service that do not run the target, in pool order."""
@@ -165,6 +188,7 @@ class Rollout(Rounds):
         self.settings = settings
         self.config = settings.bundles
         self.limits = window_limits(settings)
+        self.poll_interval_s = self.config.poll_interval_s
         self.source = settings.bundle_source
         assert self.source is not None  # with bundles set, there is a source
         self.mirror_dir = mirror_dir
@@ -180,7 +204,7 @@ class Rollout(Rounds):
 
     # -- the loop ----------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def started(self) -> None:
         log.info(
             "event=rollout_start source=%s mirror=%s target=%s batch=%d spare=%d",
             self.source,
@@ -189,15 +213,6 @@ class Rollout(Rounds):
             self.config.batch,
             self.config.spare,
         )
-        while not stop.is_set():
-            try:
-                await self.pull()
-                await self.roll()
-            except Exception as exc:  # a round that fails is logged; the next one tries again
-                self.state.last_error = str(exc)
-                log.exception("event=rollout_round_failed error=%r", str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
 
     async def pull(self) -> bool:
         """Mirror the GOC's latest bundle if it is newer; True when the target moved."""
