@@ -214,23 +214,46 @@ def test_publish_adds_the_verified_cdiffs_and_is_idempotent(
     assert snapshot(dest) == before  # nothing rewritten, not even index.json
 
 
-def test_a_flipped_cdiff_keeps_the_published_state(
+def test_a_flipped_cdiff_is_refused_and_the_signed_cvd_served_alone(
     tmp_path: Path, files: Path, sigtool: None
 ) -> None:
     dest = tmp_path / "served"
     clamavdb.publish(upstream_dir(tmp_path / "up", 3), dest, ["test"], UPSTREAM)
-    before = snapshot(dest)
     source = upstream_dir(tmp_path / "up", 6, range(4, 7))
     flip(source / "test-5.cdiff")
     with pytest.raises(DatabaseError, match=r"1 of 1 .*test-5\.cdiff: refused"):
         clamavdb.publish(source, dest, ["test"], UPSTREAM)
     after = snapshot(dest)
-    assert after["test.cvd"] == before["test.cvd"]
+    # no CDIFF of the broken chain is served; the CVD, verified on its own, is
     assert sorted(after) == ["index.json", "test.cvd"]
+    assert after["test.cvd"][0] == (files / "test-6.cvd").read_bytes()
     index = clamavdb.read_index(dest)
-    assert index["databases"] == json.loads(before["index.json"][0])["databases"]
+    assert index["databases"]["test"]["version"] == 6
+    assert index["databases"]["test"]["cdiffs"] == {}
     assert index["upstream"]["refusals"] == 1
     assert "test-5.cdiff" in index["upstream"]["last_error"]
+
+
+def test_a_flipped_cvd_keeps_the_published_state_and_is_set_aside(
+    tmp_path: Path, files: Path, sigtool: None
+) -> None:
+    dest = tmp_path / "served"
+    clamavdb.publish(upstream_dir(tmp_path / "up", 3), dest, ["test"], UPSTREAM)
+    before = snapshot(dest)
+    source = upstream_dir(tmp_path / "up", 5, range(4, 6))
+    flip(source / "test.cvd")
+    with pytest.raises(DatabaseError, match=r"1 of 1 .*test\.cvd: refused"):
+        clamavdb.publish(source, dest, ["test"], UPSTREAM)
+    assert snapshot(dest)["test.cvd"] == before["test.cvd"]
+    assert clamavdb.mirror_versions(dest) == {"test": 3}
+    # cvdupdate finds no test.cvd and fetches it again; the bad copy is kept for a look
+    assert not (source / "test.cvd").exists() and (source / "test.cvd.refused").is_file()
+    shutil.copyfile(files / "test-5.cvd", source / "test.cvd")
+    assert clamavdb.publish(source, dest, ["test"], UPSTREAM) == {"test": 5}
+    assert set(clamavdb.read_index(dest)["databases"]["test"]["cdiffs"]) == {
+        "test-4.cdiff",
+        "test-5.cdiff",
+    }
 
 
 def test_a_refused_database_does_not_stop_the_others(
@@ -452,9 +475,13 @@ def test_pull_refuses_a_file_whose_signature_fails(
         rewrite_index(served, cdiffs={**entry["cdiffs"], name: digest})
     with pytest.raises(DatabaseError, match=rf"{url}/{name}: refused: sigtool"):
         clamavdb.pull(url, mirror, ["test"])
-    assert snapshot(mirror)["test.cvd"] == before["test.cvd"]
-    assert clamavdb.mirror_versions(mirror) == {"test": 3}
     assert served_files(mirror) == ["index.json", "test.cvd"]
+    if name == "test.cvd":  # the mirror keeps what it had
+        assert snapshot(mirror)["test.cvd"] == before["test.cvd"]
+        assert clamavdb.mirror_versions(mirror) == {"test": 3}
+    else:  # the signed CVD is served alone, without the broken chain
+        assert snapshot(mirror)["test.cvd"][0] == (served / "test.cvd").read_bytes()
+        assert clamavdb.mirror_versions(mirror) == {"test": 6}
 
 
 @pytest.mark.parametrize(

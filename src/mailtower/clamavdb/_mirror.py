@@ -76,7 +76,7 @@ def publish(
         refusals: list[str] = []
         for db in databases:
             try:
-                served[db] = _publish_db(source, dest, db, served.get(db), work)
+                served[db] = _publish_db(source, dest, db, served.get(db), work, refusals, True)
             except DatabaseError as exc:
                 refusals.append(str(exc))
             except OSError as exc:  # a full disk, a permission: that database keeps its files
@@ -111,7 +111,7 @@ def pull(base_url: str, dest: Path, databases: list[str], timeout_s: float = 30)
         for db in databases:
             try:
                 served[db] = _pull_db(
-                    base_url, dest, db, remote_dbs, served.get(db), work, timeout_s
+                    base_url, dest, db, remote_dbs, served.get(db), work, timeout_s, refusals
                 )
             except DatabaseError as exc:
                 refusals.append(str(exc))
@@ -128,10 +128,21 @@ def pull(base_url: str, dest: Path, databases: list[str], timeout_s: float = 30)
 
 
 def _publish_db(
-    source: Path, dest: Path, db: str, old: dict[str, Any] | None, work: Path
+    source: Path,
+    dest: Path,
+    db: str,
+    old: dict[str, Any] | None,
+    work: Path,
+    refusals: list[str],
+    set_aside: bool = False,
 ) -> dict[str, Any]:
     """Serve source/<db>.cvd (and the CDIFFs from the served version to it) in ``dest``; the
-    entry of index.json for it. Raises DatabaseError with ``dest`` untouched for ``db``."""
+    entry of index.json for it. Raises DatabaseError with ``dest`` untouched for ``db``.
+
+    A CDIFF that fails its signature or its chain is refused (added to ``refusals``) and the
+    verified CVD is served alone: clients then download the whole CVD. With ``set_aside`` (the
+    GOC's cvdupdate directory) a refused CVD is renamed ``<db>.cvd.refused``, so cvdupdate
+    fetches it again on its next run instead of taking the bad copy for its local version."""
     cvd = source / f"{db}.cvd"
     if not cvd.is_file():
         raise DatabaseError(
@@ -153,7 +164,13 @@ def _publish_db(
                 f"{cvd}: refused: version {header.version} is already served with other "
                 "contents; fix: fetch it again (ClamAV never rebuilds a version)"
             )
-    verify_cvd(cvd)
+    try:
+        verify_cvd(cvd)
+    except DatabaseError:
+        if set_aside:
+            os.replace(cvd, cvd.with_name(f"{cvd.name}.refused"))
+            log.error("%s: refused; set aside as %s.refused to be fetched again", cvd, cvd.name)
+        raise
     served_cvd = dest / f"{db}.cvd"
     cdiffs: dict[str, str] = {}
     new_cdiffs: list[Path] = []
@@ -170,10 +187,15 @@ def _publish_db(
                 header.version,
             )
         else:
-            verify_chain(served_cvd, wanted, cvd)
-            cdiffs = dict(old.get("cdiffs", {}))
-            new_cdiffs = wanted
-            cdiffs.update({p.name: _sha256(p) for p in wanted})
+            try:
+                verify_chain(served_cvd, wanted, cvd)
+            except DatabaseError as exc:
+                # the CVD itself is signed and verified: serve it without the broken chain
+                refusals.append(f"{exc}; serving {db} {header.version} without CDIFFs")
+            else:
+                cdiffs = dict(old.get("cdiffs", {}))
+                new_cdiffs = wanted
+                cdiffs.update({p.name: _sha256(p) for p in wanted})
     kept = sorted(cdiffs, key=_cdiff_number)[-KEEP_CDIFFS:]
     for path in new_cdiffs:
         if path.name in kept:
@@ -197,6 +219,7 @@ def _pull_db(
     old: dict[str, Any] | None,
     work: Path,
     timeout_s: float,
+    refusals: list[str],
 ) -> dict[str, Any]:
     entry = remote.get(db)
     if entry is None:
@@ -215,7 +238,10 @@ def _pull_db(
     try:
         for name, (digest, size) in files.items():
             _download_file(f"{base_url}/{name}", staging / name, digest, size, timeout_s)
-        return _publish_db(staging, dest, db, old, work)
+        noted: list[str] = []
+        entry_out = _publish_db(staging, dest, db, old, work, noted)
+        refusals.extend(n.replace(f"{staging}/", f"{base_url}/") for n in noted)
+        return entry_out
     except DatabaseError as exc:  # name what the operator can look at: the GOC's URL
         raise DatabaseError(str(exc).replace(f"{staging}/", f"{base_url}/")) from None
     finally:
