@@ -51,4 +51,7 @@ def configure() -> list:
 
 @deploy("mailtower lab: stand-in ClamAV upstream (nginx)")
 def deploy_lab_clamav_upstream():
-    _common.activate("nginx", _common.changes(configure()), check="nginx -t -q", reload=True)
+    # A restart, not a reload: the first deploy moves nginx from the default site's *:80 to
+    # the DNS host's address, and a reload cannot bind it while the old listener holds the
+    # port (nginx logs "still could not bind()" and keeps serving the default site).
+    _common.activate("nginx", _common.changes(configure()), check="nginx -t -q")
