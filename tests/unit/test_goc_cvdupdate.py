@@ -80,6 +80,12 @@ def test_merge_of_a_new_mirror_gives_only_the_wanted_databases():
     ]
     assert "uuid" not in state  # cvdupdate makes its own on its first run
     assert config["nameserver"] == ""
+    # every key cvdupdate 1.2.0 reads without a default (seen in the lab: KeyError at start)
+    for key in ("max retry", "rotate logs", "# logs to keep", "rotate cdiffs", "# cdiffs to keep"):
+        assert key in config, key
+    # …and an operator's own choice of one of them is kept
+    kept, _ = cvdupdate.merge(_want(), {"# logs to keep": 7}, {})
+    assert kept["# logs to keep"] == 7
 
 
 def test_merge_leaves_its_inputs_alone_and_is_idempotent():

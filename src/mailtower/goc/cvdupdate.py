@@ -36,6 +36,15 @@ _NEW_DATABASE = {
     "local version": 0,
     "CDIFFs": [],
 }
+# cvdupdate's own config defaults (cvdupdate.py default_config): it fills none of them into a
+# config file it did not write itself (a missing "# logs to keep" is a KeyError at start).
+_CONFIG_DEFAULTS = {
+    "max retry": 3,
+    "rotate logs": True,
+    "# logs to keep": 30,
+    "rotate cdiffs": True,
+    "# cdiffs to keep": 30,
+}
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}  # systemd: bare = s
 
 
@@ -59,7 +68,7 @@ def wanted(upstream: ClamavUpstream, home: str = HOME) -> dict:
 def merge(want: dict, config: dict, state: dict) -> tuple[dict, dict]:
     """cvdupdate's config and state with ``want`` applied: the wanted keys set, every database
     not wanted dropped, and all that cvdupdate learnt (versions, cool-downs, uuid) kept."""
-    config = {**copy.deepcopy(config), **want["config"]}
+    config = {**_CONFIG_DEFAULTS, **copy.deepcopy(config), **want["config"]}
     state = copy.deepcopy(state)
     old = state.get("dbs") or {}
     state["dbs"] = {
