@@ -61,6 +61,15 @@ def test_alert_rules_loaded(node, tower):
             "RuleBundlesUnreachable",
             "ScannerStuckAfterRuleUpdate",
         } <= names
+    if s.clamav is not None:
+        assert {
+            "ScannerClamavBehind",
+            "ClamavMirrorOld",
+            "ClamavUpstreamRefusing",
+            "ClamavSetRejected",
+            "ScannerStuckAfterClamavUpdate",
+            "ClamavMirrorUnreachable",
+        } <= names
 
 
 def test_monitor_mirrors_rule_bundles_for_its_scanners_only(node, tower):
@@ -126,3 +135,22 @@ def test_monitor_reports_the_tower_to_the_goc(node, tower):
 
 def test_settings_hold_only_this_roles_secrets(node, tower):
     assert_secret_share(node, tower, "monitor")
+
+
+def test_monitor_mirrors_the_official_databases_for_its_scanners(node, tower):
+    """The GOC's verified ClamAV databases, pulled into <mirror>/official by the monitor's
+    service user; sigtool there (clamavdb verifies with it) but no clamd or freshclam."""
+    s = tower.settings
+    if s.clamav is None:
+        pytest.skip("this tower takes no official ClamAV databases")
+    assert node.run("runuser -u mailtower -- test -w /srv/mailtower/mirror/official").rc == 0
+    assert node.exists("sigtool")
+    assert not node.package("clamav-daemon").is_installed
+    assert not node.service("clamav-freshclam").is_enabled
+    code = node.check_output(
+        f"curl -s -o /dev/null -w '%{{http_code}}' "
+        f"http://{s.goc.address}:{s.goc.bundle_port}/clamav/index.json"
+    )
+    assert code == "200", code
+    pool = json.loads(node.check_output(f"curl -fsS http://127.0.0.1:{s.ports.monitor_http}/pool"))
+    assert pool["clamav"]["source"].endswith("/clamav")

@@ -133,3 +133,22 @@ def test_scand_may_apply_rule_bundles(node, tower):
 
 def test_settings_hold_only_this_roles_secrets(node, tower):
     assert_secret_share(node, tower, "scanners")
+
+
+def test_official_databases_come_from_the_monitor_in_windows_only(node, tower):
+    """freshclam only for scand's /clamav/apply, from the monitor's mirror; clamd never reloads
+    on its own (SelfCheck 0), so new databases load only inside a window."""
+    s = tower.settings
+    if s.clamav is None:
+        pytest.skip("this tower takes no official ClamAV databases")
+    conf = node.file("/etc/mailtower/freshclam.conf").content_string
+    assert f"DatabaseMirror http://{s.hosts.monitor}:{s.ports.mirror_http}/official" in conf
+    assert "NotifyClamd" not in conf
+    assert not node.service("clamav-freshclam").is_enabled
+    assert "\nSelfCheck 0\n" in node.file("/etc/clamav/clamd.conf").content_string
+    for d in ("/var/lib/mailtower/clamav-staged", "/var/lib/mailtower/clamav-previous"):
+        assert node.file(d).user == "mailtower"
+    health = json.loads(
+        node.check_output(f"curl -fsS http://127.0.0.1:{s.ports.scanner_http}/health")
+    )
+    assert set(health["clamav"]) <= set(s.clamav.databases) and "clamav_busy" in health
