@@ -35,7 +35,7 @@ import time
 import pytest
 from conftest import Pair
 from test_70_rule_bundles import Load, tempfails_since
-from towerlib import record_figure, wait_for
+from towerlib import ROOT, record_figure, wait_for
 
 from mailtower.controller.lab import clamav_testfiles, clamav_upstream
 
@@ -137,6 +137,26 @@ def _record(pair: Pair):
     STARTED.append(time.time())
     yield
     record_figure("clamav_databases", FIGURES)
+
+
+def test_the_goc_mirrors_with_pinned_cvdupdate_as_its_own_user(pair: Pair) -> None:
+    goc = pair.goc()
+    pinned = next(
+        line.split("==", 1)[1].strip()
+        for line in (ROOT / "requirements-cvdupdate.txt").read_text().splitlines()
+        if line.lower().startswith("cvdupdate==")
+    )
+    shown = goc.check_output("/opt/mailtower/cvdupdate/bin/pip show cvdupdate")
+    assert f"Version: {pinned}" in shown
+    assert goc.service("mailtower-cvdupdate.timer").is_enabled
+    unit = goc.check_output("systemctl show -p User mailtower-cvdupdate.service")
+    assert unit.strip() == "User=mtcvd"
+    # served to the towers' monitors only: the sender (the internet) is refused
+    code = pair.sender.check_output(
+        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 "
+        f"http://{pair.goc_addr}:8026/clamav/index.json || true"
+    )
+    assert code in ("403", "000"), code
 
 
 def test_version_2_then_4_through_cdiffs_under_mail(pair: Pair) -> None:
