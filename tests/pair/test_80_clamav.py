@@ -102,7 +102,7 @@ def _unix(line: str) -> float:
 
 
 def reloads(pair: Pair, since: float) -> dict[str, list[float]]:
-    """Scanner → when its clamd finished loading new databases, since ``since``."""
+    """Scanner address → when its clamd finished loading new databases, since ``since``."""
     out: dict[str, list[float]] = {}
     for key, tower in pair.towers.items():
         for name in scanner_names(pair, key):
@@ -115,10 +115,12 @@ def reloads(pair: Pair, since: float) -> dict[str, list[float]]:
 
 
 def windows(pair: Pair, since: float) -> dict[str, list[tuple[float, float]]]:
-    """Scanner → its windows (start, end) from the monitors' logs, since ``since``: the
+    """Scanner address → its windows (start, end) from the monitors' logs, since ``since``: the
     bundle windows and the ClamAV ones (each logs its end and its length)."""
     out: dict[str, list[tuple[float, float]]] = {}
-    pattern = re.compile(r"event=(?:rules|clamav)_updated scanner=(\S+).* seconds=([\d.]+)")
+    pattern = re.compile(
+        r"event=(?:rules|clamav)_updated scanner=\S+ address=(\S+) .*seconds=([\d.]+)"
+    )
     for tower in pair.towers.values():
         text = tower.monitor().check_output(
             f"journalctl -q -o short-unix --since @{int(since)} -u mailtower-monitor"
@@ -252,8 +254,10 @@ def test_flipped_files_at_a_monitor_refused_by_its_scanners(pair: Pair) -> None:
 
 
 def test_flipped_cdiff_refused_and_a_down_scanner_catches_up(pair: Pair) -> None:
-    down = scanner_names(pair, "b")[-1]
-    subprocess.run(["lxc-stop", "-k", "-n", down], check=True)
+    host = pair.towers["b"].inventory.groups["scanners"][-1]
+    container = host.data["lab_name"]
+    down = next(n for n, e in pair.towers["b"].pool().items() if e.get("address") == host.name)
+    subprocess.run(["lxc-stop", "-k", "-n", container], check=True)
     try:
         clamav_upstream.publish(6, corrupt="test-6.cdiff")
         goc_check(pair)
@@ -263,7 +267,7 @@ def test_flipped_cdiff_refused_and_a_down_scanner_catches_up(pair: Pair) -> None
         assert "test-6.cdiff" in served["upstream"].get("last_error", ""), served["upstream"]
         wait_everywhere(pair, 6, skip=frozenset({down}))
     finally:
-        subprocess.run(["lxc-start", "-n", down, "-d"], check=True)
+        subprocess.run(["lxc-start", "-n", container, "-d"], check=True)
     t0 = time.monotonic()
     wait_everywhere(pair, 6)
     FIGURES["down_scanner_caught_up_s"] = round(time.monotonic() - t0, 1)
