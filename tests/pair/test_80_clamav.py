@@ -108,8 +108,9 @@ def reloads(pair: Pair, since: float) -> dict[str, list[float]]:
         for name in scanner_names(pair, key):
             text = tower.node(name).check_output(
                 f"journalctl -q -o short-unix --since @{int(since)} -t clamd"
-                " | grep -F 'Database correctly reloaded' || true"
+                " | grep -F 'Database correctly reloaded' | grep -v -F -- '->' || true"
             )
+            # clamd logs each reload twice (syslog, and its log file's "date -> " copy)
             out[name] = [_unix(line) for line in text.splitlines() if line.strip()]
     return out
 
