@@ -145,6 +145,15 @@ def lab_clamav_upstream() -> dict:
         "url": clamav_upstream.base_url(),
         "nameserver": clamav_upstream.dns_host(),
         "check_interval": "2m",
+        # One third-party feed, URLhaus-shaped, served by the stand-in too (Fangfrisch's urlhaus
+        # provider with its URL pointed there); the others stay off as by default.
+        "feeds": [
+            {
+                "name": clamav_upstream.FEED,
+                "enabled": True,
+                "options": clamav_upstream.feed_options(),
+            }
+        ],
     }
 
 

@@ -14,7 +14,10 @@ rule-bundle key pair; the GOC then serves what is published in /srv/mailtower/bu
 With ``clamav`` it mirrors ClamAV's official databases: cvdupdate (pinned, its own venv and
 wheelhouse, run by its own user ``mtcvd``) on the ``mailtower-cvdupdate`` timer, then
 ``mailtower clamavdb publish`` verifies what it fetched into /srv/mailtower/clamav, which the
-same nginx site serves at ``/clamav/`` (docs/runbook.md, "The GOC's ClamAV mirror").
+same nginx site serves at ``/clamav/`` (docs/runbook.md, "The GOC's ClamAV mirror"). With
+``clamav.feeds`` enabled, Fangfrisch (pinned, its own venv, also ``mtcvd``) fetches those
+third-party feeds in the same script, and publish serves their files under ``/clamav/feeds/``
+(docs/runbook.md, "Third-party feeds").
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, postgres, server, systemd
 
 from mailtower import bundles
-from mailtower.goc import cvdupdate
+from mailtower.goc import cvdupdate, fangfrisch
 from mailtower.goc.eye.auth import hash_password, parse_credentials, verify_password
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.deployed import GocSide, GocTower
@@ -50,6 +53,10 @@ CVD_VENV = "/opt/mailtower/cvdupdate"  # cvdupdate's own venv (requirements-cvdu
 CVD_WHEELHOUSE = "/opt/mailtower/cvdupdate-wheelhouse"
 CVD_REQUIREMENTS = _common.ROOT / "requirements-cvdupdate.txt"
 CVD_RUN = "/usr/local/lib/mailtower/cvdupdate-run"  # the timer's script: update, then publish
+# Fangfrisch (third-party feeds, only when clamav.feeds enables one): its own venv, same user.
+FF_VENV = "/opt/mailtower/fangfrisch"
+FF_WHEELHOUSE = "/opt/mailtower/fangfrisch-wheelhouse"
+FF_REQUIREMENTS = _common.ROOT / "requirements-fangfrisch.txt"
 
 
 def settings() -> GocSettings:
@@ -105,6 +112,8 @@ def install(g: GocSettings):
         )
     if g.clamav is not None:
         _install_cvdupdate()
+    if fangfrisch.enabled(g.clamav):
+        _install_fangfrisch()
     return install_op
 
 
@@ -152,6 +161,33 @@ def _install_cvdupdate() -> None:
             f"rm -rf {CVD_VENV} && python3 -m venv {CVD_VENV}",
             f"{CVD_VENV}/bin/pip install --quiet --no-index --no-deps {CVD_WHEELHOUSE}/*.whl",
             f"{CVD_VENV}/bin/pip check",
+        ],
+        _if=lambda: missing or upload.did_change(),
+    )
+
+
+def _install_fangfrisch() -> None:
+    """Fangfrisch into its own venv from its pinned wheelhouse; its home for mtcvd."""
+    files.directory(
+        name=f"Ensure {fangfrisch.HOME}",
+        path=fangfrisch.HOME,
+        mode="750",
+        user=CVD_USER,
+        group=CVD_USER,
+    )
+    tarball = _common.pinned_wheelhouse_tar("fangfrisch", FF_REQUIREMENTS)
+    upload = files.put(
+        name=f"Upload {FF_WHEELHOUSE}.tar", src=str(tarball), dest=f"{FF_WHEELHOUSE}.tar"
+    )
+    missing = host.get_fact(File, path=f"{FF_VENV}/bin/fangfrisch") is None
+    server.shell(
+        name=f"Install Fangfrisch into {FF_VENV} from its wheelhouse",
+        commands=[
+            f"rm -rf {FF_WHEELHOUSE} && mkdir -p {FF_WHEELHOUSE}"
+            f" && tar -xf {FF_WHEELHOUSE}.tar -C {FF_WHEELHOUSE}",
+            f"rm -rf {FF_VENV} && python3 -m venv {FF_VENV}",
+            f"{FF_VENV}/bin/pip install --quiet --no-index --no-deps {FF_WHEELHOUSE}/*.whl",
+            f"{FF_VENV}/bin/pip check",
         ],
         _if=lambda: missing or upload.did_change(),
     )
@@ -382,6 +418,17 @@ def cvdupdate_run(g: GocSettings) -> dict:
         "db_dir": f"{cvdupdate.HOME}/database",
         "dest": CLAMAV_DIR,
         "databases": ",".join(sorted(g.clamav.databases)),
+        # Always given (possibly none): a feed turned off stops being served.
+        "feeds": ",".join(fangfrisch.enabled(g.clamav)),
+        "feeds_dir": fangfrisch.FEEDS_DIR,
+        "fangfrisch": {
+            "bin": f"{FF_VENV}/bin/fangfrisch",
+            "config": fangfrisch.CONFIG,
+            "home": fangfrisch.HOME,
+            "log": f"{fangfrisch.HOME}/refresh.log",
+        }
+        if fangfrisch.enabled(g.clamav)
+        else None,
         "interval_s": interval,
         # Spread the checks (ClamAV's CDN sees every mirror at once otherwise): a tenth of the
         # interval, at most 5 minutes, so the checks stay at most one per interval on average.
@@ -402,6 +449,7 @@ def _clamav_files(g: GocSettings) -> list:
     )
     run = cvdupdate_run(g)
     return [
+        *_fangfrisch_files(g),
         _common.put_text(
             json.dumps(cvdupdate.wanted(g.clamav), indent=2, sort_keys=True) + "\n",
             cvdupdate.WANTED,
@@ -417,6 +465,26 @@ def _clamav_files(g: GocSettings) -> list:
         _template("goc/etc/systemd/system/mailtower-cvdupdate.service", g, cvd=run),
         _template("goc/etc/systemd/system/mailtower-cvdupdate.timer", g, cvd=run),
     ]
+
+
+def _fangfrisch_files(g: GocSettings) -> list:
+    """fangfrisch.conf (options may hold a feed's key: mtcvd reads it, nobody else) and its
+    refresh log database, made once (``fangfrisch initdb``)."""
+    if not fangfrisch.enabled(g.clamav):
+        return []
+    assert g.clamav is not None
+    conf = _common.put_text(
+        fangfrisch.config_text(g.clamav), fangfrisch.CONFIG, mode="640", group=CVD_USER
+    )
+    missing = host.get_fact(File, path=f"{fangfrisch.HOME}/db.sqlite") is None
+    server.shell(
+        name="Fangfrisch: create its database (initdb, once)",
+        commands=[
+            f"runuser -u {CVD_USER} -- {FF_VENV}/bin/fangfrisch --conf {fangfrisch.CONFIG} initdb"
+        ],
+        _if=lambda: missing,
+    )
+    return [conf]
 
 
 @deploy("mailtower goc")

@@ -851,12 +851,26 @@ class BundleKeys(StrictModel):
         return self
 
 
+_FEED_RESERVED = {"enabled", "local_directory", "db_url", "on_update_exec", "log_method"}
+
+
 class ClamavFeed(StrictModel):
     """A third-party signature feed fetched by Fangfrisch at the GOC (each off by default)."""
 
     name: Annotated[str, Field(pattern=_DB_NAME)]  # Fangfrisch's section: sanesecurity, urlhaus…
     enabled: bool = False
-    options: dict[str, str] = {}  # Fangfrisch options of that section (url_prefix, …)
+    # Fangfrisch's options of that section (prefix, auth_key, customer_id, url_…, …)
+    options: dict[Annotated[str, Field(pattern=r"^!?[a-z][a-z0-9_]*$")], str] = {}
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, options: dict[str, str]) -> dict[str, str]:
+        for key, value in options.items():
+            if key in _FEED_RESERVED:
+                raise ValueError(f"{key} is set by mailtower (the feed's enabled, its directory)")
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"{key}: one line only")
+        return options
 
 
 class ClamavUpstream(StrictModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_templates import CLAMAV, _goc
 
-from mailtower.goc import cvdupdate
+from mailtower.goc import cvdupdate, fangfrisch
 from mailtower.settings import GocSettings
 from roles.goc import CLAMAV_DIR, CVD_RUN, CVD_USER, cvdupdate_run, serve_port
 
@@ -98,6 +98,14 @@ def test_cvdupdate_runs_as_its_own_user_and_writes_only_its_directories(render, 
     assert f"User={CVD_USER}" in unit and f"Group={CVD_USER}" in unit
     assert f"ExecStart={CVD_RUN}" in unit
     assert f"ReadWritePaths={cvdupdate.HOME} {CLAMAV_DIR}" in unit
+    with_feeds = _goc_with_feed()
+    unit = render(
+        "goc/etc/systemd/system/mailtower-cvdupdate.service",
+        settings,
+        goc=with_feeds,
+        cvd=cvdupdate_run(with_feeds),
+    ).splitlines()
+    assert f"ReadWritePaths={cvdupdate.HOME} {CLAMAV_DIR} {fangfrisch.HOME}" in unit
     assert "ProtectSystem=strict" in unit and "NoNewPrivileges=yes" in unit
 
 
@@ -144,6 +152,7 @@ def test_the_timers_script_publishes_even_when_cvdupdate_failed(
         "--databases", "bytecode,daily,extra,main",
         "--cvdupdate-state", f"{cvdupdate.HOME}/state.json",
         "--cvdupdate-rc", str(expected_rc),
+        "--feeds-dir", fangfrisch.FEEDS_DIR, "--feeds",  # none enabled: '' (gone in $*)
     ]  # fmt: skip
     if "cvd" in want_calls:
         assert calls[1].split()[1:] == ["update", "--config", f"{cvdupdate.HOME}/config.json"]
@@ -185,3 +194,76 @@ def test_lab_stand_in_upstream_serves_the_goc_and_the_controller_only(render, se
     allowed = [line.split()[1].rstrip(";") for line in lines if line.startswith("allow ")]
     assert allowed == ["10.201.9.10", "10.201.0.1", "127.0.0.1"]
     assert lines.index("deny all;") > lines.index("allow 127.0.0.1;")
+
+
+def _goc_with_feed(**options: str) -> GocSettings:
+    clamav = _goc().clamav
+    assert clamav is not None
+    feeds = [
+        {"name": "urlhaus", "enabled": True, "options": {"auth_key": "k" * 8, **options}},
+        {"name": "sanesecurity"},  # off by default: not in Fangfrisch's config
+    ]
+    return _goc_with(clamav={**clamav.model_dump(mode="json"), "feeds": feeds})
+
+
+@pytest.mark.parametrize(("ff_rc", "ff_says"), [(0, ""), (0, "WARNING digest mismatch"), (1, "")])
+def test_the_timers_script_refreshes_the_feeds_then_publishes_them(
+    render, settings, tmp_path, ff_rc, ff_says
+):
+    log = tmp_path / "calls"
+    g = _goc_with_feed()
+    ff = tmp_path / "fangfrisch"
+    ff.write_text(f'#!/bin/sh\necho "fangfrisch $*" >> {log}\necho "{ff_says}" >&2\nexit {ff_rc}\n')
+    ff.chmod(0o755)
+    run = cvdupdate_run(g)
+    cvd = {
+        **run,
+        "python": _stand_in(tmp_path / "python", log, 0),
+        "cvd": _stand_in(tmp_path / "cvd", log, 0),
+        "mailtower": _stand_in(tmp_path / "mailtower", log, 0),
+        "fangfrisch": {**run["fangfrisch"], "bin": str(ff), "log": str(tmp_path / "ff.log")},
+    }
+    script = tmp_path / "cvdupdate-run"
+    script.write_text(render("goc/usr/local/lib/mailtower/cvdupdate-run", settings, goc=g, cvd=cvd))
+    script.chmod(0o755)
+    done = subprocess.run([str(script)], capture_output=True, text=True, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr  # a feed failure is recorded, not the unit's
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["python", "cvd", "fangfrisch", "mailtower"]
+    assert calls[2].split()[1:] == ["--conf", fangfrisch.CONFIG, "refresh"]
+    publish = calls[-1].split()
+    assert publish[-8:] == [
+        "--feeds-dir", fangfrisch.FEEDS_DIR, "--feeds", "urlhaus",
+        "--fangfrisch-rc", str(ff_rc), "--fangfrisch-log", str(tmp_path / "ff.log"),
+    ]  # fmt: skip
+    assert (tmp_path / "ff.log").read_text().strip() == ff_says
+    assert ff_says in done.stderr  # and in the journal
+
+
+def test_fangfrisch_config_enables_only_the_enabled_feeds():
+    g = _goc_with_feed(prefix="http://10.201.0.53/")
+    assert g.clamav is not None
+    text = fangfrisch.config_text(g.clamav)
+    import configparser
+
+    parsed = configparser.ConfigParser(interpolation=None)
+    parsed.read_string(text)
+    assert parsed.sections() == ["urlhaus"]
+    section = parsed["urlhaus"]
+    assert section["enabled"] == "yes"
+    assert section["local_directory"] == f"{fangfrisch.FEEDS_DIR}/urlhaus"
+    assert (section["auth_key"], section["prefix"]) == ("k" * 8, "http://10.201.0.53/")
+    assert parsed["DEFAULT"]["db_url"] == fangfrisch.DB_URL
+    assert fangfrisch.enabled(g.clamav) == ["urlhaus"]
+    assert fangfrisch.enabled(_goc().clamav) == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"enabled": "no"}, {"local_directory": "/etc"}, {"auth_key": "a\n[x]"}, {"Bad Key": "1"}],
+)
+def test_a_feeds_options_cannot_reach_past_its_section(options):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        _goc_with_feed(**options)

@@ -131,8 +131,37 @@ def test_publish_installs_the_files_before_announcing_the_version(testfiles, mon
         "test-4.cdiff",
         "test-5.cdiff",
         "test.cvd",
+        "urlhaus_clamav.ndb",
+        "urlhaus_clamav.ndb.sha256",
     ]
     assert str(events[1][1]).split(":")[up.TXT_FIELD] == "5"
+
+
+def test_the_feed_is_urlhaus_shaped_loads_in_libclamav_and_its_checksum_holds(tmp_path):
+    import hashlib
+    import shutil
+
+    from mailtower.clamavdb import verify_feed
+    from mailtower.settings import ClamavFeed
+
+    served = up.feed_files(3)
+    data = served[up.FEED_FILE]
+    assert data.decode().count("Urlhaus.Lab.Url-") == 3
+    # what Fangfrisch checks: the first word of <url>.sha256 is the file's sha256
+    assert (
+        served[f"{up.FEED_FILE}.sha256"].decode().split(" ")[0] == hashlib.sha256(data).hexdigest()
+    )
+    assert up.feed_files(1) != up.feed_files(2)
+    options = ClamavFeed(name=up.FEED, enabled=True, options=up.feed_options()).options
+    assert options["url_urlhaus"] == f"{up.base_url()}/{up.FEED_FILE}"
+    if shutil.which("clamscan"):
+        (tmp_path / up.FEED_FILE).write_bytes(data)
+        verify_feed(tmp_path / up.FEED_FILE)  # libclamav loads it: the GOC serves it
+    flipped = up.served_tar({}, up.FEED_FILE, served)
+    assert (
+        hashlib.sha256(_members(flipped)[up.FEED_FILE]).hexdigest()
+        != hashlib.sha256(data).hexdigest()
+    )
 
 
 def test_publish_names_the_host_and_fix_when_the_files_cannot_be_installed(testfiles):

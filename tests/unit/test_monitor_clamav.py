@@ -60,7 +60,10 @@ class FakeGoc:
         return copy.deepcopy(self.mirror)
 
     def mirror_versions(self, directory: Path) -> dict[str, int]:
-        return {db: d["version"] for db, d in self.mirror.get("databases", {}).items()}
+        versions = {db: d["version"] for db, d in self.mirror.get("databases", {}).items()}
+        if self.mirror.get("feeds_serial"):  # as clamavdb.mirror_versions: the feed set too
+            versions["feeds"] = self.mirror["feeds_serial"]
+        return versions
 
 
 class FakeClamavScanners(FakeScanners):
@@ -210,6 +213,20 @@ def test_the_mirrors_set_is_rolled_window_by_window(tmp_path, monkeypatch) -> No
     assert asyncio.run(clamav.pull()) is False
     asyncio.run(clamav.roll())
     assert len(scanners.events) == 6
+
+
+def test_the_gocs_feed_set_is_rolled_without_a_tower_setting(tmp_path, monkeypatch) -> None:
+    clamav, goc, scanners, _ = make(tmp_path, monkeypatch)
+    goc.served |= {"feeds": {}, "feeds_serial": 3}
+    assert clamav.config.databases == ["main", "daily"]  # no "feeds" among them
+    assert asyncio.run(clamav.pull()) is True
+    assert clamav.state.target == {**NEW, "feeds": 3}
+    assert metric(clamav.monitor, "mailtower_clamav_mirror_version", db="feeds") == 3
+    asyncio.run(clamav.roll())
+    assert scanners.clamav == dict.fromkeys(SCANNERS, {**NEW, "feeds": 3})
+    goc.served["feeds_serial"] = 4  # a new feed set alone moves the target
+    assert asyncio.run(clamav.pull()) is True and clamav.state.target == {**NEW, "feeds": 4}
+    assert clamav.scanners_behind() == 3
 
 
 def test_the_two_rollouts_never_take_capacity_at_once(tmp_path, monkeypatch) -> None:

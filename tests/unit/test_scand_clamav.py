@@ -275,3 +275,127 @@ def test_one_request_at_a_time_and_busy_in_health(
     # the rollback waited for the apply, then found what the apply had kept
     assert [a[0] for a in answers] == [200, 200], answers
     assert answers[1][1]["clamav"]["daily"] == 100
+
+
+# --- third-party feeds: the monitor's mirror serves them beside the official databases -------
+
+
+class FeedMirror:
+    """The monitor's served directory (index.json + feeds/) behind HTTP."""
+
+    def __init__(self, root: Path) -> None:
+        import http.server
+
+        self.root = root
+        (root / "feeds").mkdir(parents=True)
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), lambda *a, **k: Quiet(*a, directory=str(root), **k)
+        )
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def serve(self, serial: int, contents: dict[str, str]) -> None:
+        import hashlib
+        import json
+
+        for old in (self.root / "feeds").iterdir():
+            old.unlink()
+        entries = {}
+        for name, text in contents.items():
+            (self.root / "feeds" / name).write_text(text)
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            entries[name] = {"sha256": digest, "size": len(text.encode()), "feed": "urlhaus"}
+        index = {"format": 1, "databases": {}, "feeds": entries, "feeds_serial": serial}
+        (self.root / "index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture
+def feeds(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Iterator[FeedMirror]:
+    import dataclasses
+
+    mirror = FeedMirror(rig.tmp / "mirror")
+    with_mirror = dataclasses.replace(
+        clamav_apply.Paths.of(rig.source.settings), mirror=mirror.url
+    )  # the rig's directories and fake freshclam, this mirror
+    monkeypatch.setattr(clamav_apply.Paths, "of", classmethod(lambda cls, s: with_mirror))
+    yield mirror
+    mirror.server.shutdown()
+    mirror.server.server_close()
+
+
+NDB = "Lab.Feed.Url-{n}:0:*:687474703a2f2f6d616c776172652e6c61622e696e76616c6964\n"
+
+
+def feed_files(rig: Rig) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(rig.paths.live.glob("feed-*"))}
+
+
+def test_a_feed_set_alone_is_synced_installed_and_reported(rig: Rig, feeds: FeedMirror) -> None:
+    feeds.serve(1, {"urlhaus_clamav.ndb": NDB.format(n=1), "junk.ndb": NDB.format(n=2)})
+    status, doc = rig.apply(feeds=1)
+    assert status == 200, doc
+    assert doc["clamav"] == {"main": 60, "daily": 100, "feeds": 1}
+    assert feed_files(rig) == {
+        "feed-junk.ndb": NDB.format(n=2),
+        "feed-urlhaus_clamav.ndb": NDB.format(n=1),
+    }
+    assert rig.freshclam.calls == []  # the official databases were current: no freshclam
+    assert rig.reloads == ["daily=100,main=60"]  # one reload, in the window
+    assert (rig.paths.live / "mailtower-test.ndb").exists()  # sigsync's files untouched
+    assert rig.health()["clamav"]["feeds"] == 1
+    assert rig.apply(feeds=1)[1]["installed"] is False
+
+
+def test_feeds_and_a_database_in_one_window_and_rolled_back_together(
+    rig: Rig, feeds: FeedMirror
+) -> None:
+    feeds.serve(1, {"urlhaus_clamav.ndb": NDB.format(n=1), "junk.ndb": NDB.format(n=2)})
+    assert rig.apply(feeds=1)[0] == 200
+    feeds.serve(2, {"urlhaus_clamav.ndb": NDB.format(n=3)})
+    rig.freshclam.plan({"daily.cld": rig.upstream("daily", 101)})
+    status, doc = rig.apply(daily=101, feeds=2)
+    assert status == 200 and doc["clamav"] == {"main": 60, "daily": 101, "feeds": 2}, doc
+    assert feed_files(rig) == {"feed-urlhaus_clamav.ndb": NDB.format(n=3)}  # junk.ndb gone
+    assert len(rig.reloads) == 2
+    status, doc = rig.post("/clamav/rollback")
+    assert status == 200 and doc["clamav"] == {"main": 60, "daily": 100, "feeds": 1}, doc
+    assert sorted(feed_files(rig)) == ["feed-junk.ndb", "feed-urlhaus_clamav.ndb"]
+    assert feed_files(rig)["feed-urlhaus_clamav.ndb"] == NDB.format(n=1)
+
+
+def test_a_feed_set_the_mirror_does_not_serve_or_a_bad_file_is_refused(
+    rig: Rig, feeds: FeedMirror
+) -> None:
+    feeds.serve(3, {"urlhaus_clamav.ndb": NDB.format(n=1)})
+    status, doc = rig.apply(feeds=2)
+    assert status == 502 and "serves feed set 3, not the asked 2" in doc["reason"], doc
+    (feeds.root / "feeds" / "urlhaus_clamav.ndb").write_text(NDB.format(n=9))  # not the index's
+    status, doc = rig.apply(feeds=3)
+    assert status == 502 and "urlhaus_clamav.ndb: refused: sha256" in doc["reason"], doc
+    assert doc["clamav"] == {"main": 60, "daily": 100} and feed_files(rig) == {}
+    assert rig.reloads == []
+
+
+def test_a_reload_that_does_not_take_takes_the_new_feeds_away(
+    rig: Rig, feeds: FeedMirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feeds.serve(1, {"urlhaus_clamav.ndb": NDB.format(n=1)})
+    recorded = clamav_apply.reload_engines
+    calls = {"n": 0}
+
+    def failing_once(*args, **kwargs) -> None:
+        recorded(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ApplyError("engine clamd has not loaded the new ClamAV databases after 300 s")
+
+    monkeypatch.setattr(clamav_apply, "reload_engines", failing_once)
+    status, doc = rig.apply(feeds=1)
+    assert status == 409 and "feeds (none) are back" in doc["reason"], doc
+    assert feed_files(rig) == {} and "feeds" not in rig.health()["clamav"]
+    assert not (rig.paths.live / clamav_apply.FEEDS_MANIFEST).exists()

@@ -15,11 +15,16 @@ Usage::
 A served directory holds ``<db>.cvd``, ``<db>-N.cdiff`` (only CDIFFs whose chain verified) and
 ``index.json``, written last (format in ``_mirror``). Signatures are checked by ClamAV's own
 ``sigtool`` (``_cvd``); a refused file never replaces a served one.
+
+Third-party feeds (Fangfrisch at the GOC, ``_feeds``) are served beside them in ``feeds/``,
+each file loaded by libclamav first; ``mirror_versions`` then has ``"feeds": <serial>``, and a
+scanner takes the set with ``sync_feeds`` (sha256 of each file checked).
 """
 
 from __future__ import annotations
 
 from mailtower.clamavdb._cvd import CvdHeader, live_versions, read_header, verify_chain, verify_cvd
+from mailtower.clamavdb._feeds import FEEDS, is_feed_file, sync_feeds, verify_feed
 from mailtower.clamavdb._mirror import (
     INDEX,
     KEEP_CDIFFS,
@@ -31,16 +36,20 @@ from mailtower.clamavdb._mirror import (
 from mailtower.clamavdb.errors import DatabaseError
 
 __all__ = [
+    "FEEDS",
     "INDEX",
     "KEEP_CDIFFS",
     "CvdHeader",
     "DatabaseError",
+    "is_feed_file",
     "live_versions",
     "mirror_versions",
     "publish",
     "pull",
     "read_header",
     "read_index",
+    "sync_feeds",
     "verify_chain",
     "verify_cvd",
+    "verify_feed",
 ]

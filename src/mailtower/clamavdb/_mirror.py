@@ -25,6 +25,14 @@ from typing import Any
 
 from mailtower._fsio import fsync_dir, write_durable
 from mailtower.clamavdb._cvd import read_header, verify_chain, verify_cvd
+from mailtower.clamavdb._feeds import (
+    FEEDS,
+    check_feeds,
+    publish_feeds,
+    pull_feeds,
+    remove_unlisted,
+    served_feeds,
+)
 from mailtower.clamavdb.errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -55,25 +63,47 @@ def read_index(directory: Path) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise DatabaseError(f"{path}: cannot be read: {exc}") from None
-    return _parse_index(raw, str(path))
+    return parse_index(raw, str(path))
 
 
 def mirror_versions(directory: Path) -> dict[str, int]:
-    """``{db: version}`` the served directory's index.json promises."""
-    databases = read_index(directory).get("databases", {})
-    return {db: entry["version"] for db, entry in sorted(databases.items())}
+    """``{db: version}`` the served directory's index.json promises; with ``"feeds": serial``
+    once it has served third-party feeds (the feed set rolls like a database)."""
+    index = read_index(directory)
+    databases = index.get("databases", {})
+    versions = {db: entry["version"] for db, entry in sorted(databases.items())}
+    if index.get("feeds_serial"):
+        versions[FEEDS] = index["feeds_serial"]
+    return versions
 
 
 def publish(
-    source: Path, dest: Path, databases: list[str], upstream: dict[str, Any]
+    source: Path,
+    dest: Path,
+    databases: list[str],
+    upstream: dict[str, Any],
+    feeds_dir: Path | None = None,
+    feeds: list[str] | None = None,
 ) -> dict[str, int]:
     """Verify ``source``'s <db>.cvd and its CDIFFs and serve them in ``dest``; returns the
     served versions. A refused database keeps its served files; the others still publish; then
-    DatabaseError lists every refusal (index.json tells the monitors how many, and why)."""
+    DatabaseError lists every refusal (index.json tells the monitors how many, and why).
+
+    With ``feeds`` (the enabled feeds' names, possibly none) the files Fangfrisch wrote into
+    ``feeds_dir/<feed>/`` are served too, each once libclamav loads it (``_feeds``); without,
+    the served feeds stay as they are."""
     with _locked(dest) as work:
         index = read_index(dest)
         served = dict(index.get("databases", {}))
         refusals: list[str] = []
+        feed_files, serial = served_feeds(index)
+        if feeds is not None:
+            if feeds_dir is None:
+                raise ValueError("publish: feeds need feeds_dir")
+            new_files = publish_feeds(feeds_dir, dest, feeds, feed_files, work, refusals)
+            if new_files != feed_files:
+                serial += 1  # the set or a file changed: a new feed set for the scanners
+            feed_files = new_files
         for db in databases:
             try:
                 served[db] = _publish_db(source, dest, db, served.get(db), work, refusals, True)
@@ -83,13 +113,16 @@ def publish(
                 refusals.append(f"{dest}: publishing {db} failed: {exc}")
         merged = {**UPSTREAM_DEFAULTS, **index.get("upstream", {}), **upstream}
         merged["refusals"] = len(refusals)
-        merged["last_error"] = (
-            "; ".join(refusals)[-2000:] if refusals else upstream.get("last_error", "")
-        )
-        _finish(dest, index, served, merged, databases)
+        errors = [*refusals, upstream.get("last_error", "")]  # the refusals, then the run's
+        merged["last_error"] = "; ".join(e for e in errors if e)[-2000:]
+        _finish(dest, index, served, merged, databases, (feed_files, serial))
     if refusals:
         raise DatabaseError(
-            f"{len(refusals)} of {len(databases)} database(s) refused at {dest}: "
+            (
+                f"{len(refusals)} of {len(databases)} database(s) refused at {dest}: "
+                if not feeds
+                else f"{len(refusals)} refusal(s) at {dest} (databases and feeds): "
+            )
             + " | ".join(refusals)
         )
     return {db: served[db]["version"] for db in databases}
@@ -98,11 +131,14 @@ def publish(
 def pull(base_url: str, dest: Path, databases: list[str], timeout_s: float = 30) -> dict[str, int]:
     """Bring ``dest`` to what ``base_url``/index.json serves, verifying every file as publish
     does; the GOC's ``upstream`` section is copied through. A refused database keeps its
-    previous files; DatabaseError (naming each URL) after the others were pulled."""
+    previous files; DatabaseError (naming each URL) after the others were pulled.
+
+    The GOC's feeds come too, whatever ``databases`` says: its whole set (each file's sha256
+    checked) and its serial, or, when a file fails, the previous set."""
     base_url = base_url.rstrip("/")
     index_url = f"{base_url}/{INDEX}"
-    raw = _download_bytes(index_url, INDEX_MAX_BYTES, timeout_s)
-    remote = _parse_index(raw, index_url)
+    raw = download_bytes(index_url, INDEX_MAX_BYTES, timeout_s)
+    remote = parse_index(raw, index_url)
     remote_dbs = remote.get("databases", {})
     with _locked(dest) as work:
         index = read_index(dest)
@@ -117,8 +153,20 @@ def pull(base_url: str, dest: Path, databases: list[str], timeout_s: float = 30)
                 refusals.append(str(exc))
             except OSError as exc:
                 refusals.append(f"{dest}: pulling {db} failed: {exc}")
+        feeds = served_feeds(index)
+        remote_feeds = served_feeds(remote)
+        if remote_feeds != feeds:
+            try:
+                feeds = (
+                    pull_feeds(base_url, dest, remote_feeds[0], feeds[0], work, timeout_s),
+                    remote_feeds[1],
+                )
+            except DatabaseError as exc:
+                refusals.append(f"{exc} (feed set {remote_feeds[1]} refused whole)")
+            except OSError as exc:
+                refusals.append(f"{dest}: pulling feed set {remote_feeds[1]} failed: {exc}")
         # copied through as the GOC wrote it: the monitor's metrics report the GOC's state
-        _finish(dest, index, served, remote.get("upstream", {}), databases)
+        _finish(dest, index, served, remote.get("upstream", {}), databases, feeds)
     if refusals:
         raise DatabaseError(
             f"{len(refusals)} of {len(databases)} database(s) refused from {base_url}: "
@@ -237,7 +285,7 @@ def _pull_db(
         files.update({name: (entry["cdiffs"][name], FILE_MAX_BYTES) for name in chain})
     try:
         for name, (digest, size) in files.items():
-            _download_file(f"{base_url}/{name}", staging / name, digest, size, timeout_s)
+            download_file(f"{base_url}/{name}", staging / name, digest, size, timeout_s)
         noted: list[str] = []
         entry_out = _publish_db(staging, dest, db, old, work, noted)
         refusals.extend(n.replace(f"{staging}/", f"{base_url}/") for n in noted)
@@ -254,16 +302,27 @@ def _finish(
     served: dict[str, Any],
     upstream: dict[str, Any],
     databases: list[str],
+    feeds: tuple[dict[str, Any], int] = ({}, 0),
 ) -> None:
-    """Write index.json (only when something changed) and drop CDIFFs no longer listed."""
-    if served != index.get("databases") or upstream != index.get("upstream"):
-        document = {
+    """Write index.json (only when something changed) and drop CDIFFs and feed files no
+    longer listed. No feeds section until a feed set was served (serial 0)."""
+    feed_files, serial = feeds
+    if (
+        served != index.get("databases")
+        or upstream != index.get("upstream")
+        or feeds != served_feeds(index)
+    ):
+        document: dict[str, Any] = {
             "format": FORMAT,
             "databases": dict(sorted(served.items())),
             "published_at": time.time(),
             "upstream": upstream,
         }
+        if serial:
+            document["feeds"] = dict(sorted(feed_files.items()))
+            document["feeds_serial"] = serial
         write_durable(dest / INDEX, json.dumps(document, indent=1).encode() + b"\n", mode=0o644)
+    remove_unlisted(dest, feed_files)
     removed = False
     for db in databases:
         listed = set(served.get(db, {}).get("cdiffs", {}))
@@ -275,7 +334,7 @@ def _finish(
         fsync_dir(dest)
 
 
-def _parse_index(raw: bytes, where: str) -> dict[str, Any]:
+def parse_index(raw: bytes, where: str) -> dict[str, Any]:
     try:
         document = json.loads(raw)
         if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -286,6 +345,7 @@ def _parse_index(raw: bytes, where: str) -> dict[str, Any]:
             raise ValueError("databases and upstream must be objects")
         for db, entry in databases.items():
             _check_entry(db, entry)
+        check_feeds(document)
     except (ValueError, TypeError, KeyError) as exc:
         raise DatabaseError(
             f"{where}: malformed index ({exc}); fix: run `mailtower clamavdb publish` (or pull) "
@@ -376,7 +436,7 @@ def _open(url: str, timeout_s: float) -> Any:
         ) from None
 
 
-def _download_bytes(url: str, cap: int, timeout_s: float) -> bytes:
+def download_bytes(url: str, cap: int, timeout_s: float) -> bytes:
     with _open(url, timeout_s) as response:
         try:
             body: bytes = response.read(cap + 1)
@@ -387,7 +447,7 @@ def _download_bytes(url: str, cap: int, timeout_s: float) -> bytes:
     return body
 
 
-def _download_file(url: str, target: Path, digest: str, size: int, timeout_s: float) -> None:
+def download_file(url: str, target: Path, digest: str, size: int, timeout_s: float) -> None:
     """Download ``url`` into ``target``: at most ``size`` bytes, whose sha256 must be
     ``digest`` (a CVD's size is in the index; a CDIFF's is only capped)."""
     hasher, total = hashlib.sha256(), 0

@@ -45,6 +45,27 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help="exit status of the cvdupdate run just before (0: the upstream check succeeded)",
     )
+    publish.add_argument(
+        "--feeds",
+        type=_feed_names,
+        metavar="A,B,…",
+        help="the enabled third-party feeds (Fangfrisch's sections; '' for none): serve "
+        "their files from --feeds-dir/<feed>/; without it the served feeds stay as they are",
+    )
+    publish.add_argument("--feeds-dir", type=Path, metavar="DIR",
+                         help="Fangfrisch's local directories' parent")  # fmt: skip
+    publish.add_argument(
+        "--fangfrisch-rc",
+        type=int,
+        metavar="N",
+        help="exit status of the `fangfrisch refresh` just before",
+    )
+    publish.add_argument(
+        "--fangfrisch-log",
+        type=Path,
+        metavar="FILE",
+        help="its output (log level WARNING: any line is a failed feed download or check)",
+    )
     publish.set_defaults(func=_publish)
 
     pull = actions.add_parser("pull", help="mirror a served directory (on a monitor)")
@@ -86,6 +107,29 @@ def upstream_state(
     return upstream
 
 
+def fangfrisch_error(rc: int | None, log_file: Path | None) -> str:
+    """What went wrong in the ``fangfrisch refresh`` before publish ("" when nothing)."""
+    if rc is None and log_file is None:
+        return ""
+    lines: list[str] = []
+    if log_file is not None:
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError as exc:
+            lines.append(f"{log_file}: unreadable ({exc})")
+        else:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if rc:
+        lines.append(f"exit status {rc}")
+    if not lines:
+        return ""
+    return "fangfrisch refresh: " + " | ".join(lines[-3:])[-1000:]
+
+
+def _feed_names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
 def _names(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
@@ -95,10 +139,18 @@ def _names(value: str) -> list[str]:
 
 def _publish(args: argparse.Namespace) -> int:
     upstream = upstream_state(args.databases, args.cvdupdate_state, args.cvdupdate_rc, time.time())
+    feeds_error = fangfrisch_error(args.fangfrisch_rc, args.fangfrisch_log)
+    if feeds_error:  # recorded like cvdupdate's failures; publish still serves what it has
+        upstream["last_error"] = "; ".join(e for e in (upstream["last_error"], feeds_error) if e)
     if upstream["last_error"]:
         print(f"mailtower clamavdb publish: upstream: {upstream['last_error']}", file=sys.stderr)
+    if args.feeds is not None and args.feeds_dir is None:
+        print("mailtower clamavdb publish: --feeds needs --feeds-dir", file=sys.stderr)
+        return 2
     try:
-        versions = clamavdb.publish(args.source, args.dest, args.databases, upstream)
+        versions = clamavdb.publish(
+            args.source, args.dest, args.databases, upstream, args.feeds_dir, args.feeds
+        )
     except clamavdb.DatabaseError as exc:
         return _refused(args, exc)
     _print_versions(args.dest, versions)

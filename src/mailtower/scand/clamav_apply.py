@@ -11,6 +11,13 @@ the bundle apply's probe (mailtower.scand.bundle_apply): only an engine loaded a
 files were in place knows that token. A reload that does not take puts the previous files
 back and reloads again. ``/clamav/rollback`` puts the previous files back the same way.
 
+Third-party feeds (issue 16, Fangfrisch at the GOC) come with the official databases: when
+the asked versions include ``"feeds": S`` (the monitor's mirror serves feed set S), scand takes
+that set from the monitor's mirror (``<mirror>/index.json`` + ``feeds/<file>``, each sha256
+checked: ``clamavdb.sync_feeds``) into ``<staging>/feeds`` and installs it in clamd's directory
+as ``feed-<file>`` (removing the ``feed-*`` files no longer listed) with :data:`FEEDS_MANIFEST`
+saying S, in the same window and reload; the previous set is kept and restored like a database.
+
 clamd never loads these databases on its own: freshclam writes only to the staging directory
 (Debian's clamav-freshclam service is disabled, the conf has no NotifyClamd) and clamd.conf
 turns SelfCheck off (roles/scanner.py).
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailtower._fsio import fsync_dir, write_durable
-from mailtower.clamavdb import DatabaseError, live_versions
+from mailtower.clamavdb import FEEDS, DatabaseError, live_versions, sync_feeds
 from mailtower.scand.bundle_apply import local_engines, probe_signature, wait_for_probe
 from mailtower.scand.errors import ApplyError, ClamavApplyError
 from mailtower.settings import TowerSettings
@@ -46,6 +53,9 @@ PREVIOUS_DIR = Path("/var/lib/mailtower/clamav-previous")
 PREVIOUS_MANIFEST = "previous.json"
 PROBE_NAME = "mtclamav-probe.ndb"  # not mtbundle-*: the bundle apply removes those it lacks
 SUFFIXES = (".cvd", ".cld")
+FEED_PREFIX = "feed-"  # a third-party feed's file in clamd's directory: feed-<its name>
+FEEDS_MANIFEST = "mtfeeds.json"  # beside them: {"serial": S, "files": [...]} (not a db type)
+FEEDS_TIMEOUT_S = 120.0
 FRESHCLAM_TIMEOUT_S = 600.0  # main.cvd is about 160 MB, fetched from the tower's own monitor
 RELOAD_TIMEOUT_S = 300.0  # a non-concurrent reload of main + daily takes a minute on a slow host
 _ERROR_LINES = 5
@@ -60,12 +70,22 @@ class Paths:
     previous: Path
     freshclam_conf: Path = FRESHCLAM_CONF
     freshclam: str = FRESHCLAM
+    mirror: str = ""  # the monitor's served directory (feeds): <mirror_url>/official
 
     @classmethod
     def of(cls, settings: TowerSettings) -> Paths:
         return cls(
-            Path(settings.clamav_db_dir), STAGED_DIR, PREVIOUS_DIR, FRESHCLAM_CONF, FRESHCLAM
+            Path(settings.clamav_db_dir),
+            STAGED_DIR,
+            PREVIOUS_DIR,
+            FRESHCLAM_CONF,
+            FRESHCLAM,
+            f"{settings.mirror_url}/official",
         )
+
+    @property
+    def staged_feeds(self) -> Path:
+        return self.staged / FEEDS
 
 
 @dataclass(frozen=True)
@@ -85,10 +105,72 @@ def configured(settings: TowerSettings) -> list[str]:
 
 
 def live(settings: TowerSettings, paths: Paths | None = None) -> dict[str, int]:
-    """{db: version} of the configured databases in clamd's directory (those present)."""
+    """{db: version} of the configured databases in clamd's directory (those present), and
+    ``"feeds": S`` once a feed set is installed."""
     wanted = configured(settings)
-    found = live_versions((paths or Paths.of(settings)).live)
-    return {db: found[db] for db in wanted if db in found}
+    directory = (paths or Paths.of(settings)).live
+    found = live_versions(directory)
+    versions = {db: found[db] for db in wanted if db in found}
+    serial = live_feeds(directory)
+    if serial is not None:
+        versions[FEEDS] = serial
+    return versions
+
+
+def live_feeds(directory: Path) -> int | None:
+    """The feed set installed in ``directory`` (None: none, or its manifest unreadable)."""
+    try:
+        serial = json.loads((directory / FEEDS_MANIFEST).read_text())["serial"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("event=clamav_feeds_manifest_unreadable dir=%s error=%r", directory, str(exc))
+        return None
+    return serial if isinstance(serial, int) else None
+
+
+def _feed_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(f"{FEED_PREFIX}*") if p.is_file())
+
+
+def _copy_feeds(source: Path, directory: Path) -> None:
+    """Copy the feed files and manifest of ``source`` into ``directory``."""
+    for path in _feed_files(source):
+        _copy_in(path, directory)
+    if (source / FEEDS_MANIFEST).is_file():
+        _copy_in(source / FEEDS_MANIFEST, directory)
+
+
+def _replace_feeds(source: Path | None, live_dir: Path) -> None:
+    """Make ``live_dir`` hold exactly the feed files and manifest of ``source`` (None: no
+    feeds). The manifest goes last when added and first when removed."""
+    wanted = {p.name for p in _feed_files(source)} if source is not None else set()
+    if source is None or not (source / FEEDS_MANIFEST).is_file():
+        (live_dir / FEEDS_MANIFEST).unlink(missing_ok=True)
+    if source is not None:
+        for path in _feed_files(source):
+            _copy_in(path, live_dir)
+    for path in _feed_files(live_dir):
+        if path.name not in wanted:
+            path.unlink()
+    if source is not None and (source / FEEDS_MANIFEST).is_file():
+        _copy_in(source / FEEDS_MANIFEST, live_dir)
+    fsync_dir(live_dir)
+
+
+def _install_feeds(paths: Paths, listed: dict[str, object], serial: int) -> None:
+    """The staged feed set into clamd's directory as feed-<file>, then its manifest."""
+    ready = paths.staged / ".feeds-ready"
+    shutil.rmtree(ready, ignore_errors=True)
+    ready.mkdir()
+    try:
+        for name in sorted(listed):
+            shutil.copyfile(paths.staged_feeds / name, ready / f"{FEED_PREFIX}{name}")
+        manifest = {"serial": serial, "files": sorted(listed)}
+        (ready / FEEDS_MANIFEST).write_text(json.dumps(manifest) + "\n")
+        _replace_feeds(ready, paths.live)
+    finally:
+        shutil.rmtree(ready, ignore_errors=True)
 
 
 def _file_of(directory: Path, db: str) -> Path | None:
@@ -153,11 +235,19 @@ def keep_previous(paths: Paths, dbs: list[str]) -> dict[str, int | None]:
     previous.mkdir(parents=True, exist_ok=True)
     (previous / PREVIOUS_MANIFEST).unlink(missing_ok=True)  # until complete: nothing to restore
     for old in previous.iterdir():
-        if old.suffix in SUFFIXES or old.name.startswith("."):
+        if old.is_file() and (
+            old.suffix in SUFFIXES
+            or old.name.startswith((".", FEED_PREFIX))
+            or old.name == FEEDS_MANIFEST
+        ):
             old.unlink()
     manifest: dict[str, int | None] = {}
     found = live_versions(paths.live)
     for db in dbs:
+        if db == FEEDS:
+            manifest[db] = live_feeds(paths.live)
+            _copy_feeds(paths.live, previous)
+            continue
         current = _file_of(paths.live, db)
         manifest[db] = found.get(db) if current else None
         if current is not None:
@@ -183,6 +273,9 @@ def _read_previous(paths: Paths) -> dict[str, int | None]:
 def _put_back(paths: Paths, manifest: dict[str, int | None]) -> None:
     """Make clamd's directory hold the previous files of each database in ``manifest``."""
     for db, version in sorted(manifest.items()):
+        if db == FEEDS:
+            _replace_feeds(paths.previous if version is not None else None, paths.live)
+            continue
         kept = _file_of(paths.previous, db)
         if version is None:  # it was not there before: take it away again
             for suffix in SUFFIXES:
@@ -262,7 +355,7 @@ def apply(
     started = time.monotonic()
     paths = paths or Paths.of(settings)
     dbs = configured(settings)
-    unknown = sorted(set(versions) - set(dbs))
+    unknown = sorted(set(versions) - set(dbs) - {FEEDS})
     if not versions or unknown:
         raise ClamavApplyError(
             f"asked for {sorted(versions) or 'no database'}; this tower loads {dbs} "
@@ -279,12 +372,26 @@ def apply(
         )
     if all(now.get(db) == v for db, v in versions.items()):
         return ClamavApplied(now, False, False, time.monotonic() - started)
-    ok, output = run_freshclam(paths, freshclam_timeout_s)
-    try:
-        staged = live_versions(paths.staged)
-    except DatabaseError as exc:
-        raise ClamavApplyError(f"staged databases unreadable: {exc}", 502) from exc
-    wrong = {db: v for db, v in versions.items() if staged.get(db) != v}
+    official = {db: v for db, v in versions.items() if db != FEEDS}
+    feeds = versions.get(FEEDS)
+    listed: dict[str, object] = {}
+    if feeds is not None and now.get(FEEDS) != feeds:
+        try:
+            listed = sync_feeds(paths.mirror, paths.staged_feeds, feeds, FEEDS_TIMEOUT_S)
+        except (DatabaseError, OSError) as exc:
+            raise ClamavApplyError(
+                f"feed set {feeds} not staged from {paths.mirror}: {exc}", 502
+            ) from exc
+    elif feeds is not None:
+        feeds = None  # already live
+    ok, output, staged = True, "", now
+    if any(now.get(db) != v for db, v in official.items()):
+        ok, output = run_freshclam(paths, freshclam_timeout_s)
+        try:
+            staged = live_versions(paths.staged)
+        except DatabaseError as exc:
+            raise ClamavApplyError(f"staged databases unreadable: {exc}", 502) from exc
+    wrong = {db: v for db, v in official.items() if staged.get(db) != v}
     if wrong:
         what = "; ".join(
             f"{db}: asked {v}, staged {staged.get(db, 'none')}" for db, v in sorted(wrong.items())
@@ -294,9 +401,13 @@ def apply(
             f"versions ({what}); freshclam said: {_last_errors(output)}",
             409 if ok else 502,
         )
-    asked = sorted(versions)
+    asked = sorted(official if feeds is None else versions)
     manifest = keep_previous(paths, asked)
     for db in asked:
+        if db == FEEDS:
+            assert feeds is not None
+            _install_feeds(paths, listed, feeds)
+            continue
         source = _file_of(paths.staged, db)
         assert source is not None  # staged holds it: its version was read above
         _install(source, paths.live, db)
@@ -336,6 +447,9 @@ def rollback(
     staging.mkdir()
     try:
         for db in manifest:
+            if db == FEEDS:
+                _copy_feeds(paths.live, staging)
+                continue
             live_file = _file_of(paths.live, db)
             if live_file is not None:
                 _copy_in(live_file, staging)

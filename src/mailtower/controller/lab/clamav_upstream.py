@@ -18,6 +18,7 @@ record last: cvdupdate never learns of a version whose files are not served yet.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -51,7 +52,12 @@ INITIAL_VERSION = 2
 # main, daily, time, …, bytecode. Fields not served carry 0.
 _TXT_FIELDS = 8
 _ENGINE = "1.4.3"
-_CORRUPTIBLE = re.compile(rf"^{DATABASE}(\.cvd|-\d+\.cdiff)$")
+# One third-party feed in URLhaus's shape (Fangfrisch's "urlhaus" provider): its ClamAV file
+# and the .sha256 Fangfrisch checks it against, generated here (the lab has no internet).
+FEED = "urlhaus"
+FEED_FILE = "urlhaus_clamav.ndb"
+FEED_URL = "http://malware.urlhaus.lab.invalid/dropper-{n}.exe"  # what its signatures find
+_CORRUPTIBLE = re.compile(rf"^({DATABASE}(\.cvd|-\d+\.cdiff)|{re.escape(FEED_FILE)})$")
 
 
 def dns_host() -> str:
@@ -89,6 +95,23 @@ def served_files(testfiles: Path, version: int) -> dict[str, Path]:
     return names
 
 
+def feed_files(revision: int = 1) -> dict[str, bytes]:
+    """The feed's served files at ``revision`` (revision N: N signatures, one per URL)."""
+    lines = [
+        f"Urlhaus.Lab.Url-{n}:0:*:{FEED_URL.format(n=n).encode().hex()}"
+        for n in range(1, revision + 1)
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    digest = hashlib.sha256(data).hexdigest()
+    return {FEED_FILE: data, f"{FEED_FILE}.sha256": f"{digest}  {FEED_FILE}\n".encode()}
+
+
+def feed_options() -> dict[str, str]:
+    """The lab GOC's Fangfrisch options for :data:`FEED`: its URL on the stand-in (Fangfrisch
+    fetches ``<url>.sha256`` first and refuses a file whose digest differs)."""
+    return {"auth_key": "lab", "url_urlhaus": f"{base_url()}/{FEED_FILE}"}
+
+
 def flip_byte(data: bytes) -> bytes:
     """``data`` with one byte inverted: in the middle of what follows a CVD's 512-byte header
     (the signed body), so the file still parses but its signature no longer holds."""
@@ -99,18 +122,22 @@ def flip_byte(data: bytes) -> bytes:
     return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1 :]
 
 
-def served_tar(files: dict[str, Path], corrupt: str | None = None) -> bytes:
-    """The served files as a tar (names flat, 0644), ``corrupt`` with one byte flipped."""
-    if corrupt is not None and corrupt not in files:
+def served_tar(
+    files: dict[str, Path], corrupt: str | None = None, extra: dict[str, bytes] | None = None
+) -> bytes:
+    """The served files (and ``extra``'s generated ones) as a tar (names flat, 0644),
+    ``corrupt`` with one byte flipped."""
+    contents: dict[str, Path | bytes] = {**files, **(extra or {})}
+    if corrupt is not None and corrupt not in contents:
         raise PublishError(
             f"controller: corrupt={corrupt!r} is not served at this version; served: "
-            f"{', '.join(sorted(files))}"
+            f"{', '.join(sorted(contents))}"
             + ("" if _CORRUPTIBLE.match(corrupt) else f" (names are {DATABASE}.cvd, …)")
         )
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, path in sorted(files.items()):
-            data = path.read_bytes()
+        for name, source in sorted(contents.items()):
+            data = source if isinstance(source, bytes) else source.read_bytes()
             if name == corrupt:
                 data = flip_byte(data)
             info = tarfile.TarInfo(name)
@@ -188,18 +215,21 @@ def publish(
     version: int,
     corrupt: str | None = None,
     *,
+    feed_revision: int = 1,
     say: Say = lambda _: None,
     shell: Shell | None = None,
     server: AuthServer | None = None,
     testfiles: Path | None = None,
 ) -> None:
     """Make the stand-in upstream serve version ``version`` of the test database (its CVD and
-    CDIFFs 2 … N, then the TXT record), with one byte of ``corrupt`` flipped if given.
+    CDIFFs 2 … N, then the TXT record) and revision ``feed_revision`` of the URLhaus-shaped
+    feed (:func:`feed_files`), with one byte of ``corrupt`` flipped if given.
 
     By default the lab's DNS host: SSH for the files, the lab's TSIG key for the record.
     """
     files = served_files(testfiles or clamav_testfiles.ensure(say), version)
-    upload = served_tar(files, corrupt)
+    extra = feed_files(feed_revision)
+    upload = served_tar(files, corrupt, extra)
     if shell is None:
         from mailtower.controller.lab import lxc
 
@@ -207,11 +237,12 @@ def publish(
     server = server or lab_server()
     where = f"DNS host {server.address}"
     say(
-        f"{where}: serving test version {version} ({', '.join(sorted(files))})"
+        f"{where}: serving test version {version} ({', '.join(sorted(files))}) and feed "
+        f"{FEED} revision {feed_revision}"
         + (f", {corrupt} with one byte flipped" if corrupt else "")
     )
     try:
-        shell(install_command(list(files)), upload)
+        shell(install_command([*files, *extra]), upload)
     except StepFailed as exc:
         raise PublishError(
             f"{where}: installing the files in {SERVE_DIR} failed ({exc.returncode}): "

@@ -140,7 +140,13 @@ class ClamavRollout(Rounds):
             log.error("event=clamav_mirror_unreadable mirror=%s error=%r", self.mirror_dir, exc)
             return False
         self.index = index
-        self.mirrored = {db: v for db, v in versions.items() if db in self.config.databases}
+        # The configured databases, and the GOC's third-party feed set whenever the GOC serves
+        # one (the towers need no setting for it: the GOC's clamav.feeds decide).
+        self.mirrored = {
+            db: v
+            for db, v in versions.items()
+            if db in self.config.databases or db == clamavdb.FEEDS
+        }
         missing = [db for db in self.config.databases if db not in self.mirrored]
         if missing and self.mirrored:
             log.warning("event=clamav_mirror_lacks databases=%s", ",".join(missing))
@@ -217,10 +223,14 @@ class ClamavRollout(Rounds):
         serving = [s for s in self.monitor.pool.scanners if s.enabled and s.healthy]
         return sum(1 for s in serving if not runs(s, self.mirrored))
 
+    @property
+    def feeds_served(self) -> bool:
+        return clamavdb.FEEDS in self.mirrored
+
     def export(self) -> None:
         """The mirror's figures into the monitor's metrics (the age is read at each scrape)."""
         m = self.monitor.metrics
-        for db in self.config.databases:
+        for db in [*self.config.databases, *([clamavdb.FEEDS] if self.feeds_served else [])]:
             m.clamav_mirror_version.labels(db).set(self.mirrored.get(db, 0))
         up = self.upstream()
         cooldown_until = up.get("cooldown_until") or 0
