@@ -41,7 +41,7 @@ def testfiles() -> Path:
 
 @pytest.fixture
 def mirror(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    served = tmp_path / "mirror" / "clamav"
+    served = tmp_path / "mirror" / "official"
     served.mkdir(parents=True)
     httpd = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(tmp_path / "mirror"))

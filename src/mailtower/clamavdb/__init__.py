@@ -24,7 +24,7 @@ scanner takes the set with ``sync_feeds`` (sha256 of each file checked).
 from __future__ import annotations
 
 from mailtower.clamavdb._cvd import CvdHeader, live_versions, read_header, verify_chain, verify_cvd
-from mailtower.clamavdb._feeds import FEEDS, is_feed_file, sync_feeds, verify_feed
+from mailtower.clamavdb._feeds import FEEDS, is_feed_file, verify_feed
 from mailtower.clamavdb._mirror import (
     INDEX,
     KEEP_CDIFFS,
@@ -32,6 +32,7 @@ from mailtower.clamavdb._mirror import (
     publish,
     pull,
     read_index,
+    sync_feeds,
 )
 from mailtower.clamavdb.errors import DatabaseError
 

@@ -169,41 +169,6 @@ def _publish_file(
     return entry
 
 
-def pull_feeds(
-    base_url: str,
-    dest: Path,
-    remote: dict[str, Any],
-    old: dict[str, Any],
-    work: Path,
-    timeout_s: float,
-) -> dict[str, Any]:
-    """Bring ``dest/feeds/`` to ``remote``'s files, all or none: every changed file downloaded
-    and its sha256 checked first; DatabaseError (``dest`` untouched) otherwise."""
-    from mailtower.clamavdb._mirror import download_file
-
-    served_dir = dest / FEEDS_DIR
-    served_dir.mkdir(mode=0o755, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="pull-feeds-", dir=work))
-    try:
-        fetched = []
-        for name, entry in sorted(remote.items()):
-            if old.get(name) == entry and (served_dir / name).is_file():
-                continue
-            download_file(
-                f"{base_url}/{FEEDS_DIR}/{name}",
-                staging / name,
-                entry["sha256"],
-                entry["size"],
-                timeout_s,
-            )
-            fetched.append(name)
-        for name in fetched:
-            install(staging / name, served_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dict(remote)
-
-
 def remove_unlisted(dest: Path, listed: dict[str, Any]) -> None:
     served_dir = dest / FEEDS_DIR
     if not served_dir.is_dir():
@@ -215,48 +180,6 @@ def remove_unlisted(dest: Path, listed: dict[str, Any]) -> None:
             removed = True
     if removed:
         fsync_dir(served_dir)
-
-
-def sync_feeds(
-    base_url: str, directory: Path, serial: int, timeout_s: float = 30
-) -> dict[str, Any]:
-    """Make ``directory`` (a scanner's staging) hold exactly the feed files of serial
-    ``serial`` that ``base_url``/index.json lists, each file's sha256 checked (kept copies
-    are checked again). DatabaseError when the mirror serves another serial or a file fails."""
-    from mailtower.clamavdb._mirror import (
-        INDEX,
-        INDEX_MAX_BYTES,
-        download_bytes,
-        download_file,
-        parse_index,
-    )
-
-    base_url = base_url.rstrip("/")
-    index_url = f"{base_url}/{INDEX}"
-    remote = parse_index(download_bytes(index_url, INDEX_MAX_BYTES, timeout_s), index_url)
-    files, served_serial = served_feeds(remote)
-    if served_serial != serial:
-        raise DatabaseError(
-            f"{index_url}: serves feed set {served_serial}, not the asked {serial}; fix: let "
-            "the monitor pull again (its rollout asks for what its mirror serves)"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, entry in sorted(files.items()):
-        target = directory / name
-        if target.is_file() and sha256_of(target) == entry["sha256"]:
-            continue
-        part = directory / f".{name}.part"
-        try:
-            download_file(
-                f"{base_url}/{FEEDS_DIR}/{name}", part, entry["sha256"], entry["size"], timeout_s
-            )
-            os.replace(part, target)
-        finally:
-            part.unlink(missing_ok=True)
-    for path in directory.iterdir():
-        if path.name not in files:
-            path.unlink()
-    return files
 
 
 def install(source: Path, target: Path) -> None:
