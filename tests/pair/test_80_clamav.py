@@ -34,7 +34,7 @@ import time
 
 import pytest
 from conftest import Pair
-from test_70_rule_bundles import Load, tempfails_since
+from test_70_rule_bundles import Load, send_direct, tempfails_since, verdicts_at_goc
 from towerlib import ROOT, record_figure, wait_for
 
 from mailtower.controller.lab import clamav_testfiles, clamav_upstream
@@ -281,6 +281,60 @@ def test_flipped_cdiff_refused_and_a_down_scanner_catches_up(pair: Pair) -> None
     t0 = time.monotonic()
     wait_everywhere(pair, 6)
     FIGURES["down_scanner_caught_up_s"] = round(time.monotonic() - t0, 1)
+
+
+def feeds_at(pair: Pair) -> dict[str, dict[str, int | None]]:
+    return {
+        key: {n: (s.get("clamav") or {}).get("feeds") for n, s in tower.pool().items()}
+        for key, tower in pair.towers.items()
+    }
+
+
+def test_a_third_party_feed_reaches_every_scanner_and_a_bad_one_is_refused(pair: Pair) -> None:
+    """The lab GOC's Fangfrisch takes the stand-in's URLhaus-shaped feed (checked against its
+    .sha256); revision 2 adds a signature for a second URL, which both towers then find."""
+    url = clamav_upstream.FEED_URL.format(n=2)
+    before = {send_direct(pair, k, f"get it at {url}") for k in pair.towers}
+    pair.wait_delivered(sorted(before), timeout=180)  # nobody knows that URL yet
+
+    serial_before = goc_index(pair).get("feeds_serial", 0)
+    clamav_upstream.publish(6, feed_revision=2)
+    goc_check(pair)
+    index = wait_for(
+        lambda: (i := goc_index(pair)).get("feeds_serial", 0) > serial_before and i,
+        180,
+        "the GOC serving the feed's revision 2",
+        2,
+    )
+    serial = index["feeds_serial"]
+    assert any(n.endswith(clamav_upstream.FEED_FILE) for n in index["feeds"]), index["feeds"]
+    wait_for(
+        lambda: all(v == serial for t in feeds_at(pair).values() for v in t.values()),
+        ROLL_TIMEOUT_S,
+        f"every scanner of both towers on feed set {serial}",
+        2,
+    )
+    after = {k: send_direct(pair, k, f"get it at {url}") for k in pair.towers}
+    found = wait_for(
+        lambda: (v := verdicts_at_goc(pair, set(after.values()))) and len(v) == 2 and v,
+        120,
+        "the verdicts of the URL messages at the GOC",
+        1,
+    )
+    for key, token in after.items():
+        tower, verdict, findings = found[token]
+        assert tower == pair.towers[key].name and verdict == "virus", found[token]
+        assert "Urlhaus.Lab.Url-2" in findings, findings
+
+    # revision 3 with a flipped byte: Fangfrisch's checksum refuses it, the set stays
+    clamav_upstream.publish(6, corrupt=clamav_upstream.FEED_FILE, feed_revision=3)
+    goc_check(pair)
+    time.sleep(5)
+    index = goc_index(pair)
+    assert index["feeds_serial"] == serial, index
+    assert index["upstream"].get("last_error"), index["upstream"]
+    assert all(v == serial for t in feeds_at(pair).values() for v in t.values())
+    FIGURES["feed_set_served"] = serial
 
 
 def test_no_clamd_reloaded_outside_a_window(pair: Pair) -> None:
