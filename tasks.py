@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -390,9 +391,11 @@ def bench(c, tower="lab-a", fresh=True):
         "amavisd_children": "amavisd-new's $max_servers",
         "floor": "also run the floor: scand's receiving and re-injection, no scanning, "
         "then with clamd (--no-floor: without)",
+        "clamav_db": "a directory of ClamAV signature files for the shared clamd "
+        "(tests/bench/clamav_db_gen.py's official-size database)",
     }
 )
-def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True):
+def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True, clamav_db=""):
     """scand against amavisd-new on this machine, side by side: same clamd, sink and corpus."""
     out = ROOT / "tests" / "output" / "bench_scanner.json"
     _say(f"scanner bench: {messages} messages through amavisd-new and mailtower-scand")
@@ -400,7 +403,8 @@ def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True):
         c.run(
             f"{PY} tests/bench/scanner_vs_amavis.py --messages {messages} --seed {seed} "
             f"--amavisd-children {amavisd_children} --json {out.relative_to(ROOT)}"
-            + (" --floor" if floor else ""),
+            + (" --floor" if floor else "")
+            + (f" --clamav-db {shlex.quote(clamav_db)}" if clamav_db else ""),
             env={"PYTHONPATH": str(ROOT)},
         )
     _say(f"scanner bench figures written to {out.relative_to(ROOT)}")

@@ -10,6 +10,9 @@ so that both meet the same background load on a shared machine.
     python tests/bench/scanner_vs_amavis.py [--messages 2000] [--rounds 8] [--json PATH] [--floor]
     invoke bench.scanner                  (--floor; writes tests/output/bench_scanner.json)
 
+``--clamav-db DIR`` has the shared clamd load the signature files in DIR too (for example the
+official-size database of ``clamav_db_gen.py``), so that both filters scan with it.
+
 ``--floor`` adds two filters to the rounds that scan nothing (``floor_filter.py``): scand's own
 SMTP receiving and re-injection ("floor: hop"), and the same handing each raw message to clamd
 first ("floor: hop+clamd"). What they reach is the most any filter of scand's design can reach
@@ -1134,6 +1137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=8, help="interleaved rounds the corpus is split into"
     )
+    parser.add_argument(
+        "--clamav-db",
+        type=Path,
+        help="a directory of ClamAV signature files (clamav_db_gen.py's official-size database) "
+        "for the shared clamd, beside the test signatures",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument(
         "--only", choices=["amavisd-new", "mailtower-scand"], help="measure one filter (profiling)"
@@ -1179,6 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "connections": CONNECTIONS,
         "rounds": args.rounds,
+        "clamav_db": str(args.clamav_db) if args.clamav_db else None,
         "corpus": {
             "mean_kb": round(sum(sizes) / len(sizes) / 1000, 1),
             "largest_mb": round(max(sizes) / 1e6, 2),
@@ -1187,11 +1197,11 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     sink = Sink()
-    clamd = RealClamd(work / "clamd", max_threads=CLAMD_THREADS)
+    clamd = RealClamd(work / "clamd", max_threads=CLAMD_THREADS, databases=args.clamav_db)
     filters: list[Filter] = []
     try:
         say(f"sink on port {sink.port}; starting clamd (MaxThreads {CLAMD_THREADS})")
-        clamd.start()
+        clamd.start(timeout_s=1800 if args.clamav_db else 60)
         assert clamd.proc is not None
         clamd_memory = TreeMemory(clamd.proc.pid).start()
 

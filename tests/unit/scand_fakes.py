@@ -11,7 +11,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -241,12 +241,28 @@ class FakeClamd:
 class RealClamd:
     """A private clamd with the project's test signatures, run in the foreground."""
 
-    def __init__(self, workdir: Path, *, stream_max_length: str = "60M", max_threads: int = 10):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        stream_max_length: str = "60M",
+        max_threads: int = 10,
+        databases: Path | None = None,
+        extra_config: Sequence[str] = (),
+    ):
+        """``databases``: a directory of more signature files (e.g. the benchmark's generated
+        ClamAV database), linked in beside the test signatures; ``extra_config``: more
+        clamd.conf lines (e.g. ``ConcurrentDatabaseReload no``)."""
         self.workdir = workdir
         db = workdir / "db"
         db.mkdir(parents=True, exist_ok=True)
+        self.db = db
         for name, content in testdata.clamav_signatures().items():
             (db / name).write_text(content)
+        if databases is not None:
+            for source in sorted(databases.iterdir()):
+                if source.is_file() and not source.name.startswith("."):
+                    (db / source.name).symlink_to(source.resolve())
         self.socket = workdir / "clamd.sock"
         self.config = workdir / "clamd.conf"
         self.log = workdir / "clamd.log"
@@ -262,6 +278,7 @@ class RealClamd:
                     "User root",
                     f"StreamMaxLength {stream_max_length}",
                     f"MaxThreads {max_threads}",
+                    *extra_config,
                     "",
                 ]
             )
