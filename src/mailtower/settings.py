@@ -361,8 +361,11 @@ class ClamavMirror(StrictModel):
     poll_interval_s: float = Field(60.0, gt=0)  # how often the monitor asks the GOC
     max_age: Duration = "1d"  # the mirror older than this (since the GOC's last good check): alert
     lag_alert_after: Duration = "2h"  # a scanner behind the mirror this long: alert
-    engine_mib: int = Field(1200, ge=1)  # clamd's RSS with these databases (docs/benchmarks.md)
-    working_set_mib: int = Field(512, ge=0)  # clamd's, scand's and c-icap's memory beside it
+    # clamd's RSS with the official main + daily + bytecode loaded: 1,632 MiB measured on an
+    # official-size database (docs/benchmarks.md, tests/bench/clamd_reload.py), with headroom
+    engine_mib: int = Field(1700, ge=1)
+    # clamd's growth while scanning, scand's peak and c-icap beside the engine (benchmarks.md)
+    working_set_mib: int = Field(640, ge=0)
     concurrent_reload: Literal["auto", "yes", "no"] = "auto"
 
     @property

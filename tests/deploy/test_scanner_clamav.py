@@ -88,7 +88,7 @@ def test_clamd_never_reloads_on_its_own(render, settings):
     ],
 )
 def test_concurrent_reload_only_where_ram_holds_two_engines(render, ram, mode, icap, concurrent):
-    s = clamav(concurrent_reload=mode)
+    s = clamav(concurrent_reload=mode, engine_mib=1200, working_set_mib=512)
     memory = clamav_memory(s, "192.0.2.101", ram, icap=icap)
     assert memory.concurrent_reload is concurrent
     conf = _lines(
