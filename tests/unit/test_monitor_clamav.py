@@ -359,6 +359,9 @@ def test_the_mirrors_state_in_metrics_and_for_the_goc(tmp_path, monkeypatch) -> 
     assert 3600 <= metric(monitor, "mailtower_clamav_mirror_age_seconds") < 3700
     assert metric(monitor, "mailtower_clamav_upstream_cooldown") == 1
     assert metric(monitor, "mailtower_clamav_upstream_refusals") == 3
+    # the database's own age: its CVD header's build time
+    built = metric(monitor, "mailtower_clamav_database_built_timestamp_seconds", db="daily")
+    assert built == BUILT_AT
     monitor.pool.scanners[0].clamav = dict(NEW)
     status = monitor.tower_status(queue_size=0)
     assert status.clamav == {

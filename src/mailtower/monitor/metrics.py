@@ -139,6 +139,13 @@ class MonitorMetrics:
             ["scanner", "db"],
             registry=r,
         )
+        self.clamav_database_built = Gauge(
+            "mailtower_clamav_database_built_timestamp_seconds",
+            "When ClamAV built the version of the database the mirror holds (the CVD header's"
+            " build time; time() minus this is the database's age)",
+            ["db"],
+            registry=r,
+        )
         self.clamav_mirror_age = Gauge(
             "mailtower_clamav_mirror_age_seconds",
             "Since the GOC last checked the upstream successfully (its index's upstream.last_ok;"

@@ -16,6 +16,7 @@ mirror.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import math
 import time
@@ -55,6 +56,16 @@ def built_at(built: object) -> float | None:
     """A CVD header's build time as Unix time (None: missing or not in ClamAV's format)."""
     try:
         return datetime.strptime(str(built), BUILT_FORMAT).timestamp()
+    except ValueError:
+        return None
+
+
+def built_timestamp(text: object) -> float | None:
+    """The CVD header's build time ("22 Jun 2021 21:34 -0400") as Unix time (None: unreadable)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.datetime.strptime(text, "%d %b %Y %H:%M %z").timestamp()
     except ValueError:
         return None
 
@@ -232,6 +243,9 @@ class ClamavRollout(Rounds):
         m = self.monitor.metrics
         for db in [*self.config.databases, *([clamavdb.FEEDS] if self.feeds_served else [])]:
             m.clamav_mirror_version.labels(db).set(self.mirrored.get(db, 0))
+            built = built_timestamp((self.index.get("databases") or {}).get(db, {}).get("built"))
+            if built is not None:
+                m.clamav_database_built.labels(db).set(built)
         up = self.upstream()
         cooldown_until = up.get("cooldown_until") or 0
         cooling = isinstance(cooldown_until, int | float) and cooldown_until > time.time()
