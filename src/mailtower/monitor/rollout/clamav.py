@@ -16,7 +16,6 @@ mirror.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import math
 import time
@@ -65,7 +64,7 @@ def built_timestamp(text: object) -> float | None:
     if not isinstance(text, str):
         return None
     try:
-        return datetime.datetime.strptime(text, "%d %b %Y %H:%M %z").timestamp()
+        return datetime.strptime(text, "%d %b %Y %H:%M %z").timestamp()
     except ValueError:
         return None
 
