@@ -197,6 +197,13 @@ def run_freshclam(paths: Paths, timeout_s: float) -> tuple[bool, str]:
     return done.returncode == 0, (done.stdout or "") + (done.stderr or "")
 
 
+def _staged(paths: Paths) -> dict[str, int]:
+    try:
+        return live_versions(paths.staged)
+    except DatabaseError as exc:
+        raise ClamavApplyError(f"staged databases unreadable: {exc}", 502) from exc
+
+
 def _last_errors(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "ERROR" in ln or "WARNING" in ln or "did not" in ln]
@@ -387,10 +394,23 @@ def apply(
     ok, output, staged = True, "", now
     if any(now.get(db) != v for db, v in official.items()):
         ok, output = run_freshclam(paths, freshclam_timeout_s)
-        try:
-            staged = live_versions(paths.staged)
-        except DatabaseError as exc:
-            raise ClamavApplyError(f"staged databases unreadable: {exc}", 502) from exc
+        staged = _staged(paths)
+        behind = [db for db, v in official.items() if staged.get(db, 0) < v]
+        if behind:
+            # freshclam takes a CDIFF it cannot download (the mirror serves a CVD without the
+            # chain: a refused CDIFF, a mirror that started from a CVD) for a mirror not yet in
+            # sync and gives up. Without a staged copy it fetches the whole signed CVD: the
+            # live databases are elsewhere, so dropping the staged ones loses nothing.
+            for db in behind:
+                for suffix in (".cld", ".cvd"):
+                    (paths.staged / f"{db}{suffix}").unlink(missing_ok=True)
+            log.warning(
+                "freshclam left %s behind the asked versions; fetching the whole CVD",
+                ",".join(behind),
+            )
+            ok, again = run_freshclam(paths, freshclam_timeout_s)
+            output = f"{output}\n{again}"
+            staged = _staged(paths)
     wrong = {db: v for db, v in official.items() if staged.get(db) != v}
     if wrong:
         what = "; ".join(
