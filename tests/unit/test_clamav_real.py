@@ -87,27 +87,28 @@ def test_real_freshclam_stages_and_real_clamd_reloads(
         done = clamav_apply.apply(settings, {"test": 3}, paths=p, reload_timeout_s=60)
         assert (done.versions, done.reloaded) == ({"test": 3}, True)
         assert (live / "test.cvd").exists()
-        # Version 5 served without its CDIFFs (a refused chain): freshclam alone gives up on
-        # the missing test-4.cdiff; apply then has it fetch the whole signed CVD.
-        for cdiff in served.glob("test-*.cdiff"):
-            cdiff.unlink()
-        shutil.copyfile(testfiles / "test-5.cvd", served / "test.cvd")
+        # Version 5 through the CDIFFs 4..5: freshclam writes test.cld, the .cvd leaves.
+        publish(served, testfiles, 5)
         done = clamav_apply.apply(settings, {"test": 5}, paths=p, reload_timeout_s=60)
         assert done.versions == {"test": 5}
-        assert sorted(x.name for x in live.glob("test.*")) == ["test.cvd"]
-        # Version 6 through the CDIFF 6: freshclam writes test.cld, the .cvd leaves.
-        publish(served, testfiles, 6)
+        assert sorted(x.name for x in live.glob("test.*")) == ["test.cld"]
+        assert live_versions(p.previous) == {"test": 3}
+        # Version 6 served without its CDIFF (a refused chain): freshclam alone gives up on
+        # the missing test-6.cdiff (seen in the lab); apply has it fetch the whole signed CVD.
+        for cdiff in served.glob("test-*.cdiff"):
+            cdiff.unlink()
+        shutil.copyfile(testfiles / "test-6.cvd", served / "test.cvd")
         done = clamav_apply.apply(settings, {"test": 6}, paths=p, reload_timeout_s=60)
         assert done.versions == {"test": 6}
-        assert sorted(x.name for x in live.glob("test.*")) == ["test.cld"]
+        assert sorted(x.name for x in live.glob("test.*")) == ["test.cvd"]
         assert live_versions(p.previous) == {"test": 5}
         # The mirror says 6 but the monitor asks for 7: refused, nothing changes.
         with pytest.raises(ClamavApplyError, match="test: asked 7, staged 6"):
             clamav_apply.apply(settings, {"test": 7}, paths=p, reload_timeout_s=60)
-        # Rollback: the kept test.cvd (5) back, test.cld gone, clamd probed with it.
+        # Rollback: the kept test.cld (5) back, test.cvd gone, clamd probed with it.
         done = clamav_apply.rollback(settings, paths=p, reload_timeout_s=60)
         assert done.versions == {"test": 5}
-        assert sorted(x.name for x in live.glob("test.*")) == ["test.cvd"]
+        assert sorted(x.name for x in live.glob("test.*")) == ["test.cld"]
         assert clamd.proc is not None and clamd.proc.poll() is None
     finally:
         clamd.stop()
