@@ -888,6 +888,17 @@ class ClamavUpstream(StrictModel):
     check_interval: Duration = "1h"  # ClamAV asks mirrors not to check more often
     feeds: list[ClamavFeed] = []
 
+    @model_validator(mode="after")
+    def _mirror_rules(self) -> ClamavUpstream:
+        if not self.check_interval.strip()[-1:].isalpha():
+            raise ValueError("check_interval needs a unit (s, m, h, d): e.g. 1h")
+        if "database.clamav.net" in self.url and duration_s(self.check_interval) < 3600:
+            raise ValueError(
+                f"check_interval {self.check_interval} is more often than ClamAV's mirror rules "
+                "allow for database.clamav.net (at most once an hour): use 1h or more"
+            )
+        return self
+
 
 class GocSettings(StrictModel):
     """The global operations centre (roles/goc.py): the ``goc`` host data."""

@@ -339,9 +339,17 @@ GOOD_ENTRY = {"version": 3, "sha256": "a" * 64, "size": 10, "built": "", "sigs":
         json.dumps(
             {"format": 1, "databases": {"test": {**GOOD_ENTRY, "cdiffs": {"../x": "a" * 64}}}}
         ).encode(),
+        # a version that would have a pull count ten billion CDIFFs (seen: MemoryError)
+        json.dumps({"format": 1, "databases": {"test": {**GOOD_ENTRY, "version": 10**10}}})
+        .encode(),
+        json.dumps({"format": 1, "databases": {"test": {**GOOD_ENTRY, "size": 1 << 40}}})
+        .encode(),
     ],
-    ids=["truncated", "list", "format-2", "no-databases", "version-str", "sha", "name", "cdiff"],
-)
+    ids=[
+        "truncated", "list", "format-2", "no-databases", "version-str", "sha", "name", "cdiff",
+        "huge-version", "huge-size",
+    ],
+)  # fmt: skip
 def test_read_index_refuses_a_malformed_index(tmp_path: Path, document: bytes) -> None:
     (tmp_path / "index.json").write_bytes(document)
     with pytest.raises(DatabaseError, match=r"index\.json: malformed index"):

@@ -220,3 +220,11 @@ def test_fangfrisch_failures_are_recorded_and_publish_still_runs(
     assert "fangfrisch refresh: WARNING" in index["upstream"]["last_error"]
     assert index["feeds_serial"] == 1
     assert "digest mismatch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["x.ign2", "x.ign", "x.fp", "x.sfp"])
+def test_a_feed_never_brings_what_switches_detections_off(name: str) -> None:
+    # ignore lists and trusted-file lists would silence the official databases, and a feed
+    # file between the hops is protected by an unsigned index's sha256 only
+    assert not _feeds.is_feed_file(name)
+    assert _feeds.is_feed_file("x.ndb")

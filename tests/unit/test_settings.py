@@ -253,3 +253,15 @@ def test_secret_names_what_a_host_lacks():
         scanner.secret("sql_monitor")
     with pytest.raises(SettingsError, match="no secret share for role 'sql'"):
         _full().for_role("sql")
+
+
+def test_the_gocs_clamav_check_keeps_clamavs_mirror_rules() -> None:
+    from mailtower.settings import ClamavUpstream
+
+    assert ClamavUpstream().check_interval == "1h"
+    with pytest.raises(ValueError, match="at most once an hour"):
+        ClamavUpstream(check_interval="5m")
+    with pytest.raises(ValueError, match="needs a unit"):
+        ClamavUpstream(check_interval="3600")
+    # a mirror of one's own (the lab's stand-in) may be asked as often as its owner likes
+    assert ClamavUpstream(url="http://10.201.0.53", check_interval="2m").check_interval == "2m"

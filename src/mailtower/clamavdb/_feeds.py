@@ -34,10 +34,13 @@ from mailtower.clamavdb.errors import DatabaseError
 FEEDS = "feeds"  # the pseudo-database: the feed set's serial among {db: version}
 FEEDS_DIR = "feeds"  # under the served directory
 # The ClamAV database types a third-party feed may bring (what libclamav loads by extension;
-# never .cvd/.cld/.cdiff: those are the official databases' own path).
+# never .cvd/.cld/.cdiff: those are the official databases' own path). Never the types that
+# switch detections off (.ign, .ign2: ignore a signature; .fp, .sfp: trust a file): between
+# the hops a feed file is protected by the sha256 of an index that is not signed, so a feed
+# may add detections but never remove the official ones.
 FEED_SUFFIXES = (
     ".ndb", ".hdb", ".hsb", ".ldb", ".cdb", ".ftm", ".mdb", ".msb", ".imp",
-    ".ign", ".ign2", ".fp", ".sfp", ".pdb", ".gdb", ".wdb", ".idb",
+    ".pdb", ".gdb", ".wdb", ".idb",
 )  # fmt: skip
 FEED_MAX_BYTES = 256 << 20  # Fangfrisch's largest default max_size is 20 MB
 CLAMSCAN = "clamscan"
@@ -94,6 +97,7 @@ def check_feeds(document: dict[str, Any]) -> None:
             not isinstance(entry, dict)
             or not _SHA256.fullmatch(str(entry.get("sha256")))
             or not isinstance(entry.get("size"), int)
+            or not 0 <= entry["size"] <= FEED_MAX_BYTES
             or not _FEED.fullmatch(str(entry.get("feed")))
         ):
             raise ValueError(f"feeds.{name} needs sha256, size and feed")

@@ -43,6 +43,7 @@ INDEX = "index.json"
 FORMAT = 1
 KEEP_CDIFFS = 30  # as cvdupdate keeps ("# cdiffs to keep"): a month of daily's
 INDEX_MAX_BYTES = 1 << 20
+MAX_VERSION = 10**7  # daily is near 27,500 after 20 years
 FILE_MAX_BYTES = 2 << 30  # main.cvd is ~170 MB; anything near this is not a database
 UPSTREAM_DEFAULTS: dict[str, Any] = {
     "last_check": 0.0,
@@ -104,7 +105,9 @@ def publish(
                 raise ValueError("publish: feeds need feeds_dir")
             new_files = publish_feeds(feeds_dir, dest, feeds, feed_files, work, refusals)
             if new_files != feed_files:
-                serial += 1  # the set or a file changed: a new feed set for the scanners
+                # the set or a file changed: a new feed set for the scanners (a rebuilt served
+                # directory starts at 1 again: scand compares a feed serial for equality only)
+                serial += 1
             feed_files = new_files
         for db in databases:
             try:
@@ -199,25 +202,24 @@ def _publish_db(
             f"{cvd}: missing; fix: let cvdupdate download {db} (`cvd update`), or remove "
             f"{db} from the databases"
         )
-    header = read_header(cvd)
-    digest = _sha256(cvd)
-    if old is not None:
-        if header.version < old["version"]:
+    try:
+        header = read_header(cvd)
+        digest = _sha256(cvd)
+        if old is not None and header.version == old["version"] and digest == old["sha256"]:
+            return old
+        if old is not None and header.version < old["version"]:
             raise DatabaseError(
                 f"{cvd}: refused: version {header.version} is older than the served "
                 f"{old['version']}; fix: check the upstream mirror (a CVD never goes back)"
             )
-        if header.version == old["version"]:
-            if digest == old["sha256"]:
-                return old
+        if old is not None and header.version == old["version"]:
             raise DatabaseError(
                 f"{cvd}: refused: version {header.version} is already served with other "
                 "contents; fix: fetch it again (ClamAV never rebuilds a version)"
             )
-    try:
         verify_cvd(cvd)
     except DatabaseError:
-        if set_aside:
+        if set_aside:  # whatever the reason, cvdupdate must not keep it as its local copy
             os.replace(cvd, cvd.with_name(f"{cvd.name}.refused"))
             log.error("%s: refused; set aside as %s.refused to be fetched again", cvd, cvd.name)
         raise
@@ -282,8 +284,12 @@ def _pull_db(
     staging = Path(tempfile.mkdtemp(prefix=f"pull-{db}-", dir=work))
     files = {f"{db}.cvd": (entry["sha256"], entry["size"])}
     start = old["version"] if old is not None else entry["version"]
-    chain = [f"{db}-{n}.cdiff" for n in range(start + 1, entry["version"] + 1)]
-    if all(name in entry["cdiffs"] for name in chain):
+    chain = (
+        [f"{db}-{n}.cdiff" for n in range(start + 1, entry["version"] + 1)]
+        if entry["version"] - start <= KEEP_CDIFFS
+        else []  # too far behind for CDIFFs: the whole CVD
+    )
+    if chain and all(name in entry["cdiffs"] for name in chain):
         files.update({name: (entry["cdiffs"][name], FILE_MAX_BYTES) for name in chain})
     try:
         for name, (digest, size) in files.items():
@@ -366,6 +372,11 @@ def _check_entry(db: str, entry: Any) -> None:
             raise ValueError(f"{db}.{key} missing or not {kind.__name__}")
     if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
         raise ValueError(f"{db}.sha256 is not a sha256")
+    # bounds before anything is sized or counted from them (an index is not signed)
+    if not 0 < entry["version"] < MAX_VERSION:
+        raise ValueError(f"{db}.version {entry['version']} is out of range")
+    if not 0 < entry["size"] <= FILE_MAX_BYTES:
+        raise ValueError(f"{db}.size {entry['size']} is out of range")
     for name, digest in entry["cdiffs"].items():
         if not re.fullmatch(rf"{re.escape(db)}-[0-9]+\.cdiff", name) or not re.fullmatch(
             r"[0-9a-f]{64}", str(digest)

@@ -38,6 +38,10 @@ PREFIX = "mtbundle-"
 PROBE_NAME = f"{PREFIX}probe.ndb"
 FETCH_TIMEOUT_S = 30.0
 PROBE_EVERY_S = 0.2
+# How long clamd and c-icap may take to load the new databases: with the official ones a
+# blocking reload took 46 s on the benchmark machine (docs/benchmarks.md), so 60 s is too
+# little; the same budget as scand's ClamAV apply.
+PROBE_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def apply(
     version: int,
     *,
     icap_control: str | None = ICAP_CONTROL,
-    probe_timeout_s: float = 60.0,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
 ) -> Applied:
     """Make ``version`` this scanner's current bundle (blocking; the caller reloads scand's
     pipeline afterwards). Already current: only the ClamAV side is checked again."""
@@ -100,7 +104,7 @@ def rollback(
     settings: TowerSettings,
     *,
     icap_control: str | None = ICAP_CONTROL,
-    probe_timeout_s: float = 60.0,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
 ) -> Applied:
     """Go back to the bundle kept before the current one (blocking)."""
     started = time.monotonic()
@@ -119,7 +123,7 @@ def restore(
     version: int | None,
     *,
     icap_control: str | None = ICAP_CONTROL,
-    probe_timeout_s: float = 60.0,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
 ) -> None:
     """After a failed request: make ``version`` (None: the shipped rules) current again — the
     install kept it for rollback — and the ClamAV side with it (blocking)."""

@@ -182,7 +182,13 @@ def _file_of(directory: Path, db: str) -> Path | None:
 
 
 def run_freshclam(paths: Paths, timeout_s: float) -> tuple[bool, str]:
-    """Run freshclam once into the staging directory: (it succeeded, its output)."""
+    """Run freshclam once into the staging directory: (it succeeded, its output).
+
+    freshclam.dat goes first: it holds freshclam's cool-down after a 403 or 429, which protects
+    ClamAV's servers; here the only server is the tower's own monitor, and a cool-down left by
+    one refusal (a scanner deployed before the monitor admitted it) would keep this scanner
+    from every update until it expired."""
+    (paths.staged / "freshclam.dat").unlink(missing_ok=True)
     argv = [paths.freshclam, "--no-dns", "--stdout", f"--config-file={paths.freshclam_conf}"]
     try:
         done = subprocess.run(
@@ -369,7 +375,9 @@ def apply(
             f"(settings.clamav.databases)"
         )
     now = live(settings, paths)
-    older = {db: v for db, v in versions.items() if now.get(db, 0) > v}
+    # A CVD never goes back; a feed set's serial only names a set (a rebuilt GOC may number
+    # again), so it is compared for equality only.
+    older = {db: v for db, v in versions.items() if db != FEEDS and now.get(db, 0) > v}
     if older:
         raise ClamavApplyError(
             "; ".join(

@@ -109,7 +109,9 @@ def feed_files(revision: int = 1) -> dict[str, bytes]:
 def feed_options() -> dict[str, str]:
     """The lab GOC's Fangfrisch options for :data:`FEED`: its URL on the stand-in (Fangfrisch
     fetches ``<url>.sha256`` first and refuses a file whose digest differs)."""
-    return {"auth_key": "lab", "url_urlhaus": f"{base_url()}/{FEED_FILE}"}
+    # interval 0m: every check looks (Fangfrisch's own default waits between downloads; the
+    # lab's tests move the feed and look at once)
+    return {"auth_key": "lab", "url_urlhaus": f"{base_url()}/{FEED_FILE}", "interval": "0m"}
 
 
 def flip_byte(data: bytes) -> bytes:

@@ -45,9 +45,10 @@ log = logging.getLogger("mailtower.monitor.rollout")
 
 TOKEN_HEADER = "X-Mailtower-Token"
 # What scand may spend on an apply besides its reload (bundles.apply_timeout_s): the fetch
-# (30 s), the ClamAV check by clamscan (120 s) and the probe wait (60 s), and a margin. An
-# apply that outlasts it shows as rules_busy in the scanner's health until it ends.
-SCAND_APPLY_BUDGET_S = 240.0
+# (30 s), the ClamAV check by clamscan (120 s) and the probe wait (300 s: a blocking reload of
+# the official databases), and a margin. An apply that outlasts it shows as rules_busy (or
+# clamav_busy) in the scanner's health until it ends, and the scanner is kept out until then.
+SCAND_APPLY_BUDGET_S = 480.0
 
 
 class Windows:
