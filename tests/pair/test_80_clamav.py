@@ -292,18 +292,21 @@ def feeds_at(pair: Pair) -> dict[str, dict[str, int | None]]:
 
 def test_a_third_party_feed_reaches_every_scanner_and_a_bad_one_is_refused(pair: Pair) -> None:
     """The lab GOC's Fangfrisch takes the stand-in's URLhaus-shaped feed (checked against its
-    .sha256); revision 2 adds a signature for a second URL, which both towers then find."""
-    url = clamav_upstream.FEED_URL.format(n=2)
+    .sha256); the next revision adds a signature for one more URL, which both towers then
+    find."""
+    served = pair.goc().run(f"grep -c . {GOC_SERVED}/feeds/{clamav_upstream.FEED_FILE}")
+    revision = int(served.stdout.strip() or 0) + 1  # revision N has N signatures
+    url = clamav_upstream.FEED_URL.format(n=revision)
     before = {send_direct(pair, k, f"get it at {url}") for k in pair.towers}
     pair.wait_delivered(sorted(before), timeout=180)  # nobody knows that URL yet
 
     serial_before = goc_index(pair).get("feeds_serial", 0)
-    clamav_upstream.publish(6, feed_revision=2)
+    clamav_upstream.publish(6, feed_revision=revision)
     goc_check(pair)
     index = wait_for(
         lambda: (i := goc_index(pair)).get("feeds_serial", 0) > serial_before and i,
         180,
-        "the GOC serving the feed's revision 2",
+        f"the GOC serving the feed's revision {revision}",
         2,
     )
     serial = index["feeds_serial"]
@@ -324,10 +327,10 @@ def test_a_third_party_feed_reaches_every_scanner_and_a_bad_one_is_refused(pair:
     for key, token in after.items():
         tower, verdict, findings = found[token]
         assert tower == pair.towers[key].name and verdict == "virus", found[token]
-        assert "Urlhaus.Lab.Url-2" in findings, findings
+        assert f"Urlhaus.Lab.Url-{revision}" in findings, findings
 
-    # revision 3 with a flipped byte: Fangfrisch's checksum refuses it, the set stays
-    clamav_upstream.publish(6, corrupt=clamav_upstream.FEED_FILE, feed_revision=3)
+    # the next revision with a flipped byte: Fangfrisch's checksum refuses it, the set stays
+    clamav_upstream.publish(6, corrupt=clamav_upstream.FEED_FILE, feed_revision=revision + 1)
     goc_check(pair)
     time.sleep(5)
     index = goc_index(pair)
