@@ -119,9 +119,10 @@ def _stand_in(path: Path, log: Path, rc: int) -> str:
     ("merge_rc", "cvd_rc", "publish_rc", "want_rc", "want_calls"),
     [
         (0, 0, 0, 0, ["python", "cvd", "mailtower"]),
-        (0, 3, 0, 3, ["python", "cvd", "mailtower"]),  # cvdupdate failed: still published
+        # cvdupdate failed: asked whether the upstream forbids us (403), still published
+        (0, 3, 0, 3, ["python", "cvd", "python", "mailtower"]),
         (0, 0, 2, 2, ["python", "cvd", "mailtower"]),
-        (0, 3, 2, 2, ["python", "cvd", "mailtower"]),
+        (0, 3, 2, 2, ["python", "cvd", "python", "mailtower"]),
         (1, 0, 0, 1, ["python", "mailtower"]),  # config not merged: no check, failure recorded
     ],
 )
@@ -156,6 +157,11 @@ def test_the_timers_script_publishes_even_when_cvdupdate_failed(
     ]  # fmt: skip
     if "cvd" in want_calls:
         assert calls[1].split()[1:] == ["update", "--config", f"{cvdupdate.HOME}/config.json"]
+    if cvd_rc:
+        assert calls[2].split()[1:] == [
+            "-m", "mailtower.goc.cvdupdate", "--config", f"{cvdupdate.HOME}/config.json",
+            "--after-failure",
+        ]  # fmt: skip
 
 
 def test_cvdupdate_wanted_config_from_settings():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 
 import pytest
 
@@ -129,3 +131,48 @@ def test_apply_refuses_a_broken_state_file(tmp_path):
 )
 def test_interval_seconds(text, seconds):
     assert cvdupdate.interval_seconds(text) == seconds
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    code = 403
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).seen.append(dict(self.headers))
+        self.send_response(type(self).code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("code", "cools"), [(403, True), (404, False), (200, False)])
+def test_a_403_after_a_failed_update_cools_every_database_down_24_hours(tmp_path, code, cools):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    _Answer.code, _Answer.seen = code, []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        state_path = tmp_path / "state.json"
+        config_path = tmp_path / "config.json"
+        config_path.write_text(json.dumps({"state file": str(state_path)}))
+        state = {
+            "uuid": "u-1",
+            "dbs": {
+                "main.cvd": {"url": f"{url}/main.cvd", "retry after": 0},
+                "daily.cvd": {"url": f"{url}/daily.cvd", "retry after": 0},
+            },
+        }
+        state_path.write_text(json.dumps(state))
+        until = cvdupdate.forbidden_cooldown(config_path, now=1000.0)
+    finally:
+        server.shutdown()
+    after = json.loads(state_path.read_text())
+    assert len(_Answer.seen) == 1  # one question, with cvdupdate's User-Agent
+    assert _Answer.seen[0]["User-Agent"].startswith("CVDUPDATE/1.2.0 (u-1)")
+    if cools:
+        assert until == 1000.0 + 24 * 3600
+        assert {d["retry after"] for d in after["dbs"].values()} == {until}
+    else:
+        assert until is None and after == state

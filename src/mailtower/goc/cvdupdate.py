@@ -18,6 +18,9 @@ import copy
 import json
 import re
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from mailtower._fsio import write_atomic
@@ -117,11 +120,70 @@ def apply(wanted_path: Path, config_path: Path) -> bool:
     return changed
 
 
+FORBIDDEN_COOLDOWN_S = 24 * 3600  # freshclam's own for a 403 (Cisco-Talos/clamav#322)
+CVDUPDATE_VERSION = "1.2.0"  # requirements-cvdupdate.txt: the User-Agent it sends
+
+
+def forbidden_cooldown(
+    config_path: Path, now: float | None = None, timeout_s: float = 30.0
+) -> float | None:
+    """After a failed ``cvd update``: ask the upstream once, as cvdupdate would, whether it
+    forbids this GOC (403). cvdupdate cools down after a 429 but not after a 403 and would ask
+    again at every check; ClamAV's CDN answers 403 to blocked networks and clients, and
+    freshclam then waits 24 hours. On a 403 every database's ``retry after`` is set that far
+    (cvdupdate skips them meanwhile; publish reports the cool-down, the monitors alert).
+    Returns the end of the cool-down, or None when the upstream does not forbid us."""
+    now = time.time() if now is None else now
+    config = _load(config_path)
+    state_path = Path(config.get("state file") or config_path.with_name("state.json"))
+    state = _load(state_path)
+    dbs = state.get("dbs") or {}
+    urls = [d.get("url") for d in dbs.values() if isinstance(d, dict) and d.get("url")]
+    if not urls:
+        return None
+    request = urllib.request.Request(
+        str(urls[0]),
+        headers={
+            "User-Agent": f"CVDUPDATE/{CVDUPDATE_VERSION} ({state.get('uuid', 'mailtower')})",
+            "Range": "bytes=0-95",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError as exc:
+        if exc.code != 403:
+            return None
+    except OSError:
+        return None
+    until = now + FORBIDDEN_COOLDOWN_S
+    for entry in dbs.values():
+        if isinstance(entry, dict):
+            entry["retry after"] = max(float(entry.get("retry after") or 0), until)
+    write_atomic(state_path, (json.dumps(state, indent=4) + "\n").encode(), mode=0o644)
+    return until
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailtower.goc.cvdupdate", description=__doc__)
     parser.add_argument("--wanted", type=Path, default=Path(WANTED))
     parser.add_argument("--config", type=Path, default=Path(f"{HOME}/config.json"))
+    parser.add_argument(
+        "--after-failure",
+        action="store_true",
+        help="cvd update failed: cool down 24 h if the upstream forbids us (403)",
+    )
     args = parser.parse_args(argv)
+    if args.after_failure:
+        until = forbidden_cooldown(args.config)
+        if until is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+            print(
+                f"cvdupdate: the upstream forbids this GOC (403): no check before {when}; "
+                "fix: see https://docs.clamav.net (blocked networks, outdated clients)",
+                file=sys.stderr,
+            )
+        return 0
     if apply(args.wanted, args.config):
         print(f"cvdupdate config: {args.config} and its state updated from {args.wanted}")
     return 0
