@@ -873,6 +873,9 @@ class ClamavFeed(StrictModel):
                 raise ValueError(f"{key} is set by mailtower (the feed's enabled, its directory)")
             if "\n" in value or "\r" in value:
                 raise ValueError(f"{key}: one line only")
+            # a file name, never a path: Fangfrisch writes it into the feed's own directory
+            if key.startswith("filename_") and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value):
+                raise ValueError(f"{key}: {value!r} is not a plain file name")
         return options
 
 

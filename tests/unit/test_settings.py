@@ -265,3 +265,12 @@ def test_the_gocs_clamav_check_keeps_clamavs_mirror_rules() -> None:
         ClamavUpstream(check_interval="3600")
     # a mirror of one's own (the lab's stand-in) may be asked as often as its owner likes
     assert ClamavUpstream(url="http://10.201.0.53", check_interval="2m").check_interval == "2m"
+
+
+@pytest.mark.parametrize("value", ["../../etc/cron.d/x", "/tmp/x.ndb", "a/b.ndb", ".hidden"])
+def test_a_feeds_file_name_option_is_a_plain_name(value: str) -> None:
+    from mailtower.settings import ClamavFeed
+
+    with pytest.raises(ValueError, match="not a plain file name"):
+        ClamavFeed(name="sanesecurity", options={"filename_junk": value})
+    assert ClamavFeed(name="sanesecurity", options={"filename_junk": "junk.ndb"})

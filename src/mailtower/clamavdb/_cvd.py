@@ -68,7 +68,7 @@ def verify_cvd(path: Path) -> CvdHeader:
     return header
 
 
-def verify_chain(base: Path, cdiffs: list[Path], new: Path) -> None:
+def verify_chain(base: Path, cdiffs: list[Path], new: Path, work: Path | None = None) -> None:
     """Apply ``cdiffs`` (each signature-checked by sigtool) to the unpacked ``base``; the result
     must equal the unpacked ``new`` byte for byte. Raises DatabaseError naming the bad file."""
     first, last = read_header(base).version, read_header(new).version
@@ -79,7 +79,9 @@ def verify_chain(base: Path, cdiffs: list[Path], new: Path) -> None:
             f"{new}: the CDIFFs {[p.name for p in cdiffs]} do not lead from version {first} "
             f"({base}) to {last}: versions {expected} are needed, in order"
         )
-    with tempfile.TemporaryDirectory(prefix="mt-cdiff-chain-") as tmp:
+    # ``work``: a directory on the mirror's own disk (main.cvd unpacks to hundreds of MB; /tmp
+    # may be in RAM)
+    with tempfile.TemporaryDirectory(prefix="mt-cdiff-chain-", dir=work) as tmp:
         applied, unpacked = Path(tmp) / "applied", Path(tmp) / "new"
         _unpack(base, applied)
         for cdiff in cdiffs:

@@ -240,7 +240,7 @@ def _publish_db(
             )
         else:
             try:
-                verify_chain(served_cvd, wanted, cvd)
+                verify_chain(served_cvd, wanted, cvd, work)
             except DatabaseError as exc:
                 # the CVD itself is signed and verified: serve it without the broken chain
                 refusals.append(f"{exc}; serving {db} {header.version} without CDIFFs")
@@ -438,14 +438,16 @@ def _open(url: str, timeout_s: float) -> Any:
         return urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 (http by design)
     except urllib.error.HTTPError as exc:
         raise DatabaseError(
-            f"{url}: HTTP {exc.code}; fix: check the GOC's served directory "
-            "(`mailtower clamavdb status /srv/mailtower/clamav` there)"
+            f"{url}: HTTP {exc.code}; fix: check the served directory there (`mailtower "
+            "clamavdb status /srv/mailtower/clamav` on the GOC, /srv/mailtower/mirror/official "
+            "on a monitor)"
         ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DatabaseError(
-            f"{url}: unreachable ({reason}); fix: check that the GOC's nginx answers this "
-            "monitor (goc.address, goc.bundle_port) and its network"
+            f"{url}: unreachable ({reason}); fix: check that nginx there answers this host "
+            "(the GOC's for a monitor: goc.address, goc.bundle_port; the monitor's for a "
+            "scanner: ports.mirror_http) and the network between them"
         ) from None
 
 

@@ -91,7 +91,10 @@ def upstream_state(
         if rc == 0:
             upstream["last_ok"] = now
         else:
-            errors.append(f"cvdupdate exited with status {rc} (see its log directory)")
+            errors.append(
+                f"cvdupdate exited with status {rc} (its log: `journalctl -u "
+                "mailtower-cvdupdate` and /var/lib/mailtower/cvdupdate/logs on the GOC)"
+            )
     if state_file is not None:
         try:
             dbs = json.loads(state_file.read_text())["dbs"]
