@@ -617,3 +617,41 @@ def test_the_relay_exporter_is_not_root(render, settings):
     )
     assert unit["User"] == "mailtower"
     assert unit["CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"
+
+
+def test_every_monitor_metric_an_alert_reads_is_exported_under_that_name(render, settings):
+    """An alert on a name the monitor does not export never fires: a Counter is exported as
+    <name>_total (the rule-bundle and ClamAV pull alerts once read <name>)."""
+    from mailtower.monitor.metrics import MonitorMetrics
+    from mailtower.monitor.pool import Pool
+    from mailtower.settings import Bundles, ClamavMirror, Goc
+
+    pem = (
+        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+        "-----END PUBLIC KEY-----\n"
+    )
+    full = settings.model_copy(
+        update={
+            "goc": Goc(address="10.0.9.10"),
+            "rules_dir": "/var/lib/mailtower/rules",
+            "bundles": Bundles(public_key=pem),
+            "clamav": ClamavMirror(databases=["test"]),
+        }
+    )
+    text = render("monitor/etc/prometheus/rules/mailtower.yml", full)
+    read = {
+        name
+        for line in text.splitlines()
+        if line.strip().startswith("expr:")
+        for name in re.findall(r"mailtower_[a-z_]+", line)
+    }
+    pool = Pool([("s01", "10.0.0.5")], fail_after=2, recover_after=2)
+    metrics = MonitorMetrics(pool, goc=True, bundles=True, clamav=["test"])
+    families = {f.name: f for f in metrics.registry.collect()}
+    exported = {s.name for f in families.values() for s in f.samples} | set(families)
+    ours = {n for n in read if n.removesuffix("_total") in families}
+    assert ours, read  # the check reads the monitor's own metrics at all
+    # a counter's family name is not a series: <name>_total is
+    wrong = {n for n in ours if n not in exported or families.get(n, None) is not None and
+             families[n].type == "counter"}  # fmt: skip
+    assert not wrong, sorted(wrong)
