@@ -85,6 +85,10 @@ class Policy:
     encrypted_archives: Literal["suspicious", "pass"] = "suspicious"
     # Skeptic rules (and their sub-findings) that name known malware, not a mere suspicion.
     virus_rules: frozenset[str] = frozenset({"skeptic.known-worm"})
+    # File name patterns (fnmatch globs, lower case) banned anywhere in a message.
+    banned_names: tuple[str, ...] = ()
+    # Larger messages are banned ("policy.max-size"); None: no limit beyond the tower's.
+    max_message_bytes: int | None = None
 
     def with_banned_extensions(self, extensions: Iterable[str]) -> Policy:
         """This policy with ``extensions`` banned too (dots and case ignored)."""

@@ -1,0 +1,1 @@
+"""Customers: their policies, validated once and applied by every reader."""
