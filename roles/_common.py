@@ -279,8 +279,8 @@ def _build_tar(directory: Path) -> Path:
 
 def write_settings(role: str):
     """/etc/mailtower/tower.json: the settings model the daemons load, with only ``role``'s
-    share of the secrets (the relay's daemons need none; scand its SQL password and the
-    canary secret)."""
+    share of the secrets (the relay's orderer its SQL password; scand its SQL password and
+    the canary secret)."""
     files.directory(name="Ensure /etc/mailtower", path="/etc/mailtower", mode="755")
     share = settings().for_role(role)
     return put_text(

@@ -291,7 +291,7 @@ class Secrets(StrictModel):
 
     # Whose copy this is: the whole set ("tower", the deploy's), or one role's share.
     held_by: Holder = "tower"
-    sql_relay: str | None = Field(None, min_length=16)  # relay: reads domains and routes
+    sql_relay: str | None = Field(None, min_length=16)  # relay: domains, routes, policies
     sql_scanner: str | None = Field(None, min_length=16)  # scanners: write verdict events
     sql_monitor: str | None = Field(None, min_length=16)  # monitor: reads replication state
     sql_replication: str | None = Field(None, min_length=16)  # standby: streaming replication
@@ -310,7 +310,7 @@ SECRET_NAMES = tuple(n for n in Secrets.model_fields if n != "held_by")
 # What each host role's daemons read; the relay's Postfix gets its SQL password in its own
 # map files (mode 0640, group postfix), not in tower.json.
 ROLE_SECRETS: dict[str, tuple[str, ...]] = {
-    "relay": (),
+    "relay": ("sql_relay",),  # the orderer reads each customer's retention
     "scanners": ("sql_scanner", "canary"),
     "monitor": ("sql_monitor", "goc_status", "canary"),
 }

@@ -200,7 +200,7 @@ def _full():
 @pytest.mark.parametrize(
     ("role", "share"),
     [
-        ("relay", set()),
+        ("relay", {"sql_relay"}),
         ("scanners", {"sql_scanner", "canary"}),
         ("monitor", {"sql_monitor", "goc_status", "canary"}),
     ],

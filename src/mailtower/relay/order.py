@@ -9,12 +9,22 @@ This daemon, on the relay, keeps the order without touching how Postfix delivers
 - when the server answers again, they are released **oldest first, one at a time**: each is
   handed to Postfix (``postqueue -i``) and delivered — or deferred again, which holds the rest
   back — before the next one is released;
-- a held message older than ``maximal_queue_lifetime`` is released at once, so Postfix's
-  next failed attempt returns it to its sender as it always would (3 days by default).
+- mail it cannot deliver is returned to its sender after the **customer's retention**
+  (``retention_days`` of its policy, read from the tower's SQL: ``mailtower.relay.retention``)
+  rather than after Postfix's one ``maximal_queue_lifetime`` for all: a deferred message, or
+  one it holds, older than its lifetime is released (if held), force-expired (``postsuper -e``)
+  and retried at once (``postqueue -i``), so Postfix returns it with the real delay reason.
+  A message's lifetime is the longest retention among the customers of its remaining
+  recipients (Postfix expires a message whole, so the most generous customer decides), at most
+  ``maximal_queue_lifetime`` (the tower's ``queue_lifetime``, Postfix's own ceiling, which
+  still applies when this daemon is stopped). A domain SQL does not list, and every domain
+  before SQL ever answered, gets the default policy's 3 days (capped the same way), so mail is
+  never expired earlier than the tower-wide default; SQL down keeps the values last read.
 
 The IDs it holds are kept in a state file, so a restart knows its own held mail from an
 operator's; ``--release-all`` (run when the service stops) gives every one of them back to
-Postfix. Nothing is ever removed from the queue here: at worst mail is delivered unordered.
+Postfix. Nothing is ever removed from the queue here: at worst mail is delivered unordered,
+and expired mail goes back to its sender the way Postfix returns any (a non-delivery notice).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mailtower import settings as settings_mod
+from mailtower.relay.retention import Retention, sql_fetch
 from mailtower.settings import Customer, TowerSettings
 
 log = logging.getLogger("mailtower.relay.order")
@@ -50,7 +61,8 @@ class Queued:
     queue_id: str
     queue: str  # incoming, active, deferred, hold …
     arrival: int
-    recipients: tuple[tuple[str, str], ...]  # (address, delay reason)
+    recipients: tuple[tuple[str, str], ...]  # (address, delay reason), still to deliver
+    forced_expire: bool = False  # ``postsuper -e`` done: Postfix returns it at its next attempt
 
     @classmethod
     def from_json(cls, entry: dict) -> Queued:
@@ -59,7 +71,13 @@ class Queued:
             entry["queue_name"],
             int(entry.get("arrival_time", 0)),
             tuple((r["address"], r.get("delay_reason", "")) for r in entry.get("recipients", [])),
+            bool(entry.get("forced_expire", False)),
         )
+
+    @property
+    def domains(self) -> list[str]:
+        """The domains of its remaining recipients (lower case, each once, sorted)."""
+        return sorted({a.rpartition("@")[2].lower() for a, _ in self.recipients})
 
     def for_customer(self, customer: Customer) -> bool:
         return any(a.rpartition("@")[2].lower() == customer.domain for a, _ in self.recipients)
@@ -79,7 +97,13 @@ class Postfix(Protocol):
 
     def hold(self, queue_id: str) -> None: ...
 
-    def release(self, queue_id: str) -> None: ...
+    def release(self, queue_id: str, *, retry: bool = True) -> None:
+        """Out of hold; with ``retry``, attempted at once (else at Postfix's next retry)."""
+        ...
+
+    def expire(self, queue_id: str) -> None:
+        """Returned to its sender now, with its delay reasons (a deferred message)."""
+        ...
 
     def lifetime_s(self) -> int: ...
 
@@ -104,9 +128,17 @@ class RealPostfix:
     def hold(self, queue_id: str) -> None:
         self._run("postsuper", "-h", queue_id)
 
-    def release(self, queue_id: str) -> None:
+    def release(self, queue_id: str, *, retry: bool = True) -> None:
         """Back from hold, then due now (``postqueue -i``: deliver this one message)."""
         self._run("postsuper", "-H", queue_id)
+        if retry:
+            self._run("postqueue", "-i", queue_id)
+
+    def expire(self, queue_id: str) -> None:
+        """Force-expired (``postsuper -e``: a mark, nothing is deleted), then attempted now
+        (``postqueue -i``), which makes the queue manager return it to its sender with the
+        recorded delay reasons instead of at its next retry (up to ``maximal_backoff``)."""
+        self._run("postsuper", "-e", queue_id)
         self._run("postqueue", "-i", queue_id)
 
     def lifetime_s(self) -> int:
@@ -142,6 +174,7 @@ class Orderer:
         customers: Iterable[Customer],
         postfix: Postfix,
         *,
+        retention: Retention | None = None,
         probe: Callable[[Customer], bool] | None = None,
         state: Path = STATE,
         step_timeout_s: float = 60.0,
@@ -150,6 +183,9 @@ class Orderer:
     ) -> None:
         self.customers = list(customers)
         self.postfix = postfix
+        # Without SQL (tests, a tower without it): every domain gets the default retention.
+        self.retention = retention or Retention(lambda: [], cache=None)
+        self.expired_total = 0
         self.probe = probe or (lambda c: accepts_connections(c.server, c.port))
         self.state = state
         self.step_timeout_s = step_timeout_s
@@ -178,22 +214,52 @@ class Orderer:
         if self.held - present:  # delivered or removed by someone else meanwhile
             self.held &= present
             self._save()
-        lifetime = self.postfix.lifetime_s()
+        self.retention.refresh()
+        expired = self._expire(entries, self.postfix.lifetime_s())
+        entries = [e for e in entries if e.queue_id not in expired]
         for customer in self.customers:
-            self._customer(customer, entries, lifetime)
+            self._customer(customer, entries)
 
-    def _customer(self, customer: Customer, entries: list[Queued], lifetime: int) -> None:
+    def _expire(self, entries: list[Queued], ceiling_s: int) -> set[str]:
+        """Return to their senders the deferred messages, and those held here, that are older
+        than their customers' retention (any domain SQL lists, not only ``self.customers``).
+        Mail an operator holds is left alone: Postfix never expires held mail either."""
         now = self.clock()
+        expired: set[str] = set()
+        for e in sorted(entries, key=lambda e: (e.arrival, e.queue_id)):
+            ours = e.queue == "hold" and e.queue_id in self.held
+            if e.forced_expire or not (e.queue == "deferred" or ours):
+                continue  # already on its way back, or not waiting for a retry
+            lifetime = self.retention.lifetime_s(e.domains, ceiling_s)
+            age = now - e.arrival
+            if age < lifetime:
+                continue
+            if ours:  # out of hold first: Postfix returns no held mail
+                self._release(e.queue_id, retry=False)
+            self.postfix.expire(e.queue_id)
+            if e.queue_id in self.held:  # released by someone else, still on our list
+                self.held.discard(e.queue_id)
+                self._save()
+            self.expired_total += 1
+            expired.add(e.queue_id)
+            log.info(
+                "event=expired queue_id=%s customers=%s age_s=%d lifetime_s=%d was_held=%s "
+                "expired_total=%d",
+                e.queue_id,
+                ",".join(e.domains) or "-",
+                age,
+                lifetime,
+                "yes" if ours else "no",
+                self.expired_total,
+            )
+        return expired
+
+    def _customer(self, customer: Customer, entries: list[Queued]) -> None:
         waiting = [e for e in entries if e.waits_for(customer) and e.queue_id not in self.held]
         held = sorted(
             (e for e in entries if e.queue_id in self.held and e.for_customer(customer)),
             key=lambda e: (e.arrival, e.queue_id),
         )
-        expired = [e for e in held if now - e.arrival >= lifetime]
-        for e in expired:  # Postfix's next failed attempt returns it to its sender
-            log.info("event=release_expired queue_id=%s customer=%s", e.queue_id, customer.domain)
-            self._release(e.queue_id)
-        held = [e for e in held if e not in expired]
         if waiting or held:
             up = self.probe(customer)
         else:
@@ -213,8 +279,8 @@ class Orderer:
             if not self._wait_gone(e.queue_id, customer):
                 return  # deferred again (the server went away): the rest stay held, in order
 
-    def _release(self, queue_id: str) -> None:
-        self.postfix.release(queue_id)
+    def _release(self, queue_id: str, *, retry: bool = True) -> None:
+        self.postfix.release(queue_id, retry=retry)
         self.held.discard(queue_id)
         self._save()
 
@@ -280,10 +346,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     settings = settings_mod.load(args.settings)
     args.state.parent.mkdir(parents=True, exist_ok=True)
-    orderer = Orderer(settings.customers, RealPostfix(), state=args.state)
     if args.release_all:
+        orderer = Orderer(settings.customers, RealPostfix(), state=args.state)
         log.info("event=release_all messages=%d", orderer.release_all())
         return 0
+    try:
+        password = settings.secret("sql_relay")
+    except settings_mod.SettingsError as exc:
+        # Not the default for everybody instead: that would return a longer-retention
+        # customer's mail early.
+        log.error("event=settings_error error=%r fix='deploy the relay again'", str(exc))
+        return 2
+    retention = Retention(
+        sql_fetch(settings.sql_dsn("mailtower_relay", password)),
+        cache=args.state.parent / "relay-retention.json",
+    )
+    orderer = Orderer(settings.customers, RealPostfix(), retention=retention, state=args.state)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
