@@ -341,14 +341,14 @@ def test_the_last_values_survive_a_restart_with_sql_down(tmp_path) -> None:
     assert again.lifetime_s(["weekly.example"], 14 * DAY) == 7 * DAY
 
 
-def test_before_sql_ever_answers_the_default_applies_capped_by_the_tower(tmp_path) -> None:
+def test_before_sql_ever_answers_the_towers_lifetime_applies(tmp_path) -> None:
     retention, sql, _ = _retention(RETENTION, tmp_path)
     sql.up = False
     retention.refresh()
     assert retention.days is None
-    assert retention.lifetime_s(["weekly.example"], 14 * DAY) == 3 * DAY
+    # Nothing expired early: the tower's own lifetime until SQL has answered once.
+    assert retention.lifetime_s(["customer1.example"], 14 * DAY) == 14 * DAY
     assert retention.lifetime_s(["weekly.example"], 2 * DAY) == 2 * DAY
-    assert retention.lifetime_s([], 14 * DAY) == 3 * DAY
 
 
 @pytest.mark.parametrize("value", ["0", "15", "2.5", "three", "", "-1", "true"])
@@ -380,3 +380,15 @@ def test_postqueue_json_forced_expire() -> None:
     queued = Queued.from_json(entry)
     assert queued.forced_expire and queued.domains == ["customer1.example"]
     assert not Queued.from_json({**entry, "forced_expire": False}).forced_expire
+
+
+
+def test_a_notice_in_transit_is_left_to_postfixs_bounce_lifetime(postfix, tmp_path) -> None:
+    postfix.lifetime = 14 * DAY
+    postfix.add("NOTICE", NOW - 2 * DAY, "u@customer1.example")
+    e = postfix.entries["NOTICE"]
+    postfix.entries["NOTICE"] = Queued(e.queue_id, e.queue, e.arrival, e.recipients, sender="")
+    postfix.add("MAIL", NOW - 2 * DAY, "v@customer1.example")
+    retention, _, _ = _retention(RETENTION, tmp_path)
+    _orderer(postfix, tmp_path, now=NOW, retention=retention).step()
+    assert postfix.returned == ["MAIL"]

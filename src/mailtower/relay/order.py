@@ -63,6 +63,7 @@ class Queued:
     arrival: int
     recipients: tuple[tuple[str, str], ...]  # (address, delay reason), still to deliver
     forced_expire: bool = False  # ``postsuper -e`` done: Postfix returns it at its next attempt
+    sender: str | None = None  # "" for a notice (a bounce in transit)
 
     @classmethod
     def from_json(cls, entry: dict) -> Queued:
@@ -72,6 +73,7 @@ class Queued:
             int(entry.get("arrival_time", 0)),
             tuple((r["address"], r.get("delay_reason", "")) for r in entry.get("recipients", [])),
             bool(entry.get("forced_expire", False)),
+            entry.get("sender"),
         )
 
     @property
@@ -230,6 +232,8 @@ class Orderer:
             ours = e.queue == "hold" and e.queue_id in self.held
             if e.forced_expire or not (e.queue == "deferred" or ours):
                 continue  # already on its way back, or not waiting for a retry
+            if e.sender == "":
+                continue  # a notice in transit: Postfix's bounce_queue_lifetime decides
             lifetime = self.retention.lifetime_s(e.domains, ceiling_s)
             age = now - e.arrival
             if age < lifetime:

@@ -5,10 +5,10 @@ from the tower's SQL for every active domain, whoever put it there (the tower's 
 the GOC's sync): the relay's orderer expires deferred mail by it (``mailtower.relay.order``).
 
 When SQL does not answer the last values it read stay in force (also across a restart: they
-are kept in a small file). Before any are known, and for a domain SQL does not list, the
-default policy's retention applies (3 days, or the tower's ``queue_lifetime`` if that is
-shorter): mail is then never expired earlier than the tower-wide default would have it, but a
-customer with a longer retention gets only the default until its value is read.
+are kept in a small file). Before any are known (a first start with SQL down) nothing is
+expired early: every message gets the tower's ``queue_lifetime``, as before customers had
+policies. A domain SQL does not list (mail in transit to the outside, a removed customer) gets
+the default policy's retention (3 days, or the tower's ``queue_lifetime`` if that is shorter).
 """
 
 from __future__ import annotations
@@ -158,6 +158,8 @@ class Retention:
         """Seconds a message for ``domains`` is kept: the longest retention among them (one
         message is expired whole, so the most generous customer decides), at most
         ``ceiling_s`` (the tower's ``maximal_queue_lifetime``, which Postfix applies anyway)."""
-        known = self.days or {}
+        if self.days is None:  # nothing read yet: never expire before the tower's own lifetime
+            return ceiling_s
+        known = self.days
         days = max((known.get(d.lower(), DEFAULT_DAYS) for d in domains), default=DEFAULT_DAYS)
         return min(ceiling_s, days * DAY_S)
