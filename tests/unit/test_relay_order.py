@@ -382,7 +382,6 @@ def test_postqueue_json_forced_expire() -> None:
     assert not Queued.from_json({**entry, "forced_expire": False}).forced_expire
 
 
-
 def test_a_notice_in_transit_is_left_to_postfixs_bounce_lifetime(postfix, tmp_path) -> None:
     postfix.lifetime = 14 * DAY
     postfix.add("NOTICE", NOW - 2 * DAY, "u@customer1.example")
