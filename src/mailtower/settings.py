@@ -407,6 +407,10 @@ class TowerSettings(StrictModel):
     # in simple mode: it answers only once the whole message is scanned)
     icap_url: str | None = None
     spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
+    # Every customer's policy as scand's workers read it (mailtower.customers.snapshot),
+    # written by scand from the tower's SQL, checked for changes every policy_poll_s.
+    policy_snapshot: str = "/var/lib/mailtower/policies.json"
+    policy_poll_s: float = Field(default=1.0, gt=0, le=300)
     # scand's rule data: a rules root where `mailtower bundle install` puts signed bundles
     # (e.g. /var/lib/mailtower/rules); until one is installed there, and when None, the rules
     # shipped in the package are used.
