@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -443,6 +443,22 @@ class TowerSettings(StrictModel):
         if missing:
             raise ValueError(f"a tower taking rule bundles needs {', '.join(missing)}")
         return self
+
+    @field_validator("policy_snapshot")
+    @classmethod
+    def _snapshot_path(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not path.is_absolute() or path.name in ("", ".", ".."):
+            raise ValueError(
+                f"policy_snapshot {value!r} must be an absolute file path, "
+                "e.g. /var/lib/mailtower/policies.json"
+            )
+        return value
+
+    @property
+    def policy_snapshot_dir(self) -> str:
+        """The directory scand writes the policy snapshot in (renames need it writable)."""
+        return str(PurePosixPath(self.policy_snapshot).parent)
 
     @property
     def bundle_source(self) -> str | None:

@@ -108,6 +108,7 @@ class Poller:
         self.last_ok: float | None = None  # when SQL last answered the change check
         self.errors = 0
         self.invalid_found = 0
+        self._failing = False  # logged once per outage, not every second
 
     def poll_once(self) -> bool:
         """One round: the change check and, if needed, a new snapshot. True if SQL answered."""
@@ -117,6 +118,7 @@ class Poller:
             check = snapshot_mod.change_check(self._conn)
             if self.snapshot is None or check != self.snapshot.check:
                 new = snapshot_mod.load(self._conn, self.snapshot, check=check, now=self.clock())
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # the role makes it too
                 new.write(self.path)
                 self.invalid_found += len(new.invalid)
                 self.snapshot = new
@@ -131,9 +133,18 @@ class Poller:
                 )
         except Exception as exc:  # SQL down, a failover, the disk: try again next round
             self.errors += 1
-            log.warning("event=policy_poll_failed error=%r", exc)
+            if not self._failing:
+                log.warning(
+                    "event=policy_poll_failed keeping=%s error=%r",
+                    f"generation {self.snapshot.generation}" if self.snapshot else "none",
+                    exc,
+                )
+            self._failing = True
             self._close()
             return False
+        if self._failing:
+            log.info("event=policy_poll_recovered")
+        self._failing = False
         self.last_ok = self.clock()
         return True
 

@@ -115,6 +115,14 @@ UNPROCESSABLE_FINDING = {"engine": "scand", "name": "scand.unprocessable", "part
 DEADLINE_MARGIN_S = 30.0
 
 
+def _combined(replies: list[str]) -> str:
+    """One 250 for the parts of a message: a part's own reply when there is one part."""
+    if len(replies) == 1:
+        return replies[0]
+    # "250 2.x.x " dropped from each; an SMTP reply line stays under 512 characters.
+    return S250_SPLIT.format(parts="; ".join(r[10:] for r in replies)[:400])
+
+
 def rule_dirs(settings: TowerSettings) -> RuleDirs:
     """The rules scand loads: the bundle installed under ``settings.rules_dir`` if there is
     one, else the shipped rules. Raises bundles.InstallError if that root is broken."""
@@ -435,7 +443,7 @@ class Scanner:
         """Quarantine every group whose verdict stops it, then re-inject the others (one
         transaction per verdict header); the reply to the relay."""
         done: list[tuple[str, Verdict, list[str], str | None]] = []  # outcome, verdict, rcpts, qid
-        parts: list[str] = []
+        replies: list[str] = []  # the reply each part would get on its own
         written: list[str] = []
         for group in groups:
             if group.action != "quarantine":
@@ -460,7 +468,7 @@ class Scanner:
                 group.verdict.reason,
             )
             done.append((outcome, group.verdict, group.rcpt_tos, qid))
-            parts.append(S250_QUARANTINED.format(qid=qid, verdict=outcome)[10:])
+            replies.append(S250_QUARANTINED.format(qid=qid, verdict=outcome))
         deliveries: dict[str, list[Group]] = {}
         for group in groups:
             if group.action == "deliver":
@@ -480,11 +488,9 @@ class Scanner:
                     assert verdict is not None
                     done.append((outcome, verdict, rcpts, set_aside))
                     self._count_and_record(settings, done, msgid, mail_from, raw)
-                    return (
-                        reply
-                        if outcome == "tempfail" or len(groups) == 1
-                        else (S250_SPLIT.format(parts="; ".join([*parts, reply[10:]])[:400]))
-                    )
+                    if outcome == "tempfail":
+                        return reply
+                    return _combined([*replies, reply])
                 answer = first
             else:
                 late = self._deliver_late(
@@ -502,17 +508,12 @@ class Scanner:
                     done.append((UNPROCESSABLE, group.verdict, group.rcpt_tos, qid))
                 else:
                     done.append((group.tag, group.verdict, group.rcpt_tos, None))
-            parts.append(f"re-injected {tag}: {answer}" if len(groups) > 1 else answer)
+            if tag == "clean":
+                replies.append(S250_CLEAN.format(relay=answer))
+            else:
+                replies.append(S250_TAGGED.format(verdict=tag, relay=answer))
         self._count_and_record(settings, done, msgid, mail_from, raw)
-        if len(groups) == 1:
-            group = groups[0]
-            assert group.verdict is not None
-            if group.action == "quarantine":
-                return S250_QUARANTINED.format(qid=done[0][3], verdict=done[0][0])
-            if group.tag == "clean":
-                return S250_CLEAN.format(relay=parts[0])
-            return S250_TAGGED.format(verdict=group.tag, relay=parts[0])
-        return S250_SPLIT.format(parts="; ".join(parts)[:400])
+        return _combined(replies)
 
     def _deliver_first(
         self,
