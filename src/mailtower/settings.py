@@ -448,7 +448,7 @@ class TowerSettings(StrictModel):
     @classmethod
     def _snapshot_path(cls, value: str) -> str:
         path = PurePosixPath(value)
-        if not path.is_absolute() or path.name in ("", ".", ".."):
+        if not path.is_absolute() or value.endswith("/") or path.name in ("", ".", ".."):
             raise ValueError(
                 f"policy_snapshot {value!r} must be an absolute file path, "
                 "e.g. /var/lib/mailtower/policies.json"

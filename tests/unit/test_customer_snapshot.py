@@ -161,3 +161,12 @@ def test_the_file_is_reread_when_replaced_and_a_broken_one_keeps_the_last(
     assert reader.current().generation == 2  # type: ignore[union-attr]
     path.unlink()
     assert reader.current().generation == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("path", ["policies.json", "/var/lib/mailtower/", "/"])
+def test_the_snapshot_path_is_an_absolute_file(tmp_path: Path, path: str) -> None:
+    from pydantic import ValidationError
+
+    settings = _settings(tmp_path)
+    with pytest.raises(ValidationError, match="policy_snapshot"):
+        type(settings).model_validate({**settings.model_dump(mode="json"), "policy_snapshot": path})
