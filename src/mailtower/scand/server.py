@@ -115,6 +115,11 @@ UNPROCESSABLE_FINDING = {"engine": "scand", "name": "scand.unprocessable", "part
 DEADLINE_MARGIN_S = 30.0
 
 
+def late_set_aside(answer: str) -> bool:
+    """Whether ``Scanner._deliver_late``'s answer says the part was set aside."""
+    return answer.startswith("set aside as ")
+
+
 def _combined(replies: list[str]) -> str:
     """One 250 for the parts of a message: a part's own reply when there is one part."""
     if len(replies) == 1:
@@ -473,9 +478,10 @@ class Scanner:
         for group in groups:
             if group.action == "deliver":
                 deliveries.setdefault(group.tag, []).append(group)
-        for delivered, (tag, together) in enumerate(deliveries.items()):
+        committed = False  # a part was re-injected or set aside: no 451 from here on
+        for tag, together in deliveries.items():
             rcpts = [rcpt for group in together for rcpt in group.rcpt_tos]
-            if delivered == 0:
+            if not committed:
                 first = self._deliver_first(
                     settings, tag, raw, mail_from, rcpts, mail_options, relay_queue_id, fields
                 )
@@ -487,10 +493,12 @@ class Scanner:
                     verdict = together[0].verdict
                     assert verdict is not None
                     done.append((outcome, verdict, rcpts, set_aside))
-                    self._count_and_record(settings, done, msgid, mail_from, raw)
                     if outcome == "tempfail":
+                        self._count_and_record(settings, done, msgid, mail_from, raw)
                         return reply
-                    return _combined([*replies, reply])
+                    replies.append(reply)  # set aside; the other parts still go
+                    committed = True
+                    continue
                 answer = first
             else:
                 late = self._deliver_late(
@@ -501,14 +509,17 @@ class Scanner:
                     # A retry delivers the earlier parts twice; not answering loses this one.
                     return S451_LOCAL
                 answer = late
+            committed = True
+            set_aside_as = answer.removeprefix("set aside as ") if late_set_aside(answer) else None
             for group in together:
                 assert group.verdict is not None
-                if answer.startswith("set aside as "):
-                    qid = answer.removeprefix("set aside as ")
-                    done.append((UNPROCESSABLE, group.verdict, group.rcpt_tos, qid))
+                if set_aside_as is not None:
+                    done.append((UNPROCESSABLE, group.verdict, group.rcpt_tos, set_aside_as))
                 else:
                     done.append((group.tag, group.verdict, group.rcpt_tos, None))
-            if tag == "clean":
+            if set_aside_as is not None:
+                replies.append(f"250 2.7.0 set aside as {set_aside_as} ({SPLIT_REINJECT_FAILED})")
+            elif tag == "clean":
                 replies.append(S250_CLEAN.format(relay=answer))
             else:
                 replies.append(S250_TAGGED.format(verdict=tag, relay=answer))
