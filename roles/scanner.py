@@ -128,6 +128,14 @@ def configure():
         group="mailtower",
         mode="750",
     )
+    # scand writes the customers' policy snapshot here (tmp file + rename)
+    files.directory(
+        name=f"Ensure {s.policy_snapshot_dir}",
+        path=s.policy_snapshot_dir,
+        user="mailtower",
+        group="mailtower",
+        mode="755",
+    )
     if s.rules_dir:
         # scand installs rule bundles here itself, on the monitor's request (/rules/apply)
         files.directory(

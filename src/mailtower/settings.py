@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -407,6 +407,10 @@ class TowerSettings(StrictModel):
     # in simple mode: it answers only once the whole message is scanned)
     icap_url: str | None = None
     spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
+    # Every customer's policy as scand's workers read it (mailtower.customers.snapshot),
+    # written by scand from the tower's SQL, checked for changes every policy_poll_s.
+    policy_snapshot: str = "/var/lib/mailtower/policies.json"
+    policy_poll_s: float = Field(default=1.0, gt=0, le=300)
     # scand's rule data: a rules root where `mailtower bundle install` puts signed bundles
     # (e.g. /var/lib/mailtower/rules); until one is installed there, and when None, the rules
     # shipped in the package are used.
@@ -439,6 +443,22 @@ class TowerSettings(StrictModel):
         if missing:
             raise ValueError(f"a tower taking rule bundles needs {', '.join(missing)}")
         return self
+
+    @field_validator("policy_snapshot")
+    @classmethod
+    def _snapshot_path(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not path.is_absolute() or value.endswith("/") or path.name in ("", ".", ".."):
+            raise ValueError(
+                f"policy_snapshot {value!r} must be an absolute file path, "
+                "e.g. /var/lib/mailtower/policies.json"
+            )
+        return value
+
+    @property
+    def policy_snapshot_dir(self) -> str:
+        """The directory scand writes the policy snapshot in (renames need it writable)."""
+        return str(PurePosixPath(self.policy_snapshot).parent)
 
     @property
     def bundle_source(self) -> str | None:

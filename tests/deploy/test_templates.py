@@ -655,3 +655,13 @@ def test_every_monitor_metric_an_alert_reads_is_exported_under_that_name(render,
     counters = {name for name, family in families.items() if family.type == "counter"}
     wrong = {n for n in ours if n not in exported or n in counters}
     assert not wrong, sorted(wrong)
+
+
+def test_scand_may_write_its_policy_snapshot_and_nothing_new_beside(render, settings):
+    """scand rewrites the customers' policy snapshot by a rename in its directory: that
+    directory must be writable under ProtectSystem=strict (else: 451 for every message)."""
+    unit = _unit_service(render("scanner/etc/systemd/system/mailtower-scand.service", settings))
+    assert unit["ProtectSystem"] == "strict"
+    writable = unit["ReadWritePaths"].split()
+    assert settings.policy_snapshot_dir == "/var/lib/mailtower"
+    assert writable[:2] == [settings.spool_dir, settings.policy_snapshot_dir]

@@ -19,6 +19,7 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from mailtower.customers.snapshot import Snapshot
 from mailtower.scanning import testdata
 from mailtower.settings import Limits, Ports, Secrets, TowerHosts, TowerSettings
 
@@ -61,8 +62,15 @@ def make_settings(
     clamd_socket: str = "/nonexistent/clamd.ctl",
     engine_timeout_s: float = 5.0,
     postgres_port: int | None = None,
+    policy_snapshot: bool = True,
 ) -> TowerSettings:
-    """Settings for a tower on loopback: relay 127.0.0.1, nothing listening for SQL."""
+    """Settings for a tower on loopback: relay 127.0.0.1, nothing listening for SQL. The
+    customers' policy snapshot is ``spool/policies.json``; with ``policy_snapshot`` an empty
+    one is written there (a tower without customers), else there is none (scand answers 451)."""
+    snapshot = spool / "policies.json"
+    if policy_snapshot:
+        spool.mkdir(parents=True, exist_ok=True)
+        Snapshot().write(snapshot)
     return TowerSettings(
         name="tower-t",
         hostname="mx.tower-t.test",
@@ -92,6 +100,7 @@ def make_settings(
         ),
         clamd_socket=clamd_socket,
         spool_dir=str(spool),
+        policy_snapshot=str(snapshot),
     )
 
 

@@ -597,10 +597,11 @@ def test_an_engine_that_is_down_is_the_scanners_fault(scand: Scand) -> None:
 def test_a_crash_of_scand_on_an_old_message_sets_it_aside(
     scand: Scand, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(raw: bytes) -> Verdict:
+    def crash(raw: bytes, policies: object) -> Verdict:
         raise RuntimeError("a bug of ours")
 
-    monkeypatch.setattr(scand.scanner.pipeline, "scan", crash)
+    # scand scans once for all its recipients' policies (Pipeline.scan_for).
+    monkeypatch.setattr(scand.scanner.pipeline, "scan_for", crash)
     young = _relay_received("4ABCDE12F3", _hours_ago(0)) + _mail(subject="crash-young")
     assert _relay_send(scand, young, ident="4ABCDE12F3")[0] == 451
     old = _relay_received("4ABCDE12F3", _hours_ago(2)) + _mail(subject="crash-old")

@@ -12,6 +12,14 @@ aside — quarantined as ``unprocessable``, counted, alerted on — once the rel
 ``relay_trace``); before that, and whenever the failure is the scanner's (shutting down, an
 engine failing its health check, the quarantine disk), it is a 451 as before. It is never
 delivered unscanned and never bounced.
+
+Each recipient's customer has a policy (mailtower.customers; read from the snapshot file the
+poller writes, ``scand.policies``). The message is scanned once and decided under each
+distinct policy among its recipients; recipients whose policies lead to different outcomes
+get them separately: every quarantine copy is written first, then one re-injection per
+distinct verdict header. Once one re-injection succeeded, a later one that fails cannot be
+answered with a 451 (the relay would deliver the first part again): it is retried briefly,
+then set aside as unprocessable (released later like any such message).
 """
 
 from __future__ import annotations
@@ -22,19 +30,23 @@ import hmac
 import logging
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mailtower import bundles
+from mailtower.customers.policy import CustomerPolicy
+from mailtower.customers.snapshot import Snapshot
 from mailtower.scand.errors import ReinjectDeferred, ReinjectError
 from mailtower.scand.events import Event, EventSpool
+from mailtower.scand.policies import SnapshotFile
 from mailtower.scand.quarantine import QuarantineStore
 from mailtower.scand.reinject import Reinjector
 from mailtower.scand.relay_trace import RelayEnvelope, RelaySMTP, relay_arrival
@@ -49,11 +61,17 @@ log = logging.getLogger(__name__)
 
 # Replies to the relay. Every reply the daemon gives is one of these.
 S250_CLEAN = "250 2.0.0 OK scanned clean, re-injected: {relay}"
+# Suspicious, and the recipients' customers take such mail: delivered with the verdict header.
+S250_TAGGED = "250 2.0.0 OK scanned {verdict}, re-injected: {relay}"
 S250_QUARANTINED = "250 2.7.0 quarantined as {qid} ({verdict})"
 S451_ENGINE = "451 4.7.1 scanning not possible now, try again later"
 S451_REINJECT = "451 4.4.1 re-injection to the relay failed, try again later"
 S451_LOCAL = "451 4.3.0 local error in the scanner, try again later"
 S451_SHUTDOWN = "451 4.3.2 scanner shutting down, try again later"
+# No snapshot of the customers' policies yet (SQL never reached): never the default for all.
+S451_POLICY = "451 4.3.5 customer policies not loaded yet, try again later"
+# Recipients with different outcomes (their customers' policies differ): each part's.
+S250_SPLIT = "250 2.0.0 OK scanned per recipient policy: {parts}"
 # Failing for a reason of its own for limits.unprocessable_after_s: quarantined, not retried.
 S250_UNPROCESSABLE = "250 2.7.0 set aside as {qid} (unprocessable since {since})"
 S552_TOO_BIG = "552 5.3.4 message exceeds the size limit"
@@ -81,6 +99,11 @@ VERDICT_HEADER = "X-Mailtower-Verdict"
 
 # Verdicts that stop a message: it is quarantined and the relay told 250 (the final answer).
 QUARANTINED = (Kind.VIRUS, Kind.BANNED, Kind.SUSPICIOUS)
+# A later part of a split message the relay would not take: retried this often, this long
+# apart, then set aside with this reason.
+SPLIT_REINJECT_ATTEMPTS = 3
+SPLIT_REINJECT_PAUSE_S = 1.0
+SPLIT_REINJECT_FAILED = "re-injection failed after a split"
 # The outcome (quarantine verdict, metric label, log event) of a message set aside. The
 # verdict_events table admits only the scan verdicts, so its event says "tempfail" with the
 # quarantine id and this finding.
@@ -90,6 +113,19 @@ UNPROCESSABLE_FINDING = {"engine": "scand", "name": "scand.unprocessable", "part
 # this; with the defaults that is the pipeline's own 60 s. Postfix waits engine_timeout_s +
 # reinject_timeout_s + 60 s for the answer (master.cf smtp_data_done_timeout).
 DEADLINE_MARGIN_S = 30.0
+
+
+def late_set_aside(answer: str) -> bool:
+    """Whether ``Scanner._deliver_late``'s answer says the part was set aside."""
+    return answer.startswith("set aside as ")
+
+
+def _combined(replies: list[str]) -> str:
+    """One 250 for the parts of a message: a part's own reply when there is one part."""
+    if len(replies) == 1:
+        return replies[0]
+    # "250 2.x.x " dropped from each; an SMTP reply line stays under 512 characters.
+    return S250_SPLIT.format(parts="; ".join(r[10:] for r in replies)[:400])
 
 
 def rule_dirs(settings: TowerSettings) -> RuleDirs:
@@ -176,6 +212,18 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.policy_generation = Gauge(
+            "mailtower_policy_generation",
+            "Generation of the customers' policy snapshot scand scans with (0: none loaded)",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.split_reinject_failed = Counter(
+            "mailtower_split_reinject_failed",
+            "Parts of a split message set aside because their re-injection failed after "
+            "another part was delivered",
+            registry=self.registry,
+        )
         self.rules_bundle_version = Gauge(
             "mailtower_rules_bundle_version",
             "Version of the rule bundle scand scans with (0: the rules shipped in the package)",
@@ -194,6 +242,34 @@ class Failure:
     reason: str
     reply: str
     engines: bool = False
+
+
+Action = Literal["deliver", "quarantine"]
+
+
+@dataclass
+class Group:
+    """Recipients whose policies lead to one outcome: the verdict under their policy, what is
+    done (``action``), and the verdict header of a delivery."""
+
+    policy: Policy
+    suspicious: str  # the customers' "suspicious" setting: "quarantine" or "deliver"
+    rcpt_tos: list[str]
+    verdict: Verdict | None = None
+
+    @property
+    def action(self) -> Action:
+        assert self.verdict is not None
+        kind = self.verdict.kind
+        if kind is Kind.CLEAN or (kind is Kind.SUSPICIOUS and self.suspicious == "deliver"):
+            return "deliver"
+        return "quarantine"
+
+    @property
+    def tag(self) -> str:
+        """The verdict header's value's first word for a delivery."""
+        assert self.verdict is not None
+        return "clean" if self.verdict.kind is Kind.CLEAN else self.verdict.kind.value
 
 
 class Scanner:
@@ -219,6 +295,9 @@ class Scanner:
         self.rules_version = rules.bundle_version  # None: the shipped rules
         self.metrics = metrics or Metrics()
         self.metrics.rules_bundle_version.set(self.rules_version or 0)
+        # Customers' policies (the snapshot file), and their scanning policies once built.
+        self.policies = SnapshotFile(Path(settings.policy_snapshot))
+        self._scanning: dict[tuple[Policy, CustomerPolicy], Policy] = {}
         spool = Path(settings.spool_dir)
         self.quarantine = QuarantineStore(spool / "quarantine")
         self.events = EventSpool(spool / "events")
@@ -246,6 +325,8 @@ class Scanner:
         pipeline = build_pipeline(settings, engines, rules)  # first: a failure changes nothing
         if settings.ports != self.settings.ports:
             log.warning("event=reload_ports_changed action='restart scand to apply new ports'")
+        if settings.policy_snapshot != self.settings.policy_snapshot:
+            self.policies = SnapshotFile(Path(settings.policy_snapshot))
         self.engines, self.pipeline, self.settings = engines, pipeline, settings
         self.rules_version = rules.bundle_version
         self.metrics.rules_bundle_version.set(self.rules_version or 0)
@@ -298,16 +379,30 @@ class Scanner:
         if len(raw) > settings.limits.filter_message_bytes:
             self.metrics.messages.labels("too_big").inc()
             return S552_TOO_BIG
-        verdict = pipeline.scan(raw)
         secret = settings.secrets.canary
         if secret is not None and peer == str(settings.hosts.monitor):
             token = canary_token(raw)
             if token is not None and hmac.compare_digest(token, secret.encode()):
+                verdict = pipeline.scan(raw)
                 names = ",".join(f.name for f in verdict.findings)[:400] or "-"
                 log.info("event=canary verdict=%s findings=%s", verdict.kind.value, names)
                 return S250_CANARY.format(
                     verdict=verdict.kind.value, bundle=self.rules_version or 0, names=names
                 )
+        snapshot = self.policies.current()
+        if snapshot is None:
+            # Scanning everybody's mail under the default policy would lift customers' bans.
+            log.warning(
+                "event=tempfail_no_policies snapshot=%s from=<%s>", self.policies.path, mail_from
+            )
+            self.metrics.messages.labels("tempfail").inc()
+            return S451_POLICY
+        self.metrics.policy_generation.set(snapshot.generation)
+        groups = self._groups(pipeline, snapshot, rcpt_tos)
+        verdicts = pipeline.scan_for(raw, [group.policy for group in groups])
+        for group, one in zip(groups, verdicts, strict=True):
+            group.verdict = one
+        verdict = verdicts[0]  # engines, stages and errors are the same under every policy
         for stage, seconds in verdict.stages:
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         for run in verdict.runs:
@@ -316,53 +411,255 @@ class Scanner:
                 self.metrics.engine_errors.labels(run.engine).inc()
         msgid = message_id(raw)
         fields = f"message_id={msgid} from=<{mail_from}> rcpts={len(rcpt_tos)} size={len(raw)}"
-        quarantine_id = None
-        if verdict.kind is Kind.CLEAN:
+        if len(groups) > 1:
+            log.info(
+                "event=split %s parts=%s",
+                fields,
+                ",".join(f"{len(g.rcpt_tos)}:{g.verdict.kind.value}" for g in groups if g.verdict),
+            )
+        incomplete = next((v for v in verdicts if v.kind is Kind.TEMPFAIL), None)
+        if incomplete is not None:
+            # Part of the answer is missing: the whole message is retried (nothing done yet).
+            log.warning("event=tempfail %s reason=%r", fields, incomplete.reason)
+            failure = Failure(f"scan incomplete: {incomplete.reason}", S451_ENGINE, engines=True)
+            reply, outcome, quarantine_id = self._failed(
+                settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, incomplete
+            )
+            self._count_and_record(
+                settings, [(outcome, incomplete, rcpt_tos, quarantine_id)], msgid, mail_from, raw
+            )
+            return reply
+        return self._dispatch(
+            settings, groups, raw, mail_from, rcpt_tos, mail_options, relay_queue_id, msgid, fields
+        )
+
+    def _dispatch(
+        self,
+        settings: TowerSettings,
+        groups: list[Group],
+        raw: bytes,
+        mail_from: str,
+        rcpt_tos: list[str],
+        mail_options: Sequence[str],
+        relay_queue_id: str | None,
+        msgid: str | None,
+        fields: str,
+    ) -> str:
+        """Quarantine every group whose verdict stops it, then re-inject the others (one
+        transaction per verdict header); the reply to the relay."""
+        done: list[tuple[str, Verdict, list[str], str | None]] = []  # outcome, verdict, rcpts, qid
+        replies: list[str] = []  # the reply each part would get on its own
+        written: list[str] = []
+        for group in groups:
+            if group.action != "quarantine":
+                continue
+            assert group.verdict is not None
+            meta = self._quarantine_meta(settings, group.verdict, msgid, mail_from, group.rcpt_tos)
             try:
-                relay_answer = self.reinject(settings, raw, mail_from, rcpt_tos, mail_options)
-            except ReinjectDeferred as exc:  # the relay's trouble (unreachable, 4xx): retry
-                log.warning("event=reinject_failed %s error=%r", fields, str(exc))
-                reply, outcome = S451_REINJECT, "tempfail"
-            except ReinjectError as exc:  # refused for good, or unsendable: this message's
-                log.warning("event=reinject_refused %s error=%r", fields, str(exc))
-                failure = Failure(f"re-injection refused: {exc}", S451_REINJECT)
-                reply, outcome, quarantine_id = self._failed(
-                    settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, verdict
-                )
-            else:
-                log.info("event=clean %s relay=%r", fields, relay_answer)
-                reply, outcome = S250_CLEAN.format(relay=relay_answer), "clean"
-        elif verdict.kind in QUARANTINED:
-            try:
-                quarantine_id = self.quarantine.write(
-                    raw, self._quarantine_meta(settings, verdict, msgid, mail_from, rcpt_tos)
-                )
+                qid = self.quarantine.write(raw, meta)
             except OSError as exc:
                 log.error("event=quarantine_failed %s error=%r", fields, exc)
+                self._undo_quarantine(written)
                 self.metrics.messages.labels("tempfail").inc()
                 return S451_LOCAL
-            outcome = verdict.kind.value
+            written.append(qid)
+            outcome = group.verdict.kind.value
             log.info(
-                "event=%s %s quarantine_id=%s reason=%r",
+                "event=%s %s rcpts_part=%d quarantine_id=%s reason=%r",
                 outcome,
                 fields,
-                quarantine_id,
-                verdict.reason,
+                len(group.rcpt_tos),
+                qid,
+                group.verdict.reason,
             )
-            reply = S250_QUARANTINED.format(qid=quarantine_id, verdict=outcome)
-        else:
-            log.warning("event=tempfail %s reason=%r", fields, verdict.reason)
-            failure = Failure(f"scan incomplete: {verdict.reason}", S451_ENGINE, engines=True)
-            reply, outcome, quarantine_id = self._failed(
-                settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, verdict
-            )
+            done.append((outcome, group.verdict, group.rcpt_tos, qid))
+            replies.append(S250_QUARANTINED.format(qid=qid, verdict=outcome))
+        deliveries: dict[str, list[Group]] = {}
+        for group in groups:
+            if group.action == "deliver":
+                deliveries.setdefault(group.tag, []).append(group)
+        committed = False  # a part was re-injected or set aside: no 451 from here on
+        for tag, together in deliveries.items():
+            rcpts = [rcpt for group in together for rcpt in group.rcpt_tos]
+            if not committed:
+                first = self._deliver_first(
+                    settings, tag, raw, mail_from, rcpts, mail_options, relay_queue_id, fields
+                )
+                if isinstance(first, tuple):  # not delivered: retried, or set aside
+                    reply, outcome, set_aside = first
+                    if outcome == "tempfail":
+                        self._undo_quarantine(written)  # the retry writes them again
+                        done = []
+                    verdict = together[0].verdict
+                    assert verdict is not None
+                    done.append((outcome, verdict, rcpts, set_aside))
+                    if outcome == "tempfail":
+                        self._count_and_record(settings, done, msgid, mail_from, raw)
+                        return reply
+                    replies.append(reply)  # set aside; the other parts still go
+                    committed = True
+                    continue
+                answer = first
+            else:
+                late = self._deliver_late(
+                    settings, tag, raw, mail_from, rcpts, mail_options, relay_queue_id, fields
+                )
+                if late is None:  # the set-aside copy could not be written either
+                    self._count_and_record(settings, done, msgid, mail_from, raw)
+                    # A retry delivers the earlier parts twice; not answering loses this one.
+                    return S451_LOCAL
+                answer = late
+            committed = True
+            set_aside_as = answer.removeprefix("set aside as ") if late_set_aside(answer) else None
+            for group in together:
+                assert group.verdict is not None
+                if set_aside_as is not None:
+                    done.append((UNPROCESSABLE, group.verdict, group.rcpt_tos, set_aside_as))
+                else:
+                    done.append((group.tag, group.verdict, group.rcpt_tos, None))
+            if set_aside_as is not None:
+                replies.append(f"250 2.7.0 set aside as {set_aside_as} ({SPLIT_REINJECT_FAILED})")
+            elif tag == "clean":
+                replies.append(S250_CLEAN.format(relay=answer))
+            else:
+                replies.append(S250_TAGGED.format(verdict=tag, relay=answer))
+        self._count_and_record(settings, done, msgid, mail_from, raw)
+        return _combined(replies)
+
+    def _deliver_first(
+        self,
+        settings: TowerSettings,
+        tag: str,
+        raw: bytes,
+        mail_from: str,
+        rcpts: list[str],
+        mail_options: Sequence[str],
+        relay_queue_id: str | None,
+        fields: str,
+    ) -> str | tuple[str, str, str | None]:
+        """The first re-injection: the relay's answer, or — nothing delivered yet, so a retry
+        is safe — (reply, outcome, quarantine id) as for any message that cannot be
+        re-injected."""
         try:
-            self.metrics.messages.labels(outcome).inc()
-            self._record(settings, outcome, verdict, msgid, mail_from, rcpt_tos, raw, quarantine_id)
-        except Exception:  # the answer is decided (re-injected or quarantined): never a
-            # retry that would deliver the message twice
-            log.exception("event=record_failed %s outcome=%s", fields, outcome)
-        return reply
+            answer = self.reinject(settings, raw, mail_from, rcpts, mail_options, tag=tag)
+        except ReinjectDeferred as exc:  # the relay's trouble (unreachable, 4xx): retry
+            log.warning("event=reinject_failed %s error=%r", fields, str(exc))
+            return S451_REINJECT, "tempfail", None
+        except ReinjectError as exc:  # refused for good, or unsendable: this message's
+            log.warning("event=reinject_refused %s error=%r", fields, str(exc))
+            failure = Failure(f"re-injection refused: {exc}", S451_REINJECT)
+            return self._failed(settings, failure, raw, mail_from, rcpts, relay_queue_id, None)
+        log.info("event=%s %s rcpts_part=%d relay=%r", tag, fields, len(rcpts), answer)
+        return answer
+
+    def _deliver_late(
+        self,
+        settings: TowerSettings,
+        tag: str,
+        raw: bytes,
+        mail_from: str,
+        rcpts: list[str],
+        mail_options: Sequence[str],
+        relay_queue_id: str | None,
+        fields: str,
+    ) -> str | None:
+        """A re-injection after another part was delivered: a 451 now would deliver that part
+        twice, so it is retried briefly, then set aside as unprocessable. The relay's answer,
+        ``"set aside as <id>"``, or None if even the set-aside copy failed."""
+        error: ReinjectError | None = None
+        for attempt in range(SPLIT_REINJECT_ATTEMPTS):
+            if attempt:
+                time.sleep(SPLIT_REINJECT_PAUSE_S)
+            try:
+                answer = self.reinject(settings, raw, mail_from, rcpts, mail_options, tag=tag)
+            except ReinjectDeferred as exc:
+                error = exc
+                log.warning("event=reinject_failed %s attempt=%d error=%r", fields, attempt, exc)
+                continue
+            except ReinjectError as exc:  # refused for good: no use retrying
+                error = exc
+                break
+            log.info("event=%s %s rcpts_part=%d relay=%r", tag, fields, len(rcpts), answer)
+            return answer
+        meta: dict[str, Any] = {
+            "tower": settings.name,
+            "scanner": self.host_address,
+            "envelope": {"mail_from": mail_from, "rcpt_tos": list(rcpts)},
+            "message_id": message_id(raw),
+            "verdict": UNPROCESSABLE,
+            "findings": [],
+            "reason": SPLIT_REINJECT_FAILED,
+            "error": str(error),
+            "anomalies": [],
+            "relay_queue_id": relay_queue_id,
+        }
+        self.metrics.split_reinject_failed.inc()
+        try:
+            qid = self.quarantine.write(raw, meta)
+        except OSError as exc:
+            log.error("event=split_set_aside_failed %s error=%r", fields, exc)
+            return None
+        log.error(
+            "event=unprocessable %s rcpts_part=%d quarantine_id=%s reason=%r error=%r",
+            fields,
+            len(rcpts),
+            qid,
+            SPLIT_REINJECT_FAILED,
+            str(error),
+        )
+        return f"set aside as {qid}"
+
+    def _undo_quarantine(self, qids: list[str]) -> None:
+        """Remove quarantine copies of a message that is retried (its retry writes them)."""
+        for qid in qids:
+            try:
+                self.quarantine.delete(qid)
+            except Exception as exc:  # a duplicate in quarantine, never a lost message
+                log.error("event=quarantine_undo_failed quarantine_id=%s error=%r", qid, exc)
+
+    def _groups(self, pipeline: Pipeline, snapshot: Snapshot, rcpt_tos: list[str]) -> list[Group]:
+        """The recipients grouped by the policy they are scanned under (an address whose
+        domain is no customer's: the tower's own), in their order."""
+        groups: dict[tuple[Policy, str], Group] = {}
+        for rcpt in rcpt_tos or [""]:
+            customer, policy = snapshot.lookup(rcpt)
+            if customer is None:
+                key = (pipeline.policy, "quarantine")
+            else:
+                key = (self._scanning_policy(pipeline, policy), policy.suspicious)
+            if key not in groups:
+                groups[key] = Group(key[0], key[1], [])
+            if rcpt:
+                groups[key].rcpt_tos.append(rcpt)
+        return list(groups.values())
+
+    def _scanning_policy(self, pipeline: Pipeline, policy: CustomerPolicy) -> Policy:
+        """A customer's scanning policy on the tower's, built once per policy."""
+        key = (pipeline.policy, policy)
+        found = self._scanning.get(key)
+        if found is None:
+            if len(self._scanning) > 10_000:  # old pipelines' and customers' entries
+                self._scanning.clear()
+            found = self._scanning[key] = policy.scanning_policy(pipeline.policy)
+        return found
+
+    def _count_and_record(
+        self,
+        settings: TowerSettings,
+        done: list[tuple[str, Verdict, list[str], str | None]],
+        msgid: str | None,
+        mail_from: str,
+        raw: bytes,
+    ) -> None:
+        """One metric and one verdict event per part: the answer is decided (re-injected or
+        quarantined), so a failure here is logged, never a retry that delivers twice."""
+        for outcome, verdict, rcpts, qid in done:
+            try:
+                label = "suspicious_delivered" if outcome == "suspicious" and not qid else outcome
+                self.metrics.messages.labels(label).inc()
+                self._record(settings, outcome, verdict, msgid, mail_from, rcpts, raw, qid)
+            except Exception:
+                log.exception("event=record_failed message_id=%s outcome=%s", msgid, outcome)
 
     def _failed(
         self,
@@ -444,10 +741,13 @@ class Scanner:
         mail_from: str,
         rcpt_tos: list[str],
         mail_options: Sequence[str] = (),
+        *,
+        tag: str = "clean",
     ) -> str:
-        """Hand ``raw`` back to the relay with the same envelope; return the relay's answer."""
+        """Hand ``raw`` back to the relay with the same envelope (or the part of its recipients
+        in ``rcpt_tos``) and the verdict header saying ``tag``; return the relay's answer."""
         header = (
-            f"{VERDICT_HEADER}: clean; tower={settings.name}; scanner={self.host_address}\r\n"
+            f"{VERDICT_HEADER}: {tag}; tower={settings.name}; scanner={self.host_address}\r\n"
         ).encode()
         return self.reinjector.send(
             settings,

@@ -5,19 +5,25 @@ Verdict precedence (the strongest reason wins; every finding is kept either way)
 
 1. ``virus`` — an anti-virus engine's signature, a YARA rule of severity ``virus``, a
    reputation hit, or a Skeptic rule the policy names as known malware (``skeptic.known-worm``);
-2. ``banned`` — the policy: a banned extension, declared type or native executable anywhere;
+2. ``banned`` — the policy: a banned extension, file name, declared type or native executable
+   anywhere, or a message larger than the policy's ``max_message_bytes``;
 3. ``suspicious`` — hostile Skeptic findings, hostile MIME anomalies, container anomalies (limit,
    encrypted — unless the policy passes those —, corrupt, unsupported), YARA ``suspicious``
    rules, anti-virus heuristics (``Heuristics.*``);
 4. ``tempfail`` — an engine failed or timed out, or the message deadline ran out before every
    engine ran: the answer is incomplete, so the message is retried later;
 5. ``clean`` — nothing above. Informational findings are recorded but never change it.
+
+Parsing, expansion, the engines and Skeptic do not depend on the policy; only the policy's
+bans and the decision do. ``Pipeline.scan_for`` therefore scans a message once and decides it
+under several policies (one per customer among its recipients).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
 import logging
 import re
 import time
@@ -149,6 +155,7 @@ class _Scan:
     """What one message's scan has gathered so far."""
 
     deadline: float
+    size: int = 0  # the raw message's bytes
     virus: list[Finding] = field(default_factory=list)
     banned: list[Finding] = field(default_factory=list)
     suspicious: list[Finding] = field(default_factory=list)
@@ -156,6 +163,12 @@ class _Scan:
     errors: list[str] = field(default_factory=list)
     runs: list[EngineRun] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # parsing stage → seconds
+    # Encrypted-archive findings (also in ``suspicious``): a policy that passes encrypted
+    # archives moves them to the informational findings.
+    encrypted: set[Finding] = field(default_factory=set)
+    # Skeptic's findings and whether each is hostile: which are known malware is the
+    # policy's word (``Policy.virus_rules``), so they are sorted per policy.
+    skeptic: list[tuple[Finding, bool]] = field(default_factory=list)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -183,11 +196,19 @@ class Pipeline:
         self.deadline_s = deadline_s  # the whole message: parsing, expansion and every engine
 
     def scan(self, raw: bytes) -> Verdict:
-        """The verdict on ``raw`` (never raises for anything the message contains)."""
-        state = _Scan(deadline=time.monotonic() + self.deadline_s)
+        """The verdict on ``raw`` under ``self.policy`` (never raises for anything the message
+        contains)."""
+        return self.scan_for(raw, [self.policy])[0]
+
+    def scan_for(self, raw: bytes, policies: Sequence[Policy]) -> list[Verdict]:
+        """The verdict on ``raw`` under each of ``policies``, in order: the message is parsed
+        and every engine runs once; only the policy's bans and the decision are per policy."""
+        if not policies:
+            return []
+        state = _Scan(deadline=time.monotonic() + self.deadline_s, size=len(raw))
         if not self.engines:
             # Fail closed: a scanner configured with no engine must not pass mail unscanned.
-            return Verdict(Kind.TEMPFAIL, reason="no engine configured")
+            return [Verdict(Kind.TEMPFAIL, reason="no engine configured") for _ in policies]
         whole = {
             id(engine): _RAW_ENGINE_THREADS.submit(_timed, engine.scan, raw)
             for engine in self.engines
@@ -196,8 +217,12 @@ class Pipeline:
         analysis = self._analyse(raw, state)
         self._engines(analysis, state, whole)
         self._skeptic(analysis, state)
-        self._policy(analysis, state)
-        return self._verdict(analysis, state)
+        natives = _NativeKinds()
+        decided: dict[Policy, Verdict] = {}
+        for policy in policies:
+            if policy not in decided:
+                decided[policy] = self._verdict(analysis, state, policy, natives)
+        return [decided[policy] for policy in policies]
 
     # -- parsing
 
@@ -253,13 +278,12 @@ class Pipeline:
                         "backstop (machine overloaded)"
                     )
                     continue
-                # Every container anomaly means "not fully scanned" (containers module doc).
-                passed = (
-                    anomaly == containers.ANOMALY_ENCRYPTED
-                    and self.policy.encrypted_archives == "pass"
-                )
-                target = state.info if passed else state.suspicious
-                target.append(Finding(ENGINE_CONTAINER, anomaly, obj.path))
+                # Every container anomaly means "not fully scanned" (containers module doc);
+                # an encrypted archive may be passed by the policy (decided per policy).
+                finding = Finding(ENGINE_CONTAINER, anomaly, obj.path)
+                state.suspicious.append(finding)
+                if anomaly == containers.ANOMALY_ENCRYPTED:
+                    state.encrypted.add(finding)
         state.stages[STAGE_CONTAINERS] = time.monotonic() - started
         return Analysis(objects=objects, anomalies=anomalies)
 
@@ -387,24 +411,24 @@ class Pipeline:
         state.runs.append(EngineRun(skeptic.name, time.monotonic() - started))
         for finding in findings:
             finding = dataclasses.replace(finding, part=finding.part or MESSAGE_PATH)
-            if _has_prefix(finding.name, self.policy.virus_rules):
-                state.virus.append(finding)
-            elif skeptic.severity(finding.name) is Severity.HOSTILE:
-                state.suspicious.append(finding)
-            else:
-                state.info.append(finding)
+            state.skeptic.append((finding, skeptic.severity(finding.name) is Severity.HOSTILE))
 
     # -- policy
 
-    def _policy(self, analysis: Analysis, state: _Scan) -> None:
-        policy = self.policy
+    def _policy(
+        self, analysis: Analysis, state: _Scan, policy: Policy, natives: _NativeKinds
+    ) -> list[Finding]:
+        """What ``policy`` bans in the message."""
+        banned: list[Finding] = []
         seen: set[tuple[str, str]] = set()
 
         def ban(name: str, part: str) -> None:
             if (name, part) not in seen:
                 seen.add((name, part))
-                state.banned.append(Finding(ENGINE_POLICY, name, part))
+                banned.append(Finding(ENGINE_POLICY, name, part))
 
+        if policy.max_message_bytes is not None and state.size > policy.max_message_bytes:
+            ban("policy.max-size", MESSAGE_PATH)
         for obj in analysis.objects:
             for filename in obj.filenames:
                 # Programs that stop at a NUL or control character read a shorter name.
@@ -412,25 +436,44 @@ class Pipeline:
                     extension = name_extension(reading)
                     if extension in policy.banned_extensions:
                         ban(f"policy.banned-extension.{extension}", obj.path)
+                    if policy.banned_names and _name_banned(reading, policy.banned_names):
+                        ban("policy.banned-name", obj.path)
             for declared in obj.content_types:
                 if declared.split(";")[0].strip().lower() in policy.banned_types:
                     ban(f"policy.banned-type.{declared}", obj.path)
             if obj.path != MESSAGE_PATH and policy.banned_native:
-                kind = native_kind(obj.data)
+                kind = natives.of(obj)
                 if kind in policy.banned_native:
                     ban(f"policy.banned-native.{kind}", obj.path)
+        return banned
 
     # -- the decision
 
-    def _verdict(self, analysis: Analysis, state: _Scan) -> Verdict:
-        findings = tuple(_dedupe(state.virus + state.banned + state.suspicious + state.info))
+    def _verdict(
+        self, analysis: Analysis, state: _Scan, policy: Policy, natives: _NativeKinds
+    ) -> Verdict:
+        """The decision under ``policy`` on what the scan gathered (``state`` is not changed:
+        the next policy decides on the same findings)."""
+        passed = state.encrypted if policy.encrypted_archives == "pass" else set()
+        virus = list(state.virus)
+        banned = self._policy(analysis, state, policy, natives)
+        suspicious = [f for f in state.suspicious if f not in passed]
+        info = [f for f in state.suspicious if f in passed] + state.info
+        for finding, hostile in state.skeptic:
+            if _has_prefix(finding.name, policy.virus_rules):
+                virus.append(finding)
+            elif hostile:
+                suspicious.append(finding)
+            else:
+                info.append(finding)
+        findings = tuple(_dedupe(virus + banned + suspicious + info))
         runs = tuple(state.runs)
         anomalies = tuple(analysis.anomalies)
         stages = tuple(state.stages.items())
         for kind, deciding in (
-            (Kind.VIRUS, state.virus),
-            (Kind.BANNED, state.banned),
-            (Kind.SUSPICIOUS, state.suspicious),
+            (Kind.VIRUS, virus),
+            (Kind.BANNED, banned),
+            (Kind.SUSPICIOUS, suspicious),
         ):
             if deciding:
                 reason = f"{kind}: " + ", ".join(_describe(f) for f in _dedupe(deciding))
@@ -441,6 +484,26 @@ class Pipeline:
             reason = "; ".join(state.errors)
             return Verdict(Kind.TEMPFAIL, findings, reason, runs, anomalies, stages)
         return Verdict(Kind.CLEAN, findings, "no findings", runs, anomalies, stages)
+
+
+class _NativeKinds:
+    """Each object's native-code kind, sniffed once however many policies ask."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[int, str | None] = {}
+
+    def of(self, obj: ScanObject) -> str | None:
+        key = id(obj)
+        if key not in self._kinds:
+            self._kinds[key] = native_kind(obj.data)
+        return self._kinds[key]
+
+
+def _name_banned(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name``, as Windows reads it (base name, trailing dots and spaces dropped, any
+    case), matches one of ``patterns`` (fnmatch globs in lower case)."""
+    base = re.split(r"[\\/]", name)[-1].rstrip(_WINDOWS_TRAILING).lower()
+    return bool(base) and any(fnmatch.fnmatchcase(base, pattern) for pattern in patterns)
 
 
 def _has_prefix(name: str, prefixes: Iterable[str]) -> bool:

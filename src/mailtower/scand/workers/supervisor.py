@@ -8,7 +8,9 @@ It binds the filter port once and starts the workers (``python -m mailtower.scan
   worker answers 451 to new messages and finishes those in flight, then exits;
 - serves /health (engines, every worker, the oldest rule bundle any worker runs) and /metrics
   (the workers' metrics summed, with prometheus_client's multiprocess mode);
-- flushes the shared event spool to SQL.
+- flushes the shared event spool to SQL;
+- polls SQL for the customers' policies and writes the snapshot file the workers read
+  (mailtower.scand.policies).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mailtower import settings as settings_mod
 from mailtower.scand.errors import ApplyError
 from mailtower.scand.events import EventSpool, Flusher, PostgresSink
 from mailtower.scand.http import Source, engine_versions, start_http
+from mailtower.scand.policies import Poller, PollerCollector
 from mailtower.scand.workers.protocol import (
     MULTIPROC_ENV,
     WorkerSpec,
@@ -163,6 +166,8 @@ class Supervisor(Source):
         self.registry = CollectorRegistry()
         self.registry.register(_WorkerMetrics(self.metrics_dir))
         self.registry.register(_SupervisorCollector(self))
+        self.poller = Poller(settings)
+        self.registry.register(PollerCollector(self.poller))
         self._reload_lock = threading.Lock()
         self.sock: socket.socket | None = None
 
@@ -247,6 +252,7 @@ class Supervisor(Source):
         )
         flusher = Flusher(self.spool, sink)
         flusher.start()
+        self.poller.start()
         http_server = await start_http(self, self.listen, settings.ports.scanner_http)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -288,6 +294,7 @@ class Supervisor(Source):
         self.sock.close()
         http_server.close()
         await asyncio.to_thread(flusher.stop)
+        await asyncio.to_thread(self.poller.stop)
         sink.close()
         log.info("event=stopped")
         return 0

@@ -158,9 +158,16 @@ async def serve_single(
     """scand as one process (``limits.scan_workers`` = 1): no supervisor, its own metrics,
     /health and event flusher — the smallest footprint, for scanners with one core or little
     memory. Runs until SIGTERM/SIGINT and finishes the messages in flight."""
+    from mailtower.scand.policies import Poller, PollerCollector
     from mailtower.scand.server import Handler, Scanner, start_smtp
 
     scanner = Scanner(settings, host_address=host_address)
+    # The customers' policies: the first round before the first message (no snapshot yet
+    # and SQL down: 451 until it answers).
+    poller = Poller(settings)
+    scanner.metrics.registry.register(PollerCollector(poller))
+    await asyncio.to_thread(poller.poll_once)
+    poller.start()
     sink = PostgresSink(
         settings.sql_dsn("mailtower_scanner", settings.secret("sql_scanner"), writable=True)
     )
@@ -188,6 +195,7 @@ async def serve_single(
     await _scan_until_stopped(scanner, handler, smtp_server, settings_path)
     http_server.close()
     await asyncio.to_thread(flusher.stop)  # joins the thread: not on the event loop
+    await asyncio.to_thread(poller.stop)
     sink.close()
     log.info("event=stopped")
     return 0

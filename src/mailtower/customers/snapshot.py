@@ -1,0 +1,201 @@
+"""Every customer's policy as one file: what scand's workers read per message.
+
+The tower's SQL holds the policies (replicated from the GOC); a scanner's supervisor polls it
+and, when something changed, writes ``domain → customer`` and ``customer → policy`` to one
+JSON file, atomically. Workers read the file rather than SQL: a message never waits for the
+database, and a tower whose SQL is down keeps scanning with the policies it last saw.
+
+Each policy is validated with ``mailtower.customers.policy.parse``; one that does not pass
+(written around the GOC's command) leaves that customer with its previous policy, so a typo
+never lifts a customer's bans. A customer with no valid policy ever seen gets the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from mailtower import _fsio
+from mailtower.customers.policy import DEFAULT, CustomerPolicy, PolicyError, dump, parse
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # the file's "format": a reader refuses another one
+
+# Cheap enough to run every second: counts and latest changes of the tables the snapshot is
+# made of. Any insert, update or delete of a domain or policy changes one of them (an update
+# sets updated_at; a delete lowers a count), as does a new or removed customer.
+CHANGE_QUERY = """
+SELECT concat_ws('/',
+    (SELECT count(*) || ':' || coalesce(max(updated_at)::text, '-') FROM domains),
+    (SELECT count(*) || ':' || coalesce(max(id)::text, '-') FROM customers),
+    (SELECT count(*) || ':' || coalesce(max(updated_at)::text, '-') FROM policies))
+"""
+# Every active domain with its customer and that customer's policy (NULL: no policies row,
+# the default policy).
+LOAD_QUERY = """
+SELECT d.name, c.name, p.policy
+FROM domains d
+JOIN customers c ON c.id = d.customer_id
+LEFT JOIN policies p ON p.customer_id = c.id
+WHERE d.active
+ORDER BY d.name
+"""
+
+
+class SnapshotError(ValueError):
+    """A snapshot file that cannot be read; the message names the file and the fix."""
+
+
+class _Cursor(Protocol):
+    def execute(self, query: Any, params: Any = ...) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the snapshot needs of a psycopg connection."""
+
+    def cursor(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Customers' policies at one moment. ``domains``: domain (lower case) → customer name;
+    ``policies``: customer name → policy; ``invalid``: customers whose stored policy did not
+    pass validation (they have their previous one here); ``generation`` counts the snapshots
+    a poller wrote, ``written_at`` is when (epoch seconds); ``check``: the change check's
+    answer the snapshot was made at."""
+
+    domains: Mapping[str, str] = field(default_factory=dict)
+    policies: Mapping[str, CustomerPolicy] = field(default_factory=dict)
+    invalid: tuple[str, ...] = ()
+    generation: int = 0
+    written_at: float = 0.0
+    check: str = ""
+
+    def customer_of(self, address: str) -> str | None:
+        """The customer whose domain ``address`` is at (None: no customer's)."""
+        domain = address.rpartition("@")[2].strip().rstrip(".").lower()
+        return self.domains.get(domain)
+
+    def lookup(self, address: str) -> tuple[str | None, CustomerPolicy]:
+        """(customer, policy) for a recipient ``address``: (None, DEFAULT) when its domain is
+        no customer's."""
+        customer = self.customer_of(address)
+        if customer is None:
+            return None, DEFAULT
+        return customer, self.policies.get(customer, DEFAULT)
+
+    # -- the file
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "generation": self.generation,
+            "written_at": self.written_at,
+            "check": self.check,
+            "domains": dict(sorted(self.domains.items())),
+            "policies": {
+                name: json.loads(dump(policy)) for name, policy in sorted(self.policies.items())
+            },
+            "invalid": list(self.invalid),
+        }
+        return (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, what: str = "policy snapshot") -> Snapshot:
+        """The snapshot in ``data``; SnapshotError if it is not one (each policy is validated
+        again: a reader never applies what it cannot check)."""
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise SnapshotError(f"{what}: not JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise SnapshotError(f"{what}: not a policy snapshot of format {FORMAT}")
+        try:
+            domains = {str(k): str(v) for k, v in dict(doc["domains"]).items()}
+            policies = {
+                str(name): parse(value, what=f"{what}: policy of {name}")
+                for name, value in dict(doc["policies"]).items()
+            }
+            return cls(
+                domains=domains,
+                policies=policies,
+                invalid=tuple(str(n) for n in doc.get("invalid", ())),
+                generation=int(doc["generation"]),
+                written_at=float(doc["written_at"]),
+                check=str(doc.get("check", "")),
+            )
+        except PolicyError as exc:
+            raise SnapshotError(str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{what}: malformed ({type(exc).__name__}: {exc})") from None
+
+    def write(self, path: Path) -> None:
+        """Write to ``path`` atomically (a reader sees the old file or the new one, whole)."""
+        _fsio.write_atomic(path, self.to_json(), mode=0o644)
+
+
+def read(path: Path) -> Snapshot:
+    """The snapshot at ``path``; FileNotFoundError if there is none, SnapshotError if it is
+    broken."""
+    return Snapshot.from_json(path.read_bytes(), what=f"policy snapshot {path}")
+
+
+# -- from SQL
+
+
+def change_check(conn: Connection) -> str:
+    """The change check's answer now: equal answers, equal snapshots."""
+    with conn.cursor() as cur:
+        cur.execute(CHANGE_QUERY)
+        row = cur.fetchone()
+    return str(row[0]) if row else ""
+
+
+def load(
+    conn: Connection, previous: Snapshot | None, *, check: str = "", now: float | None = None
+) -> Snapshot:
+    """The snapshot SQL gives now. A policy that does not pass ``parse`` is logged and its
+    customer keeps the policy in ``previous`` (the default if it had none); such customers
+    are listed in ``invalid``."""
+    with conn.cursor() as cur:
+        cur.execute(LOAD_QUERY)
+        rows = cur.fetchall()
+    previous = previous or Snapshot()
+    domains: dict[str, str] = {}
+    policies: dict[str, CustomerPolicy] = {}
+    invalid: list[str] = []
+    for domain, customer, stored in rows:
+        domains[str(domain).lower()] = str(customer)
+        if customer in policies or customer in invalid:
+            continue
+        try:
+            policies[customer] = DEFAULT if stored is None else parse(stored)
+        except PolicyError as exc:
+            kept = previous.policies.get(customer)
+            log.error(
+                "event=policy_invalid customer=%s keeping=%s error=%r",
+                customer,
+                "previous" if kept is not None else "default",
+                str(exc),
+            )
+            invalid.append(customer)
+            policies[customer] = kept if kept is not None else DEFAULT
+    return Snapshot(
+        domains=domains,
+        policies=policies,
+        invalid=tuple(invalid),
+        generation=previous.generation + 1,
+        written_at=time.time() if now is None else now,
+        check=check,
+    )
+
+
+__all__ = ["Snapshot", "SnapshotError", "change_check", "load", "read"]

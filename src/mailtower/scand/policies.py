@@ -1,0 +1,215 @@
+"""Customers' policies in scand: the poller that writes the snapshot file from SQL, and the
+file as each scanning process reads it (mailtower.customers.snapshot has the format).
+
+The supervisor (or a single-process scand) runs one ``Poller`` thread; every scanning process
+has a ``SnapshotFile`` and asks it once per message, which costs one stat() unless the file
+changed. No snapshot at all (never written, SQL never reached) is a 451 for every message:
+mail is never scanned under the default policy because the customers' were not read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mailtower.customers import snapshot as snapshot_mod
+from mailtower.customers.snapshot import Connection, Snapshot, SnapshotError
+from mailtower.settings import TowerSettings
+
+log = logging.getLogger("mailtower.scand")
+
+
+class SnapshotFile:
+    """The snapshot file as this process last read it; reread when its inode or mtime
+    changed (the poller replaces it by a rename: a new inode every time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple[int, int] | None = None
+        self._snapshot: Snapshot | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> Snapshot | None:
+        """The snapshot to scan with now; None when none was ever readable."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._snapshot  # removed by hand: keep what was read (None at first)
+        key = (st.st_ino, st.st_mtime_ns)
+        if key == self._key:
+            return self._snapshot
+        with self._lock:
+            if key != self._key:
+                try:
+                    loaded = snapshot_mod.read(self.path)
+                except (OSError, SnapshotError) as exc:
+                    # Not retried until the file changes again; the previous one stays.
+                    log.error(
+                        "event=policy_snapshot_unreadable path=%s keeping=%s error=%r",
+                        self.path,
+                        "previous" if self._snapshot else "none",
+                        str(exc),
+                    )
+                else:
+                    self._snapshot = loaded
+                    log.info(
+                        "event=policy_snapshot_loaded path=%s generation=%d customers=%d",
+                        self.path,
+                        loaded.generation,
+                        len(loaded.policies),
+                    )
+                self._key = key
+        return self._snapshot
+
+
+def _connect(dsn: str) -> Connection:
+    import psycopg
+
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=5)  # type: ignore[return-value]
+
+
+class Poller:
+    """Polls the tower's SQL every ``settings.policy_poll_s`` and rewrites the snapshot file
+    when the change check's answer differs from the one the file was made at."""
+
+    def __init__(
+        self,
+        settings: TowerSettings,
+        *,
+        connect: Callable[[str], Connection] = _connect,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(settings.policy_snapshot)
+        self.interval_s = settings.policy_poll_s
+        self.dsn = settings.sql_dsn(
+            "mailtower_scanner", settings.secret("sql_scanner"), writable=False
+        )
+        self.connect = connect
+        self.clock = clock
+        self._conn: Connection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self.snapshot: Snapshot | None = snapshot_mod.read(self.path)
+        except FileNotFoundError:
+            self.snapshot = None
+        except (OSError, SnapshotError) as exc:
+            log.error("event=policy_snapshot_unreadable path=%s error=%r", self.path, str(exc))
+            self.snapshot = None
+        # For /metrics (PollerCollector).
+        self.last_ok: float | None = None  # when SQL last answered the change check
+        self.errors = 0
+        self.invalid_found = 0
+        self._failing = False  # logged once per outage, not every second
+
+    def poll_once(self) -> bool:
+        """One round: the change check and, if needed, a new snapshot. True if SQL answered."""
+        try:
+            if self._conn is None:
+                self._conn = self.connect(self.dsn)
+            check = snapshot_mod.change_check(self._conn)
+            if self.snapshot is None or check != self.snapshot.check:
+                new = snapshot_mod.load(self._conn, self.snapshot, check=check, now=self.clock())
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # the role makes it too
+                new.write(self.path)
+                self.invalid_found += len(new.invalid)
+                self.snapshot = new
+                log.info(
+                    "event=policy_snapshot_written path=%s generation=%d customers=%d "
+                    "domains=%d invalid=%s",
+                    self.path,
+                    new.generation,
+                    len(new.policies),
+                    len(new.domains),
+                    ",".join(new.invalid) or "-",
+                )
+        except Exception as exc:  # SQL down, a failover, the disk: try again next round
+            self.errors += 1
+            if not self._failing:
+                log.warning(
+                    "event=policy_poll_failed keeping=%s error=%r",
+                    f"generation {self.snapshot.generation}" if self.snapshot else "none",
+                    exc,
+                )
+            self._failing = True
+            self._close()
+            return False
+        if self._failing:
+            log.info("event=policy_poll_recovered")
+        self._failing = False
+        self.last_ok = self.clock()
+        return True
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.interval_s)
+        self._close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="policy-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        close = getattr(conn, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:
+                log.debug("event=policy_poll_close_failed error=%r", exc)
+
+
+class PollerCollector(Collector):
+    """The poller's metrics: how old the policies are, which snapshot, how many customers."""
+
+    def __init__(self, poller: Poller) -> None:
+        self.poller = poller
+
+    def collect(self) -> Any:
+        poller = self.poller
+        snap = poller.snapshot
+        since = poller.last_ok if poller.last_ok is not None else (snap.written_at if snap else 0)
+        yield GaugeMetricFamily(
+            "mailtower_policy_snapshot_age_seconds",
+            "Seconds since the customers' policies were last checked against SQL",
+            value=max(0.0, poller.clock() - since) if since else float("inf"),
+        )
+        yield GaugeMetricFamily(
+            "mailtower_policy_snapshot_generation",
+            "Generation of the policy snapshot written (0: none)",
+            value=snap.generation if snap else 0,
+        )
+        yield GaugeMetricFamily(
+            "mailtower_policy_customers",
+            "Customers in the policy snapshot",
+            value=len(snap.policies) if snap else 0,
+        )
+        yield GaugeMetricFamily(
+            "mailtower_policy_invalid_customers",
+            "Customers whose stored policy is invalid (their previous one is applied)",
+            value=len(snap.invalid) if snap else 0,
+        )
+        yield CounterMetricFamily(
+            "mailtower_policy_invalid",
+            "Invalid policies met while loading snapshots, since scand started",
+            value=poller.invalid_found,
+        )
+        yield CounterMetricFamily(
+            "mailtower_policy_poll_errors",
+            "Rounds of the policy poller that failed (SQL unreachable, disk), since scand started",
+            value=poller.errors,
+        )
