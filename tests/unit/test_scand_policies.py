@@ -198,3 +198,17 @@ def test_a_first_reinjection_that_fails_retries_the_whole_message(
     monkeypatch.setattr(rig.scanner, "reinject", fails)
     assert rig.send(_mail(b"figures"), [ALICE, BOB]) == server_mod.S451_REINJECT
     assert rig.quarantined == []  # the retry writes Alice's copy again: not twice
+
+
+def test_a_customer_policy_without_a_word_on_encrypted_archives_keeps_the_towers() -> None:
+    from mailtower.customers.policy import parse
+    from mailtower.scanning.pipeline import Policy
+
+    tower = Policy(encrypted_archives="pass")
+    assert parse({}).scanning_policy(tower).encrypted_archives == "pass"
+    assert parse({"encrypted_archives": "quarantine"}).scanning_policy(
+        tower
+    ).encrypted_archives == ("suspicious")
+    assert parse({"encrypted_archives": "deliver"}).scanning_policy(
+        Policy()
+    ).encrypted_archives == ("pass")

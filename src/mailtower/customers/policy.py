@@ -93,9 +93,10 @@ class CustomerPolicy(BaseModel):
     allow_extensions: tuple[Extension, ...] = Field(default=(), max_length=MAX_LIST)
     ban_types: tuple[DetectedType, ...] = Field(default=(), max_length=MAX_LIST)
     allow_types: tuple[DetectedType, ...] = Field(default=(), max_length=MAX_LIST)
-    # What happens to mail that is suspicious (heuristics) or holds an encrypted archive.
+    # What happens to mail that is suspicious (heuristics) or holds an encrypted archive
+    # (None: as the tower's settings say; a tower quarantines both by default).
     suspicious: Literal["quarantine", "deliver"] = "quarantine"
-    encrypted_archives: Literal["quarantine", "deliver"] = "quarantine"
+    encrypted_archives: Literal["quarantine", "deliver"] | None = None
     # Largest message for this customer; None: the tower's limit. Larger mail is held
     # (banned, ``policy.max-size``), never bounced.
     max_message_bytes: int | None = Field(default=None, ge=MIN_MESSAGE_BYTES, le=2**31 - 1)
@@ -121,7 +122,13 @@ class CustomerPolicy(BaseModel):
             banned_types=(base.banned_types | mime_types) - allow_types,
             banned_native=(base.banned_native | native) - allow_types,
             banned_names=tuple(dict.fromkeys((*base.banned_names, *self.ban_names))),
-            encrypted_archives="pass" if self.encrypted_archives == "deliver" else "suspicious",
+            encrypted_archives=(
+                base.encrypted_archives
+                if self.encrypted_archives is None
+                else "pass"
+                if self.encrypted_archives == "deliver"
+                else "suspicious"
+            ),
             max_message_bytes=self.max_message_bytes,
         )
 
