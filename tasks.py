@@ -393,9 +393,10 @@ def bench(c, tower="lab-a", fresh=True):
         "then with clamd (--no-floor: without)",
         "clamav_db": "a directory of ClamAV signature files for the shared clamd "
         "(tests/bench/clamav_db_gen.py's official-size database)",
+        "customers": "customers' policies scand holds, messages spread over their domains",
     }
 )
-def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True, clamav_db=""):
+def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True, clamav_db="", customers=0):
     """scand against amavisd-new on this machine, side by side: same clamd, sink and corpus."""
     out = ROOT / "tests" / "output" / "bench_scanner.json"
     _say(f"scanner bench: {messages} messages through amavisd-new and mailtower-scand")
@@ -404,7 +405,8 @@ def scanner(c, messages=2000, seed=3, amavisd_children=4, floor=True, clamav_db=
             f"{PY} tests/bench/scanner_vs_amavis.py --messages {messages} --seed {seed} "
             f"--amavisd-children {amavisd_children} --json {out.relative_to(ROOT)}"
             + (" --floor" if floor else "")
-            + (f" --clamav-db {shlex.quote(clamav_db)}" if clamav_db else ""),
+            + (f" --clamav-db {shlex.quote(clamav_db)}" if clamav_db else "")
+            + (f" --customers {int(customers)}" if customers else ""),
             env={"PYTHONPATH": str(ROOT)},
         )
     _say(f"scanner bench figures written to {out.relative_to(ROOT)}")

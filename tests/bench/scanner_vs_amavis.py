@@ -88,6 +88,36 @@ AMAVISD_CHILDREN = 4  # $max_servers: two per core (Debian ships 2)
 WARMUP_MESSAGES = 48  # per filter, before the measured corpus (forks children, loads rules)
 SENDER = "sender@example.org"
 RECIPIENT = "user@customer.example.com"
+# --customers N: scand holds N customers' policies (a snapshot as its poller writes it) and
+# message i goes to user@c<i mod N>.customer.example.com (amavisd-new: the same addresses,
+# all local), so the policy lookup and per-customer decision are in every message's cost.
+CUSTOMERS = 0
+
+
+def recipient(index: int) -> str:
+    return f"user@c{index % CUSTOMERS}.customer.example.com" if CUSTOMERS else RECIPIENT
+
+
+def customers_snapshot(count: int):  # type: ignore[no-untyped-def]
+    """``count`` customers, one domain each, with policies of the kinds customers set."""
+    from mailtower.customers.policy import parse
+    from mailtower.customers.snapshot import Snapshot
+
+    kinds = [
+        {},
+        {"ban_extensions": ["zip", "rar"], "ban_names": ["invoice*.pdf"]},
+        {"allow_extensions": ["js"], "suspicious": "deliver"},
+        {"encrypted_archives": "deliver", "max_message_bytes": 20_000_000},
+        {"ban_types": ["elf", "application/x-sh"], "notify": "recipient"},
+    ]
+    return Snapshot(
+        domains={f"c{i}.customer.example.com": f"customer-{i}" for i in range(count)},
+        policies={f"customer-{i}": parse(kinds[i % len(kinds)]) for i in range(count)},
+        generation=1,
+        written_at=time.time(),
+    )
+
+
 TOKEN_HEADER = b"X-Bench-Token: "
 SAMPLE_INTERVAL_S = 0.2
 DRAIN_TIMEOUT_S = 60.0
@@ -568,6 +598,8 @@ class Scand(Filter):
         spool = work / "spool"
         settings = make_settings(spool, reinject_port=sink_port, clamd_socket=str(clamd.socket))
         self.settings = settings.model_copy(update={"limits": Limits()})  # production limits
+        if CUSTOMERS:
+            customers_snapshot(CUSTOMERS).write(Path(self.settings.policy_snapshot))
         self.port = self.settings.ports.filter
         self.settings_path = work / "tower.json"
         self.log = work / "scand.log"
@@ -833,7 +865,7 @@ def send_corpus(port: int, payloads: Sequence[bytes], connections: int) -> list[
                     smtp.ehlo()
                     code, text = smtp.mail(SENDER)
                     if code == 250:
-                        code, text = smtp.rcpt(RECIPIENT)
+                        code, text = smtp.rcpt(recipient(index))
                     if code in (250, 251):
                         code, text = smtp.data(payloads[index])
                     reply = text.decode(errors="replace")
@@ -1143,6 +1175,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a directory of ClamAV signature files (clamav_db_gen.py's official-size database) "
         "for the shared clamd, beside the test signatures",
     )
+    parser.add_argument(
+        "--customers",
+        type=int,
+        default=0,
+        help="customers whose policies scand holds; messages spread over their domains",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument(
         "--only", choices=["amavisd-new", "mailtower-scand"], help="measure one filter (profiling)"
@@ -1153,6 +1191,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the floor (floor_filter.py: no scanning; then clamd of the raw message)",
     )
     args = parser.parse_args(argv)
+    global CUSTOMERS
+    CUSTOMERS = max(0, args.customers)
 
     if os.geteuid() != 0:
         say("needs root: amavisd-new starts as root and drops to its own user")
@@ -1189,6 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections": CONNECTIONS,
         "rounds": args.rounds,
         "clamav_db": str(args.clamav_db) if args.clamav_db else None,
+        "customers": CUSTOMERS,
         "corpus": {
             "mean_kb": round(sum(sizes) / len(sizes) / 1000, 1),
             "largest_mb": round(max(sizes) / 1e6, 2),
