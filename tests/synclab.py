@@ -134,7 +134,8 @@ def flush_events(tower: Tower, events: Sequence[Event], *, batch: int = 500) -> 
 
 
 def add_customer(goc: Cluster, domain: str, server: str = "192.0.2.25") -> int:
-    """A customer with one domain, its route and a policy, at the GOC; returns its id."""
+    """A customer with one domain, its route, a policy and a recipient, at the GOC; returns
+    its id."""
     with goc.connect() as conn, conn.transaction():
         row = conn.execute(
             "INSERT INTO customers (name) VALUES (%s) RETURNING id", (domain,)
@@ -146,8 +147,11 @@ def add_customer(goc: Cluster, domain: str, server: str = "192.0.2.25") -> int:
             (domain, f"smtp:[{server}]:25"),
         )
         conn.execute(
-            "INSERT INTO policies (customer_id, banned_extensions) VALUES (%s, %s)",
-            (row[0], ["exe", "scr"]),
+            "INSERT INTO policies (customer_id, policy) VALUES (%s, %s)",
+            (row[0], '{"ban_extensions": ["exe", "scr"]}'),
+        )
+        conn.execute(
+            "INSERT INTO recipients (address, domain) VALUES (%s, %s)", (f"user@{domain}", domain)
         )
     return int(row[0])
 

@@ -72,17 +72,25 @@ def test_config_changes_reach_both_towers(lab: SyncLab) -> None:
         conn.execute(
             "UPDATE routes SET transport = 'smtp:[192.0.2.99]:2525' WHERE domain = 'shared.example'"
         )
-        conn.execute("UPDATE policies SET max_message_bytes = 1000000")
+        conn.execute("""UPDATE policies SET policy = '{"max_message_bytes": 1000000}'""")
+        conn.execute("INSERT INTO recipients VALUES ('other@shared.example', 'shared.example')")
     for tower in (A, B):
         wait_until(lambda t=tower: in_sync(lab, t), 30, f"{tower} to take the changes")
         primary = lab.towers[tower].primary
         assert route_of(primary, "new.example") == "smtp:[192.0.2.10]:25"
         assert route_of(primary, "shared.example") == "smtp:[192.0.2.99]:2525"
+        assert primary.scalar("SELECT count(*) FROM recipients WHERE domain = 'new.example'") == 1
     with lab.goc.connect() as conn:
         conn.execute("DELETE FROM customers WHERE name = 'new.example'")  # cascades
     for tower in (A, B):
         wait_until(lambda t=tower: in_sync(lab, t), 30, f"{tower} to take the delete")
         assert route_of(lab.towers[tower].primary, "new.example") is None
+        assert (
+            lab.towers[tower].primary.scalar(
+                "SELECT count(*) FROM recipients WHERE domain = 'new.example'"
+            )
+            == 0
+        )
 
 
 def test_events_from_both_towers_reach_the_goc(lab: SyncLab) -> None:

@@ -6,19 +6,29 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from pgclusters import Cluster
-from synclab import GOC_SYNC_PASSWORD, TOWER_SYNC_PASSWORD, SyncLab, apply_tower_schema
+from pgclusters import Cluster, wait_until
+from synclab import (
+    GOC_SYNC_PASSWORD,
+    TOWER_SCHEMA,
+    TOWER_SYNC_PASSWORD,
+    SyncLab,
+    apply_tower_schema,
+)
 
 from mailtower.goc.sync import (
     NotPrimary,
     RepointNeeded,
     SchemaMissing,
     WalLevelNotLogical,
+    config_digest,
     ensure_goc,
     ensure_goc_subscription,
     ensure_tower,
     names,
+    wait_ready,
 )
+from mailtower.goc.sync.deployed import TowerSide, tower_pending
+from mailtower.goc.sync.goc import schema_pending
 from mailtower.goc.sync.schema import GOC_ONLY_COLUMNS
 
 pytestmark = pytest.mark.integration
@@ -126,3 +136,92 @@ def test_standby_and_wal_level_are_refused(lab: SyncLab) -> None:
             standby.destroy()
     finally:
         replica.destroy()
+
+
+OLD_POLICIES = """
+ALTER TABLE policies DROP COLUMN policy,
+    ADD COLUMN banned_extensions text[],
+    ADD COLUMN max_message_bytes integer,
+    ADD COLUMN encrypted_archives text CHECK (encrypted_archives IN ('quarantine', 'pass'))
+"""
+
+
+def test_an_old_shape_goc_and_tower_converge() -> None:
+    """A GOC and a tower made before ``policies.policy`` and ``recipients``, subscribed and
+    holding data, take the new shape: the GOC by ensure_goc, the tower by its schema template
+    and ensure_tower, whose subscription is refreshed so the new table is copied."""
+    old = SyncLab.create([A], wal_retrieve_retry_interval="1s")
+    try:
+        goc, tower = old.goc, old.towers[A]
+        ensure_goc(goc.dsn(), sync_password=GOC_SYNC_PASSWORD)
+        with goc.connect() as conn:  # what an older ensure_goc made
+            conn.execute("ALTER PUBLICATION mt_config DROP TABLE recipients")
+            conn.execute("DROP TABLE recipients")
+            conn.execute(OLD_POLICIES)
+            conn.execute("INSERT INTO customers (name) VALUES ('old.example')")
+            conn.execute("INSERT INTO domains (name, customer_id) VALUES ('old.example', 1)")
+            conn.execute("INSERT INTO policies (customer_id, banned_extensions) VALUES (1, '{x}')")
+        with tower.primary.connect() as conn:
+            conn.execute(OLD_POLICIES)
+        ensure_tower(tower.primary.dsn(), old.goc_conninfo(), A, sync_password=TOWER_SYNC_PASSWORD)
+        wait_ready(tower.primary.dsn(), names.config_subscription(A), timeout_s=30)
+        with tower.primary.connect() as conn:  # the older tower template had no recipients
+            conn.execute("DROP TABLE recipients")
+        assert tower.primary.scalar("SELECT banned_extensions FROM policies") == ["x"]
+
+        # The upgrade: the GOC first (deploys/goc.py), then the tower's schema and sync.
+        first = ensure_goc(goc.dsn(), sync_password=GOC_SYNC_PASSWORD)
+        assert {
+            "dropped column policies.banned_extensions",
+            "dropped column policies.encrypted_archives",
+            "added column policies.policy",
+            "created table recipients",
+            "created index recipients_domain",
+        } <= set(first.actions), first
+        assert not ensure_goc(goc.dsn(), sync_password=GOC_SYNC_PASSWORD).changed
+        with goc.connect() as conn:
+            assert not schema_pending(conn)
+            conn.execute("""UPDATE policies SET policy = '{"suspicious": "deliver"}'""")
+            conn.execute("INSERT INTO recipients VALUES ('a@old.example', 'old.example')")
+        for _ in range(2):  # the template is applied again whenever it changes
+            with tower.primary.connect() as conn:
+                conn.execute(TOWER_SCHEMA.read_text())
+        side = TowerSide(
+            tower=A,
+            dsn=tower.primary.dsn(),
+            goc_conninfo=old.goc_conninfo(),
+            sync_password=TOWER_SYNC_PASSWORD,
+        )
+        assert tower_pending(side) == [
+            f"refresh subscription {names.config_subscription(A)} (to copy recipients)"
+        ]
+        again = ensure_tower(
+            tower.primary.dsn(), old.goc_conninfo(), A, sync_password=TOWER_SYNC_PASSWORD
+        )
+        assert any("refreshed subscription" in a for a in again.actions), again
+        assert not ensure_tower(
+            tower.primary.dsn(), old.goc_conninfo(), A, sync_password=TOWER_SYNC_PASSWORD
+        ).changed
+        assert tower_pending(side) == []
+        wait_until(
+            lambda: config_digest(tower.primary.dsn()) == config_digest(goc.dsn()),
+            30,
+            "the tower to take the GOC's policies and recipients",
+        )
+        assert tower.primary.scalar("SELECT address FROM recipients") == "a@old.example"
+        assert tower.primary.scalar("SELECT policy->>'suspicious' FROM policies") == "deliver"
+        for table in ("policies", "recipients"):
+            goc_cols, goc_cons = shape(goc, table)
+            tower_cols, tower_cons = shape(tower.primary, table)
+            assert sorted(goc_cols) == sorted(tower_cols)
+            assert goc_cons == tower_cons
+        # Later changes to the new table flow as to the others.
+        with goc.connect() as conn:
+            conn.execute("DELETE FROM recipients")
+        wait_until(
+            lambda: tower.primary.scalar("SELECT count(*) FROM recipients") == 0,
+            30,
+            "the delete to reach the tower",
+        )
+    finally:
+        old.destroy()

@@ -1,8 +1,8 @@
 """Sync between the GOC and every tower, with PostgreSQL logical replication.
 
-Configuration (customers, domains, routes, policies) flows down: publication ``mt_config`` at
-the GOC, subscription ``mt_config_<tower>`` on each tower's primary. Verdict events flow up:
-publication ``mt_events`` (INSERT only) on each tower's primary, subscription
+Configuration (customers, domains, routes, policies, recipients) flows down: publication
+``mt_config`` at the GOC, subscription ``mt_config_<tower>`` on each tower's primary. Verdict
+events flow up: publication ``mt_events`` (INSERT only) on each tower's primary, subscription
 ``mt_events_<tower>`` at the GOC. Both sides need ``wal_level = logical``. docs/architecture.md
 ("GOC sync") gives the design, failover included. One module per concept:
 

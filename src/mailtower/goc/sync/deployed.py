@@ -35,9 +35,16 @@ from mailtower.goc.sync.changes import Changes
 from mailtower.goc.sync.conninfo import endpoint, redact, sync_conninfo
 from mailtower.goc.sync.exceptions import SyncError
 from mailtower.goc.sync.failover import repoint_events
-from mailtower.goc.sync.goc import GOC, ensure_goc, schema_pending, stale_reason
+from mailtower.goc.sync.goc import (
+    CONFIG_OPERATIONS,
+    GOC,
+    ensure_goc,
+    schema_pending,
+    stale_reason,
+)
 from mailtower.goc.sync.names import (
     CONFIG_PUBLICATION,
+    CONFIG_TABLES,
     EVENTS_PUBLICATION,
     EVENTS_TABLE,
     SYNC_ROLE,
@@ -138,6 +145,11 @@ def tower_pending(side: TowerSide) -> list[str]:
             pending.append(f"re-subscribe {name} for timeline {state.timeline} (a promotion)")
         elif not sub.enabled:
             pending.append(f"enable subscription {name}")
+        else:
+            subscribed = {t.removeprefix("public.") for t in subscription.tables(conn, name)}
+            missing = sorted(set(CONFIG_TABLES) - subscribed)
+            if missing:  # the GOC publishes a new table (or will, once deployed)
+                pending.append(f"refresh subscription {name} (to copy {', '.join(missing)})")
         return pending
 
 
@@ -183,8 +195,8 @@ def goc_pending(side: GocSide) -> list[str]:
                 pending.append(f"create table {table}")
         if relation_exists(goc, "tower_status"):
             pending += [f"add column tower_status.{c}" for c in missing_columns(goc)]
-        if not _published(goc, CONFIG_PUBLICATION):
-            pending.append(f"create publication {CONFIG_PUBLICATION}")
+        # A GOC made before a configuration table existed publishes it from now on.
+        pending += publication_pending(goc, CONFIG_PUBLICATION, CONFIG_TABLES, CONFIG_OPERATIONS)
         for t in side.towers:
             pending += _role_pending(
                 goc, goc_sync_role(t.name), t.goc_sync_password, replication=True

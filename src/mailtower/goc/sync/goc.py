@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from psycopg import sql
+
 from mailtower.goc.sync import schema, slots, subscription
 from mailtower.goc.sync.catalog import (
     Conn,
@@ -36,6 +38,8 @@ from mailtower.goc.sync.roles import (
 )
 
 GOC = "goc"
+# All operations: an update or delete of a route at the GOC must reach every tower.
+CONFIG_OPERATIONS = ("insert", "update", "delete", "truncate")
 
 
 def ensure_goc(
@@ -67,14 +71,7 @@ def ensure_goc(
             ensure_login_role(conn, role, password, changes, replication=True)
             for table in CONFIG_TABLES:
                 ensure_privileges(conn, role, table, ("SELECT",), changes)
-        # All operations: an update or delete of a route at the GOC must reach every tower.
-        ensure_publication(
-            conn,
-            CONFIG_PUBLICATION,
-            CONFIG_TABLES,
-            ("insert", "update", "delete", "truncate"),
-            changes,
-        )
+        ensure_publication(conn, CONFIG_PUBLICATION, CONFIG_TABLES, CONFIG_OPERATIONS, changes)
     return changes
 
 
@@ -83,12 +80,9 @@ def _ensure_schema(conn: Conn, changes: Changes) -> None:
         if not relation_exists(conn, table):
             conn.execute(ddl)
             changes.did(f"created table {table}")
-    if "received_at" not in columns(conn, "verdict_events"):  # a GOC made before it existed
-        conn.execute(
-            "ALTER TABLE public.verdict_events"
-            " ADD COLUMN received_at timestamptz NOT NULL DEFAULT now()"
-        )
-        changes.did("added column verdict_events.received_at")
+    for action, statement in _column_changes(conn):
+        conn.execute(statement)
+        changes.did(action)
     for index in schema.INDEXES:
         if not relation_exists(conn, index.name):  # to_regclass finds indexes too
             conn.execute(index.ddl)
@@ -117,8 +111,7 @@ def schema_pending(conn: Conn) -> list[str]:
     pending = [f"create table {t}" for t in schema.TABLES if not relation_exists(conn, t)]
     if pending:
         return pending
-    if "received_at" not in columns(conn, "verdict_events"):
-        pending.append("add column verdict_events.received_at")
+    pending += [action for action, _ in _column_changes(conn)]
     pending += [
         f"create index {i.name}" for i in schema.INDEXES if not relation_exists(conn, i.name)
     ]
@@ -134,6 +127,42 @@ def schema_pending(conn: Conn) -> list[str]:
         if _trigger_state(conn, trigger.name) != "A":
             pending.append(f"create trigger {trigger.name} (enabled ALWAYS)")
     return pending
+
+
+def _column_changes(conn: Conn) -> list[tuple[str, sql.Composed]]:
+    """What brings tables made by an older GOC to today's shape: (action, statement).
+
+    Columns are matched by name (logical replication does too), so a table altered this way
+    replicates like one made new; only its column order differs.
+    """
+    todo: list[tuple[str, sql.Composed]] = []
+    for table, dropped in schema.DROPPED_COLUMNS.items():
+        have = columns(conn, table)
+        for column in dropped:
+            if column in have:
+                todo.append(
+                    (
+                        f"dropped column {table}.{column}",
+                        sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
+                            sql.Identifier("public", table), sql.Identifier(column)
+                        ),
+                    )
+                )
+    for table, added in schema.ADDED_COLUMNS.items():
+        have = columns(conn, table)
+        for column, definition in added:
+            if column not in have:
+                todo.append(
+                    (
+                        f"added column {table}.{column}",
+                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                            sql.Identifier("public", table),
+                            sql.Identifier(column),
+                            sql.SQL(definition),  # a constant of schema.py, never input
+                        ),
+                    )
+                )
+    return todo
 
 
 def _trigger_state(conn: Conn, name: str) -> str | None:

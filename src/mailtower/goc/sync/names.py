@@ -12,10 +12,17 @@ from __future__ import annotations
 import re
 
 SYNC_ROLE = "mt_sync"  # LOGIN REPLICATION: what the GOC's subscription to a tower connects as
-CONFIG_PUBLICATION = "mt_config"  # at the GOC: customers, domains, routes, policies
+CONFIG_PUBLICATION = "mt_config"  # at the GOC: the CONFIG_TABLES
 EVENTS_PUBLICATION = "mt_events"  # at each tower primary: verdict_events, INSERT only
-CONFIG_TABLES = ("customers", "domains", "routes", "policies")  # in foreign-key order
-PRIMARY_KEYS = {"customers": "id", "domains": "name", "routes": "domain", "policies": "customer_id"}
+# In foreign-key order (a tower loads them in this order, deletes in the reverse).
+CONFIG_TABLES = ("customers", "domains", "routes", "policies", "recipients")
+PRIMARY_KEYS = {
+    "customers": "id",
+    "domains": "name",
+    "routes": "domain",
+    "policies": "customer_id",
+    "recipients": "address",
+}
 EVENTS_TABLE = "verdict_events"
 
 _TOWER_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")  # TowerSettings.name

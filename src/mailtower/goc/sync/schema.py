@@ -61,13 +61,20 @@ CREATE TABLE public.routes (
     transport   text NOT NULL CHECK (transport ~ '^(smtp|lmtp):'),
     updated_at  timestamptz NOT NULL DEFAULT now()
 )""",
+    # One JSON policy per customer (mailtower.customers.policy: the fields that differ from
+    # the default); no row: the default policy.
     "policies": """
 CREATE TABLE public.policies (
-    customer_id        bigint PRIMARY KEY REFERENCES public.customers(id) ON DELETE CASCADE,
-    banned_extensions  text[],
-    max_message_bytes  integer,
-    encrypted_archives text CHECK (encrypted_archives IN ('quarantine', 'pass')),
-    updated_at         timestamptz NOT NULL DEFAULT now()
+    customer_id bigint PRIMARY KEY REFERENCES public.customers(id) ON DELETE CASCADE,
+    policy      jsonb NOT NULL DEFAULT '{}'::jsonb,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+)""",
+    # The addresses a customer with recipient_check = list accepts (the relay's RCPT check).
+    "recipients": """
+CREATE TABLE public.recipients (
+    address     text PRIMARY KEY CHECK (address = lower(address)),
+    domain      text NOT NULL REFERENCES public.domains(name) ON DELETE CASCADE,
+    updated_at  timestamptz NOT NULL DEFAULT now()
 )""",
     "verdict_events": """
 CREATE TABLE public.verdict_events (
@@ -89,6 +96,14 @@ CREATE TABLE public.verdict_events (
 
 GOC_ONLY_COLUMNS = {"verdict_events": ("received_at",)}
 
+# Columns of an older shape, dropped by ensure_goc (nothing ever wrote them), and the columns
+# it adds to a table made before them, with their definitions.
+DROPPED_COLUMNS = {"policies": ("banned_extensions", "max_message_bytes", "encrypted_archives")}
+ADDED_COLUMNS = {
+    "policies": (("policy", "jsonb NOT NULL DEFAULT '{}'::jsonb"),),
+    "verdict_events": (("received_at", "timestamptz NOT NULL DEFAULT now()"),),
+}
+
 
 @dataclass(frozen=True)
 class Index:
@@ -97,6 +112,7 @@ class Index:
 
 
 INDEXES = (
+    Index("recipients_domain", "CREATE INDEX recipients_domain ON public.recipients (domain)"),
     Index(
         "verdict_events_scanned_at",
         "CREATE INDEX verdict_events_scanned_at ON public.verdict_events (scanned_at)",

@@ -159,6 +159,7 @@ def _ensure_config_subscription(
             reason = _resync_reason(sub, goc_conninfo, slot, goc)
             if reason is None:
                 subscription.ensure_settings(conn, sub, goc_conninfo, CONFIG_PUBLICATION, changes)
+                _ensure_tables_subscribed(conn, goc, name, changes)
                 return
             subscription.drop_keep_slot(conn, sub)
             changes.did(f"dropped subscription {name} ({reason})")
@@ -191,6 +192,34 @@ def _ensure_config_subscription(
                 f"replaced the configuration by the GOC's ({rows} rows) and subscribed {name}"
                 f" from that point (slot {slot})"
             )
+
+
+def _ensure_tables_subscribed(conn: Conn, goc: Conn, name: str, changes: Changes) -> None:
+    """Take the tables the GOC publishes that the subscription does not know yet.
+
+    A subscription applies only the tables the publisher listed when it was made (or last
+    refreshed): a table the GOC publishes since (``recipients``, after an upgrade) has its
+    changes skipped here until ``REFRESH PUBLICATION``, which adds it and copies its rows (the
+    tower's copy is empty: only this subscription writes it). Not done on the GOC's word alone
+    for a table this tower does not have: ``require_tables`` refused that earlier.
+    """
+    published = {
+        f"{schema_name}.{table}"
+        for schema_name, table in goc.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+            (CONFIG_PUBLICATION,),
+        ).fetchall()
+    }
+    missing = sorted(published - set(subscription.tables(conn, name)))
+    if not missing:
+        return
+    # Not in a transaction block (PostgreSQL refuses); the connection is autocommit.
+    conn.execute(
+        sql.SQL("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)").format(
+            sql.Identifier(name)
+        )
+    )
+    changes.did(f"refreshed subscription {name} (copying {', '.join(missing)})")
 
 
 def _resync_reason(

@@ -11,12 +11,14 @@ from mailtower.goc.sync.names import CONFIG_TABLES, PRIMARY_KEYS
 def config_digest(dsn: str) -> dict[str, str]:
     """Per configuration table, an md5 of its rows in primary-key order (equal ⇔ same rows).
 
-    Only the tower's columns are hashed, so the GOC and a tower compare directly.
+    Only the tower's columns are hashed, so the GOC and a tower compare directly; in name
+    order, as replication matches them (a table an upgrade altered has another column order
+    than one made new).
     """
     digests: dict[str, str] = {}
     with connect(dsn) as conn:
         for table in CONFIG_TABLES:
-            cols = sql.SQL(", ").join(map(sql.Identifier, columns(conn, table)))
+            cols = sql.SQL(", ").join(map(sql.Identifier, sorted(columns(conn, table))))
             order = sql.Identifier(PRIMARY_KEYS[table])
             digests[table] = str(
                 scalar(
