@@ -53,6 +53,8 @@ def configure():
         template("relay/etc/postfix/scan_status.pcre"),
         template("relay/etc/postfix/pgsql/relay_domains.cf", mode="640", group="postfix"),
         template("relay/etc/postfix/pgsql/transport.cf", mode="640", group="postfix"),
+        template("relay/etc/postfix/pgsql/relay_recipients.cf", mode="640", group="postfix"),
+        template("relay/etc/postfix/pgsql/recipient_check.cf", mode="640", group="postfix"),
     ]
     ops["haproxy"] = [template("relay/etc/haproxy/haproxy.cfg")]
     ops["nftables"] = [template("relay/etc/nftables.conf")]

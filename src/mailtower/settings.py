@@ -198,6 +198,56 @@ class Limits(StrictModel):
     client_request_timeout: Duration = "60s"
     # …and DATA earns more time only at this rate (bytes/s), so a trickle ends in about a minute.
     client_min_data_rate: int = Field(default=500, ge=1)
+    # Dictionary attacks (guessing recipients): every refused RCPT is a client error. Past
+    # the soft limit each further error answer waits client_error_sleep; at the hard limit the
+    # connection is closed. Both count per connection and restart after a delivered message,
+    # so a list server with a few stale addresses is slowed at most, never cut off.
+    client_soft_error_limit: int = Field(default=5, ge=1)
+    client_hard_error_limit: int = Field(default=20, ge=1)
+    client_error_sleep: Duration = "1s"
+    # Recipient verification (a customer's recipient_check = verify): how long the relay
+    # trusts its customer server's answer to a probe. A known address stays accepted for
+    # verify_positive_expire after its last good probe, also while that server is down (the
+    # mail waits in the queue); it is probed again in the background after
+    # verify_positive_refresh. An unknown address is refused for verify_negative_expire, and
+    # probed again after verify_negative_refresh (a mailbox the customer just made).
+    verify_positive_expire: Duration = "31d"
+    verify_positive_refresh: Duration = "7d"
+    verify_negative_expire: Duration = "3d"
+    verify_negative_refresh: Duration = "1h"
+
+    @model_validator(mode="after")
+    def _error_limits_ordered(self) -> Limits:
+        if self.client_soft_error_limit > self.client_hard_error_limit:
+            raise ValueError(
+                f"limits.client_soft_error_limit ({self.client_soft_error_limit}) exceeds "
+                f"limits.client_hard_error_limit ({self.client_hard_error_limit}): the client "
+                "would be cut off before it is ever slowed down"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _verify_cache_outlives_an_outage(self) -> Limits:
+        # A known recipient must stay accepted while its server is down for as long as the
+        # tower keeps mail for it, and a refresh must come before the entry expires.
+        expire = duration_s(self.verify_positive_expire)
+        if expire <= duration_s(self.queue_lifetime):
+            raise ValueError(
+                f"limits.verify_positive_expire ({self.verify_positive_expire}) must exceed "
+                f"limits.queue_lifetime ({self.queue_lifetime}): known recipients of a "
+                "customer whose server is down would be refused before the queue gives up"
+            )
+        if duration_s(self.verify_positive_refresh) >= expire:
+            raise ValueError(
+                f"limits.verify_positive_refresh ({self.verify_positive_refresh}) must be "
+                f"shorter than limits.verify_positive_expire ({self.verify_positive_expire})"
+            )
+        if duration_s(self.verify_negative_refresh) > duration_s(self.verify_negative_expire):
+            raise ValueError(
+                f"limits.verify_negative_refresh ({self.verify_negative_refresh}) must not "
+                f"exceed limits.verify_negative_expire ({self.verify_negative_expire})"
+            )
+        return self
 
     @property
     def filter_line_length(self) -> int:
