@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -346,23 +345,21 @@ def test_an_endless_line_is_one_bad_line(run: Run, goc: Cluster, tmp_path: Path)
     assert code == 2 and "1 bad line(s)" in err and "line 2: longer than" in err
 
 
-def test_a_hundred_thousand_recipients_are_fast(run: Run, goc: Cluster, tmp_path: Path) -> None:
+def test_a_hundred_thousand_recipients_in_one_upload(
+    run: Run, goc: Cluster, tmp_path: Path
+) -> None:
+    """Correctness at scale; its speed is a benchmark's (docs/benchmarks.md), not a timed test."""
     run("add", "acme", "--domain", "acme.example", "--route", ROUTE)
     path = tmp_path / "big.txt"
     addresses = [f"user{i:06d}@acme.example" for i in range(100_000)]
     path.write_text("\n".join(addresses + addresses[:500]) + "\n")  # 500 duplicates
-    started = time.monotonic()
     code, out, err = run("recipients", "acme", "--domain", "acme.example", "--file", str(path))
-    took = time.monotonic() - started
     assert code == 0, err
     assert "100000 added, 0 removed, 100000 listed, 500 duplicate line(s) ignored" in out
-    assert took < 20, f"{took:.1f}s for 100,000 recipients"
     # Half replaced: still one statement each way.
     path.write_text("\n".join(f"user{i:06d}@acme.example" for i in range(50_000, 150_000)))
-    started = time.monotonic()
     code, out, _ = run("recipients", "acme", "--domain", "acme.example", "--file", str(path))
     assert code == 0 and "50000 added, 50000 removed, 100000 listed" in out
-    assert time.monotonic() - started < 20
     assert goc.scalar("SELECT count(*) FROM recipients") == 100_000
 
 

@@ -1,0 +1,311 @@
+"""Customers (issue 17): each customer's policy from the GOC, applied by both towers' scanners
+within seconds and without a deploy; a message for customers whose policies differ split; and
+recipient verification at both relays (a list uploaded at the GOC, or address verification
+against the customer's own server), with the customer's server up and down.
+
+Every change is made the way an operator makes it: ``mailtower customer`` at the GOC. Each test
+puts the customers' policies back as it found them.
+
+Figures: tests/output/figures.json (customers_*), copied into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import smtplib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from email.message import EmailMessage
+
+import pytest
+from conftest import Pair, token_of
+from rawsmtp import remote_script
+from towerlib import record_figure, start_postfix, stop_postfix, wait_for
+
+TOWERS = ("a", "b")
+CLI = "/opt/mailtower/venv/bin/mailtower customer"
+# Local parts starting with this do not exist at the lab's customer mail servers.
+NO_USER = "nouser"
+
+
+def customer_cli(pair: Pair, args: str, stdin: str | None = None):
+    """``mailtower customer ARGS`` at the GOC, as an operator runs it; the command's result."""
+    command = f"{CLI} {args}"
+    if stdin is not None:
+        b64 = base64.b64encode(stdin.encode()).decode()
+        command = f"echo {b64} | base64 -d | {command}"
+    return pair.goc().run(f"cd /tmp && su postgres -c {shlex.quote(command)}")
+
+
+def customer_ok(pair: Pair, args: str, stdin: str | None = None) -> str:
+    result = customer_cli(pair, args, stdin)
+    assert result.rc == 0, f"mailtower customer {args}: rc {result.rc}: {result.stderr}"
+    return result.stdout
+
+
+def set_policy(pair: Pair, customer: str, policy: dict) -> float:
+    """Replace ``customer``'s policy at the GOC; the GOC's clock when it was committed."""
+    customer_ok(pair, f"policy {shlex.quote(customer)} --file -", json.dumps(policy))
+    return float(pair.goc().check_output("date +%s.%N"))
+
+
+@contextmanager
+def policies(pair: Pair) -> Iterator[None]:
+    """Every lab customer back to the default policy afterwards, whatever the test did."""
+    try:
+        yield
+    finally:
+        for customer in pair.customers:
+            customer_cli(pair, f"policy {shlex.quote(customer.domain)} --file -", "{}")
+
+
+def rcpt_code(address: str, rcpt: str, sender: str = "someone@internet.lab") -> tuple[int, str]:
+    with smtplib.SMTP(address, 25, timeout=30) as smtp:
+        smtp.ehlo("customers-check.internet.lab")
+        smtp.mail(sender)
+        code, reply = smtp.rcpt(rcpt)
+        smtp.rset()
+    return code, reply.decode(errors="replace")
+
+
+def relay_addr(pair: Pair, key: str) -> str:
+    return str(pair.towers[key].settings.hosts.relay)
+
+
+def zipped(name: str) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr(name, "harmless text in a zip\n")
+    return buf.getvalue()
+
+
+def zip_message(pair: Pair, token: str, rcpts: list[str]) -> EmailMessage:
+    msg = pair.message(token, ", ".join(rcpts))
+    msg.add_attachment(
+        zipped("notes.txt"), maintype="application", subtype="zip", filename="notes.zip"
+    )
+    return msg
+
+
+def send_direct(pair: Pair, key: str, msg: EmailMessage, rcpts: list[str]) -> None:
+    with smtplib.SMTP(relay_addr(pair, key), 25, timeout=60) as smtp:
+        smtp.ehlo("customers-check.internet.lab")
+        smtp.send_message(msg, "someone@internet.lab", rcpts)
+
+
+def events(pair: Pair, key: str, tokens: set[str]) -> list[dict]:
+    """The tower's verdict events of these messages: verdict, recipients, scanned_at."""
+    out = pair.towers[key].psql(
+        "SELECT message_id, verdict, array_to_string(recipients, ','),"
+        " extract(epoch FROM scanned_at) FROM verdict_events"
+        " WHERE message_id LIKE '%@internet.lab>' AND scanned_at > now() - interval '1 hour'"
+    )
+    rows = []
+    for line in out.splitlines():
+        message_id, verdict, rcpts, scanned = line.split("|")
+        if token_of(message_id) in tokens:
+            rows.append(
+                {
+                    "token": token_of(message_id),
+                    "verdict": verdict,
+                    "recipients": sorted(rcpts.split(",")),
+                    "scanned_at": float(scanned),
+                }
+            )
+    return rows
+
+
+# -- the command at the GOC --------------------------------------------------------------------
+
+
+def test_an_invalid_policy_is_refused_at_the_goc_naming_the_field(pair: Pair) -> None:
+    customer = pair.customers[0].domain
+    before = customer_ok(pair, f"show {customer} --json")
+    result = customer_cli(pair, f"policy {customer} --file -", '{"ban_extensions": ["a/b"]}')
+    assert result.rc == 2 and "ban_extensions" in result.stderr, result.stderr
+    result = customer_cli(pair, f"policy {customer} --file -", '{"max_message_bytes": "huge"}')
+    assert result.rc == 2 and "max_message_bytes" in result.stderr, result.stderr
+    assert customer_ok(pair, f"show {customer} --json") == before  # nothing written
+
+
+# -- policy per customer, applied within seconds on both towers ---------------------------------
+
+
+@pytest.mark.parametrize("key", TOWERS)
+def test_a_policy_change_at_the_goc_applies_to_mail_already_flowing(pair: Pair, key: str) -> None:
+    """A zip every 0.3 s to the second customer, straight to one relay; the GOC bans zip for
+    that customer while they flow: the first message scanned after the change is held."""
+    customer = pair.customers[1].domain
+    rcpt = f"flow@{customer}"
+    sent: list[str] = []
+    with policies(pair):
+        committed = 0.0
+        started = time.time()
+        while time.time() - started < 40:
+            token = pair.token()
+            send_direct(pair, key, zip_message(pair, token, [rcpt]), [rcpt])
+            sent.append(token)
+            if not committed and time.time() - started > 4:
+                committed = set_policy(pair, customer, {"ban_extensions": ["zip"]})
+            if committed and time.time() - committed > 12:
+                break
+            time.sleep(0.3)
+
+        def scanned() -> list[dict] | None:
+            rows = events(pair, key, set(sent))
+            return rows if len(rows) >= len(sent) else None
+
+        rows = wait_for(scanned, 120, f"{len(sent)} events at tower {key}")
+        rows.sort(key=lambda r: r["scanned_at"])
+    before = [r for r in rows if r["scanned_at"] < committed]
+    after = [r for r in rows if r["scanned_at"] >= committed]
+    assert before and all(r["verdict"] == "clean" for r in before), before
+    first_banned = next(r for r in rows if r["verdict"] == "banned")
+    # From then on every message is held: no scanner kept the old policy.
+    since = first_banned["scanned_at"]
+    assert all(r["verdict"] == "banned" for r in rows if r["scanned_at"] >= since), rows
+    assert after[-1]["verdict"] == "banned"
+    seconds = first_banned["scanned_at"] - committed
+    record_figure(f"customers_policy_commit_to_first_message_s_{key}", round(seconds, 2))
+    assert seconds < 10, f"tower {key}: the new policy took {seconds:.1f} s to apply"
+
+
+@pytest.mark.parametrize("key", TOWERS)
+def test_a_message_for_two_customers_with_different_policies_is_split(pair: Pair, key: str) -> None:
+    first, second = pair.customers[0].domain, pair.customers[1].domain
+    rcpts = [f"split@{first}", f"split@{second}"]
+    with policies(pair):
+        set_policy(pair, second, {"ban_extensions": ["zip"]})
+        wait_for(lambda: _policy_applied(pair, key, second), 30, f"{second}'s policy at {key}")
+        token = pair.token()
+        send_direct(pair, key, zip_message(pair, token, rcpts), rcpts)
+        arrived = pair.wait_delivered([token], index=0)
+        rows = wait_for(
+            lambda: (r := events(pair, key, {token})) and len(r) >= 2 and r, 60, "two events"
+        )
+    outcomes = {r["verdict"]: r["recipients"] for r in rows}
+    assert outcomes == {"clean": [rcpts[0]], "banned": [rcpts[1]]}, rows
+    time.sleep(3)  # a second copy would have come by now
+    assert len(pair.arrivals(0)[token]) == 1, arrived[token]
+    assert token not in pair.arrivals(1)
+
+
+def _policy_applied(pair: Pair, key: str, customer: str) -> bool:
+    """A probe zip to ``customer`` at tower ``key`` is banned (the policy reached the scanners
+    that took it)."""
+    token = pair.token()
+    rcpt = f"probe@{customer}"
+    send_direct(pair, key, zip_message(pair, token, [rcpt]), [rcpt])
+    rows = wait_for(lambda: events(pair, key, {token}), 60, "the probe's event")
+    return rows[0]["verdict"] == "banned"
+
+
+# -- recipient verification at the relay ------------------------------------------------------
+
+
+def test_a_recipient_list_uploaded_at_the_goc_is_enforced_at_rcpt_by_both_relays(
+    pair: Pair,
+) -> None:
+    customer = pair.customers[1].domain
+    listed = f"listed-{pair.token()[:8]}@{customer}"
+    stranger = f"stranger-{pair.token()[:8]}@{customer}"
+    with policies(pair):
+        customer_ok(pair, f"recipients {customer} --domain {customer} --file -", f"{listed}\n")
+        set_policy(pair, customer, {"recipient_check": "list"})
+        for key in TOWERS:
+            address = relay_addr(pair, key)
+            wait_for(lambda a=address: rcpt_code(a, stranger)[0] == 550, 30, f"550 at {key}")
+            code, reply = rcpt_code(address, stranger)
+            assert code == 550 and "5.1.1" in reply, (key, code, reply)
+            assert rcpt_code(address, listed)[0] == 250, key
+        customer_ok(pair, f"recipients {customer} --domain {customer} --file -", "")
+    for key in TOWERS:  # back to no check: any local part is taken again
+        address = relay_addr(pair, key)
+        wait_for(lambda a=address: rcpt_code(a, stranger)[0] == 250, 30, f"250 again at {key}")
+
+
+def test_address_verification_550_for_unknown_and_stores_for_known_while_the_server_is_down(
+    pair: Pair,
+) -> None:
+    customer = pair.customers[0]
+    known = f"known-{pair.token()[:8]}@{customer.domain}"
+    unknown = f"{NO_USER}-{pair.token()[:8]}@{customer.domain}"
+    never_seen = f"fresh-{pair.token()[:8]}@{customer.domain}"
+    server = pair.customer_node(0)
+    with policies(pair):
+        set_policy(pair, customer.domain, {"recipient_check": "verify"})
+        for key in TOWERS:
+            address = relay_addr(pair, key)
+            # The first RCPT starts a probe (450 while it runs); then the verdict is cached.
+            code, reply = wait_for(
+                lambda a=address: (answer := rcpt_code(a, unknown))[0] != 450 and answer,
+                60,
+                f"the probe of {unknown} from tower {key}",
+            )
+            assert code == 550, (key, code, reply)
+            wait_for(lambda a=address: rcpt_code(a, known)[0] == 250, 60, f"{known} at {key}")
+        stop_postfix(server, customer.server)
+        try:
+            tokens = {}
+            for key in TOWERS:
+                address = relay_addr(pair, key)
+                token = pair.token()
+                send_direct(pair, key, pair.message(token, known), [known])
+                tokens[key] = token
+                code, reply = rcpt_code(address, never_seen)
+                assert code == 450, (key, code, reply)  # unknown now: told to come back
+                assert rcpt_code(address, unknown)[0] == 550, key  # known to be unknown
+        finally:
+            start_postfix(server, customer.server)
+        for key in TOWERS:
+            pair.towers[key].relay().run("postqueue -f")
+        pair.wait_delivered(list(tokens.values()), index=0, timeout=240)
+
+
+def test_a_dictionary_attack_is_slowed_and_other_senders_are_not(pair: Pair) -> None:
+    """From the lab's DNS host (an ordinary internet client, not exempt from the relay's
+    limits): RCPT after RCPT to unknown users of a list-mode customer. The relay stops
+    answering it with 250/550 and starts refusing the client, while the controller's mail
+    goes through as before."""
+    customer = pair.customers[1].domain
+    dns = pair.internet.node(pair.internet.inventory.groups["dns"][0].name)
+    with policies(pair):
+        set_policy(pair, customer, {"recipient_check": "list"})
+        for key in TOWERS:
+            address = relay_addr(pair, key)
+            wait_for(lambda a=address: rcpt_code(a, f"x@{customer}")[0] == 550, 30, "list mode")
+            script = (
+                "import smtplib, time, json\n"
+                "codes = []\n"
+                "started = time.time()\n"
+                "while time.time() - started < 40 and len(codes) < 400:\n"
+                "    try:\n"
+                f"        s = smtplib.SMTP('{address}', 25, timeout=20)\n"
+                "        s.ehlo('dict.internet.lab'); s.mail('a@internet.lab')\n"
+                "        while time.time() - started < 40 and len(codes) < 400:\n"
+                f"            c, _ = s.rcpt('guess%d@{customer}' % len(codes))\n"
+                "            codes.append(c)\n"
+                "            if c in (421,):\n"
+                "                break\n"
+                "        try: s.quit()\n"
+                "        except Exception: pass\n"
+                "    except (smtplib.SMTPException, OSError):\n"
+                "        codes.append(0)\n"
+                "print(json.dumps({'codes': codes, 'seconds': time.time() - started}))\n"
+            )
+            out = json.loads(dns.check_output(remote_script(script)).strip().splitlines()[-1])
+            codes = out["codes"]
+            refused = sum(1 for c in codes if c == 550)
+            # Probing stopped well short of 400 guesses answered in 40 s.
+            assert refused < 200, (key, refused, out["seconds"])
+            record_figure(f"customers_dictionary_guesses_answered_40s_{key}", refused)
+            # An ordinary sender meanwhile: accepted at once.
+            started = time.time()
+            assert rcpt_code(address, f"someone@{pair.customers[0].domain}")[0] == 250
+            assert time.time() - started < 5
