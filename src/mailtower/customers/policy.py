@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from mailtower.customers.errors import PolicyError
 from mailtower.scanning.pipeline import Policy
 
 # Types a scanner recognises by content (mailtower.scanning.skeptic's sniffer).
@@ -36,10 +37,6 @@ _ADDRESS_RE = re.compile(
     r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$"
 )
-
-
-class PolicyError(ValueError):
-    """A policy that cannot be applied; the message names each bad field."""
 
 
 def _extension(value: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mailtower import _fsio
+from mailtower.customers.errors import SnapshotError
 from mailtower.customers.policy import DEFAULT, CustomerPolicy, PolicyError, dump, parse
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ LEFT JOIN policies p ON p.customer_id = c.id
 WHERE d.active
 ORDER BY d.name
 """
-
-
-class SnapshotError(ValueError):
-    """A snapshot file that cannot be read; the message names the file and the fix."""
 
 
 class _Cursor(Protocol):

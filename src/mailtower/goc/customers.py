@@ -34,6 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from mailtower.customers import policy as policies
+from mailtower.goc.errors import InputError, Refused
 from mailtower.goc.sync import deployed
 from mailtower.goc.sync.exceptions import SyncError
 from mailtower.settings import _DOMAIN_RE
@@ -51,14 +52,6 @@ MAX_LINE = 4096  # bytes of one line of a recipients file (longer: a bad line)
 # Never in an unquoted address (RFC 5322 specials; quoted local parts are not taken).
 _ADDRESS_SPECIALS = frozenset('"<>(),;:[]\\')
 _SHOWN_BAD_LINES = 20
-
-
-class InputError(Exception):
-    """Bad input: exit 2, nothing written."""
-
-
-class Refused(Exception):
-    """Valid input the GOC's data refuses (no such customer, a domain taken): exit 1."""
 
 
 # --- validation ------------------------------------------------------------------------------
