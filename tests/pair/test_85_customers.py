@@ -344,9 +344,9 @@ def test_with_ten_thousand_customers_a_change_reaches_every_scanner_within_5_s(
         "  FROM customers c WHERE c.name LIKE 'bulk-%';"
         " INSERT INTO routes (domain, transport) SELECT d.name, 'smtp:[10.201.0.101]:25'"
         "  FROM domains d WHERE d.name LIKE 'bulk-%';"
-        " INSERT INTO policies (customer_id, policy) SELECT c.id, CASE c.id % 3"
-        "  WHEN 0 THEN '{}'::jsonb WHEN 1 THEN '{\"ban_extensions\": [\"zip\"]}'::jsonb"
-        '  ELSE \'{"suspicious": "deliver", "recipient_check": "list"}\'::jsonb END'
+        # Every policy its own (the worst case: nothing shared between customers).
+        " INSERT INTO policies (customer_id, policy) SELECT c.id, jsonb_build_object("
+        "  'max_message_bytes', 1000000 + c.id, 'ban_extensions', jsonb_build_array('x' || c.id))"
         "  FROM customers c WHERE c.name LIKE 'bulk-%';"
         " COMMIT; SELECT count(*) FROM customers WHERE name LIKE 'bulk-%'"
     )
