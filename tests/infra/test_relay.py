@@ -85,6 +85,24 @@ def test_customer_routes_come_from_sql(node, tower):
     )
 
 
+def test_recipients_are_checked_from_sql(node, tower):
+    """Issue 17: the relay asks SQL whether a recipient exists (a customer's uploaded list, or
+    any local part for a customer without one) and which customers want address
+    verification; the verify cache is kept on disk."""
+    maps = "proxy:pgsql:/etc/postfix/pgsql"
+    for customer in tower.settings.customers:  # the lab's customers check nothing by default
+        key = f"@{customer.domain}"
+        assert node.check_output(f"postmap -q {key} {maps}/relay_recipients.cf") == "OK"
+        assert node.run(f"postmap -q {customer.domain} {maps}/recipient_check.cf").rc == 1
+    assert node.run(f"postmap -q @foreign.example {maps}/relay_recipients.cf").rc == 1
+    assert node.check_output("postconf -h relay_recipient_maps") == f"{maps}/relay_recipients.cf"
+    assert f"{maps}/recipient_check.cf" in node.check_output(
+        "postconf -h smtpd_recipient_restrictions"
+    )
+    assert node.check_output("postconf -h address_verify_map").startswith("btree:")
+    assert node.check_output("postconf -M verify/unix").split()[7] == "verify"
+
+
 @pytest.mark.parametrize(
     ("address", "refused"),
     [

@@ -52,6 +52,21 @@ def test_health_endpoint(node, tower):
     assert json.loads(out)["status"] == "ok"
 
 
+def test_the_customers_policies_are_loaded_from_sql(node, tower):
+    """Issue 17: scand's poller wrote the policy snapshot (every customer SQL lists, for the
+    workers to read per message), readable by scand and by nobody's writes but its own."""
+    path = tower.settings.policy_snapshot
+    snapshot = node.file(path)
+    assert snapshot.exists and snapshot.user == "mailtower" and snapshot.mode == 0o644
+    doc = json.loads(snapshot.content_string)
+    for customer in tower.settings.customers:
+        assert customer.domain in doc["domains"]
+    metrics = node.check_output(
+        f"curl -sS http://127.0.0.1:{tower.settings.ports.scanner_http}/metrics"
+    )
+    assert "mailtower_policy_customers" in metrics
+
+
 def test_settings_are_the_towers(node, tower):
     got = json.loads(node.file("/etc/mailtower/tower.json").content_string)
     assert got["name"] == tower.settings.name
