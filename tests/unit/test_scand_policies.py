@@ -88,7 +88,18 @@ def test_two_customers_with_different_bans_each_get_their_own(rig: Rig) -> None:
     assert held["envelope"] == {"mail_from": "sender@example.org", "rcpt_tos": [ALICE]}
     assert held["verdict"] == "banned"
     verdicts = sorted((e["verdict"], tuple(e["recipients"])) for e in rig.events)
-    assert verdicts == [("banned", (ALICE,)), ("clean", (BOB, CAROL))]
+    # One event per customer (Carol is at no customer's domain), one delivery for both.
+    assert verdicts == [("banned", (ALICE,)), ("clean", (BOB,)), ("clean", (CAROL,))]
+
+
+def test_customers_with_equal_policies_never_share_a_quarantine_copy(rig: Rig) -> None:
+    """A release or a notice acts on one customer's copy: Bob's must not name Alice."""
+    rig.policies({"ban_extensions": ["pdf"]}, {"ban_extensions": ["pdf"]})
+    assert rig.send(_mail(b"figures"), [ALICE, BOB]).startswith("250 ")
+    assert rig.sink.received == []
+    held = sorted((q["customer"], q["envelope"]["rcpt_tos"]) for q in rig.quarantined)  # type: ignore[index]
+    assert held == [("alpha", [ALICE]), ("beta", [BOB])]
+    assert sorted(tuple(e["recipients"]) for e in rig.events) == [(ALICE,), (BOB,)]
 
 
 def test_a_banned_name_glob_of_one_customer(rig: Rig) -> None:

@@ -256,6 +256,7 @@ class Group:
     suspicious: str  # the customers' "suspicious" setting: "quarantine" or "deliver"
     rcpt_tos: list[str]
     verdict: Verdict | None = None
+    customer: str | None = None  # None: recipients at no customer's domain
 
     @property
     def action(self) -> Action:
@@ -375,6 +376,7 @@ class Scanner:
         peer: str | None,
         relay_queue_id: str | None,
     ) -> str:
+        started = time.monotonic()  # the relay's smtp_data_done_timeout runs from about now
         settings, pipeline = self.settings, self.pipeline
         if len(raw) > settings.limits.filter_message_bytes:
             self.metrics.messages.labels("too_big").inc()
@@ -430,7 +432,16 @@ class Scanner:
             )
             return reply
         return self._dispatch(
-            settings, groups, raw, mail_from, rcpt_tos, mail_options, relay_queue_id, msgid, fields
+            settings,
+            groups,
+            raw,
+            mail_from,
+            rcpt_tos,
+            mail_options,
+            relay_queue_id,
+            msgid,
+            fields,
+            started,
         )
 
     def _dispatch(
@@ -444,6 +455,7 @@ class Scanner:
         relay_queue_id: str | None,
         msgid: str | None,
         fields: str,
+        started: float,
     ) -> str:
         """Quarantine every group whose verdict stops it, then re-inject the others (one
         transaction per verdict header); the reply to the relay."""
@@ -455,6 +467,7 @@ class Scanner:
                 continue
             assert group.verdict is not None
             meta = self._quarantine_meta(settings, group.verdict, msgid, mail_from, group.rcpt_tos)
+            meta["customer"] = group.customer
             try:
                 qid = self.quarantine.write(raw, meta)
             except OSError as exc:
@@ -502,7 +515,15 @@ class Scanner:
                 answer = first
             else:
                 late = self._deliver_late(
-                    settings, tag, raw, mail_from, rcpts, mail_options, relay_queue_id, fields
+                    settings,
+                    tag,
+                    raw,
+                    mail_from,
+                    rcpts,
+                    mail_options,
+                    relay_queue_id,
+                    fields,
+                    started,
                 )
                 if late is None:  # the set-aside copy could not be written either
                     self._count_and_record(settings, done, msgid, mail_from, raw)
@@ -562,13 +583,24 @@ class Scanner:
         mail_options: Sequence[str],
         relay_queue_id: str | None,
         fields: str,
+        started: float,
     ) -> str | None:
         """A re-injection after another part was delivered: a 451 now would deliver that part
         twice, so it is retried briefly, then set aside as unprocessable. The relay's answer,
         ``"set aside as <id>"``, or None if even the set-aside copy failed."""
         error: ReinjectError | None = None
+        limits = settings.limits
+        # The relay waits smtp_data_done_timeout for the whole answer (master.cf); should this
+        # part's retries run past it, the relay would defer the message and send it again,
+        # every part already delivered with it. A retry is tried only while its full time
+        # (reinject_timeout_s) still fits, with a margin; otherwise the part is set aside now.
+        budget = limits.engine_timeout_s * 2 + 30 + limits.reinject_timeout_s + 60 - 15
         for attempt in range(SPLIT_REINJECT_ATTEMPTS):
             if attempt:
+                spent = time.monotonic() - started
+                if spent + SPLIT_REINJECT_PAUSE_S + limits.reinject_timeout_s > budget:
+                    log.warning("event=split_retry_skipped %s spent_s=%.0f", fields, spent)
+                    break
                 time.sleep(SPLIT_REINJECT_PAUSE_S)
             try:
                 answer = self.reinject(settings, raw, mail_from, rcpts, mail_options, tag=tag)
@@ -618,19 +650,22 @@ class Scanner:
                 log.error("event=quarantine_undo_failed quarantine_id=%s error=%r", qid, exc)
 
     def _groups(self, pipeline: Pipeline, snapshot: Snapshot, rcpt_tos: list[str]) -> list[Group]:
-        """The recipients grouped by the policy they are scanned under (an address whose
-        domain is no customer's: the tower's own), in their order."""
-        groups: dict[tuple[Policy, str], Group] = {}
+        """The recipients grouped by customer (an address whose domain is no customer's: the
+        tower's own policy), in their order. One customer's quarantine copy and verdict event
+        never name another customer's recipients (a release or a notice acts on one customer);
+        customers with equal policies are still scanned once (``Pipeline.scan_for``) and
+        their deliveries share one re-injection."""
+        groups: dict[str | None, Group] = {}
         for rcpt in rcpt_tos or [""]:
             customer, policy = snapshot.lookup(rcpt)
-            if customer is None:
-                key = (pipeline.policy, "quarantine")
-            else:
-                key = (self._scanning_policy(pipeline, policy), policy.suspicious)
-            if key not in groups:
-                groups[key] = Group(key[0], key[1], [])
+            if customer not in groups:
+                if customer is None:
+                    groups[None] = Group(pipeline.policy, "quarantine", [])
+                else:
+                    scanning = self._scanning_policy(pipeline, policy)
+                    groups[customer] = Group(scanning, policy.suspicious, [], customer=customer)
             if rcpt:
-                groups[key].rcpt_tos.append(rcpt)
+                groups[customer].rcpt_tos.append(rcpt)
         return list(groups.values())
 
     def _scanning_policy(self, pipeline: Pipeline, policy: CustomerPolicy) -> Policy:
