@@ -224,7 +224,11 @@ def test_a_recipient_list_uploaded_at_the_goc_is_enforced_at_rcpt_by_both_relays
             code, reply = rcpt_code(address, stranger)
             assert code == 550 and "5.1.1" in reply, (key, code, reply)
             assert rcpt_code(address, listed)[0] == 250, key
-        customer_ok(pair, f"recipients {customer} --domain {customer} --file -", "")
+            # postmaster exists whether listed or not (RFC 5321 4.5.1)
+            assert rcpt_code(address, f"postmaster@{customer}")[0] == 250, key
+        refused = customer_cli(pair, f"recipients {customer} --domain {customer} --file -", "")
+        assert refused.rc == 1 and "--force" in refused.stderr  # would refuse all its mail
+    customer_ok(pair, f"recipients {customer} --domain {customer} --file -", "")
     for key in TOWERS:  # back to no check: any local part is taken again
         address = relay_addr(pair, key)
         wait_for(lambda a=address: rcpt_code(a, stranger)[0] == 250, 30, f"250 again at {key}")
@@ -276,7 +280,8 @@ def test_a_dictionary_attack_is_slowed_and_other_senders_are_not(pair: Pair) -> 
     customer = pair.customers[1].domain
     dns = pair.internet.node(pair.internet.inventory.groups["dns"][0].name)
     with policies(pair):
-        set_policy(pair, customer, {"recipient_check": "list"})
+        # No list at all: every guess is unknown (the command wants --force for that).
+        customer_ok(pair, f"policy {customer} --force --file -", '{"recipient_check": "list"}')
         for key in TOWERS:
             address = relay_addr(pair, key)
             wait_for(lambda a=address: rcpt_code(a, f"x@{customer}")[0] == 550, 30, "list mode")

@@ -183,7 +183,8 @@ def test_policy_set_reset_file(run: Run, goc: Cluster, tmp_path: Path) -> None:
     assert later > stamp  # type: ignore[operator]
     path = tmp_path / "p.json"
     path.write_text('{"recipient_check": "list", "retention_days": 7}')
-    assert run("policy", "acme", "--file", str(path))[0] == 0
+    assert run("policy", "acme", "--file", str(path))[0] == 1  # no list uploaded yet
+    assert run("policy", "acme", "--file", str(path), "--force")[0] == 0
     assert json.loads(str(policy_row(goc)[0])) == {"recipient_check": "list", "retention_days": 7}
     code, out, _ = run("policy", "acme")  # no option: print it, defaults filled
     assert code == 0 and json.loads(out)["quarantine_days"] == 30
@@ -279,8 +280,10 @@ def test_recipients_replace_the_whole_list(run: Run, goc: Cluster, tmp_path: Pat
     code, out, _ = run("recipients", "acme", "--domain", "acme.example", "--file", str(path))
     assert code == 0 and "0 added, 2 removed, 0 listed" in out
     assert set(recipients(goc, "acme.test")) == {"dave@acme.test"}
-    run("policy", "acme", "--set", "recipient_check=list")
-    code, out, _ = run("recipients", "acme", "--domain", "acme.test", "--file", str(path))
+    run("policy", "acme", "--set", "recipient_check=list", "--force")
+    code, out, _ = run(
+        "recipients", "acme", "--domain", "acme.test", "--file", str(path), "--force"
+    )
     assert "note:" not in out
     code, out, _ = run("show", "acme", "--json")
     assert {d["name"]: d["recipients"] for d in json.loads(out)["domains"]} == {
@@ -416,3 +419,25 @@ def test_database_errors_name_where(capsys: pytest.CaptureFixture[str], tmp_path
     code = main(["customer", "list", "--config", str(tmp_path / "goc.json")])
     err = capsys.readouterr().err
     assert code == 1 and "goc.json: not found" in err and "--dsn" in err
+
+
+def test_list_mode_needs_a_list_for_every_domain(run: Run, goc: Cluster, tmp_path: Path) -> None:
+    """Every RCPT of a list-mode domain with no list gets a permanent 550: refused unless
+    --force, and an empty upload for a list-mode customer likewise."""
+    run("add", "acme", "--domain", "acme.example", "--route", ROUTE)
+    run("domain", "add", "acme", "acme.net")
+    code, _, err = run("policy", "acme", "--set", "recipient_check=list")
+    assert code == 1 and "acme.example, acme.net" in err and "--force" in err
+    path = tmp_path / "list.txt"
+    path.write_text("alice@acme.example\n")
+    assert run("recipients", "acme", "--domain", "acme.example", "--file", str(path))[0] == 0
+    code, _, err = run("policy", "acme", "--set", "recipient_check=list")
+    assert code == 1 and "acme.net" in err and "acme.example," not in err
+    assert run("policy", "acme", "--set", "recipient_check=list", "--force")[0] == 0
+    path.write_text("")
+    code, _, err = run("recipients", "acme", "--domain", "acme.example", "--file", str(path))
+    assert code == 1 and "empty list" in err
+    assert goc.scalar("SELECT count(*) FROM recipients") == 1  # nothing written
+    args = ("recipients", "acme", "--domain", "acme.example", "--file", str(path), "--force")
+    assert run(*args)[0] == 0
+    assert goc.scalar("SELECT count(*) FROM recipients") == 0

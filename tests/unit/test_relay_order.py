@@ -352,10 +352,18 @@ def test_before_sql_ever_answers_the_towers_lifetime_applies(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("value", ["0", "15", "2.5", "three", "", "-1", "true"])
-def test_an_invalid_retention_is_the_default(tmp_path, value) -> None:
-    retention, _, _ = _retention([("bad.example", value), ("good.example", "14")], tmp_path)
+def test_an_invalid_retention_never_expires_early(tmp_path, value) -> None:
+    """Unreadable (a newer GOC's 30, a typo): the value read before, else the tower's own
+    lifetime — never a default shorter than what the customer asked for."""
+    rows = [("bad.example", "9"), ("new.example", value), ("good.example", "14")]
+    retention, sql, ticks = _retention(rows, tmp_path)
     retention.refresh()
-    assert retention.days == {"bad.example": 3, "good.example": 14}
+    assert retention.lifetime_s(["new.example"], 14 * DAY) == 14 * DAY
+    assert retention.lifetime_s(["good.example"], 14 * DAY) == 14 * DAY
+    sql.rows = [("bad.example", value), ("good.example", "14")]
+    ticks.now += 31
+    retention.refresh()
+    assert retention.days is not None and retention.days["bad.example"] == 9
 
 
 def test_sql_is_read_every_thirty_seconds_not_every_pass(tmp_path) -> None:

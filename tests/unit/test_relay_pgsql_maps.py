@@ -196,6 +196,15 @@ def test_an_inactive_domain_has_no_recipients(maps, domain):
     assert not _relay_accepts(maps, "carol@golist.example")  # listed, but the domain is off
 
 
+def test_postmaster_of_every_active_customer_domain_exists_listed_or_not(maps):
+    """RFC 5321 4.5.1: a list customer that never listed postmaster still receives it."""
+    assert _query(maps["relay_recipients"], "postmaster@list.example") == "OK"
+    assert _relay_accepts(maps, "postmaster@list.example")
+    assert not _relay_accepts(maps, "postmaster@golist.example")  # the domain is off
+    assert not _relay_accepts(maps, "postmaster@foreign.example")
+    assert not _relay_accepts(maps, "xpostmaster@list.example")
+
+
 def test_a_domain_that_is_no_customers_has_no_recipients(maps):
     assert not _relay_accepts(maps, "anyone@foreign.example")
     assert _query(maps["relay_recipients"], "@") is None

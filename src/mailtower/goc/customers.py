@@ -342,8 +342,25 @@ def show_customer(conn: Conn, name: str) -> dict[str, Any]:
     return shown
 
 
+def _unlisted_domains(conn: Conn, customer_id: int) -> list[str]:
+    """The customer's domains with no recipient listed (list mode would refuse all their mail)."""
+    return [
+        str(row[0])
+        for row in conn.execute(
+            "SELECT d.name FROM public.domains d WHERE d.customer_id = %s AND NOT EXISTS"
+            " (SELECT 1 FROM public.recipients r WHERE r.domain = d.name) ORDER BY d.name",
+            (customer_id,),
+        ).fetchall()
+    ]
+
+
 def set_policy(
-    conn: Conn, name: str, *, replace: str | None = None, changes: dict[str, Any] | None = None
+    conn: Conn,
+    name: str,
+    *,
+    replace: str | None = None,
+    changes: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> tuple[bool, policies.CustomerPolicy]:
     """Replace (``replace``: JSON text) or change the policy; (whether it changed, the policy).
 
@@ -357,6 +374,14 @@ def set_policy(
         if replace is None:
             _, old = _stored_policy(conn, customer_id)
             new = _policy_or_input_error(lambda: policies.merge(old, changes or {}))
+        if new.recipient_check == "list" and not force:
+            empty = _unlisted_domains(conn, customer_id)
+            if empty:  # every RCPT of those domains would get a permanent 550
+                raise Refused(
+                    f"{name}: recipient_check=list, but no recipient is listed for "
+                    f"{', '.join(empty)}: upload them first (mailtower customer recipients), "
+                    "or --force to refuse all their mail"
+                )
         row = conn.execute(
             "INSERT INTO public.policies (customer_id, policy) VALUES (%s, %s::jsonb)"
             " ON CONFLICT (customer_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()"
@@ -427,7 +452,7 @@ class RecipientsResult:
 
 
 def replace_recipients(
-    conn: Conn, name: str, domain: str, addresses: Sequence[str]
+    conn: Conn, name: str, domain: str, addresses: Sequence[str], *, force: bool = False
 ) -> RecipientsResult:
     """Make ``addresses`` the whole list of ``domain``, in one transaction.
 
@@ -439,6 +464,13 @@ def replace_recipients(
         customer_id = _customer_id(conn, name, lock=True)
         if _domain_owner(conn, domain) != name:
             raise Refused(f"{domain} is not a domain of {name}")
+        if not addresses and not force:
+            _, current = _stored_policy(conn, customer_id)
+            if current.recipient_check == "list":
+                raise Refused(
+                    f"{name} uses recipient_check=list: an empty list refuses all mail for "
+                    f"{domain} (--force to do so, or set recipient_check first)"
+                )
         conn.execute("CREATE TEMPORARY TABLE mt_new_recipients (address text) ON COMMIT DROP")
         with conn.cursor().copy("COPY mt_new_recipients (address) FROM STDIN") as copy:
             for address in addresses:
@@ -518,6 +550,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     pol.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
     pol.add_argument("--reset", action="append", default=[], metavar="KEY", dest="resets")
     pol.add_argument("--file", metavar="FILE", help="the whole policy as JSON")
+    pol.add_argument(
+        "--force", action="store_true", help="recipient_check=list although a domain lists none"
+    )
     pol.set_defaults(func=_policy)
 
     domain = actions.add_parser("domain", help="add or remove one of a customer's domains")
@@ -541,6 +576,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rcpt.add_argument("name", metavar="NAME")
     rcpt.add_argument("--domain", required=True, metavar="DOMAIN")
     rcpt.add_argument("--file", required=True, metavar="FILE")
+    rcpt.add_argument(
+        "--force", action="store_true", help="an empty list although the customer uses list"
+    )
     rcpt.set_defaults(func=_recipients)
 
     remove = actions.add_parser("remove", help="remove a customer and all it has")
@@ -699,7 +737,7 @@ def _policy(args: argparse.Namespace) -> int:
                 _, policy = _stored_policy(conn, _customer_id(conn, name))
             print(json.dumps(policy.model_dump(mode="json"), indent=2, sort_keys=True))
             return 0
-        changed, policy = set_policy(conn, name, replace=text, changes=changes)
+        changed, policy = set_policy(conn, name, replace=text, changes=changes, force=args.force)
         state = "changed" if changed else "unchanged"
         print(f"{name}: policy {state}: {policies.dump(policy)}")
         return 0
@@ -757,7 +795,7 @@ def _recipients(args: argparse.Namespace) -> int:
     name, domain, addresses, duplicates = checked
 
     def action(conn: Conn) -> int:
-        result = replace_recipients(conn, name, domain, addresses)
+        result = replace_recipients(conn, name, domain, addresses, force=args.force)
         dup = f", {duplicates} duplicate line(s) ignored" if duplicates else ""
         print(
             f"{name} {domain}: {result.added} added, {result.removed} removed,"

@@ -17,9 +17,10 @@ This daemon, on the relay, keeps the order without touching how Postfix delivers
   A message's lifetime is the longest retention among the customers of its remaining
   recipients (Postfix expires a message whole, so the most generous customer decides), at most
   ``maximal_queue_lifetime`` (the tower's ``queue_lifetime``, Postfix's own ceiling, which
-  still applies when this daemon is stopped). A domain SQL does not list, and every domain
-  before SQL ever answered, gets the default policy's 3 days (capped the same way), so mail is
-  never expired earlier than the tower-wide default; SQL down keeps the values last read.
+  still applies when this daemon is stopped). A domain SQL does not list gets the default
+  policy's 3 days (capped the same way); before SQL ever answered, and for a value that cannot
+  be read, nothing is expired before ``maximal_queue_lifetime`` (or the value last read); SQL
+  down keeps the values last read.
 
 The IDs it holds are kept in a state file, so a restart knows its own held mail from an
 operator's; ``--release-all`` (run when the service stops) gives every one of them back to

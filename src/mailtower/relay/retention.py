@@ -28,6 +28,9 @@ log = logging.getLogger("mailtower.relay.retention")
 
 DAY_S = 86400
 DEFAULT_DAYS = DEFAULT.retention_days
+# An unreadable value with nothing read before: longer than any tower keeps mail, so the
+# tower's own queue_lifetime decides (``lifetime_s`` takes the smaller).
+UNKNOWN_DAYS = 10_000
 CACHE = Path("/var/lib/mailtower/relay-retention.json")
 # Every active domain with its customer's retention; no policies row (or no such key): NULL.
 QUERY = (
@@ -136,16 +139,20 @@ class Retention:
         for name, value in rows:
             domain = name.strip().rstrip(".").lower()
             parsed = days_of(value)
-            if parsed is None:
-                if value is not None and self._invalid.get(domain) != value:
+            if parsed is None and value is None:
+                parsed = DEFAULT_DAYS  # no policy, or none said: the default policy's
+            elif parsed is None:
+                # Unreadable (a newer GOC's value, a hand-written row): never expire early —
+                # the value last read for this domain, else the tower's own lifetime.
+                parsed = (self.days or {}).get(domain, UNKNOWN_DAYS)
+                if self._invalid.get(domain) != value:
                     log.warning(
-                        "event=retention_invalid domain=%s retention_days=%r default=%d",
+                        "event=retention_invalid domain=%s retention_days=%r keeping_days=%d",
                         domain,
                         value,
-                        DEFAULT_DAYS,
+                        parsed,
                     )
                     self._invalid[domain] = value
-                parsed = DEFAULT_DAYS
             else:
                 self._invalid.pop(domain, None)
             days[domain] = parsed
