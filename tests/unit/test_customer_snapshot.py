@@ -115,6 +115,20 @@ def test_the_poller_writes_on_change_only(tmp_path: Path) -> None:
     assert snapshot_mod.read(path).generation == 2
 
 
+def test_a_removed_or_broken_file_is_written_again(tmp_path: Path) -> None:
+    """A restarted worker must find it: the poller does not wait for SQL to change."""
+    settings = _settings(tmp_path)
+    poller = Poller(settings, connect=lambda dsn: FakeSQL(ROWS))
+    path = Path(settings.policy_snapshot)
+    assert poller.poll_once()
+    path.unlink()
+    assert poller.poll_once()
+    assert snapshot_mod.read(path).domains["a.example"] == "alpha"
+    path.write_text("{broken")
+    assert poller.poll_once()
+    assert snapshot_mod.read(path).domains["a.example"] == "alpha"
+
+
 def test_sql_down_keeps_the_file_and_a_restart_keeps_previous_policies(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     sql = FakeSQL(ROWS)

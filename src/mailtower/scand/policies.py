@@ -50,8 +50,19 @@ class SnapshotFile:
             if key != self._key:
                 try:
                     loaded = snapshot_mod.read(self.path)
-                except (OSError, SnapshotError) as exc:
-                    # Not retried until the file changes again; the previous one stays.
+                except OSError as exc:
+                    # The read failed, not the file (no descriptors left, …): tried again at
+                    # the next message; the previous one stays meanwhile.
+                    log.error(
+                        "event=policy_snapshot_read_failed path=%s keeping=%s error=%r",
+                        self.path,
+                        "previous" if self._snapshot else "none",
+                        str(exc),
+                    )
+                    return self._snapshot
+                except SnapshotError as exc:
+                    # Not retried until the file changes again (the poller rewrites a broken
+                    # one); the previous one stays.
                     log.error(
                         "event=policy_snapshot_unreadable path=%s keeping=%s error=%r",
                         self.path,
@@ -73,7 +84,19 @@ class SnapshotFile:
 def _connect(dsn: str) -> Connection:
     import psycopg
 
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=5)  # type: ignore[return-value]
+    # A half-open connection (a SQL host gone without a word) must not freeze the policies for
+    # the kernel's TCP timeout: every statement is bounded, dead peers are noticed in seconds.
+    return psycopg.connect(  # type: ignore[return-value]
+        dsn,
+        autocommit=True,
+        connect_timeout=5,
+        options="-c statement_timeout=5000",
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=3,
+        tcp_user_timeout=10000,
+    )
 
 
 class Poller:
@@ -109,6 +132,7 @@ class Poller:
         self.errors = 0
         self.invalid_found = 0
         self._failing = False  # logged once per outage, not every second
+        self._written: tuple[int, int] | None = None  # the file as this poller wrote it last
 
     def poll_once(self) -> bool:
         """One round: the change check and, if needed, a new snapshot. True if SQL answered."""
@@ -116,10 +140,12 @@ class Poller:
             if self._conn is None:
                 self._conn = self.connect(self.dsn)
             check = snapshot_mod.change_check(self._conn)
-            if self.snapshot is None or check != self.snapshot.check:
+            if self.snapshot is None or check != self.snapshot.check or not self._file_intact():
                 new = snapshot_mod.load(self._conn, self.snapshot, check=check, now=self.clock())
                 self.path.parent.mkdir(parents=True, exist_ok=True)  # the role makes it too
                 new.write(self.path)
+                st = os.stat(self.path)
+                self._written = (st.st_ino, st.st_mtime_ns)
                 self.invalid_found += len(new.invalid)
                 self.snapshot = new
                 log.info(
@@ -147,6 +173,15 @@ class Poller:
         self._failing = False
         self.last_ok = self.clock()
         return True
+
+    def _file_intact(self) -> bool:
+        """Is the file there, as this poller last wrote it? (Removed or broken by hand: the
+        next round writes it again, or a restarted worker would have nothing to scan by.)"""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return self._written == (st.st_ino, st.st_mtime_ns)
 
     def run(self) -> None:
         while not self._stop.is_set():
