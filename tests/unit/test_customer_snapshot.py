@@ -91,8 +91,11 @@ def test_an_invalid_policy_keeps_the_customers_previous_one() -> None:
     second = snapshot_mod.load(sql, first)
     assert second.policies["alpha"] == first.policies["alpha"]  # kept
     assert second.policies["beta"] == parse({"ban_extensions": ["doc"]})  # changed
-    assert second.policies["gamma"] == DEFAULT  # never had a valid one
+    assert "gamma" not in second.policies  # never had a valid one: none, not the default
+    assert second.lookup("x@c.example") == ("gamma", None)
+    assert second.lookup("x@b.example")[1] == parse({"ban_extensions": ["doc"]})
     assert set(second.invalid) == {"alpha", "gamma"}
+    assert snapshot_mod.Snapshot.from_json(second.to_json()).lookup("x@c.example")[1] is None
     assert second.generation == 2
 
 

@@ -223,3 +223,17 @@ def test_a_customer_policy_without_a_word_on_encrypted_archives_keeps_the_towers
     assert parse({"encrypted_archives": "deliver"}).scanning_policy(
         Policy()
     ).encrypted_archives == ("pass")
+
+
+def test_a_customer_whose_policy_never_passed_is_held_not_scanned_by_the_default(
+    rig: Rig,
+) -> None:
+    Snapshot(
+        domains={"a.example": "alpha", "b.example": "beta"},
+        policies={"beta": parse({})},
+        invalid=("alpha",),
+        generation=3,
+    ).write(Path(rig.scanner.settings.policy_snapshot))
+    assert rig.send(_mail(b"figures"), [BOB, ALICE]).startswith("451 4.3.5")
+    assert rig.sink.received == [] and rig.quarantined == []
+    assert rig.send(_mail(b"figures"), [BOB]).startswith("250 ")  # the others' mail flows

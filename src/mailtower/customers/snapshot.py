@@ -7,7 +7,9 @@ database, and a tower whose SQL is down keeps scanning with the policies it last
 
 Each policy is validated with ``mailtower.customers.policy.parse``; one that does not pass
 (written around the GOC's command) leaves that customer with its previous policy, so a typo
-never lifts a customer's bans. A customer with no valid policy ever seen gets the default.
+never lifts a customer's bans. A customer with no valid policy ever seen here has none: scand
+answers 451 for its mail (the relay keeps it) until a valid one arrives — the default would
+lift the bans it asked for.
 """
 
 from __future__ import annotations
@@ -117,13 +119,17 @@ class Snapshot:
         domain = address.rpartition("@")[2].strip().rstrip(".").lower()
         return self.domains.get(domain)
 
-    def lookup(self, address: str) -> tuple[str | None, CustomerPolicy]:
+    def lookup(self, address: str) -> tuple[str | None, CustomerPolicy | None]:
         """(customer, policy) for a recipient ``address``: (None, DEFAULT) when its domain is
-        no customer's."""
+        no customer's; (customer, None) when that customer's stored policy never passed
+        validation here (scand holds its mail: scanning it by the default would lift bans)."""
         customer = self.customer_of(address)
         if customer is None:
             return None, DEFAULT
-        return customer, self.policies.get(customer, DEFAULT)
+        policy = self.policies.get(customer)
+        if policy is None:
+            return customer, None if customer in self.invalid else DEFAULT
+        return customer, policy
 
     # -- the file
 
@@ -223,11 +229,12 @@ def load(
             log.error(
                 "event=policy_invalid customer=%s keeping=%s error=%r",
                 customer,
-                "previous" if kept is not None else "default",
+                "previous" if kept is not None else "none: its mail is held (451)",
                 str(exc),
             )
             invalid.append(customer)
-            policies[customer] = kept if kept is not None else DEFAULT
+            if kept is not None:
+                policies[customer] = kept
     return Snapshot(
         domains=domains,
         policies=policies,

@@ -139,7 +139,7 @@ class Retention:
         for name, value in rows:
             domain = name.strip().rstrip(".").lower()
             parsed = days_of(value)
-            if parsed is None and value is None:
+            if value is None:
                 parsed = DEFAULT_DAYS  # no policy, or none said: the default policy's
             elif parsed is None:
                 # Unreadable (a newer GOC's value, a hand-written row): never expire early —

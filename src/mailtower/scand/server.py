@@ -400,6 +400,15 @@ class Scanner:
             self.metrics.messages.labels("tempfail").inc()
             return S451_POLICY
         self.metrics.policy_generation.set(snapshot.generation)
+        unknown = sorted({c for c, p in map(snapshot.lookup, rcpt_tos) if p is None and c})
+        if unknown:
+            # Its stored policy never passed validation here (a newer GOC's field, a row
+            # written by hand): held at the relay until a valid one arrives.
+            log.warning(
+                "event=tempfail_policy_invalid customers=%s from=<%s>", ",".join(unknown), mail_from
+            )
+            self.metrics.messages.labels("tempfail").inc()
+            return S451_POLICY
         groups = self._groups(pipeline, snapshot, rcpt_tos)
         verdicts = pipeline.scan_for(raw, [group.policy for group in groups])
         for group, one in zip(groups, verdicts, strict=True):
@@ -658,6 +667,7 @@ class Scanner:
         groups: dict[str | None, Group] = {}
         for rcpt in rcpt_tos or [""]:
             customer, policy = snapshot.lookup(rcpt)
+            assert policy is not None  # _process answered 451 for a customer without one
             if customer not in groups:
                 if customer is None:
                     groups[None] = Group(pipeline.policy, "quarantine", [])
