@@ -382,3 +382,32 @@ def test_with_ten_thousand_customers_a_change_reaches_every_scanner_within_5_s(
     finally:
         customer_cli(pair, f"policy {customer} --file -", "{}")
         pair.goc_sql("DELETE FROM customers WHERE name LIKE 'bulk-%'")
+
+
+def test_a_hundred_thousand_recipients_uploaded_reach_both_relays(pair: Pair) -> None:
+    """The figure for a large customer's list: upload at the GOC, then both relays answer
+    from it (the replication of 100,000 rows included)."""
+    customer = pair.customers[1].domain
+    addresses = [f"user{i:06d}@{customer}" for i in range(100_000)]
+    started = time.time()
+    out = customer_ok(
+        pair, f"recipients {customer} --domain {customer} --file -", "\n".join(addresses)
+    )
+    uploaded = time.time() - started
+    assert "100000 listed" in out, out
+    try:
+        with policies(pair):
+            set_policy(pair, customer, {"recipient_check": "list"})
+            for key in TOWERS:
+                address = relay_addr(pair, key)
+                wait_for(
+                    lambda a=address: rcpt_code(a, addresses[-1])[0] == 250,
+                    120,
+                    f"the last listed address at {key}",
+                )
+                assert rcpt_code(address, f"user100000@{customer}")[0] == 550, key
+            reached = time.time() - started
+    finally:
+        customer_ok(pair, f"recipients {customer} --domain {customer} --file -", "")
+    record_figure("customers_recipients_100k_upload_s", round(uploaded, 1))
+    record_figure("customers_recipients_100k_at_both_relays_s", round(reached, 1))
