@@ -60,30 +60,40 @@ def _set(conn: psycopg.Connection, customer: str, policy: str) -> None:
 
 
 def test_a_change_committed_after_a_later_one_is_still_seen(cluster) -> None:
-    """T1 begins (its updated_at is its start), T2 begins later and commits first, the poller
-    loads; then T1 commits. A "latest updated_at" check would say nothing changed."""
-    reader = cluster.connect()
-    t1, t2 = cluster.connect(), cluster.connect()
-    t1.autocommit = t2.autocommit = False
-    try:
-        t1.execute("SELECT now()")  # T1's start: its updated_at
-        _set(t1, "alpha", '{"ban_extensions": ["zip"]}')
-        t2.execute("SELECT pg_sleep(0.05)")
-        _set(t2, "beta", '{"ban_extensions": ["rar"]}')
-        t2.commit()
-        seen = snapshot.change_check(reader)
-        first = snapshot.load(reader, None, check=seen)
+    """Replication applies transactions in commit order, and ``updated_at`` is a transaction's
+    start: a change can arrive with an older ``updated_at`` than one already seen. Here beta's
+    (updated_at an hour ahead) is loaded first, then alpha's arrives, older."""
+    with cluster.connect() as conn:
+        conn.execute(
+            'UPDATE policies SET policy = \'{"ban_extensions": ["rar"]}\','
+            " updated_at = now() + interval '1 hour'"
+            " WHERE customer_id = (SELECT id FROM customers WHERE name = 'beta')"
+        )
+        seen = snapshot.change_check(conn)
+        first = snapshot.load(conn, None, check=seen)
         assert first.policies["beta"].ban_extensions == ("rar",)
-        assert first.policies["alpha"].ban_extensions == ()
-        t1.commit()
-        later = snapshot.change_check(reader)
+        _set(conn, "alpha", '{"ban_extensions": ["zip"]}')
+        later = snapshot.change_check(conn)
         assert later != seen
-        second = snapshot.load(reader, first, check=later)
+        second = snapshot.load(conn, first, check=later)
         assert second.policies["alpha"].ban_extensions == ("zip",)
-        assert snapshot.change_check(reader) == later  # nothing more: the same answer
+        assert snapshot.change_check(conn) == later  # nothing more: the same answer
+
+
+def test_an_uncommitted_change_is_seen_once_committed(cluster) -> None:
+    reader, writer = cluster.connect(), cluster.connect()
+    writer.autocommit = False
+    try:
+        before = snapshot.change_check(reader)
+        _set(writer, "alpha", '{"ban_extensions": ["7z"]}')
+        assert snapshot.change_check(reader) == before  # not visible yet: nothing to load
+        writer.commit()
+        after = snapshot.change_check(reader)
+        assert after != before
+        assert snapshot.load(reader, None).policies["alpha"].ban_extensions == ("7z",)
     finally:
-        for conn in (reader, t1, t2):
-            conn.close()
+        reader.close()
+        writer.close()
 
 
 def test_a_renamed_customer_and_a_deactivated_domain_are_changes(cluster) -> None:
@@ -94,5 +104,19 @@ def test_a_renamed_customer_and_a_deactivated_domain_are_changes(cluster) -> Non
         assert renamed != before
         assert snapshot.load(conn, None).domains["beta.example"] == "gamma"
         conn.execute("UPDATE domains SET active = false WHERE name = 'beta.example'")
-        assert snapshot.change_check(conn) != renamed
+        deactivated = snapshot.change_check(conn)
+        assert deactivated != renamed
         assert "beta.example" not in snapshot.load(conn, None).domains
+        conn.execute("TRUNCATE policies")  # no row trigger: the file node tells
+        assert snapshot.change_check(conn) != deactivated
+
+
+def test_a_change_applied_as_the_replication_worker_applies_it_is_seen(cluster) -> None:
+    """The GOC's changes arrive through an apply worker (session_replication_role = replica),
+    where only ALWAYS triggers fire."""
+    with cluster.connect() as conn:
+        before = snapshot.change_check(conn)
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("UPDATE customers SET name = name || '' WHERE name = 'alpha'")
+        conn.execute("RESET session_replication_role")
+        assert snapshot.change_check(conn) != before
