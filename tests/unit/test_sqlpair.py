@@ -32,7 +32,11 @@ class FakeHost(sqlpair.Remote):
 def pair(state: dict, goc: bool = True) -> sqlpair.SqlTower:
     hosts = [FakeHost("10.0.0.12", state=state), FakeHost("10.0.0.13", state=state)]
     return sqlpair.SqlTower(
-        "tower-a", hosts, 5432, FakeHost("10.0.9.10", state=state) if goc else None
+        "tower-a",
+        hosts,
+        5432,
+        FakeHost("10.0.9.10", state=state) if goc else None,
+        (FakeHost("10.0.0.10", state=state),),
     )
 
 
@@ -84,3 +88,57 @@ def test_clone_commands_take_a_fresh_copy_with_its_own_slot() -> None:
     cmds = sqlpair.clone_commands("10.0.0.13", 5432, sqlpair.standby_slot("10.0.0.12"))
     assert cmds[0].startswith("systemctl stop") and cmds[1].startswith("rm -rf")
     assert "-h 10.0.0.13 -p 5432" in cmds[2] and "-S standby_10_0_0_12" in cmds[2]
+
+
+def test_failover_and_rebuild_end_by_renewing_the_relays_sql_connections() -> None:
+    # Postfix 3.7 keeps a failed SQL host out for 60 s: the relay is reloaded after the SQL
+    # hosts changed roles, once the promotion (or the clone) is done.
+    state = {"10.0.0.12": "primary", "10.0.0.13": "standby", "10.0.9.10": "primary"}
+    sqlpair.failover(pair(state), lambda _: None)
+    assert commands(state, "10.0.0.10") == ["postfix reload"]
+    reload_at = next(i for i, (a, _) in enumerate(state["log"]) if a == "10.0.0.10")
+    promote_at = next(i for i, (_, c) in enumerate(state["log"]) if "promote" in c)
+    assert promote_at < reload_at
+    state["log"].clear()
+    state["10.0.0.12"] = "down"
+
+    def clone_done(self, command: str, *, timeout: float = 120, check: bool = True) -> str:
+        if command.startswith("systemctl start"):
+            state["10.0.0.12"] = "standby"
+        return FakeHost.run(self, command, timeout=timeout, check=check)
+
+    class Replica(FakeHost):
+        run = clone_done
+
+        def psql(self, query: str, database: str = "postgres") -> str:
+            if "pg_stat_replication" in query:
+                return "1"
+            return FakeHost.psql(self, query, database)
+
+    tower = pair(state)
+    tower = sqlpair.SqlTower(
+        tower.name,
+        [Replica("10.0.0.12", state=state), Replica("10.0.0.13", state=state)],
+        tower.port,
+        tower.goc,
+        tower.relays,
+    )
+    sqlpair.rebuild(tower, "10.0.0.12", lambda _: None)
+    assert commands(state, "10.0.0.10") == ["postfix reload"]
+
+
+def test_an_unreachable_relay_is_said_and_the_failover_still_completes() -> None:
+    state = {"10.0.0.12": "down", "10.0.0.13": "standby", "10.0.9.10": "primary"}
+
+    class DeadRelay(FakeHost):
+        def run(self, command: str, *, timeout: float = 120, check: bool = True) -> str:
+            raise sqlpair.PairError(f"{self.address}: ssh: connect refused")
+
+    base = pair(state)
+    tower = sqlpair.SqlTower(
+        base.name, base.sql, base.port, base.goc, (DeadRelay("10.0.0.10", state=state),)
+    )
+    said: list[str] = []
+    sqlpair.failover(tower, said.append)
+    assert state["10.0.0.13"] == "primary"
+    assert any("could not reload Postfix on the relay 10.0.0.10" in s for s in said)

@@ -19,6 +19,14 @@ until a primary takes them. The command:
 ``invoke sql.rebuild --tower T --host H`` then makes the old primary a standby of the new one
 (a fresh clone), and the inventory's ``sql`` order should be swapped before the next deploy
 (the first host is the primary the deploy expects).
+
+Both commands end by reloading Postfix on the tower's relay. Its maps read SQL through
+proxymap, which keeps its connections open; a connection to a host that restarted fails at
+its next query, and Postfix 3.7's pgsql client then keeps that host out for a fixed 60 s
+(``retry_interval`` is settable only from Postfix 3.9). When both hosts restarted within that
+minute (a failover, a rebuild, a switch back) every lookup failed: the relay answered 451 at
+RCPT for up to a minute (seen in the pair suite). A reload starts new proxymap processes with
+fresh connections and no host held out.
 """
 
 from __future__ import annotations
@@ -124,6 +132,7 @@ class SqlTower:
     sql: list[Remote]
     port: int
     goc: Remote | None
+    relays: tuple[Remote, ...] = ()
 
     @classmethod
     def load(cls, inventory: Path, goc_inventory: Path | None) -> SqlTower:
@@ -141,11 +150,30 @@ class SqlTower:
                 " inventory (--goc) so its subscription can be re-pointed"
             )
         return cls(
-            settings.name, [Remote.of(h) for h in inv.groups["sql"]], settings.ports.postgres, goc
+            settings.name,
+            [Remote.of(h) for h in inv.groups["sql"]],
+            settings.ports.postgres,
+            goc,
+            tuple(Remote.of(h) for h in inv.groups.get("relay", [])),
         )
 
     def roles(self) -> dict[str, str]:
         return {r.address: role_of(r) for r in self.sql}
+
+    def renew_relay_maps(self, say: Say) -> None:
+        """Reload Postfix on each relay: its SQL map connections start afresh (module doc).
+        A relay that cannot be reached is said, not raised: the SQL step itself is done."""
+        for relay in self.relays:
+            try:
+                relay.run("postfix reload", timeout=60)
+            except PairError as exc:
+                say(
+                    f"{self.name}: WARNING: could not reload Postfix on the relay {relay.address}"
+                    f" ({exc}); its SQL lookups may fail for up to 60 s: run `postfix reload`"
+                    " there"
+                )
+            else:
+                say(f"{self.name}: relay {relay.address}: Postfix reloaded (fresh SQL connections)")
 
 
 def failover(tower: SqlTower, say: Say) -> dict[str, float]:
@@ -181,6 +209,7 @@ def failover(tower: SqlTower, say: Say) -> dict[str, float]:
         say(f"{tower.name}: re-pointing the GOC's events subscription ({tower.goc.address})")
         say(tower.goc.run(f"cd /tmp && su postgres -c '{TOOL} sync goc'", timeout=600))
         timings["goc_repointed_s"] = time.monotonic() - started
+    tower.renew_relay_maps(say)
     say(
         f"{tower.name}: {new.address} is the primary ({timings['promoted_s']:.1f} s to promote,"
         f" {time.monotonic() - started:.1f} s in all). Next: invoke sql.rebuild --tower"
@@ -223,6 +252,7 @@ def rebuild(tower: SqlTower, address: str, say: Say) -> float:
         60,
         f"{address} streaming from {primary.address}",
     )
+    tower.renew_relay_maps(say)
     elapsed = time.monotonic() - started
     say(f"{tower.name}: {address} streams from {primary.address} ({elapsed:.1f} s)")
     return elapsed
