@@ -98,8 +98,11 @@ def _primary(changed):
     schema = template("sql/etc/mailtower/sql/schema.sql")
     server.shell(
         name="Apply the schema",
+        # One transaction: all of it or none, and its triggers are never seen half replaced
+        # (CREATE OR REPLACE TRIGGER resets ENABLE ALWAYS until the next statement).
         commands=[
-            f"psql -v ON_ERROR_STOP=1 -q -d {s.sql_database} -f /etc/mailtower/sql/schema.sql"
+            f"psql --single-transaction -v ON_ERROR_STOP=1 -q -d {s.sql_database}"
+            " -f /etc/mailtower/sql/schema.sql"
         ],
         _su_user="postgres",
         _if=schema.did_change,

@@ -458,9 +458,12 @@ class TowerSettings(StrictModel):
     icap_url: str | None = None
     spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
     # Every customer's policy as scand's workers read it (mailtower.customers.snapshot),
-    # written by scand from the tower's SQL, checked for changes every policy_poll_s.
+    # written by scand from the tower's SQL, checked for changes every policy_poll_s (a change
+    # reads the customers it touched); every policy_full_reload_s scand reads all of them
+    # again, the safety net (the file is rewritten only if that finds a difference).
     policy_snapshot: str = "/var/lib/mailtower/policies.json"
     policy_poll_s: float = Field(default=1.0, gt=0, le=300)
+    policy_full_reload_s: float = Field(default=60.0, gt=0, le=86400)
     # scand's rule data: a rules root where `mailtower bundle install` puts signed bundles
     # (e.g. /var/lib/mailtower/rules); until one is installed there, and when None, the rules
     # shipped in the package are used.
@@ -492,6 +495,16 @@ class TowerSettings(StrictModel):
             missing.append("rules_dir")
         if missing:
             raise ValueError(f"a tower taking rule bundles needs {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _full_reload_after_polls(self) -> TowerSettings:
+        if self.policy_full_reload_s <= self.policy_poll_s:
+            raise ValueError(
+                f"policy_full_reload_s ({self.policy_full_reload_s:g}) must be longer than "
+                f"policy_poll_s ({self.policy_poll_s:g}): the full reload is the safety net "
+                "behind the polls' delta loads"
+            )
         return self
 
     @field_validator("policy_snapshot")

@@ -199,6 +199,9 @@ def test_a_change_to_one_customer_parses_one_policy_again(monkeypatch) -> None:
     calls: list[str] = []
     real = snapshot_mod.parse
     monkeypatch.setattr(snapshot_mod, "parse", lambda text: calls.append(text) or real(text))
+    # Texts other tests parsed (the SQL tests' too, when they run first) are not counted here.
+    monkeypatch.setattr(snapshot_mod, "_PARSED", {})
+    monkeypatch.setattr(snapshot_mod, "_TEXT", {})
 
     class Conn:
         def __init__(self, rows):
@@ -234,3 +237,146 @@ def test_a_change_to_one_customer_parses_one_policy_again(monkeypatch) -> None:
     assert second.policies["c7"].ban_extensions == ("rar",)
     assert Snapshot.from_json(second.to_json()) == second
     assert len(calls) - seen == 1  # the file's texts were all seen already
+
+
+def _check(n: int, removals: int = 0, nodes: str = "1/2/3", start: str = "100.5") -> str:
+    return f"{n}/{removals}/{nodes}/{start}"
+
+
+@pytest.mark.parametrize(
+    ("previous", "now", "full", "mode"),
+    [
+        (None, _check(5), False, "full"),  # no snapshot yet
+        (_check(5), _check(5), False, "none"),
+        (_check(5), _check(5), True, "full"),  # the periodic reload, the file to rewrite
+        (_check(5), _check(9), False, "delta"),  # rows written: the customers they touch
+        (_check(5), _check(9), True, "full"),
+        (_check(5), _check(9, removals=1), False, "full"),  # a delete, a rename
+        (_check(5), _check(9, nodes="1/7/3"), False, "full"),  # a TRUNCATE
+        (_check(5), _check(9, start="200.5"), False, "full"),  # another server, a restart
+        (_check(9), _check(5), False, "full"),  # the generation went back
+        ("5/1/2/3", _check(9), False, "full"),  # an older scanner's file
+        (_check(5), "c2", False, "full"),
+    ],
+)
+def test_plan_reads_everything_when_a_delta_cannot_tell(
+    previous: str | None, now: str, full: bool, mode: str
+) -> None:
+    snap = None if previous is None else Snapshot(check=previous)
+    assert snapshot_mod.plan(snap, now, full=full) == mode
+
+
+class DeltaSQL(FakeSQL):
+    """FakeSQL that also answers the delta query (``delta`` rows: domain, active, customer,
+    policy) and records which loads ran."""
+
+    def __init__(self, rows: list[tuple[str, str, Any]], check: str) -> None:
+        super().__init__(rows, check)
+        self.delta: list[tuple[str, bool, str, Any]] = []
+        self.asked: list[tuple[str, object]] = []
+
+    def execute(self, query: str, params: object = None) -> None:
+        super().execute(query, params)
+        if query != snapshot_mod.CHANGE_QUERY:
+            self.asked.append(("full" if query == snapshot_mod.LOAD_QUERY else "delta", params))
+
+    def fetchall(self) -> list[Any]:
+        if self._last == snapshot_mod.DELTA_QUERY:
+            return list(self.delta)
+        return super().fetchall()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_poller_reads_a_change_as_a_delta_and_everything_now_and_then(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(tmp_path)
+    sql, clock = DeltaSQL(ROWS, _check(5)), Clock()
+    poller = Poller(settings, connect=lambda dsn: sql, clock=clock)
+    path = Path(settings.policy_snapshot)
+    caplog.set_level("INFO", logger="mailtower.scand")
+    assert poller.poll_once() and sql.asked == [("full", None)]
+    assert "mode=full" in caplog.text and "took_ms=" in caplog.text
+    inode = os.stat(path).st_ino
+    # beta's policy changed: only beta is read, and the file rewritten.
+    sql.check = _check(7)
+    sql.delta = [("b.example", True, "beta", '{"ban_extensions": ["rar"]}')]
+    clock.now += 1
+    assert poller.poll_once() and sql.asked[-1] == ("delta", {"since": 5})
+    snap = snapshot_mod.read(path)
+    assert snap.policies["beta"].ban_extensions == ("rar",) and snap.generation == 2
+    assert snap.check == _check(7) and "mode=delta" in caplog.text
+    assert snap.lookup("x@a2.example")[1] == parse({"ban_extensions": ["pdf"]})  # kept
+    # A write that changes nothing scanned (a customer's created_at): no new file.
+    inode = os.stat(path).st_ino
+    sql.check = _check(8)
+    assert poller.poll_once() and sql.asked[-1] == ("delta", {"since": 7})
+    assert os.stat(path).st_ino == inode and poller.snapshot is not None
+    assert poller.snapshot.check == _check(8) and poller.snapshot.generation == 2
+    assert poller.poll_once() and sql.asked[-1] == ("delta", {"since": 7})  # nothing new
+    # The periodic full reload: everything read, the file left alone when it agrees…
+    sql.rows = [ROWS[0], ROWS[1], ("b.example", "beta", {"ban_extensions": ["rar"]})]
+    clock.now += settings.policy_full_reload_s
+    assert poller.poll_once() and sql.asked[-1] == ("full", None)
+    assert os.stat(path).st_ino == inode and snapshot_mod.read(path).generation == 2
+    # …and rewritten when it finds what a delta missed (a row written around the trigger).
+    sql.rows = [ROWS[0], ("b.example", "beta", {"ban_extensions": ["rar"]})]
+    clock.now += settings.policy_full_reload_s
+    assert poller.poll_once() and sql.asked[-1] == ("full", None)
+    assert "a2.example" not in snapshot_mod.read(path).domains
+    assert snapshot_mod.read(path).generation == 3
+    # A delete: the check's removals changed, everything read.
+    sql.check, sql.rows = _check(9, removals=1), [ROWS[0]]
+    clock.now += 1
+    assert poller.poll_once() and sql.asked[-1] == ("full", None)
+    assert snapshot_mod.read(path).domains == {"a.example": "alpha"}
+
+
+def test_a_restarted_poller_keeps_a_file_that_agrees_with_sql(tmp_path: Path) -> None:
+    """46 scanners restarted by a deploy do not make every worker re-read its file."""
+    settings = _settings(tmp_path)
+    sql = DeltaSQL(ROWS, _check(5))
+    assert Poller(settings, connect=lambda dsn: sql).poll_once()
+    path = Path(settings.policy_snapshot)
+    inode = os.stat(path).st_ino
+    restarted = Poller(settings, connect=lambda dsn: sql)
+    assert restarted.poll_once() and sql.asked[-1] == ("full", None)  # a restart reads all
+    assert os.stat(path).st_ino == inode and snapshot_mod.read(path).generation == 1
+    sql.rows = ROWS[:1]
+    again = Poller(settings, connect=lambda dsn: sql)
+    assert again.poll_once() and snapshot_mod.read(path).domains == {"a.example": "alpha"}
+
+
+def test_a_delta_merges_as_a_full_load_would() -> None:
+    """Moves, deactivations, a customer left without domains, an invalid policy kept and one
+    that becomes valid again (the SQL tests compare the two on a real database at length)."""
+    sql = DeltaSQL(ROWS + [("g.example", "gamma", {"suspicious": "sometimes"})], _check(1))
+    first = snapshot_mod.load(sql, None, check=_check(1))
+    assert first.invalid == ("gamma",) and "gamma" not in first.policies
+    sql.delta = [
+        ("a.example", True, "beta", None),  # alpha's domain moved to beta…
+        ("b.example", False, "beta", None),  # …beta's own deactivated
+        ("g.example", True, "gamma", {"ban_extensions": ["zip"]}),  # valid now
+    ]
+    second = snapshot_mod.load_delta(sql, first, 1, check=_check(4))
+    assert second.domains == {"a.example": "beta", "a2.example": "alpha", "g.example": "gamma"}
+    assert second.invalid == () and second.policies["gamma"].ban_extensions == ("zip",)
+    sql.delta = [("a2.example", True, "beta", None), ("a.example", True, "beta", None)]
+    third = snapshot_mod.load_delta(sql, second, 4, check=_check(5))
+    assert "alpha" not in third.policies  # no domain of its left
+    sql.delta = [("g.example", True, "gamma", {"no_such_field": 1})]
+    fourth = snapshot_mod.load_delta(sql, third, 5)
+    assert fourth.invalid == ("gamma",) and fourth.policies["gamma"] == third.policies["gamma"]
+    sql.rows = [
+        ("a.example", "beta", None),
+        ("a2.example", "beta", None),
+        ("g.example", "gamma", {"no_such_field": 1}),
+    ]
+    assert fourth.same_content(snapshot_mod.load(sql, third))

@@ -206,3 +206,41 @@ def test_sync_password_change(lab: SyncLab) -> None:
     # and back, for whatever runs next
     ensure_tower(tower.primary.dsn(), lab.goc_conninfo(), A, sync_password=TOWER_SYNC_PASSWORD)
     ensure_goc_subscription(lab.goc.dsn(), A, tower.conninfo())
+
+
+def test_the_apply_worker_stamps_rows_for_the_scanners_deltas(lab: SyncLab) -> None:
+    """The GOC's changes, applied by the real apply worker, fire the tower's ALWAYS trigger:
+    a policy change is a scanner's delta, a deleted customer a full load (schema.sql.j2)."""
+    from mailtower.customers import snapshot
+
+    add_customer(lab.goc, "delta.example")
+    wait_until(lambda: in_sync(lab, A), 30, "tower-a to take the customer")
+    tower = lab.towers[A].primary
+    assert (
+        tower.scalar(
+            "SELECT p.mt_gen FROM policies p JOIN customers c ON c.id = p.customer_id"
+            " WHERE c.name = 'delta.example'"
+        )
+        > 0
+    )
+    assert (
+        lab.goc.scalar("SELECT count(*) FROM pg_attribute WHERE attname = 'mt_gen' AND attnum > 0")
+        == 0
+    )  # the tower's own column
+    with tower.connect() as conn:
+        first, _ = snapshot.refresh(conn, None)
+        with lab.goc.connect() as goc:
+            goc.execute(
+                """UPDATE policies SET policy = '{"ban_extensions": ["rar"]}' WHERE customer_id"""
+                " = (SELECT id FROM customers WHERE name = 'delta.example')"
+            )
+        wait_until(lambda: in_sync(lab, A), 30, "tower-a to take the policy")
+        second, mode = snapshot.refresh(conn, first)
+        assert mode == "delta"
+        assert second.lookup("x@delta.example")[1].ban_extensions == ("rar",)  # type: ignore[union-attr]
+        assert second.same_content(snapshot.load(conn, first))
+        with lab.goc.connect() as goc:
+            goc.execute("DELETE FROM customers WHERE name = 'delta.example'")
+        wait_until(lambda: in_sync(lab, A), 30, "tower-a to take the delete")
+        third, mode = snapshot.refresh(conn, second)
+        assert mode == "full" and "delta.example" not in third.domains

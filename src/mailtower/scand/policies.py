@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,11 @@ def _connect(dsn: str) -> Connection:
 
 
 class Poller:
-    """Polls the tower's SQL every ``settings.policy_poll_s`` and rewrites the snapshot file
-    when the change check's answer differs from the one the file was made at."""
+    """Polls the tower's SQL every ``settings.policy_poll_s``: when the change check's answer
+    differs from the one the snapshot was made at, reads what changed (a delta: the customers
+    written since), or everything when a delta cannot tell (``snapshot.plan``); everything
+    also at start and every ``settings.policy_full_reload_s``, the safety net. The file is
+    rewritten only when its content changed: every worker re-reads it then."""
 
     def __init__(
         self,
@@ -112,6 +116,7 @@ class Poller:
     ) -> None:
         self.path = Path(settings.policy_snapshot)
         self.interval_s = settings.policy_poll_s
+        self.full_reload_s = settings.policy_full_reload_s
         self.dsn = settings.sql_dsn(
             "mailtower_scanner", settings.secret("sql_scanner"), writable=False
         )
@@ -120,8 +125,11 @@ class Poller:
         self._conn: Connection | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._written: tuple[int, int] | None = None  # the file as this poller wrote it last
         try:
             self.snapshot: Snapshot | None = snapshot_mod.read(self.path)
+            st = os.stat(self.path)
+            self._written = (st.st_ino, st.st_mtime_ns)  # kept if the first load agrees
         except FileNotFoundError:
             self.snapshot = None
         except (OSError, SnapshotError) as exc:
@@ -132,31 +140,34 @@ class Poller:
         self.errors = 0
         self.invalid_found = 0
         self._failing = False  # logged once per outage, not every second
-        self._written: tuple[int, int] | None = None  # the file as this poller wrote it last
+        # When this poller last read everything (None: not yet; the file it found may come
+        # from another version, or be older than the last full reload it made).
+        self.last_full: float | None = None
 
     def poll_once(self) -> bool:
         """One round: the change check and, if needed, a new snapshot. True if SQL answered."""
         try:
             if self._conn is None:
                 self._conn = self.connect(self.dsn)
-            check = snapshot_mod.change_check(self._conn)
-            if self.snapshot is None or check != self.snapshot.check or not self._file_intact():
-                new = snapshot_mod.load(self._conn, self.snapshot, check=check, now=self.clock())
-                self.path.parent.mkdir(parents=True, exist_ok=True)  # the role makes it too
-                new.write(self.path)
-                st = os.stat(self.path)
-                self._written = (st.st_ino, st.st_mtime_ns)
-                self.invalid_found += len(new.invalid)
-                self.snapshot = new
-                log.info(
-                    "event=policy_snapshot_written path=%s generation=%d customers=%d "
-                    "domains=%d invalid=%s",
-                    self.path,
-                    new.generation,
-                    len(new.policies),
-                    len(new.domains),
-                    ",".join(new.invalid) or "-",
-                )
+            rewrite = self.snapshot is None or not self._file_intact()
+            started = time.monotonic()
+            at = self.clock()
+            full_due = self.last_full is None or at - self.last_full >= self.full_reload_s
+            new, mode = snapshot_mod.refresh(
+                self._conn, self.snapshot, full=rewrite or full_due, now=at
+            )
+            if mode == "full":
+                self.last_full = at
+            if mode != "none":
+                if rewrite or self.snapshot is None or not new.same_content(self.snapshot):
+                    self._write(new, mode, started)
+                else:  # the same policies: the workers keep the file they have
+                    self.snapshot = replace(self.snapshot, check=new.check)
+                    log.debug(
+                        "event=policy_snapshot_unchanged mode=%s took_ms=%d",
+                        mode,
+                        (time.monotonic() - started) * 1000,
+                    )
         except Exception as exc:  # SQL down, a failover, the disk: try again next round
             self.errors += 1
             if not self._failing:
@@ -173,6 +184,25 @@ class Poller:
         self._failing = False
         self.last_ok = self.clock()
         return True
+
+    def _write(self, new: Snapshot, mode: str, started: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the role makes it too
+        new.write(self.path)
+        st = os.stat(self.path)
+        self._written = (st.st_ino, st.st_mtime_ns)
+        self.invalid_found += len(new.invalid)
+        self.snapshot = new
+        log.info(
+            "event=policy_snapshot_written path=%s generation=%d mode=%s customers=%d "
+            "domains=%d invalid=%s took_ms=%d",
+            self.path,
+            new.generation,
+            mode,
+            len(new.policies),
+            len(new.domains),
+            ",".join(new.invalid) or "-",
+            (time.monotonic() - started) * 1000,
+        )
 
     def _file_intact(self) -> bool:
         """Is the file there, as this poller last wrote it? (Removed or broken by hand: the

@@ -6,7 +6,8 @@ tests/unit/test_sync_schema.py compares the two column by column), because logic
 replication matches columns by name. The GOC adds, without touching what is replicated:
 
 - ``verdict_events.received_at``: when the GOC stored the event (a subscriber may have extra
-  columns; the apply worker fills their defaults);
+  columns; the apply worker fills their defaults). The tower's subscribed tables have one of
+  their own the same way (``TOWER_ONLY_COLUMNS``);
 - an index on ``(tower, scanned_at)`` for per-tower queries and reconciliation counts;
 - a ``BEFORE INSERT`` trigger, enabled ``ALWAYS`` so it also fires in the apply and
   table-copy workers, that skips an event whose ``event_id`` is already stored. Without it a
@@ -95,6 +96,15 @@ CREATE TABLE public.verdict_events (
 }
 
 GOC_ONLY_COLUMNS = {"verdict_events": ("received_at",)}
+# The tower's own columns in the tables it subscribes to: each row's stamp for the scanners'
+# delta loads (schema.sql.j2, mailtower.customers.snapshot). Never replicated: the apply and
+# table-copy workers fill them from their defaults and the tower's trigger sets them, so a
+# copy from the GOC and a comparison with the GOC leave them out.
+TOWER_ONLY_COLUMNS = {
+    "customers": ("mt_gen",),
+    "domains": ("mt_gen",),
+    "policies": ("mt_gen",),
+}
 
 # Columns of an older shape, dropped by ensure_goc (nothing ever wrote them), and the columns
 # it adds to a table made before them, with their definitions.

@@ -45,6 +45,7 @@ from mailtower.goc.sync.names import (
 )
 from mailtower.goc.sync.publication import ensure_publication
 from mailtower.goc.sync.roles import ensure_select, ensure_sync_role
+from mailtower.goc.sync.schema import TOWER_ONLY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,11 @@ def _subscribe_at_snapshot(conn: Conn, goc_conninfo: str, name: str, slot: str) 
     starts exactly after what was loaded (an INSERT of a row already loaded would stop the
     apply worker). Returns the number of rows loaded.
     """
-    cols = {t: columns(conn, t) for t in CONFIG_TABLES}
+    # The replicated columns (the tower's own take their defaults, then its trigger's stamp).
+    cols = {
+        t: [c for c in columns(conn, t) if c not in TOWER_ONLY_COLUMNS.get(t, ())]
+        for t in CONFIG_TABLES
+    }
     data: dict[str, bytes] = {}
     with (
         slots.create_with_snapshot(goc_conninfo, slot) as snapshot,

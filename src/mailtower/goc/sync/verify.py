@@ -6,19 +6,22 @@ from psycopg import sql
 
 from mailtower.goc.sync.catalog import columns, connect, scalar
 from mailtower.goc.sync.names import CONFIG_TABLES, PRIMARY_KEYS
+from mailtower.goc.sync.schema import TOWER_ONLY_COLUMNS
 
 
 def config_digest(dsn: str) -> dict[str, str]:
     """Per configuration table, an md5 of its rows in primary-key order (equal ⇔ same rows).
 
-    Only the tower's columns are hashed, so the GOC and a tower compare directly; in name
-    order, as replication matches them (a table an upgrade altered has another column order
-    than one made new).
+    Only the replicated columns are hashed (not the tower's own, ``TOWER_ONLY_COLUMNS``), so
+    the GOC and a tower compare directly; in name order, as replication matches them (a table
+    an upgrade altered has another column order than one made new).
     """
     digests: dict[str, str] = {}
     with connect(dsn) as conn:
         for table in CONFIG_TABLES:
-            cols = sql.SQL(", ").join(map(sql.Identifier, sorted(columns(conn, table))))
+            own = TOWER_ONLY_COLUMNS.get(table, ())
+            names = sorted(c for c in columns(conn, table) if c not in own)
+            cols = sql.SQL(", ").join(map(sql.Identifier, names))
             order = sql.Identifier(PRIMARY_KEYS[table])
             digests[table] = str(
                 scalar(
