@@ -459,11 +459,12 @@ class TowerSettings(StrictModel):
     spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
     # Every customer's policy as scand's workers read it (mailtower.customers.snapshot),
     # written by scand from the tower's SQL, checked for changes every policy_poll_s (a change
-    # reads the customers it touched); every policy_full_reload_s scand reads all of them
-    # again, the safety net (the file is rewritten only if that finds a difference).
+    # reads the customers it touched); about every policy_full_reload_s (each scanner at its
+    # own random point between half and one and a half of it) scand reads all of them again,
+    # the safety net (the file is rewritten only if that finds a difference).
     policy_snapshot: str = "/var/lib/mailtower/policies.json"
     policy_poll_s: float = Field(default=1.0, gt=0, le=300)
-    policy_full_reload_s: float = Field(default=60.0, gt=0, le=86400)
+    policy_full_reload_s: float = Field(default=300.0, gt=0, le=86400)
     # scand's rule data: a rules root where `mailtower bundle install` puts signed bundles
     # (e.g. /var/lib/mailtower/rules); until one is installed there, and when None, the rules
     # shipped in the package are used.

@@ -323,12 +323,12 @@ def test_the_poller_reads_a_change_as_a_delta_and_everything_now_and_then(
     assert poller.poll_once() and sql.asked[-1] == ("delta", {"since": 7})  # nothing new
     # The periodic full reload: everything read, the file left alone when it agrees…
     sql.rows = [ROWS[0], ROWS[1], ("b.example", "beta", {"ban_extensions": ["rar"]})]
-    clock.now += settings.policy_full_reload_s
+    clock.now += settings.policy_full_reload_s * 1.5  # the longest spread
     assert poller.poll_once() and sql.asked[-1] == ("full", None)
     assert os.stat(path).st_ino == inode and snapshot_mod.read(path).generation == 2
     # …and rewritten when it finds what a delta missed (a row written around the trigger).
     sql.rows = [ROWS[0], ("b.example", "beta", {"ban_extensions": ["rar"]})]
-    clock.now += settings.policy_full_reload_s
+    clock.now += settings.policy_full_reload_s * 1.5  # the longest spread
     assert poller.poll_once() and sql.asked[-1] == ("full", None)
     assert "a2.example" not in snapshot_mod.read(path).domains
     assert snapshot_mod.read(path).generation == 3
@@ -380,3 +380,23 @@ def test_a_delta_merges_as_a_full_load_would() -> None:
         ("g.example", "gamma", {"no_such_field": 1}),
     ]
     assert fourth.same_content(snapshot_mod.load(sql, third))
+
+
+def test_the_full_reads_of_a_towers_scanners_fall_out_of_step(tmp_path: Path) -> None:
+    # Each poller's next full read is policy_full_reload_s times its own random factor: after
+    # a removal made every scanner read everything at once, they do not do so together again.
+    settings = _settings(tmp_path)
+    factors = iter([0.5, 1.49])
+    sql, clock = DeltaSQL(ROWS, _check(5)), Clock()
+    poller = Poller(settings, connect=lambda dsn: sql, clock=clock, spread=lambda: next(factors))
+    assert poller.poll_once() and sql.asked[-1] == ("full", None)
+    started = clock.now
+    assert poller.next_full == started + settings.policy_full_reload_s * 0.5
+    clock.now = poller.next_full - 0.1
+    fulls = sql.asked.count(("full", None))
+    assert poller.poll_once() and sql.asked.count(("full", None)) == fulls
+    clock.now = poller.next_full
+    assert poller.poll_once() and sql.asked[-1] == ("full", None)
+    assert poller.next_full == clock.now + settings.policy_full_reload_s * 1.49
+    spreads = [Poller(settings, connect=lambda dsn: sql).spread() for _ in range(200)]
+    assert min(spreads) >= 0.5 and max(spreads) < 1.5 and max(spreads) - min(spreads) > 0.5
