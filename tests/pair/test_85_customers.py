@@ -386,14 +386,26 @@ def test_with_ten_thousand_customers_a_change_reaches_every_scanner(
                 120,
                 f"{BULK} customers at tower {key}",
             )
-        # Every scanner has loaded the bulk (its snapshot quiet for 3 s): the change is timed
-        # alone, not behind the first load of 10,000 new policies.
+        # Every scanner has loaded the bulk (its file holds the 10,000 domains, and all files
+        # are quiet for 3 s): the change is timed alone, not behind the first load of 10,000
+        # new policies (a quiet spell alone is not enough: scanners whose reads were cancelled
+        # under the load write nothing for a while).
         quiet: dict[str, object] = {"times": snapshot_mtimes(pair), "since": time.time()}
+        counted: dict[tuple[str, float], int] = {}
+
+        def domains_in(path: str, mtime: float) -> int:
+            if (path, mtime) not in counted:
+                with open(path, "rb") as f:
+                    counted[(path, mtime)] = len(json.load(f)["domains"])
+            return counted[(path, mtime)]
 
         def settled() -> bool:
             now = snapshot_mtimes(pair)
             if now != quiet["times"]:
                 quiet.update(times=now, since=time.time())
+            files = snapshot_files(pair)
+            if any(domains_in(files[k], t) < BULK for k, t in now.items()):
+                return False
             return time.time() - float(quiet["since"]) >= 3  # type: ignore[arg-type]
 
         wait_for(settled, 120, "every scanner's snapshot to settle after the bulk")

@@ -251,6 +251,8 @@ def _check(n: int, removals: int = 0, nodes: str = "1/2/3", start: str = "100.5"
         (_check(5), _check(5), True, "full"),  # the periodic reload, the file to rewrite
         (_check(5), _check(9), False, "delta"),  # rows written: the customers they touch
         (_check(5), _check(9), True, "full"),
+        (_check(5), _check(5 + snapshot_mod.DELTA_MAX_WRITES), False, "delta"),
+        (_check(5), _check(6 + snapshot_mod.DELTA_MAX_WRITES), False, "full"),  # a bulk change
         (_check(5), _check(9, removals=1), False, "full"),  # a delete, a rename
         (_check(5), _check(9, nodes="1/7/3"), False, "full"),  # a TRUNCATE
         (_check(5), _check(9, start="200.5"), False, "full"),  # another server, a restart

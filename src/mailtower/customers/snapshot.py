@@ -272,6 +272,10 @@ def change_check(conn: Connection) -> str:
 
 
 Mode = Literal["none", "delta", "full"]
+# Rows written since the snapshot above which a poll reads everything rather than a delta (in
+# the lab, 23 scanners' deltas of 10,000 new customers at once ran past 5 s: the UNION of the
+# changed ids and the joins cost more than the plain sorted read of every row).
+DELTA_MAX_WRITES = 1000
 
 
 def plan(previous: Snapshot | None, check: str, *, full: bool = False) -> Mode:
@@ -289,6 +293,8 @@ def plan(previous: Snapshot | None, check: str, *, full: bool = False) -> Mode:
         return "full"
     if now.removals != before.removals or now.rest != before.rest or now.n < before.n:
         return "full"
+    if now.n - before.n > DELTA_MAX_WRITES:
+        return "full"  # a bulk change: one plain read of everything costs less than the delta
     return "delta"
 
 
