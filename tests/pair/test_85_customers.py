@@ -427,6 +427,17 @@ def test_with_ten_thousand_customers_a_change_reaches_every_scanner(
     finally:
         customer_cli(pair, f"policy {customer} --file -", "{}")
         pair.goc_sql("DELETE FROM customers WHERE name LIKE 'bulk-%'")
+        # Gone at both towers before the next test (the delete of 10,000 customers takes
+        # seconds to apply there; a test started meanwhile would count the old bulk as new).
+        for key in TOWERS:
+            wait_for(
+                lambda k=key: (
+                    pair.towers[k].psql("SELECT count(*) FROM domains WHERE name LIKE 'bulk-%'")
+                    == "0"
+                ),
+                180,
+                f"the {BULK} customers gone at tower {key}",
+            )
 
 
 def test_a_hundred_thousand_recipients_uploaded_reach_both_relays(pair: Pair) -> None:
