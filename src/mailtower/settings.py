@@ -500,11 +500,12 @@ class TowerSettings(StrictModel):
 
     @model_validator(mode="after")
     def _full_reload_after_polls(self) -> TowerSettings:
-        if self.policy_full_reload_s <= self.policy_poll_s:
+        # Each scanner rereads everything after half to one and a half of the setting.
+        if self.policy_full_reload_s / 2 <= self.policy_poll_s:
             raise ValueError(
-                f"policy_full_reload_s ({self.policy_full_reload_s:g}) must be longer than "
-                f"policy_poll_s ({self.policy_poll_s:g}): the full reload is the safety net "
-                "behind the polls' delta loads"
+                f"policy_full_reload_s ({self.policy_full_reload_s:g}) must be more than twice "
+                f"policy_poll_s ({self.policy_poll_s:g}): the full reload, after half to one "
+                "and a half of it, is the safety net behind the polls' delta loads"
             )
         return self
 

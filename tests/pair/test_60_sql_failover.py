@@ -41,6 +41,18 @@ def events_at(pair: Pair, node, tokens: set[str]) -> set[str]:
     }
 
 
+def relay_answers(pair: Pair, after: str) -> None:
+    """Twenty RCPTs at tower A's relay, each on its own connection, are all accepted."""
+    relay = str(pair.towers["a"].settings.hosts.relay)
+    for _ in range(20):
+        with smtplib.SMTP(relay, 25, timeout=30) as smtp:
+            smtp.ehlo("failover-check.internet.lab")
+            smtp.mail("someone@internet.lab")
+            code, reply = smtp.rcpt(pair.rcpt(0))
+            smtp.rset()
+        assert code == 250, f"RCPT at {relay} right after {after}: {code} {reply!r}"
+
+
 def test_primary_dies_one_command_promotes_and_no_event_is_lost_or_doubled(pair: Pair) -> None:
     tower = pair.towers["a"]
     sql1, sql2 = (tower.node(h.name) for h in tower.hosts("sql"))
@@ -102,23 +114,17 @@ def test_primary_dies_one_command_promotes_and_no_event_is_lost_or_doubled(pair:
             **{k: round(v, 1) for k, v in timings.items()},
         },
     )
-    # Back as the inventory says: sql1 a standby of sql2, then a planned switch back.
+    # Back as the inventory says: sql1 a standby of sql2, then a planned switch back. Right
+    # after each command the relay's SQL lookups answer (the commands reload its Postfix:
+    # Postfix 3.7 would otherwise hold restarted hosts out for 60 s and answer 451 at RCPT).
     invoke("sql.rebuild", "--tower", "lab-a", "--host", old_addr)
     sql2.check_output(f"systemctl stop {SERVICE}")
     invoke("sql.failover", "--tower", "lab-a")
+    relay_answers(pair, "the switch back (its old primary stopped)")
     invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)
+    relay_answers(pair, "the rebuild of the standby")
     assert tower.psql("SELECT pg_is_in_recovery()") == "f"
     assert tower.psql("SELECT pg_is_in_recovery()", host=sql2) == "t"
-    # Right away, the relay's SQL lookups answer (the commands reloaded its Postfix: Postfix
-    # 3.7 would otherwise hold both restarted hosts out for 60 s and answer 451 at RCPT).
-    relay = str(tower.settings.hosts.relay)
-    for _ in range(20):
-        with smtplib.SMTP(relay, 25, timeout=30) as smtp:
-            smtp.ehlo("failover-check.internet.lab")
-            smtp.mail("someone@internet.lab")
-            code, reply = smtp.rcpt(pair.rcpt(0))
-            smtp.rset()
-        assert code == 250, f"RCPT at {relay} right after the switch back: {code} {reply!r}"
     # And the sync carries events from the primary again.
     tokens = set(pair.submit(pair.rcpt(0), count=10))
     wait_for(

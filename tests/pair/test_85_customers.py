@@ -81,8 +81,11 @@ def snapshot_files(pair: Pair) -> dict[str, str]:
 def defaults_everywhere(pair: Pair) -> bool:
     """Does every scanner's snapshot give each lab customer the default policy?"""
     for path in snapshot_files(pair).values():
-        with open(path, "rb") as f:
-            doc = json.load(f)
+        try:
+            with open(path, "rb") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return False  # not there (yet), or caught mid-copy: asked again
         for customer in pair.customers:
             name = doc["domains"].get(customer.domain)
             if name is not None and json.loads(doc["policies"].get(name, "{}")) != {}:

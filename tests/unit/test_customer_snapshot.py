@@ -388,7 +388,7 @@ def test_the_full_reads_of_a_towers_scanners_fall_out_of_step(tmp_path: Path) ->
     # Each poller's next full read is policy_full_reload_s times its own random factor: after
     # a removal made every scanner read everything at once, they do not do so together again.
     settings = _settings(tmp_path)
-    factors = iter([0.5, 1.49])
+    factors = iter([0.5, 1.0, 1.49])  # the first full, the retry time set before a reread, …
     sql, clock = DeltaSQL(ROWS, _check(5)), Clock()
     poller = Poller(settings, connect=lambda dsn: sql, clock=clock, spread=lambda: next(factors))
     assert poller.poll_once() and sql.asked[-1] == ("full", None)
@@ -402,3 +402,30 @@ def test_the_full_reads_of_a_towers_scanners_fall_out_of_step(tmp_path: Path) ->
     assert poller.next_full == clock.now + settings.policy_full_reload_s * 1.49
     spreads = [Poller(settings, connect=lambda dsn: sql).spread() for _ in range(200)]
     assert min(spreads) >= 0.5 and max(spreads) < 1.5 and max(spreads) - min(spreads) > 0.5
+
+
+def test_a_failed_periodic_reread_does_not_starve_the_deltas(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    sql, clock = DeltaSQL(ROWS, _check(5)), Clock()
+    poller = Poller(settings, connect=lambda dsn: sql, clock=clock, spread=lambda: 1.0)
+    assert poller.poll_once()
+    clock.now = poller.next_full  # the periodic reread is due, and it fails
+    real_fetchall = sql.fetchall
+
+    def timed_out() -> list[Any]:
+        if sql._last == snapshot_mod.LOAD_QUERY:
+            raise OSError("canceling statement due to statement timeout")
+        return real_fetchall()
+
+    sql.fetchall = timed_out  # type: ignore[method-assign]
+    assert not poller.poll_once()
+    assert poller.next_full == clock.now + min(60.0, settings.policy_full_reload_s)
+    # The next second a change arrives: read as a delta, not another full reread.
+    clock.now += 1
+    sql.check = _check(6)
+    sql.delta = [("b.example", True, "beta", {"ban_extensions": ["exe"]})]
+    asked = len(sql.asked)
+    assert poller.poll_once()
+    assert [kind for kind, _ in sql.asked[asked:]] == ["delta"]
+    assert poller.snapshot is not None
+    assert poller.snapshot.lookup("x@b.example")[1] == parse({"ban_extensions": ["exe"]})

@@ -279,15 +279,16 @@ def test_a_feeds_file_name_option_is_a_plain_name(value: str) -> None:
 def test_the_policy_full_reload_defaults_behind_the_polls() -> None:
     s = inventory.tower_settings(data(), ADDRS)
     assert (s.policy_poll_s, s.policy_full_reload_s) == (1.0, 300.0)
-    s = inventory.tower_settings(data(policy_poll_s=5, policy_full_reload_s=5.5), ADDRS)
-    assert s.policy_full_reload_s == 5.5
+    s = inventory.tower_settings(data(policy_poll_s=5, policy_full_reload_s=10.5), ADDRS)
+    assert s.policy_full_reload_s == 10.5
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"policy_full_reload_s": 1}, "policy_full_reload_s (1) must be longer than"),
-        ({"policy_poll_s": 300}, "policy_full_reload_s (300) must be longer than"),
+        ({"policy_full_reload_s": 1}, "policy_full_reload_s (1) must be more than twice"),
+        ({"policy_poll_s": 150}, "policy_full_reload_s (300) must be more than twice"),
+        ({"policy_poll_s": 5, "policy_full_reload_s": 10}, "policy_poll_s (5)"),
         ({"policy_poll_s": 10, "policy_full_reload_s": 5}, "policy_poll_s (10)"),
         ({"policy_full_reload_s": 0}, "policy_full_reload_s"),
         ({"policy_full_reload_s": "soon"}, "policy_full_reload_s"),

@@ -202,6 +202,9 @@ def failover(tower: SqlTower, say: Say) -> dict[str, float]:
     new.run("pg_ctlcluster 15 main promote", timeout=60)
     _wait(lambda: role_of(new) == "primary", 60, f"{new.address} to take writes")
     timings["promoted_s"] = time.monotonic() - started
+    # The relay needs only SQL: its lookups resume now, not after the sync steps (minutes with
+    # many customers, and they may fail on an unreachable GOC).
+    tower.renew_relay_maps(say)
     say(f"{tower.name}: re-subscribing the configuration on {new.address}")
     say(new.run(f"cd /tmp && su postgres -c '{TOOL} sync tower'", timeout=300))
     timings["config_resubscribed_s"] = time.monotonic() - started
@@ -209,7 +212,6 @@ def failover(tower: SqlTower, say: Say) -> dict[str, float]:
         say(f"{tower.name}: re-pointing the GOC's events subscription ({tower.goc.address})")
         say(tower.goc.run(f"cd /tmp && su postgres -c '{TOOL} sync goc'", timeout=600))
         timings["goc_repointed_s"] = time.monotonic() - started
-    tower.renew_relay_maps(say)
     say(
         f"{tower.name}: {new.address} is the primary ({timings['promoted_s']:.1f} s to promote,"
         f" {time.monotonic() - started:.1f} s in all). Next: invoke sql.rebuild --tower"

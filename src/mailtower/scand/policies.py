@@ -84,6 +84,7 @@ class SnapshotFile:
 
 
 STATEMENT_TIMEOUT_MS = 30_000
+RETRY_FULL_S = 60.0  # a failed periodic full reread is tried again within this (spread)
 
 
 def _connect(dsn: str) -> Connection:
@@ -169,6 +170,10 @@ class Poller:
             started = time.monotonic()
             at = self.clock()
             full_due = self.last_full is None or at >= self.next_full
+            if full_due and self.last_full is not None:
+                # A periodic reread that fails (a timeout under load) is tried again in a
+                # minute at most, not every second: meanwhile changes are read as deltas.
+                self.next_full = at + min(RETRY_FULL_S, self.full_reload_s) * self.spread()
             new, mode = snapshot_mod.refresh(
                 self._conn, self.snapshot, full=rewrite or full_due, now=at
             )
