@@ -117,12 +117,12 @@ def test_primary_dies_one_command_promotes_and_no_event_is_lost_or_doubled(pair:
     # Back as the inventory says: sql1 a standby of sql2, then a planned switch back. Right
     # after each command the relay's SQL lookups answer (the commands reload its Postfix:
     # Postfix 3.7 would otherwise hold restarted hosts out for 60 s and answer 451 at RCPT).
-    invoke("sql.rebuild", "--tower", "lab-a", "--host", old_addr)
+    reloaded = "Postfix reloaded (fresh SQL connections)"
+    assert reloaded in invoke("sql.rebuild", "--tower", "lab-a", "--host", old_addr)
     sql2.check_output(f"systemctl stop {SERVICE}")
-    invoke("sql.failover", "--tower", "lab-a")
-    relay_answers(pair, "the switch back (its old primary stopped)")
-    invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)
-    relay_answers(pair, "the rebuild of the standby")
+    assert reloaded in invoke("sql.failover", "--tower", "lab-a")
+    assert reloaded in invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)
+    relay_answers(pair, "the switch back and the rebuild of the standby")
     assert tower.psql("SELECT pg_is_in_recovery()") == "f"
     assert tower.psql("SELECT pg_is_in_recovery()", host=sql2) == "t"
     # And the sync carries events from the primary again.
