@@ -50,7 +50,9 @@ def lab_tower_data(tower: str) -> dict:
             "queue_run_delay": "5s",
             "minimal_backoff": "5s",
             "maximal_backoff": "20s",
-            "engine_timeout_s": 10,  # the hung-engine check waits this long for its 451
+            # the hung-engine check waits this long for its 451; 10 s was too short for clamd on a
+            # 52 MB message while the lab's 59 hosts share two CPUs (CI, 2026-12-07)
+            "engine_timeout_s": 20,
             # One scand process per lab scanner: 46 scanners share this machine's 2 CPUs, and
             # a worker per CPU each would cost ~130 MiB more per scanner. A real scanner host
             # keeps the default (0: one worker per CPU).
