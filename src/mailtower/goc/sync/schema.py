@@ -91,7 +91,12 @@ CREATE TABLE public.verdict_events (
     findings      jsonb NOT NULL DEFAULT '[]',
     quarantine_id text,
     size_bytes    integer NOT NULL,
-    received_at   timestamptz NOT NULL DEFAULT now()
+    received_at   timestamptz NOT NULL DEFAULT now(),
+    customer_id   bigint,
+    subject       text,
+    expires_at    timestamptz,
+    message       bytea,
+    quarantine_meta jsonb NOT NULL DEFAULT '{}'
 )""",
 }
 
@@ -111,7 +116,15 @@ TOWER_ONLY_COLUMNS = {
 DROPPED_COLUMNS = {"policies": ("banned_extensions", "max_message_bytes", "encrypted_archives")}
 ADDED_COLUMNS = {
     "policies": (("policy", "jsonb NOT NULL DEFAULT '{}'::jsonb"),),
-    "verdict_events": (("received_at", "timestamptz NOT NULL DEFAULT now()"),),
+    "verdict_events": (
+        ("received_at", "timestamptz NOT NULL DEFAULT now()"),
+        # the quarantine (docs/quarantine.md)
+        ("customer_id", "bigint"),
+        ("subject", "text"),
+        ("expires_at", "timestamptz"),
+        ("message", "bytea"),
+        ("quarantine_meta", "jsonb NOT NULL DEFAULT '{}'"),
+    ),
 }
 
 
@@ -134,6 +147,28 @@ INDEXES = (
     Index(
         "verdict_events_tower_scanned_at",
         "CREATE INDEX verdict_events_tower_scanned_at ON public.verdict_events (tower, scanned_at)",
+    ),
+    # The quarantine (docs/quarantine.md): the portal's pages per customer and per recipient,
+    # and the GOC's expiry.
+    Index(
+        "verdict_events_quarantine_customer",
+        "CREATE INDEX verdict_events_quarantine_customer ON public.verdict_events"
+        " (customer_id, scanned_at DESC, event_id) WHERE quarantine_id IS NOT NULL",
+    ),
+    Index(
+        "verdict_events_quarantine_at",
+        "CREATE INDEX verdict_events_quarantine_at ON public.verdict_events"
+        " (scanned_at DESC, event_id) WHERE quarantine_id IS NOT NULL",
+    ),
+    Index(
+        "verdict_events_quarantine_recipients",
+        "CREATE INDEX verdict_events_quarantine_recipients ON public.verdict_events"
+        " USING gin (recipients) WHERE quarantine_id IS NOT NULL",
+    ),
+    Index(
+        "verdict_events_quarantine_expiry",
+        "CREATE INDEX verdict_events_quarantine_expiry ON public.verdict_events (expires_at)"
+        " WHERE message IS NOT NULL",
     ),
 )
 
