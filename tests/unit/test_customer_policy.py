@@ -46,6 +46,12 @@ def test_dump_keeps_only_what_differs_sorted_and_round_trips() -> None:
         ({"notify": "admin"}, "admin_address"),
         ({"digest_hour": 24}, "digest_hour"),
         ({"recipient_check": "LIST"}, "recipient_check"),
+        ({"allow_senders": ["not an address"]}, "allow_senders.0"),
+        ({"allow_senders": ["ok@example.org", "@"]}, "allow_senders.1"),
+        ({"allow_senders": ["@-bad.example"]}, "allow_senders.0"),
+        ({"allow_senders": ["a@b@example.org"]}, "allow_senders.0"),
+        ({"allow_senders": ["x@example.org"] * 1001}, "allow_senders"),
+        ({"allow_senders": "x@example.org"}, "allow_senders"),
     ],
 )
 def test_bad_fields_are_named(data: dict[str, object], field: str) -> None:
@@ -131,6 +137,19 @@ def test_scanning_policy_adds_bans_and_exceptions_to_the_towers() -> None:
     assert got.max_message_bytes == 5_000_000
     assert DEFAULT.scanning_policy(base).encrypted_archives == "suspicious"
     assert DEFAULT.scanning_policy(base).banned_extensions == base.banned_extensions
+
+
+def test_allow_senders_are_lower_cased_and_matched_by_address_or_domain() -> None:
+    p = parse({"allow_senders": [" Boss@Example.ORG ", "@Partner.example"]})
+    assert p.allow_senders == ("boss@example.org", "@partner.example")
+    assert p.allows_sender("BOSS@example.org")
+    assert p.allows_sender("<anyone@partner.example>")
+    assert not p.allows_sender("other@example.org")
+    assert not p.allows_sender("x@sub.partner.example")  # exactly that domain
+    assert not p.allows_sender("x@partner.example.evil")
+    assert not p.allows_sender("<>") and not p.allows_sender("")
+    assert not DEFAULT.allows_sender("boss@example.org")
+    assert parse(dump(p)) == p
 
 
 def test_public_names() -> None:

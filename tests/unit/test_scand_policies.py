@@ -237,3 +237,52 @@ def test_a_customer_whose_policy_never_passed_is_held_not_scanned_by_the_default
     assert rig.send(_mail(b"figures"), [BOB, ALICE]).startswith("451 4.3.5")
     assert rig.sink.received == [] and rig.quarantined == []
     assert rig.send(_mail(b"figures"), [BOB]).startswith("250 ")  # the others' mail flows
+
+
+def test_an_allowed_sender_gets_banned_mail_delivered_tagged_for_that_customer_only(
+    rig: Rig,
+) -> None:
+    rig.policies({"ban_extensions": ["pdf"], "allow_senders": ["@example.org"]}, {})
+    reply = rig.scanner.process(_mail(b"figures"), "Sender@Example.ORG", [ALICE])
+    assert reply.startswith("250 2.0.0 OK scanned banned, re-injected"), reply
+    (delivered,) = rig.sink.received
+    assert delivered.rcpt_tos == [ALICE]
+    assert b"X-Mailtower-Verdict: banned; tower=tower-t" in delivered.content
+    assert rig.quarantined == []
+    (event,) = rig.events
+    assert (event["verdict"], event["quarantine_id"]) == ("banned", None)
+    assert (
+        rig.scanner.metrics.registry.get_sample_value(
+            "mailtower_messages_total", {"verdict": "banned_delivered"}
+        )
+        == 1
+    )
+
+
+def test_an_allowed_sender_does_not_change_another_customers_outcome(rig: Rig) -> None:
+    rig.policies(
+        {"ban_extensions": ["pdf"], "allow_senders": ["sender@example.org"]},
+        {"ban_extensions": ["pdf"]},
+    )
+    assert rig.send(_mail(b"figures"), [ALICE, BOB]).startswith("250 ")
+    assert [r.rcpt_tos for r in rig.sink.received] == [[ALICE]]
+    assert [(q["customer"], q["verdict"]) for q in rig.quarantined] == [("beta", "banned")]
+
+
+def test_an_allowed_sender_still_has_a_virus_quarantined(rig: Rig) -> None:
+    from mailtower.scanning import testdata
+
+    rig.policies({"allow_senders": ["sender@example.org"]}, {})
+    reply = rig.send(_mail(body=testdata.marker().decode() + "\n"), [ALICE])
+    assert reply.startswith("250 2.7.0 quarantined as "), reply
+    assert rig.sink.received == []
+    assert [q["verdict"] for q in rig.quarantined] == ["virus"]
+
+
+def test_an_allowed_sender_gets_suspicious_mail_delivered_tagged(rig: Rig) -> None:
+    rig.policies({"allow_senders": ["sender@example.org"]}, {})
+    locked = encrypted(zip_of({"a.txt": b"secret"}))
+    assert rig.send(_mail(locked, "s.zip"), [ALICE]).startswith(
+        "250 2.0.0 OK scanned suspicious, re-injected"
+    )
+    assert rig.quarantined == []

@@ -72,10 +72,22 @@ def _address(value: str) -> str:
     return value
 
 
+def _sender(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("@"):
+        if len(value) > 254 or not _ADDRESS_RE.match("x" + value):
+            raise ValueError("an allowed sender's domain is @ and a domain name (@example.org)")
+        return value
+    if len(value) > 254 or not _ADDRESS_RE.match(value):
+        raise ValueError("an allowed sender is a plain address (local@domain) or @domain")
+    return value
+
+
 Extension = Annotated[str, AfterValidator(_extension)]
 DetectedType = Annotated[str, AfterValidator(_detected_type)]
 NamePattern = Annotated[str, AfterValidator(_name_pattern)]
 Address = Annotated[str, AfterValidator(_address)]
+Sender = Annotated[str, AfterValidator(_sender)]
 
 
 class CustomerPolicy(BaseModel):
@@ -107,6 +119,21 @@ class CustomerPolicy(BaseModel):
     # Recipient verification at the relay: none, the uploaded list, or Postfix's address
     # verification against the customer's server.
     recipient_check: Literal["none", "list", "verify"] = "none"
+    # Envelope senders (lower case) whose mail to this customer is never quarantined as banned
+    # or suspicious: delivered with the verdict header instead. A virus is quarantined
+    # whoever sent it. "@example.org" is every sender at exactly that domain.
+    allow_senders: tuple[Sender, ...] = Field(default=(), max_length=MAX_LIST)
+
+    def allows_sender(self, sender: str) -> bool:
+        """Whether the envelope sender ``sender`` is on ``allow_senders`` (the null sender
+        ``<>`` never is)."""
+        if not self.allow_senders:
+            return False
+        address = sender.strip().strip("<>").lower()
+        if "@" not in address:
+            return False
+        domain = "@" + address.rpartition("@")[2].rstrip(".")
+        return address in self.allow_senders or domain in self.allow_senders
 
     def scanning_policy(self, base: Policy) -> Policy:
         """The scanning library's policy for this customer, from the tower's ``base``."""

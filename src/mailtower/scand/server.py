@@ -42,6 +42,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mailtower import bundles
+from mailtower.customers.policy import DEFAULT as DEFAULT_POLICY
 from mailtower.customers.policy import CustomerPolicy
 from mailtower.customers.snapshot import Snapshot
 from mailtower.scand.errors import ReinjectDeferred, ReinjectError
@@ -257,12 +258,18 @@ class Group:
     rcpt_tos: list[str]
     verdict: Verdict | None = None
     customer: str | None = None  # None: recipients at no customer's domain
+    # The envelope sender is on the customer's allow_senders: banned or suspicious mail is
+    # delivered with the verdict header, a virus still quarantined.
+    allowed_sender: bool = False
+    quarantine_days: int = DEFAULT_POLICY.quarantine_days
 
     @property
     def action(self) -> Action:
         assert self.verdict is not None
         kind = self.verdict.kind
         if kind is Kind.CLEAN or (kind is Kind.SUSPICIOUS and self.suspicious == "deliver"):
+            return "deliver"
+        if self.allowed_sender and kind in (Kind.BANNED, Kind.SUSPICIOUS):
             return "deliver"
         return "quarantine"
 
@@ -409,7 +416,7 @@ class Scanner:
             )
             self.metrics.messages.labels("tempfail").inc()
             return S451_POLICY
-        groups = self._groups(pipeline, snapshot, rcpt_tos)
+        groups = self._groups(pipeline, snapshot, rcpt_tos, mail_from)
         verdicts = pipeline.scan_for(raw, [group.policy for group in groups])
         for group, one in zip(groups, verdicts, strict=True):
             group.verdict = one
@@ -500,6 +507,14 @@ class Scanner:
         for group in groups:
             if group.action == "deliver":
                 deliveries.setdefault(group.tag, []).append(group)
+                if group.tag in ("banned", "suspicious") and group.allowed_sender:
+                    log.info(
+                        "event=allowed_sender %s customer=%s rcpts_part=%d verdict=%s",
+                        fields,
+                        group.customer,
+                        len(group.rcpt_tos),
+                        group.tag,
+                    )
         committed = False  # a part was re-injected or set aside: no 451 from here on
         for tag, together in deliveries.items():
             rcpts = [rcpt for group in together for rcpt in group.rcpt_tos]
@@ -658,12 +673,15 @@ class Scanner:
             except Exception as exc:  # a duplicate in quarantine, never a lost message
                 log.error("event=quarantine_undo_failed quarantine_id=%s error=%r", qid, exc)
 
-    def _groups(self, pipeline: Pipeline, snapshot: Snapshot, rcpt_tos: list[str]) -> list[Group]:
+    def _groups(
+        self, pipeline: Pipeline, snapshot: Snapshot, rcpt_tos: list[str], mail_from: str = ""
+    ) -> list[Group]:
         """The recipients grouped by customer (an address whose domain is no customer's: the
         tower's own policy), in their order. One customer's quarantine copy and verdict event
         never name another customer's recipients (a release or a notice acts on one customer);
         customers with equal policies are still scanned once (``Pipeline.scan_for``) and
-        their deliveries share one re-injection."""
+        their deliveries share one re-injection. ``mail_from``: the envelope sender, checked
+        against each customer's ``allow_senders``."""
         groups: dict[str | None, Group] = {}
         for rcpt in rcpt_tos or [""]:
             customer, policy = snapshot.lookup(rcpt)
@@ -673,7 +691,14 @@ class Scanner:
                     groups[None] = Group(pipeline.policy, "quarantine", [])
                 else:
                     scanning = self._scanning_policy(pipeline, policy)
-                    groups[customer] = Group(scanning, policy.suspicious, [], customer=customer)
+                    groups[customer] = Group(
+                        scanning,
+                        policy.suspicious,
+                        [],
+                        customer=customer,
+                        allowed_sender=policy.allows_sender(mail_from),
+                        quarantine_days=policy.quarantine_days,
+                    )
             if rcpt:
                 groups[customer].rcpt_tos.append(rcpt)
         return list(groups.values())
@@ -700,7 +725,8 @@ class Scanner:
         quarantined), so a failure here is logged, never a retry that delivers twice."""
         for outcome, verdict, rcpts, qid in done:
             try:
-                label = "suspicious_delivered" if outcome == "suspicious" and not qid else outcome
+                delivered = outcome in ("suspicious", "banned") and not qid
+                label = f"{outcome}_delivered" if delivered else outcome
                 self.metrics.messages.labels(label).inc()
                 self._record(settings, outcome, verdict, msgid, mail_from, rcpts, raw, qid)
             except Exception:
