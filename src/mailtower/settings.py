@@ -456,7 +456,11 @@ class TowerSettings(StrictModel):
     # the "icap" engine's service, e.g. icap://127.0.0.1:1344/avscan (c-icap's virus_scan
     # in simple mode: it answers only once the whole message is scanned)
     icap_url: str | None = None
-    spool_dir: str = "/var/spool/mailtower"  # quarantine + event spool on every scanner
+    spool_dir: str = "/var/spool/mailtower"  # event spool (and a directory quarantine)
+    # Where scand quarantines (docs/quarantine.md): "sql", a row of the tower's verdict_events
+    # on its SQL pair, committed before the relay's 250 (a deployed tower); "directory",
+    # <spool_dir>/quarantine on the scanner's own disk (a standalone scand, the benchmarks).
+    quarantine_store: Literal["sql", "directory"] = "sql"
     # Every customer's policy as scand's workers read it (mailtower.customers.snapshot),
     # written by scand from the tower's SQL, checked for changes every policy_poll_s (a change
     # reads the customers it touched); about every policy_full_reload_s (each scanner at its

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Literal
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -63,10 +64,13 @@ def make_settings(
     engine_timeout_s: float = 5.0,
     postgres_port: int | None = None,
     policy_snapshot: bool = True,
+    quarantine_store: Literal["sql", "directory"] = "directory",
 ) -> TowerSettings:
     """Settings for a tower on loopback: relay 127.0.0.1, nothing listening for SQL. The
     customers' policy snapshot is ``spool/policies.json``; with ``policy_snapshot`` an empty
-    one is written there (a tower without customers), else there is none (scand answers 451)."""
+    one is written there (a tower without customers), else there is none (scand answers 451).
+    The quarantine is the spool's directory unless ``quarantine_store`` is "sql" (then a
+    PostgreSQL at 127.0.0.3:``postgres_port`` must hold it)."""
     snapshot = spool / "policies.json"
     if policy_snapshot:
         spool.mkdir(parents=True, exist_ok=True)
@@ -101,6 +105,7 @@ def make_settings(
         clamd_socket=clamd_socket,
         spool_dir=str(spool),
         policy_snapshot=str(snapshot),
+        quarantine_store=quarantine_store,
     )
 
 

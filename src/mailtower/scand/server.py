@@ -45,10 +45,11 @@ from mailtower import bundles
 from mailtower.customers.policy import DEFAULT as DEFAULT_POLICY
 from mailtower.customers.policy import CustomerPolicy
 from mailtower.customers.snapshot import Snapshot
-from mailtower.scand.errors import ReinjectDeferred, ReinjectError
+from mailtower.scand import quarantine as quarantine_mod
+from mailtower.scand.errors import QuarantineError, ReinjectDeferred, ReinjectError
 from mailtower.scand.events import Event, EventSpool
 from mailtower.scand.policies import SnapshotFile
-from mailtower.scand.quarantine import QuarantineStore
+from mailtower.scand.quarantine import UNPROCESSABLE, UNPROCESSABLE_FINDING
 from mailtower.scand.reinject import Reinjector
 from mailtower.scand.relay_trace import RelayEnvelope, RelaySMTP, relay_arrival
 from mailtower.scanning import engines as engines_mod
@@ -105,11 +106,9 @@ QUARANTINED = (Kind.VIRUS, Kind.BANNED, Kind.SUSPICIOUS)
 SPLIT_REINJECT_ATTEMPTS = 3
 SPLIT_REINJECT_PAUSE_S = 1.0
 SPLIT_REINJECT_FAILED = "re-injection failed after a split"
-# The outcome (quarantine verdict, metric label, log event) of a message set aside. The
-# verdict_events table admits only the scan verdicts, so its event says "tempfail" with the
-# quarantine id and this finding.
-UNPROCESSABLE = "unprocessable"
-UNPROCESSABLE_FINDING = {"engine": "scand", "name": "scand.unprocessable", "part": "message"}
+# The outcome (quarantine verdict, metric label, log event) of a message set aside is
+# UNPROCESSABLE; the verdict_events table admits only the scan verdicts, so its event says
+# "tempfail" with the quarantine id and UNPROCESSABLE_FINDING (both from scand.quarantine).
 # The whole scan of one message (parsing, containers, every engine) gets engine_timeout_s plus
 # this; with the defaults that is the pipeline's own 60 s. Postfix waits engine_timeout_s +
 # reinject_timeout_s + 60 s for the answer (master.cf smtp_data_done_timeout).
@@ -307,7 +306,8 @@ class Scanner:
         self.policies = SnapshotFile(Path(settings.policy_snapshot))
         self._scanning: dict[tuple[Policy, CustomerPolicy], Policy] = {}
         spool = Path(settings.spool_dir)
-        self.quarantine = QuarantineStore(spool / "quarantine")
+        # SQL (a deployed tower) or the spool's directory (docs/quarantine.md).
+        self.quarantine = quarantine_mod.from_settings(settings)
         self.events = EventSpool(spool / "events")
         if self.metrics.events_spooled is not None:
             self.metrics.events_spooled.set_function(self.events.count)
@@ -335,6 +335,10 @@ class Scanner:
             log.warning("event=reload_ports_changed action='restart scand to apply new ports'")
         if settings.policy_snapshot != self.settings.policy_snapshot:
             self.policies = SnapshotFile(Path(settings.policy_snapshot))
+        if settings.quarantine_store != self.settings.quarantine_store:
+            log.warning("event=reload_quarantine_store_changed action='restart scand to apply'")
+        elif isinstance(self.quarantine, quarantine_mod.SqlQuarantineStore):
+            self.quarantine.dsn = quarantine_mod.sql_dsn(settings)  # a new password, say
         self.engines, self.pipeline, self.settings = engines, pipeline, settings
         self.rules_version = rules.bundle_version
         self.metrics.rules_bundle_version.set(self.rules_version or 0)
@@ -363,7 +367,14 @@ class Scanner:
             settings = self.settings
             try:
                 reply, outcome, qid = self._failed(
-                    settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, None
+                    settings,
+                    failure,
+                    raw,
+                    mail_from,
+                    rcpt_tos,
+                    relay_queue_id,
+                    None,
+                    mail_options=mail_options,
                 )
                 if qid is not None:
                     verdict = Verdict(Kind.TEMPFAIL, reason=failure.reason)
@@ -441,7 +452,14 @@ class Scanner:
             log.warning("event=tempfail %s reason=%r", fields, incomplete.reason)
             failure = Failure(f"scan incomplete: {incomplete.reason}", S451_ENGINE, engines=True)
             reply, outcome, quarantine_id = self._failed(
-                settings, failure, raw, mail_from, rcpt_tos, relay_queue_id, incomplete
+                settings,
+                failure,
+                raw,
+                mail_from,
+                rcpt_tos,
+                relay_queue_id,
+                incomplete,
+                mail_options=mail_options,
             )
             self._count_and_record(
                 settings, [(outcome, incomplete, rcpt_tos, quarantine_id)], msgid, mail_from, raw
@@ -484,9 +502,12 @@ class Scanner:
             assert group.verdict is not None
             meta = self._quarantine_meta(settings, group.verdict, msgid, mail_from, group.rcpt_tos)
             meta["customer"] = group.customer
+            meta["quarantine_days"] = group.quarantine_days
+            meta["relay_queue_id"] = relay_queue_id
+            meta["mail_options"] = list(mail_options)
             try:
                 qid = self.quarantine.write(raw, meta)
-            except OSError as exc:
+            except (OSError, QuarantineError) as exc:
                 log.error("event=quarantine_failed %s error=%r", fields, exc)
                 self._undo_quarantine(written)
                 self.metrics.messages.labels("tempfail").inc()
@@ -593,7 +614,16 @@ class Scanner:
         except ReinjectError as exc:  # refused for good, or unsendable: this message's
             log.warning("event=reinject_refused %s error=%r", fields, str(exc))
             failure = Failure(f"re-injection refused: {exc}", S451_REINJECT)
-            return self._failed(settings, failure, raw, mail_from, rcpts, relay_queue_id, None)
+            return self._failed(
+                settings,
+                failure,
+                raw,
+                mail_from,
+                rcpts,
+                relay_queue_id,
+                None,
+                mail_options=mail_options,
+            )
         log.info("event=%s %s rcpts_part=%d relay=%r", tag, fields, len(rcpts), answer)
         return answer
 
@@ -648,11 +678,12 @@ class Scanner:
             "error": str(error),
             "anomalies": [],
             "relay_queue_id": relay_queue_id,
+            "mail_options": list(mail_options),
         }
         self.metrics.split_reinject_failed.inc()
         try:
             qid = self.quarantine.write(raw, meta)
-        except OSError as exc:
+        except (OSError, QuarantineError) as exc:
             log.error("event=split_set_aside_failed %s error=%r", fields, exc)
             return None
         log.error(
@@ -666,7 +697,10 @@ class Scanner:
         return f"set aside as {qid}"
 
     def _undo_quarantine(self, qids: list[str]) -> None:
-        """Remove quarantine copies of a message that is retried (its retry writes them)."""
+        """Remove quarantine copies of a message that is retried (its retry writes them). In
+        SQL the scanner may delete only such a fresh quarantine row (``mt_quarantine_undo``);
+        the row may already have reached the GOC (its publication is INSERT only), where it
+        stays beside the retry's own. A copy that cannot be removed is a duplicate, logged."""
         for qid in qids:
             try:
                 self.quarantine.delete(qid)
@@ -741,6 +775,8 @@ class Scanner:
         rcpt_tos: list[str],
         relay_queue_id: str | None,
         verdict: Verdict | None,
+        *,
+        mail_options: Sequence[str] = (),
     ) -> tuple[str, str, str | None]:
         """The answer to a failure of this message's: ``failure.reply`` (retry), or, when the
         relay has held the message for ``limits.unprocessable_after_s`` and the failure is not
@@ -769,10 +805,11 @@ class Scanner:
             "anomalies": list(verdict.anomalies) if verdict else [],
             "relay_queue_id": relay_queue_id,
             "relay_arrival": arrival.isoformat(),
+            "mail_options": list(mail_options),
         }
         try:
             qid = self.quarantine.write(raw, meta)
-        except OSError as exc:
+        except (OSError, QuarantineError) as exc:
             log.error("event=quarantine_failed relay_queue_id=%s error=%r", relay_queue_id, exc)
             return S451_LOCAL, "tempfail", None
         log.error(
@@ -860,6 +897,8 @@ class Scanner:
         raw: bytes,
         quarantine_id: str | None,
     ) -> None:
+        if quarantine_id is not None and self.quarantine.records_events:
+            return  # the quarantine row committed before the 250 is this message's event
         findings = [asdict(f) for f in verdict.findings]
         if outcome == UNPROCESSABLE:
             outcome, findings = "tempfail", [*findings, UNPROCESSABLE_FINDING]

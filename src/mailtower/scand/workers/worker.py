@@ -3,9 +3,9 @@
 A worker is a fresh interpreter (``python -m mailtower.scand --worker …``) with its own event
 loop, pipeline and scan threads (its share of ``limits.scan_concurrency``), answering the relay
 exactly as a single scand does (server.py): 250 only after re-injection or a durable quarantine
-copy. It tells the supervisor on its status pipe when it is ready and which rule bundle it
-runs after each reload (protocol.py), and asks the kernel to kill it when the supervisor dies
-(PR_SET_PDEATHSIG).
+copy (in SQL, each worker with its own connection: scand.quarantine). It tells the supervisor
+on its status pipe when it is ready and which rule bundle it runs after each reload
+(protocol.py), and asks the kernel to kill it when the supervisor dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ async def _scan_until_stopped(
         log.error("event=stop_grace_expired in_flight=%d grace_s=%.0f", scanner.in_flight, grace)
     scanner.executor.shutdown(wait=False, cancel_futures=True)
     await asyncio.to_thread(scanner.reinjector.close)  # QUIT to the relay's kept connections
+    if scanner.in_flight == 0:  # else a scan thread may still be writing its quarantine row
+        await asyncio.to_thread(scanner.quarantine.close)
 
 
 async def serve_single(
