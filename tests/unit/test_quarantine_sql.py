@@ -5,6 +5,7 @@ row, the allow-list; and the shared row contract's reads (mailtower.quarantine).
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -375,3 +376,102 @@ def test_pages_are_newest_first_and_keyset_paged(db: psycopg.Connection[Any]) ->
     assert rows.by_event_id(db, uuid.uuid4()) is None
     with pytest.raises(ValueError, match="limit"):
         rows.page(db, limit=0)
+
+
+# -- the operators' commands on the SQL quarantine ----------------------------------------------
+
+
+def _cli(rig: Rig, tmp_path: Path, *argv: str) -> int:
+    from mailtower.cli import main
+
+    path = tmp_path / "tower.json"
+    path.write_text(rig.settings.model_dump_json())
+    return main(["quarantine", *argv, "--settings", str(path)])
+
+
+def test_release_and_delete_from_the_sql_quarantine(
+    rig: Rig,
+    db: psycopg.Connection[Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SUDO_USER", "olga")
+    rig.policies({}, {})
+    held = _mail(subject="pay \u202eexe.pdf now", body=testdata.marker().decode() + "\n")
+    qid = rig.send(held, [ALICE, "al2@a.example"]).split()[4]
+    capsys.readouterr()
+
+    assert _cli(rig, tmp_path, "release", qid) == 0
+    assert qid in capsys.readouterr().out
+    (got,) = rig.sink.received
+    assert (got.mail_from, got.rcpt_tos) == ("sender@example.org", [ALICE, "al2@a.example"])
+    assert got.content.endswith(held)
+    assert b"X-Mailtower-Released: " in got.content and b"by=olga" in got.content
+    assert b"X-Mailtower-Verdict: released; was=virus; tower=tower-t; id=" in got.content
+    logged = db.execute("SELECT action, by, recipients, answer FROM quarantine_log").fetchall()
+    assert logged == [("release", "olga", [ALICE, "al2@a.example"], "2.0.0 Ok: queued as Q00001")]
+
+    assert _cli(rig, tmp_path, "release", qid) == 1  # once, unless asked again
+    assert "already released" in capsys.readouterr().err
+    assert len(rig.sink.received) == 1
+
+    assert _cli(rig, tmp_path, "list") == 0
+    out = capsys.readouterr().out
+    assert qid in out and "[released]" in out
+    assert "\u202e" not in out and "\\u202e" in out  # the subject cannot reorder the line
+
+    event_id = db.execute("SELECT event_id FROM verdict_events").fetchone()[0]  # type: ignore[index]
+    assert _cli(rig, tmp_path, "show", str(event_id)) == 0
+    shown_doc = json.loads(capsys.readouterr().out)
+    assert shown_doc["quarantine_id"] == qid and shown_doc["log"][0]["by"] == "olga"
+    assert shown_doc["quarantine_meta"]["relay_queue_id"] == "4XyZ1"
+
+    assert _cli(rig, tmp_path, "delete", qid) == 0
+    assert db.execute("SELECT message FROM verdict_events").fetchall() == [(None,)]
+    assert _cli(rig, tmp_path, "delete", qid) == 1
+    assert _cli(rig, tmp_path, "release", qid, "--again") == 1  # no bytes left
+    assert "deleted or expired" in capsys.readouterr().err
+    assert len(rig.sink.received) == 1
+    actions = db.execute("SELECT action, by FROM quarantine_log ORDER BY id").fetchall()
+    assert actions == [("release", "olga"), ("delete", "olga")]
+
+
+def test_release_again_and_a_relay_refusal(
+    rig: Rig,
+    db: psycopg.Connection[Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rig.policies({}, {})
+    qid = rig.send(VIRUS, [ALICE]).split()[4]
+    rig.sink.refuse = "550 5.7.1 no"
+    assert _cli(rig, tmp_path, "release", qid) == 1
+    assert "not marked released" in capsys.readouterr().err
+    assert db.execute("SELECT count(*) FROM quarantine_log").fetchone() == (0,)
+    rig.sink.refuse = None
+    assert _cli(rig, tmp_path, "release", qid) == 0
+    assert _cli(rig, tmp_path, "release", qid, "--again") == 0
+    assert len(rig.sink.received) == 2
+    assert db.execute("SELECT count(*) FROM quarantine_log").fetchone() == (2,)
+
+
+def test_list_pages_newest_first_and_unknown_ids(
+    rig: Rig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.policies({}, {})
+    qids = [rig.send(VIRUS, [ALICE]).split()[4] for _ in range(3)]
+    capsys.readouterr()
+    assert _cli(rig, tmp_path, "list", "--limit", "2") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[:2]] == qids[::-1][:2]
+    assert out[2].startswith("next page: --before ")
+    cursor = out[2].split()[-1]
+    assert _cli(rig, tmp_path, "list", "--limit", "2", "--before", cursor) == 0
+    assert capsys.readouterr().out.split()[0] == qids[0]
+    assert _cli(rig, tmp_path, "list", "--json") == 0
+    assert [d["quarantine_id"] for d in json.loads(capsys.readouterr().out)] == qids[::-1]
+    assert _cli(rig, tmp_path, "show", "20261207T080000Z-000000000001") == 1
+    assert _cli(rig, tmp_path, "show", "\x1b[2Jx") == 1
+    err = capsys.readouterr().err
+    assert "no quarantined message" in err and "\x1b" not in err

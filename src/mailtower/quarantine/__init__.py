@@ -10,6 +10,7 @@ connection from its caller and opens none: who connects, with which role, is the
 from __future__ import annotations
 
 from mailtower.quarantine.rows import (
+    ACTION_LOCK,
     COLUMNS,
     INSERT,
     PAGE_MAX,
@@ -23,6 +24,7 @@ from mailtower.quarantine.rows import (
 from mailtower.quarantine.subject import SUBJECT_MAX, subject_of
 
 __all__ = [
+    "ACTION_LOCK",
     "COLUMNS",
     "INSERT",
     "PAGE_MAX",

@@ -51,6 +51,11 @@ VALUES (%(event_id)s, %(quarantine_id)s, %(tower)s, %(scanner)s, %(scanned_at)s,
 ON CONFLICT (event_id) DO NOTHING
 """
 
+# Taken first in the transaction of any action on a quarantined message (a release, a delete:
+# the operators' `mailtower quarantine`, the monitor's quarantine manager), with the event id:
+# two actors on one message take turns, so a message is released once unless asked again.
+ACTION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 18))"
+
 # What the reads select: every column, ``message`` only when asked (a page of rows without
 # their bytes), and whether the bytes are still held.
 _SELECT = (
