@@ -475,3 +475,73 @@ def test_list_pages_newest_first_and_unknown_ids(
     assert _cli(rig, tmp_path, "show", "\x1b[2Jx") == 1
     err = capsys.readouterr().err
     assert "no quarantined message" in err and "\x1b" not in err
+
+
+# -- scand's worker processes, each with its own connection ------------------------------------
+
+
+def test_every_worker_process_quarantines_in_sql_and_reconnects(
+    cluster: pgclusters.Cluster, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    import signal
+    import smtplib
+    import subprocess
+    import sys
+
+    from scand_fakes import scand_argv, wait_until
+
+    controller, sink, sink_port = start_sink()
+    settings = make_settings(
+        tmp_path / "spool",
+        reinject_port=sink_port,
+        postgres_port=cluster.port,
+        quarantine_store="sql",
+    ).model_copy(update={"engines": []})
+    path = tmp_path / "tower.json"
+    path.write_text(settings.model_dump_json())
+    log_path = tmp_path / "scand.log"
+    argv = scand_argv([sys.executable, "-m", "mailtower.scand"], path)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([*argv, "--workers", "2"], stdout=log, stderr=log)
+
+    def send(i: int) -> tuple[int, bytes]:
+        msg = EmailMessage()
+        msg["Subject"] = f"banned {i}"
+        msg["Message-ID"] = f"<banned-{i}@test>"
+        msg.set_content("see attached\n")
+        msg.add_attachment(b"MZ", "application", "octet-stream", filename="run.exe")
+        with smtplib.SMTP("127.0.0.1", settings.ports.filter, timeout=30) as smtp:
+            smtp.ehlo("relay.test")
+            smtp.mail("sender@example.org")
+            smtp.rcpt("to@example.com")
+            return smtp.data(msg.as_bytes().replace(b"\n", b"\r\n"))
+
+    def ready() -> bool:
+        try:
+            return send(-1)[0] == 250
+        except OSError:
+            return False
+
+    try:
+        wait_until(ready, 60, f"scand's workers ({log_path})")
+        replies = [send(i) for i in range(6)]
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'mailtower-scand-quarantine'"
+        )
+        replies += [send(i) for i in range(6, 12)]
+        assert all(code == 250 and b"quarantined as" in text for code, text in replies), replies
+        got = db.execute(
+            "SELECT count(*), count(DISTINCT event_id), count(message) FROM verdict_events"
+            " WHERE quarantine_id IS NOT NULL AND message_id LIKE '<banned-%%'"
+        ).fetchone()
+        assert got == (13, 13, 13)  # the readiness probe's included
+        assert sink.received == []
+        assert not (tmp_path / "spool" / "quarantine").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        controller.stop()
