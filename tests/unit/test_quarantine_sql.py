@@ -545,3 +545,27 @@ def test_every_worker_process_quarantines_in_sql_and_reconnects(
             proc.kill()
             proc.wait(10)
         controller.stop()
+
+
+def test_a_message_set_aside_goes_to_the_same_sql_store(
+    rig: Rig, db: psycopg.Connection[Any]
+) -> None:
+    from email.utils import format_datetime
+
+    rig.policies({}, {})
+    rig.sink.refuse = "550 5.1.1 <alice@a.example>: Recipient address rejected"
+    arrived = datetime.now(UTC) - timedelta(hours=2)
+    raw = (
+        "Received: from sender.example (sender.example [192.0.2.25])\r\n"
+        "\tby mx.tower-t.test (Postfix) with ESMTPS id 4XyZ1\r\n"
+        f"\tfor <alice@a.example>; {format_datetime(arrived)}\r\n"
+    ).encode() + _mail(subject="poison")
+    reply = rig.send(raw, [ALICE])
+    assert reply.startswith("250 2.7.0 set aside as "), reply
+    (row,) = rows.page(db, with_message=True)
+    assert row.verdict == "tempfail" and row.message == raw and row.customer_id is None
+    assert server_mod.UNPROCESSABLE_FINDING in [dict(f) for f in row.findings]
+    meta = row.quarantine_meta
+    assert meta["unprocessable"] is True and "550" in meta["reason"]
+    assert meta["relay_queue_id"] == "4XyZ1" and meta["relay_arrival"]
+    assert rig.spooled() == [] and rig.local_copies() == []
