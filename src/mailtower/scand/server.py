@@ -1,8 +1,10 @@
 """The SMTP side of scand: receive from the relay, scan, re-inject or quarantine, answer.
 
 The answer to the relay is the commit point (docs/design.md invariant 1): 250 is sent only after
-the message was re-injected (the relay answered 250) or quarantined durably; anything else is
-a 4xx, so the relay keeps the message and retries. A killed scanner therefore loses nothing.
+the message was re-injected (the relay answered 250) or quarantined durably (on a deployed
+tower: its row committed in the tower's SQL, scand.quarantine; docs/quarantine.md); anything
+else is a 4xx, so the relay keeps the message and retries. A killed scanner, or a lost one,
+therefore loses nothing.
 
 A retry is no answer to a failure that belongs to the message itself (the relay refuses it for
 good, re-injection or scand fails on it, its scan times out while the engines are healthy):
@@ -10,7 +12,7 @@ each retry would cost a full scan again, for the whole queue lifetime. Such a me
 aside — quarantined as ``unprocessable``, counted, alerted on — once the relay has held it for
 ``limits.unprocessable_after_s`` (its age from the relay's own Received header, see
 ``relay_trace``); before that, and whenever the failure is the scanner's (shutting down, an
-engine failing its health check, the quarantine disk), it is a 451 as before. It is never
+engine failing its health check, the quarantine store), it is a 451 as before. It is never
 delivered unscanned and never bounced.
 
 Each recipient's customer has a policy (mailtower.customers; read from the snapshot file the
