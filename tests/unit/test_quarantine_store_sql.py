@@ -5,6 +5,7 @@ failure, or a new connection's, is a QuarantineError (scand answers 451)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -127,3 +128,17 @@ def test_undo_only_what_this_store_wrote() -> None:
     assert "mt_quarantine_undo" in conn.statements[-1][0]
     with pytest.raises(QuarantineError):
         store.delete(qid)  # once
+
+
+def test_the_commands_on_a_host_without_the_scanners_password_say_where_to_run_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scand_fakes import make_settings
+
+    from mailtower.cli import main
+
+    settings = make_settings(tmp_path / "spool", reinject_port=1, quarantine_store="sql")
+    path = tmp_path / "tower.json"
+    path.write_text(settings.for_role("monitor").model_dump_json())
+    assert main(["quarantine", "list", "--settings", str(path)]) == 1
+    assert "on one of the tower's scanners" in capsys.readouterr().err
