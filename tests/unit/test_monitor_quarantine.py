@@ -243,12 +243,13 @@ def held(sql: Any, event_id: uuid.UUID) -> bool:
 
 
 def log_rows(sql: Any, action: str) -> list[tuple[Any, ...]]:
+    """The tower's log of ``action`` (for notices: those sent to someone, not the marks)."""
     with sql[0].connect() as conn:
         return [
             tuple(r)
             for r in conn.execute(
                 "SELECT event_id, recipients, answer FROM quarantine_log WHERE action = %s"
-                " ORDER BY id",
+                " AND (action <> 'notice' OR recipients <> '{}') ORDER BY id",
                 (action,),
             )
         ]
@@ -531,6 +532,23 @@ def test_a_flood_is_batched_one_notice_per_address_a_minute(sql, relay) -> None:
     assert m.notices_pass() == 0  # bob had one less than a minute ago
     clock.at = now + timedelta(seconds=60)
     assert m.notices_pass() == 1
+
+
+def test_a_flood_past_the_candidates_limit_is_noticed_in_turn(sql, relay, monkeypatch) -> None:
+    handler, port = relay
+    monkeypatch.setattr(qm, "NOTICE_CANDIDATES", 3)
+    cid = customer(sql, "wave", {"notify": "recipient"})
+    now = datetime.now(UTC)
+    for i in range(7):
+        quarantined(
+            sql,
+            customer_id=cid,
+            recipients=(f"u{i}@cust.example",),
+            scanned_at=now - timedelta(minutes=10 - i),
+        )
+    m = manager(sql, port, quarantine=NOTICES)
+    assert [m.notices_pass() for _ in range(4)] == [3, 3, 1, 0]
+    assert sorted(notices(handler)) == sorted(f"u{i}@cust.example" for i in range(7))
 
 
 def test_the_budget_bounds_a_pass(sql, relay) -> None:

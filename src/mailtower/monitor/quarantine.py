@@ -144,6 +144,8 @@ FROM verdict_events v JOIN policies p ON p.customer_id = v.customer_id
 WHERE v.quarantine_id IS NOT NULL AND v.message IS NOT NULL
   AND v.scanned_at > %(since)s
   AND coalesce(p.policy ->> 'notify', 'none') <> 'none'
+  AND NOT EXISTS (SELECT 1 FROM quarantine_log l WHERE l.event_id = v.event_id
+                  AND l.action = 'notice' AND l.recipients = '{}')
 ORDER BY v.scanned_at
 LIMIT %(limit)s
 """
@@ -154,6 +156,13 @@ WHERE action = 'notice' AND event_id = ANY(%s)
 RECENTLY_NOTICED = """
 SELECT DISTINCT lower(unnest(recipients)) FROM quarantine_log
 WHERE action = 'notice' AND at > %s
+"""
+# An event all of whose notices went out: a notice row without recipients, so the candidates
+# query passes over it (a flood's first NOTICE_CANDIDATES rows never hide the rest).
+MARK_NOTICED = """
+INSERT INTO quarantine_log (event_id, quarantine_id, action, at, by, answer)
+SELECT e, q, 'notice', %(at)s, %(by)s, 'every notice sent'
+FROM unnest(%(events)s::uuid[], %(qids)s::text[]) AS t(e, q)
 """
 RECORD_NOTICE = """
 INSERT INTO quarantine_log (event_id, quarantine_id, action, at, by, recipients, answer)
@@ -446,6 +455,8 @@ class QuarantineManager:
         if self.goc_dsn is None:
             return 0
         rows = self.goc_execute(PENDING, (self.settings.name, REQUESTS_PER_PASS))
+        if self.metrics is not None:
+            self.metrics.quarantine_pending.set(len(rows))
         finished = 0
         for row in rows:
             request = Request(*row)
@@ -695,6 +706,7 @@ class QuarantineManager:
         policies: dict[int, CustomerPolicy | None] = {}
         due: dict[str, list[notice.Item]] = {}
         digest: dict[str, bool] = {}
+        wanted: dict[str, tuple[str, set[str]]] = {}  # due event -> (its id, addresses to tell)
         for (
             event_id,
             qid,
@@ -714,9 +726,7 @@ class QuarantineManager:
                     log.error("event=quarantine_notice_bad_policy customer_id=%s", customer_id)
                     policies[customer_id] = None
             policy = policies[customer_id]
-            if policy is None:
-                continue
-            if notice.due_at(scanned_at, policy.digest_hour) > now:
+            if policy is None or notice.due_at(scanned_at, policy.digest_hour) > now:
                 continue
             item = notice.Item(
                 str(event_id),
@@ -727,18 +737,27 @@ class QuarantineManager:
                 verdict,
                 tuple(str(f.get("name", "")) for f in (findings or []) if isinstance(f, dict)),
             )
+            keys: set[str] = set()
+            wanted[item.event_id] = (qid, keys)
             for to in notice.targets(policy, sender_addr, rcpts):
-                key = to.lower()
-                if (str(event_id), key) in noticed or key in recent:
-                    continue
                 if not notice.notifiable(to):
+                    log.warning(
+                        "event=quarantine_notice_skipped quarantine_id=%s to=%r "
+                        "reason='not a plain ASCII address'",
+                        notice.clean(qid, 100),
+                        notice.clean(to),
+                    )
+                    continue
+                key = to.lower()
+                keys.add(key)
+                if (item.event_id, key) in noticed or key in recent:
                     continue
                 due.setdefault(to, []).append(item)
                 digest[to] = digest.get(to, False) or policy.digest_hour is not None
         sent = 0
-        for to, items in due.items():
-            if sent >= budget:
-                log.info("event=quarantine_notices_deferred addresses=%d", len(due) - sent)
+        for attempts, (to, items) in enumerate(due.items()):
+            if attempts >= budget:
+                log.info("event=quarantine_notices_later addresses=%d", len(due) - attempts)
                 break
             msg = notice.build(
                 to=to,
@@ -754,10 +773,11 @@ class QuarantineManager:
             try:
                 answer = self.relay.submit(to, msg.as_bytes())
             except ReleaseDeferred as exc:
+                # The relay is down or busy: the rest waits for the next pass too.
                 log.warning("event=quarantine_notice_deferred to=%s error=%r", to, str(exc))
                 if self.metrics is not None:
                     self.metrics.quarantine_notices.labels("deferred").inc()
-                continue  # tried again next pass
+                break
             except ReleaseRefused as exc:
                 # recorded as done: the relay will never take it (an address it does not relay)
                 log.error("event=quarantine_notice_refused to=%s error=%r", to, str(exc))
@@ -774,6 +794,22 @@ class QuarantineManager:
             except Exception:
                 self._unrecorded_notices.append(record)  # written first next pass
                 raise
+            noticed.update((i.event_id, to.lower()) for i in items)
+        complete = [
+            (event, qid)
+            for event, (qid, keys) in wanted.items()
+            if all((event, k) in noticed for k in keys)
+        ]
+        if complete:
+            conn.execute(
+                MARK_NOTICED,
+                {
+                    "at": now,
+                    "by": self.by,
+                    "events": [e for e, _ in complete],
+                    "qids": [q for _, q in complete],
+                },
+            )
         return sent
 
     def _record_notice(self, record: _UnrecordedNotice) -> None:
