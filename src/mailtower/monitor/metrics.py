@@ -90,12 +90,17 @@ class MonitorMetrics:
         )
         self.quarantine_failures = Counter(
             "mailtower_quarantine_failures",
-            "Passes of the quarantine manager that failed (GOC or tower SQL down, …), by job",
-            ["job"],
+            "Passes of the quarantine manager that failed (GOC or tower SQL down, …), by pass",
+            ["pass"],
             registry=r,
         )
-        for job in ("actions", "expiry", "space", "notices"):
-            self.quarantine_failures.labels(job)
+        self.quarantine_pending = Gauge(
+            "mailtower_quarantine_requests_pending",
+            "The GOC's requests to this tower not done yet, at the last pass that read them",
+            registry=r,
+        )
+        for name in ("actions", "expiry", "space", "notices"):
+            self.quarantine_failures.labels(name)
         for result in ("sent", "deferred", "refused"):
             self.quarantine_notices.labels(result)
         if goc:  # a tower without a GOC has no report to fail: no series that says it does
