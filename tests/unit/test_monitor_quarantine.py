@@ -685,3 +685,22 @@ def test_an_answer_the_tower_could_not_record_is_written_first_next_pass(sql, re
     assert m.actions_pass() == 1
     assert goc_row(sql, rid)[0] == "released"
     assert len(handler.delivered) == 1
+
+
+def test_a_bug_on_one_request_does_not_hold_up_the_next(sql, relay, caplog) -> None:
+    handler, port = relay
+    first, second = request(sql, quarantined(sql)), request(sql, quarantined(sql))
+    m = manager(sql, port)
+    real = m.handle
+
+    def buggy(req: qm.Request) -> qm.Outcome | None:
+        if req.request_id == first:
+            raise ValueError("a bug")
+        return real(req)
+
+    m.handle = buggy  # type: ignore[method-assign]
+    assert m.actions_pass() == 1
+    assert m.actions_pass() == 0
+    assert caplog.text.count("event=quarantine_request_crashed") == 1
+    assert goc_row(sql, second)[0] == "released" and goc_row(sql, first)[2] is False
+    assert len(handler.delivered) == 1

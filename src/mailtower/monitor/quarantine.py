@@ -83,7 +83,8 @@ NOTICE_WINDOW = timedelta(days=2)  # quarantines older than this get no notice a
 NOTICE_CANDIDATES = 5000  # rows one notice pass reads at most
 NOTICE_LOCK = 0x6D74_716E  # pg advisory lock: one manager's notice pass at a time per tower
 SMTP_TIMEOUT_S = 30.0  # postscreen makes a new client wait its greet_wait (6 s) once a day
-REQUESTS_PER_PASS = 100
+# Pending requests read per pass, oldest first (ones waiting for a retry cost one query each).
+REQUESTS_PER_PASS = 500
 NO_CUSTOMER = "-"  # the metrics' customer label of quarantines under the tower's own policy
 
 TOWER_CONNECT: dict[str, Any] = GOC_CONNECT | {
@@ -408,6 +409,7 @@ class QuarantineManager:
         self._unrecorded: list[_Unrecorded] = []
         self._unrecorded_notices: list[_UnrecordedNotice] = []
         self._customers: set[str] = set()
+        self._crashed: set[uuid.UUID] = set()  # requests a bug failed on (logged once each)
         self.notices_off_logged = False
 
     # -- connections ----------------------------------------------------------------------
@@ -460,7 +462,16 @@ class QuarantineManager:
         finished = 0
         for row in rows:
             request = Request(*row)
-            outcome = self.handle(request)
+            try:
+                outcome = self.handle(request)
+            except (psycopg.Error, QuarantineGocDown):
+                raise  # an outage: the whole pass fails, and runs again
+            except Exception:
+                # A bug on this one request must not hold up the others behind it.
+                if request.request_id not in self._crashed:
+                    self._crashed.add(request.request_id)
+                    log.exception("event=quarantine_request_crashed request=%s", request.request_id)
+                continue
             if outcome is None:
                 continue
             if outcome.result is None:
