@@ -265,6 +265,10 @@ class _UnrecordedNotice:
     answer: str
 
 
+class _ClaimLost(ReleaseDeferred):
+    """Another manager took the request over before the last dot: this one sent nothing."""
+
+
 class Relay:
     """SMTP to the tower's relay: releases to its re-injection listener, notices to port 25."""
 
@@ -312,7 +316,7 @@ class Relay:
             except (OSError, smtplib.SMTPException) as exc:
                 raise ReleaseDeferred(f"{where}: {_text(exc)}") from exc
             if not before_last_dot():
-                raise ReleaseDeferred(f"{where}: dropped before the last dot (claim lost)")
+                raise _ClaimLost(f"{where}: dropped before the last dot (claim lost)")
             try:
                 smtp.send(_dot_stuffed(data))
                 code, text = smtp.getreply()
@@ -323,7 +327,12 @@ class Relay:
                 with contextlib.suppress(OSError, smtplib.SMTPException):
                     smtp.quit()
                 return answer
-            raise (ReleaseRefused if 500 <= code <= 599 else ReleaseDeferred)(f"{where}: {answer}")
+            if 500 <= code <= 599:
+                raise ReleaseRefused(f"{where}: {answer}")
+            if 400 <= code <= 499:
+                raise ReleaseDeferred(f"{where}: {answer}")
+            # no SMTP reply at all: whether the relay took the message is not known
+            raise ReleaseInDoubt(f"{where}: no SMTP reply to the message's end: {answer}")
         finally:
             smtp.close()
 
@@ -602,9 +611,9 @@ class QuarantineManager:
             )
         except ReleaseRefused as exc:
             return finish("failed", str(exc), old=sent_state[0])
+        except _ClaimLost:
+            return None  # another manager took the request over
         except ReleaseDeferred as exc:
-            if "claim lost" in str(exc):
-                return None  # another manager took the request over
             return finish("deferred", str(exc), old=sent_state[0])
         return finish("released", answer, old=sending)
 
