@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pgclusters  # tests/ is on sys.path (rootdir conftest)
 import psycopg
@@ -703,4 +704,28 @@ def test_a_bug_on_one_request_does_not_hold_up_the_next(sql, relay, caplog) -> N
     assert m.actions_pass() == 0
     assert caplog.text.count("event=quarantine_request_crashed") == 1
     assert goc_row(sql, second)[0] == "released" and goc_row(sql, first)[2] is False
+    assert len(handler.delivered) == 1
+
+
+def test_the_loop_runs_the_passes_until_stopped(sql, relay) -> None:
+    """As the monitor runs it: the passes in their thread until ``stop`` is set."""
+    handler, port = relay
+    rid = request(sql, quarantined(sql))
+    expired = quarantined(sql, expires_in=timedelta(days=-1))
+    m = manager(sql, port, quarantine={"poll_interval_s": 0.05})
+    loop = qm.QuarantineLoop(m)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(loop.run(stop))
+        for _ in range(600):  # until the request is done (a busy machine may take a while)
+            if await asyncio.to_thread(goc_row, sql, rid) == ("released", mock.ANY, True):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(run())
+    assert goc_row(sql, rid)[0] == "released"
+    assert not held(sql, expired)  # the expiry ran too, at the start
     assert len(handler.delivered) == 1
