@@ -277,7 +277,15 @@ class Relay:
         self.reinject_port = settings.ports.reinject
         self.smtp_port = settings.ports.smtp
         self.timeout_s = settings.limits.reinject_timeout_s
-        self.helo = socket.getfqdn()
+        self._helo: str | None = None
+
+    @property
+    def helo(self) -> str:
+        """This host's name for EHLO, looked up on first use (in the manager's thread: a slow
+        resolver must not stall the monitor's event loop)."""
+        if self._helo is None:
+            self._helo = socket.getfqdn()
+        return self._helo
 
     def release(
         self,
