@@ -52,6 +52,12 @@ tower = (
             # Hosts sending more than the per-client rates allow, e.g. where `invoke verify`
             # runs (its end-to-end checks send 1,000 messages in a minute).
             "limits": {"client_limit_exempt": ["198.51.100.7/32"]},
+            # Quarantine notices (customers' policy `notify`) come from this address and link
+            # to the GOC's portal; without notice_from none are sent (docs/quarantine.md).
+            "quarantine": {
+                "notice_from": "quarantine@tower-x.example.net",
+                "portal_url": "https://portal.example.net",
+            },
             "secrets": _read_secrets(_secrets_path),
         }
     },

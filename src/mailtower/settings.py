@@ -424,6 +424,28 @@ class ClamavMirror(StrictModel):
         return duration_s(self.max_age)
 
 
+# --- The monitor's quarantine manager (mailtower.monitor.quarantine, docs/quarantine.md) ---
+_NOTICE_FROM = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
+
+
+class QuarantineSettings(StrictModel):
+    """The tower side of the quarantine, run by the monitor: the portal's requests, expiry,
+    the space metrics and the notices."""
+
+    poll_interval_s: float = Field(default=5.0, gt=0, le=300)  # the GOC's pending requests
+    housekeeping_interval_s: float = Field(default=60.0, gt=0, le=3600)  # expiry and space metrics
+    # Notices come from this address (From: header; the envelope sender is null, so a notice
+    # that cannot be delivered makes no bounce). None: no notices are sent.
+    notice_from: str | None = Field(default=None, pattern=_NOTICE_FROM, max_length=254)
+    # The portal's base URL, put in every notice (e.g. https://portal.example.net); None: none.
+    portal_url: str | None = Field(
+        default=None, pattern=r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/\S*)?$"
+    )
+    # Notices per minute at most (one pass a minute; at most one per address per pass): below
+    # the relay's per-client message rate (limits.client_message_rate), which counts them.
+    notices_per_minute: int = Field(default=60, ge=1, le=1000)
+
+
 class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
@@ -482,6 +504,19 @@ class TowerSettings(StrictModel):
     # Official ClamAV databases from the GOC's mirror (needs ``goc`` and ``secrets.canary``);
     # None: the scanners load only mailtower's own signatures and the rule bundles'.
     clamav: ClamavMirror | None = None
+    # The monitor's quarantine manager (requests from the GOC's portal, expiry, notices).
+    quarantine: QuarantineSettings = QuarantineSettings()
+
+    @model_validator(mode="after")
+    def _notices_under_the_relay_rate(self) -> TowerSettings:
+        rate = self.limits.client_message_rate
+        if self.quarantine.notice_from and rate and self.quarantine.notices_per_minute >= rate:
+            raise ValueError(
+                f"quarantine.notices_per_minute ({self.quarantine.notices_per_minute}) must be "
+                f"below limits.client_message_rate ({rate}): the relay counts the monitor's "
+                "notices and would refuse the rest"
+            )
+        return self
 
     @model_validator(mode="after")
     def _clamav_needs(self) -> TowerSettings:

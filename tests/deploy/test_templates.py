@@ -156,13 +156,16 @@ def test_main_cf_follows_settings(render):
     assert int(conf["queue_minfree"]) >= s.limits.message_size_bytes * 1.5
 
 
-def test_reinjection_listener_trusts_only_scanners(render, settings):
+def test_reinjection_listener_trusts_only_scanners_and_the_monitor(render, settings):
     master = render("relay/etc/postfix/master.cf", settings)
     block = master.split(f"{settings.hosts.relay}:{settings.ports.reinject} inet")[1].split(
         "\npickup"
     )[0]
     scanners = ",".join(str(ip) for ip in settings.hosts.scanners)
-    assert f"-o mynetworks={scanners}" in block
+    # the monitor re-injects the quarantined messages the portal releases
+    assert f"-o mynetworks={scanners},{settings.hosts.monitor}\n" in block
+    # XFORWARD (a message's original client) is believed from the scanners only
+    assert f"-o smtpd_authorized_xforward_hosts={scanners}\n" in block
     assert "-o content_filter=" in block
     assert "smtpd_client_restrictions=permit_mynetworks,reject" in block
 
@@ -194,7 +197,10 @@ def test_nftables_restricts_runtime_api_to_the_monitor(render, settings):
         f"tcp dport {settings.ports.haproxy_runtime} ip saddr != {settings.hosts.monitor} reject"
         in rules
     )
-    assert f"tcp dport {settings.ports.reinject} ip saddr != @scanners reject" in rules
+    assert f"tcp dport {settings.ports.reinject} ip saddr != @reinjectors reject" in rules
+    reinjectors = rules.split("set reinjectors {")[1].split("}")[0]
+    addresses = {str(ip) for ip in (*settings.hosts.scanners, settings.hosts.monitor)}
+    assert set(re.findall(r"[\d.]+\.\d+", reinjectors)) == addresses
 
 
 def test_pg_hba_lists_only_tower_hosts(render, settings):

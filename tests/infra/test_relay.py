@@ -161,6 +161,16 @@ def test_reinjection_port_refuses_anyone_but_scanners(tower):
             raise ConnectionResetError("closed without a greeting")
 
 
+def test_reinjection_port_greets_the_monitor(tower):
+    """The monitor re-injects the quarantined messages the portal releases (nftables set
+    ``reinjectors``, the listener's mynetworks)."""
+    s = tower.settings
+    greeting = tower.monitor().check_output(
+        f"timeout 10 bash -c 'exec 3<>/dev/tcp/{s.hosts.relay}/{s.ports.reinject}; head -c 3 <&3'"
+    )
+    assert greeting == "220"
+
+
 def test_settings_hold_only_this_roles_secrets(node, tower):
     assert_secret_share(node, tower, "relay")
 

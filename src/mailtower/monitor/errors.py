@@ -24,3 +24,24 @@ class RolloutError(MonitorError):
 class CanaryFailed(RolloutError):
     """A canary came back with the wrong verdict, or scanned with another version: the rules
     are wrong (not a scanner that could not answer, which is a plain RolloutError)."""
+
+
+class QuarantineManagerError(MonitorError):
+    """The quarantine manager could not do one thing; the message names the host and step."""
+
+
+class ReleaseDeferred(QuarantineManagerError):
+    """The relay could not take a released message now (unreachable, 4xx): tried again."""
+
+
+class ReleaseRefused(QuarantineManagerError):
+    """The relay refused a released message for good (5xx, or an address it cannot take)."""
+
+
+class ReleaseInDoubt(QuarantineManagerError):
+    """The connection ended after the message's last byte and before the relay's answer: the
+    relay may have taken it, so it is never sent again on its own."""
+
+
+class QuarantineGocDown(QuarantineManagerError):
+    """The GOC could not be read or written (its requests wait there until it answers)."""

@@ -58,6 +58,51 @@ class MonitorMetrics:
             "1 if the last replication query on the SQL primary succeeded",
             registry=r,
         )
+        # The quarantine manager (mailtower.monitor.quarantine).
+        self.quarantine_messages = Gauge(
+            "mailtower_quarantine_messages",
+            "Quarantined messages the tower holds (message not yet expired or deleted)",
+            ["customer"],
+            registry=r,
+        )
+        self.quarantine_bytes = Gauge(
+            "mailtower_quarantine_bytes",
+            "Bytes of the quarantined messages the tower holds",
+            ["customer"],
+            registry=r,
+        )
+        self.quarantine_actions = Counter(
+            "mailtower_quarantine_actions",
+            "Requests from the GOC's portal carried out, by action and result",
+            ["action", "result"],
+            registry=r,
+        )
+        self.quarantine_expired = Counter(
+            "mailtower_quarantine_expired",
+            "Quarantined messages dropped at their expiry",
+            registry=r,
+        )
+        self.quarantine_notices = Counter(
+            "mailtower_quarantine_notices",
+            "Quarantine notices by result (sent, deferred: tried again, refused by the relay)",
+            ["result"],
+            registry=r,
+        )
+        self.quarantine_failures = Counter(
+            "mailtower_quarantine_failures",
+            "Passes of the quarantine manager that failed (GOC or tower SQL down, …), by pass",
+            ["pass"],
+            registry=r,
+        )
+        self.quarantine_pending = Gauge(
+            "mailtower_quarantine_requests_pending",
+            "The GOC's requests to this tower not done yet, at the last pass that read them",
+            registry=r,
+        )
+        for name in ("actions", "expiry", "space", "notices"):
+            self.quarantine_failures.labels(name)
+        for result in ("sent", "deferred", "refused"):
+            self.quarantine_notices.labels(result)
         if goc:  # a tower without a GOC has no report to fail: no series that says it does
             self.goc_status_up = Gauge(
                 "mailtower_goc_status_up",

@@ -1,5 +1,5 @@
 """The monitor's loops: health probes, HAProxy reconciliation, SQL replication, the tower's
-state to the GOC, HTTP."""
+state to the GOC, the quarantine manager, HTTP."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mailtower.monitor.goc_status import GocStatusWriter
 from mailtower.monitor.haproxy import RuntimeAPI
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import MAINT, READY, Pool, PoolMember, Transition
+from mailtower.monitor.quarantine import QuarantineLoop, QuarantineManager
 from mailtower.monitor.rollout import (
     CLAMAV_MIRROR_DIR,
     CLAMAV_STATE_DIR,
@@ -116,6 +117,7 @@ class Monitor:
         self._goc_log = _FailureLog()
         self._relay_queue_log = _FailureLog()
         self.rollout: Rollout | None = None  # created in run(): it needs the event loop
+        self.quarantine: QuarantineLoop | None = None  # likewise
         self.rules_mirror = rules_mirror
         self.clamav_rollout: ClamavRollout | None = None  # likewise
         self.clamav_mirror = clamav_mirror
@@ -138,6 +140,10 @@ class Monitor:
         ]
         if self.goc_writer is not None:
             tasks.append(asyncio.create_task(self._goc_loop(stop), name="goc-status"))
+        # The tower side of the quarantine: the portal's requests, expiry, space, notices
+        # (its blocking work in a thread of its own; a failure is logged, never fatal here).
+        self.quarantine = QuarantineLoop(QuarantineManager(self.settings, self.metrics))
+        tasks.append(asyncio.create_task(self.quarantine.run(stop), name="quarantine"))
         if self.settings.bundles is not None:
             self.rollout = Rollout(self, self.rules_mirror)
             tasks.append(asyncio.create_task(self.rollout.run(stop), name="rollout"))

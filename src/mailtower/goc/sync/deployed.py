@@ -11,7 +11,8 @@ doing it, so a redeploy of a synced tower runs nothing (pyinfra reads it as a fa
   objects and roles (``mt_status_<tower>`` for each tower's monitor, allowed by row-level
   security to write only its tower's ``tower_status`` row; ``mt_eye`` for the web view); the
   shared ``mt_sync``/``mt_status`` of a GOC made before towers had their own are retired
-  (NOLOGIN). Then for every tower
+  (NOLOGIN); the portal's ``quarantine_actions`` (each ``mt_status_<tower>`` reads and answers
+  only its tower's requests: ``quarantine_actions.ensure``). Then for every tower
   the events subscription follows that tower's *current* primary, found by asking each of its
   SQL hosts (``repoint_events``: the first time, and after a failover, alike). A tower that is
   not reachable or not deployed yet is reported and left for the next run.
@@ -29,7 +30,7 @@ from psycopg import sql
 from pydantic import Field, ValidationError
 
 from mailtower.goc.eye.status import apply_schema, missing_columns, status_role
-from mailtower.goc.sync import subscription
+from mailtower.goc.sync import quarantine_actions, subscription
 from mailtower.goc.sync.catalog import connect, relation_exists, scalar, server_state
 from mailtower.goc.sync.changes import Changes
 from mailtower.goc.sync.conninfo import endpoint, redact, sync_conninfo
@@ -206,6 +207,8 @@ def goc_pending(side: GocSide) -> list[str]:
         pending += [f"retire role {r} (each tower has its own)" for r in _shared_roles(goc)]
         if relation_exists(goc, STATUS_TABLE):
             pending += _status_policies_pending(goc, side)
+        # The portal's requests to the towers (docs/quarantine.md)
+        pending += quarantine_actions.pending(goc, [t.name for t in side.towers])
         if not pending:
             table, privileges = EYE_REVOCATIONS
             pending += [
@@ -262,6 +265,8 @@ def goc_apply(side: GocSide) -> GocReport:
             ensure_privileges(goc, EYE_ROLE, table, ("SELECT",), changes)
         ensure_privileges(goc, EYE_ROLE, *EYE_REVOCATIONS, changes)
         _ensure_status_policies(goc, side, changes)
+        # The portal's requests to the towers: each tower's monitor reads and answers its own.
+        quarantine_actions.ensure(goc, [t.name for t in side.towers], changes)
         for role in _shared_roles(goc):
             goc.execute(sql.SQL("ALTER ROLE {} NOLOGIN NOREPLICATION").format(sql.Identifier(role)))
             changes.did(f"retired role {role} (NOLOGIN: each tower has its own)")
