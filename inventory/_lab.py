@@ -7,6 +7,8 @@ import json
 
 from mailtower.controller.lab import clamav_upstream, lxc, plan
 
+LAB_PORTAL_PORT = 8027  # the lab GOC's quarantine portal (VirusEye 8025, bundles 8026)
+
 
 def _ssh() -> dict[str, str]:
     return {
@@ -81,6 +83,13 @@ def lab_tower_data(tower: str) -> dict:
             "databases": [clamav_upstream.DATABASE],
             "engine_mib": 64,
             "working_set_mib": 256,
+        },
+        # Quarantine notices (sent only for customers whose policy asks: the lab's customers'
+        # default is none) link to the lab GOC's portal; requests are picked up within 2 s.
+        "quarantine": {
+            "notice_from": f"quarantine@mx.tower-{tower}.lab",
+            "portal_url": f"https://{plan.goc_host().address}:{LAB_PORTAL_PORT}",
+            "poll_interval_s": 2,
         },
     }
 
