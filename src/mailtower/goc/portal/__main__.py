@@ -20,7 +20,7 @@ from mailtower.goc.portal.store import Store
 log = logging.getLogger("mailtower.goc.portal")
 
 SECRET_PATH = Path("/etc/mailtower/portal/session.key")
-DEFAULT_LISTEN = "127.0.0.1:8026"
+DEFAULT_LISTEN = "127.0.0.1:8027"  # 8025 VirusEye, 8026 the bundles
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ Mailer = Callable[[EmailMessage], None]  # blocking: submit one message
 @dataclass
 class PortalConfig:
     secret: bytes  # signs the sign-in forms' CSRF tokens
-    public_url: str = ""  # the links' base, e.g. https://portal.goc.example:8026
+    public_url: str = ""  # the links' base, e.g. https://portal.goc.example:8027
     mail_from: str = "quarantine@localhost"
     session_lifetime_s: int = 8 * 3600  # absolute
     session_idle_s: int = 30 * 60
