@@ -106,7 +106,7 @@ def _act(args: argparse.Namespace, conn: psycopg.Connection[Any]) -> int:
     action = args.user_action
     if action == "list":
         for name, role, customer in store.list_users(conn):
-            print(shown(f"{name}\t{role}\t{customer or '-'}"))
+            print("\t".join(shown(v) for v in (name, role, customer or "-")))
         return 0
     if action == "remove":
         if not store.remove_user(conn, args.name):
