@@ -769,3 +769,25 @@ def test_portal_without_quarantine_actions_still_lists(tmp_path: Any) -> None:
                 assert location.endswith("done=unavailable")
 
         run(test)
+
+
+def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
+    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+
+    async def test() -> None:
+        async with portal(hub) as user:
+            await user.sign_in_by_link(ALICE)
+            assert (await user.post(f"/message/{eid}/release"))[1].endswith("done=requested")
+            assert (await user.post(f"/message/{eid}/release"))[1].endswith("done=already")
+        async with portal(hub) as admin:
+            await admin.sign_in("admin-a")
+            assert (await admin.post(f"/message/{eid}/release"))[1].endswith("done=requested")
+            assert (await admin.post(f"/message/{eid}/release"))[1].endswith("done=already")
+            assert (await admin.post(f"/message/{eid}/delete"))[1].endswith("done=requested")
+            assert (await admin.post(f"/message/{eid}/release"))[1].endswith("done=already")
+
+    run(test)
+    rows = conn.execute(
+        "SELECT action, recipients FROM quarantine_actions ORDER BY requested_at"
+    ).fetchall()
+    assert rows == [("release", [ALICE]), ("release", [BOB]), ("delete", [ALICE, BOB])]

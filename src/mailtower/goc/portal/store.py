@@ -416,15 +416,20 @@ class Store:
                 )
                 if row["message"] is None:
                     return "gone"
-                done = conn.execute(
+                gone = conn.execute(
                     "SELECT 1 FROM public.quarantine_actions WHERE event_id = %s"
-                    " AND (action = 'delete' AND (done_at IS NULL OR result = 'deleted')"
-                    "   OR action = %s AND recipients @> %s::text[]"
-                    "      AND (done_at IS NULL OR result IN ('released', 'deleted')))",
-                    (row["event_id"], action, recipients),
+                    " AND action = 'delete' AND (done_at IS NULL OR result = 'deleted')",
+                    (row["event_id"],),
                 ).fetchone()
-                if done is not None:
-                    return "already"
+                if gone is not None:
+                    return "already"  # a deletion asked or done: nothing more to do
+                if action == "release":
+                    # Each recipient gets a message once: a release goes only to those no
+                    # pending or done release covers (a user's own, then the admin's rest).
+                    covered = self._released(conn, row["event_id"])
+                    recipients = [r for r in recipients if r not in covered]
+                    if not recipients:
+                        return "already"
                 conn.execute(
                     "INSERT INTO public.quarantine_actions (request_id, event_id, tower,"
                     " quarantine_id, action, recipients, requested_by, requested_at)"
@@ -441,6 +446,16 @@ class Store:
                 )
                 self._audit(conn, scope, action, row, {"recipients": recipients})
         return "requested"
+
+    @staticmethod
+    def _released(conn: psycopg.Connection[Any], event_id: Any) -> set[str]:
+        """The recipients a pending or done release of ``event_id`` already covers."""
+        rows = conn.execute(
+            "SELECT recipients FROM public.quarantine_actions WHERE event_id = %s"
+            " AND action = 'release' AND (done_at IS NULL OR result = 'released')",
+            (event_id,),
+        ).fetchall()
+        return {address for row in rows for address in row["recipients"]}
 
     def audit(
         self, scope: Scope, action: str, row: dict[str, Any] | None, details: dict[str, Any]
