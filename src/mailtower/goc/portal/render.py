@@ -32,8 +32,8 @@ def h(value: object) -> str:
 
 
 def h_text(text: str) -> str:
-    """Multi-line text for a ``<pre>``: each line as ``h`` shows it, tabs kept."""
-    return "\n".join(h(line).replace("\\t", "\t") for line in text.splitlines())
+    """Multi-line text for a ``<pre>``: each line as ``h`` shows it, tabs as spaces."""
+    return "\n".join(h(line.expandtabs(8)) for line in text.splitlines())
 
 
 def page(title: str, body: str, *, who: str = "", csrf: str = "") -> str:
