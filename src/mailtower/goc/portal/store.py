@@ -633,14 +633,12 @@ def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list
 
 
 def ensure_role(conn: psycopg.Connection[Any], password: str, role: str = PORTAL_ROLE) -> None:
-    """The portal's login role with ``password`` (created or its password set)."""
-    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-    verb = "ALTER" if exists else "CREATE"
-    conn.execute(
-        sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(role), sql.Literal(password)
-        )
-    )
+    """The portal's login role with ``password``: the sync's own helper, so the server sees a
+    SCRAM verifier, never the password (a statement log would otherwise keep it)."""
+    from mailtower.goc.sync.changes import Changes
+    from mailtower.goc.sync.roles import ensure_login_role
+
+    ensure_login_role(conn, role, password, Changes("GOC"))
 
 
 def set_user(
