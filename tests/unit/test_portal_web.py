@@ -24,7 +24,7 @@ from portal_fixtures import (
 )
 
 from mailtower.goc.portal import store as portal_store
-from mailtower.goc.portal.app import LINK_SENT, SESSION_COOKIE, PortalConfig, make_app
+from mailtower.goc.portal.app import LINK_SENT, SESSION_COOKIE, STORE, PortalConfig, make_app
 from mailtower.goc.portal.store import Store
 
 pytestmark = pytest.mark.integration
@@ -791,3 +791,17 @@ def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
         "SELECT action, recipients FROM quarantine_actions ORDER BY requested_at"
     ).fetchall()
     assert rows == [("release", [ALICE]), ("release", [BOB]), ("delete", [ALICE, BOB])]
+
+
+def test_a_database_away_is_a_503_page(hub: Any, conn: Any) -> None:
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("op")
+            store = browser.client.app[STORE]
+            store.close()  # and the next connection goes nowhere
+            store.dsn = "host=127.0.0.1 port=1 dbname=x connect_timeout=2"
+            status, text = await browser.get("/")
+            assert status == 503 and "unavailable for a moment" in text
+            assert "Traceback" not in text
+
+    run(test)

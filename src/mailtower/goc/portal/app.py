@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 from aiohttp import web
 
 from mailtower.goc.eye.app import HSTS, SECURITY_HEADERS, same_origin
@@ -99,14 +100,21 @@ async def _auth(
 ) -> web.StreamResponse:
     store = request.app[STORE]
     token = request.cookies.get(SESSION_COOKIE)
-    session = await asyncio.to_thread(store.session, token) if token else None
-    request[SESSION] = session
-    if session is None and request.path not in PUBLIC and not request.path.startswith("/link/"):
-        raise web.HTTPSeeOther("/login")
     try:
+        session = await asyncio.to_thread(store.session, token) if token else None
+        request[SESSION] = session
+        if session is None and request.path not in PUBLIC and not request.path.startswith("/link/"):
+            raise web.HTTPSeeOther("/login")
         return await handler(request)
     except web.HTTPNotFound:
         return _html(render.error_page(404, "Not found."), 404)
+    except psycopg.Error as exc:  # the hub away or refusing: said so, never a stack trace
+        log.error("event=database_error path=%s error=%r", request.path, str(exc).strip()[:200])
+        response = _html(
+            render.error_page(503, "The quarantine is unavailable for a moment: try again."), 503
+        )
+        response.headers["Retry-After"] = "5"
+        return response
 
 
 def _session(request: web.Request) -> PortalSession:
