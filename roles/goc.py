@@ -11,6 +11,11 @@ rule-bundle key pair; the GOC then serves what is published in /srv/mailtower/bu
 (``mailtower bundle publish``) over HTTP to the towers' monitors, 127.0.0.1 and
 ``bundle_readers``.
 
+With ``portal`` it serves the customers' quarantine portal (``mailtower-portal``, issue 18):
+its own port, certificate, pgpass (role ``mt_portal``) and session key (secrets.portal_db,
+secrets.portal_session_key); ``mailtower portal schema`` makes its tables and grants, and
+``mailtower portal user add`` its operators and customers' admins (docs/runbook.md).
+
 With ``clamav`` it mirrors ClamAV's official databases: cvdupdate (pinned, its own venv and
 wheelhouse, run by its own user ``mtcvd``) on the ``mailtower-cvdupdate`` timer, then
 ``mailtower clamavdb publish`` verifies what it fetched into /srv/mailtower/clamav, which the
@@ -36,7 +41,14 @@ from mailtower.goc.eye.auth import hash_password, parse_credentials, verify_pass
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.deployed import GocSide, GocTower
 from mailtower.goc.sync.names import goc_sync_role
-from mailtower.settings import EYE_TLS_CERT, EYE_TLS_KEY, Goc, GocSettings
+from mailtower.settings import (
+    EYE_TLS_CERT,
+    EYE_TLS_KEY,
+    PORTAL_TLS_CERT,
+    PORTAL_TLS_KEY,
+    Goc,
+    GocSettings,
+)
 from roles import _common
 from roles._facts import SyncPending
 
@@ -44,6 +56,10 @@ PG = "/etc/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "curl"]
 OPERATORS = "/etc/mailtower/eye/operators"
+PORTAL_DIR = "/etc/mailtower/portal"
+PORTAL_TLS_NAMES = f"{PORTAL_DIR}/tls.names"
+# mt_portal's password for the schema step (run as postgres, fed on standard input): root only.
+PORTAL_ROLE_PASSWORD = f"{PORTAL_DIR}/role.password"
 EYE_TLS_NAMES = "/etc/mailtower/eye/tls.names"  # what the self-signed one was made for
 BUNDLE_KEYS = bundles.GOC_KEY_DIR  # signing.key (root only), signing.pub
 BUNDLE_DIR = bundles.GOC_PUBLISH_DIR  # what is published: latest.json + rules-N.tar.gz
@@ -98,7 +114,7 @@ def install(g: GocSettings):
     need; returns the wheel's operation (its daemons restart when it changed)."""
     _common.service_user()
     install_op = _common.install_stack()
-    if g.eye_tls_self_signed:
+    if g.eye_tls_self_signed or (g.portal is not None and g.portal.tls_self_signed):
         apt.packages(
             name="Install openssl (makes VirusEye's certificate)",
             packages=["openssl"],
@@ -220,6 +236,7 @@ def configure(g: GocSettings) -> dict[str, list]:
     ]
     ops["customers"] = [_template("goc/etc/mailtower/goc/customers.sql", g)]
     ops["eye"] = _eye_files(g)
+    ops["portal"] = _portal_files(g)
     ops["nginx"] = _served_files(g)
     ops["clamav"] = _clamav_files(g)
     return ops
@@ -254,6 +271,22 @@ def activate(g: GocSettings, ops: dict[str, list], install_op) -> None:
         lambda: changed["eye"]() or install_op.did_change(),
         daemon_reload=True,
     )
+    if g.portal is not None:
+        # Its tables, indexes and mt_portal's grants (idempotent; quarantine_actions is granted
+        # once the monitor's side has made it, so a later GOC deploy grants it then).
+        server.shell(
+            name="Portal: schema, role mt_portal and its grants (mailtower portal schema)",
+            commands=[
+                "cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower portal schema"
+                f" --role-password-stdin' < {PORTAL_ROLE_PASSWORD}"
+            ],
+            _if=lambda: changed["portal"]() or apply.did_change() or install_op.did_change(),
+        )
+        _common.activate(
+            "mailtower-portal",
+            lambda: changed["portal"]() or install_op.did_change(),
+            daemon_reload=True,
+        )
     if g.bundles is not None or g.clamav is not None:
         _common.activate("nginx", changed["nginx"], check="nginx -t -q", reload=True)
     if g.clamav is not None:
@@ -307,6 +340,60 @@ def _eye_files(g: GocSettings) -> list:
                 "\n".join(lines) + "\n", OPERATORS, mode="600", user="mailtower", group="mailtower"
             )
         )
+    return ops
+
+
+def _portal_files(g: GocSettings) -> list:
+    """The portal's database password (pgpass for the service, a root-only copy for the
+    schema step), its session key, unit and certificate."""
+    if g.portal is None:
+        return []
+    assert g.secrets.portal_db is not None and g.secrets.portal_session_key is not None
+    files.directory(
+        name=f"Ensure {PORTAL_DIR}",
+        path=PORTAL_DIR,
+        mode="750",
+        user="mailtower",
+        group="mailtower",
+    )
+    ops = [
+        _common.put_text(
+            f"127.0.0.1:{g.port}:{g.database}:mt_portal:{g.secrets.portal_db}\n",
+            f"{PORTAL_DIR}/pgpass",
+            mode="600",
+            user="mailtower",
+            group="mailtower",
+        ),
+        _common.put_text(
+            g.secrets.portal_db + "\n", PORTAL_ROLE_PASSWORD, mode="600", user="root", group="root"
+        ),
+        _common.put_text(
+            g.secrets.portal_session_key + "\n",
+            f"{PORTAL_DIR}/session.key",
+            mode="600",
+            user="mailtower",
+            group="mailtower",
+        ),
+        _template("goc/etc/systemd/system/mailtower-portal.service", g),
+    ]
+    if g.portal.tls_self_signed:
+        names = _common.put_text(
+            "\n".join(g.portal.tls_self_signed) + "\n",
+            PORTAL_TLS_NAMES,
+            user="mailtower",
+            group="mailtower",
+        )
+        missing = host.get_fact(File, path=PORTAL_TLS_KEY) is None or (
+            host.get_fact(File, path=PORTAL_TLS_CERT) is None
+        )
+        commands = self_signed_commands(g.portal.tls_self_signed, PORTAL_TLS_CERT, PORTAL_TLS_KEY)
+        commands.append(f"chown mailtower:mailtower {PORTAL_TLS_CERT} {PORTAL_TLS_KEY}")
+        make = server.shell(
+            name=f"Make the portal's self-signed certificate {PORTAL_TLS_CERT}",
+            commands=commands,
+            _if=lambda: missing or names.did_change(),
+        )
+        ops += [names, make]
     return ops
 
 

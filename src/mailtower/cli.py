@@ -1,5 +1,5 @@
 """``mailtower``: operator commands (quarantine, signatures, scan, rule bundles, ClamAV's
-databases, the GOC's sync and customers, dns)."""
+databases, the GOC's sync, customers and portal, dns)."""
 
 # Each area registers its own commands (``add_parser``) in its own package; this module only
 # composes them, in the order ``mailtower --help`` lists them.
@@ -12,6 +12,7 @@ import sys
 from mailtower.bundles import cli as bundles_cli
 from mailtower.clamavdb import cli as clamavdb_cli
 from mailtower.goc import customers as customers_cli
+from mailtower.goc.portal import cli as portal_cli
 from mailtower.goc.sync import cli as sync_cli
 from mailtower.scand import cli as scand_cli
 from mailtower.scanning import cli as scanning_cli
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     clamavdb_cli.add_parser(commands)  # clamavdb
     sync_cli.add_parser(commands)  # sync
     customers_cli.add_parser(commands)  # customer (at the GOC)
+    portal_cli.add_parser(commands)  # portal (at the GOC)
     _add_controller_parsers(commands)  # dns, where the controller is installed
     return parser
 

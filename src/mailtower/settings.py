@@ -896,6 +896,12 @@ class GocSecrets(StrictModel):
 
     eye_db: Password = Field(repr=False)  # mt_eye: VirusEye reads the hub
     towers: dict[str, SyncedTowerSecrets] = {}  # tower name → its own passwords
+    # --- the quarantine portal (issue 18; GocSettings.portal) -------------------------------
+    # mt_portal's password, and the key that signs the portal's sign-in forms' CSRF tokens;
+    # both needed when ``portal`` is set (GocSettings checks), neither another's.
+    portal_db: Password | None = Field(None, repr=False)
+    portal_session_key: str | None = Field(None, min_length=32, repr=False)
+    # --- end of the quarantine portal's secrets ---------------------------------------------
 
     @model_validator(mode="before")
     @classmethod
@@ -1027,6 +1033,80 @@ class ClamavUpstream(StrictModel):
         return self
 
 
+# --- The quarantine portal (issue 18): roles/goc.py deploys it when GocSettings.portal is set;
+# mailtower.goc.portal serves it. Its secrets: GocSecrets.portal_db, .portal_session_key. ---
+PORTAL_PORT = 8027  # beside VirusEye (8025) and the bundles (Goc.bundle_port, 8026)
+# Where the deploy puts the portal's self-signed certificate (PortalSettings.tls_self_signed).
+PORTAL_TLS_CERT = "/etc/mailtower/portal/tls.crt"
+PORTAL_TLS_KEY = "/etc/mailtower/portal/tls.key"
+
+
+class PortalSettings(StrictModel):
+    """The customers' quarantine portal at the GOC (``mailtower-portal``): HTTPS only, like
+    VirusEye: its own certificate (paths on the GOC), one the deploy makes, or a TLS proxy."""
+
+    listen: str = Field(
+        f"127.0.0.1:{PORTAL_PORT}", pattern=r"^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+    )
+    # The URL sign-in links point at (what users' browsers reach), e.g. https://portal.example
+    public_url: str = Field(pattern=r"^https://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
+    mail_from: str = Field(pattern=r"^[^@\s<>]+@[A-Za-z0-9.-]+$")  # the links' From
+    # Where sign-in links are submitted (HOST or HOST:PORT, port 25 by default): in the lab,
+    # the towers' relays, so the mail is scanned and routed as any customer mail.
+    relays: list[str] = Field(min_length=1, max_length=20)
+    session_hours: float = Field(8.0, gt=0, le=24)
+    idle_minutes: float = Field(30.0, gt=0, le=24 * 60)
+    tls_cert: str | None = None  # paths on the GOC host, the key readable by mailtower
+    tls_key: str | None = Field(None, repr=False)
+    tls_self_signed: list[str] = Field([], max_length=20)  # names the deploy makes one for
+    origin: str | None = Field(None, pattern=_HTTPS_ORIGIN_RE.pattern)  # a TLS proxy in front
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, relays: list[str]) -> list[str]:
+        for relay in relays:
+            host, sep, port = relay.rpartition(":")
+            name = host if sep else relay
+            if not (_is_ip(name) or _TLS_NAME_RE.match(name)) or (sep and not port.isdigit()):
+                raise ValueError(f"relays: {relay!r} is not HOST or HOST:PORT")
+        return relays
+
+    @field_validator("tls_self_signed")
+    @classmethod
+    def _tls_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not (_is_ip(name) or _TLS_NAME_RE.match(name)):
+                raise ValueError(f"tls_self_signed: {name!r} is not a DNS name or an address")
+        return names
+
+    @model_validator(mode="after")
+    def _one_tls(self) -> PortalSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("portal: tls_cert and tls_key go together")
+        given = [bool(self.tls_cert), bool(self.tls_self_signed), bool(self.origin)]
+        if sum(given) != 1:
+            raise ValueError(
+                "portal: HTTPS only: give exactly one of tls_cert + tls_key, "
+                "tls_self_signed: [names] or origin (a TLS proxy on the GOC host)"
+            )
+        if self.origin:
+            host = self.listen.rpartition(":")[0].strip("[]")
+            if not (_is_ip(host) and ip_address(host).is_loopback):
+                raise ValueError(f"portal: origin: listen {self.listen} must be loopback")
+        return self
+
+    def tls(self) -> tuple[str, str] | None:
+        """The certificate and key it serves HTTPS with; None: behind a TLS proxy."""
+        if self.tls_self_signed:
+            return PORTAL_TLS_CERT, PORTAL_TLS_KEY
+        if self.tls_cert and self.tls_key:
+            return self.tls_cert, self.tls_key
+        return None
+
+
+# --- end of the quarantine portal's settings -------------------------------------------------
+
+
 class GocSettings(StrictModel):
     """The global operations centre (roles/goc.py): the ``goc`` host data."""
 
@@ -1057,6 +1137,33 @@ class GocSettings(StrictModel):
     clamav: ClamavUpstream | None = None
     # Who else may fetch bundles (the lab's controller, to check what was published).
     bundle_readers: list[IPv4Address] = []
+    # The customers' quarantine portal (issue 18); None: not served here.
+    portal: PortalSettings | None = None
+
+    @model_validator(mode="after")
+    def _portal_secrets(self) -> GocSettings:
+        if self.portal is None:
+            return self
+        missing = [
+            f"secrets.{k}"
+            for k in ("portal_db", "portal_session_key")
+            if not getattr(self.secrets, k)
+        ]
+        if missing:
+            raise ValueError(f"portal: {' and '.join(missing)} needed (docs/runbook.md)")
+        taken = {self.secrets.eye_db} | {
+            p for t in self.secrets.towers.values() for p in t.model_dump().values()
+        }
+        if self.secrets.portal_db in taken:
+            raise ValueError("secrets.portal_db: the portal's own password, shared with no role")
+        port = self.portal.listen.rpartition(":")[2]
+        served = {self.eye_listen.rpartition(":")[2]: "eye_listen"}
+        served[
+            str(self.bundles.port if self.bundles else Goc.model_fields["bundle_port"].default)
+        ] = "the bundles' port"
+        if port in served:
+            raise ValueError(f"portal.listen: port {port} is {served[port]}'s already")
+        return self
 
     @field_validator("eye_tls_self_signed")
     @classmethod

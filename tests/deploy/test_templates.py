@@ -34,6 +34,16 @@ CLAMAV = {
 }
 
 
+# The customers' quarantine portal (issue 18), on the GOC's address with its own certificate.
+PORTAL = {
+    "listen": "10.201.9.10:8027",
+    "public_url": "https://portal.goc.example:8027",
+    "mail_from": "quarantine@goc.example",
+    "relays": ["10.1.0.21", "10.1.0.22:25"],
+    "tls_self_signed": ["portal.goc.example", "10.201.9.10"],
+}
+
+
 def _goc() -> GocSettings:
     return GocSettings.model_validate(
         {
@@ -43,8 +53,11 @@ def _goc() -> GocSettings:
             "customers": [{"domain": "customer.example", "server": "192.0.2.25"}],
             "operators": {"operator": "operator-password-1"},
             "eye_tls_self_signed": ["eye.goc.example"],
+            "portal": PORTAL,
             "secrets": {
                 "eye_db": "e" * 16,
+                "portal_db": "p" * 16,
+                "portal_session_key": "k" * 64,
                 "towers": {
                     "tower-a": {"sql_sync": "a" * 16, "goc_sync": "s" * 16, "goc_status": "t" * 16}
                 },
@@ -671,3 +684,107 @@ def test_scand_may_write_its_policy_snapshot_and_nothing_new_beside(render, sett
     writable = unit["ReadWritePaths"].split()
     assert settings.policy_snapshot_dir == "/var/lib/mailtower"
     assert writable[:2] == [settings.spool_dir, settings.policy_snapshot_dir]
+
+
+# -- the quarantine portal (issue 18) ----------------------------------------------------------
+
+
+def _goc_portal(**portal) -> GocSettings:
+    data = _goc().model_dump(mode="json")
+    data["portal"] = {k: v for k, v in {**PORTAL, **portal}.items() if v is not None}
+    return GocSettings.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        ({}, "--tls-cert /etc/mailtower/portal/tls.crt --tls-key /etc/mailtower/portal/tls.key"),
+        (
+            {"tls_self_signed": None, "tls_cert": "/etc/ssl/p.pem", "tls_key": "/etc/ssl/p.key"},
+            "--tls-cert /etc/ssl/p.pem --tls-key /etc/ssl/p.key",
+        ),
+        (
+            {
+                "tls_self_signed": None,
+                "origin": "https://portal.goc.example",
+                "listen": "127.0.0.1:8027",
+            },
+            "--origin https://portal.goc.example",
+        ),
+    ],
+)
+def test_portal_unit_serves_https_only(render, settings, tls, expected):
+    from mailtower.goc.eye.__main__ import plain_http_refused
+    from mailtower.goc.portal.__main__ import main
+
+    g = _goc_portal(**tls)
+    unit = render("goc/etc/systemd/system/mailtower-portal.service", settings, goc=g)
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert expected in exec_start
+    assert "user=mt_portal" in exec_start and "PGPASSFILE=/etc/mailtower/portal/pgpass" in unit
+    assert "--relay 10.1.0.21 --relay 10.1.0.22:25" in exec_start
+    assert "--public-url https://portal.goc.example:8027" in exec_start
+    assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit
+    listen = exec_start.split("--listen ")[1].split()[0]
+    assert (
+        plain_http_refused(listen.rpartition(":")[0], "--tls-cert" in exec_start, g.portal.origin)
+        is None
+    )
+    # The unit's arguments are the program's: --help parses them all or exits 2.
+    import shlex
+
+    argv = shlex.split(exec_start.removeprefix("ExecStart="))[1:]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--help"])
+    assert exited.value.code == 0
+
+
+def test_portal_role_in_pg_hba_only_with_the_portal(render, settings):
+    from mailtower.goc.eye.status import status_role as status
+
+    def rows(g):
+        hba = render(
+            "goc/etc/postgresql/15/main/pg_hba.conf",
+            settings,
+            goc=g,
+            sync_role=goc_sync_role,
+            status_role=status,
+        )
+        return [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+
+    assert ["host", "goc", "mt_portal", "127.0.0.1/32", "scram-sha-256"] in rows(_goc())
+    data = _goc().model_dump(mode="json")
+    data.pop("portal")
+    assert not any("mt_portal" in r for r in rows(GocSettings.model_validate(data)))
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"portal_db": None}, "secrets.portal_db"),
+        ({"portal_session_key": None}, "secrets.portal_session_key"),
+        ({"portal_db": "e" * 16}, "shared with no role"),
+    ],
+)
+def test_portal_needs_its_own_secrets(change, error):
+    data = _goc().model_dump(mode="json")
+    data["secrets"].update(change)
+    with pytest.raises(ValueError, match=error):
+        GocSettings.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("portal", "error"),
+    [
+        ({"listen": "10.201.9.10:8025"}, "port 8025 is eye_listen's"),
+        ({"listen": "10.201.9.10:8026"}, "the bundles' port"),
+        ({"origin": "https://p.example"}, "exactly one"),
+        ({"relays": ["relay.example:smtp"]}, "not HOST or HOST:PORT"),
+        ({"relays": []}, "at least 1"),
+        ({"tls_self_signed": ["x'; rm -rf /"]}, "not a DNS name"),
+        ({"public_url": "http://portal.example"}, "should match pattern"),
+    ],
+)
+def test_portal_settings_checked(portal, error):
+    with pytest.raises(ValueError, match=error):
+        _goc_portal(**portal)

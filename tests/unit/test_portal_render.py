@@ -1,0 +1,100 @@
+"""The portal's pieces without a database: escaping, previews, the link mail, the relays."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from mailtower.goc.portal import render
+from mailtower.goc.portal.mail import Relay, SmtpMailer, link_message
+from mailtower.goc.portal.store import Cursor, Scope, normal_address
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("<script>x</script>", "&lt;script&gt;x&lt;/script&gt;"),
+        ("a\"b'c&d", "a&quot;b&#x27;c&amp;d"),
+        ("abc\u202etxt.exe", "abc\\u202etxt.exe"),
+        ("nul\x00here", "nul\\x00here"),
+        ("bell\x07esc\x1b[31m", "bell\\x07esc\\x1b[31m"),
+        (None, ""),
+    ],
+)
+def test_h_escapes_and_shows_non_printables(value: object, shown: str) -> None:
+    assert render.h(value) == shown
+
+
+def test_text_keeps_lines_and_shows_tabs_as_spaces() -> None:
+    assert render.h_text("a\tb\n<i>\u2066") == "a       b\n&lt;i&gt;\\u2066"
+
+
+def test_preview_of_garbage_never_raises() -> None:
+    for raw in (b"\xff\xfe" * 10 + b"\r\n\r\n", b"Content-Type: multipart/mixed\r\n\r\n--", b""):
+        view = render.preview(raw)
+        assert set(view) == {"headers", "text", "attachments", "error"}
+    assert render.preview(None) == {"headers": [], "text": None, "attachments": [], "error": None}
+
+
+def test_html_to_text_drops_scripts_and_styles() -> None:
+    text = render.html_to_text("<style>p{}</style><p>Hi<script>x()</script> there</p>")
+    assert text.strip() == "Hi there"
+
+
+def test_link_mail_is_plain_text_to_the_user_only() -> None:
+    msg = link_message("quarantine@goc.example", "alice@acme.example", "https://p/link/T", 15)
+    assert msg["To"] == "alice@acme.example" and msg["From"] == "quarantine@goc.example"
+    assert msg.get_content_type() == "text/plain" and not msg.is_multipart()
+    assert "https://p/link/T" in msg.get_content() and "15 minutes" in msg.get_content()
+    assert msg["Auto-Submitted"] == "auto-generated"
+
+
+def test_relays_parse_and_a_mailer_with_no_taker_raises() -> None:
+    assert Relay.parse("10.1.0.21") == Relay("10.1.0.21", 25)
+    assert Relay.parse("relay.example:2525") == Relay("relay.example", 2525)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mailer = SmtpMailer((Relay("127.0.0.1", port),), timeout_s=5)
+    with pytest.raises(OSError, match="no relay took the sign-in link"):
+        mailer(link_message("q@goc.example", "a@acme.example", "https://p/link/T", 15))
+
+
+@pytest.mark.parametrize(
+    ("address", "normal"),
+    [
+        ("Alice@Acme.Example", "alice@acme.example"),
+        (" bob@acme.example ", "bob@acme.example"),
+        ("no-at-sign", None),
+        ("a@b@c", None),
+        ("<x>@acme.example", None),
+        ("x@acme.example\nBcc: y@z", None),
+    ],
+)
+def test_normal_address(address: str, normal: str | None) -> None:
+    assert normal_address(address) == normal
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    cursor = Cursor(datetime(2026, 12, 7, 8, 0, tzinfo=UTC), uuid.uuid4())
+    assert Cursor.parse(cursor.text()) == cursor
+    for bad in ("", "x_y", "2026-12-07_not-a-uuid", "'; DROP TABLE x--_" + str(uuid.uuid4())):
+        assert Cursor.parse(bad) is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"role": "admin", "who": "a"},  # an admin without a customer
+        {"role": "user", "who": "u"},  # a user without an address
+        {"role": "operator", "who": "o", "customer_id": 1},
+        {"role": "root", "who": "r"},
+    ],
+)
+def test_a_scope_is_never_ambiguous(args: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Scope(**args)  # type: ignore[arg-type]
