@@ -110,7 +110,7 @@ def goc_data() -> dict:
     """The lab GOC's data: both lab towers, the lab customers, one operator."""
     secrets = lxc.goc_secrets()
     signing_key, public_key = lxc.bundle_keys()
-    towers = []
+    towers, relays = [], []
     for tower in plan.TOWER_NETS:
         hosts = {h.name.rsplit("-", 1)[1]: str(h.address) for h in plan.tower_hosts(tower, 0)}
         towers.append(
@@ -120,6 +120,7 @@ def goc_data() -> dict:
                 "monitor": hosts["monitor"],
             }
         )
+        relays.append(hosts["relay"])
     return {
         "towers": towers,
         "customers": lab_customers(),
@@ -128,8 +129,19 @@ def goc_data() -> dict:
         # the deploy makes; the lab's checks trust exactly that one (fetched over SSH).
         "eye_listen": "0.0.0.0:8025",
         "eye_tls_self_signed": [str(plan.goc_host().address), plan.goc_host().name],
+        # The customers' quarantine portal: sign-in links go out through both towers' relays
+        # (scanned and routed as any customer mail); the controller's Chromium reaches it.
+        "portal": {
+            "listen": f"0.0.0.0:{LAB_PORTAL_PORT}",
+            "public_url": f"https://{plan.goc_host().address}:{LAB_PORTAL_PORT}",
+            "mail_from": "quarantine@goc.lab",
+            "relays": relays,
+            "tls_self_signed": [str(plan.goc_host().address), plan.goc_host().name],
+        },
         "secrets": {
             "eye_db": secrets["eye_db"],
+            "portal_db": secrets["portal_db"],
+            "portal_session_key": secrets["portal_session_key"],
             # Each tower's sync and status passwords, as that tower's own settings hold them.
             "towers": {
                 t["name"]: {

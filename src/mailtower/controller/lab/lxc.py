@@ -94,7 +94,7 @@ TOWER_SECRETS = (
     "goc_status",
     "canary",
 )
-GOC_SECRETS = ("eye_db", "eye_operator")
+GOC_SECRETS = ("eye_db", "eye_operator", "portal_db", "portal_session_key")
 
 
 def secrets_file() -> Path:
@@ -127,7 +127,8 @@ def tower_secrets(tower: str) -> dict[str, str]:
 
 
 def goc_secrets() -> dict[str, str]:
-    """VirusEye's: its database role's and the lab operator's password."""
+    """VirusEye's (its database role's and the lab operator's password) and the quarantine
+    portal's (its database role's password and its form-signing key)."""
     every = json.loads(secrets_file().read_text())
     return {n: every[n] for n in GOC_SECRETS}
 
