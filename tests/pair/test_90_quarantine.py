@@ -383,3 +383,58 @@ def test_a_message_outlives_its_scanner_and_is_released(
     finally:
         subprocess.run(["lxc-start", "-n", scanner], check=False)
         wait_for(lambda: tower.pool()[pool_name]["enabled"], 300, f"{scanner} back in the pool", 5)
+
+
+def test_a_user_signs_in_by_a_mailed_link_and_sees_only_their_own_mail(pair: Pair) -> None:
+    c1 = pair.customers[0].domain
+    sender = "someone@internet.lab"
+    user = f"portal-user-{secrets.token_hex(4)}@{c1}"
+    neighbour = f"portal-other-{secrets.token_hex(4)}@{c1}"
+    tokens = {}
+    for rcpt in (user, neighbour):
+        token, msg = quarantinable(pair, "banned", rcpt, sender)
+        send(pair, msg, sender, [rcpt])
+        tokens[rcpt] = token
+    rows = {
+        rcpt: wait_for(lambda t=token: held_at_goc(pair, t), 120, f"{rcpt}'s message held")
+        for rcpt, token in tokens.items()
+    }
+    client = PortalClient(portal_url(pair), portal_cert(pair))
+    status, page = client.request("/login")
+    status, page = client.request("/link", {"address": user, "csrf": client.csrf(page)})
+    assert status == 200, page[:300]
+    asked = time.monotonic()
+    link_re = re.compile(re.escape(portal_url(pair)) + r"/link/[A-Za-z0-9_%-]+")
+
+    def link() -> str | None:
+        for hit in maildir_hits(pair, 0, "/link/"):
+            if user in hit["to"].lower():
+                body = pair.customer_node(0).check_output(
+                    f"grep -rl -- {shlex.quote(user)} {MAILDIR}/new {MAILDIR}/cur"
+                    " | xargs grep -ho -- " + shlex.quote(portal_url(pair) + "/link/[^ ]*")
+                )
+                found = link_re.search(body)
+                return found.group(0) if found else None
+        return None
+
+    url = wait_for(link, 120, f"the sign-in link mailed to {user}", 2)
+    record_figure("portal_lab_link_mail_s", round(time.monotonic() - asked, 1))
+    path = url.removeprefix(portal_url(pair))
+    status, page = client.request(path)  # opening the link uses nothing up
+    assert status == 200
+    token_field = re.search(r'name="token" value="([^"]+)"', page)
+    assert token_field
+    form = {"token": html.unescape(token_field.group(1)), "csrf": client.csrf(page)}
+    status, _ = client.request("/link/use", form)
+    assert status in (302, 303)
+    status, listing = client.request("/")
+    assert status == 200
+    assert rows[user]["event_id"] in listing
+    assert rows[neighbour]["event_id"] not in listing
+    status, _ = client.request(f"/message/{rows[neighbour]['event_id']}")
+    assert status == 404
+    # The link is single-use: a second sign-in with it is refused.
+    other = PortalClient(portal_url(pair), portal_cert(pair))
+    status, page = other.request(path)
+    status, _ = other.request("/link/use", {**form, "csrf": other.csrf(page)})
+    assert status == 403
