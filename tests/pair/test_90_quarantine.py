@@ -358,6 +358,17 @@ def test_a_message_outlives_its_scanner_and_is_released(
     send(pair, msg, sender, [f"user@{c1}"], relay=str(tower.settings.hosts.relay))
     row = wait_for(lambda: held_at_goc(pair, token), 120, "the banned message held")
     assert row["tower"] == tower.settings.name
+
+    def space() -> float | None:  # the space the quarantine takes, in the monitor's metrics
+        metrics = tower.monitor().check_output(
+            f"curl -fsS http://127.0.0.1:{tower.settings.ports.monitor_http}/metrics"
+        )
+        found = re.search(
+            rf'^mailtower_quarantine_bytes{{customer="{re.escape(c1)}"}} (\S+)$', metrics, re.M
+        )
+        return float(found.group(1)) if found and float(found.group(1)) > 0 else None
+
+    assert wait_for(space, 150, "the quarantine's space in the monitor's metrics", 5) > 0
     scanner = tower.entry(row["scanner"]).data["lab_name"]
     # The scanner is lost: powered off at once, and everything in its spool gone with it.
     subprocess.run(["lxc-stop", "-k", "-n", scanner], check=True)
