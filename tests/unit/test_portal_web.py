@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from portal_fixtures import (
+    TOWERS,
     add_customer,
     add_quarantined,
     portal_dsn,
@@ -26,6 +27,7 @@ from portal_fixtures import (
 from mailtower.goc.portal import store as portal_store
 from mailtower.goc.portal.app import LINK_SENT, SESSION_COOKIE, STORE, PortalConfig, make_app
 from mailtower.goc.portal.store import Store
+from mailtower.goc.sync import quarantine_actions
 
 pytestmark = pytest.mark.integration
 
@@ -790,7 +792,47 @@ def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
     rows = conn.execute(
         "SELECT action, recipients FROM quarantine_actions ORDER BY requested_at"
     ).fetchall()
-    assert rows == [("release", [ALICE]), ("release", [BOB]), ("delete", [ALICE, BOB])]
+    # a delete carries no recipients (the column is a release's: empty is all of them)
+    assert rows == [("release", [ALICE]), ("release", [BOB]), ("delete", [])]
+
+
+def test_the_hub_has_the_gocs_own_quarantine_actions(hub: Any, conn: Any) -> None:
+    """No private copy: the table is the GOC deploy's (its ensure has nothing left to do)."""
+    assert quarantine_actions.pending(conn, list(TOWERS)) == []
+    row = conn.execute(
+        "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.quarantine_actions'::regclass"
+    ).fetchone()
+    assert row == (True,)
+
+
+@pytest.mark.parametrize(
+    "earlier",
+    [
+        [],  # a release to all recipients, as the tower's manager reads an empty list
+        ["ALICE@acme.example", "Bob@Acme.Example"],  # the manager compares without case
+    ],
+)
+def test_an_earlier_release_covers_as_the_tower_reads_it(
+    hub: Any, conn: Any, earlier: list[str]
+) -> None:
+    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+    conn.execute(
+        "INSERT INTO quarantine_actions (request_id, event_id, tower, quarantine_id, action,"
+        " recipients, requested_by) SELECT gen_random_uuid(), event_id, tower, quarantine_id,"
+        " 'release', %s, 'operator:earlier' FROM verdict_events WHERE event_id = %s",
+        (earlier, eid),
+    )
+
+    async def test() -> None:
+        async with portal(hub) as user:
+            await user.sign_in_by_link(ALICE)
+            assert (await user.post(f"/message/{eid}/release"))[1].endswith("done=already")
+        async with portal(hub) as admin:
+            await admin.sign_in("admin-a")
+            assert (await admin.post(f"/message/{eid}/release"))[1].endswith("done=already")
+
+    run(test)
+    assert count(conn, "quarantine_actions") == 1
 
 
 def test_a_database_away_is_a_503_page(hub: Any, conn: Any) -> None:

@@ -410,7 +410,13 @@ class Store:
         row = self.message(scope, event_id)
         if row is None:
             raise LookupError(event_id)
-        recipients = [scope.address] if scope.role == "user" else list(row["recipients"])
+        # quarantine_actions' recipients: a release to these only, empty for a delete (the
+        # column means nothing to a delete; empty is "all of them" to the tower's manager).
+        recipients: list[str] = []
+        if action == "release":
+            recipients = list(row["recipients"])
+            if scope.address is not None:  # a user: their own copy only
+                recipients = [scope.address]
         with self.conn() as conn:
             if not self.has_actions(conn):
                 return "unavailable"
@@ -432,8 +438,13 @@ class Store:
                 if action == "release":
                     # Each recipient gets a message once: a release goes only to those no
                     # pending or done release covers (a user's own, then the admin's rest).
-                    covered = self._released(conn, row["event_id"])
-                    recipients = [r for r in recipients if r not in covered]
+                    covered = self._released(conn, row["event_id"], row["recipients"])
+                    wanted: list[str] = []
+                    for address in recipients:
+                        if address.lower() not in covered:
+                            covered.add(address.lower())  # and each once
+                            wanted.append(address)
+                    recipients = wanted
                     if not recipients:
                         return "already"
                 conn.execute(
@@ -454,14 +465,22 @@ class Store:
         return "requested"
 
     @staticmethod
-    def _released(conn: psycopg.Connection[Any], event_id: Any) -> set[str]:
-        """The recipients a pending or done release of ``event_id`` already covers."""
+    def _released(
+        conn: psycopg.Connection[Any], event_id: Any, all_recipients: list[str]
+    ) -> set[str]:
+        """The recipients (lower case) a pending or done release of ``event_id`` already
+        covers. A release without recipients is one to all of them, as the tower's manager
+        reads it; addresses compare without case, as the manager compares them."""
         rows = conn.execute(
             "SELECT recipients FROM public.quarantine_actions WHERE event_id = %s"
             " AND action = 'release' AND (done_at IS NULL OR result = 'released')",
             (event_id,),
         ).fetchall()
-        return {address for row in rows for address in row["recipients"]}
+        return {
+            address.lower()
+            for row in rows
+            for address in (row["recipients"] or all_recipients or [])
+        }
 
     def audit(
         self, scope: Scope, action: str, row: dict[str, Any] | None, details: dict[str, Any]

@@ -45,8 +45,11 @@ CREATE TABLE IF NOT EXISTS public.quarantine_actions (
 );
 CREATE INDEX IF NOT EXISTS quarantine_actions_pending ON public.quarantine_actions (tower)
     WHERE done_at IS NULL;
+-- the portal's reads of one message's requests (its state, its page, what a release covers)
+CREATE INDEX IF NOT EXISTS quarantine_actions_event ON public.quarantine_actions
+    (event_id, requested_at);
 """
-INDEX = "quarantine_actions_pending"
+INDEXES = ("quarantine_actions_pending", "quarantine_actions_event")
 # What a tower's monitor may do: read its rows, answer them (these columns only).
 TOWER_SELECT = "SELECT"
 TOWER_UPDATE_COLUMNS = ("done_at", "result", "answer")
@@ -74,8 +77,11 @@ def pending(
     if not relation_exists(conn, TABLE):
         return [f"create table {TABLE}"]
     todo: list[str] = []
-    if not scalar(conn, "SELECT 1 FROM pg_class WHERE relname = %s AND relkind = 'i'", (INDEX,)):
-        todo.append(f"create index {INDEX}")
+    for index in INDEXES:
+        if not scalar(
+            conn, "SELECT 1 FROM pg_class WHERE relname = %s AND relkind = 'i'", (index,)
+        ):
+            todo.append(f"create index {index}")
     found = {
         name: (list(roles), cmd, qual)
         for name, roles, cmd, qual in conn.execute(
