@@ -755,9 +755,11 @@ def test_search(hub: Any, conn: Any, query: str, want: set[str]) -> None:
     run(test)
 
 
-def test_portal_without_quarantine_actions_still_lists(tmp_path: Any) -> None:
-    """The monitor's side may be deployed after the portal: lists work, actions say so."""
+def test_the_portals_step_makes_quarantine_actions_when_the_sync_has_not(tmp_path: Any) -> None:
+    """`mailtower portal schema` before the sync's first ensure: the table is there anyway
+    (made by the sync module's ensure_portal), and the portal lists and asks."""
     with portal_hub("goc-bare", actions=False) as bare, bare.connect() as conn:
+        assert quarantine_actions.portal_pending(conn) == []
         a = add_customer(conn, "acme", "acme.example")
         portal_store.set_user(conn, "admin-a", "admin", "acme", PASSWORD)
         eid = add_quarantined(conn, customer_id=a, recipients=[ALICE])
@@ -768,9 +770,10 @@ def test_portal_without_quarantine_actions_still_lists(tmp_path: Any) -> None:
                 _, text = await browser.get("/")
                 assert eid in text and "held" in text
                 _, location, _ = await browser.post(f"/message/{eid}/release")
-                assert location.endswith("done=unavailable")
+                assert location.endswith("done=requested")
 
         run(test)
+        assert count(conn, "quarantine_actions") == 1
 
 
 def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:

@@ -27,11 +27,13 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from mailtower.goc.eye.auth import USERNAME, hash_password, verify_password
+from mailtower.goc.sync import quarantine_actions
+from mailtower.goc.sync.changes import Changes
 
 ROLES = ("operator", "admin", "user")
 PAGE_SIZE = 50
 MAX_SEARCH = 200  # characters of one search field
-ACTIONS_TABLE = "quarantine_actions"  # GOC-local, made by the GOC deploy (the monitor's side)
+ACTIONS_TABLE = quarantine_actions.TABLE  # GOC-local: the sync's, and the portal's step's
 ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\\\"]{1,64}@[a-z0-9.-]{1,253}$")
 # What mt_portal may touch (granted by apply_grants; docs/quarantine.md, "The portal").
 VERDICT_COLUMNS = (
@@ -195,7 +197,8 @@ class Store:
                 self._conn.close()
 
     def has_actions(self, conn: psycopg.Connection[Any]) -> bool:
-        """Whether quarantine_actions exists (the monitor's side may be deployed later)."""
+        """Whether quarantine_actions exists (``mailtower portal schema`` makes it: only a hub
+        that step has not run on lacks it)."""
         if self._has_actions is None:
             row = conn.execute("SELECT to_regclass('public.quarantine_actions') AS t").fetchone()
             self._has_actions = bool(row and row["t"])
@@ -596,7 +599,7 @@ def apply_schema(conn: psycopg.Connection[Any]) -> None:
     conn.execute(schema_text())
 
 
-PORTAL_ROLE = "mt_portal"
+PORTAL_ROLE = quarantine_actions.PORTAL_ROLE  # "mt_portal"
 
 
 def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list[str]:
@@ -625,28 +628,12 @@ def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list
     for grant in grants:
         conn.execute(grant)
     done = ["verdict_events", "customers", "domains", "policies", *OWN_TABLES]
-    # quarantine_actions is the monitor's side's table (its own deploy step makes it, with
-    # row-level security for the towers' roles): granted once it exists; the next GOC deploy
-    # grants it when it comes later.
-    exists = conn.execute("SELECT to_regclass('public.quarantine_actions') IS NOT NULL").fetchone()
-    if exists is not None and exists[0]:
-        conn.execute(
-            sql.SQL("GRANT SELECT, INSERT ON public.quarantine_actions TO {}").format(ident)
-        )
-        # With row-level security on it, the portal sees and asks for every tower's rows.
-        rls = conn.execute(
-            "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.quarantine_actions'::regclass"
-        ).fetchone()
-        if rls is not None and rls[0]:
-            conn.execute(
-                sql.SQL(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname ="
-                    " 'public' AND tablename = 'quarantine_actions' AND policyname ="
-                    " 'mt_portal_all') THEN CREATE POLICY mt_portal_all ON"
-                    " public.quarantine_actions FOR ALL TO {} USING (true) WITH CHECK (true);"
-                    " END IF; END $$"
-                ).format(ident)
-            )
+    # quarantine_actions is the GOC's (goc/sync/quarantine_actions.py): its own ensure makes
+    # the table if the sync has not yet, and gives mt_portal its grants and its policy
+    # (mt_portal_all: every tower's rows) beside the towers' row-level security, which it
+    # never touches. The sync's ensure keeps them too, whichever step runs first.
+    if role == PORTAL_ROLE:
+        quarantine_actions.ensure_portal(conn, Changes("GOC"))
         done.append(ACTIONS_TABLE)
     return done
 
@@ -654,7 +641,6 @@ def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list
 def ensure_role(conn: psycopg.Connection[Any], password: str, role: str = PORTAL_ROLE) -> None:
     """The portal's login role with ``password``: the sync's own helper, so the server sees a
     SCRAM verifier, never the password (a statement log would otherwise keep it)."""
-    from mailtower.goc.sync.changes import Changes
     from mailtower.goc.sync.roles import ensure_login_role
 
     ensure_login_role(conn, role, password, Changes("GOC"))
