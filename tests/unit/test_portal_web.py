@@ -625,27 +625,108 @@ def test_delete_is_asked_audited_and_the_gocs_copy_goes_when_done(hub: Any, conn
     assert audit == [("op", "delete")]
 
 
-def test_allow_list_goes_through_the_policy_path(hub: Any, conn: Any) -> None:
-    from mailtower.customers import policy as policies
+def allow_senders(conn: psycopg.Connection[Any], customer_id: int) -> Any:
+    row = conn.execute(
+        "SELECT policy->'allow_senders', updated_at FROM policies WHERE customer_id = %s",
+        (customer_id,),
+    ).fetchone()
+    return row
 
-    ids = seed(conn, hub)
+
+def test_allow_list_goes_through_the_policy_path(hub: Any, conn: Any) -> None:
+    a = hub.customers["a"]
+    # A policy already there keeps its other fields; the sender is stored in lower case.
+    conn.execute(
+        "INSERT INTO policies (customer_id, policy) VALUES (%s, '{\"quarantine_days\": 10}')",
+        (a,),
+    )
+    eid = add_quarantined(conn, customer_id=a, recipients=[ALICE], sender="Bad@Sender.Example")
 
     async def test() -> None:
         async with portal(hub) as browser:
             await browser.sign_in("admin-a")
-            _, location, _ = await browser.post(f"/message/{ids['alice']}/allow")
-            return location
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=allowed")
+            _, page = await browser.get(location)
+            assert "allow-listed for this customer" in page
 
-    location = asyncio.run(test())
-    if "allow_senders" not in policies.CustomerPolicy.model_fields:
-        assert location.endswith("done=unsupported")
-        assert count(conn, "policies") == 0
-        return
-    assert location.endswith("done=allowed")
-    row = conn.execute("SELECT policy->'allow_senders' FROM policies").fetchone()
-    assert row == (["bad@sender.example"],)
+    run(test)
+    first = allow_senders(conn, a)
+    assert first[0] == ["bad@sender.example"]
+    row = conn.execute("SELECT policy->>'quarantine_days' FROM policies").fetchone()
+    assert row == ("10",)
     audit = conn.execute("SELECT who, details FROM portal_audit WHERE action = 'allow'").fetchall()
     assert audit == [("admin-a", {"sender": "bad@sender.example"})]
+
+    # A second click (or an operator's) changes nothing.
+    async def again() -> None:
+        for who in ("admin-a", "op"):
+            async with portal(hub) as browser:
+                await browser.sign_in(who)
+                _, location, _ = await browser.post(f"/message/{eid}/allow")
+                assert location.endswith("done=already")
+
+    run(again)
+    assert allow_senders(conn, a) == first
+    assert count(conn, "portal_audit WHERE action = 'allow'") == 1
+
+
+def test_allow_list_is_for_the_messages_own_customer_only(hub: Any, conn: Any) -> None:
+    a, b = hub.customers["a"], hub.customers["b"]
+    eid = add_quarantined(conn, customer_id=a, recipients=[ALICE])
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-b")
+            status, _, _ = await browser.post(f"/message/{eid}/allow")
+            assert status == 404
+
+    run(test)
+    assert count(conn, "policies") == 0
+
+    # The operator allow-lists it for A (the message's customer), never for B.
+    async def by_operator() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("op")
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=allowed")
+
+    run(by_operator)
+    assert allow_senders(conn, a)[0] == ["bad@sender.example"]
+    assert allow_senders(conn, b) is None
+
+
+@pytest.mark.parametrize("sender", ["", "<>"])
+def test_the_null_sender_is_never_allow_listed(hub: Any, conn: Any, sender: str) -> None:
+    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE], sender=sender)
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-a")
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=null-sender")
+            _, page = await browser.get(location)
+            assert "null sender" in page
+
+    run(test)
+    assert count(conn, "policies") == 0
+    assert count(conn, "portal_audit WHERE action = 'allow'") == 0
+
+
+def test_an_allow_list_the_policy_refuses_changes_nothing(hub: Any, conn: Any) -> None:
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE], sender='"odd name"@x.example'
+    )
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-a")
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=refused")
+
+    run(test)
+    assert count(conn, "policies") == 0
+    assert count(conn, "portal_audit WHERE action = 'allow'") == 0
 
 
 def test_expiry_nulls_only_the_expired_copies_in_batches(hub: Any, conn: Any) -> None:

@@ -514,9 +514,13 @@ class Store:
         )
 
     def allow_sender(self, scope: Scope, event_id: str) -> str:
-        """Add the message's envelope sender to its customer's allow_senders (admin,
-        operator), through the GOC's validated policy path; what happened, for the page."""
-        from mailtower.customers import policy as policies
+        """Add the message's envelope sender (lower case) to its customer's ``allow_senders``
+        (admin: their own customer's messages only, as ``_scoped`` finds them; operator),
+        through the GOC's validated policy path (``goc.customers.set_policy``), audited in the
+        same transaction; what happened, for the page: ``allowed``, ``already`` (nothing
+        changed), ``null-sender``, ``no-customer`` or ``refused: <why>``.
+
+        Raises LookupError when the message is not in the scope (the app's 404)."""
         from mailtower.goc import customers
         from mailtower.goc.errors import InputError, Refused
 
@@ -525,33 +529,42 @@ class Store:
         row = self.message(scope, event_id)
         if row is None:
             raise LookupError(event_id)
-        sender = (row["sender"] or "").strip().lower()
-        if not sender or row["customer_id"] is None:
-            return "no sender or no customer"
+        if scope.role == "admin" and row["customer_id"] != scope.customer_id:
+            raise LookupError(event_id)  # _scoped already ensures it: never another's policy
+        # The null sender (<>: bounces, notices) is never allowed (CustomerPolicy.allows_sender).
+        sender = (row["sender"] or "").strip().removeprefix("<").removesuffix(">").strip().lower()
+        if not sender:
+            return "null-sender"
+        if row["customer_id"] is None:
+            return "no-customer"  # held under the tower's own policy: no customer's to change
         with self.conn() as conn:
-            name = conn.execute(
-                "SELECT name FROM public.customers WHERE id = %s", (row["customer_id"],)
-            ).fetchone()
-            if name is None:
-                return "no customer"
-            if "allow_senders" not in policies.CustomerPolicy.model_fields:
-                return "unsupported"  # the policy field comes with scand's side (issue 18)
-            # Read, add, write: set_policy locks the customer's row and validates the result;
-            # goc.customers reads rows by position.
+            # goc.customers reads rows by position
             conn.row_factory = tuple_row  # type: ignore[assignment]
             try:
-                _, old = customers._stored_policy(conn, int(row["customer_id"]))
-                current = list(getattr(old, "allow_senders", ()) or ())
-                if sender in current:
-                    return "already"
-                customers.set_policy(
-                    conn, str(name["name"]), changes={"allow_senders": [*current, sender]}
-                )
+                with conn.transaction():
+                    found = conn.execute(
+                        "SELECT name FROM public.customers WHERE id = %s", (row["customer_id"],)
+                    ).fetchone()
+                    if found is None:
+                        return "no-customer"
+                    name = str(found[0])
+                    # Read, add, write under the customer's row lock (set_policy takes the same
+                    # lock again in this transaction and validates the result), so two clicks
+                    # at once for two senders do not lose one another.
+                    customer_id = customers._customer_id(conn, name, lock=True)
+                    _, old = customers._stored_policy(conn, customer_id)
+                    if sender in old.allow_senders:
+                        return "already"
+                    changed, _ = customers.set_policy(
+                        conn, name, changes={"allow_senders": [*old.allow_senders, sender]}
+                    )
+                    if not changed:
+                        return "already"
+                    self._audit(conn, scope, "allow", row, {"sender": sender})
             except (InputError, Refused) as exc:
                 return f"refused: {exc}"
             finally:
                 conn.row_factory = dict_row  # type: ignore[assignment]
-            self._audit(conn, scope, "allow", row, {"sender": sender})
         return "allowed"
 
     # -- expiry --------------------------------------------------------------------------------
