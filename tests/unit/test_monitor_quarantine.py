@@ -498,7 +498,7 @@ def test_notices_go_to_recipients_and_admin_never_the_sender(sql, relay) -> None
     handler, port = relay
     both = customer(sql, "both", {"notify": "both", "admin_address": "admin@cust.example"})
     quiet = customer(sql, "quiet", {})
-    quarantined(
+    event_id = quarantined(
         sql,
         customer_id=both,
         sender="carol@cust.example",  # forged as one of the recipients: she is not told
@@ -511,7 +511,8 @@ def test_notices_go_to_recipients_and_admin_never_the_sender(sql, relay) -> None
     assert sorted(got) == ["admin@cust.example", "bob@cust.example"]
     body = got["bob@cust.example"][0].get_content()
     assert "invoice" in body and "Eicar-Test-Signature" in body
-    assert "https://portal.unit.test" in body
+    # the portal's page of that message (goc/portal/app.py: /message/<event_id>)
+    assert f"https://portal.unit.test/message/{event_id}" in body
     assert got["bob@cust.example"][0].get_content_type() == "text/plain"
     # Recorded: the next pass (a minute later) sends nothing again.
     assert m.notices_pass() == 0
