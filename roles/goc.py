@@ -272,8 +272,10 @@ def activate(g: GocSettings, ops: dict[str, list], install_op) -> None:
         daemon_reload=True,
     )
     if g.portal is not None:
-        # Its tables, indexes and mt_portal's grants (idempotent; quarantine_actions is granted
-        # once the monitor's side has made it, so a later GOC deploy grants it then).
+        # Its tables, indexes and mt_portal's grants (idempotent), after the sync step: they
+        # need the sync's verdict_events. quarantine_actions' grants and policy for mt_portal
+        # come from the sync module either way (ensure_portal here, ensure in the sync step
+        # once mt_portal exists, whose check reports them missing), so one run converges.
         server.shell(
             name="Portal: schema, role mt_portal and its grants (mailtower portal schema)",
             commands=[

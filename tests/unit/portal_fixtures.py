@@ -1,7 +1,8 @@
 """The portal's test hub: a throwaway PostgreSQL 15 with the GOC's schema (``ensure_goc``),
 the portal's objects, the role ``mt_portal`` with its grants (the portal connects as it, so the
-tests also prove its privileges are enough), ``quarantine_actions`` as docs/quarantine.md
-shapes it (the monitor's side makes the real one), and helpers writing quarantined events."""
+tests also prove its privileges are enough), ``quarantine_actions`` as
+made by the GOC deploy's own ``quarantine_actions.ensure`` (with row-level security for each
+tower's ``mt_status_<tower>``), and helpers writing quarantined events."""
 
 from __future__ import annotations
 
@@ -14,30 +15,20 @@ from email.message import EmailMessage
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from mailtower.goc.eye.status import status_role
 from mailtower.goc.portal import store
+from mailtower.goc.sync import quarantine_actions
+from mailtower.goc.sync.changes import Changes
 from mailtower.goc.sync.goc import ensure_goc
 
 PORTAL_PASSWORD = "portal-role-password-0123456789"
 
-# The monitor's side owns this table; the shape of docs/quarantine.md, for these tests only.
-QUARANTINE_ACTIONS = """
-CREATE TABLE IF NOT EXISTS public.quarantine_actions (
-    request_id    uuid PRIMARY KEY,
-    event_id      uuid NOT NULL,
-    tower         text NOT NULL,
-    quarantine_id text NOT NULL,
-    action        text NOT NULL CHECK (action IN ('release', 'delete')),
-    recipients    text[] NOT NULL,
-    requested_by  text NOT NULL,
-    requested_at  timestamptz NOT NULL DEFAULT now(),
-    done_at       timestamptz,
-    result        text CHECK (result IN ('released', 'deleted', 'failed', 'gone')),
-    answer        text
-);
-CREATE INDEX IF NOT EXISTS quarantine_actions_event ON public.quarantine_actions (event_id);
-"""
+# The towers of the hub's quarantine_actions (add_quarantined writes "tower-a" by default).
+TOWERS = ("tower-a", "tower-b")
+STATUS_PASSWORD = "status-role-password-0123456789"
 
 
 @contextmanager
@@ -50,8 +41,14 @@ def portal_hub(name: str = "goc", *, actions: bool = True) -> Iterator[Any]:
     try:
         ensure_goc(cluster.dsn(), sync_password="sync-password-0123456789")
         with cluster.connect() as conn:
-            if actions:
-                conn.execute(QUARANTINE_ACTIONS)
+            if actions:  # as the GOC deploy's sync step makes it, before the portal's step
+                for tower in TOWERS:
+                    conn.execute(
+                        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                            sql.Identifier(status_role(tower)), sql.Literal(STATUS_PASSWORD)
+                        )
+                    )
+                quarantine_actions.ensure(conn, list(TOWERS), Changes("goc"))
             store.apply_schema(conn)
             store.ensure_role(conn, PORTAL_PASSWORD)
             store.apply_grants(conn)

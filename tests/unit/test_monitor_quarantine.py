@@ -296,6 +296,106 @@ def test_a_recipient_outside_the_message_is_refused(sql, relay) -> None:
     assert held(sql, event)
 
 
+def operator_released(
+    conn: psycopg.Connection[Any], event: uuid.UUID, recipients: tuple[str, ...]
+) -> None:
+    """What `mailtower quarantine release` logs after the relay's 250 (scand/cli.py)."""
+    conn.execute(
+        "SELECT mt_quarantine_released(%s, 'alice', %s, '250 2.0.0 Ok: queued as OP1')",
+        (event, list(recipients)),
+    )
+
+
+@pytest.mark.parametrize("requested", [(), ("BOB@cust.example",)])
+def test_what_an_operator_released_is_not_sent_again(sql, relay, requested) -> None:
+    handler, port = relay
+    event = quarantined(sql)
+    with sql[0].connect() as conn:
+        operator_released(conn, event, ("bob@cust.example", "carol@cust.example"))
+    rid = request(sql, event, recipients=requested)
+    assert manager(sql, port).actions_pass() == 1
+    assert handler.delivered == []
+    result, answer, done = goc_row(sql, rid)
+    assert (result, done) == ("released", True)
+    assert answer.startswith("already released by alice at ") and answer.endswith(" UTC")
+
+
+def test_a_release_leaves_out_whom_an_earlier_one_covered(sql, relay) -> None:
+    handler, port = relay
+    event = quarantined(sql)
+    with sql[0].connect() as conn:
+        operator_released(conn, event, ("Bob@Cust.example",))  # compared without case
+    rid = request(sql, event)  # empty: all of its recipients
+    manager(sql, port).actions_pass()
+    assert [d.rcpt_tos for d in handler.delivered] == [["carol@cust.example"]]
+    result, answer, _ = goc_row(sql, rid)
+    assert result == "released" and "queued as" in answer
+    assert "already released to bob@cust.example by alice at" in answer
+    # A later request for everyone: each was released to once, nothing is sent.
+    again = request(sql, event)
+    manager(sql, port).actions_pass()
+    assert len(handler.delivered) == 1
+    result, answer, _ = goc_row(sql, again)
+    assert result == "released" and "by alice at" in answer and "by portal:admin at" in answer
+
+
+def waiting_for_action_lock(sql: Any) -> bool:
+    return bool(
+        sql[0].scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    )
+
+
+@pytest.mark.parametrize("when", ["before its check", "before its last dot"])
+def test_an_operator_release_during_a_portal_release_is_not_doubled(sql, relay, when) -> None:
+    """The operator's command holds ACTION_LOCK from its check to its log row; the manager
+    takes it for its check and again for its move to "sending" (after the relay's 354):
+    either way it waits, sees the operator's release, and never sends the message's end."""
+    handler, port = relay
+    event = quarantined(sql)
+    rid = request(sql, event)
+    m = manager(sql, port, retry_s=0.0)
+    errors: list[BaseException] = []
+    checked, go = threading.Event(), threading.Event()
+    assert m.relay is not None
+    real = m.relay.release
+
+    def release(*args: Any, **kwargs: Any) -> str:
+        checked.set()  # past its first check: the operator comes now
+        go.wait(30)
+        return real(*args, **kwargs)
+
+    thread = threading.Thread(target=_run, args=(m, errors))
+    with sql[0].connect() as operator, mock.patch.object(m.relay, "release", release):
+        if when == "before its last dot":
+            thread.start()
+            assert checked.wait(30)
+        with operator.transaction():
+            operator.execute(qm.rows.ACTION_LOCK, (event,))
+            if when == "before its check":
+                thread.start()
+            go.set()
+            pgclusters.wait_until(
+                lambda: waiting_for_action_lock(sql), 30, "the manager waiting for ACTION_LOCK"
+            )
+            operator_released(operator, event, ("bob@cust.example", "carol@cust.example"))
+        thread.join(60)
+    assert not errors
+    assert handler.delivered == []  # at most RCPT and DATA, never the message's end
+    # before its check: answered at once; before its last dot: deferred, "meanwhile …"
+    assert goc_row(sql, rid)[2] is (when == "before its check")
+    m.actions_pass()  # a deferred one ("released meanwhile") is answered on the next pass
+    assert handler.delivered == []
+    result, answer, done = goc_row(sql, rid)
+    assert (result, done) == ("released", True) and "by alice at" in answer
+
+
+def _run(m: qm.QuarantineManager, errors: list[BaseException]) -> None:
+    try:
+        m.actions_pass()
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)
+
+
 def test_two_managers_at_once_deliver_each_release_exactly_once(sql, relay) -> None:
     handler, port = relay
     handler.gate = threading.Event()  # both managers are inside their passes together
@@ -498,7 +598,7 @@ def test_notices_go_to_recipients_and_admin_never_the_sender(sql, relay) -> None
     handler, port = relay
     both = customer(sql, "both", {"notify": "both", "admin_address": "admin@cust.example"})
     quiet = customer(sql, "quiet", {})
-    quarantined(
+    event_id = quarantined(
         sql,
         customer_id=both,
         sender="carol@cust.example",  # forged as one of the recipients: she is not told
@@ -511,7 +611,8 @@ def test_notices_go_to_recipients_and_admin_never_the_sender(sql, relay) -> None
     assert sorted(got) == ["admin@cust.example", "bob@cust.example"]
     body = got["bob@cust.example"][0].get_content()
     assert "invoice" in body and "Eicar-Test-Signature" in body
-    assert "https://portal.unit.test" in body
+    # the portal's page of that message (goc/portal/app.py: /message/<event_id>)
+    assert f"https://portal.unit.test/message/{event_id}" in body
     assert got["bob@cust.example"][0].get_content_type() == "text/plain"
     # Recorded: the next pass (a minute later) sends nothing again.
     assert m.notices_pass() == 0

@@ -147,6 +147,30 @@ def test_a_hostile_subject_and_sender_cannot_add_headers() -> None:
     assert "https://portal.example.net" in body
 
 
+def test_each_message_links_to_its_portal_page() -> None:
+    other = notice.Item(
+        "0b4f6c1e-52a1-4d0e-9c59-3d7a8e2f1b10", "q-2", T0, "x@y.example", "s", "virus", ()
+    )
+    for portal in ("https://portal.example.net", "https://portal.example.net/"):
+        body = email.message_from_bytes(
+            built(item(), other, portal=portal), policy=email.policy.default
+        )
+        text = body.get_content()  # type: ignore[union-attr]
+        assert "https://portal.example.net/message/2211a706-ba8d-452e-bc54-8a2db6cb4665" in text
+        assert "https://portal.example.net/message/0b4f6c1e-52a1-4d0e-9c59-3d7a8e2f1b10" in text
+        assert "Review, release or delete them at https://portal.example.net" in text  # the base
+        assert "//message" not in text
+
+
+def test_a_link_only_for_a_real_event_id() -> None:
+    assert notice.message_url(None, "2211a706-ba8d-452e-bc54-8a2db6cb4665") is None
+    assert notice.message_url("https://p.example", "../../admin") is None
+    assert (
+        notice.message_url("https://p.example/q/", "2211A706-BA8D-452E-BC54-8A2DB6CB4665")
+        == "https://p.example/q/message/2211a706-ba8d-452e-bc54-8a2db6cb4665"
+    )
+
+
 def test_no_portal_no_link() -> None:
     body = email.message_from_bytes(built(item(), portal=None), policy=email.policy.default)
     assert "http" not in body.get_content()  # type: ignore[union-attr]

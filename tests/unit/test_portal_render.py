@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from mailtower.goc.portal import render
-from mailtower.goc.portal.mail import Relay, SmtpMailer, link_message
+from mailtower.goc.portal.mail import RelayAddress, SmtpMailer, link_message
 from mailtower.goc.portal.store import Cursor, Scope, normal_address
 
 
@@ -51,12 +51,12 @@ def test_link_mail_is_plain_text_to_the_user_only() -> None:
 
 
 def test_relays_parse_and_a_mailer_with_no_taker_raises() -> None:
-    assert Relay.parse("10.1.0.21") == Relay("10.1.0.21", 25)
-    assert Relay.parse("relay.example:2525") == Relay("relay.example", 2525)
+    assert RelayAddress.parse("10.1.0.21") == RelayAddress("10.1.0.21", 25)
+    assert RelayAddress.parse("relay.example:2525") == RelayAddress("relay.example", 2525)
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mailer = SmtpMailer((Relay("127.0.0.1", port),), timeout_s=5)
+    mailer = SmtpMailer((RelayAddress("127.0.0.1", port),), timeout_s=5)
     with pytest.raises(OSError, match="no relay took the sign-in link"):
         mailer(link_message("q@goc.example", "a@acme.example", "https://p/link/T", 15))
 

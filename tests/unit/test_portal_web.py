@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from portal_fixtures import (
+    TOWERS,
     add_customer,
     add_quarantined,
     portal_dsn,
@@ -26,6 +27,7 @@ from portal_fixtures import (
 from mailtower.goc.portal import store as portal_store
 from mailtower.goc.portal.app import LINK_SENT, SESSION_COOKIE, STORE, PortalConfig, make_app
 from mailtower.goc.portal.store import Store
+from mailtower.goc.sync import quarantine_actions
 
 pytestmark = pytest.mark.integration
 
@@ -623,27 +625,108 @@ def test_delete_is_asked_audited_and_the_gocs_copy_goes_when_done(hub: Any, conn
     assert audit == [("op", "delete")]
 
 
-def test_allow_list_goes_through_the_policy_path(hub: Any, conn: Any) -> None:
-    from mailtower.customers import policy as policies
+def allow_senders(conn: psycopg.Connection[Any], customer_id: int) -> Any:
+    row = conn.execute(
+        "SELECT policy->'allow_senders', updated_at FROM policies WHERE customer_id = %s",
+        (customer_id,),
+    ).fetchone()
+    return row
 
-    ids = seed(conn, hub)
+
+def test_allow_list_goes_through_the_policy_path(hub: Any, conn: Any) -> None:
+    a = hub.customers["a"]
+    # A policy already there keeps its other fields; the sender is stored in lower case.
+    conn.execute(
+        "INSERT INTO policies (customer_id, policy) VALUES (%s, '{\"quarantine_days\": 10}')",
+        (a,),
+    )
+    eid = add_quarantined(conn, customer_id=a, recipients=[ALICE], sender="Bad@Sender.Example")
 
     async def test() -> None:
         async with portal(hub) as browser:
             await browser.sign_in("admin-a")
-            _, location, _ = await browser.post(f"/message/{ids['alice']}/allow")
-            return location
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=allowed")
+            _, page = await browser.get(location)
+            assert "allow-listed for this customer" in page
 
-    location = asyncio.run(test())
-    if "allow_senders" not in policies.CustomerPolicy.model_fields:
-        assert location.endswith("done=unsupported")
-        assert count(conn, "policies") == 0
-        return
-    assert location.endswith("done=allowed")
-    row = conn.execute("SELECT policy->'allow_senders' FROM policies").fetchone()
-    assert row == (["bad@sender.example"],)
+    run(test)
+    first = allow_senders(conn, a)
+    assert first[0] == ["bad@sender.example"]
+    row = conn.execute("SELECT policy->>'quarantine_days' FROM policies").fetchone()
+    assert row == ("10",)
     audit = conn.execute("SELECT who, details FROM portal_audit WHERE action = 'allow'").fetchall()
     assert audit == [("admin-a", {"sender": "bad@sender.example"})]
+
+    # A second click (or an operator's) changes nothing.
+    async def again() -> None:
+        for who in ("admin-a", "op"):
+            async with portal(hub) as browser:
+                await browser.sign_in(who)
+                _, location, _ = await browser.post(f"/message/{eid}/allow")
+                assert location.endswith("done=already")
+
+    run(again)
+    assert allow_senders(conn, a) == first
+    assert count(conn, "portal_audit WHERE action = 'allow'") == 1
+
+
+def test_allow_list_is_for_the_messages_own_customer_only(hub: Any, conn: Any) -> None:
+    a, b = hub.customers["a"], hub.customers["b"]
+    eid = add_quarantined(conn, customer_id=a, recipients=[ALICE])
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-b")
+            status, _, _ = await browser.post(f"/message/{eid}/allow")
+            assert status == 404
+
+    run(test)
+    assert count(conn, "policies") == 0
+
+    # The operator allow-lists it for A (the message's customer), never for B.
+    async def by_operator() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("op")
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=allowed")
+
+    run(by_operator)
+    assert allow_senders(conn, a)[0] == ["bad@sender.example"]
+    assert allow_senders(conn, b) is None
+
+
+@pytest.mark.parametrize("sender", ["", "<>"])
+def test_the_null_sender_is_never_allow_listed(hub: Any, conn: Any, sender: str) -> None:
+    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE], sender=sender)
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-a")
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=null-sender")
+            _, page = await browser.get(location)
+            assert "null sender" in page
+
+    run(test)
+    assert count(conn, "policies") == 0
+    assert count(conn, "portal_audit WHERE action = 'allow'") == 0
+
+
+def test_an_allow_list_the_policy_refuses_changes_nothing(hub: Any, conn: Any) -> None:
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE], sender='"odd name"@x.example'
+    )
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-a")
+            _, location, _ = await browser.post(f"/message/{eid}/allow")
+            assert location.endswith("done=refused")
+
+    run(test)
+    assert count(conn, "policies") == 0
+    assert count(conn, "portal_audit WHERE action = 'allow'") == 0
 
 
 def test_expiry_nulls_only_the_expired_copies_in_batches(hub: Any, conn: Any) -> None:
@@ -753,9 +836,11 @@ def test_search(hub: Any, conn: Any, query: str, want: set[str]) -> None:
     run(test)
 
 
-def test_portal_without_quarantine_actions_still_lists(tmp_path: Any) -> None:
-    """The monitor's side may be deployed after the portal: lists work, actions say so."""
+def test_the_portals_step_makes_quarantine_actions_when_the_sync_has_not(tmp_path: Any) -> None:
+    """`mailtower portal schema` before the sync's first ensure: the table is there anyway
+    (made by the sync module's ensure_portal), and the portal lists and asks."""
     with portal_hub("goc-bare", actions=False) as bare, bare.connect() as conn:
+        assert quarantine_actions.portal_pending(conn) == []
         a = add_customer(conn, "acme", "acme.example")
         portal_store.set_user(conn, "admin-a", "admin", "acme", PASSWORD)
         eid = add_quarantined(conn, customer_id=a, recipients=[ALICE])
@@ -766,9 +851,10 @@ def test_portal_without_quarantine_actions_still_lists(tmp_path: Any) -> None:
                 _, text = await browser.get("/")
                 assert eid in text and "held" in text
                 _, location, _ = await browser.post(f"/message/{eid}/release")
-                assert location.endswith("done=unavailable")
+                assert location.endswith("done=requested")
 
         run(test)
+        assert count(conn, "quarantine_actions") == 1
 
 
 def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
@@ -790,7 +876,47 @@ def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
     rows = conn.execute(
         "SELECT action, recipients FROM quarantine_actions ORDER BY requested_at"
     ).fetchall()
-    assert rows == [("release", [ALICE]), ("release", [BOB]), ("delete", [ALICE, BOB])]
+    # a delete carries no recipients (the column is a release's: empty is all of them)
+    assert rows == [("release", [ALICE]), ("release", [BOB]), ("delete", [])]
+
+
+def test_the_hub_has_the_gocs_own_quarantine_actions(hub: Any, conn: Any) -> None:
+    """No private copy: the table is the GOC deploy's (its ensure has nothing left to do)."""
+    assert quarantine_actions.pending(conn, list(TOWERS)) == []
+    row = conn.execute(
+        "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.quarantine_actions'::regclass"
+    ).fetchone()
+    assert row == (True,)
+
+
+@pytest.mark.parametrize(
+    "earlier",
+    [
+        [],  # a release to all recipients, as the tower's manager reads an empty list
+        ["ALICE@acme.example", "Bob@Acme.Example"],  # the manager compares without case
+    ],
+)
+def test_an_earlier_release_covers_as_the_tower_reads_it(
+    hub: Any, conn: Any, earlier: list[str]
+) -> None:
+    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+    conn.execute(
+        "INSERT INTO quarantine_actions (request_id, event_id, tower, quarantine_id, action,"
+        " recipients, requested_by) SELECT gen_random_uuid(), event_id, tower, quarantine_id,"
+        " 'release', %s, 'operator:earlier' FROM verdict_events WHERE event_id = %s",
+        (earlier, eid),
+    )
+
+    async def test() -> None:
+        async with portal(hub) as user:
+            await user.sign_in_by_link(ALICE)
+            assert (await user.post(f"/message/{eid}/release"))[1].endswith("done=already")
+        async with portal(hub) as admin:
+            await admin.sign_in("admin-a")
+            assert (await admin.post(f"/message/{eid}/release"))[1].endswith("done=already")
+
+    run(test)
+    assert count(conn, "quarantine_actions") == 1
 
 
 def test_a_database_away_is_a_503_page(hub: Any, conn: Any) -> None:

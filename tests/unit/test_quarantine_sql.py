@@ -456,6 +456,37 @@ def test_release_again_and_a_relay_refusal(
     assert db.execute("SELECT count(*) FROM quarantine_log").fetchone() == (2,)
 
 
+def test_release_after_a_portal_request_by_what_the_monitor_logged(
+    rig: Rig,
+    db: psycopg.Connection[Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The monitor's claim row of a portal request: a failed one does not count, one in
+    progress or one the relay took does (the monitor checks the operator's likewise)."""
+    rig.policies({}, {})
+    qid = rig.send(VIRUS, [ALICE]).split()[4]
+    event_id = db.execute("SELECT event_id FROM verdict_events").fetchone()[0]  # type: ignore[index]
+
+    def portal(answer: str) -> None:
+        db.execute(
+            "INSERT INTO quarantine_log (event_id, quarantine_id, action, by, answer, request_id)"
+            " VALUES (%s, %s, 'release', 'admin:acme-admin', %s, gen_random_uuid())",
+            (event_id, qid, answer),
+        )
+
+    portal("sending 0123456789abcdef")
+    assert _cli(rig, tmp_path, "release", qid) == 1
+    assert "a portal release of it is in progress" in capsys.readouterr().err
+    db.execute("UPDATE quarantine_log SET answer = 'released: 250 2.0.0 Ok: queued as X'")
+    assert _cli(rig, tmp_path, "release", qid) == 1
+    assert "already released by admin:acme-admin at" in capsys.readouterr().err
+    db.execute("UPDATE quarantine_log SET answer = 'failed: relay: 550 5.1.1 no such user'")
+    assert rig.sink.received == []
+    assert _cli(rig, tmp_path, "release", qid) == 0
+    assert len(rig.sink.received) == 1
+
+
 def test_list_pages_newest_first_and_unknown_ids(
     rig: Rig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

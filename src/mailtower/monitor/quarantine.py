@@ -56,6 +56,7 @@ from typing import Any
 
 import psycopg
 
+from mailtower import quarantine as rows
 from mailtower.customers.policy import CustomerPolicy, PolicyError, parse
 from mailtower.goc.eye.status import status_role
 from mailtower.monitor import quarantine_notice as notice
@@ -588,8 +589,18 @@ class QuarantineManager:
         if refused:
             shown = ", ".join(notice.clean(r, 100) for r in refused[:5])
             return finish("failed", f"refused: not recipients of the message: {shown}")
+        # Never twice to one recipient: what an operator (`mailtower quarantine release`) or
+        # another request already released is left out, under the lock both take.
+        conn = self.tower()
+        with conn.transaction():
+            conn.execute(rows.ACTION_LOCK, (request.event_id,))
+            covered = self._covered(request, recipients)
+            if all(r.lower() in covered for r in chosen):
+                return finish("released", _already(chosen, covered))
         if datetime.now(UTC) - request.requested_at > GIVE_UP_AFTER:
             return finish("failed", f"deferred since {request.requested_at:%Y-%m-%d %H:%M} UTC")
+        skipped = [r for r in chosen if r.lower() in covered]
+        chosen = [r for r in chosen if r.lower() not in covered]
         header = (
             f"X-Mailtower-Released: {datetime.now(UTC).isoformat(timespec='seconds')}; "
             f"by={_header(request.requested_by)}; id={rid}\r\n"
@@ -600,9 +611,21 @@ class QuarantineManager:
         sent_state = [claimed]  # the claim row's state once the relay had the DATA
 
         def before_last_dot() -> bool:
-            if self._move(rid, claimed, sending):
-                sent_state[0] = sending
-                return True
+            # The check again and the move to "sending" in one transaction under ACTION_LOCK:
+            # an operator's release holds it from its own check to its log row, so of the two
+            # one sees the other (its log row, or this "sending").
+            with conn.transaction():
+                conn.execute(rows.ACTION_LOCK, (request.event_id,))
+                now_covered = self._covered(request, recipients)
+                if any(r.lower() in now_covered for r in chosen):
+                    # released meanwhile: nothing is sent now; the next attempt leaves out
+                    # whom it covers (or answers released, when it covers them all)
+                    done = [r for r in chosen if r.lower() in now_covered]
+                    self._move(rid, claimed, f"deferred: meanwhile {_already(done, now_covered)}")
+                    return False
+                if self._move(rid, claimed, sending):
+                    sent_state[0] = sending
+                    return True
             return False
 
         assert self.relay is not None
@@ -623,7 +646,14 @@ class QuarantineManager:
             return None  # another manager took the request over
         except ReleaseDeferred as exc:
             return finish("deferred", str(exc), old=sent_state[0])
+        if skipped:
+            answer += f"; {_already(skipped, covered, to=True)}"
         return finish("released", answer, old=sending)
+
+    def _covered(self, request: Request, recipients: Sequence[str]) -> dict[str, rows.Release]:
+        """The message's recipients (lower case) an earlier release the relay took covered."""
+        done = rows.releases(self.tower(), request.event_id, besides=request.request_id)
+        return rows.released_to(done, recipients)
 
     def _state(self, request_id: uuid.UUID) -> str | None:
         row = self.tower().execute(STATE, (request_id,)).fetchone()
@@ -857,6 +887,16 @@ class QuarantineManager:
         while self._unrecorded_notices:
             self._record_notice(self._unrecorded_notices[0])
             self._unrecorded_notices.pop(0)
+
+
+def _already(
+    addresses: Sequence[str], covered: dict[str, rows.Release], *, to: bool = False
+) -> str:
+    """``already released [to a, b] by <who> at <when>[, and by …]`` for an answer."""
+    found = list(dict.fromkeys(covered[a.lower()] for a in addresses))
+    whom = f"to {', '.join(addresses)} " if to else ""
+    text = f"already released {whom}" + ", and ".join(r.describe() for r in found)
+    return notice.clean(text, 500)
 
 
 def _recipients(requested: Sequence[str], held: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -84,6 +85,18 @@ def due_at(scanned_at: datetime, digest_hour: int | None) -> datetime:
     return digest
 
 
+def message_url(portal_url: str | None, event_id: str) -> str | None:
+    """The portal's page of one message (``/message/<event_id>``, goc/portal/app.py's route),
+    or None without a portal (or an event id that is not a uuid: never a made-up path)."""
+    if not portal_url:
+        return None
+    try:
+        eid = uuid.UUID(event_id)
+    except ValueError:
+        return None
+    return f"{portal_url.rstrip('/')}/message/{eid}"
+
+
 @dataclass(frozen=True)
 class Item:
     """One quarantined message, as a notice lists it (fields as stored: cleaned when shown)."""
@@ -128,8 +141,11 @@ def build(
             f"Subject:       {clean(item.subject, MAX_SUBJECT) or '(no subject)'}",
             f"Verdict:       {clean(item.verdict, 40)}" + (f" ({findings})" if findings else ""),
             f"Quarantine id: {clean(item.quarantine_id, 100)}",
-            "",
         ]
+        link = message_url(portal_url, item.event_id)
+        if link:
+            lines.append(f"Review it:     {link}")
+        lines.append("")
     if count > len(shown):
         lines += [f"… and {count - len(shown)} more.", ""]
     if portal_url:

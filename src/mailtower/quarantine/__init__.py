@@ -14,12 +14,16 @@ from mailtower.quarantine.rows import (
     COLUMNS,
     INSERT,
     PAGE_MAX,
+    RELEASES,
     Quarantined,
+    Release,
     by_event_id,
     by_quarantine_id,
     cursor_of,
     insert,
     page,
+    released_to,
+    releases,
 )
 from mailtower.quarantine.subject import SUBJECT_MAX, subject_of
 
@@ -28,12 +32,16 @@ __all__ = [
     "COLUMNS",
     "INSERT",
     "PAGE_MAX",
+    "RELEASES",
     "SUBJECT_MAX",
     "Quarantined",
+    "Release",
     "by_event_id",
     "by_quarantine_id",
     "cursor_of",
     "insert",
     "page",
+    "released_to",
+    "releases",
     "subject_of",
 ]

@@ -56,6 +56,18 @@ ON CONFLICT (event_id) DO NOTHING
 # two actors on one message take turns, so a message is released once unless asked again.
 ACTION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 18))"
 
+# The releases of a message that reached the relay, as the tower's quarantine_log records them
+# (read under ACTION_LOCK by whoever releases next): one the operators' command logged (it logs
+# only the relay's 250, without a request_id) and a portal request the relay took (the
+# monitor's claim row, ``released: …``). Claims not yet sent, deferred, failed (even "in
+# doubt": a new request sends it again, by design) are not releases.
+RELEASES = """
+SELECT by, at, recipients, request_id FROM quarantine_log
+WHERE event_id = %s AND action = 'release'
+  AND (request_id IS NULL OR answer LIKE 'released:%%')
+ORDER BY at, id
+"""
+
 # What the reads select: every column, ``message`` only when asked (a page of rows without
 # their bytes), and whether the bytes are still held.
 _SELECT = (
@@ -187,3 +199,43 @@ def page(
 def cursor_of(row: Quarantined) -> tuple[datetime, uuid.UUID]:
     """The ``before`` of the page after the one ending with ``row``."""
     return row.scanned_at, row.event_id
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release of a message the relay took (``RELEASES``)."""
+
+    by: str
+    at: datetime
+    recipients: tuple[str, ...]  # as logged; empty: all of the message's recipients
+    request_id: uuid.UUID | None  # None: the operators' command
+
+    def describe(self) -> str:
+        """``by <who> at <when>`` (UTC), for an answer or an operator."""
+        from datetime import UTC
+
+        return f"by {self.by} at {self.at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def releases(
+    conn: Any, event_id: uuid.UUID | str, *, besides: uuid.UUID | None = None
+) -> list[Release]:
+    """The releases of ``event_id`` the relay took, oldest first; ``besides``: not that
+    request's own."""
+    with conn.cursor() as cur:
+        cur.execute(RELEASES, (uuid.UUID(str(event_id)),))
+        found = [
+            Release(str(by), at, tuple(recipients or ()), request_id)
+            for by, at, recipients, request_id in cur.fetchall()
+        ]
+    return [r for r in found if besides is None or r.request_id != besides]
+
+
+def released_to(done: Sequence[Release], recipients: Sequence[str]) -> dict[str, Release]:
+    """Which of the message's ``recipients`` (lower case) a release in ``done`` covered, and
+    by which (the first): a release without recipients covered them all."""
+    covered: dict[str, Release] = {}
+    for release in done:
+        for address in release.recipients or recipients:
+            covered.setdefault(address.lower(), release)
+    return covered

@@ -434,16 +434,27 @@ def _sql_release(conn: Any, settings: TowerSettings, args: argparse.Namespace) -
 
     row = _find(conn, args.id)
     user = _operator()
-    # One release at a time per message (the monitor's manager takes the same lock): the
-    # check below and the log row after the relay's answer are one transaction.
+    # One release at a time per message (the monitor's manager takes the same lock for its
+    # own check and its move to "sending"): the check below and the log row after the
+    # relay's answer are one transaction, so of the two, one sees the other's release.
     with conn.transaction():
         conn.execute(rows.ACTION_LOCK, (row.event_id,))
-        released = [d for d in _log(conn, [row.event_id])[row.event_id] if d["action"] == "release"]
+        released = rows.releases(conn, row.event_id)  # by an operator or a portal request
         if released and not args.again:
-            last = released[-1]
             raise _Refused(
-                f"{row.quarantine_id} was already released at {last['at']} by "
-                f"{shown(last['by'])}; use --again to release it again"
+                f"{row.quarantine_id} was already released {shown(released[-1].describe())};"
+                " use --again to release it again"
+            )
+        in_flight = conn.execute(
+            "SELECT request_id FROM quarantine_log WHERE event_id = %s AND action = 'release'"
+            " AND request_id IS NOT NULL AND (answer LIKE 'claimed %%' OR answer LIKE"
+            " 'sending %%')",
+            (row.event_id,),
+        ).fetchone()
+        if in_flight is not None and not args.again:
+            raise _Refused(
+                f"{row.quarantine_id}: a portal release of it is in progress (request "
+                f"{in_flight[0]}, mailtower-monitor); see its result, or use --again"
             )
         current = rows.by_event_id(conn, row.event_id)
         if current is None or current.message is None:

@@ -64,7 +64,7 @@ class Entry:
     message_path: Path
 
 
-class Store(Protocol):
+class AnyQuarantineStore(Protocol):
     """What scand's Scanner needs of a quarantine store."""
 
     # True: a written copy is the message's verdict event (no event is spooled for it).
@@ -81,7 +81,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def from_settings(settings: TowerSettings) -> Store:
+def from_settings(settings: TowerSettings) -> AnyQuarantineStore:
     """The store ``settings.quarantine_store`` names."""
     if settings.quarantine_store == "sql":
         return SqlQuarantineStore(sql_dsn(settings))

@@ -14,7 +14,7 @@ from mailtower.goc.eye.__main__ import _run, plain_http_refused
 from mailtower.goc.eye.auth import load_secret
 from mailtower.goc.eye.errors import AuthError
 from mailtower.goc.portal.app import PortalConfig, make_app
-from mailtower.goc.portal.mail import Relay, SmtpMailer
+from mailtower.goc.portal.mail import RelayAddress, SmtpMailer
 from mailtower.goc.portal.store import Store
 
 log = logging.getLogger("mailtower.goc.portal")
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         origin=args.origin,
     )
     store = Store(args.dsn)
-    mailer = SmtpMailer(tuple(Relay.parse(r) for r in args.relay))
+    mailer = SmtpMailer(tuple(RelayAddress.parse(r) for r in args.relay))
     try:
         asyncio.run(_run(make_app(config, store, mailer), host.strip("[]"), int(port), tls))
     finally:

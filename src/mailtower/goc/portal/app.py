@@ -418,7 +418,10 @@ NOTES = {
     "unavailable": "Releases and deletions are not available at this GOC yet.",
     "allowed": "The sender is allow-listed for this customer.",
     "refused": "The customer's policy refused the change (see the GOC's log).",
-    "unsupported": "Allow-listing needs the policy field allow_senders (not in this build).",
+    "null-sender": "This message has the null sender <> (a bounce or an automatic notice):"
+    " there is no sender to allow-list, and the null sender is never allowed.",
+    "no-customer": "This message was held under the tower's own policy, not a customer's:"
+    " there is no customer policy to allow-list the sender in.",
 }
 
 
@@ -450,6 +453,8 @@ async def act(request: web.Request) -> web.Response:
         event_id,
         outcome.split(":")[0],
     )
+    if outcome.startswith("refused"):  # the page says "see the GOC's log": here is why
+        log.warning("event=%s_refused event_id=%s reason=%r", action, event_id, outcome)
     key = outcome if outcome in NOTES else "refused" if outcome.startswith("refused") else ""
     raise web.HTTPSeeOther(f"/message/{event_id}?done={key}" if key else f"/message/{event_id}")
 

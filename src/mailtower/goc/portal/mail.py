@@ -14,12 +14,12 @@ log = logging.getLogger("mailtower.goc.portal")
 
 
 @dataclass(frozen=True)
-class Relay:
+class RelayAddress:
     host: str
     port: int = 25
 
     @classmethod
-    def parse(cls, text: str) -> Relay:
+    def parse(cls, text: str) -> RelayAddress:
         host, sep, port = text.rpartition(":")
         if not sep:
             return cls(text)
@@ -45,7 +45,7 @@ def link_message(sender: str, address: str, url: str, minutes: int) -> EmailMess
 
 @dataclass(frozen=True)
 class SmtpMailer:
-    relays: tuple[Relay, ...]
+    relays: tuple[RelayAddress, ...]
     timeout_s: float = 20.0
 
     def __call__(self, msg: EmailMessage) -> None:

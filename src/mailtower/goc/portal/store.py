@@ -27,11 +27,13 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from mailtower.goc.eye.auth import USERNAME, hash_password, verify_password
+from mailtower.goc.sync import quarantine_actions
+from mailtower.goc.sync.changes import Changes
 
 ROLES = ("operator", "admin", "user")
 PAGE_SIZE = 50
 MAX_SEARCH = 200  # characters of one search field
-ACTIONS_TABLE = "quarantine_actions"  # GOC-local, made by the GOC deploy (the monitor's side)
+ACTIONS_TABLE = quarantine_actions.TABLE  # GOC-local: the sync's, and the portal's step's
 ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\\\"]{1,64}@[a-z0-9.-]{1,253}$")
 # What mt_portal may touch (granted by apply_grants; docs/quarantine.md, "The portal").
 VERDICT_COLUMNS = (
@@ -195,7 +197,8 @@ class Store:
                 self._conn.close()
 
     def has_actions(self, conn: psycopg.Connection[Any]) -> bool:
-        """Whether quarantine_actions exists (the monitor's side may be deployed later)."""
+        """Whether quarantine_actions exists (``mailtower portal schema`` makes it: only a hub
+        that step has not run on lacks it)."""
         if self._has_actions is None:
             row = conn.execute("SELECT to_regclass('public.quarantine_actions') AS t").fetchone()
             self._has_actions = bool(row and row["t"])
@@ -410,7 +413,13 @@ class Store:
         row = self.message(scope, event_id)
         if row is None:
             raise LookupError(event_id)
-        recipients = [scope.address] if scope.role == "user" else list(row["recipients"])
+        # quarantine_actions' recipients: a release to these only, empty for a delete (the
+        # column means nothing to a delete; empty is "all of them" to the tower's manager).
+        recipients: list[str] = []
+        if action == "release":
+            recipients = list(row["recipients"])
+            if scope.address is not None:  # a user: their own copy only
+                recipients = [scope.address]
         with self.conn() as conn:
             if not self.has_actions(conn):
                 return "unavailable"
@@ -432,8 +441,13 @@ class Store:
                 if action == "release":
                     # Each recipient gets a message once: a release goes only to those no
                     # pending or done release covers (a user's own, then the admin's rest).
-                    covered = self._released(conn, row["event_id"])
-                    recipients = [r for r in recipients if r not in covered]
+                    covered = self._released(conn, row["event_id"], row["recipients"])
+                    wanted: list[str] = []
+                    for address in recipients:
+                        if address.lower() not in covered:
+                            covered.add(address.lower())  # and each once
+                            wanted.append(address)
+                    recipients = wanted
                     if not recipients:
                         return "already"
                 conn.execute(
@@ -454,14 +468,22 @@ class Store:
         return "requested"
 
     @staticmethod
-    def _released(conn: psycopg.Connection[Any], event_id: Any) -> set[str]:
-        """The recipients a pending or done release of ``event_id`` already covers."""
+    def _released(
+        conn: psycopg.Connection[Any], event_id: Any, all_recipients: list[str]
+    ) -> set[str]:
+        """The recipients (lower case) a pending or done release of ``event_id`` already
+        covers. A release without recipients is one to all of them, as the tower's manager
+        reads it; addresses compare without case, as the manager compares them."""
         rows = conn.execute(
             "SELECT recipients FROM public.quarantine_actions WHERE event_id = %s"
             " AND action = 'release' AND (done_at IS NULL OR result = 'released')",
             (event_id,),
         ).fetchall()
-        return {address for row in rows for address in row["recipients"]}
+        return {
+            address.lower()
+            for row in rows
+            for address in (row["recipients"] or all_recipients or [])
+        }
 
     def audit(
         self, scope: Scope, action: str, row: dict[str, Any] | None, details: dict[str, Any]
@@ -492,9 +514,13 @@ class Store:
         )
 
     def allow_sender(self, scope: Scope, event_id: str) -> str:
-        """Add the message's envelope sender to its customer's allow_senders (admin,
-        operator), through the GOC's validated policy path; what happened, for the page."""
-        from mailtower.customers import policy as policies
+        """Add the message's envelope sender (lower case) to its customer's ``allow_senders``
+        (admin: their own customer's messages only, as ``_scoped`` finds them; operator),
+        through the GOC's validated policy path (``goc.customers.set_policy``), audited in the
+        same transaction; what happened, for the page: ``allowed``, ``already`` (nothing
+        changed), ``null-sender``, ``no-customer`` or ``refused: <why>``.
+
+        Raises LookupError when the message is not in the scope (the app's 404)."""
         from mailtower.goc import customers
         from mailtower.goc.errors import InputError, Refused
 
@@ -503,33 +529,42 @@ class Store:
         row = self.message(scope, event_id)
         if row is None:
             raise LookupError(event_id)
-        sender = (row["sender"] or "").strip().lower()
-        if not sender or row["customer_id"] is None:
-            return "no sender or no customer"
+        if scope.role == "admin" and row["customer_id"] != scope.customer_id:
+            raise LookupError(event_id)  # _scoped already ensures it: never another's policy
+        # The null sender (<>: bounces, notices) is never allowed (CustomerPolicy.allows_sender).
+        sender = (row["sender"] or "").strip().removeprefix("<").removesuffix(">").strip().lower()
+        if not sender:
+            return "null-sender"
+        if row["customer_id"] is None:
+            return "no-customer"  # held under the tower's own policy: no customer's to change
         with self.conn() as conn:
-            name = conn.execute(
-                "SELECT name FROM public.customers WHERE id = %s", (row["customer_id"],)
-            ).fetchone()
-            if name is None:
-                return "no customer"
-            if "allow_senders" not in policies.CustomerPolicy.model_fields:
-                return "unsupported"  # the policy field comes with scand's side (issue 18)
-            # Read, add, write: set_policy locks the customer's row and validates the result;
-            # goc.customers reads rows by position.
+            # goc.customers reads rows by position
             conn.row_factory = tuple_row  # type: ignore[assignment]
             try:
-                _, old = customers._stored_policy(conn, int(row["customer_id"]))
-                current = list(getattr(old, "allow_senders", ()) or ())
-                if sender in current:
-                    return "already"
-                customers.set_policy(
-                    conn, str(name["name"]), changes={"allow_senders": [*current, sender]}
-                )
+                with conn.transaction():
+                    found = conn.execute(
+                        "SELECT name FROM public.customers WHERE id = %s", (row["customer_id"],)
+                    ).fetchone()
+                    if found is None:
+                        return "no-customer"
+                    name = str(found[0])
+                    # Read, add, write under the customer's row lock (set_policy takes the same
+                    # lock again in this transaction and validates the result), so two clicks
+                    # at once for two senders do not lose one another.
+                    customer_id = customers._customer_id(conn, name, lock=True)
+                    _, old = customers._stored_policy(conn, customer_id)
+                    if sender in old.allow_senders:
+                        return "already"
+                    changed, _ = customers.set_policy(
+                        conn, name, changes={"allow_senders": [*old.allow_senders, sender]}
+                    )
+                    if not changed:
+                        return "already"
+                    self._audit(conn, scope, "allow", row, {"sender": sender})
             except (InputError, Refused) as exc:
                 return f"refused: {exc}"
             finally:
                 conn.row_factory = dict_row  # type: ignore[assignment]
-            self._audit(conn, scope, "allow", row, {"sender": sender})
         return "allowed"
 
     # -- expiry --------------------------------------------------------------------------------
@@ -577,7 +612,7 @@ def apply_schema(conn: psycopg.Connection[Any]) -> None:
     conn.execute(schema_text())
 
 
-PORTAL_ROLE = "mt_portal"
+PORTAL_ROLE = quarantine_actions.PORTAL_ROLE  # "mt_portal"
 
 
 def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list[str]:
@@ -606,28 +641,12 @@ def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list
     for grant in grants:
         conn.execute(grant)
     done = ["verdict_events", "customers", "domains", "policies", *OWN_TABLES]
-    # quarantine_actions is the monitor's side's table (its own deploy step makes it, with
-    # row-level security for the towers' roles): granted once it exists; the next GOC deploy
-    # grants it when it comes later.
-    exists = conn.execute("SELECT to_regclass('public.quarantine_actions') IS NOT NULL").fetchone()
-    if exists is not None and exists[0]:
-        conn.execute(
-            sql.SQL("GRANT SELECT, INSERT ON public.quarantine_actions TO {}").format(ident)
-        )
-        # With row-level security on it, the portal sees and asks for every tower's rows.
-        rls = conn.execute(
-            "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.quarantine_actions'::regclass"
-        ).fetchone()
-        if rls is not None and rls[0]:
-            conn.execute(
-                sql.SQL(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname ="
-                    " 'public' AND tablename = 'quarantine_actions' AND policyname ="
-                    " 'mt_portal_all') THEN CREATE POLICY mt_portal_all ON"
-                    " public.quarantine_actions FOR ALL TO {} USING (true) WITH CHECK (true);"
-                    " END IF; END $$"
-                ).format(ident)
-            )
+    # quarantine_actions is the GOC's (goc/sync/quarantine_actions.py): its own ensure makes
+    # the table if the sync has not yet, and gives mt_portal its grants and its policy
+    # (mt_portal_all: every tower's rows) beside the towers' row-level security, which it
+    # never touches. The sync's ensure keeps them too, whichever step runs first.
+    if role == PORTAL_ROLE:
+        quarantine_actions.ensure_portal(conn, Changes("GOC"))
         done.append(ACTIONS_TABLE)
     return done
 
@@ -635,7 +654,6 @@ def apply_grants(conn: psycopg.Connection[Any], role: str = PORTAL_ROLE) -> list
 def ensure_role(conn: psycopg.Connection[Any], password: str, role: str = PORTAL_ROLE) -> None:
     """The portal's login role with ``password``: the sync's own helper, so the server sees a
     SCRAM verifier, never the password (a statement log would otherwise keep it)."""
-    from mailtower.goc.sync.changes import Changes
     from mailtower.goc.sync.roles import ensure_login_role
 
     ensure_login_role(conn, role, password, Changes("GOC"))

@@ -12,7 +12,8 @@ doing it, so a redeploy of a synced tower runs nothing (pyinfra reads it as a fa
   security to write only its tower's ``tower_status`` row; ``mt_eye`` for the web view); the
   shared ``mt_sync``/``mt_status`` of a GOC made before towers had their own are retired
   (NOLOGIN); the portal's ``quarantine_actions`` (each ``mt_status_<tower>`` reads and answers
-  only its tower's requests: ``quarantine_actions.ensure``). Then for every tower
+  only its tower's requests; ``mt_portal``, once its own step made it, asks for any:
+  ``quarantine_actions.ensure``). Then for every tower
   the events subscription follows that tower's *current* primary, found by asking each of its
   SQL hosts (``repoint_events``: the first time, and after a failover, alike). A tower that is
   not reachable or not deployed yet is reported and left for the next run.
