@@ -37,6 +37,20 @@ def test_preview_of_garbage_never_raises() -> None:
     assert render.preview(None) == {"headers": [], "text": None, "attachments": [], "error": None}
 
 
+def test_folded_headers_show_on_one_line_and_hostile_ones_stay_visible() -> None:
+    raw = (
+        b"Received: from a.example (a [192.0.2.1])\r\n\tby mx.example with ESMTP id X\r\n"
+        b"\tfor <u@example.net>; Mon, 7 Dec 2026 09:13:47 +0000\r\n"
+        b"Subject: =?utf-8?q?invoice_=E2=80=AEfdp.exe?=\r\n\r\nbody\r\n"
+    )
+    headers = dict(render.preview(raw)["headers"])
+    received = headers["Received"]
+    assert "\t" not in received and "\n" not in received
+    assert received.startswith("from a.example (a [192.0.2.1]) by mx.example with ESMTP id X for")
+    shown = render.h(headers["Subject"])
+    assert "\u202e" not in shown and "202e" in shown.lower()  # the RTL override made visible
+
+
 def test_html_to_text_drops_scripts_and_styles() -> None:
     text = render.html_to_text("<style>p{}</style><p>Hi<script>x()</script> there</p>")
     assert text.strip() == "Hi there"

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -175,10 +176,56 @@ def test_unauthenticated_is_sent_to_sign_in(hub: Any, conn: Any, path: str) -> N
     async def test() -> None:
         async with portal(hub) as browser:
             response = await browser.client.get(path, allow_redirects=False)
-            assert response.status == 303 and response.headers["Location"] == "/login"
+            back = f"/login?next={path}" if path.startswith("/message/") else "/login"
+            assert response.status == 303 and response.headers["Location"] == back
             csp = response.headers["Content-Security-Policy"]
             assert "script-src 'none'" in csp and "frame-ancestors 'none'" in csp
             assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+    run(test)
+
+
+def test_sign_in_returns_to_the_message_it_was_asked_for(hub: Any, conn: Any) -> None:
+    ids = seed(conn, hub)
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            wanted = f"/message/{ids['alice']}"
+            status, _ = await browser.get(wanted)
+            assert status == 303
+            status, page = await browser.get(f"/login?next={wanted}")
+            assert f'name="next" value="{wanted}"' in page
+            status, location, _ = await browser.post(
+                "/login", {"name": "admin-a", "password": PASSWORD, "next": wanted}
+            )
+            assert (status, location) == (303, wanted)
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "https://evil.example/",
+        "//evil.example/message/x",
+        "/message/../login",
+        "/\\evil.example",
+        "/message/" + "0" * 36,
+        "/message/00000000-0000-4000-8000-000000000000/release",
+        "/message/00000000-0000-4000-8000-000000000000\nSet-Cookie: x=1",
+    ],
+)
+def test_sign_in_never_returns_anywhere_but_a_message_page(
+    hub: Any, conn: Any, hostile: str
+) -> None:
+    async def test() -> None:
+        async with portal(hub) as browser:
+            status, page = await browser.get("/login?next=" + quote(hostile))
+            assert 'name="next"' not in page
+            status, location, _ = await browser.post(
+                "/login", {"name": "admin-a", "password": PASSWORD, "next": hostile}
+            )
+            assert (status, location) == (303, "/")
 
     run(test)
 

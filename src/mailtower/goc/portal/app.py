@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -104,7 +105,9 @@ async def _auth(
         session = await asyncio.to_thread(store.session, token) if token else None
         request[SESSION] = session
         if session is None and request.path not in PUBLIC and not request.path.startswith("/link/"):
-            raise web.HTTPSeeOther("/login")
+            # A message's page (a notice's link) is where sign-in returns to; nothing else is.
+            back = request.path if request.method == "GET" and RETURN_TO.match(request.path) else ""
+            raise web.HTTPSeeOther(f"/login?next={back}" if back else "/login")
         return await handler(request)
     except web.HTTPNotFound:
         return _html(render.error_page(404, "Not found."), 404)
@@ -176,9 +179,18 @@ async def _pre_checked(request: web.Request) -> Any:
     return form
 
 
-def _signed_in(request: web.Request, token: str) -> web.HTTPSeeOther:
+# Where sign-in may return to: a message's page, exactly (never another site, never a form).
+RETURN_TO = re.compile(r"\A/message/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def _return_to(value: object) -> str:
+    """``value`` if it is a page sign-in may return to, else the list."""
+    return value if isinstance(value, str) and RETURN_TO.match(value) else "/"
+
+
+def _signed_in(request: web.Request, token: str, to: str = "/") -> web.HTTPSeeOther:
     config = request.app[CONFIG]
-    response = web.HTTPSeeOther("/")
+    response = web.HTTPSeeOther(_return_to(to))
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -193,8 +205,9 @@ def _signed_in(request: web.Request, token: str) -> web.HTTPSeeOther:
 
 async def login_form(request: web.Request) -> web.Response:
     if request[SESSION] is not None:
-        raise web.HTTPSeeOther("/")
-    return _pre_form(request, lambda csrf: render.login_page(csrf))
+        raise web.HTTPSeeOther(_return_to(request.query.get("next")))
+    back = _return_to(request.query.get("next"))
+    return _pre_form(request, lambda csrf: render.login_page(csrf, back_to=back))
 
 
 async def login(request: web.Request) -> web.Response:
@@ -202,9 +215,10 @@ async def login(request: web.Request) -> web.Response:
     form = await _pre_checked(request)
     client = request.remote or "?"
     name, password = form.get("name"), form.get("password")
+    back = _return_to(form.get("next"))
 
     def again(error: str, status: int) -> web.Response:
-        return _pre_form(request, lambda csrf: render.login_page(csrf, error), status)
+        return _pre_form(request, lambda csrf: render.login_page(csrf, error, back_to=back), status)
 
     if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
         return again("Name and password, please.", 400)
@@ -237,7 +251,7 @@ async def login(request: web.Request) -> web.Response:
     )
     await asyncio.to_thread(store.audit, scope, "login", None, {"client": client})
     log.info("event=login client=%s name=%s role=%s", client, name, scope.role)
-    raise _signed_in(request, token)
+    raise _signed_in(request, token, back)
 
 
 LINK_SENT = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email
 import email.policy
 import html
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from email.message import EmailMessage
@@ -56,7 +57,9 @@ def csrf_field(token: str) -> str:
     return f'<input type="hidden" name="csrf" value="{h(token)}">'
 
 
-def login_page(csrf: str, error: str = "", notice: str = "") -> str:
+def login_page(csrf: str, error: str = "", notice: str = "", *, back_to: str = "/") -> str:
+    """The sign-in page; ``back_to``: the page a password sign-in returns to (the app checks
+    it is a message's page)."""
     body = ""
     if error:
         body += f'<p class="error" id="error">{h(error)}</p>'
@@ -65,7 +68,8 @@ def login_page(csrf: str, error: str = "", notice: str = "") -> str:
     body += (
         "<section><h2>Administrators and operators</h2>"
         f'<form method="post" action="/login">{csrf_field(csrf)}'
-        '<label>Name <input id="name" name="name" autocomplete="username" required></label>'
+        + (f'<input type="hidden" name="next" value="{h(back_to)}">' if back_to != "/" else "")
+        + '<label>Name <input id="name" name="name" autocomplete="username" required></label>'
         '<label>Password <input id="password" name="password" type="password"'
         ' autocomplete="current-password" required></label>'
         '<button id="login-button" type="submit">Sign in</button></form></section>'
@@ -237,10 +241,13 @@ def preview(raw: bytes | None) -> dict[str, Any]:
 
 
 def _header(value: Any) -> str:
+    """A header's value on one line: folding whitespace (tabs included) shown as one space;
+    every other non-printable stays visible (``h``)."""
     try:
-        return str(value)
+        text = str(value)
     except Exception:
         return "(undecodable)"
+    return re.sub(r"[ \t]*\r?\n?[ \t]+", " ", text)
 
 
 def _content(part: Any) -> str:
