@@ -710,6 +710,14 @@ class TowerSettings(StrictModel):
             password=password,
             target_session_attrs=attrs,
             connect_timeout=3,
+            # A server that vanished mid-query (powered off, cut off) is noticed within about
+            # 10 s, not after TCP's ~15 minutes of retransmissions: statement_timeout is the
+            # server's and cannot fire then (a scanner's quarantine INSERT, a poll).
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            tcp_user_timeout=10000,
         )
 
 

@@ -212,16 +212,46 @@ def quarantined(
 
 
 def request(
-    sql: Any, event_id: uuid.UUID, action: str = "release", recipients: tuple[str, ...] = ()
+    sql: Any,
+    event_id: uuid.UUID,
+    action: str = "release",
+    recipients: tuple[str, ...] = (),
+    by: str = "operator:portal",
 ) -> uuid.UUID:
     request_id = uuid.uuid4()
     with sql[1].connect() as conn:
         conn.execute(
             "INSERT INTO quarantine_actions (request_id, event_id, tower, quarantine_id, action,"
-            " recipients, requested_by) VALUES (%s, %s, 'unit', %s, %s, %s, 'portal:admin')",
-            (request_id, event_id, f"q-{event_id.hex[:8]}", action, list(recipients)),
+            " recipients, requested_by) VALUES (%s, %s, 'unit', %s, %s, %s, %s)",
+            (request_id, event_id, f"q-{event_id.hex[:8]}", action, list(recipients), by),
         )
     return request_id
+
+
+@pytest.mark.parametrize(
+    ("customer_id", "by", "delivered"),
+    [
+        (None, "admin:acme", False),  # held under no customer's policy: operators only
+        (None, "operator:op", True),
+        (7, "user:bob@cust.example", False),  # a virus, on a user's word
+        (7, "admin:acme", True),
+    ],
+)
+def test_who_may_release_what_is_checked_again_at_the_tower(
+    sql: Any, relay: Any, customer_id: int | None, by: str, delivered: bool
+) -> None:
+    handler, port = relay
+    event = quarantined(sql, customer_id=customer_id)
+    rid = request(
+        sql, event, recipients=("bob@cust.example",) if by.startswith("user:") else (), by=by
+    )
+    m = manager(sql, port)
+    assert m.actions_pass() == 1
+    assert bool(handler.delivered) == delivered
+    result, answer, done = goc_row(sql, rid)
+    assert done and (result == "released") == delivered, (result, answer)
+    if not delivered:
+        assert result == "failed" and answer.startswith("refused:")
 
 
 def goc_row(sql: Any, request_id: uuid.UUID) -> tuple[Any, ...]:
@@ -336,7 +366,7 @@ def test_a_release_leaves_out_whom_an_earlier_one_covered(sql, relay) -> None:
     manager(sql, port).actions_pass()
     assert len(handler.delivered) == 1
     result, answer, _ = goc_row(sql, again)
-    assert result == "released" and "by alice at" in answer and "by portal:admin at" in answer
+    assert result == "released" and "by alice at" in answer and "by operator:portal at" in answer
 
 
 def waiting_for_action_lock(sql: Any) -> bool:

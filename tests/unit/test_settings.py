@@ -149,6 +149,8 @@ def test_connection_strings_keep_any_password_whole():
         dsn = conninfo_to_dict(s.sql_dsn("mailtower_monitor", password, writable=True))
         assert dsn["password"] == password and dsn["host"] == "10.0.1.12,10.0.1.13"
         assert dsn["target_session_attrs"] == "read-write"
+        # a vanished server is noticed in seconds, not after TCP's retransmissions
+        assert dsn["tcp_user_timeout"] == "10000" and dsn["keepalives"] == "1"
         goc = conninfo_to_dict(s.goc_conninfo("mt_status", password))
         assert (goc["password"], goc["host"], goc["dbname"]) == (password, "10.0.9.10", "goc")
 

@@ -112,7 +112,8 @@ RETURNING id
 """
 MESSAGE = """
 SELECT sender, recipients, message, verdict, quarantine_id,
-       expires_at IS NOT NULL AND expires_at < now() AS expired
+       expires_at IS NOT NULL AND expires_at < now() AS expired,
+       customer_id IS NULL OR quarantine_meta ? 'unprocessable' AS operators_only
 FROM verdict_events WHERE event_id = %s
 """
 DELETE = """
@@ -582,9 +583,17 @@ class QuarantineManager:
         row = self.tower().execute(MESSAGE, (request.event_id,)).fetchone()
         if row is None:
             return finish("gone", f"no event {request.event_id} on tower {self.settings.name}")
-        sender, recipients, message, verdict, _qid, expired = row
+        sender, recipients, message, verdict, _qid, expired, operators_only = row
         if message is None or expired:
             return finish("gone", "the message expired or was deleted")
+        # The portal shows these to no customer; refused here too, whatever asked (defence in
+        # depth): a message set aside unscanned, or held under no customer's policy, is
+        # released by an operator only; a virus is never released on a user's word.
+        who = request.requested_by
+        if operators_only and not who.startswith("operator:"):
+            return finish("failed", "refused: set aside or held by the tower: operators only")
+        if verdict == "virus" and who.startswith("user:"):
+            return finish("failed", "refused: a virus is released by the customer's admin only")
         chosen, refused = _recipients(request.recipients, recipients)
         if refused:
             shown = ", ".join(notice.clean(r, 100) for r in refused[:5])
