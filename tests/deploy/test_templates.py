@@ -462,6 +462,9 @@ def test_lab_goc_admits_each_tower_as_its_own_roles_only(monkeypatch, tmp_path, 
     rows = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
     hosts = [r for r in rows if r[0] == "host"]
     want = [["host", "goc", "mt_eye", "127.0.0.1/32", "scram-sha-256"]]
+    # the lab serves the quarantine portal, whose role connects from the GOC itself only
+    assert g.portal is not None
+    want.append(["host", "goc", "mt_portal", "127.0.0.1/32", "scram-sha-256"])
     for t in g.towers:
         key = t.name.replace("-", "_")
         want += [["host", "goc", f"mt_sync_{key}", f"{ip}/32", "scram-sha-256"] for ip in t.sql]
