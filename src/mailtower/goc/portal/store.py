@@ -2,7 +2,8 @@
 
 Blocking psycopg; the web app calls it from worker threads. **Every read of the quarantine
 goes through ``_scoped``**, the one place a session's role becomes SQL (operator: every
-customer; admin: ``customer_id`` = theirs; user: their address among ``recipients``), always
+customer; admin: ``customer_id`` = theirs; user: their address among ``recipients``, both
+compared in lower case through ``public.mt_lower_addresses``), always
 with ``quarantine_id IS NOT NULL`` (the partial indexes' condition). A message outside the
 scope is simply not found: the app answers 404 exactly as for an id that does not exist.
 """
@@ -93,8 +94,15 @@ def _scoped(scope: Scope, alias: str = "v") -> tuple[sql.Composable, list[Any]]:
         return base, []
     if scope.role == "admin":
         return sql.SQL("{} AND {}.customer_id = %s").format(base, col), [scope.customer_id]
-    # A user: @> reads the GIN index on recipients (= ANY would not).
-    return sql.SQL("{} AND {}.recipients @> ARRAY[%s]::text[]").format(base, col), [scope.address]
+    # A user: @> on the lower-cased recipients reads their GIN expression index (= ANY would
+    # not); scand keeps Postfix's spelling, so the stored one may have capitals.
+    mine = sql.SQL("{} @> ARRAY[%s]::text[]").format(_lower_recipients(alias))
+    return sql.SQL("{} AND {}").format(base, mine), [scope.address]
+
+
+def _lower_recipients(alias: str = "v") -> sql.Composable:
+    """The row's recipients in lower case: the expression the GIN index is on (schema.sql)."""
+    return sql.SQL("public.mt_lower_addresses({})").format(sql.Identifier(alias, "recipients"))
 
 
 @dataclass(frozen=True)
@@ -294,8 +302,8 @@ class Store:
             row = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM public.domains WHERE name = %s) AND EXISTS ("
                 " SELECT 1 FROM public.verdict_events v WHERE v.quarantine_id IS NOT NULL"
-                " AND v.recipients @> ARRAY[%s]::text[]) AS wanted",
-                (domain, address),
+                " AND public.mt_lower_addresses(v.recipients) @> ARRAY[%s]::text[]) AS wanted",
+                (domain, address.lower()),
             ).fetchone()
         return bool(row and row["wanted"])
 
@@ -333,7 +341,7 @@ class Store:
             conds.append(sql.SQL("v.sender ILIKE %s"))
             params.append(_like(search.sender))
         if search.recipient:
-            conds.append(sql.SQL("v.recipients @> ARRAY[%s]::text[]"))
+            conds.append(sql.SQL("{} @> ARRAY[%s]::text[]").format(_lower_recipients()))
             params.append(search.recipient.strip().lower())
         if search.subject:
             conds.append(sql.SQL("v.subject ILIKE %s"))
@@ -418,8 +426,8 @@ class Store:
         recipients: list[str] = []
         if action == "release":
             recipients = list(row["recipients"])
-            if scope.address is not None:  # a user: their own copy only
-                recipients = [scope.address]
+            if scope.address is not None:  # a user: their own copy only, as the row spells it
+                recipients = [r for r in recipients if r.lower() == scope.address.lower()]
         with self.conn() as conn:
             if not self.has_actions(conn):
                 return "unavailable"
