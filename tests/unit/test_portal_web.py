@@ -156,7 +156,10 @@ def seed(conn: psycopg.Connection[Any], hub: Any) -> dict[str, str]:
     """One message for each user, so each scope has something of its own."""
     a, b = hub.customers["a"], hub.customers["b"]
     return {
-        "alice": add_quarantined(conn, customer_id=a, recipients=[ALICE], subject="For Alice"),
+        # banned, not a virus: a user may release (and download) their own
+        "alice": add_quarantined(
+            conn, customer_id=a, recipients=[ALICE], subject="For Alice", verdict="banned"
+        ),
         "bob": add_quarantined(conn, customer_id=a, recipients=[BOB], subject="For Bob"),
         "carol": add_quarantined(conn, customer_id=b, recipients=[CAROL], subject="For Carol"),
     }
@@ -905,7 +908,9 @@ def test_the_portals_step_makes_quarantine_actions_when_the_sync_has_not(tmp_pat
 
 
 def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
-    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB], verdict="banned"
+    )
 
     async def test() -> None:
         async with portal(hub) as user:
@@ -946,7 +951,9 @@ def test_the_hub_has_the_gocs_own_quarantine_actions(hub: Any, conn: Any) -> Non
 def test_an_earlier_release_covers_as_the_tower_reads_it(
     hub: Any, conn: Any, earlier: list[str]
 ) -> None:
-    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB], verdict="banned"
+    )
     conn.execute(
         "INSERT INTO quarantine_actions (request_id, event_id, tower, quarantine_id, action,"
         " recipients, requested_by) SELECT gen_random_uuid(), event_id, tower, quarantine_id,"
@@ -989,6 +996,7 @@ def test_a_recipient_stored_with_capitals_is_the_users_own(hub: Any, conn: Any) 
         customer_id=hub.customers["a"],
         recipients=["Alice@Acme.example", BOB],
         subject="Mixed case",
+        verdict="suspicious",
     )
     add_quarantined(conn, customer_id=hub.customers["b"], recipients=[CAROL], subject="Carol's")
 
@@ -1044,3 +1052,78 @@ def test_mt_lower_addresses_and_its_index(hub: Any, conn: Any) -> None:
             params,
         ).fetchall()
     assert "verdict_events_quarantine_recipients_lower" in "\n".join(r[0] for r in plan)
+
+
+# -- what admins and users never see or take -------------------------------------------------
+
+
+def test_set_aside_and_customerless_messages_are_the_operators_only(hub: Any, conn: Any) -> None:
+    a = hub.customers["a"]
+    ordinary = add_quarantined(conn, customer_id=a, recipients=[ALICE], subject="Ordinary")
+    aside = add_quarantined(conn, customer_id=a, recipients=[ALICE, CAROL], subject="Set aside")
+    conn.execute(
+        "UPDATE verdict_events SET quarantine_meta = quarantine_meta"
+        " || jsonb_build_object('unprocessable', true) WHERE event_id = %s",
+        (aside,),
+    )
+    towers = add_quarantined(conn, customer_id=None, recipients=[ALICE], subject="No customer")
+
+    async def test() -> None:
+        async with portal(hub) as op:
+            await op.sign_in("op")
+            _, listing = await op.get("/")
+            assert all(eid in listing for eid in (ordinary, aside, towers))
+            assert (await op.get(f"/message/{aside}"))[0] == 200
+        for who in ("admin-a", ALICE):
+            async with portal(hub) as browser:
+                if "@" in who:
+                    assert await browser.sign_in_by_link(who) == 303
+                else:
+                    await browser.sign_in(who)
+                _, listing = await browser.get("/")
+                assert ordinary in listing and aside not in listing and towers not in listing
+                for eid in (aside, towers):
+                    assert (await browser.get(f"/message/{eid}"))[0] == 404
+                    assert (await browser.get(f"/message/{eid}/raw"))[0] == 404
+                    assert (await browser.post(f"/message/{eid}/release"))[0] == 404
+        # Only a set-aside message for carol: no link (she could see nothing).
+        async with portal(hub) as carol:
+            await carol.get("/login")
+            await carol.post("/link", {"address": CAROL})
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+            assert carol.mailbox.sent == []
+
+    run(test)
+    assert count(conn, "quarantine_actions") == 0
+
+
+def test_a_user_never_releases_or_downloads_a_virus(hub: Any, conn: Any) -> None:
+    virus = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE], verdict="virus"
+    )
+
+    async def test() -> None:
+        async with portal(hub) as user:
+            await user.sign_in_by_link(ALICE)
+            status, page = await user.get(f"/message/{virus}")
+            assert status == 200 and 'id="release"' not in page and 'id="raw"' not in page
+            assert "only your mail administrator" in page
+            status, _, text = await user.post(f"/message/{virus}/release")
+            assert status == 403 and "holds a virus" in text
+            status, text = await user.get(f"/message/{virus}/raw")
+            assert status == 403 and "holds a virus" in text
+        assert count(conn, "quarantine_actions") == 0
+        for name in ("admin-a", "op"):
+            async with portal(hub) as admin:
+                await admin.sign_in(name)
+                _, page = await admin.get(f"/message/{virus}")
+                assert 'id="release"' in page and 'id="raw"' in page
+                assert (await admin.client.get(f"/message/{virus}/raw")).status == 200
+        async with portal(hub) as admin:
+            await admin.sign_in("admin-a")
+            assert (await admin.post(f"/message/{virus}/release"))[1].endswith("done=requested")
+
+    run(test)
+    rows = conn.execute("SELECT recipients, requested_by FROM quarantine_actions").fetchall()
+    assert rows == [([ALICE], "admin:admin-a")]

@@ -31,11 +31,13 @@ from mailtower.goc.eye.auth import LoginLimiter
 from mailtower.goc.portal import render
 from mailtower.goc.portal.mail import link_message
 from mailtower.goc.portal.store import (
+    VIRUS_REFUSED,
     Cursor,
     PortalSession,
     Scope,
     Search,
     Store,
+    may_take,
     normal_address,
 )
 
@@ -415,6 +417,8 @@ async def raw(request: web.Request) -> web.Response:
     row = await _row(request)
     if row["message"] is None:
         raise web.HTTPNotFound()
+    if not may_take(session.scope, row):
+        return _html(render.error_page(403, VIRUS_REFUSED), 403)
     await asyncio.to_thread(request.app[STORE].audit, session.scope, "download", row, {})
     return web.Response(
         body=bytes(row["message"]),
@@ -459,6 +463,9 @@ async def act(request: web.Request) -> web.Response:
             raise web.HTTPNotFound()
     except LookupError:
         raise web.HTTPNotFound() from None
+    except PermissionError as exc:  # a user and a virus: said so, and nothing asked
+        log.warning("event=%s_refused who=%r event_id=%s reason=virus", action, scope.who, event_id)
+        return _html(render.error_page(403, str(exc)), 403)
     log.info(
         "event=%s who=%r role=%s event_id=%s outcome=%s",
         action,

@@ -279,11 +279,18 @@ def message_page(row: dict[str, Any], *, who: str, role: str, csrf: str, note: s
     body += '<dl id="facts">' + "".join(f"<dt>{h(k)}</dt><dd>{h(v)}</dd>" for k, v in facts)
     body += "</dl>"
     actions = []
-    if row["message"] is not None:
+    # A user never releases or downloads a virus (the app refuses it too): their admin may.
+    virus_held = role == "user" and row["verdict"] == "virus"
+    if row["message"] is not None and not virus_held:
         actions.append(_action(eid, "release", "Release", csrf))
         if role != "user":
             actions.append(_action(eid, "delete", "Delete", csrf))
         actions.append(f'<a id="raw" href="/message/{eid}/raw">Download (.eml)</a>')
+    elif row["message"] is not None:
+        actions.append(
+            '<p id="virus-held">This message holds a virus: only your mail administrator can'
+            " release or download it.</p>"
+        )
     if role != "user" and row["sender"]:
         actions.append(_action(eid, "allow", "Allow this sender", csrf))
     body += f'<div class="actions">{"".join(actions)}</div>'

@@ -3,7 +3,8 @@
 Blocking psycopg; the web app calls it from worker threads. **Every read of the quarantine
 goes through ``_scoped``**, the one place a session's role becomes SQL (operator: every
 customer; admin: ``customer_id`` = theirs; user: their address among ``recipients``, both
-compared in lower case through ``public.mt_lower_addresses``), always
+compared in lower case through ``public.mt_lower_addresses``; admins and users never see a
+message with no customer or one set aside as unprocessable), always
 with ``quarantine_id IS NOT NULL`` (the partial indexes' condition). A message outside the
 scope is simply not found: the app answers 404 exactly as for an id that does not exist.
 """
@@ -92,6 +93,11 @@ def _scoped(scope: Scope, alias: str = "v") -> tuple[sql.Composable, list[Any]]:
     base = sql.SQL("{}.quarantine_id IS NOT NULL").format(col)
     if scope.role == "operator":
         return base, []
+    # Admins and users: a customer's messages only, never one set aside as unprocessable (never
+    # fully scanned; its recipients may be several customers'): those are the operators'.
+    base = sql.SQL(
+        "{} AND {}.customer_id IS NOT NULL AND NOT ({}.quarantine_meta ? 'unprocessable')"
+    ).format(base, col, col)
     if scope.role == "admin":
         return sql.SQL("{} AND {}.customer_id = %s").format(base, col), [scope.customer_id]
     # A user: @> on the lower-cased recipients reads their GIN expression index (= ANY would
@@ -103,6 +109,17 @@ def _scoped(scope: Scope, alias: str = "v") -> tuple[sql.Composable, list[Any]]:
 def _lower_recipients(alias: str = "v") -> sql.Composable:
     """The row's recipients in lower case: the expression the GIN index is on (schema.sql)."""
     return sql.SQL("public.mt_lower_addresses({})").format(sql.Identifier(alias, "recipients"))
+
+
+VIRUS_REFUSED = (
+    "This message holds a virus: only your mail administrator can release or download it."
+)
+
+
+def may_take(scope: Scope, row: dict[str, Any]) -> bool:
+    """Whether ``scope`` may release or download ``row``: a user never a virus (admins and
+    operators may, knowing what they do)."""
+    return scope.role != "user" or row["verdict"] != "virus"
 
 
 @dataclass(frozen=True)
@@ -297,13 +314,16 @@ class Store:
 
     def link_wanted(self, address: str) -> bool:
         """Whether ``address`` has quarantined mail at a customer's domain (a link is sent)."""
+        address = address.lower()
         domain = address.rpartition("@")[2]
+        where, params = _scoped(Scope("user", address, address=address))  # what they would see
         with self.conn() as conn:
             row = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM public.domains WHERE name = %s) AND EXISTS ("
-                " SELECT 1 FROM public.verdict_events v WHERE v.quarantine_id IS NOT NULL"
-                " AND public.mt_lower_addresses(v.recipients) @> ARRAY[%s]::text[]) AS wanted",
-                (domain, address.lower()),
+                sql.SQL(
+                    "SELECT EXISTS (SELECT 1 FROM public.domains WHERE name = %s) AND EXISTS ("
+                    " SELECT 1 FROM public.verdict_events v WHERE {}) AS wanted"
+                ).format(where),
+                [domain, *params],
             ).fetchone()
         return bool(row and row["wanted"])
 
@@ -421,6 +441,8 @@ class Store:
         row = self.message(scope, event_id)
         if row is None:
             raise LookupError(event_id)
+        if not may_take(scope, row):
+            raise PermissionError(VIRUS_REFUSED)
         # quarantine_actions' recipients: a release to these only, empty for a delete (the
         # column means nothing to a delete; empty is "all of them" to the tower's manager).
         recipients: list[str] = []
