@@ -77,13 +77,14 @@ class Browser:
         self.client = client
         self.mailbox = mailbox
         self.csrf = ""
+        self.headers: dict[str, str] = {}  # sent with every request (X-Forwarded-For)
 
     @property
     def origin(self) -> dict[str, str]:
-        return {"Origin": str(self.client.make_url("")).rstrip("/")}
+        return {"Origin": str(self.client.make_url("")).rstrip("/"), **self.headers}
 
     async def get(self, path: str) -> tuple[int, str]:
-        response = await self.client.get(path, allow_redirects=False)
+        response = await self.client.get(path, allow_redirects=False, headers=self.headers)
         text = await response.text()
         found = re.search(r'name="csrf" value="([^"]+)"', text)
         if found:
@@ -1127,3 +1128,54 @@ def test_a_user_never_releases_or_downloads_a_virus(hub: Any, conn: Any) -> None
     run(test)
     rows = conn.execute("SELECT recipients, requested_by FROM quarantine_actions").fetchall()
     assert rows == [([ALICE], "admin:admin-a")]
+
+
+# -- behind a TLS proxy: whom the rate limits count ----------------------------------------
+
+
+async def _fail_logins(browser: Browser, name: str, times: int) -> list[int]:
+    statuses = []
+    for _ in range(times):
+        await browser.get("/login")
+        statuses.append((await browser.post("/login", {"name": name, "password": "no"}))[0])
+    return statuses
+
+
+def test_behind_a_proxy_the_limits_count_the_forwarded_client(hub: Any, conn: Any) -> None:
+    async def test() -> None:
+        async with portal(hub, login_attempts=2, behind_proxy=True) as browser:
+            browser.headers = {"X-Forwarded-For": "203.0.113.1"}
+            assert await _fail_logins(browser, "op", 3) == [401, 401, 429]
+            # A spoofed first entry changes nothing: the proxy's (last) entry is the client.
+            browser.headers = {"X-Forwarded-For": "198.51.100.9, 203.0.113.1"}
+            assert await _fail_logins(browser, "admin-b", 1) == [429]
+            # Another client, behind the same proxy, still signs in.
+            browser.headers = {"X-Forwarded-For": "203.0.113.2"}
+            assert await browser.sign_in("admin-a") == 303
+        # Not behind a proxy: the header is anybody's word and never read.
+        async with portal(hub, login_attempts=2) as browser:
+            for n, name in enumerate(("admin-a", "admin-b", "op")):
+                browser.headers = {"X-Forwarded-For": f"203.0.113.{n + 10}"}
+                await browser.get("/login")
+                status, _, _ = await browser.post("/login", {"name": name, "password": "no"})
+                assert status == (401 if n < 2 else 429)
+
+    run(test)
+
+
+def test_link_limits_are_per_client_and_per_address_behind_a_proxy(hub: Any, conn: Any) -> None:
+    async def ask(browser: Browser, client: str, address: str) -> int:
+        browser.headers = {"X-Forwarded-For": client}
+        await browser.get("/login")
+        return (await browser.post("/link", {"address": address}))[0]
+
+    async def test() -> None:
+        async with portal(hub, links_per_address=2, behind_proxy=True) as browser:
+            one, two = "203.0.113.1", "2001:db8::2"
+            assert [await ask(browser, one, ALICE) for _ in range(3)] == [200, 200, 429]
+            assert await ask(browser, one, BOB) == 429  # this client has had its share
+            assert await ask(browser, two, BOB) == 200  # another's are its own
+            assert await ask(browser, two, ALICE) == 429  # alice's links are used up, for all
+            assert await ask(browser, two, CAROL) == 200
+
+    run(test)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -71,6 +72,10 @@ class PortalConfig:
     expire_every_s: float = 300.0
     expire_batch: int = 1000
     links_per_address: int = 3  # link requests per address (and per client) in login_window_s
+    # Behind a TLS proxy on this host (--origin, plain HTTP on loopback): every connection is
+    # the proxy's, so a client's address is the last X-Forwarded-For entry, the one the proxy
+    # appended. Never read otherwise: anybody can send the header.
+    behind_proxy: bool = False
 
 
 STORE = web.AppKey("store", Store)
@@ -120,6 +125,29 @@ async def _auth(
         )
         response.headers["Retry-After"] = "5"
         return response
+
+
+def client_address(request: web.Request) -> str:
+    """Whom the rate limits and the log count a request against: the connection's peer, or,
+    behind a local TLS proxy (``behind_proxy``) and only when the peer is a loopback address,
+    the last ``X-Forwarded-For`` entry — what that proxy appended; earlier entries are the
+    client's own word and never read."""
+    remote = request.remote or "?"
+    if not request.app[CONFIG].behind_proxy or not _loopback(remote):
+        return remote
+    forwarded = request.headers.getall("X-Forwarded-For", [])
+    last = forwarded[-1].rpartition(",")[2].strip() if forwarded else ""
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return remote  # no usable entry: the proxy's own (as without one)
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _session(request: web.Request) -> PortalSession:
@@ -215,7 +243,7 @@ async def login_form(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     config, store = request.app[CONFIG], request.app[STORE]
     form = await _pre_checked(request)
-    client = request.remote or "?"
+    client = client_address(request)
     name, password = form.get("name"), form.get("password")
     back = _return_to(form.get("next"))
 
@@ -266,7 +294,7 @@ async def ask_link(request: web.Request) -> web.Response:
     """ "Mail me a link": the same answer whether or not the address is known, at once (the
     lookup and the mail happen afterwards, so the time taken tells nothing either)."""
     form = await _pre_checked(request)
-    client = request.remote or "?"
+    client = client_address(request)
     raw = form.get("address")
     address = normal_address(raw) if isinstance(raw, str) else None
 
@@ -275,6 +303,8 @@ async def ask_link(request: web.Request) -> web.Response:
 
     if address is None:
         return answer("Give your e-mail address.", status=400)
+    # Per client and, apart, per address (LoginLimiter keeps both): one client's requests never
+    # use up another's, nor the links of addresses it did not ask for.
     if request.app[LINK_LIMITER].reserve(client, address) is None:
         return answer("Too many link requests: wait a few minutes.", status=429)
     task = asyncio.create_task(_send_link(request.app, address))
@@ -321,7 +351,7 @@ async def use_link(request: web.Request) -> web.Response:
     session_token, _ = await asyncio.to_thread(
         store.open_session, scope, config.session_lifetime_s, config.session_idle_s
     )
-    await asyncio.to_thread(store.audit, scope, "login", None, {"client": request.remote or "?"})
+    await asyncio.to_thread(store.audit, scope, "login", None, {"client": client_address(request)})
     raise _signed_in(request, session_token)
 
 
