@@ -1179,3 +1179,26 @@ def test_link_limits_are_per_client_and_per_address_behind_a_proxy(hub: Any, con
             assert await ask(browser, two, CAROL) == 200
 
     run(test)
+
+
+# -- a big message's page ------------------------------------------------------------------
+
+
+def test_a_big_messages_page_answers_and_says_it_was_cut(hub: Any, conn: Any) -> None:
+    big = small_message(
+        "x@sender.example", [ALICE], "Big one", "The start.\n", **{"big.bin": b"\x00" * (3 << 20)}
+    )
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE], subject="Big one", message=big
+    )
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-a")
+            status, page = await browser.get(f"/message/{eid}")
+            assert status == 200 and 'id="cut"' in page and "first 2.0 MiB" in page
+            assert "The start." in page and "Subject: Big one" in page
+            _, small = await browser.get("/")  # an ordinary page still answers after it
+            assert "Big one" in small
+
+    run(test)

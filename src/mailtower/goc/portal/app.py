@@ -434,11 +434,16 @@ async def message(request: web.Request) -> web.Response:
     session = _session(request)
     row = await _row(request)
     note = NOTES.get(request.query.get("done", ""), "")
-    return _html(
-        render.message_page(
-            row, who=session.scope.who, role=session.scope.role, csrf=session.csrf, note=note
-        )
+    # Parsing a message (up to render.MAX_PREVIEW bytes) is CPU work: off the event loop.
+    page = await asyncio.to_thread(
+        render.message_page,
+        row,
+        who=session.scope.who,
+        role=session.scope.role,
+        csrf=session.csrf,
+        note=note,
     )
+    return _html(page)
 
 
 async def raw(request: web.Request) -> web.Response:
