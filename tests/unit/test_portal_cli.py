@@ -96,3 +96,28 @@ def test_users_added_listed_changed_removed(hub: Any, monkeypatch, capsys) -> No
         assert portal(hub, monkeypatch, "user", "remove", "boss") == 1
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "behind"),
+    [(["--origin", "https://portal.example"], True), ([], False)],
+)
+def test_serve_trusts_x_forwarded_for_only_behind_a_proxy(
+    tmp_path: Any, monkeypatch: Any, extra: list[str], behind: bool
+) -> None:
+    from mailtower.goc.portal import __main__ as portal_main
+
+    seen: list[Any] = []
+
+    def fake_make_app(config: Any, store: Any, mailer: Any) -> Any:
+        seen.append(config)
+        return None
+
+    async def fake_run(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(portal_main, "make_app", fake_make_app)
+    monkeypatch.setattr(portal_main, "_run", fake_run)
+    argv = ["serve", "--dsn", "host=/nonexistent", "--secret-file", str(tmp_path / "key")]
+    assert portal_main.main([*argv, "--listen", "127.0.0.1:18027", *extra]) == 0
+    assert seen[0].behind_proxy is behind

@@ -33,8 +33,14 @@ def test_text_keeps_lines_and_shows_tabs_as_spaces() -> None:
 def test_preview_of_garbage_never_raises() -> None:
     for raw in (b"\xff\xfe" * 10 + b"\r\n\r\n", b"Content-Type: multipart/mixed\r\n\r\n--", b""):
         view = render.preview(raw)
-        assert set(view) == {"headers", "text", "attachments", "error"}
-    assert render.preview(None) == {"headers": [], "text": None, "attachments": [], "error": None}
+        assert set(view) == {"headers", "text", "attachments", "error", "cut"}
+    assert render.preview(None) == {
+        "headers": [],
+        "text": None,
+        "attachments": [],
+        "error": None,
+        "cut": False,
+    }
 
 
 def test_folded_headers_show_on_one_line_and_hostile_ones_stay_visible() -> None:
@@ -112,3 +118,12 @@ def test_cursor_round_trip_and_garbage() -> None:
 def test_a_scope_is_never_ambiguous(args: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Scope(**args)  # type: ignore[arg-type]
+
+
+def test_preview_parses_only_the_first_bytes_of_a_big_message() -> None:
+    raw = b"Subject: big\r\nContent-Type: text/plain\r\n\r\n" + b"line of text\r\n" * 1000
+    whole = render.preview(raw)
+    assert whole["cut"] is False and whole["text"].count("line of text") == 1000
+    cut = render.preview(raw, limit=1000)
+    assert cut["cut"] is True and dict(cut["headers"])["Subject"] == "big"
+    assert 0 < cut["text"].count("line of text") < 1000

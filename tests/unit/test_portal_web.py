@@ -77,13 +77,14 @@ class Browser:
         self.client = client
         self.mailbox = mailbox
         self.csrf = ""
+        self.headers: dict[str, str] = {}  # sent with every request (X-Forwarded-For)
 
     @property
     def origin(self) -> dict[str, str]:
-        return {"Origin": str(self.client.make_url("")).rstrip("/")}
+        return {"Origin": str(self.client.make_url("")).rstrip("/"), **self.headers}
 
     async def get(self, path: str) -> tuple[int, str]:
-        response = await self.client.get(path, allow_redirects=False)
+        response = await self.client.get(path, allow_redirects=False, headers=self.headers)
         text = await response.text()
         found = re.search(r'name="csrf" value="([^"]+)"', text)
         if found:
@@ -156,7 +157,10 @@ def seed(conn: psycopg.Connection[Any], hub: Any) -> dict[str, str]:
     """One message for each user, so each scope has something of its own."""
     a, b = hub.customers["a"], hub.customers["b"]
     return {
-        "alice": add_quarantined(conn, customer_id=a, recipients=[ALICE], subject="For Alice"),
+        # banned, not a virus: a user may release (and download) their own
+        "alice": add_quarantined(
+            conn, customer_id=a, recipients=[ALICE], subject="For Alice", verdict="banned"
+        ),
         "bob": add_quarantined(conn, customer_id=a, recipients=[BOB], subject="For Bob"),
         "carol": add_quarantined(conn, customer_id=b, recipients=[CAROL], subject="For Carol"),
     }
@@ -905,7 +909,9 @@ def test_the_portals_step_makes_quarantine_actions_when_the_sync_has_not(tmp_pat
 
 
 def test_each_recipient_is_released_to_once(hub: Any, conn: Any) -> None:
-    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB], verdict="banned"
+    )
 
     async def test() -> None:
         async with portal(hub) as user:
@@ -946,7 +952,9 @@ def test_the_hub_has_the_gocs_own_quarantine_actions(hub: Any, conn: Any) -> Non
 def test_an_earlier_release_covers_as_the_tower_reads_it(
     hub: Any, conn: Any, earlier: list[str]
 ) -> None:
-    eid = add_quarantined(conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB])
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE, BOB], verdict="banned"
+    )
     conn.execute(
         "INSERT INTO quarantine_actions (request_id, event_id, tower, quarantine_id, action,"
         " recipients, requested_by) SELECT gen_random_uuid(), event_id, tower, quarantine_id,"
@@ -976,5 +984,221 @@ def test_a_database_away_is_a_503_page(hub: Any, conn: Any) -> None:
             status, text = await browser.get("/")
             assert status == 503 and "unavailable for a moment" in text
             assert "Traceback" not in text
+
+    run(test)
+
+
+# -- addresses stored with capitals (scand keeps Postfix's spelling) ---------------------------
+
+
+def test_a_recipient_stored_with_capitals_is_the_users_own(hub: Any, conn: Any) -> None:
+    eid = add_quarantined(
+        conn,
+        customer_id=hub.customers["a"],
+        recipients=["Alice@Acme.example", BOB],
+        subject="Mixed case",
+        verdict="suspicious",
+    )
+    add_quarantined(conn, customer_id=hub.customers["b"], recipients=[CAROL], subject="Carol's")
+
+    async def test() -> None:
+        async with portal(hub) as alice:
+            assert await alice.sign_in_by_link(ALICE) == 303  # a link is sent (link_wanted)
+            _, listing = await alice.get("/")
+            assert "Mixed case" in listing and "Carol&#x27;s" not in listing
+            assert (await alice.post(f"/message/{eid}/release"))[1].endswith("done=requested")
+        async with portal(hub) as bob:
+            assert await bob.sign_in_by_link(BOB) == 303
+            _, listing = await bob.get("/")
+            assert "Mixed case" in listing
+        async with portal(hub) as carol:
+            assert await carol.sign_in_by_link(CAROL) == 303
+            _, listing = await carol.get("/")
+            assert "Mixed case" not in listing
+            assert (await carol.get(f"/message/{eid}"))[0] == 404
+        async with portal(hub) as admin:
+            await admin.sign_in("admin-a")
+            _, found = await admin.get("/?recipient=ALICE%40acme.example")
+            assert "Mixed case" in found
+
+    run(test)
+    rows = conn.execute("SELECT recipients, requested_by FROM quarantine_actions").fetchall()
+    assert rows == [(["Alice@Acme.example"], f"user:{ALICE}")]
+
+
+def test_mt_lower_addresses_and_its_index(hub: Any, conn: Any) -> None:
+    def lower(value: Any) -> Any:
+        row = conn.execute("SELECT public.mt_lower_addresses(%s::text[])", (value,)).fetchone()
+        assert row is not None
+        return row[0]
+
+    assert lower(["B@X.example", "a@Y.example", None]) == ["b@x.example", "a@y.example", None]
+    assert lower(None) is None
+    assert lower([]) == []
+    row = conn.execute(
+        "SELECT provolatile FROM pg_proc WHERE oid = 'public.mt_lower_addresses'::regproc"
+    ).fetchone()
+    assert row == ("i",)
+    for _ in range(20):
+        add_quarantined(conn, customer_id=hub.customers["a"], recipients=[BOB], message=None)
+    conn.execute("ANALYZE verdict_events")
+    # The user's page and link_wanted as the portal writes them: the planner can use the index.
+    where, params = portal_store._scoped(portal_store.Scope("user", ALICE, address=ALICE))
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = conn.execute(
+            psycopg.sql.SQL("EXPLAIN SELECT v.event_id FROM public.verdict_events v WHERE {}")
+            .format(where)
+            .as_string(conn),
+            params,
+        ).fetchall()
+    assert "verdict_events_quarantine_recipients_lower" in "\n".join(r[0] for r in plan)
+
+
+# -- what admins and users never see or take -------------------------------------------------
+
+
+def test_set_aside_and_customerless_messages_are_the_operators_only(hub: Any, conn: Any) -> None:
+    a = hub.customers["a"]
+    ordinary = add_quarantined(conn, customer_id=a, recipients=[ALICE], subject="Ordinary")
+    aside = add_quarantined(conn, customer_id=a, recipients=[ALICE, CAROL], subject="Set aside")
+    conn.execute(
+        "UPDATE verdict_events SET quarantine_meta = quarantine_meta"
+        " || jsonb_build_object('unprocessable', true) WHERE event_id = %s",
+        (aside,),
+    )
+    towers = add_quarantined(conn, customer_id=None, recipients=[ALICE], subject="No customer")
+
+    async def test() -> None:
+        async with portal(hub) as op:
+            await op.sign_in("op")
+            _, listing = await op.get("/")
+            assert all(eid in listing for eid in (ordinary, aside, towers))
+            assert (await op.get(f"/message/{aside}"))[0] == 200
+        for who in ("admin-a", ALICE):
+            async with portal(hub) as browser:
+                if "@" in who:
+                    assert await browser.sign_in_by_link(who) == 303
+                else:
+                    await browser.sign_in(who)
+                _, listing = await browser.get("/")
+                assert ordinary in listing and aside not in listing and towers not in listing
+                for eid in (aside, towers):
+                    assert (await browser.get(f"/message/{eid}"))[0] == 404
+                    assert (await browser.get(f"/message/{eid}/raw"))[0] == 404
+                    assert (await browser.post(f"/message/{eid}/release"))[0] == 404
+        # Only a set-aside message for carol: no link (she could see nothing).
+        async with portal(hub) as carol:
+            await carol.get("/login")
+            await carol.post("/link", {"address": CAROL})
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+            assert carol.mailbox.sent == []
+
+    run(test)
+    assert count(conn, "quarantine_actions") == 0
+
+
+def test_a_user_never_releases_or_downloads_a_virus(hub: Any, conn: Any) -> None:
+    virus = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE], verdict="virus"
+    )
+
+    async def test() -> None:
+        async with portal(hub) as user:
+            await user.sign_in_by_link(ALICE)
+            status, page = await user.get(f"/message/{virus}")
+            assert status == 200 and 'id="release"' not in page and 'id="raw"' not in page
+            assert "only your mail administrator" in page
+            status, _, text = await user.post(f"/message/{virus}/release")
+            assert status == 403 and "holds a virus" in text
+            status, text = await user.get(f"/message/{virus}/raw")
+            assert status == 403 and "holds a virus" in text
+        assert count(conn, "quarantine_actions") == 0
+        for name in ("admin-a", "op"):
+            async with portal(hub) as admin:
+                await admin.sign_in(name)
+                _, page = await admin.get(f"/message/{virus}")
+                assert 'id="release"' in page and 'id="raw"' in page
+                assert (await admin.client.get(f"/message/{virus}/raw")).status == 200
+        async with portal(hub) as admin:
+            await admin.sign_in("admin-a")
+            assert (await admin.post(f"/message/{virus}/release"))[1].endswith("done=requested")
+
+    run(test)
+    rows = conn.execute("SELECT recipients, requested_by FROM quarantine_actions").fetchall()
+    assert rows == [([ALICE], "admin:admin-a")]
+
+
+# -- behind a TLS proxy: whom the rate limits count ----------------------------------------
+
+
+async def _fail_logins(browser: Browser, name: str, times: int) -> list[int]:
+    statuses = []
+    for _ in range(times):
+        await browser.get("/login")
+        statuses.append((await browser.post("/login", {"name": name, "password": "no"}))[0])
+    return statuses
+
+
+def test_behind_a_proxy_the_limits_count_the_forwarded_client(hub: Any, conn: Any) -> None:
+    async def test() -> None:
+        async with portal(hub, login_attempts=2, behind_proxy=True) as browser:
+            browser.headers = {"X-Forwarded-For": "203.0.113.1"}
+            assert await _fail_logins(browser, "op", 3) == [401, 401, 429]
+            # A spoofed first entry changes nothing: the proxy's (last) entry is the client.
+            browser.headers = {"X-Forwarded-For": "198.51.100.9, 203.0.113.1"}
+            assert await _fail_logins(browser, "admin-b", 1) == [429]
+            # Another client, behind the same proxy, still signs in.
+            browser.headers = {"X-Forwarded-For": "203.0.113.2"}
+            assert await browser.sign_in("admin-a") == 303
+        # Not behind a proxy: the header is anybody's word and never read.
+        async with portal(hub, login_attempts=2) as browser:
+            for n, name in enumerate(("admin-a", "admin-b", "op")):
+                browser.headers = {"X-Forwarded-For": f"203.0.113.{n + 10}"}
+                await browser.get("/login")
+                status, _, _ = await browser.post("/login", {"name": name, "password": "no"})
+                assert status == (401 if n < 2 else 429)
+
+    run(test)
+
+
+def test_link_limits_are_per_client_and_per_address_behind_a_proxy(hub: Any, conn: Any) -> None:
+    async def ask(browser: Browser, client: str, address: str) -> int:
+        browser.headers = {"X-Forwarded-For": client}
+        await browser.get("/login")
+        return (await browser.post("/link", {"address": address}))[0]
+
+    async def test() -> None:
+        async with portal(hub, links_per_address=2, behind_proxy=True) as browser:
+            one, two = "203.0.113.1", "2001:db8::2"
+            assert [await ask(browser, one, ALICE) for _ in range(3)] == [200, 200, 429]
+            assert await ask(browser, one, BOB) == 429  # this client has had its share
+            assert await ask(browser, two, BOB) == 200  # another's are its own
+            assert await ask(browser, two, ALICE) == 429  # alice's links are used up, for all
+            assert await ask(browser, two, CAROL) == 200
+
+    run(test)
+
+
+# -- a big message's page ------------------------------------------------------------------
+
+
+def test_a_big_messages_page_answers_and_says_it_was_cut(hub: Any, conn: Any) -> None:
+    big = small_message(
+        "x@sender.example", [ALICE], "Big one", "The start.\n", **{"big.bin": b"\x00" * (3 << 20)}
+    )
+    eid = add_quarantined(
+        conn, customer_id=hub.customers["a"], recipients=[ALICE], subject="Big one", message=big
+    )
+
+    async def test() -> None:
+        async with portal(hub) as browser:
+            await browser.sign_in("admin-a")
+            status, page = await browser.get(f"/message/{eid}")
+            assert status == 200 and 'id="cut"' in page and "first 2.0 MiB" in page
+            assert "The start." in page and "Subject: Big one" in page
+            _, small = await browser.get("/")  # an ordinary page still answers after it
+            assert "Big one" in small
 
     run(test)

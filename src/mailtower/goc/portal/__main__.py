@@ -92,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
         session_idle_s=int(args.idle_minutes * 60),
         secure_cookie=tls is not None or (args.origin or "").startswith("https://"),
         origin=args.origin,
+        # plain HTTP with an origin: on loopback behind a TLS proxy (plain_http_refused)
+        behind_proxy=args.origin is not None and tls is None,
     )
     store = Store(args.dsn)
     mailer = SmtpMailer(tuple(RelayAddress.parse(r) for r in args.relay))

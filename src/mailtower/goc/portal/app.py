@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -31,11 +32,13 @@ from mailtower.goc.eye.auth import LoginLimiter
 from mailtower.goc.portal import render
 from mailtower.goc.portal.mail import link_message
 from mailtower.goc.portal.store import (
+    VIRUS_REFUSED,
     Cursor,
     PortalSession,
     Scope,
     Search,
     Store,
+    may_take,
     normal_address,
 )
 
@@ -69,6 +72,10 @@ class PortalConfig:
     expire_every_s: float = 300.0
     expire_batch: int = 1000
     links_per_address: int = 3  # link requests per address (and per client) in login_window_s
+    # Behind a TLS proxy on this host (--origin, plain HTTP on loopback): every connection is
+    # the proxy's, so a client's address is the last X-Forwarded-For entry, the one the proxy
+    # appended. Never read otherwise: anybody can send the header.
+    behind_proxy: bool = False
 
 
 STORE = web.AppKey("store", Store)
@@ -118,6 +125,29 @@ async def _auth(
         )
         response.headers["Retry-After"] = "5"
         return response
+
+
+def client_address(request: web.Request) -> str:
+    """Whom the rate limits and the log count a request against: the connection's peer, or,
+    behind a local TLS proxy (``behind_proxy``) and only when the peer is a loopback address,
+    the last ``X-Forwarded-For`` entry — what that proxy appended; earlier entries are the
+    client's own word and never read."""
+    remote = request.remote or "?"
+    if not request.app[CONFIG].behind_proxy or not _loopback(remote):
+        return remote
+    forwarded = request.headers.getall("X-Forwarded-For", [])
+    last = forwarded[-1].rpartition(",")[2].strip() if forwarded else ""
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return remote  # no usable entry: the proxy's own (as without one)
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _session(request: web.Request) -> PortalSession:
@@ -213,7 +243,7 @@ async def login_form(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     config, store = request.app[CONFIG], request.app[STORE]
     form = await _pre_checked(request)
-    client = request.remote or "?"
+    client = client_address(request)
     name, password = form.get("name"), form.get("password")
     back = _return_to(form.get("next"))
 
@@ -264,7 +294,7 @@ async def ask_link(request: web.Request) -> web.Response:
     """ "Mail me a link": the same answer whether or not the address is known, at once (the
     lookup and the mail happen afterwards, so the time taken tells nothing either)."""
     form = await _pre_checked(request)
-    client = request.remote or "?"
+    client = client_address(request)
     raw = form.get("address")
     address = normal_address(raw) if isinstance(raw, str) else None
 
@@ -273,6 +303,8 @@ async def ask_link(request: web.Request) -> web.Response:
 
     if address is None:
         return answer("Give your e-mail address.", status=400)
+    # Per client and, apart, per address (LoginLimiter keeps both): one client's requests never
+    # use up another's, nor the links of addresses it did not ask for.
     if request.app[LINK_LIMITER].reserve(client, address) is None:
         return answer("Too many link requests: wait a few minutes.", status=429)
     task = asyncio.create_task(_send_link(request.app, address))
@@ -319,7 +351,7 @@ async def use_link(request: web.Request) -> web.Response:
     session_token, _ = await asyncio.to_thread(
         store.open_session, scope, config.session_lifetime_s, config.session_idle_s
     )
-    await asyncio.to_thread(store.audit, scope, "login", None, {"client": request.remote or "?"})
+    await asyncio.to_thread(store.audit, scope, "login", None, {"client": client_address(request)})
     raise _signed_in(request, session_token)
 
 
@@ -402,11 +434,16 @@ async def message(request: web.Request) -> web.Response:
     session = _session(request)
     row = await _row(request)
     note = NOTES.get(request.query.get("done", ""), "")
-    return _html(
-        render.message_page(
-            row, who=session.scope.who, role=session.scope.role, csrf=session.csrf, note=note
-        )
+    # Parsing a message (up to render.MAX_PREVIEW bytes) is CPU work: off the event loop.
+    page = await asyncio.to_thread(
+        render.message_page,
+        row,
+        who=session.scope.who,
+        role=session.scope.role,
+        csrf=session.csrf,
+        note=note,
     )
+    return _html(page)
 
 
 async def raw(request: web.Request) -> web.Response:
@@ -415,6 +452,8 @@ async def raw(request: web.Request) -> web.Response:
     row = await _row(request)
     if row["message"] is None:
         raise web.HTTPNotFound()
+    if not may_take(session.scope, row):
+        return _html(render.error_page(403, VIRUS_REFUSED), 403)
     await asyncio.to_thread(request.app[STORE].audit, session.scope, "download", row, {})
     return web.Response(
         body=bytes(row["message"]),
@@ -459,6 +498,9 @@ async def act(request: web.Request) -> web.Response:
             raise web.HTTPNotFound()
     except LookupError:
         raise web.HTTPNotFound() from None
+    except PermissionError as exc:  # a user and a virus: said so, and nothing asked
+        log.warning("event=%s_refused who=%r event_id=%s reason=virus", action, scope.who, event_id)
+        return _html(render.error_page(403, str(exc)), 403)
     log.info(
         "event=%s who=%r role=%s event_id=%s outcome=%s",
         action,

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 from mailtower._text import shown
 
 MAX_TEXT = 200_000  # characters of a message's text shown
+MAX_PREVIEW = 2 * 1024 * 1024  # bytes of a stored message parsed for its page (the rest: the .eml)
 MAX_HEADERS = 200
 VERDICTS = ("virus", "banned", "suspicious")
 
@@ -204,10 +205,19 @@ def html_to_text(markup: str) -> str:
     return "".join(parser.parts)
 
 
-def preview(raw: bytes | None) -> dict[str, Any]:
-    """Headers, the text (or HTML as text) and the attachments' names of a stored message."""
+def preview(raw: bytes | None, limit: int = MAX_PREVIEW) -> dict[str, Any]:
+    """Headers, the text (or HTML as text) and the attachments' names of a stored message; only
+    its first ``limit`` bytes are parsed (``cut``: the message is longer), so a big message
+    costs a bounded time."""
     if raw is None:
-        return {"headers": [], "text": None, "attachments": [], "error": None}
+        return {"headers": [], "text": None, "attachments": [], "error": None, "cut": False}
+    cut = len(raw) > limit
+    view = _preview(bytes(raw[:limit]) if cut else raw)
+    view["cut"] = cut
+    return view
+
+
+def _preview(raw: bytes) -> dict[str, Any]:
     try:
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(msg, EmailMessage)
@@ -279,11 +289,18 @@ def message_page(row: dict[str, Any], *, who: str, role: str, csrf: str, note: s
     body += '<dl id="facts">' + "".join(f"<dt>{h(k)}</dt><dd>{h(v)}</dd>" for k, v in facts)
     body += "</dl>"
     actions = []
-    if row["message"] is not None:
+    # A user never releases or downloads a virus (the app refuses it too): their admin may.
+    virus_held = role == "user" and row["verdict"] == "virus"
+    if row["message"] is not None and not virus_held:
         actions.append(_action(eid, "release", "Release", csrf))
         if role != "user":
             actions.append(_action(eid, "delete", "Delete", csrf))
         actions.append(f'<a id="raw" href="/message/{eid}/raw">Download (.eml)</a>')
+    elif row["message"] is not None:
+        actions.append(
+            '<p id="virus-held">This message holds a virus: only your mail administrator can'
+            " release or download it.</p>"
+        )
     if role != "user" and row["sender"]:
         actions.append(_action(eid, "allow", "Allow this sender", csrf))
     body += f'<div class="actions">{"".join(actions)}</div>'
@@ -300,6 +317,12 @@ def message_page(row: dict[str, Any], *, who: str, role: str, csrf: str, note: s
         body += "</table>"
     if view["error"]:
         body += f'<p class="error">This message could not be read ({h(view["error"])}).</p>'
+    if view["cut"]:
+        body += (
+            f'<p class="notice" id="cut">This message is {h(_size(len(row["message"])))}: only'
+            f" its first {h(_size(MAX_PREVIEW))} are shown here, so its text and attachments"
+            " may be cut short or missing.</p>"
+        )
     if view["attachments"]:
         body += (
             '<h2>Attachments</h2><ul id="attachments">'

@@ -67,3 +67,19 @@ CREATE INDEX IF NOT EXISTS verdict_events_quarantine_subject
 CREATE INDEX IF NOT EXISTS verdict_events_quarantine_sender
     ON public.verdict_events USING gin (sender public.gin_trgm_ops)
     WHERE quarantine_id IS NOT NULL;
+
+-- Recipients as scand stores them keep Postfix's spelling (Alice@Acme.example); the portal
+-- compares addresses in lower case, through this function and its GIN expression index (the
+-- hub's GIN index on recipients itself stays: the sync's schema owns it). Immutable,
+-- NULL-safe (NULL in, NULL out; NULL elements kept), order kept; schema-qualified and with its
+-- own search_path, so an index on it means the same under any session's search_path.
+CREATE OR REPLACE FUNCTION public.mt_lower_addresses(addresses text[]) RETURNS text[]
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog
+    AS $$
+        SELECT coalesce(array_agg(lower(t.a) ORDER BY t.n), '{}'::text[])
+        FROM unnest(addresses) WITH ORDINALITY AS t(a, n)
+    $$;
+CREATE INDEX IF NOT EXISTS verdict_events_quarantine_recipients_lower
+    ON public.verdict_events USING gin (public.mt_lower_addresses(recipients))
+    WHERE quarantine_id IS NOT NULL;

@@ -2,7 +2,9 @@
 
 Blocking psycopg; the web app calls it from worker threads. **Every read of the quarantine
 goes through ``_scoped``**, the one place a session's role becomes SQL (operator: every
-customer; admin: ``customer_id`` = theirs; user: their address among ``recipients``), always
+customer; admin: ``customer_id`` = theirs; user: their address among ``recipients``, both
+compared in lower case through ``public.mt_lower_addresses``; admins and users never see a
+message with no customer or one set aside as unprocessable), always
 with ``quarantine_id IS NOT NULL`` (the partial indexes' condition). A message outside the
 scope is simply not found: the app answers 404 exactly as for an id that does not exist.
 """
@@ -91,10 +93,33 @@ def _scoped(scope: Scope, alias: str = "v") -> tuple[sql.Composable, list[Any]]:
     base = sql.SQL("{}.quarantine_id IS NOT NULL").format(col)
     if scope.role == "operator":
         return base, []
+    # Admins and users: a customer's messages only, never one set aside as unprocessable (never
+    # fully scanned; its recipients may be several customers'): those are the operators'.
+    base = sql.SQL(
+        "{} AND {}.customer_id IS NOT NULL AND NOT ({}.quarantine_meta ? 'unprocessable')"
+    ).format(base, col, col)
     if scope.role == "admin":
         return sql.SQL("{} AND {}.customer_id = %s").format(base, col), [scope.customer_id]
-    # A user: @> reads the GIN index on recipients (= ANY would not).
-    return sql.SQL("{} AND {}.recipients @> ARRAY[%s]::text[]").format(base, col), [scope.address]
+    # A user: @> on the lower-cased recipients reads their GIN expression index (= ANY would
+    # not); scand keeps Postfix's spelling, so the stored one may have capitals.
+    mine = sql.SQL("{} @> ARRAY[%s]::text[]").format(_lower_recipients(alias))
+    return sql.SQL("{} AND {}").format(base, mine), [scope.address]
+
+
+def _lower_recipients(alias: str = "v") -> sql.Composable:
+    """The row's recipients in lower case: the expression the GIN index is on (schema.sql)."""
+    return sql.SQL("public.mt_lower_addresses({})").format(sql.Identifier(alias, "recipients"))
+
+
+VIRUS_REFUSED = (
+    "This message holds a virus: only your mail administrator can release or download it."
+)
+
+
+def may_take(scope: Scope, row: dict[str, Any]) -> bool:
+    """Whether ``scope`` may release or download ``row``: a user never a virus (admins and
+    operators may, knowing what they do)."""
+    return scope.role != "user" or row["verdict"] != "virus"
 
 
 @dataclass(frozen=True)
@@ -289,13 +314,16 @@ class Store:
 
     def link_wanted(self, address: str) -> bool:
         """Whether ``address`` has quarantined mail at a customer's domain (a link is sent)."""
+        address = address.lower()
         domain = address.rpartition("@")[2]
+        where, params = _scoped(Scope("user", address, address=address))  # what they would see
         with self.conn() as conn:
             row = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM public.domains WHERE name = %s) AND EXISTS ("
-                " SELECT 1 FROM public.verdict_events v WHERE v.quarantine_id IS NOT NULL"
-                " AND v.recipients @> ARRAY[%s]::text[]) AS wanted",
-                (domain, address),
+                sql.SQL(
+                    "SELECT EXISTS (SELECT 1 FROM public.domains WHERE name = %s) AND EXISTS ("
+                    " SELECT 1 FROM public.verdict_events v WHERE {}) AS wanted"
+                ).format(where),
+                [domain, *params],
             ).fetchone()
         return bool(row and row["wanted"])
 
@@ -333,7 +361,7 @@ class Store:
             conds.append(sql.SQL("v.sender ILIKE %s"))
             params.append(_like(search.sender))
         if search.recipient:
-            conds.append(sql.SQL("v.recipients @> ARRAY[%s]::text[]"))
+            conds.append(sql.SQL("{} @> ARRAY[%s]::text[]").format(_lower_recipients()))
             params.append(search.recipient.strip().lower())
         if search.subject:
             conds.append(sql.SQL("v.subject ILIKE %s"))
@@ -413,13 +441,15 @@ class Store:
         row = self.message(scope, event_id)
         if row is None:
             raise LookupError(event_id)
+        if not may_take(scope, row):
+            raise PermissionError(VIRUS_REFUSED)
         # quarantine_actions' recipients: a release to these only, empty for a delete (the
         # column means nothing to a delete; empty is "all of them" to the tower's manager).
         recipients: list[str] = []
         if action == "release":
             recipients = list(row["recipients"])
-            if scope.address is not None:  # a user: their own copy only
-                recipients = [scope.address]
+            if scope.address is not None:  # a user: their own copy only, as the row spells it
+                recipients = [r for r in recipients if r.lower() == scope.address.lower()]
         with self.conn() as conn:
             if not self.has_actions(conn):
                 return "unavailable"
