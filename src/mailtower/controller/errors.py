@@ -39,3 +39,7 @@ class StepFailed(ControllerError):
 
 class PairError(ControllerError):
     """The command cannot go on; the message names the host, the step and the fix."""
+
+
+class CertificateError(ControllerError):
+    """A TLS certificate chain or key the deploy must refuse; the message lists every reason."""
