@@ -487,6 +487,33 @@ def test_release_after_a_portal_request_by_what_the_monitor_logged(
     assert len(rig.sink.received) == 1
 
 
+def test_release_after_a_users_own_release_goes_to_the_others_only(
+    rig: Rig,
+    db: psycopg.Connection[Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A user released their own copy from the portal: the operator's release reaches the
+    other recipients, never that user twice; --again reaches everyone."""
+    rig.policies({}, {})
+    qid = rig.send(VIRUS, [ALICE, "al2@a.example"]).split()[4]
+    event_id = db.execute("SELECT event_id FROM verdict_events").fetchone()[0]  # type: ignore[index]
+    db.execute(
+        "INSERT INTO quarantine_log (event_id, quarantine_id, action, by, recipients, answer,"
+        " request_id) VALUES (%s, %s, 'release', 'user:alice', %s,"
+        " 'released: 250 2.0.0 Ok: queued as X', gen_random_uuid())",
+        (event_id, qid, [ALICE.upper()]),
+    )
+    capsys.readouterr()
+    assert _cli(rig, tmp_path, "release", qid) == 0
+    assert "left out, already released to them: " + ALICE in capsys.readouterr().out
+    assert [m.rcpt_tos for m in rig.sink.received] == [["al2@a.example"]]
+    assert _cli(rig, tmp_path, "release", qid) == 1  # every recipient has it now
+    assert "already released" in capsys.readouterr().err
+    assert _cli(rig, tmp_path, "release", qid, "--again") == 0
+    assert [m.rcpt_tos for m in rig.sink.received][-1] == [ALICE, "al2@a.example"]
+
+
 def test_list_pages_newest_first_and_unknown_ids(
     rig: Rig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -440,11 +440,6 @@ def _sql_release(conn: Any, settings: TowerSettings, args: argparse.Namespace) -
     with conn.transaction():
         conn.execute(rows.ACTION_LOCK, (row.event_id,))
         released = rows.releases(conn, row.event_id)  # by an operator or a portal request
-        if released and not args.again:
-            raise _Refused(
-                f"{row.quarantine_id} was already released {shown(released[-1].describe())};"
-                " use --again to release it again"
-            )
         in_flight = conn.execute(
             "SELECT request_id FROM quarantine_log WHERE event_id = %s AND action = 'release'"
             " AND request_id IS NOT NULL AND (answer LIKE 'claimed %%' OR answer LIKE"
@@ -462,6 +457,22 @@ def _sql_release(conn: Any, settings: TowerSettings, args: argparse.Namespace) -
         rcpt_tos = list(current.recipients)
         if not rcpt_tos:
             raise _Refused(f"{row.quarantine_id} has no recipients")
+        # Each recipient once: what an earlier release (a user's own copy from the portal, an
+        # operator's) covered is left out; --again sends to every recipient.
+        covered = rows.released_to(released, rcpt_tos)
+        if not args.again:
+            left_out = [r for r in rcpt_tos if r.lower() in covered]
+            rcpt_tos = [r for r in rcpt_tos if r.lower() not in covered]
+            if not rcpt_tos:
+                raise _Refused(
+                    f"{row.quarantine_id} was already released"
+                    f" {shown(released[-1].describe())}; use --again to release it again"
+                )
+            if left_out:
+                print(
+                    f"{row.quarantine_id}: left out, already released to them: "
+                    + shown(", ".join(left_out))
+                )
         mail_from = current.sender or ""
         raw = current.message
         stored = [str(o) for o in current.quarantine_meta.get("mail_options") or []]
