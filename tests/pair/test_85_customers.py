@@ -78,19 +78,34 @@ def snapshot_files(pair: Pair) -> dict[str, str]:
     return files
 
 
-def defaults_everywhere(pair: Pair) -> bool:
-    """Does every scanner's snapshot give each lab customer the default policy?"""
-    for path in snapshot_files(pair).values():
+def snapshot_policies(pair: Pair, domains: list[str], tower: str | None = None) -> bool | list:
+    """Each scanner's policy for each of ``domains`` as its snapshot holds it (of ``tower``'s
+    scanners, or all); False when a snapshot is not there (yet) or caught mid-copy."""
+    found = []
+    for name, path in snapshot_files(pair).items():
+        if tower is not None and not name.startswith(f"{tower}/"):
+            continue
         try:
             with open(path, "rb") as f:
                 doc = json.load(f)
         except (OSError, ValueError):
-            return False  # not there (yet), or caught mid-copy: asked again
-        for customer in pair.customers:
-            name = doc["domains"].get(customer.domain)
-            if name is not None and json.loads(doc["policies"].get(name, "{}")) != {}:
-                return False
-    return True
+            return False
+        for domain in domains:
+            customer = doc["domains"].get(domain)
+            found.append(json.loads(doc["policies"].get(customer, "{}")) if customer else {})
+    return found
+
+
+def defaults_everywhere(pair: Pair) -> bool:
+    """Does every scanner's snapshot give each lab customer the default policy?"""
+    found = snapshot_policies(pair, [c.domain for c in pair.customers])
+    return found is not False and all(p == {} for p in found)
+
+
+def policy_everywhere(pair: Pair, key: str, domain: str, policy: dict) -> bool:
+    """Does every scanner of tower ``key`` hold ``policy``'s fields for ``domain``?"""
+    found = snapshot_policies(pair, [domain], key)
+    return bool(found) and all(p.get(k) == v for p in found for k, v in policy.items())
 
 
 def rcpt_code(address: str, rcpt: str, sender: str = "someone@internet.lab") -> tuple[int, str]:
@@ -213,6 +228,13 @@ def test_a_message_for_two_customers_with_different_policies_is_split(pair: Pair
     rcpts = [f"split@{first}", f"split@{second}"]
     with policies(pair):
         set_policy(pair, second, {"ban_extensions": ["zip"]})
+        # Every scanner first: a probe proves only the one scanner that took it (CI once had
+        # the probe banned and the split message, on another scanner, scanned by the old one).
+        wait_for(
+            lambda: policy_everywhere(pair, key, second, {"ban_extensions": ["zip"]}),
+            60,
+            f"{second}'s policy on every scanner of tower {key}",
+        )
         wait_for(lambda: _policy_applied(pair, key, second), 30, f"{second}'s policy at {key}")
         token = pair.token()
         send_direct(pair, key, zip_message(pair, token, rcpts), rcpts)
