@@ -65,6 +65,11 @@ def given_certificate() -> certs.Given | None:
     return given
 
 
+def served_pem(given: certs.Given) -> bytes:
+    """What Postfix reads (TLS_PEM): the key, then the chain, leaf first."""
+    return given.key_pem.rstrip(b"\n") + b"\n" + given.chain_pem
+
+
 def certificate(given: certs.Given | None) -> list:
     """Put the relay's certificate in place: the operator's (checked), or without one a
     self-signed certificate made once on the relay (its key never leaves it; a relay that
@@ -87,7 +92,7 @@ def certificate(given: certs.Given | None) -> list:
     return [
         files.put(
             name=f"Upload {TLS_PEM}",
-            src=io.BytesIO(given.key_pem.rstrip(b"\n") + b"\n" + given.chain_pem),
+            src=io.BytesIO(served_pem(given)),
             dest=TLS_PEM,
             mode="600",
             user="root",
