@@ -84,7 +84,8 @@ def certificate(given: certs.Given | None) -> list:
                     f" -addext 'subjectAltName=DNS:{settings().hostname}'"
                     f" -keyout {KEY} -out {CERT} 2>/dev/null",
                     f"chmod 600 {KEY} && chmod 644 {CERT}",
-                    f"(umask 077 && cat {KEY} {CERT} > {TLS_PEM}.new) && mv {TLS_PEM}.new {TLS_PEM}",
+                    f"(umask 077 && cat {KEY} {CERT} > {TLS_PEM}.new)"
+                    f" && mv {TLS_PEM}.new {TLS_PEM}",
                 ],
                 _if=lambda: host.get_fact(File, path=TLS_PEM) is None,
             )
@@ -105,7 +106,6 @@ def certificate(given: certs.Given | None) -> list:
 
 
 def configure():
-    s = settings()
     ops = {}
     ops["settings"] = [_common.write_settings("relay")]
     files.directory(name=f"Ensure {TLS_DIR}", path=TLS_DIR, mode="755")

@@ -165,7 +165,7 @@ class Limits(StrictModel):
     recover_after: int = 2  # consecutive good probes before it is enabled again
     queue_alert_messages: int = 500  # alert when the relay queue grows past this
     # The relay's TLS certificate ends within this many days: alert (time to renew, re-deploy).
-    tls_expiry_alert_days: int = Field(14, ge=1, le=90)
+    tls_expiry_alert_days: int = Field(default=14, ge=1, le=90)
     replication_lag_alert_s: int = 30
     queue_min_free_bytes: int = 256 * 1024 * 1024  # below this free space the relay answers 452
     # A message that keeps failing for a reason of its own (the relay refuses it for good,

@@ -30,9 +30,7 @@ def pki() -> dict:
     return {"root": root, "mid": (mid, mid_key), "leaf": leaf, "leaf_key": leaf_key}
 
 
-def _files(
-    tmp: Path, chain: bytes, key: bytes, trust: bytes, key_mode: int = 0o600
-) -> RelayTls:
+def _files(tmp: Path, chain: bytes, key: bytes, trust: bytes, key_mode: int = 0o600) -> RelayTls:
     paths = {"chain": tmp / "relay.crt", "key": tmp / "relay.key", "ca": tmp / "ca.crt"}
     paths["chain"].write_bytes(chain)
     paths["key"].write_bytes(key)
@@ -204,3 +202,15 @@ def test_a_lab_certificate_for_another_name_is_issued_anew(lab_state: Path) -> N
     renamed = ca.relay_tls("lab-a", "mx2.tower-a.lab")
     assert Path(renamed["chain"]).read_bytes() != first
     _given(RelayTls(**renamed), "mx2.tower-a.lab")
+
+
+def test_the_lab_inventory_gives_each_relay_its_certificate(lab_state: Path) -> None:
+    from inventory._lab import internet_data, lab_tower_data
+    from mailtower.settings import LabSender
+
+    for tower in ("a", "b"):
+        data = lab_tower_data(tower)
+        tls = RelayTls.model_validate(data["tls"])
+        _given(tls, data["hostname"])  # what the relay deploy will check
+    sender = LabSender.model_validate(internet_data()["sender"])
+    assert sender.tls_ca == ca.root_pem()

@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from prometheus_client import generate_latest
 
 from mailtower.relay.exporter import QUEUES, count_files, registry
@@ -124,7 +123,9 @@ def _certificate(path: Path, names: tuple[str, ...], days: int) -> datetime:
 
 
 def _not_after(text: str) -> dict[str, float]:
-    found = re.findall(r'^mailtower_tls_certificate_not_after_seconds\{names="([^"]*)"\} (\S+)$', text, re.M)
+    found = re.findall(
+        r'^mailtower_tls_certificate_not_after_seconds\{names="([^"]*)"\} (\S+)$', text, re.M
+    )
     return {names: float(value) for names, value in found}
 
 

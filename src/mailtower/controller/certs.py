@@ -229,9 +229,7 @@ def _read(path: str, what: str, role: str, fix: str) -> bytes:
         ) from exc
 
 
-def given(
-    tls: RelayTls, names: list[str], *, what: str, now: datetime | None = None
-) -> Given:
+def given(tls: RelayTls, names: list[str], *, what: str, now: datetime | None = None) -> Given:
     """Read and check the chain, key and CAs the inventory's ``tls`` names (files on the
     controller); CertificateError naming ``what`` and every reason when the deploy must
     refuse. The key file must not be readable by group or others (0600 or 0400)."""

@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("event=settings_error error=%r", str(exc))
         return 2
     port = tower.ports.relay_exporter
-    server, thread = start_http_server(port, addr="0.0.0.0", registry=registry(args.spool, args.certificate))
+    server, thread = start_http_server(
+        port, addr="0.0.0.0", registry=registry(args.spool, args.certificate)
+    )
     log.info("event=start port=%d spool=%s", port, args.spool)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

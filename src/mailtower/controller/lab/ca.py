@@ -137,7 +137,10 @@ def authority() -> tuple[Path, tuple[x509.Certificate, Key]]:
         mid = None  # a new root: a new intermediate under it
     if mid is None or mid[0].issuer != root[0].subject:
         key = new_key()
-        mid = (issue("mailtower lab intermediate CA", key, root, ca=True, days=INTERMEDIATE_DAYS), key)
+        mid = (
+            issue("mailtower lab intermediate CA", key, root, ca=True, days=INTERMEDIATE_DAYS),
+            key,
+        )
         _write(mid_key, key_pem(key), 0o600)
         _write(mid_crt, cert_pem(mid[0]), 0o644)
     return root_crt, mid
