@@ -100,8 +100,6 @@ def certificate(given: certs.Given | None) -> list:
             group="root",
         ),
         _common.put_text(given.chain_pem.decode(), CERT),
-        # A self-signed certificate's key from before: not what the relay serves any more.
-        files.file(name=f"Remove {KEY}", path=KEY, present=False),
     ]
 
 
@@ -169,3 +167,6 @@ def activate(ops, install_op):
 def deploy_relay():
     install_op = install()
     activate(configure(), install_op)
+    if settings().tls is not None:
+        # A self-signed certificate's key from before: not served since Postfix restarted.
+        files.file(name=f"Remove {KEY}", path=KEY, present=False)
