@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from mailtower.controller.lab import clamav_upstream, lxc, plan
+from mailtower.controller.lab import ca, clamav_upstream, lxc, plan
 
 LAB_PORTAL_PORT = 8027  # the lab GOC's quarantine portal (VirusEye 8025, bundles 8026)
 
@@ -37,9 +37,12 @@ def lab_groups(tower: str) -> dict[str, list]:
 
 def lab_tower_data(tower: str) -> dict:
     """The ``mailtower`` data of a lab tower: its name, customers, lab timers and secrets."""
+    hostname = f"mx.tower-{tower}.lab"
     return {
         "name": f"lab-{tower}",
-        "hostname": f"mx.tower-{tower}.lab",
+        "hostname": hostname,
+        # The relay's certificate from the lab CA, for its MX name (the sender verifies it).
+        "tls": ca.relay_tls(f"lab-{tower}", hostname),
         # The tower's own list (its tests use it); its relay routes what the GOC publishes.
         "customers": lab_customers(),
         "goc": {"address": str(plan.goc_host().address)},
@@ -205,6 +208,8 @@ def internet_data() -> dict:
             "domain": plan.SENDER_DOMAIN,
             "resolver": str(dns_host.address),
             "submit_from": str(plan.HOST_ADDRESS),
+            # It verifies the towers' certificates against the lab CA (smtp_tls_CAfile).
+            "tls_ca": ca.root_pem(),
         },
     }
 

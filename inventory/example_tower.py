@@ -59,6 +59,13 @@ tower = (
                 "portal_url": "https://portal.example.net",
             },
             "secrets": _read_secrets(_secrets_path),
+            # The relay's STARTTLS certificate for `hostname` (files on the controller; the key
+            # beside the secrets file, mode 0600): checked before the deploy changes anything
+            # (docs/runbook.md, Certificates). Without it the relay keeps a self-signed one.
+            "tls": {
+                "chain": "/etc/mailtower-deploy/tower-x/fullchain.pem",
+                "key": "/etc/mailtower-deploy/tower-x/privkey.pem",
+            },
         }
     },
 )

@@ -15,6 +15,7 @@ from roles import _common
 from roles._common import TEMPLATES, put_text
 
 PACKAGES = ["postfix"]
+CA_FILE = "/etc/postfix/lab-ca.pem"
 
 
 def settings() -> LabSender:
@@ -29,13 +30,20 @@ def configure(d: LabSender) -> list:
         f"nameserver {d.resolver}\noptions timeout:2 attempts:2\n",
         "/etc/resolv.conf",
     )
-    main = files.template(
-        name="Render /etc/postfix/main.cf",
-        src=str(TEMPLATES / "lab_sender/etc/postfix/main.cf.j2"),
-        dest="/etc/postfix/main.cf",
-        internet=d,
+    ops = [resolv]
+    if d.tls_ca:
+        # The lab CA's root: the one CA it trusts, so a relay must send its whole chain.
+        ops.append(put_text(d.tls_ca, CA_FILE))
+    ops.append(
+        files.template(
+            name="Render /etc/postfix/main.cf",
+            src=str(TEMPLATES / "lab_sender/etc/postfix/main.cf.j2"),
+            dest="/etc/postfix/main.cf",
+            internet=d,
+            ca_file=CA_FILE,
+        )
     )
-    return [resolv, main]
+    return ops
 
 
 def activate(ops: list) -> None:

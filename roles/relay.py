@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from pyinfra import host
-from pyinfra.api import deploy
-from pyinfra.facts.files import File
-from pyinfra.operations import files, server
+import io
 
+from pyinfra import host, logger
+from pyinfra.api import deploy
+from pyinfra.api.exceptions import DeployError
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server, systemd
+
+from mailtower.controller import certs
+from mailtower.controller.errors import CertificateError
+from mailtower.relay import exporter
 from roles import _common
 from roles._common import settings, template
 
-CERT = "/etc/mailtower/tls/relay.crt"
-KEY = "/etc/mailtower/tls/relay.key"
+TLS_DIR = "/etc/mailtower/tls"
+# What Postfix reads (smtpd_tls_chain_files): the key, then the chain, in one file replaced
+# whole, so no smtpd ever starts with a new key and an old certificate. Root only.
+TLS_PEM = f"{TLS_DIR}/relay.pem"
+# The chain alone, readable by all: the exporter's expiry metric, and operators' openssl.
+CERT = str(exporter.CERTIFICATE)
+# The key of a self-signed certificate the relay made itself (no ``tls`` given).
+KEY = f"{TLS_DIR}/relay.key"
 
 
 PACKAGES = [
@@ -31,23 +43,73 @@ def install():
     return _common.install_stack()
 
 
-def configure():
+def given_certificate() -> certs.Given | None:
+    """The operator's chain and key (the tower's ``tls`` setting), read and checked on the
+    controller while the deploy is prepared, before any host is changed: DeployError naming the
+    relay and every reason with its fix. None: no ``tls`` given (a warning)."""
     s = settings()
+    what = f"{host.name} (relay of tower {s.name}, MX name {s.hostname})"
+    if s.tls is None:
+        logger.warning(
+            f"{what}: no TLS certificate given (tls in the tower's inventory): the relay keeps"
+            " a self-signed one, which senders that verify (DANE, MTA-STS) refuse; see"
+            " docs/runbook.md, Certificates"
+        )
+        return None
+    try:
+        given = certs.given(s.tls, [s.hostname], what=what)
+    except CertificateError as exc:
+        raise DeployError(f"{exc}\n(checked before the deploy changed anything)") from exc
+    for warning in given.report.warnings:
+        logger.warning(f"{what}: {warning}")
+    return given
+
+
+def served_pem(given: certs.Given) -> bytes:
+    """What Postfix reads (TLS_PEM): the key, then the chain, leaf first."""
+    return given.key_pem.rstrip(b"\n") + b"\n" + given.chain_pem
+
+
+def certificate(given: certs.Given | None) -> list:
+    """Put the relay's certificate in place: the operator's (checked), or without one a
+    self-signed certificate made once on the relay (its key never leaves it; a relay that
+    had one before this setting existed keeps it)."""
+    if given is None:
+        return [
+            server.shell(
+                name=f"Create a self-signed TLS certificate for {settings().hostname}",
+                commands=[
+                    f"test -s {KEY} -a -s {CERT} || openssl req -x509 -newkey rsa:3072 -nodes"
+                    f" -days 825 -subj '/CN={settings().hostname}'"
+                    f" -addext 'subjectAltName=DNS:{settings().hostname}'"
+                    f" -keyout {KEY} -out {CERT} 2>/dev/null",
+                    f"chmod 600 {KEY} && chmod 644 {CERT}",
+                    f"(umask 077 && cat {KEY} {CERT} > {TLS_PEM}.new)"
+                    f" && mv {TLS_PEM}.new {TLS_PEM}",
+                ],
+                _if=lambda: host.get_fact(File, path=TLS_PEM) is None,
+            )
+        ]
+    return [
+        files.put(
+            name=f"Upload {TLS_PEM}",
+            src=io.BytesIO(served_pem(given)),
+            dest=TLS_PEM,
+            mode="600",
+            user="root",
+            group="root",
+        ),
+        _common.put_text(given.chain_pem.decode(), CERT),
+    ]
+
+
+def configure():
     ops = {}
     ops["settings"] = [_common.write_settings("relay")]
-    # A per-tower certificate for STARTTLS, made once on the relay (the key never leaves it).
-    files.directory(name="Ensure /etc/mailtower/tls", path="/etc/mailtower/tls", mode="755")
-    server.shell(
-        name=f"Create the TLS certificate of {s.hostname}",
-        commands=[
-            f"openssl req -x509 -newkey rsa:3072 -nodes -days 825 -subj '/CN={s.hostname}' "
-            f"-addext 'subjectAltName=DNS:{s.hostname}' -keyout {KEY} -out {CERT} 2>/dev/null "
-            f"&& chmod 600 {KEY}"
-        ],
-        _if=lambda: host.get_fact(File, path=CERT) is None,
-    )
+    files.directory(name=f"Ensure {TLS_DIR}", path=TLS_DIR, mode="755")
+    ops["tls"] = certificate(given_certificate())
     ops["postfix"] = [
-        template("relay/etc/postfix/main.cf", cert=CERT, key=KEY),
+        template("relay/etc/postfix/main.cf", tls_pem=TLS_PEM),
         template("relay/etc/postfix/master.cf"),
         template("relay/etc/postfix/address_syntax.pcre"),
         template("relay/etc/postfix/scan_status.pcre"),
@@ -68,6 +130,15 @@ def configure():
 def activate(ops, install_op):
     changed = {k: _common.changes(v) for k, v in ops.items()}
     _common.activate("postfix", changed["postfix"], check="postfix check")
+    # A new certificate alone needs no restart: after a reload every new smtpd and tlsproxy
+    # reads it (sessions in progress finish with the old one).
+    systemd.service(
+        name="Reload postfix for its new TLS certificate",
+        service="postfix",
+        running=True,
+        reloaded=True,
+        _if=lambda: changed["tls"]() and not changed["postfix"](),
+    )
     # A reload keeps established filter sessions; the server-state file keeps the monitor's
     # maintenance marks across it.
     _common.activate(
@@ -96,3 +167,6 @@ def activate(ops, install_op):
 def deploy_relay():
     install_op = install()
     activate(configure(), install_op)
+    if settings().tls is not None:
+        # A self-signed certificate's key from before: not served since Postfix restarted.
+        files.file(name=f"Remove {KEY}", path=KEY, present=False)

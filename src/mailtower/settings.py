@@ -164,6 +164,8 @@ class Limits(StrictModel):
     fail_after: int = 2  # consecutive failed probes before a scanner is put in maintenance
     recover_after: int = 2  # consecutive good probes before it is enabled again
     queue_alert_messages: int = 500  # alert when the relay queue grows past this
+    # The relay's TLS certificate ends within this many days: alert (time to renew, re-deploy).
+    tls_expiry_alert_days: int = Field(default=14, ge=1, le=90)
     replication_lag_alert_s: int = 30
     queue_min_free_bytes: int = 256 * 1024 * 1024  # below this free space the relay answers 452
     # A message that keeps failing for a reason of its own (the relay refuses it for good,
@@ -446,6 +448,26 @@ class QuarantineSettings(StrictModel):
     notices_per_minute: int = Field(default=60, ge=1, le=1000)
 
 
+class RelayTls(StrictModel):
+    """The relay's STARTTLS certificate as the operator gives it (docs/runbook.md
+    "Certificates"): files on the controller, checked by the deploy before it changes anything
+    (mailtower.controller.certs) and uploaded to the relay. Without it the relay keeps a
+    self-signed certificate it made itself, and the deploy warns."""
+
+    chain: str  # PEM: the relay's certificate first, then each intermediate (not the root)
+    key: str  # PEM private key, unencrypted, mode 0600 (kept with the secrets, not in git)
+    # The CA certificates the chain must end at (PEM bundle on the controller). None: the
+    # controller's system bundle (a public CA); the lab gives its own CA.
+    ca: str | None = None
+
+    @field_validator("chain", "key", "ca")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not PurePosixPath(value).is_absolute():
+            raise ValueError(f"{value!r} must be an absolute path on the controller")
+        return value
+
+
 class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
@@ -506,6 +528,8 @@ class TowerSettings(StrictModel):
     clamav: ClamavMirror | None = None
     # The monitor's quarantine manager (requests from the GOC's portal, expiry, notices).
     quarantine: QuarantineSettings = QuarantineSettings()
+    # The relay's certificate chain and key (None: a self-signed one made on the relay).
+    tls: RelayTls | None = None
 
     @model_validator(mode="after")
     def _notices_under_the_relay_rate(self) -> TowerSettings:
@@ -867,6 +891,9 @@ class LabSender(StrictModel):
     domain: DnsName  # its mail comes from this domain
     resolver: IPv4Address  # the DNS server it finds the towers' MX records with
     submit_from: IPv4Address  # the one address (the controller) it relays for
+    # PEM of the CA it trusts: with it, it verifies every server it delivers to (the MX
+    # name must be in the certificate, smtp_tls_security_level = verify); None: TLS if offered.
+    tls_ca: str | None = None
     # Its retry timers, shortened so the lab sees deferred mail retried in seconds.
     queue_run_delay: Duration = "10s"
     minimal_backoff: Duration = "10s"

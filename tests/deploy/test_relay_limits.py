@@ -72,7 +72,7 @@ class PcreTable:
 def relay(render):
     def _relay(s: TowerSettings) -> dict[str, str]:
         return {
-            "main": render("relay/etc/postfix/main.cf", s, cert="/c", key="/k"),
+            "main": render("relay/etc/postfix/main.cf", s, tls_pem="/t"),
             "master": render("relay/etc/postfix/master.cf", s),
             "address_syntax": render("relay/etc/postfix/address_syntax.pcre", s),
             "scan_status": render("relay/etc/postfix/scan_status.pcre", s),

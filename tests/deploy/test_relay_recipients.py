@@ -28,7 +28,7 @@ def _items(value: str) -> list[str]:
 
 
 def _main(render, s: TowerSettings) -> dict[str, str]:
-    return _conf(render("relay/etc/postfix/main.cf", s, cert="/c", key="/k"))
+    return _conf(render("relay/etc/postfix/main.cf", s, tls_pem="/t"))
 
 
 def test_recipients_come_from_sql_through_proxymap(render, settings):
@@ -118,7 +118,7 @@ def postfix_dir(render, settings, tmp_path):
         (tmp_path / "pgsql" / f"{name}.cf").write_text(
             render(f"relay/etc/postfix/pgsql/{name}.cf", settings)
         )
-    main = render("relay/etc/postfix/main.cf", settings, cert="/c", key="/k")
+    main = render("relay/etc/postfix/main.cf", settings, tls_pem="/t")
     (tmp_path / "main.cf").write_text(main.replace("/etc/postfix/", f"{tmp_path}/"))
     (tmp_path / "master.cf").write_text(render("relay/etc/postfix/master.cf", settings))
     return tmp_path

@@ -122,8 +122,7 @@ def _internet(path: str) -> dict:
 @pytest.mark.parametrize("path", all_templates())
 def test_every_template_renders(render, settings, path):
     extra = {
-        "cert": "/c",
-        "key": "/k",
+        "tls_pem": "/t",
         "domain": "customer.example",
         "icap_control": None,
         **_internet(path),
@@ -158,7 +157,7 @@ def test_sender_relays_only_for_the_controller(render, settings):
 
 def test_main_cf_follows_settings(render):
     s = sample_settings(limits={"queue_lifetime": "5d", "minimal_backoff": "1m"})
-    cf = render("relay/etc/postfix/main.cf", s, cert="/c", key="/k")
+    cf = render("relay/etc/postfix/main.cf", s, tls_pem="/t")
     conf = dict(re.findall(r"^(\w+) = ?(.*)$", cf, re.M))
     assert conf["maximal_queue_lifetime"] == "5d"
     assert conf["minimal_backoff_time"] == "1m"

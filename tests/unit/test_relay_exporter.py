@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from mailtower.relay.exporter import QUEUES, count_files, registry
@@ -106,3 +109,53 @@ def test_main_serves_metrics_and_stops_on_sigterm(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _certificate(path: Path, names: tuple[str, ...], days: int) -> datetime:
+    """A chain (leaf, then its issuer) in ``path``; the leaf's end."""
+    from mailtower.controller.lab import ca
+
+    issuer_key, key = ca.new_key(), ca.new_key()
+    issuer = ca.issue("Test CA", issuer_key, ca=True, days=3650)
+    leaf = ca.issue(names[0], key, (issuer, issuer_key), names=names, days=days)
+    path.write_bytes(ca.cert_pem(leaf, issuer))
+    return leaf.not_valid_after_utc
+
+
+def _not_after(text: str) -> dict[str, float]:
+    found = re.findall(
+        r'^mailtower_tls_certificate_not_after_seconds\{names="([^"]*)"\} (\S+)$', text, re.M
+    )
+    return {names: float(value) for names, value in found}
+
+
+def test_the_certificate_expiry_is_the_leafs(tmp_path: Path):
+    make_spool(tmp_path / "spool", {})
+    cert = tmp_path / "relay.crt"
+    end = _certificate(cert, ("mx.tower-a.lab", "mx2.tower-a.lab"), days=30)
+    text = generate_latest(registry(tmp_path / "spool", cert)).decode()
+    # the leaf's end, not its issuer's (ten years)
+    assert _not_after(text) == {"mx.tower-a.lab,mx2.tower-a.lab": end.timestamp()}
+
+
+def test_a_renewed_certificate_shows_at_the_next_scrape(tmp_path: Path):
+    make_spool(tmp_path / "spool", {})
+    cert = tmp_path / "relay.crt"
+    _certificate(cert, ("mx.tower-a.lab",), days=10)
+    reg = registry(tmp_path / "spool", cert)
+    first = _not_after(generate_latest(reg).decode())["mx.tower-a.lab"]
+    later = _certificate(cert, ("mx.tower-a.lab",), days=90)
+    second = _not_after(generate_latest(reg).decode())["mx.tower-a.lab"]
+    assert second == later.timestamp() and second - first > 79 * 86400
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"], ids=["missing", "garbage"])
+def test_an_unreadable_certificate_exports_no_expiry(tmp_path: Path, content, caplog):
+    make_spool(tmp_path / "spool", {})
+    cert = tmp_path / "relay.crt"
+    if content is not None:
+        cert.write_bytes(content)
+    text = generate_latest(registry(tmp_path / "spool", cert)).decode()
+    assert _not_after(text) == {}
+    assert "mailtower_relay_queue_free_bytes" in text  # the rest is still exported
+    assert "event=certificate_unreadable" in caplog.text

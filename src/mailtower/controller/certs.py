@@ -6,14 +6,24 @@ valid), or the chain is incomplete. ``check`` reads the PEM the operator gives a
 problem with its fix; a certificate that expires within ``warn_days`` is a warning, not a
 refusal (the alert two weeks before expiry is the monitor's, once wired).
 
-Not wired into the deploy yet: this module is the check alone, proven by its unit tests
-(tests/unit/test_certs.py). The deploy, the inventory's certificate settings and the alert
-come with the rest of that issue.
+``given`` is what the relay's deploy calls (roles/relay.py) on the inventory's ``tls``
+setting (``mailtower.settings.RelayTls``): it reads the files on the controller, refuses a key
+file others may read, and runs ``require``. The alert two weeks before expiry is the
+monitor's (``TLSCertificateExpiresSoon``, on the relay exporter's
+``mailtower_tls_certificate_not_after_seconds``).
+
+Usage::
+
+    from mailtower.controller import certs
+    given = certs.given(settings.tls, [settings.hostname], what="relay 192.0.2.10")
+    given.chain_pem, given.key_pem, given.report.warnings
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -23,6 +33,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from mailtower.controller.errors import CertificateError
+from mailtower.settings import RelayTls
+
+# Where the controller finds the public CAs when the inventory names none (ca-certificates).
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 @dataclass(frozen=True)
@@ -193,3 +207,42 @@ def require(
         lines = "\n".join(f"  - {e}" for e in report.errors)
         raise CertificateError(f"{what}: the TLS certificate is refused:\n{lines}")
     return report
+
+
+@dataclass(frozen=True)
+class Given:
+    """An operator's chain and key as read on the controller, and what ``check`` found."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    report: Report
+
+
+def _read(path: str, what: str, role: str, fix: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise CertificateError(
+            f"{what}: the TLS {role} {path} cannot be read on the controller"
+            f" ({exc.strerror}): {fix}"
+        ) from exc
+
+
+def given(tls: RelayTls, names: list[str], *, what: str, now: datetime | None = None) -> Given:
+    """Read and check the chain, key and CAs the inventory's ``tls`` names (files on the
+    controller); CertificateError naming ``what`` and every reason when the deploy must
+    refuse. The key file must not be readable by group or others (0600 or 0400)."""
+    fix = "check the tls setting of the tower's inventory (docs/runbook.md: Certificates)"
+    chain_pem = _read(tls.chain, what, "certificate chain", fix)
+    key_pem = _read(tls.key, what, "key", fix)
+    mode = stat.S_IMODE(os.stat(tls.key).st_mode)
+    if mode & 0o077:
+        raise CertificateError(
+            f"{what}: the TLS key {tls.key} is mode {mode:04o} on the controller, readable by"
+            f" others: chmod 600 {tls.key} (keep it with the tower's secrets file)"
+        )
+    ca = tls.ca or SYSTEM_CA_BUNDLE
+    trust_pem = _read(ca, what, "CA bundle", "install ca-certificates or give tls.ca")
+    report = require(chain_pem, key_pem, names, what=what, now=now, trust_pem=trust_pem)
+    return Given(chain_pem, key_pem, report)

@@ -1,4 +1,5 @@
-"""mailtower-relay-exporter: the relay's Postfix queue sizes and spool free space."""
+"""mailtower-relay-exporter: the relay's Postfix queue sizes, spool free space and the expiry
+of its TLS certificate."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -20,6 +22,9 @@ log = logging.getLogger("mailtower.relay.exporter")
 
 SPOOL = Path("/var/spool/postfix")
 QUEUES = ("incoming", "active", "deferred", "hold", "maildrop")
+# The chain the relay's Postfix serves (its first certificate is the relay's), put there by
+# the deploy (roles/relay.py), readable by all.
+CERTIFICATE = Path("/etc/mailtower/tls/relay.crt")
 
 
 def count_files(path: Path) -> int:
@@ -61,9 +66,38 @@ class QueueCollector(Collector):
         )
 
 
-def registry(spool: Path) -> CollectorRegistry:
+class CertificateCollector(Collector):
+    """When the relay's certificate ends, read at scrape time: a renewed certificate shows at
+    once, without a restart. Nothing is exported when the file cannot be read or parsed (the
+    error is logged), so the alert on the metric's absence fires rather than a stale value."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mailtower_tls_certificate_not_after_seconds",
+            "When the relay's STARTTLS certificate expires (Unix time), and the names it covers",
+            labels=["names"],
+        )
+        try:
+            leaf = x509.load_pem_x509_certificates(self.path.read_bytes())[0]
+        except (OSError, ValueError, IndexError) as exc:
+            log.error("event=certificate_unreadable path=%s error=%r", self.path, str(exc))
+        else:
+            try:
+                san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                names = ",".join(san.value.get_values_for_type(x509.DNSName))
+            except x509.ExtensionNotFound:
+                names = ""
+            family.add_metric([names], leaf.not_valid_after_utc.timestamp())
+        yield family
+
+
+def registry(spool: Path, certificate: Path = CERTIFICATE) -> CollectorRegistry:
     reg = CollectorRegistry()
     reg.register(QueueCollector(spool))
+    reg.register(CertificateCollector(certificate))
     return reg
 
 
@@ -71,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailtower-relay-exporter", description=__doc__)
     parser.add_argument("--settings", type=Path, default=settings_mod.SETTINGS_PATH)
     parser.add_argument("--spool", type=Path, default=SPOOL)
+    parser.add_argument("--certificate", type=Path, default=CERTIFICATE)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
@@ -81,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("event=settings_error error=%r", str(exc))
         return 2
     port = tower.ports.relay_exporter
-    server, thread = start_http_server(port, addr="0.0.0.0", registry=registry(args.spool))
+    server, thread = start_http_server(
+        port, addr="0.0.0.0", registry=registry(args.spool, args.certificate)
+    )
     log.info("event=start port=%d spool=%s", port, args.spool)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -130,6 +130,9 @@ PROGRAMS: tuple[Program, ...] = (
     ),
     Program("pgrep", "procps", "finds scand's worker processes", ("tests",)),
     Program("openssl", "openssl", "makes VirusEye's test certificate", ("tests",)),
+    Program(
+        "promtool", "prometheus", "checks and unit-tests the monitor's alert rules", ("tests",)
+    ),
     Program("/usr/sbin/amavisd", "amavisd-new", "the scanner bench's reference", ("tests",)),
     Program("/usr/bin/chromium", "chromium", "VirusEye's browser test", ("tests",)),
     Program("/usr/bin/chromedriver", "chromium-driver", "drives Chromium", ("tests",)),
