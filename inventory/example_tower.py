@@ -59,6 +59,9 @@ tower = (
                 "portal_url": "https://portal.example.net",
             },
             "secrets": _read_secrets(_secrets_path),
+            # pgBackRest backups of the SQL pair to the monitor (or "repo_host": another host of
+            # this inventory); the backup CA and host certificates live beside the secrets.
+            "backup": {"tls_dir": "/etc/mailtower-deploy/tower-x.pgbackrest-tls"},
         }
     },
 )

@@ -75,6 +75,9 @@ PROGRAMS: tuple[Program, ...] = (
     Program("/usr/sbin/clamd", "clamav-daemon", "real clamd for the engine tests", ("tests",)),
     Program("clamscan", "clamav", "checks ClamAV signatures in rule bundles", ("tests",)),
     Program(
+        "pgbackrest", "pgbackrest", "the backup test: backups and PITR restores", ("tests",)
+    ),
+    Program(
         "sigtool",
         "clamav",
         "verifies and unpacks ClamAV databases (the signature mirror's tests)",
