@@ -137,7 +137,9 @@ def repo_configure() -> list:
             group="pgbackrest",
         )
     )
-    files.directory(name="Ensure pgbackrest.service.d", path="/etc/systemd/system/pgbackrest.service.d")
+    files.directory(
+        name="Ensure pgbackrest.service.d", path="/etc/systemd/system/pgbackrest.service.d"
+    )
     ops.append(
         put_text(
             "# Managed by mailtower (roles/backup.py): the repository is not postgres's.\n"

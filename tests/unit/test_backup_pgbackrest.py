@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from mailtower.controller import backup
 from needs import missing
 from pgclusters import _AS_POSTGRES, Cluster, _chown, free_port, make_workdir, wait_until
+
+from mailtower.controller import backup
 
 pytestmark = pytest.mark.integration
 
@@ -102,12 +102,30 @@ def test_pitr_restore_into_a_new_data_directory_has_exactly_the_rows_before_the_
     primary = Cluster.create("primary", work)
     restored: list[Cluster] = []
     try:
-        pg = backup.PgHost("db", "127.0.0.1", db_port, str(primary.data), primary.port, str(primary.base))
-        db.write(backup.db_sections(STANZA, pg, "repo", "127.0.0.1", repo_port, tls=str(db.tls), repo_path=str(repo_path)))
+        pg = backup.PgHost(
+            "db", "127.0.0.1", db_port, str(primary.data), primary.port, str(primary.base)
+        )
+        db.write(
+            backup.db_sections(
+                STANZA,
+                pg,
+                "repo",
+                "127.0.0.1",
+                repo_port,
+                tls=str(db.tls),
+                repo_path=str(repo_path),
+            )
+        )
         repo.write(
             backup.repo_sections(
-                STANZA, [pg], "127.0.0.1", repo_port,
-                repo_path=str(repo_path), retention_full=2, retention_diff=3, tls=str(repo.tls),
+                STANZA,
+                [pg],
+                "127.0.0.1",
+                repo_port,
+                repo_path=str(repo_path),
+                retention_full=2,
+                retention_diff=3,
+                tls=str(repo.tls),
             )
         )
         command = f"{PGBACKREST} --config={db.config} --stanza={STANZA} archive-push %p"
@@ -128,11 +146,22 @@ def test_pitr_restore_into_a_new_data_directory_has_exactly_the_rows_before_the_
             # A certificate of the same CA that the repository does not name is refused.
             pg_x = backup.PgHost("stranger", "127.0.0.1", free_port())
             stranger.write(
-                backup.db_sections(STANZA, pg_x, "repo", "127.0.0.1", repo_port, tls=str(stranger.tls), repo_path=str(repo_path))
+                backup.db_sections(
+                    STANZA,
+                    pg_x,
+                    "repo",
+                    "127.0.0.1",
+                    repo_port,
+                    tls=str(stranger.tls),
+                    repo_path=str(repo_path),
+                )
             )
             refused = subprocess.run(
                 [PGBACKREST, f"--config={stranger.config}", f"--stanza={STANZA}", "info"],
-                capture_output=True, text=True, timeout=60, **_AS_POSTGRES,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                **_AS_POSTGRES,
             )
             # (info exits 0 and reports the stanza's error)
             assert "access denied" in refused.stdout + refused.stderr, refused.stdout
@@ -159,7 +188,9 @@ def test_pitr_restore_into_a_new_data_directory_has_exactly_the_rows_before_the_
                 sections = backup.db_sections(
                     STANZA,
                     backup.PgHost("db", "127.0.0.1", db_port, str(cluster.data)),
-                    "repo", "127.0.0.1", repo_port,
+                    "repo",
+                    "127.0.0.1",
+                    repo_port,
                     tls=str(side.tls),
                     repo_path=str(repo_path),
                 )
@@ -170,7 +201,10 @@ def test_pitr_restore_into_a_new_data_directory_has_exactly_the_rows_before_the_
                 assert cmd[0] == backup.BIN
                 done = subprocess.run(
                     [PGBACKREST, f"--config={conf}", *cmd[1:]],
-                    capture_output=True, text=True, timeout=300, **_AS_POSTGRES,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    **_AS_POSTGRES,
                 )
                 assert done.returncode == 0, done.stdout + done.stderr
                 cluster.start()

@@ -17,8 +17,11 @@ INFO = json.dumps(
             "status": {"code": 0, "message": "ok"},
             "backup": [
                 {"label": "20261207-010000F", "type": "full", "timestamp": {"start": 1, "stop": 2}},
-                {"label": "20261207-010000F_20261208-010000D", "type": "diff",
-                 "timestamp": {"start": 3, "stop": 4}},
+                {
+                    "label": "20261207-010000F_20261208-010000D",
+                    "type": "diff",
+                    "timestamp": {"start": 3, "stop": 4},
+                },
             ],
         }
     ]
@@ -67,8 +70,9 @@ def test_restore_fences_both_hosts_restores_then_resyncs_the_goc() -> None:
     )
     assert state["10.0.0.12"] == "down" and state["10.0.0.13"] == "primary"
     target = commands(state, "10.0.0.13")
-    stop, wipe = target.index("systemctl stop postgresql@15-main"), target.index(
-        f"rm -rf {sqlpair.DATA}"
+    stop, wipe = (
+        target.index("systemctl stop postgresql@15-main"),
+        target.index(f"rm -rf {sqlpair.DATA}"),
     )
     restore = next(i for i, c in enumerate(target) if "restore" in c and "pgbackrest" in c)
     start = target.index("systemctl start postgresql@15-main")
@@ -122,7 +126,10 @@ def test_parse_info_reads_the_stanza_and_its_backups() -> None:
 
 
 def test_each_host_admits_only_the_other_side_for_its_stanza() -> None:
-    pgs = [backup.PgHost("10.0.0.12", "10.0.0.12", 8432), backup.PgHost("10.0.0.13", "10.0.0.13", 8432)]
+    pgs = [
+        backup.PgHost("10.0.0.12", "10.0.0.12", 8432),
+        backup.PgHost("10.0.0.13", "10.0.0.13", 8432),
+    ]
     repo = backup.render(
         backup.repo_sections(
             "tower-a", pgs, "10.0.0.11", 8432, repo_path="/r", retention_full=2, retention_diff=6

@@ -41,6 +41,7 @@ standby of the restored one (a fresh clone, its physical slot re-made).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -48,6 +49,7 @@ import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 from mailtower.controller.errors import PairError
@@ -218,11 +220,11 @@ def ensure_pki(directory: Path, hosts: Mapping[str, str], days: int = 3650) -> N
     ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"
     if not (ca_crt.exists() and ca_key.exists()):
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailtower backup CA")])
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailtower backup CA")])
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
@@ -241,13 +243,10 @@ def ensure_pki(directory: Path, hosts: Mapping[str, str], days: int = 3650) -> N
         if crt.exists() and key_path.exists():
             continue
         key = ec.generate_private_key(ec.SECP256R1())
-        from ipaddress import ip_address
 
         alt: list[x509.GeneralName] = [x509.DNSName(address)]
-        try:
+        with contextlib.suppress(ValueError):
             alt.append(x509.IPAddress(ip_address(address)))
-        except ValueError:
-            pass
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
