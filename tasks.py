@@ -13,6 +13,7 @@ invoke prereqs.pristine          …and a new machine gets each from scripts/boo
 invoke bench.scanner             scand against amavisd-new on this machine (same clamd, corpus)
 invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sync
 invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
+invoke sql.restore --tower lab-a --host 10.201.1.13 [--target-time T]   restore from backup
 invoke bundle.publish [--rules DIR] [--version N]   sign and publish a rule bundle at the lab GOC
 """
 
@@ -480,6 +481,27 @@ def sql_rebuild(c, tower="lab-a", host=""):
 
 @task(
     help={
+        "tower": "inventory/<tower>.py",
+        "host": "the SQL host to restore onto (deployed; its data directory is replaced)",
+        "target_time": "point in time, e.g. '2026-12-07 13:05:00+00' (default: latest)",
+    }
+)
+def sql_restore(c, tower="lab-a", host="", target_time=None):
+    """Restore the tower's SQL from its pgBackRest repository onto ``host`` as the primary."""
+    from mailtower.controller import backup, sqlpair
+
+    if not host:
+        raise Exit("sql.restore: give --host ADDRESS (the SQL host to restore onto)", code=2)
+    pair = _sql_tower(tower, _goc_default(tower))
+    try:
+        timings = backup.restore(pair, host, _say, target_time=target_time)
+    except sqlpair.PairError as exc:
+        raise Exit(f"sql.restore {tower}: {exc}", code=1) from exc
+    print(json.dumps({k: round(v, 2) for k, v in timings.items()}))
+
+
+@task(
+    help={
         "rules": "rules directory (yara/, skeptic/, reputation/, clamav/); default: the rules "
         "shipped in the package",
         "version": "bundle version (default: the version published at the GOC + 1)",
@@ -507,6 +529,7 @@ bundle_ns.add_task(bundle_publish, name="publish")
 sql_ns = Collection("sql")
 sql_ns.add_task(sql_failover, name="failover")
 sql_ns.add_task(sql_rebuild, name="rebuild")
+sql_ns.add_task(sql_restore, name="restore")
 
 bench_ns = Collection("bench")
 bench_ns.add_task(bench, name="tower", default=True)

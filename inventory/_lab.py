@@ -77,6 +77,9 @@ def lab_tower_data(tower: str) -> dict:
         # end-to-end checks read it.
         "postmaster": f"postmaster-{tower}@{plan.customer_domain(1)}",
         "secrets": lxc.tower_secrets(f"lab-{tower}"),  # each tower its own
+        # pgBackRest backups of the SQL pair to the tower's monitor, its certificates from the
+        # lab's backup CA (made once per lab, beside its other secrets).
+        "backup": {"tls_dir": str(lxc.state_dir() / "pgbackrest-tls")},
         # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
         "rules_dir": "/var/lib/mailtower/rules",
         "bundles": {"public_key": lxc.bundle_keys()[1].read_text(), "poll_interval_s": 2},

@@ -66,6 +66,9 @@ tower = (
                 "chain": "/etc/mailtower-deploy/tower-x/fullchain.pem",
                 "key": "/etc/mailtower-deploy/tower-x/privkey.pem",
             },
+            # pgBackRest backups of the SQL pair to the monitor (or "repo_host": another host of
+            # this inventory); the backup CA and host certificates live beside the secrets.
+            "backup": {"tls_dir": "/etc/mailtower-deploy/tower-x.pgbackrest-tls"},
         }
     },
 )

@@ -10,13 +10,13 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, files, systemd
 
 from mailtower.scanning import testdata
-from roles import _common
+from roles import _common, backup
 from roles._common import put_text, template
 
 MIRROR = "/srv/mailtower/mirror"
 
 
-PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl", "nftables"]
+PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl", "nftables", *backup.PACKAGES]
 
 
 def install():
@@ -89,6 +89,8 @@ def configure():
     ]
     ops["monitor"] = [template("monitor/etc/systemd/system/mailtower-monitor.service")]
     ops["nftables"] = [template("monitor/etc/nftables.conf")]
+    # The SQL pair's backup repository (the default repository host: the tower's monitor).
+    ops["backup"] = backup.repo_configure() if backup.is_repo_host() else []
     return ops
 
 
@@ -107,6 +109,8 @@ def activate(ops, install_op):
         lambda: changed["monitor"]() or changed["settings"]() or install_op.did_change(),
         daemon_reload=True,
     )
+    if backup.is_repo_host():
+        backup.repo_activate(changed["backup"])
 
 
 @deploy("mailtower monitor")

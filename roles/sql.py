@@ -11,7 +11,7 @@ from pyinfra.operations import files, postgres, server
 from mailtower.controller.sqlpair import clone_commands, standby_slot
 from mailtower.goc.sync.deployed import TowerSide
 from mailtower.goc.sync.names import goc_sync_role
-from roles import _common
+from roles import _common, backup
 from roles._common import put_text, settings, template
 from roles._facts import PostgresPasswordVerifiers, SyncPending, scram_matches
 
@@ -20,7 +20,7 @@ DATA = "/var/lib/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 
 
-PACKAGES = ["postgresql-15", "python3-venv", "nftables"]
+PACKAGES = ["postgresql-15", "python3-venv", "nftables", *backup.PACKAGES]
 
 
 def install():
@@ -51,6 +51,10 @@ def configure() -> dict[str, list]:
         ),
     ]
     ops["sync"] = _sync_settings() if s.goc is not None else []
+    if s.backup is not None:
+        # WAL archiving is PostgreSQL's own setting (a change restarts it, as archive_mode needs).
+        ops["postgres"] += backup.db_archive()
+    ops["backup"] = backup.db_configure() if s.backup is not None else []
     return ops
 
 
@@ -59,6 +63,8 @@ def activate(ops: dict[str, list], install_op) -> None:
     is cloned from it."""
     changed = {k: _common.changes(v) for k, v in ops.items()}
     _common.activate_nftables(changed["nftables"])
+    if settings().backup is not None:
+        backup.db_activate(changed["backup"])  # before the repository host's first backup
     primary = _common.is_primary()
     if primary:
         _primary(changed["postgres"])

@@ -426,6 +426,30 @@ class ClamavMirror(StrictModel):
         return duration_s(self.max_age)
 
 
+class Backup(StrictModel):
+    """Continuous backups with pgBackRest (docs/runbook.md "Backups and restore"): every WAL
+    segment archived as it is written, full and differential backups on timers, all kept on a
+    repository host that is not the database host; pgBackRest's own TLS server carries them
+    (client certificates, each host admitted for this stanza only)."""
+
+    # The repository host; None: the tower's monitor (a GOC must name one).
+    repo_host: IPv4Address | None = None
+    # On the controller: the backup CA (ca.crt, ca.key) and one <address>.crt/.key per host,
+    # made when missing (mailtower.controller.backup.ensure_pki); keep it with the secrets.
+    tls_dir: str = Field(min_length=1)
+    port: int = Field(8432, ge=1, le=65535)  # `pgbackrest server` on every host of the stanza
+    repo_path: str = "/var/lib/pgbackrest"  # on the repository host, owned by user pgbackrest
+    retention_full: int = Field(2, ge=1, le=100)  # full backups kept (and the WAL they need)
+    retention_diff: int = Field(6, ge=1, le=100)  # differential backups kept
+    # systemd OnCalendar of the repository host's timers: a full a week, a diff other days.
+    full_calendar: str = "Sun *-*-* 02:30:00"
+    diff_calendar: str = "Mon..Sat *-*-* 02:30:00"
+    compress_type: Literal["gz", "lz4", "zst", "bz2", "none"] = "zst"
+    # The archive_command gives up after this and PostgreSQL retries the segment (WAL is kept
+    # meanwhile, on the database host's disk).
+    archive_timeout_s: int = Field(60, ge=10, le=3600)
+
+
 # --- The monitor's quarantine manager (mailtower.monitor.quarantine, docs/quarantine.md) ---
 _NOTICE_FROM = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
 
@@ -530,6 +554,9 @@ class TowerSettings(StrictModel):
     quarantine: QuarantineSettings = QuarantineSettings()
     # The relay's certificate chain and key (None: a self-signed one made on the relay).
     tls: RelayTls | None = None
+    # pgBackRest backups of the SQL pair (stanza: the tower's name); None: none (a tower should
+    # set one: docs/runbook.md "Backups and restore").
+    backup: Backup | None = None
 
     @model_validator(mode="after")
     def _notices_under_the_relay_rate(self) -> TowerSettings:
@@ -695,6 +722,13 @@ class TowerSettings(StrictModel):
     @property
     def sql_standby(self) -> IPv4Address:
         return self.hosts.sql[1]
+
+    @property
+    def backup_repo(self) -> IPv4Address | None:
+        """The pgBackRest repository host: the one given, else the monitor (None: no backups)."""
+        if self.backup is None:
+            return None
+        return self.backup.repo_host or self.hosts.monitor
 
     @property
     def mirror_url(self) -> str:

@@ -790,3 +790,15 @@ def test_portal_needs_its_own_secrets(change, error):
 def test_portal_settings_checked(portal, error):
     with pytest.raises(ValueError, match=error):
         _goc_portal(**portal)
+
+
+def test_backup_port_admits_only_the_other_side(render) -> None:
+    s = sample_settings(backup={"tls_dir": "/tmp/x", "port": 8432})
+    sql = render("sql/etc/nftables.conf", s)
+    assert f"tcp dport 8432 ip saddr != {{ 127.0.0.1, {s.hosts.monitor} }} reject" in sql
+    monitor = render("monitor/etc/nftables.conf", s)
+    pair = ", ".join(str(a) for a in s.hosts.sql)
+    assert f"tcp dport 8432 ip saddr != {{ 127.0.0.1, {pair} }} reject" in monitor
+    none = sample_settings()
+    assert "8432" not in render("sql/etc/nftables.conf", none)
+    assert "8432" not in render("monitor/etc/nftables.conf", none)

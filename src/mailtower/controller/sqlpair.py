@@ -205,13 +205,7 @@ def failover(tower: SqlTower, say: Say) -> dict[str, float]:
     # The relay needs only SQL: its lookups resume now, not after the sync steps (minutes with
     # many customers, and they may fail on an unreachable GOC).
     tower.renew_relay_maps(say)
-    say(f"{tower.name}: re-subscribing the configuration on {new.address}")
-    say(new.run(f"cd /tmp && su postgres -c '{TOOL} sync tower'", timeout=300))
-    timings["config_resubscribed_s"] = time.monotonic() - started
-    if tower.goc is not None:
-        say(f"{tower.name}: re-pointing the GOC's events subscription ({tower.goc.address})")
-        say(tower.goc.run(f"cd /tmp && su postgres -c '{TOOL} sync goc'", timeout=600))
-        timings["goc_repointed_s"] = time.monotonic() - started
+    resync(tower, new, say, timings, started)
     say(
         f"{tower.name}: {new.address} is the primary ({timings['promoted_s']:.1f} s to promote,"
         f" {time.monotonic() - started:.1f} s in all). Next: invoke sql.rebuild --tower"
@@ -219,6 +213,21 @@ def failover(tower: SqlTower, say: Say) -> dict[str, float]:
         " sql group"
     )
     return timings
+
+
+def resync(
+    tower: SqlTower, new: Remote, say: Say, timings: dict[str, float], started: float
+) -> None:
+    """Re-point the sync at a new primary (a promoted standby, a restored host): the
+    configuration subscription on it, then the GOC's events subscription."""
+    if tower.goc is None:
+        return
+    say(f"{tower.name}: re-subscribing the configuration on {new.address}")
+    say(new.run(f"cd /tmp && su postgres -c '{TOOL} sync tower'", timeout=300))
+    timings["config_resubscribed_s"] = time.monotonic() - started
+    say(f"{tower.name}: re-pointing the GOC's events subscription ({tower.goc.address})")
+    say(tower.goc.run(f"cd /tmp && su postgres -c '{TOOL} sync goc'", timeout=600))
+    timings["goc_repointed_s"] = time.monotonic() - started
 
 
 def rebuild(tower: SqlTower, address: str, say: Say) -> float:

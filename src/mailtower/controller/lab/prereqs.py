@@ -74,6 +74,7 @@ PROGRAMS: tuple[Program, ...] = (
     # Real servers the unit and integration tests start on this machine.
     Program("/usr/sbin/clamd", "clamav-daemon", "real clamd for the engine tests", ("tests",)),
     Program("clamscan", "clamav", "checks ClamAV signatures in rule bundles", ("tests",)),
+    Program("pgbackrest", "pgbackrest", "the backup test: backups and PITR restores", ("tests",)),
     Program(
         "sigtool",
         "clamav",
