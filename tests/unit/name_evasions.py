@@ -227,9 +227,10 @@ def _rfc2047_param(ctx: _Ctx) -> Case:
     codec = "utf-8" if charset.lower() == "utf-8" else charset
     pieces = _cuts(rng, name, rng.randint(1, 3))
     words = [_word(rng, p, codec).replace(f"={codec}?", f"={charset}?", 1) for p in pieces]
-    if rng.random() < 0.3 and len(pieces) > 1:
-        words[0] = pieces[0]  # plain text before the encoded words
     value = rng.choice([" ", "\r\n ", ""]).join(words)
+    if rng.random() < 0.3 and len(pieces) > 1:
+        # Plain text right before the encoded words: lenient decoders decode them all the same.
+        value = pieces[0] + "".join(words[1:])
     if rng.random() < 0.2:
         value = value.removesuffix("?=")  # the last word unterminated
     quoted = rng.random() < 0.7
@@ -284,7 +285,7 @@ def _broken_quoting(ctx: _Ctx) -> Case:
         f'; filename="{name};.{safe}"',  # a semicolon inside the quotes
         f'; filename={stem}".{ext}"',  # quotes inside a token
         f'; filename=""{name}""',  # doubled quotes
-        f'; filename="{stem}.{ext}\\".{safe}"',  # an escaped quote (or a trailing backslash)
+        f'; filename="{stem}.{ext[:-1]}\\{ext[-1]}"',  # a quoted-pair (or a path)
         f"; filename={name} ;.{safe}",  # space before the semicolon
     ]
     params = rng.choice(forms)
@@ -341,7 +342,7 @@ def _utf16_no_bom(ctx: _Ctx) -> Case:
     elif form == 1:
         params = f'; filename="=?{label}?B?{base64.b64encode(data).decode()}?="'
     else:  # the bytes themselves, NULs and all
-        params = '; filename="' + data.decode("latin-1") + '"'
+        params = '; filename="' + data.decode("ascii", "surrogateescape") + '"'
     return _mime_case(ctx, "utf16-no-bom", name, params)
 
 
