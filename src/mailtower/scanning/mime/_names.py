@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ _EW_GAP = re.compile(r"(\?=)[ \t\r\n]+(?==\?)")
 _QP_HEX = re.compile(rb"=([0-9A-Fa-f]{2})")
 _SECTION = re.compile(r"^(filename|name)\*(\d+)(\*?)$")
 _PATH_SEP = re.compile(r"[\\/]")
+
+# Header values whose names are remembered (see from_headers): the parts of the messages in
+# hand, bounded in size.
+_MEMO_ENTRIES = 256
+_MEMO_MAX_CHARS = 2000
 
 # Parameters a client may take a file name from; the "wrong" header's parameter counts too.
 _NAME_PARAMS = ("filename", "name")
@@ -266,11 +272,24 @@ def _add_sections(names: Names, parts: list[tuple[int, bool, str]], *, standard:
 def from_headers(header_values: list[str]) -> Names:
     """File name candidates from Content-Type and Content-Disposition header values: the
     lenient RFC reading's, and those of readers that ignore quoting or join folded lines
-    without their white space (in ``offstandard`` as well)."""
+    without their white space (in ``offstandard`` as well).
+
+    The structural readings hand in the same headers for a part: short values are derived
+    once (a fresh copy each time, which the caller may change)."""
+    values = tuple(header_values)
+    if sum(map(len, values)) > _MEMO_MAX_CHARS:
+        variants, primary, offstandard = _derive(values)
+    else:
+        variants, primary, offstandard = _derive_memo(values)
+    return Names(set(variants), set(primary), set(offstandard))
+
+
+def _derive(values: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     names = Names()
-    for value in header_values:
+    for value in values:
         standard = params(value)
         _from_params(names, standard, standard=True)
+        named = [(k, v) for k, v in standard if _is_name_key(k)]
         readings = [value]
         joined = _FOLD_ALL.sub("", value)
         if joined != value:
@@ -280,10 +299,17 @@ def from_headers(header_values: list[str]) -> Names:
                 _from_params(names, others, standard=False)
         for text in readings:
             loose = loose_params(text)
-            if loose != standard:
+            if loose != named:  # (well-formed parameters read the same: nothing new)
                 _from_params(names, loose, standard=False)
     names.primary.discard("")
-    return names
+    return frozenset(names.variants), frozenset(names.primary), frozenset(names.offstandard)
+
+
+_derive_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_derive)
+
+
+def _is_name_key(key: str) -> bool:
+    return key in _NAME_PARAMS or key.split("*", 1)[0] in _NAME_PARAMS
 
 
 def _decode_2231_sections(parts: list[tuple[int, bool, str]]) -> list[str]:
