@@ -219,6 +219,7 @@ class LocalEntry:
     name: str
     data_start: int
     zip64: bool
+    names: frozenset[str] = frozenset()  # every name an extractor could read (zip_names)
 
     @property
     def encrypted(self) -> bool:
@@ -256,9 +257,30 @@ def zip_local_entry(data: bytes, pos: int) -> LocalEntry | None:
             return None
         size, csize = found
         zip64 = True
+    raw_name = data[name_start : name_start + name_len]
     encoding = "utf-8" if flags & 0x800 else "cp437"
-    name = data[name_start : name_start + name_len].decode(encoding, errors="replace")
-    return LocalEntry(pos, flags, method, crc, csize, size, name, data_start, zip64)
+    name = raw_name.decode(encoding, errors="replace")
+    names = zip_names(raw_name, flags, data[name_start + name_len : data_start])
+    return LocalEntry(pos, flags, method, crc, csize, size, name, data_start, zip64, names)
+
+
+def zip_names(raw_name: bytes, flags: int, extra: bytes) -> frozenset[str]:
+    """Every name an extractor could give a zip member: its header name as the UTF-8 flag says
+    and, if not ASCII, the other way (writers set the flag wrongly, readers ignore it); the
+    Info-ZIP Unicode Path extra field's name (0x7075; readers differ in checking its CRC
+    against the header name, so it counts either way); and what stops at a NUL."""
+    names = {raw_name.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")}
+    if not raw_name.isascii():
+        names.add(raw_name.decode("cp437" if flags & 0x800 else "utf-8", errors="replace"))
+    pos = 0
+    while pos + 4 <= len(extra):
+        kind, length = struct.unpack_from("<HH", extra, pos)
+        if kind == 0x7075 and length > 5 and pos + 4 + length <= len(extra):
+            names.add(extra[pos + 9 : pos + 4 + length].decode("utf-8", errors="replace"))
+        pos += 4 + length
+    names |= {n.split("\x00", 1)[0] for n in names if "\x00" in n}
+    names.discard("")
+    return frozenset(names)
 
 
 def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:

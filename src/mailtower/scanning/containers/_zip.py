@@ -95,7 +95,7 @@ def _zip_directory(
         if info.is_dir():
             continue
         try:
-            start, local_name, local_flags, local_size = _zip_local_header(src, info)
+            start, local_name, local_names, local_flags, local_size = _zip_local_header(src, info)
         except Corrupt as exc:
             log.info("%s!%s: %s", obj.path, info.filename, exc)
             ex.anomaly(ANOMALY_ENCRYPTED if info.flag_bits & 0x41 else ANOMALY_CORRUPT)
@@ -116,7 +116,7 @@ def _zip_directory(
             log.info("%s!%s: local and central sizes differ", obj.path, info.filename)
             ex.anomaly(ANOMALY_CORRUPT)
         raw = src[start : start + info.compress_size]
-        used = _zip_member(ex, obj, info, raw, local_name)
+        used = _zip_member(ex, obj, info, raw, local_names)
         covered.add(start, start + used)
         if used and used != info.compress_size:
             # Readers disagree: Java's ZipInputStream refuses the entry, zipfile and unzip
@@ -127,7 +127,11 @@ def _zip_directory(
 
 
 def _zip_member(
-    ex: Expansion, obj: ScanObject, info: zipfile.ZipInfo, raw: memoryview, local_name: str | None
+    ex: Expansion,
+    obj: ScanObject,
+    info: zipfile.ZipInfo,
+    raw: memoryview,
+    local_names: frozenset[str],
 ) -> int:
     """Read one member a directory lists; return how much of its data was decoded."""
     max_dict = ex.limits.max_decoder_memory
@@ -143,7 +147,12 @@ def _zip_member(
                 f"{info.file_size} / {info.CRC:08x}"
             )
 
-    names = frozenset(n for n in (info.filename, local_name) if n)
+    # The central directory's names (zipfile has decoded one as the flag says and cut it at a
+    # NUL: the bytes are read again) and the local header's.
+    encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+    raw_name = info.orig_filename.encode(encoding, errors="replace")
+    central = locate.zip_names(raw_name, info.flag_bits, info.extra)
+    names = frozenset({info.filename, *central, *local_names} - {""})
     ex.member(obj, info.filename, produce, names)
     return used[0] if used else 0
 
@@ -210,7 +219,7 @@ def _zip_local_member(
 
     if trusted:
         ex.count_entry()
-        ex.member(obj, entry.name, produce)  # a failed check is corrupt: kept, flagged
+        ex.member(obj, entry.name, produce, entry.names)  # a failed check: kept, flagged
     else:
         trial = ex.sink()
         try:
@@ -218,7 +227,7 @@ def _zip_local_member(
         except (Corrupt, Unsupported):
             return None  # no entry after all (what it decoded stays charged: fakes cost)
         ex.count_entry()
-        ex.member(obj, entry.name, lambda sink: copy(trial, sink))
+        ex.member(obj, entry.name, lambda sink: copy(trial, sink), entry.names)
     if not ends:
         return None
     if known_end is not None and ends[0] != known_end:
@@ -242,9 +251,11 @@ def _zip_check_layout(ex: Expansion, obj: ScanObject, infos: list[zipfile.ZipInf
 # -- format details ----------------------------------------------------------------------------
 
 
-def _zip_local_header(src: memoryview, info: zipfile.ZipInfo) -> tuple[int, str | None, int, int]:
-    """Offset of a member's data, and the name, flags and compressed size its local header
-    gives."""
+def _zip_local_header(
+    src: memoryview, info: zipfile.ZipInfo
+) -> tuple[int, str | None, frozenset[str], int, int]:
+    """Offset of a member's data, and the name (as its flag says), every name an extractor
+    could read (:func:`locate.zip_names`), flags and compressed size its local header gives."""
     offset = info.header_offset
     header = bytes(src[offset : offset + 30])
     if len(header) < 30 or header[:4] != locate.ZIP_LOCAL:
@@ -253,9 +264,11 @@ def _zip_local_header(src: memoryview, info: zipfile.ZipInfo) -> tuple[int, str 
     (compressed_size,) = struct.unpack_from("<I", header, 18)
     name_len, extra_len = struct.unpack_from("<HH", header, 26)
     raw_name = bytes(src[offset + 30 : offset + 30 + name_len])
+    extra = bytes(src[offset + 30 + name_len : offset + 30 + name_len + extra_len])
     encoding = "utf-8" if flags & 0x800 else "cp437"
     name = raw_name.decode(encoding, errors="replace") if raw_name else None
-    return offset + 30 + name_len + extra_len, name, flags, compressed_size
+    names = locate.zip_names(raw_name, flags, extra)
+    return offset + 30 + name_len + extra_len, name, names, flags, compressed_size
 
 
 def _zip_data(raw: memoryview, method: int, max_dict: int, sink: Sink) -> int:

@@ -10,6 +10,11 @@ BASE64_PADDING = "mime.base64-padding"  # missing or extra padding, truncated qu
 MISSING_BOUNDARY_END = "mime.missing-boundary-end"  # a multipart without its close delimiter
 CTE_MISMATCH = "mime.cte-mismatch"  # base64 body without a base64 CTE, or a garbled CTE
 FILENAME_MISMATCH = "mime.filename-mismatch"  # one object, several different file names
+# A name only an off-standard reading of the parameters derives (quoting ignored, folds joined
+# without their space, continuations cut at a gap) has an extension no standard reading gives.
+# Every such name is checked against the policy; the anomaly alone does not condemn (broken
+# mailers write such headers too).
+FILENAME_AMBIGUOUS = "mime.filename-ambiguous"
 TOO_DEEP = "mime.too-deep"
 TOO_MANY_PARTS = "mime.too-many-parts"
 TOO_LARGE = "mime.too-large"  # decoded bytes over the limit
@@ -51,6 +56,7 @@ HOSTILE_ANOMALIES: frozenset[str] = frozenset(
 INFORMATIONAL_ANOMALIES: frozenset[str] = frozenset(
     {
         BOUNDARY_VARIANT,
+        FILENAME_AMBIGUOUS,
         BASE64_PADDING,
         CTE_MISMATCH,
         MISSING_BOUNDARY_END,

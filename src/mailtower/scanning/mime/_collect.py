@@ -121,6 +121,8 @@ class Collector:
                 names.variants.add(_names.strip_path(extra))
                 names.primary.add(_names.canonical(extra))
         names.primary.discard("")
+        if names.ambiguous():
+            self.anomaly(A.FILENAME_AMBIGUOUS)
         ctes: list[str | None] = list(dict.fromkeys(cte_values)) or [None]
         decodings = [self.decode(body, cte) for cte in ctes]
         if reader_data is not None:
