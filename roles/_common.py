@@ -138,6 +138,18 @@ def activate_nftables(changed: Callable[[], bool]) -> None:
     activate("nftables", changed, check="nft -c -f /etc/nftables.conf", oneshot=True)
 
 
+NODE_EXPORTER = "prometheus-node-exporter"  # every tower host's PACKAGES lists it
+
+
+def node_exporter_config():
+    """The node exporter's flags: this host's metrics on its tower address, for the monitor."""
+    return template(f"common/etc/default/{NODE_EXPORTER}", address=address(host))
+
+
+def activate_node_exporter(changed: Callable[[], bool]) -> None:
+    activate(NODE_EXPORTER, changed)
+
+
 def is_primary() -> bool:
     return address(host) == str(settings().sql_primary)
 

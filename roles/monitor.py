@@ -16,7 +16,16 @@ from roles._common import put_text, template
 MIRROR = "/srv/mailtower/mirror"
 
 
-PACKAGES = ["prometheus", "nginx-light", "python3-venv", "curl", "nftables", *backup.PACKAGES]
+PACKAGES = [
+    "prometheus",
+    "prometheus-alertmanager",  # with amtool, which checks its configuration
+    "nginx-light",
+    "python3-venv",
+    "curl",
+    "nftables",
+    _common.NODE_EXPORTER,
+    *backup.PACKAGES,
+]
 
 
 def install():
@@ -85,25 +94,55 @@ def configure():
     ops["prometheus"] = [
         template("monitor/etc/prometheus/prometheus.yml"),
         template("monitor/etc/prometheus/rules/mailtower.yml"),
+        template("monitor/etc/prometheus/rules/hosts.yml"),
         template("monitor/etc/default/prometheus"),
     ]
+    alerts = _common.settings().alerts
+    ops["alertmanager"] = (
+        [
+            template("monitor/etc/prometheus/alertmanager.yml", alerts=alerts),
+            template("monitor/etc/prometheus/alertmanager_templates/mailtower.tmpl"),
+            template("monitor/etc/default/prometheus-alertmanager"),
+            template("monitor/etc/amtool/config.yml"),
+        ]
+        if alerts
+        else []
+    )
     ops["monitor"] = [template("monitor/etc/systemd/system/mailtower-monitor.service")]
     ops["nftables"] = [template("monitor/etc/nftables.conf")]
     # The SQL pair's backup repository (the default repository host: the tower's monitor).
     ops["backup"] = backup.repo_configure() if backup.is_repo_host() else []
+    ops["node_exporter"] = [_common.node_exporter_config()]
     return ops
 
 
 def activate(ops, install_op):
     changed = {k: _common.changes(v) for k, v in ops.items()}
     _common.activate_nftables(changed["nftables"])
+    _common.activate_node_exporter(changed["node_exporter"])
     _common.activate("nginx", changed["nginx"], check="nginx -t -q", reload=True)
     _common.activate(
         "prometheus",
         changed["prometheus"],
         check="promtool check config --syntax-only /etc/prometheus/prometheus.yml >/dev/null"
-        " && promtool check rules /etc/prometheus/rules/mailtower.yml >/dev/null",
+        " && promtool check rules /etc/prometheus/rules/mailtower.yml"
+        " /etc/prometheus/rules/hosts.yml >/dev/null",
     )
+    if _common.settings().alerts:
+        # amtool parses the routes, receivers and the mail templates as Alertmanager does.
+        _common.activate(
+            "prometheus-alertmanager",
+            changed["alertmanager"],
+            check="amtool check-config /etc/prometheus/alertmanager.yml >/dev/null",
+        )
+    else:
+        # Debian starts it on install with its example configuration: no alerts, no mail.
+        systemd.service(
+            name="Stop prometheus-alertmanager (no alerts settings)",
+            service="prometheus-alertmanager",
+            running=False,
+            enabled=False,
+        )
     _common.activate(
         "mailtower-monitor",
         lambda: changed["monitor"]() or changed["settings"]() or install_op.did_change(),

@@ -33,6 +33,7 @@ PACKAGES = [
     "haproxy",
     "nftables",
     "openssl",
+    _common.NODE_EXPORTER,
     "python3-venv",
     "socat",  # operators talk to HAProxy's admin socket with it (docs/runbook.md)
 ]
@@ -120,6 +121,7 @@ def configure():
     ]
     ops["haproxy"] = [template("relay/etc/haproxy/haproxy.cfg")]
     ops["nftables"] = [template("relay/etc/nftables.conf")]
+    ops["node_exporter"] = [_common.node_exporter_config()]
     ops["exporter"] = [
         template("relay/etc/systemd/system/mailtower-relay-exporter.service"),
     ]
@@ -148,6 +150,7 @@ def activate(ops, install_op):
         reload=True,
     )
     _common.activate_nftables(changed["nftables"])
+    _common.activate_node_exporter(changed["node_exporter"])
     # The exporter runs mailtower's code with the tower's settings: new code or settings,
     # new process.
     _common.activate(

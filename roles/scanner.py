@@ -21,6 +21,7 @@ PACKAGES = [
     "python3-venv",
     "curl",
     "nftables",
+    _common.NODE_EXPORTER,
 ]
 ICAP_CONTROL = "/run/c-icap/c-icap.ctl"
 # scand's ClamAV apply (mailtower.scand.clamav_apply): freshclam's staging directory, the
@@ -192,6 +193,7 @@ def configure():
     ]
     ops["scand"] = [template("scanner/etc/systemd/system/mailtower-scand.service")]
     ops["nftables"] = [template("scanner/etc/nftables.conf")]
+    ops["node_exporter"] = [_common.node_exporter_config()]
     return ops
 
 
@@ -203,6 +205,7 @@ def activate(ops, install_op):
         _if=lambda: any(changed[k]() for k in ("clamd", "sigsync", "scand", "icap")),
     )
     _common.activate_nftables(changed["nftables"])
+    _common.activate_node_exporter(changed["node_exporter"])
     # Signatures first: clamd will not start on an empty database directory.
     server.shell(
         name="Pull signatures from the tower's mirror",

@@ -20,7 +20,7 @@ DATA = "/var/lib/postgresql/15/main"
 SERVICE = "postgresql@15-main"
 
 
-PACKAGES = ["postgresql-15", "python3-venv", "nftables", *backup.PACKAGES]
+PACKAGES = ["postgresql-15", "python3-venv", "nftables", _common.NODE_EXPORTER, *backup.PACKAGES]
 
 
 def install():
@@ -36,6 +36,7 @@ def configure() -> dict[str, list]:
     s = settings()
     ops: dict[str, list] = {}
     ops["nftables"] = [template("sql/etc/nftables.conf")]
+    ops["node_exporter"] = [_common.node_exporter_config()]
     ops["postgres"] = [
         template("sql/etc/postgresql/15/main/conf.d/mailtower.conf"),
         template(
@@ -65,6 +66,7 @@ def activate(ops: dict[str, list], install_op) -> None:
     _common.activate_nftables(changed["nftables"])
     if settings().backup is not None:
         backup.db_activate(changed["backup"])  # before the repository host's first backup
+    _common.activate_node_exporter(changed["node_exporter"])
     primary = _common.is_primary()
     if primary:
         _primary(changed["postgres"])

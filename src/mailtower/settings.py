@@ -134,6 +134,8 @@ class Ports(StrictModel):
     postgres: int = 5432
     mirror_http: int = 8080  # the monitor's signature mirror
     prometheus: int = 9090
+    alertmanager: int = 9093  # the monitor's Alertmanager (Prometheus and operators' amtool)
+    node_exporter: int = 9100  # every tower host's host metrics, open to the monitor only
 
 
 class Limits(StrictModel):
@@ -492,6 +494,54 @@ class RelayTls(StrictModel):
         return value
 
 
+# --- Alerts: Alertmanager on the monitor, mail to the operators (docs/runbook.md, "Alerts") ---
+_MAILBOX = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
+Mailbox = Annotated[str, Field(pattern=_MAILBOX, max_length=254)]
+# Prometheus and Alertmanager durations: always with a unit (a bare number is no duration there).
+AlertDuration = Annotated[str, Field(pattern=r"^[0-9]+[smhdw]$")]
+
+
+class Smarthost(StrictModel):
+    """An SMTP server Alertmanager hands its mail to."""
+
+    host: str = Field(pattern=r"^[A-Za-z0-9.-]+$")  # a name or an IPv4 address
+    port: int = Field(25, ge=1, le=65535)
+    # STARTTLS, with the server's certificate checked against the system's CAs for ``host``.
+    # False: plain SMTP (Alertmanager then never tries STARTTLS).
+    require_tls: bool = False
+
+
+class AlertSettings(StrictModel):
+    """Where the monitor's alerts go: the operators' mailboxes, by two ways (both every time)."""
+
+    # Who reads them: deliverable mailboxes (each mail goes to all of them at once).
+    to: list[Mailbox] = Field(min_length=1, max_length=20)
+    # The mails' From (and envelope sender); None: alertmanager@<the relay's hostname>.
+    sender: Mailbox | None = None
+    # The way that does not depend on this tower: the twin tower's relay, or the operators' own
+    # SMTP server. Every alert goes through the tower's own relay and through this one
+    # (Alertmanager has no failover between receivers: two routes, the first with continue).
+    # None: the tower's relay only (a tower down then tells no one).
+    fallback: Smarthost | None = None
+    group_by: list[Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]] = [
+        "alertname",
+        "instance",
+    ]
+    group_wait: AlertDuration = "30s"  # a new group's first mail waits this long for its siblings
+    group_interval: AlertDuration = "5m"  # a changed group (new alert, resolved) mails again after
+    repeat_interval: AlertDuration = "4h"  # an unchanged firing group mails again after
+    scrape_interval: AlertDuration = "15s"  # Prometheus: how often every target is read…
+    evaluation_interval: AlertDuration = "15s"  # …and the rules evaluated
+    # Every rule's ``for:`` is at most this (the lab's checks wait seconds, not minutes);
+    # None: each rule's own.
+    for_max: AlertDuration | None = None
+    # Host health (node exporter on every host): free space below this share of a filesystem…
+    disk_free_percent: float = Field(10.0, gt=0, lt=100)
+    memory_free_percent: float = Field(10.0, gt=0, lt=100)  # …MemAvailable below this…
+    load_per_cpu: float = Field(2.0, gt=0)  # …15-minute load per CPU above this…
+    clock_offset_s: float = Field(0.05, gt=0)  # …the clock off by more than this
+
+
 class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
@@ -557,6 +607,9 @@ class TowerSettings(StrictModel):
     # pgBackRest backups of the SQL pair (stanza: the tower's name); None: none (a tower should
     # set one: docs/runbook.md "Backups and restore").
     backup: Backup | None = None
+    # Alertmanager on the monitor mails every alert to the operators; None: alerts are only
+    # seen in Prometheus (the deploy warns nobody).
+    alerts: AlertSettings | None = None
 
     @model_validator(mode="after")
     def _notices_under_the_relay_rate(self) -> TowerSettings:
@@ -566,6 +619,16 @@ class TowerSettings(StrictModel):
                 f"quarantine.notices_per_minute ({self.quarantine.notices_per_minute}) must be "
                 f"below limits.client_message_rate ({rate}): the relay counts the monitor's "
                 "notices and would refuse the rest"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _alert_fallback_elsewhere(self) -> TowerSettings:
+        fallback = self.alerts.fallback if self.alerts else None
+        if fallback and fallback.host in (str(self.hosts.relay), self.hostname):
+            raise ValueError(
+                "alerts.fallback is this tower's own relay: give a smarthost that does not "
+                "depend on the tower (the twin tower's relay, or the operators' SMTP server)"
             )
         return self
 
@@ -670,6 +733,11 @@ class TowerSettings(StrictModel):
             raise SettingsError(f"no secret share for role {role!r} (known: {list(ROLE_SECRETS)})")
         share = {n: getattr(self.secrets, n) for n in self.needed_secrets(role)}
         return self.model_copy(update={"secrets": Secrets(held_by=role, **share)})  # type: ignore[arg-type]
+
+    def alert_for(self, duration: str) -> str:
+        """An alert rule's ``for:``: ``duration``, or ``alerts.for_max`` when that is shorter."""
+        cap = self.alerts.for_max if self.alerts else None
+        return cap if cap and duration_s(cap) < duration_s(duration) else duration
 
     def secret(self, name: str) -> str:
         """The secret ``name``; SettingsError if this copy of the settings does not hold it."""
