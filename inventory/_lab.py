@@ -76,6 +76,23 @@ def lab_tower_data(tower: str) -> dict:
         # The relay's postmaster mail lands in the first customer's catch-all, where the
         # end-to-end checks read it.
         "postmaster": f"postmaster-{tower}@{plan.customer_domain(1)}",
+        # Alerts (tests/pair/test_95_alerts.py): the operators' mailbox is an address in the
+        # first customer's catch-all, like the postmaster's; the fallback way is the twin
+        # tower's relay, which takes mail for a customer domain from anyone. Short timers so a
+        # fault's mail arrives within a minute; one mail per alert name (the lab's 59 hosts
+        # share one clock and one load); the load alert at a level the shared CPUs never see.
+        "alerts": {
+            "to": [f"mailtower-ops-{tower}@{plan.customer_domain(1)}"],
+            "fallback": {"host": _twin_relay(tower)},
+            "group_by": ["alertname"],
+            "group_wait": "5s",
+            "group_interval": "30s",
+            "repeat_interval": "1h",
+            "scrape_interval": "10s",
+            "evaluation_interval": "10s",
+            "for_max": "20s",
+            "load_per_cpu": 100,
+        },
         "secrets": lxc.tower_secrets(f"lab-{tower}"),  # each tower its own
         # pgBackRest backups of the SQL pair to the tower's monitor, its certificates from the
         # lab's backup CA (made once per lab, beside its other secrets).
@@ -98,6 +115,12 @@ def lab_tower_data(tower: str) -> dict:
             "poll_interval_s": 2,
         },
     }
+
+
+def _twin_relay(tower: str) -> str:
+    """The relay address of the lab's other tower."""
+    twin = next(t for t in plan.TOWER_NETS if t != tower)
+    return next(str(h.address) for h in plan.tower_hosts(twin, 0) if h.group == "relay")
 
 
 def lab_customers() -> list[dict[str, str]]:
