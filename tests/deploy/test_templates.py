@@ -11,7 +11,7 @@ from conftest import all_templates, sample_settings
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.names import goc_sync_role
 from mailtower.scanning.engines.icap import parse_icap_url
-from mailtower.settings import DnsServer, GocSettings, LabSender
+from mailtower.settings import AlertSettings, DnsServer, GocSettings, LabSender
 from roles.dns import zone_file
 
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
@@ -125,6 +125,8 @@ def test_every_template_renders(render, settings, path):
         "tls_pem": "/t",
         "domain": "customer.example",
         "icap_control": None,
+        "address": "192.0.2.12",  # a host's own tower address (the node exporter's)
+        "alerts": AlertSettings(to=["ops@example.net"]),
         **_internet(path),
     }
     out = render(path, settings, **extra)
@@ -572,7 +574,8 @@ def test_monitor_operator_interfaces_answer_operators_and_itself_only(render):
     s = sample_settings(operator_networks=["198.51.100.0/28"])
     rules = render("monitor/etc/nftables.conf", s)
     assert (
-        f"tcp dport {{ {s.ports.prometheus}, {s.ports.monitor_http} }} ip saddr != "
+        f"tcp dport {{ {s.ports.prometheus}, {s.ports.alertmanager}, {s.ports.monitor_http} }}"
+        " ip saddr != "
         f"{{ 127.0.0.1, {s.hosts.monitor}, 198.51.100.0/28 }} reject with tcp reset" in rules
     )
     mirror = next(ln for ln in rules.splitlines() if f"dport {s.ports.mirror_http}" in ln)

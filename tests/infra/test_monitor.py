@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
@@ -36,8 +37,10 @@ def test_prometheus_scrapes_every_target(node, tower):
 
     def down_targets():
         targets = json.loads(node.check_output(f"curl -fsS {url}"))["data"]["activeTargets"]
-        # scanners + monitor + relay exporter + haproxy + prometheus itself
-        assert len(targets) == len(s.hosts.scanners) + 4
+        # scanners + monitor + relay exporter + haproxy + prometheus itself, the node exporter
+        # of every host (relay, monitor, two SQL, scanners), and Alertmanager
+        nodes = len(s.hosts.scanners) + 4
+        assert len(targets) == len(s.hosts.scanners) + 4 + nodes + (1 if s.alerts else 0)
         return [t["scrapeUrl"] for t in targets if t["health"] != "up"]
 
     # Right after a deploy a target may not have been scraped since its service started:
@@ -55,6 +58,8 @@ def test_alert_rules_loaded(node, tower):
     )
     names = {r["name"] for g in out["data"]["groups"] for r in g["rules"]}
     assert {"ScannerDown", "RelayQueueGrowing", "SqlReplicationLag", "ScannerRulesBehind"} <= names
+    assert {"HostDown", "HostDiskFull", "HostMemoryLow", "HostClockNotSynchronised"} <= names
+    assert {"HostTemperatureHigh", "HostFanFailing", "GocUnreachable"} <= names
     if s.bundles is not None:
         assert {
             "RuleBundleRejected",
@@ -154,3 +159,42 @@ def test_monitor_mirrors_the_official_databases_for_its_scanners(node, tower):
     assert code == "200", code
     pool = json.loads(node.check_output(f"curl -fsS http://127.0.0.1:{s.ports.monitor_http}/pool"))
     assert pool["clamav"]["source"].endswith("/clamav")
+
+
+def test_prometheus_sends_its_alerts_to_the_towers_alertmanager(node, tower):
+    s = tower.settings
+    if s.alerts is None:
+        pytest.skip("this tower mails no alerts")
+    url = f"http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/alertmanagers"
+    active = json.loads(node.check_output(f"curl -fsS {url}"))["data"]["activeAlertmanagers"]
+    assert [a["url"] for a in active] == [
+        f"http://{s.hosts.monitor}:{s.ports.alertmanager}/api/v2/alerts"
+    ]
+
+
+def test_alertmanager_routes_every_alert_to_both_ways(node, tower):
+    """amtool, as an operator runs it on the monitor (docs/runbook.md, "Alerts")."""
+    s = tower.settings
+    if s.alerts is None:
+        pytest.skip("this tower mails no alerts")
+    assert node.service("prometheus-alertmanager").is_running
+    out = node.check_output(
+        "amtool config routes test --config.file=/etc/prometheus/alertmanager.yml"
+        " alertname=ScannerDown severity=page"
+    )
+    want = "tower-relay,fallback" if s.alerts.fallback else "tower-relay"
+    assert out.strip() == want
+    # The cluster port is off: one Alertmanager per tower, nothing listening on 9094.
+    assert not node.socket("tcp://0.0.0.0:9094").is_listening
+
+
+def test_node_exporters_answer_the_monitor_only(node, tower):
+    """Every tower host's node exporter: scraped by the monitor (test above), refused to anyone
+    else (here the controller, which the operator networks admit to SSH and Prometheus)."""
+    s = tower.settings
+    hosts = [s.hosts.relay, s.hosts.monitor, *s.hosts.sql, *s.hosts.scanners[:2]]
+    for address in hosts:
+        url = f"http://{address}:{s.ports.node_exporter}/metrics"
+        assert "node_filesystem_avail_bytes" in node.check_output(f"curl -fsS {url}")
+        with pytest.raises(OSError):
+            socket.create_connection((str(address), s.ports.node_exporter), timeout=5).close()

@@ -51,7 +51,6 @@ def test_postfix_check_is_clean(node):
         ("smtpd_forbid_bare_newline", "reject"),
         ("mydestination", ""),
         ("mynetworks", "127.0.0.0/8"),
-        ("smtpd_relay_restrictions", "permit_mynetworks, reject_unauth_destination"),
         ("postscreen_greet_action", "enforce"),
         ("postscreen_access_list", "permit_mynetworks"),
         ("postscreen_dnsbl_sites", ""),
@@ -61,6 +60,19 @@ def test_postfix_setting(node, tower, key, expected):
     if expected is None:
         expected = tower.settings.limits.queue_lifetime
     assert node.check_output(f"postconf -h {key}") == expected
+
+
+def test_relay_restrictions_let_only_the_monitor_reach_the_operators(node, tower):
+    """Not an open relay: customer domains, and (with alerts) the monitor's alert mail to the
+    operators' mailboxes."""
+    s = tower.settings
+    middle = (
+        f"check_client_access inline:{{ {{ {s.hosts.monitor}=monitor_alerts }} }}, "
+        if s.alerts
+        else ""
+    )
+    expected = f"permit_mynetworks, {middle}reject_unauth_destination"
+    assert node.check_output("postconf -h smtpd_relay_restrictions") == expected
 
 
 @pytest.mark.parametrize(
