@@ -58,6 +58,12 @@ tower = (
                 "notice_from": "quarantine@tower-x.example.net",
                 "portal_url": "https://portal.example.net",
             },
+            # Alerts mailed to the operators through this tower's relay and, always as well,
+            # through a smarthost that does not depend on the tower (docs/runbook.md, "Alerts").
+            "alerts": {
+                "to": ["mail-ops@example.net"],
+                "fallback": {"host": "smtp.example.net", "port": 587, "require_tls": True},
+            },
             "secrets": _read_secrets(_secrets_path),
             # The relay's STARTTLS certificate for `hostname` (files on the controller; the key
             # beside the secrets file, mode 0600): checked before the deploy changes anything

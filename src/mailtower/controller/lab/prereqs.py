@@ -129,6 +129,14 @@ PROGRAMS: tuple[Program, ...] = (
         "Postfix's pgsql tables, for postmap -q against a test cluster",
         ("tests",),
     ),
+    Program(
+        "/usr/bin/prometheus-alertmanager",
+        "prometheus-alertmanager",
+        "the monitor's Alertmanager, run on its rendered config against two SMTP sinks",
+        ("tests",),
+    ),
+    Program("/usr/bin/amtool", "prometheus-alertmanager", "checks alertmanager.yml", ("tests",)),
+    Program("/usr/bin/promtool", "prometheus", "checks the monitor's rules", ("tests",)),
     Program("pgrep", "procps", "finds scand's worker processes", ("tests",)),
     Program("openssl", "openssl", "makes VirusEye's test certificate", ("tests",)),
     Program(
