@@ -1,6 +1,7 @@
 """Operator interfaces answer where operators are (issue 15: the monitor too open): from a
-host on the internet, SSH on every kind of tower host, the monitor's Prometheus, its pool API
-and the mirror are refused; from the operator's network (this controller) they answer."""
+host on the internet, SSH on every kind of tower host, the monitor's Prometheus, Alertmanager,
+its pool API, the mirror and the node exporters are refused; from the operator's network (this
+controller) they answer, but for the mirror and node exporters (the tower's own hosts only)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def _targets(s) -> dict[str, tuple[str, int]]:
         "monitor prometheus": (str(s.hosts.monitor), s.ports.prometheus),
         "monitor pool api": (str(s.hosts.monitor), s.ports.monitor_http),
         "monitor mirror": (str(s.hosts.monitor), s.ports.mirror_http),
+        "monitor alertmanager": (str(s.hosts.monitor), s.ports.alertmanager),
+        "relay node exporter": (str(s.hosts.relay), s.ports.node_exporter),
+        "scanner node exporter": (str(s.hosts.scanners[0]), s.ports.node_exporter),
     }
 
 
@@ -29,7 +33,12 @@ TARGETS = [
     "monitor prometheus",
     "monitor pool api",
     "monitor mirror",
+    "monitor alertmanager",
+    "relay node exporter",
+    "scanner node exporter",
 ]
+# For the tower's own hosts only: the mirror (scanners), host metrics (the monitor).
+NOT_FOR_OPERATORS = {"monitor mirror", "relay node exporter", "scanner node exporter"}
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +62,11 @@ def test_refused_from_the_internet(tower, outsider, what):
     assert outsider.check_output(probe) == "closed", f"{what} ({address}:{port}) answers anyone"
 
 
-@pytest.mark.parametrize("what", [t for t in TARGETS if t != "monitor mirror"])
+@pytest.mark.parametrize("what", [t for t in TARGETS if t not in NOT_FOR_OPERATORS])
 def test_answers_the_operator(tower, what):
-    """The mirror is left out: it is for the tower's scanners only."""
+    """The mirror and the node exporters are left out: they are for the tower's own hosts."""
+    if what == "monitor alertmanager" and tower.settings.alerts is None:
+        pytest.skip("this tower runs no Alertmanager (no alerts settings)")
     address, port = _targets(tower.settings)[what]
     with socket.create_connection((address, port), timeout=5):
         pass

@@ -10,11 +10,12 @@ import time
 
 from towerlib import ROOT, record_figure
 
+NODE = "prometheus-node-exporter"
 SERVICES = {
-    "relay": ["postfix", "haproxy", "mailtower-relay-exporter"],
-    "monitor": ["mailtower-monitor", "nginx", "prometheus"],
-    "sql": ["postgresql@15-main"],
-    "scanners": ["clamav-daemon", "mailtower-scand"],
+    "relay": ["postfix", "haproxy", "mailtower-relay-exporter", NODE],
+    "monitor": ["mailtower-monitor", "nginx", "prometheus", "prometheus-alertmanager", NODE],
+    "sql": ["postgresql@15-main", NODE],
+    "scanners": ["clamav-daemon", "mailtower-scand", NODE],
 }
 
 
