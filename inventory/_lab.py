@@ -76,7 +76,7 @@ def lab_tower_data(tower: str) -> dict:
         # The relay's postmaster mail lands in the first customer's catch-all, where the
         # end-to-end checks read it.
         "postmaster": f"postmaster-{tower}@{plan.customer_domain(1)}",
-        # Alerts (tests/pair/test_95_alerts.py): the operators' mailbox is an address in the
+        # Alerts (tests/pair/test_96_alerts.py): the operators' mailbox is an address in the
         # first customer's catch-all, like the postmaster's; the fallback way is the twin
         # tower's relay, which takes mail for a customer domain from anyone. Short timers so a
         # fault's mail arrives within a minute; one mail per alert name (the lab's 59 hosts

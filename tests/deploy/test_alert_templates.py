@@ -227,7 +227,7 @@ def test_real_alertmanager_mails_by_both_ways_and_by_the_fallback_alone(render, 
             assert b"[FIRING:1] ScannerDown at tower-x" in raw
             assert b"Content-Type: text/html" not in raw
             text = plain_text(raw)
-            # tests/pair/test_95_alerts.py reads each alert's start and labels from these
+            # tests/pair/test_96_alerts.py reads each alert's start and labels from these
             assert re.search(r"^- firing since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", text, re.M)
             assert "labels: alertname=ScannerDown severity=page tower=tower-x\n" in text
             assert "amtool silence add alertname=ScannerDown" in text
