@@ -328,7 +328,7 @@ def test_node_exporter_listens_on_the_hosts_tower_address(render, settings):
 
 def test_the_relay_lets_the_monitor_mail_the_operators_only(render, tmp_path):
     s = alert_settings()
-    cf = render("relay/etc/postfix/main.cf", s, cert="/c", key="/k")
+    cf = render("relay/etc/postfix/main.cf", s, tls_pem="/p")
     conf = dict(re.findall(r"^(\w+) = ?(.*)$", cf, re.M))
     client = f"inline:{{ {{ {s.hosts.monitor}=monitor_alerts }} }}"
     assert conf["smtpd_relay_restrictions"] == (
@@ -346,5 +346,5 @@ def test_the_relay_lets_the_monitor_mail_the_operators_only(render, tmp_path):
     assert other.returncode == 1 and not other.stdout  # not found: reject_unauth_destination
     got = subprocess.run([*postmap_q, str(s.hosts.monitor), client], capture_output=True, text=True)
     assert got.stdout.strip() == "monitor_alerts"
-    plain = render("relay/etc/postfix/main.cf", sample_settings(), cert="/c", key="/k")
+    plain = render("relay/etc/postfix/main.cf", sample_settings(), tls_pem="/p")
     assert "monitor_alerts" not in plain
