@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FindInFile
 from pyinfra.operations import files, server
 
 from roles import _common
@@ -12,6 +12,9 @@ from roles._common import settings, template
 
 CERT = "/etc/mailtower/tls/relay.crt"
 KEY = "/etc/mailtower/tls/relay.key"
+# main.cf's listening lines as the template renders them (tests/deploy checks they agree):
+# Postfix applies a change of these only on a restart, everything else on a reload.
+LISTENING = ["inet_interfaces = all", "inet_protocols = ipv4"]
 
 
 PACKAGES = [
@@ -67,7 +70,11 @@ def configure():
 
 def activate(ops, install_op):
     changed = {k: _common.changes(v) for k, v in ops.items()}
-    _common.activate("postfix", changed["postfix"], check="postfix check")
+    # A reload keeps the queue and the SMTP sessions in progress; only the listening
+    # addresses (inet_interfaces, inet_protocols) need a restart, i.e. on the first deploy.
+    listening = host.get_fact(FindInFile, path="/etc/postfix/main.cf", pattern=r"^inet_")
+    first = sorted(listening or []) != LISTENING
+    _common.activate("postfix", changed["postfix"], check="postfix check", reload=not first)
     # A reload keeps established filter sessions; the server-state file keeps the monitor's
     # maintenance marks across it.
     _common.activate(

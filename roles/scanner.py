@@ -229,9 +229,26 @@ def activate(ops, install_op):
             running=False,
             enabled=False,
         )
-    _common.activate(
-        "mailtower-scand",
-        lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
+    if settings().secrets.canary is None:
+        # No canary secret, no monitor windows: new code restarts one scanner at a time (the
+        # relay's retries carry what it had in flight), never the whole pool at once.
+        systemd.service(
+            name="Restart mailtower-scand (one scanner at a time)",
+            service="mailtower-scand",
+            running=True,
+            restarted=True,
+            _if=lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
+            _serial=True,
+        )
+    # With a canary secret a running scand keeps running: its /health now names new code
+    # installed, and the monitor restarts the scanners a few at a time in drained windows,
+    # each checked by health and canary (mailtower.monitor.rollout.stack); the deploy waits
+    # for that on the monitor (roles/monitor.wait_for_upgrade). A first deploy starts it here.
+    systemd.service(
+        name="Ensure mailtower-scand is running",
+        service="mailtower-scand",
+        running=True,
+        enabled=True,
     )
 
 
