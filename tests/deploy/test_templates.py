@@ -791,3 +791,23 @@ def test_portal_needs_its_own_secrets(change, error):
 def test_portal_settings_checked(portal, error):
     with pytest.raises(ValueError, match=error):
         _goc_portal(**portal)
+
+
+def test_relay_reload_decision_matches_the_rendered_listening_lines(render, settings):
+    """roles/relay reloads Postfix (the queue and sessions kept) unless main.cf's listening
+    lines differ from these, which only a restart applies: they must be what is rendered."""
+    from roles.relay import LISTENING
+
+    cf = render("relay/etc/postfix/main.cf", settings, cert="/c", key="/k")
+    assert sorted(re.findall(r"^inet_\w+ = .*$", cf, re.M)) == LISTENING
+
+
+def test_monitor_keeps_its_records_with_or_without_clamav(render, settings):
+    """The rolling upgrade's record of scanners kept out lives in the monitor's StateDirectory
+    (mailtower.monitor.rollout.stack.STATE_DIR), so every monitor has one."""
+    from mailtower.monitor.rollout.stack import STATE_DIR
+
+    unit = _unit_service(render("monitor/etc/systemd/system/mailtower-monitor.service", settings))
+    assert STATE_DIR.parent == Path("/var/lib") / unit["StateDirectory"]
+    rules = render("monitor/etc/prometheus/rules/mailtower.yml", settings)
+    assert "expr: mailtower_upgrade_scanners_stuck > 0" in rules
