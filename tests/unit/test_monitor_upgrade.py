@@ -292,6 +292,15 @@ def test_judge_names_behind_down_and_stuck() -> None:
     assert "scanner s04 (10.0.0.4): canary check failed: x" in text and "fix: h" in text
     done = upgrade_cli.judge(scanners[:1], answers[:1], {"upgrade": {"stuck": {}}})
     assert done.done
+    # a fixed deploy: the scanner kept out has new code installed, the monitor will retry it
+    fixed = {"s01": {"address": "10.0.0.1", "reason": "x", "installed": OLD, "hint": "h"}}
+    retry = upgrade_cli.judge(scanners[:1], answers[:1], {"upgrade": {"stuck": fixed}})
+    assert retry.stuck == {} and retry.behind == ["s01 (10.0.0.1)"]
+    fixed["s01"]["installed"] = NEW  # the same code it failed with: still a failure
+    assert upgrade_cli.judge(scanners[:1], answers[:1], {"upgrade": {"stuck": fixed}}).stuck
+    # the last window's scanner already runs the new code but is not back yet: not done
+    last = upgrade_cli.judge(scanners[:1], answers[:1], {"upgrade": {"applying": ["s01"]}})
+    assert not last.done
 
 
 def test_settings_default_is_a_few_at_a_time() -> None:

@@ -32,24 +32,31 @@ class Progress:
     behind: list[str]  # answering, running something other than what is installed
     down: list[str]  # not answering /health (they start with what is installed)
     stuck: dict[str, dict]  # kept out by the monitor: {scanner: {address, reason, hint}}
+    applying: list[str]  # in a window now (restarted, not yet checked and back)
 
     @property
     def done(self) -> bool:
-        return not self.behind and not self.stuck
+        return not self.behind and not self.stuck and not self.applying
 
 
 def judge(
     scanners: list[tuple[str, str]], answers: list[tuple[bool, dict]], pool: dict
 ) -> Progress:
     """What the scanners' /health ``answers`` and the monitor's ``pool`` say (pure)."""
+    upgrade = pool.get("upgrade") or {}
+    stuck = dict(upgrade.get("stuck") or {})
     behind, down = [], []
     for (name, address), (_ok, doc) in zip(scanners, answers, strict=True):
         if not doc:
             down.append(f"{name} ({address})")
-        elif doc.get("stack_installed") and doc.get("stack") != doc.get("stack_installed"):
+            continue
+        installed = doc.get("stack_installed")
+        if name in stuck and installed not in (None, stuck[name].get("installed")):
+            del stuck[name]  # new code since it failed: the monitor tries it again
             behind.append(f"{name} ({address})")
-    upgrade = pool.get("upgrade") or {}
-    return Progress(behind, down, dict(upgrade.get("stuck") or {}))
+        elif installed and doc.get("stack") != installed:
+            behind.append(f"{name} ({address})")
+    return Progress(behind, down, stuck, list(upgrade.get("applying") or []))
 
 
 def failure_text(tower: str, progress: Progress) -> str:
@@ -95,7 +102,7 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(progress.__dict__))
         else:
-            print(len(progress.behind) + len(progress.stuck))
+            print(len(progress.behind) + len(progress.stuck) + len(progress.applying))
         return 0
     deadline = time.monotonic() + settings.upgrade.wait_timeout_s
     started = time.monotonic()

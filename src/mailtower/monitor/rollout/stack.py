@@ -242,6 +242,7 @@ class StackRollout:
                 name: {
                     "address": self.monitor.pool[name].address,
                     "reason": v.reason,
+                    "installed": v.installed,  # tried again once this changes
                     "hint": HINT,
                 }
                 for name, v in sorted(self.state.stuck.items())
