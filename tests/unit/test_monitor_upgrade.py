@@ -14,7 +14,7 @@ import pytest
 from monitor_fakes import free_port, tower
 
 from mailtower.monitor import health, upgrade_cli
-from mailtower.monitor.errors import UpgradeCheckFailed
+from mailtower.monitor.errors import HAProxyError, UpgradeCheckFailed
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import Pool, PoolMember
 from mailtower.monitor.rollout import canary
@@ -308,3 +308,29 @@ def test_settings_default_is_a_few_at_a_time() -> None:
     assert 1 <= u.batch <= 5 and u.spare >= 1
     with pytest.raises(ValueError):
         Upgrade(batch=0)
+
+
+def test_a_scanner_haproxy_would_not_take_out_is_not_kept_out(tmp_path) -> None:
+    rollout, steps, pool = make(tmp_path)
+
+    async def refused(s: PoolMember) -> None:
+        raise HAProxyError("HAProxy runtime API at 10.0.0.100:9999 unreachable")
+
+    steps.take_out = refused  # type: ignore[method-assign]
+    asyncio.run(rollout.roll())
+    assert rollout.snapshot()["stuck"] == {} and rollout.snapshot()["applying"] == []
+    assert all(s.stack == OLD and not s.held for s in pool.scanners)  # tried next round
+
+
+def test_a_scanner_counts_as_applying_until_it_is_back(tmp_path) -> None:
+    rollout, steps, pool = make(tmp_path)
+    seen: list[list[str]] = []
+    put_back = steps.put_back
+
+    async def watching(s: PoolMember) -> None:
+        seen.append(list(rollout.snapshot()["applying"]))  # type: ignore[call-overload]
+        await put_back(s)
+
+    steps.put_back = watching  # type: ignore[method-assign]
+    asyncio.run(rollout.roll())
+    assert seen[0] == ["s01"] and rollout.snapshot()["applying"] == []

@@ -170,21 +170,25 @@ class StackRollout:
         started = time.monotonic()
         self.state.applying.add(s.name)
         installed = s.stack_installed
-        try:
-            if not held:
+        if not held:
+            try:
                 await self.steps.take_out(s)
+            except Exception:  # HAProxy did not take it out: nothing changed, the round ends
+                self.state.applying.discard(s.name)
+                raise
+        try:
             await self.steps.drained(s)
             await self.steps.restart(s)
             await self.steps.check(s)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, RolloutError) else f"{exc!r}"
             self._keep_out(s, installed, reason)
-            raise
-        finally:
             self.state.applying.discard(s.name)
+            raise
         self.state.stuck.pop(s.name, None)
         self._record_stuck()
         await self.steps.put_back(s)
+        self.state.applying.discard(s.name)  # only now: `upgrade wait` sees it back
         self.state.restarted += 1
         self.monitor.metrics.upgrade_restarts.labels("ok").inc()
         log.info(
@@ -282,7 +286,11 @@ class StackSteps:
     async def take_out(self, s: PoolMember) -> None:
         async with self.monitor.haproxy_lock:  # the health loop sees held before it acts
             s.held = True
-            await self.monitor.haproxy.set_state(s.name, MAINT)
+            try:
+                await self.monitor.haproxy.set_state(s.name, MAINT)
+            except HAProxyError:
+                s.held = False  # still in service: the next round tries again
+                raise
 
     async def drained(self, s: PoolMember) -> None:
         """No HAProxy session open to it and nothing in flight in scand, or
@@ -341,6 +349,7 @@ class StackSteps:
             ):
                 s.stack, s.stack_installed = doc["stack"], doc["stack_installed"]
                 s.rules_bundle = doc.get("rules_bundle")
+                s.healthy = True  # checked here; the next batch's room counts it at once
                 return
             last = doc.get("reason") or doc.get("status") or doc or "no answer"
             await asyncio.sleep(0.5)
