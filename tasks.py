@@ -14,6 +14,7 @@ invoke bench.scanner             scand against amavisd-new on this machine (same
 invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sync
 invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
 invoke sql.restore --tower lab-a --host 10.201.1.13 [--target-time T]   restore from backup
+invoke sql.upgrade --tower lab-a   PostgreSQL minor upgrade: standby, switchover, old primary
 invoke bundle.publish [--rules DIR] [--version N]   sign and publish a rule bundle at the lab GOC
 """
 
@@ -465,6 +466,24 @@ def sql_failover(c, tower="lab-a", goc=None):
     print(json.dumps({k: round(v, 2) for k, v in timings.items()}))
 
 
+@task(
+    help={
+        "tower": "inventory/<tower>.py",
+        "goc": "the GOC's inventory (default for lab towers: lab-goc; none: no GOC)",
+    }
+)
+def sql_upgrade(c, tower="lab-a", goc=None):
+    """A PostgreSQL minor upgrade: the standby, a planned switchover, the old primary."""
+    from mailtower.controller import sqlpair, sqlupgrade
+
+    pair = _sql_tower(tower, _goc_default(tower) if goc is None else goc)
+    try:
+        timings = sqlupgrade.upgrade(pair, _say)
+    except sqlpair.PairError as exc:
+        raise Exit(f"sql.upgrade {tower}: {exc}", code=1) from exc
+    print(json.dumps({k: round(v, 2) for k, v in timings.items()}))
+
+
 @task(help={"tower": "inventory/<tower>.py", "host": "the SQL host to make a standby again"})
 def sql_rebuild(c, tower="lab-a", host=""):
     """Clone ``host`` afresh from the tower's current SQL primary and start it as its standby."""
@@ -530,6 +549,7 @@ sql_ns = Collection("sql")
 sql_ns.add_task(sql_failover, name="failover")
 sql_ns.add_task(sql_rebuild, name="rebuild")
 sql_ns.add_task(sql_restore, name="restore")
+sql_ns.add_task(sql_upgrade, name="upgrade")
 
 bench_ns = Collection("bench")
 bench_ns.add_task(bench, name="tower", default=True)

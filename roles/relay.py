@@ -7,7 +7,7 @@ import io
 from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.api.exceptions import DeployError
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FindInFile
 from pyinfra.operations import files, server, systemd
 
 from mailtower.controller import certs
@@ -24,6 +24,9 @@ TLS_PEM = f"{TLS_DIR}/relay.pem"
 CERT = str(exporter.CERTIFICATE)
 # The key of a self-signed certificate the relay made itself (no ``tls`` given).
 KEY = f"{TLS_DIR}/relay.key"
+# main.cf's listening lines as the template renders them (tests/deploy checks they agree):
+# Postfix applies a change of these only on a restart, everything else on a reload.
+LISTENING = ["inet_interfaces = all", "inet_protocols = ipv4"]
 
 
 PACKAGES = [
@@ -131,7 +134,11 @@ def configure():
 
 def activate(ops, install_op):
     changed = {k: _common.changes(v) for k, v in ops.items()}
-    _common.activate("postfix", changed["postfix"], check="postfix check")
+    # A reload keeps the queue and the SMTP sessions in progress; only the listening
+    # addresses (inet_interfaces, inet_protocols) need a restart, i.e. on the first deploy.
+    listening = host.get_fact(FindInFile, path="/etc/postfix/main.cf", pattern=r"^inet_")
+    first = sorted(listening or []) != LISTENING
+    _common.activate("postfix", changed["postfix"], check="postfix check", reload=not first)
     # A new certificate alone needs no restart: after a reload every new smtpd and tlsproxy
     # reads it (sessions in progress finish with the old one).
     systemd.service(

@@ -82,6 +82,21 @@ def scanner_ram_mib(s: TowerSettings) -> int:
     return int(host.get_fact(MemTotalMib))
 
 
+class ScandHealth(FactBase):
+    """The running scand, before the deploy changes anything: None (not answering),
+    "stack" (its /health names what is installed: the monitor rolls new code) or
+    "without-stack" (a scand from before rolling upgrades)."""
+
+    def command(self, port: int) -> str:
+        return f"curl -s -m 5 http://127.0.0.1:{port}/health || true"
+
+    def process(self, output):
+        text = "\n".join(output)
+        if not text.strip():
+            return None
+        return "stack" if '"stack_installed"' in text else "without-stack"
+
+
 def local_icap():
     """The ICAP service this scanner runs itself (c-icap on loopback), or None.
 
@@ -232,9 +247,31 @@ def activate(ops, install_op):
             running=False,
             enabled=False,
         )
-    _common.activate(
-        "mailtower-scand",
-        lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
+    if (
+        settings().secrets.canary is None
+        or host.get_fact(ScandHealth, port=settings().ports.scanner_http) == "without-stack"
+    ):
+        # No canary secret, no monitor windows — or a running scand from before rolling
+        # upgrades, which cannot name what is installed nor restart itself for the monitor
+        # (once): new code restarts one scanner at a time (the relay's retries carry what it
+        # had in flight), never the whole pool at once.
+        systemd.service(
+            name="Restart mailtower-scand (one scanner at a time)",
+            service="mailtower-scand",
+            running=True,
+            restarted=True,
+            _if=lambda: changed["scand"]() or changed["settings"]() or stack_changed(),
+            _serial=True,
+        )
+    # With a canary secret a running scand keeps running: its /health now names new code
+    # installed, and the monitor restarts the scanners a few at a time in drained windows,
+    # each checked by health and canary (mailtower.monitor.rollout.stack); the deploy waits
+    # for that on the monitor (roles/monitor.wait_for_upgrade). A first deploy starts it here.
+    systemd.service(
+        name="Ensure mailtower-scand is running",
+        service="mailtower-scand",
+        running=True,
+        enabled=True,
     )
 
 

@@ -10,7 +10,7 @@ from pyinfra.facts.server import Date
 from pyinfra.operations import apt, server
 
 from roles import monitor, relay, scanner, sql
-from roles._common import barrier
+from roles._common import barrier, settings
 
 ROLES = {"sql": sql, "monitor": monitor, "relay": relay, "scanners": scanner}
 
@@ -70,3 +70,6 @@ def deploy_tower(extra_packages: list[str] | None = None) -> None:
         relay.deploy_relay()
     if "scanners" in host.groups:
         scanner.deploy_scanner()
+    barrier("scanners deployed")
+    if "monitor" in host.groups and settings().secrets.canary is not None:
+        monitor.wait_for_upgrade()  # the scanners' new code, rolled in drained windows

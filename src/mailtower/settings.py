@@ -402,6 +402,24 @@ class Bundles(StrictModel):
         return value
 
 
+class Upgrade(StrictModel):
+    """The rolling upgrade of scand: a new mailtower wheel or new settings, installed by the
+    deploy on running scanners, restarted by the monitor a few at a time in drained windows
+    (mailtower.monitor.rollout.stack; needs ``secrets.canary``, else the deploy restarts the
+    scanners one at a time itself)."""
+
+    batch: int = Field(default=3, ge=1)  # at most this many scanners out for a restart at once…
+    # …and always this many more in service than the load needs (plan.room): with 23 scanners,
+    # 3 out leaves 20; a batch the pool cannot spare waits or shrinks, never empties the pool
+    spare: int = Field(default=1, ge=0)
+    drain_timeout_s: float = Field(default=60.0, gt=0)  # in-flight messages get this long to finish
+    restart_timeout_s: float = Field(default=120.0, gt=0)  # scand back, healthy, with the new code
+    poll_interval_s: float = Field(
+        default=5.0, gt=0
+    )  # how often the monitor looks for scanners behind
+    wait_timeout_s: float = Field(default=3600.0, gt=0)  # how long the deploy waits for the roll
+
+
 _DB_NAME = r"^[a-z][a-z0-9_-]{0,40}$"  # a ClamAV database name: main, daily, bytecode, test…
 
 
@@ -610,6 +628,8 @@ class TowerSettings(StrictModel):
     # Alertmanager on the monitor mails every alert to the operators; None: alerts are only
     # seen in Prometheus (the deploy warns nobody).
     alerts: AlertSettings | None = None
+    # Rolling upgrades of scand across the pool (docs/runbook.md, "Upgrades").
+    upgrade: Upgrade = Upgrade()
 
     @model_validator(mode="after")
     def _notices_under_the_relay_rate(self) -> TowerSettings:

@@ -805,3 +805,24 @@ def test_backup_port_admits_only_the_other_side(render) -> None:
     none = sample_settings()
     assert "8432" not in render("sql/etc/nftables.conf", none)
     assert "8432" not in render("monitor/etc/nftables.conf", none)
+
+
+def test_relay_reload_decision_matches_the_rendered_listening_lines(render, settings):
+    """roles/relay reloads Postfix (the queue and sessions kept) unless main.cf's listening
+    lines differ from these, which only a restart applies: they must be what is rendered."""
+    from roles.relay import LISTENING
+
+    # cert/key: this template's arguments before issue 19's certificates, tls_pem after
+    cf = render("relay/etc/postfix/main.cf", settings, cert="/c", key="/k", tls_pem="/t")
+    assert sorted(re.findall(r"^inet_\w+ = .*$", cf, re.M)) == LISTENING
+
+
+def test_monitor_keeps_its_records_with_or_without_clamav(render, settings):
+    """The rolling upgrade's record of scanners kept out lives in the monitor's StateDirectory
+    (mailtower.monitor.rollout.stack.STATE_DIR), so every monitor has one."""
+    from mailtower.monitor.rollout.stack import STATE_DIR
+
+    unit = _unit_service(render("monitor/etc/systemd/system/mailtower-monitor.service", settings))
+    assert STATE_DIR.parent == Path("/var/lib") / unit["StateDirectory"]
+    rules = render("monitor/etc/prometheus/rules/mailtower.yml", settings)
+    assert "expr: mailtower_upgrade_scanners_stuck > 0" in rules

@@ -175,7 +175,9 @@ def count(conn: psycopg.Connection[Any], table: str) -> int:
 # -- access ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/message/00000000-0000-4000-8000-000000000001", "/static/other.css"])
+@pytest.mark.parametrize(
+    "path", ["/", "/message/00000000-0000-4000-8000-000000000001", "/static/other.css"]
+)
 def test_unauthenticated_is_sent_to_sign_in(hub: Any, conn: Any, path: str) -> None:
     async def test() -> None:
         async with portal(hub) as browser:

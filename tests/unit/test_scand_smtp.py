@@ -381,6 +381,9 @@ def test_health_and_metrics(scand: Scand) -> None:
     status, body = scand.get("/health")
     assert status == 200
     doc = json.loads(body)
+    # what this scand runs and what a restart would run (a rolling upgrade compares them)
+    running, installed = doc.pop("stack"), doc.pop("stack_installed")
+    assert running == installed
     assert doc == {
         "status": "ok",
         "test": "test 1.0",

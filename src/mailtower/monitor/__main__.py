@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from mailtower import settings as settings_mod
@@ -15,6 +16,11 @@ log = logging.getLogger("mailtower.monitor")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["upgrade"]:  # the rolling upgrade as the deploy sees it
+        from mailtower.monitor import upgrade_cli
+
+        return upgrade_cli.main(argv[1:])
     parser = argparse.ArgumentParser(prog="mailtower-monitor", description=__doc__)
     parser.add_argument("--settings", type=Path, default=settings_mod.SETTINGS_PATH)
     parser.add_argument("--log-level", default="INFO")

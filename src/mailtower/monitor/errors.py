@@ -45,3 +45,13 @@ class ReleaseInDoubt(QuarantineManagerError):
 
 class QuarantineGocDown(QuarantineManagerError):
     """The GOC could not be read or written (its requests wait there until it answers)."""
+
+
+class UpgradeCheckFailed(RolloutError):
+    """A scanner restarted with the newly installed code failed a check (``check``: health or
+    canary); it stays out of service and the rolling upgrade stops."""
+
+    def __init__(self, check: str, reason: str) -> None:
+        super().__init__(f"{check} check failed: {reason}")
+        self.check = check
+        self.reason = reason

@@ -163,6 +163,20 @@ class MonitorMetrics:
                 self.scanner_rules_bundle.labels(s.name).set(0)
         if clamav is not None:  # the official databases ``clamav`` (rollout/clamav.py)
             self._clamav(pool, clamav)
+        # the rolling upgrade of scand (mailtower.monitor.rollout.stack)
+        self.upgrade_restarts = Counter(
+            "mailtower_upgrade_restarts",
+            "Scanner restarts of a rolling upgrade by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.upgrade_stuck = Gauge(
+            "mailtower_upgrade_scanners_stuck",
+            "Scanners kept out of service after failing a check of a rolling upgrade",
+            registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.upgrade_restarts.labels(result)
         # Every series exists from the start, so rate() and absent() work before any event.
         for s in pool.scanners:
             self.scanner_up.labels(s.name, s.address).set(0)

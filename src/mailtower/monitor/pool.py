@@ -29,6 +29,10 @@ class PoolMember:
     # the ClamAV database versions its last health answer named ({db: version}; None: none)
     clamav: dict[str, int] | None = None
     held: bool = False  # out of service for an update (mailtower.monitor.rollout)
+    # the digests its last health answer named: what scand runs, what a restart would run
+    # (mailtower.scand.stack; None: not known)
+    stack: str | None = None
+    stack_installed: str | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from mailtower.monitor.rollout import (
     ClamavRollout,
     Rollout,
 )
+from mailtower.monitor.rollout.stack import STATE_DIR as STACK_STATE_DIR
+from mailtower.monitor.rollout.stack import StackRollout
 from mailtower.settings import TowerSettings
 
 log = logging.getLogger("mailtower.monitor")
@@ -76,6 +78,7 @@ class Monitor:
         rules_mirror: Path = MIRROR_DIR,
         clamav_mirror: Path = CLAMAV_MIRROR_DIR,
         clamav_state: Path = CLAMAV_STATE_DIR,
+        stack_state: Path = STACK_STATE_DIR,
     ) -> None:
         self.settings = settings
         limits = settings.limits
@@ -122,6 +125,9 @@ class Monitor:
         self.clamav_rollout: ClamavRollout | None = None  # likewise
         self.clamav_mirror = clamav_mirror
         self.clamav_state = clamav_state
+        # The rolling upgrade of scand: its windows need the canary secret (created in run()).
+        self.upgrade: StackRollout | None = None
+        self.stack_state = stack_state
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve HTTP and run the loops until ``stop`` is set."""
@@ -157,6 +163,9 @@ class Monitor:
                 samples=rules.samples if rules is not None else None,
             )
             tasks.append(asyncio.create_task(self.clamav_rollout.run(stop), name="clamav"))
+        if self.settings.secrets.canary is not None:
+            self.upgrade = StackRollout(self, state_dir=self.stack_state)
+            tasks.append(asyncio.create_task(self.upgrade.run(stop), name="upgrade"))
         try:
             await stop.wait()
         finally:
@@ -193,6 +202,7 @@ class Monitor:
             self.metrics.scanner_up.labels(s.name, s.address).set(1 if ok else 0)
             if doc:
                 s.rules_bundle = doc.get("rules_bundle")
+                s.stack, s.stack_installed = doc.get("stack"), doc.get("stack_installed")
                 if self.settings.bundles is not None:
                     self.metrics.scanner_rules_bundle.labels(s.name).set(s.rules_bundle or 0)
                 if self.settings.clamav is not None:
@@ -458,11 +468,14 @@ class Monitor:
                     "rules_bundle": s.rules_bundle,
                     "clamav": s.clamav,
                     "held": s.held,
+                    "stack": s.stack,
+                    "stack_installed": s.stack_installed,
                 }
                 for s in self.pool.scanners
             ],
             "rules": self.rollout.snapshot() if self.rollout is not None else None,
             "clamav": (self.clamav_rollout.snapshot() if self.clamav_rollout is not None else None),
+            "upgrade": self.upgrade.snapshot() if self.upgrade is not None else None,
         }
 
     async def _handle_http(self, path: str) -> http.Response | None:

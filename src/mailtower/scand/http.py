@@ -1,7 +1,8 @@
 """scand's tiny HTTP/1.0 server: GET /health for the monitor, GET /metrics for Prometheus, and
 the monitor's rule-bundle requests (POST /rules/apply, POST /rules/rollback; see
 mailtower.scand.bundle_apply) and official ClamAV database requests (POST /clamav/apply,
-POST /clamav/rollback; see mailtower.scand.clamav_apply), which carry the tower's canary secret.
+POST /clamav/rollback; see mailtower.scand.clamav_apply) and its rolling upgrade's restart
+(POST /stack/restart; see mailtower.scand.stack), which carry the tower's canary secret.
 
 It serves a :class:`Source`: one in-process :class:`Scanner` (tests, a single process), or
 the supervisor of scand's worker processes (mailtower.scand.workers), which answers for all.
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailtower import bundles
 from mailtower.clamavdb import DatabaseError
-from mailtower.scand import bundle_apply, clamav_apply
+from mailtower.scand import bundle_apply, clamav_apply, stack
 from mailtower.scand.errors import ClamavApplyError
 from mailtower.scanning.engines import Engine
 from mailtower.scanning.errors import EngineError
@@ -38,7 +39,13 @@ log = logging.getLogger(__name__)
 _REQUEST_TIMEOUT_S = 5.0
 _MAX_BODY = 4096
 TOKEN_HEADER = "x-mailtower-token"
-_POSTS = ("/rules/apply", "/rules/rollback", "/clamav/apply", "/clamav/rollback")
+_POSTS = (
+    "/rules/apply",
+    "/rules/rollback",
+    "/clamav/apply",
+    "/clamav/rollback",
+    "/stack/restart",
+)
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -58,6 +65,10 @@ class Source(abc.ABC):
 
     def __init__(self) -> None:
         self._rules_lock = asyncio.Lock()  # one bundle request at a time
+        # What this process started with (stack.digest), set by start_http; and the settings
+        # file whose content is part of the digest.
+        self.stack_running: str | None = None
+        self.stack_settings: Path | None = None
         self._clamav_lock = asyncio.Lock()  # one ClamAV database request at a time
         # Both kinds reload clamd and c-icap and wait for a probe: never two at once.
         self._engines_lock = asyncio.Lock()
@@ -136,6 +147,10 @@ class Source(abc.ABC):
             return None
         log.warning("event=rules_restored rules_bundle=%s", before)
         return before
+
+    def stack_state(self) -> dict[str, object]:
+        """For /health: the digest of what runs and of what a restart would run."""
+        return {"stack": self.stack_running, "stack_installed": stack.digest(self.stack_settings)}
 
     def clamav_state(self) -> dict[str, object]:
         """For /health: the official ClamAV databases live in clamd's directory ({db:
@@ -291,6 +306,18 @@ async def _rules_request(
     return await source.rules("apply", version)
 
 
+async def _stack_request(
+    source: Source, path: str, headers: dict[str, str], body: bytes
+) -> tuple[int, dict[str, object]]:
+    """POST /stack/restart, with the canary secret: answered, then a graceful stop that
+    systemd follows with a start of what is installed (the monitor has drained the scanner)."""
+    if not _authorized(source, headers):
+        return 403, {"status": "refused", "reason": "missing or wrong X-Mailtower-Token"}
+    log.warning("event=stack_restart running=%s", source.stack_running)
+    asyncio.get_running_loop().call_later(0.2, stack.restart_self)
+    return 200, {"status": "restarting", **source.stack_state()}
+
+
 def _authorized(source: Source, headers: dict[str, str]) -> bool:
     secret = source.current_settings().secrets.canary
     given = headers.get(TOKEN_HEADER, "")
@@ -341,15 +368,22 @@ async def _handle(
                 status, ctype, body = 400, "text/plain", b"body too large\n"
             else:
                 data = await asyncio.wait_for(reader.readexactly(length), _REQUEST_TIMEOUT_S)
-                handler = _rules_request if parts[1].startswith("/rules/") else _clamav_request
+                handler = {"rules": _rules_request, "stack": _stack_request}.get(
+                    parts[1].split("/")[1], _clamav_request
+                )
                 status, doc = await handler(source, parts[1], headers, data)
                 ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[0] != "GET":
-            status, ctype, body = 405, "text/plain", b"only GET (and POST /rules/*, /clamav/*)\n"
+            status, ctype, body = (
+                405,
+                "text/plain",
+                b"only GET (and POST /rules/*, /clamav/*, /stack/*)\n",
+            )
         elif parts[1] == "/health":
             status, doc = await source.health()
             doc.update(source.rules_state())
             doc.update(source.clamav_state())
+            doc.update(source.stack_state())
             ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
         elif parts[1] == "/metrics":
             status, ctype = 200, CONTENT_TYPE_LATEST
@@ -374,6 +408,8 @@ async def start_http(
     """Serve /health and /metrics of ``scanner`` (a Scanner or any Source) on ``host:port``,
     or on the bound socket ``sock``."""
     source = scanner if isinstance(scanner, Source) else ScannerSource(scanner)
+    source.stack_settings = getattr(source, "settings_path", None)
+    source.stack_running = stack.digest(source.stack_settings)
     if sock is not None:
         return await asyncio.start_server(lambda r, w: _handle(source, r, w), sock=sock)
     return await asyncio.start_server(
