@@ -175,7 +175,9 @@ class Collector:
             if any(s != sets[0] for s in sets[1:]):
                 self.anomaly(A.VIEWS_DISAGREE)
                 # What some readings see and others do not: risky content makes it hostile.
-                if any(self._risky(d) for d in set().union(*sets) - set.intersection(*sets)):
+                if any(
+                    self._risky(d) for d in set().union(*sets) - sets[0].intersection(*sets[1:])
+                ):
                     self.anomaly(A.risky(A.VIEWS_DISAGREE))
             self._check_names()
         objects = [
