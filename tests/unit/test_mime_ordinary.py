@@ -272,7 +272,10 @@ def test_hostile_and_informational_names_are_disjoint_and_stable() -> None:
     assert all(a.startswith("mime.") for a in HOSTILE_ANOMALIES | INFORMATIONAL_ANOMALIES)
     assert is_hostile("mime.reader-error:email-default")
     assert not is_hostile("mime.uuencode")
-    assert {"mime.views-disagree", "mime.too-deep", "mime.message-partial"} <= HOSTILE_ANOMALIES
+    assert {"mime.risky-disagreement", "mime.too-deep", "mime.message-partial"} <= HOSTILE_ANOMALIES
+    # A disagreement alone is informational; about risky content it is hostile (issue 20).
+    assert not is_hostile("mime.views-disagree")
+    assert is_hostile("mime.risky-disagreement:views-disagree")
 
 
 _name = st.text(

@@ -248,6 +248,10 @@ class Pipeline:
         for anomaly in parsed.anomalies:
             if mime.is_hostile(anomaly):
                 state.suspicious.append(Finding(ENGINE_MIME, anomaly, MESSAGE_PATH))
+            elif anomaly in mime.DISAGREEMENT_ANOMALIES:
+                # Readings disagree about nothing risky: recorded beside the verdict (the
+                # hostile case is mime.risky-disagreement:<anomaly>, above).
+                state.info.append(Finding(ENGINE_MIME, anomaly, MESSAGE_PATH))
         expanded: set[bytes] = set()  # the same archive under several paths is opened once
         for obj in parsed.objects:
             if obj.path == MESSAGE_PATH or obj.data in expanded:
@@ -278,9 +282,12 @@ class Pipeline:
                         "backstop (machine overloaded)"
                     )
                     continue
-                # Every container anomaly means "not fully scanned" (containers module doc);
-                # an encrypted archive may be passed by the policy (decided per policy).
                 finding = Finding(ENGINE_CONTAINER, anomaly, obj.path)
+                if anomaly in containers.INFORMATIONAL_ANOMALIES:
+                    state.info.append(finding)
+                    continue
+                # Every other container anomaly means "not fully scanned" (containers module
+                # doc); an encrypted archive may be passed by the policy (decided per policy).
                 state.suspicious.append(finding)
                 if anomaly == containers.ANOMALY_ENCRYPTED:
                     state.encrypted.add(finding)

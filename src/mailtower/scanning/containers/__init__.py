@@ -21,6 +21,11 @@ into ``suspicious`` (never ``clean``):
   overlapping zip entries, sizes or names that disagree between headers);
 * ``container.unsupported`` — a compression method no kept library decodes (e.g. zip deflate64).
 
+Informational (recorded, never suspicious): ``container.names-differ`` — a zip member's local
+header and directory entry name it differently, and the names' extensions agree or are all
+harmless (both names are scanned and checked; see :mod:`mailtower.scanning.risk`). Names that
+disagree about a risky extension (``a.pdf`` / ``a.exe``) are ``container.corrupt``.
+
 Usage::
 
     detect(data)                                  # "zip", "tar", "gzip", … or None
@@ -43,8 +48,10 @@ from mailtower.scanning.containers._core import (
     ANOMALY_CORRUPT,
     ANOMALY_ENCRYPTED,
     ANOMALY_LIMIT,
+    ANOMALY_NAMES_DIFFER,
     ANOMALY_UNSUPPORTED,
     ANOMALY_WALL_TIMEOUT,
+    INFORMATIONAL_ANOMALIES,
     ContainerLimits,
 )
 from mailtower.scanning.containers._dispatch import Expander
@@ -55,8 +62,10 @@ __all__ = [
     "ANOMALY_CORRUPT",
     "ANOMALY_ENCRYPTED",
     "ANOMALY_LIMIT",
+    "ANOMALY_NAMES_DIFFER",
     "ANOMALY_UNSUPPORTED",
     "ANOMALY_WALL_TIMEOUT",
+    "INFORMATIONAL_ANOMALIES",
     "ContainerLimits",
     "detect",
     "expand",

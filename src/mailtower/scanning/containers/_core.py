@@ -33,6 +33,12 @@ ANOMALY_UNSUPPORTED = "container.unsupported"
 # The expansion outran its wall-clock backstop before its CPU-time limit: the machine starved
 # it. Not the archive's fault and not a finding: the pipeline answers tempfail (retry later).
 ANOMALY_WALL_TIMEOUT = "container.wall-timeout"
+# A member's local header and its directory entry give different names whose extensions agree
+# or are all harmless (old archivers write such headers too): recorded, not a finding of
+# suspicion. Names that disagree about a risky extension are container.corrupt.
+ANOMALY_NAMES_DIFFER = "container.names-differ"
+# What the pipeline records without letting it keep a message from clean.
+INFORMATIONAL_ANOMALIES = frozenset({ANOMALY_NAMES_DIFFER})
 
 IN_CHUNK = 64 * 1024  # compressed bytes fed to a decoder at a time
 OUT_CHUNK = 1 * MiB  # most output a decoder may produce per call (bounds memory per step)

@@ -13,6 +13,7 @@ from mailtower.scanning.containers import _locate as locate
 from mailtower.scanning.containers._core import (
     ANOMALY_CORRUPT,
     ANOMALY_ENCRYPTED,
+    ANOMALY_NAMES_DIFFER,
     ANOMALY_UNSUPPORTED,
     OUT_CHUNK,
     ContainerLimitExceeded,
@@ -25,6 +26,7 @@ from mailtower.scanning.containers._core import (
 )
 from mailtower.scanning.containers._decode import BufferingDecoder, Decoder, ZlibDecoder, decode
 from mailtower.scanning.objects import ScanObject
+from mailtower.scanning.risk import names_disagree_about_risk
 
 
 def read(ex: Expansion, obj: ScanObject, certain: bool, covered: locate.Spans) -> None:
@@ -109,8 +111,10 @@ def _zip_directory(
             continue
         if local_name not in (None, info.filename):
             # Clients that read local headers see another name than those that read the
-            # central directory: scan under both.
-            ex.anomaly(ANOMALY_CORRUPT)
+            # central directory: scan under both. Suspicious only when the names disagree
+            # about a risky extension (mailtower.scanning.risk).
+            risky = names_disagree_about_risk({local_name, info.filename})
+            ex.anomaly(ANOMALY_CORRUPT if risky else ANOMALY_NAMES_DIFFER)
         if not local_flags & 0x08 and local_size not in (info.compress_size, 0xFFFFFFFF):
             # A streaming reader would take another length for this member's data.
             log.info("%s!%s: local and central sizes differ", obj.path, info.filename)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from mailtower.scanning.mime._analyse import MESSAGE_PATH, analyse
 from mailtower.scanning.mime._anomalies import (
+    DISAGREEMENT_ANOMALIES,
     HOSTILE_ANOMALIES,
     INFORMATIONAL_ANOMALIES,
     WALL_TIMEOUT,
@@ -19,6 +20,7 @@ from mailtower.scanning.mime._anomalies import (
 from mailtower.scanning.mime._limits import MimeLimits
 
 __all__ = [
+    "DISAGREEMENT_ANOMALIES",
     "HOSTILE_ANOMALIES",
     "INFORMATIONAL_ANOMALIES",
     "MESSAGE_PATH",

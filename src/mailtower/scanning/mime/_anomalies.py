@@ -1,4 +1,25 @@
-"""The anomaly names the MIME stage reports, and which of them make a message suspicious."""
+"""The anomaly names the MIME stage reports, and which of them make a message suspicious.
+
+The rule: **an anomaly alone does not condemn a message; readings that disagree about risky
+content do.** Broken mailers write broken MIME, and every object and name any reading derives
+is scanned and checked against the policy anyway (the union), so what the anomalies add is only
+the question "could one program see something dangerous that another does not?". Each anomaly
+is in one of three groups:
+
+* **hostile on its own** (:data:`HOSTILE_ANOMALIES`) — the message was not read completely
+  (``too-deep``, ``too-many-parts``, ``too-large``, ``timeout``, ``message-partial``: the
+  payload is elsewhere, ``reader-error``: a reading failed, what it would have seen is unknown),
+  or a construct RFC 2046 forbids that no mail program writes and that exists to make readers
+  cut a message differently (``boundary-collision``: one boundary a prefix of another);
+* **disagreements** (:data:`DISAGREEMENT_ANOMALIES`: ``views-disagree``, ``filename-mismatch``,
+  ``base64-junk``) — always reported, informational by themselves; when the disagreement is
+  about risky content (:mod:`mailtower.scanning.risk`: an executable, script, archive or macro
+  document that one reading sees and another does not, a file name whose extensions differ and
+  one is risky, a base64 body whose decodings or names are risky) the stage reports
+  ``mime.risky-disagreement:<anomaly>`` beside it, which is hostile;
+* **informational** (:data:`INFORMATIONAL_ANOMALIES`) — worth knowing, seen in sloppy
+  legitimate mail, and everything they could hide is decoded and scanned anyway.
+"""
 
 from __future__ import annotations
 
@@ -30,16 +51,17 @@ DUPLICATE_HEADER = "mime.duplicate-header"  # a part repeats Content-Type/-Dispo
 NUL_BYTE = "mime.nul-byte"  # NUL bytes in the message
 DATA_OUTSIDE_PARTS = "mime.data-outside-parts"  # encoded data in a preamble or epilogue
 READER_ERROR = "mime.reader-error"  # reported as "mime.reader-error:<reader>"
+# A disagreement about risky content, reported as "mime.risky-disagreement:<anomaly>" (the
+# disagreement anomaly it qualifies, without its "mime." prefix), beside that anomaly.
+RISKY_DISAGREEMENT = "mime.risky-disagreement"
 
-# Signals that a message was built to be read differently by different programs, or that it
-# could not be read completely: the pipeline must not call such a message clean. Ordinary mail
-# from real mail programs never raises them.
+# Signals that a message was built to be read differently by different programs so that one of
+# them gets risky content, or that it could not be read completely: the pipeline must not call
+# such a message clean. Mail from real mail programs, broken ones included, never raises them.
 HOSTILE_ANOMALIES: frozenset[str] = frozenset(
     {
-        VIEWS_DISAGREE,
+        RISKY_DISAGREEMENT,
         BOUNDARY_COLLISION,
-        BASE64_JUNK,
-        FILENAME_MISMATCH,
         TOO_DEEP,
         TOO_MANY_PARTS,
         TOO_LARGE,
@@ -49,12 +71,17 @@ HOSTILE_ANOMALIES: frozenset[str] = frozenset(
     }
 )
 
+# Readings disagree: informational alone, hostile through RISKY_DISAGREEMENT (module doc).
+DISAGREEMENT_ANOMALIES: frozenset[str] = frozenset({VIEWS_DISAGREE, FILENAME_MISMATCH, BASE64_JUNK})
+
 # Worth knowing (Skeptic may weigh them) but seen in sloppy legitimate mail too; everything they
-# hide is decoded and scanned anyway. (A body that merely looks like base64 — a key file sent
-# 7bit — is decoded as well, so mime.cte-mismatch need not condemn the message; a garbled CTE
-# that readers honour differently shows as mime.views-disagree.)
+# hide is decoded and scanned anyway; the disagreements are among them. (A body that merely
+# looks like base64 — a key file sent 7bit — is decoded as well, so mime.cte-mismatch need not
+# condemn the message; a garbled CTE that readers honour differently shows as
+# mime.views-disagree, hostile when what they disagree about is risky.)
 INFORMATIONAL_ANOMALIES: frozenset[str] = frozenset(
-    {
+    DISAGREEMENT_ANOMALIES
+    | {
         BOUNDARY_VARIANT,
         FILENAME_AMBIGUOUS,
         BASE64_PADDING,
@@ -72,3 +99,9 @@ INFORMATIONAL_ANOMALIES: frozenset[str] = frozenset(
 def is_hostile(anomaly: str) -> bool:
     """Whether ``anomaly`` (possibly with a ``:detail`` suffix) must keep a message from clean."""
     return anomaly.split(":", 1)[0] in HOSTILE_ANOMALIES
+
+
+def risky(anomaly: str) -> str:
+    """The hostile anomaly that says ``anomaly`` (one of the disagreements) is about risky
+    content: ``mime.risky-disagreement:views-disagree``."""
+    return f"{RISKY_DISAGREEMENT}:{anomaly.removeprefix('mime.')}"

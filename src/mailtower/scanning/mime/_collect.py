@@ -15,6 +15,12 @@ from mailtower.scanning.mime import _names
 from mailtower.scanning.mime._limits import Budget
 from mailtower.scanning.mime._transfer import Decoded, decode_base64, decode_body, looks_like_base64
 from mailtower.scanning.objects import Analysis, ScanObject
+from mailtower.scanning.risk import (
+    names_disagree_about_risk,
+    risky_content,
+    risky_name,
+    risky_type,
+)
 
 # The readings that rebuild the message's structure; their object sets must agree.
 STRUCTURAL_VIEWS = ("email-default", "email-compat32", "raw-boundary")
@@ -132,6 +138,12 @@ class Collector:
         for index, decoded in enumerate(decodings):
             for name in decoded.anomalies:
                 self.anomaly(name)
+            if A.BASE64_JUNK in decoded.anomalies and (
+                _risky_label(names.primary | names.variants, types)
+                or any(risky_content(d) for d in (decoded.primary, *decoded.alternatives))
+            ):
+                # Decoders part ways on this body, and what one of them gets may run.
+                self.anomaly(A.risky(A.BASE64_JUNK))
             self.add(
                 decoded.primary,
                 path=path,
@@ -144,6 +156,8 @@ class Collector:
                 self.add(alt, path=path, view=view, content_types=types, names=names)
         if len(names.primary) > 1 and not _same_names(names.primary):
             self.anomaly(A.FILENAME_MISMATCH)
+            if names_disagree_about_risk(names.primary):
+                self.anomaly(A.risky(A.FILENAME_MISMATCH))
 
     def outside(self, *, view: str, path: str, body: bytes) -> None:
         """Text outside any part (preamble, epilogue): decoded when it is base64 in disguise."""
@@ -160,6 +174,11 @@ class Collector:
             sets = [s for v, s in self.compared.items() if v not in self.failed]
             if any(s != sets[0] for s in sets[1:]):
                 self.anomaly(A.VIEWS_DISAGREE)
+                # What some readings see and others do not: risky content makes it hostile.
+                if any(
+                    self._risky(d) for d in set().union(*sets) - sets[0].intersection(*sets[1:])
+                ):
+                    self.anomaly(A.risky(A.VIEWS_DISAGREE))
             self._check_names()
         objects = [
             ScanObject(
@@ -173,13 +192,30 @@ class Collector:
         ]
         return Analysis(objects=objects, anomalies=list(self.anomalies))
 
+    def _risky(self, digest: bytes) -> bool:
+        """Whether an object is risky by its content, a name or a declared type."""
+        entry = self.entries.get(digest)
+        if entry is None:
+            return risky_content(digest) is not None
+        return _risky_label(entry.filenames, entry.content_types) or (
+            risky_content(entry.data) is not None
+        )
+
     def _check_names(self) -> None:
         digests = {d for per_view in self.names.values() for d in per_view}
         for digest in digests:
             seen = [per_view[digest] for per_view in self.names.values() if digest in per_view]
-            if any(s != seen[0] for s in seen[1:]) and not _same_names(set().union(*seen)):
+            union: set[str] = set().union(*seen)
+            if any(s != seen[0] for s in seen[1:]) and not _same_names(union):
                 self.anomaly(A.FILENAME_MISMATCH)
-                return
+                if names_disagree_about_risk(union):
+                    self.anomaly(A.risky(A.FILENAME_MISMATCH))
+                    return
+
+
+def _risky_label(names: Iterable[str], types: Iterable[str]) -> bool:
+    """Whether a file name or a declared type says the object is risky."""
+    return any(risky_name(n) for n in names) or any(risky_type(t) for t in types)
 
 
 def _same_names(names: set[str]) -> bool:

@@ -5,34 +5,11 @@ from __future__ import annotations
 import codecs
 import re
 
+# Native code by magic is also what the parsing stages call risky (one definition).
+from mailtower.scanning.risk import native_kind as native_kind
+
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 ZIP_MAGIC = b"PK\x03\x04"
-_LNK_MAGIC = bytes.fromhex("4c0000000114020000000000c000000000000046")
-_MACHO_MAGICS = (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe", b"\xcf\xfa\xed\xfe")
-
-
-def native_kind(data: bytes) -> str | None:
-    """The kind of native executable ``data`` is ("pe", "elf", "macho", "lnk"), or None."""
-    if data[:2] == b"MZ" and len(data) >= 0x40:
-        e_lfanew = int.from_bytes(data[0x3C:0x40], "little")
-        # A DOS stub pointing at a PE/NE/LE header: what Windows will actually run.
-        if data[e_lfanew : e_lfanew + 4] == b"PE\0\0" or data[e_lfanew : e_lfanew + 2] in (
-            b"NE",
-            b"LE",
-            b"LX",
-        ):
-            return "pe"
-    if data[:4] == b"\x7fELF":
-        return "elf"
-    if data[:4] in _MACHO_MAGICS:
-        return "macho"
-    # Fat Mach-O shares 0xCAFEBABE with Java classes; a class file's next word is its version
-    # (>= 45), a fat binary's is its small architecture count.
-    if data[:4] == b"\xca\xfe\xba\xbe" and 0 < int.from_bytes(data[4:8], "big") <= 20:
-        return "macho"
-    if data[:20] == _LNK_MAGIC:
-        return "lnk"
-    return None
 
 
 def find_pe(data: bytes, max_candidates: int = 4096) -> bool:
