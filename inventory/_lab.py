@@ -135,6 +135,33 @@ def goc_groups() -> dict[str, list]:
     return {"goc": [(str(host.address), {**_ssh(), "lab_name": host.name})]}
 
 
+def _goc_repository() -> plan.LabHost | None:
+    """The lab GOC's backup repository host: the twin lab's sender, outside every tower (a
+    lab-a alone has none, and its GOC is not backed up)."""
+    sender = next(h for h in plan.internet_hosts() if h.group == "sender")
+    return sender if (lxc.LXC_DIR / sender.name / "config").exists() else None
+
+
+def goc_backup_groups() -> dict[str, list]:
+    """The goc_backup group: the GOC's repository host, when the lab has one."""
+    repo = _goc_repository()
+    return {"goc_backup": [] if repo is None else [(str(repo.address), {**_ssh(), "lab_name": repo.name})]}
+
+
+def goc_backup() -> dict | None:
+    """The lab GOC's Backup: to the sender, certificates from the lab's backup CA; segments
+    switched each minute (the lab's tests wait for them) and the stall alert's limit short."""
+    repo = _goc_repository()
+    if repo is None:
+        return None
+    return {
+        "repo_host": str(repo.address),
+        "tls_dir": str(lxc.state_dir() / "pgbackrest-tls"),
+        "archive_switch_s": 60,
+        "alert_archive_stall_s": 600,
+    }
+
+
 def goc_data() -> dict:
     """The lab GOC's data: both lab towers, the lab customers, one operator."""
     secrets = lxc.goc_secrets()
@@ -185,6 +212,8 @@ def goc_data() -> dict:
         # The controller reads latest.json to check what was published.
         "bundle_readers": [str(plan.HOST_ADDRESS)],
         "clamav": lab_clamav_upstream(),
+        # pgBackRest to the lab's sender (docs/runbook.md, The GOC's backups); None: lab-a alone.
+        "backup": goc_backup(),
     }
 
 

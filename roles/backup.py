@@ -1,38 +1,81 @@
-"""pgBackRest backups of the tower's SQL pair (mailtower.controller.backup has the design).
+"""pgBackRest backups of a stanza: a tower's SQL pair, or the GOC (mailtower.controller.backup
+has the design). One code path for both, parametrised by a ``Stanza``: its name, its
+database hosts and its repository host.
 
-The SQL hosts (``db_*``, from roles/sql.py): pgbackrest.conf naming the repository host,
-WAL archiving in PostgreSQL's conf.d, their certificate, and Debian's ``pgbackrest`` service
-(``pgbackrest server``, as postgres) for the repository host's backups.
+The database hosts (``db_*``; roles/sql.py on a tower's SQL hosts, roles/goc.py at the GOC):
+pgbackrest.conf naming the repository host, WAL archiving in PostgreSQL's conf.d, their
+certificate, and Debian's ``pgbackrest`` service (``pgbackrest server``, as postgres) for the
+repository host's backups.
 
-The repository host (``repo_*``, from roles/monitor.py on the monitor, the default
-``backup.repo_host``): user pgbackrest owning the repository, the same service running as
-that user, the stanza and a first full backup when the repository has none, and the full and
-differential backup timers.
+The repository host (``repo_*``; roles/monitor.py on a tower's monitor, the default
+``backup.repo_host``; roles/goc.py ``deploy_goc_repository`` on the GOC's, a host of the
+inventory's goc_backup group): user pgbackrest owning the repository, the same service
+running as that user, the stanza and a first full backup when the repository has none, the
+full and differential backup timers, and the metrics timer (mailtower.backup_metrics: a
+node-exporter textfile the backup alerts read).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FactBase
 from pyinfra.operations import files, server, systemd
 
+from mailtower import backup_metrics
 from mailtower.controller import backup
-from mailtower.settings import Backup, TowerSettings
+from mailtower.settings import Backup, GocSettings
 from roles import _common
 from roles._common import put_text, settings
 
 PACKAGES = ["pgbackrest"]
 SERVICE = "pgbackrest"  # Debian's unit: `pgbackrest server`
+POSTGRES = "postgresql@15-main"
 ARCHIVE_CONF = "/etc/postgresql/15/main/conf.d/backup.conf"
+# archive_timeout, apart from archive_mode: a reload applies it (no restart of PostgreSQL).
+SWITCH_CONF = "/etc/postgresql/15/main/conf.d/backup-switch.conf"
+METRICS_SCRIPT = "/usr/local/lib/mailtower/backup-metrics"
+METRICS_UNIT = "mailtower-backup-metrics"
+# prometheus-node-exporter's textfile collector reads *.prom here (its Debian default).
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+HEADER = "Managed by mailtower (roles/backup.py)."
 
 
-def _backup() -> tuple[TowerSettings, Backup]:
+@dataclass(frozen=True)
+class Stanza:
+    """What the deploy needs to back up one stanza."""
+
+    name: str  # the stanza: the tower's name, or "goc"
+    backup: Backup
+    pg_hosts: tuple[backup.PgHost, ...]  # the database hosts, primary first
+    repo: str  # the repository host's address
+
+    @property
+    def hosts(self) -> list[str]:
+        return [p.address for p in self.pg_hosts] + [self.repo]
+
+
+def tower_stanza() -> Stanza:
+    """The tower's SQL pair, backed up to ``backup.repo_host`` (default: its monitor)."""
     s = settings()
-    assert s.backup is not None
-    return s, s.backup
+    assert s.backup is not None and s.backup_repo is not None
+    hosts = tuple(
+        backup.PgHost(str(a), str(a), s.backup.port, port=s.ports.postgres) for a in s.hosts.sql
+    )
+    return Stanza(s.name, s.backup, hosts, str(s.backup_repo))
+
+
+GOC_STANZA = "goc"
+
+
+def goc_stanza(g: GocSettings, goc_address: str) -> Stanza:
+    """The GOC's PostgreSQL, backed up to ``g.backup.repo_host``."""
+    assert g.backup is not None and g.backup.repo_host is not None
+    pg = backup.PgHost(goc_address, goc_address, g.backup.port, port=g.port)
+    return Stanza(GOC_STANZA, g.backup, (pg,), str(g.backup.repo_host))
 
 
 def is_repo_host() -> bool:
@@ -40,18 +83,11 @@ def is_repo_host() -> bool:
     return s.backup is not None and _common.address(host) == str(s.backup_repo)
 
 
-def _pg_hosts(s: TowerSettings) -> list[backup.PgHost]:
-    assert s.backup is not None
-    return [
-        backup.PgHost(str(a), str(a), s.backup.port, port=s.ports.postgres) for a in s.hosts.sql
-    ]
-
-
-def _certificates(s: TowerSettings, b: Backup, user: str) -> list:
+def _certificates(st: Stanza, user: str) -> list:
     """This host's certificate and key and the backup CA (made on the controller if missing)."""
     me = _common.address(host)
-    directory = Path(b.tls_dir)
-    backup.ensure_pki(directory, {str(a): str(a) for a in [*s.hosts.sql, s.backup_repo]})
+    directory = Path(st.backup.tls_dir)
+    backup.ensure_pki(directory, {a: a for a in st.hosts})
     files.directory(name=f"Ensure {backup.TLS}", path=backup.TLS, mode="755")
     return [
         put_text((directory / "ca.crt").read_text(), f"{backup.TLS}/ca.crt"),
@@ -66,45 +102,52 @@ def _certificates(s: TowerSettings, b: Backup, user: str) -> list:
     ]
 
 
-def db_configure() -> list:
-    s, b = _backup()
+def db_configure(st: Stanza) -> list:
+    b = st.backup
     me = _common.address(host)
-    own = next(p for p in _pg_hosts(s) if p.address == me)
+    own = next(p for p in st.pg_hosts if p.address == me)
     conf = backup.db_sections(
-        s.name,
+        st.name,
         own,
-        str(s.backup_repo),
-        str(s.backup_repo),
+        st.repo,
+        st.repo,
         b.port,
         repo_path=b.repo_path,
         archive_timeout_s=b.archive_timeout_s,
         compress_type=b.compress_type,
     )
-    ops = _certificates(s, b, "postgres")
+    ops = _certificates(st, "postgres")
     ops.append(
         put_text(
-            backup.render(conf, "Managed by mailtower (roles/backup.py)."),
+            backup.render(conf, HEADER),
             backup.CONF,
             mode="640",
             user="postgres",
             group="postgres",
         )
     )
+    ops.append(put_text(backup.switch_settings(b.archive_switch_s), SWITCH_CONF))
     return ops
 
 
-def db_archive() -> list:
+def db_archive(st: Stanza) -> list:
     """archive_mode/archive_command (PostgreSQL restarts on a change: archive_mode needs it)."""
-    s, _ = _backup()
-    return [put_text(backup.archive_settings(s.name), ARCHIVE_CONF)]
+    return [put_text(backup.archive_settings(st.name), ARCHIVE_CONF)]
 
 
 def db_activate(changed) -> None:
     _common.activate(SERVICE, changed)
+    # archive_timeout (SWITCH_CONF) needs a reload only; nothing when PostgreSQL is not running
+    # yet (its first start reads it).
+    server.shell(
+        name="Reload PostgreSQL (archive_timeout)",
+        commands=[f"systemctl try-reload-or-restart {POSTGRES}"],
+        _if=changed,
+    )
 
 
-def repo_configure() -> list:
-    s, b = _backup()
+def repo_configure(st: Stanza) -> list:
+    b = st.backup
     server.user(
         name="Ensure user pgbackrest (owns the backup repository)",
         user="pgbackrest",
@@ -118,19 +161,19 @@ def repo_configure() -> list:
             name=f"Ensure {path}", path=path, user="pgbackrest", group="pgbackrest", mode="750"
         )
     conf = backup.repo_sections(
-        s.name,
-        _pg_hosts(s),
-        str(s.backup_repo),
+        st.name,
+        list(st.pg_hosts),
+        st.repo,
         b.port,
         repo_path=b.repo_path,
         retention_full=b.retention_full,
         retention_diff=b.retention_diff,
         compress_type=b.compress_type,
     )
-    ops = _certificates(s, b, "pgbackrest")
+    ops = _certificates(st, "pgbackrest")
     ops.append(
         put_text(
-            backup.render(conf, "Managed by mailtower (roles/backup.py)."),
+            backup.render(conf, HEADER),
             backup.CONF,
             mode="640",
             user="pgbackrest",
@@ -147,29 +190,58 @@ def repo_configure() -> list:
             "/etc/systemd/system/pgbackrest.service.d/mailtower.conf",
         )
     )
-    timers = []
     for kind, calendar in (("full", b.full_calendar), ("diff", b.diff_calendar)):
         unit = f"pgbackrest-{kind}"
-        timers.append(unit)
         ops.append(
             put_text(
-                "# Managed by mailtower (roles/backup.py).\n[Unit]\n"
-                f"Description=pgBackRest {kind} backup of {s.name}\nAfter=network-online.target\n"
+                f"# {HEADER}\n[Unit]\n"
+                f"Description=pgBackRest {kind} backup of {st.name}\nAfter=network-online.target\n"
                 "\n[Service]\nType=oneshot\nUser=pgbackrest\nGroup=pgbackrest\n"
-                f"ExecStart={backup.BIN} --stanza={s.name} --type={kind} backup\n",
+                f"ExecStart={backup.BIN} --stanza={st.name} --type={kind} backup\n",
                 f"/etc/systemd/system/{unit}.service",
             )
         )
         ops.append(
             put_text(
-                "# Managed by mailtower (roles/backup.py).\n[Unit]\n"
-                f"Description=pgBackRest {kind} backup of {s.name}\n\n[Timer]\n"
+                f"# {HEADER}\n[Unit]\n"
+                f"Description=pgBackRest {kind} backup of {st.name}\n\n[Timer]\n"
                 f"OnCalendar={calendar}\n# A backup missed while the host was off runs at boot.\n"
                 "Persistent=true\nRandomizedDelaySec=10min\n\n[Install]\nWantedBy=timers.target\n",
                 f"/etc/systemd/system/{unit}.timer",
             )
         )
+    ops += _metrics_files(st)
     return ops
+
+
+def _metrics_files(st: Stanza) -> list:
+    """The metrics timer: ``pgbackrest info`` as user pgbackrest, rendered by the stdlib-only
+    module mailtower.backup_metrics (uploaded as a script: a repository host may have no
+    mailtower venv), then moved into node-exporter's textfile directory as root."""
+    files.directory(name="Ensure /usr/local/lib/mailtower", path="/usr/local/lib/mailtower")
+    out = f"/run/{METRICS_UNIT}/pgbackrest.prom"
+    dest = f"{TEXTFILE_DIR}/mailtower-backup.prom"
+    return [
+        put_text(Path(backup_metrics.__file__).read_text(), METRICS_SCRIPT, mode="755"),
+        put_text(
+            f"# {HEADER}\n[Unit]\nDescription=Backup metrics of {st.name} for node-exporter\n"
+            "\n[Service]\nType=oneshot\nUser=pgbackrest\nGroup=pgbackrest\n"
+            f"RuntimeDirectory={METRICS_UNIT}\n"
+            f"ExecStart=/usr/bin/python3 {METRICS_SCRIPT} --repo-path {st.backup.repo_path}"
+            f" --output {out}\n"
+            "# As root (+): the textfile directory is node-exporter's; a rename, so it never\n"
+            "# reads half a file.\n"
+            f"ExecStartPost=+/bin/sh -c 'install -d -m 755 {TEXTFILE_DIR}"
+            f" && install -m 644 {out} {dest}.tmp && mv {dest}.tmp {dest}'\n",
+            f"/etc/systemd/system/{METRICS_UNIT}.service",
+        ),
+        put_text(
+            f"# {HEADER}\n[Unit]\nDescription=Backup metrics of {st.name} for node-exporter\n"
+            "\n[Timer]\nOnActiveSec=30s\nOnUnitActiveSec=5min\n\n[Install]\n"
+            "WantedBy=timers.target\n",
+            f"/etc/systemd/system/{METRICS_UNIT}.timer",
+        ),
+    ]
 
 
 class StanzaBackups(FactBase):
@@ -190,32 +262,37 @@ class StanzaBackups(FactBase):
         return sum(len(entry.get("backup", [])) for entry in every)
 
 
-def repo_activate(changed) -> None:
-    s, _ = _backup()
+def repo_activate(st: Stanza, changed, *, first_backup: bool = True) -> None:
+    """The server, the backup and metrics timers; then (``first_backup``) the stanza and its
+    first full backup, when the database hosts already archive (else: ``repo_first_backup``
+    after a barrier)."""
     _common.activate(SERVICE, changed, daemon_reload=True)
-    for kind in ("full", "diff"):
+    for unit in ("pgbackrest-full.timer", "pgbackrest-diff.timer", f"{METRICS_UNIT}.timer"):
         systemd.service(
-            name=f"Ensure the {kind} backup timer runs",
-            service=f"pgbackrest-{kind}.timer",
+            name=f"Restart {unit}",
+            service=unit,
             running=True,
             enabled=True,
+            restarted=True,
             daemon_reload=True,
             _if=changed,
         )
         systemd.service(
-            name=f"Ensure pgbackrest-{kind}.timer is enabled",
-            service=f"pgbackrest-{kind}.timer",
-            running=True,
-            enabled=True,
+            name=f"Ensure {unit} is enabled", service=unit, running=True, enabled=True
         )
-    count = host.get_fact(StanzaBackups, stanza=s.name)
+    if first_backup:
+        repo_first_backup(st)
+
+
+def repo_first_backup(st: Stanza) -> None:
+    count = host.get_fact(StanzaBackups, stanza=st.name)
     server.shell(
-        name=f"Create the stanza {s.name} and its first full backup (the repository has none)",
+        name=f"Create the stanza {st.name} and its first full backup (the repository has none)",
         commands=[
             f"cd /tmp && su pgbackrest -s /bin/sh -c"
-            f" '{backup.BIN} --stanza={s.name} stanza-create'",
+            f" '{backup.BIN} --stanza={st.name} stanza-create'",
             f"cd /tmp && su pgbackrest -s /bin/sh -c"
-            f" '{backup.BIN} --stanza={s.name} --type=full backup'",
+            f" '{backup.BIN} --stanza={st.name} --type=full backup'",
         ],
         _if=lambda: not count,
     )

@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 from ipaddress import ip_address
 
-from pyinfra import host
+from pyinfra import host, inventory
 from pyinfra.api import FactBase, deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, postgres, server, systemd
 
@@ -49,12 +50,15 @@ from mailtower.settings import (
     Goc,
     GocSettings,
 )
-from roles import _common
+from roles import _common, backup
 from roles._facts import SyncPending
 
 PG = "/etc/postgresql/15/main"
 SERVICE = "postgresql@15-main"
-PACKAGES = ["postgresql-15", "python3-venv", "curl"]
+PACKAGES = ["postgresql-15", "python3-venv", "curl", *backup.PACKAGES]
+# The GOC's backup repository host (the inventory's goc_backup group): python3 runs the
+# backup metrics script there.
+REPOSITORY_PACKAGES = [*backup.PACKAGES, "python3"]
 OPERATORS = "/etc/mailtower/eye/operators"
 PORTAL_DIR = "/etc/mailtower/portal"
 PORTAL_TLS_NAMES = f"{PORTAL_DIR}/tls.names"
@@ -235,6 +239,16 @@ def configure(g: GocSettings) -> dict[str, list]:
         )
     ]
     ops["customers"] = [_template("goc/etc/mailtower/goc/customers.sql", g)]
+    stanza = backup_stanza(g)
+    ops["backup"] = [] if stanza is None else backup.db_configure(stanza)
+    if stanza is not None:
+        if stanza.repo == _common.address(host):
+            raise DeployError(
+                f"{host.name}: goc.backup.repo_host is the GOC itself; name another host"
+                " (docs/runbook.md, The GOC's backups)"
+            )
+        # WAL archiving: PostgreSQL restarts on a change (archive_mode needs it).
+        ops["postgres"] += backup.db_archive(stanza)
     ops["eye"] = _eye_files(g)
     ops["portal"] = _portal_files(g)
     ops["nginx"] = _served_files(g)
@@ -245,6 +259,8 @@ def configure(g: GocSettings) -> dict[str, list]:
 def activate(g: GocSettings, ops: dict[str, list], install_op) -> None:
     changed = {k: _common.changes(v) for k, v in ops.items()}
     _common.activate(SERVICE, changed["postgres"])
+    if g.backup is not None:
+        backup.db_activate(changed["backup"])  # before the repository's first backup
     postgres.database(
         name=f"Ensure database {g.database}",
         database=g.database,
@@ -581,3 +597,59 @@ def deploy_goc():
     g = settings()
     install_op = install(g)
     activate(g, configure(g), install_op)
+
+
+def _goc_address() -> str:
+    """The GOC's address: this host's, or (on its repository host) the goc group's."""
+    if "goc" in host.groups:
+        return _common.address(host)
+    gocs = list(inventory.get_group("goc", []))
+    if len(gocs) != 1:
+        raise DeployError(
+            f"{host.name}: the inventory's goc group must hold the GOC (one host) for its"
+            f" backup repository; it holds {len(gocs)}"
+        )
+    return _common.address(gocs[0])
+
+
+def backup_stanza(g: GocSettings) -> backup.Stanza | None:
+    """The GOC's pgBackRest stanza (None: no ``backup`` in its settings)."""
+    return None if g.backup is None else backup.goc_stanza(g, _goc_address())
+
+
+def _repository_stanza() -> backup.Stanza:
+    g = settings()
+    stanza = backup_stanza(g)
+    if stanza is None or stanza.repo != _common.address(host):
+        raise DeployError(
+            f"{host.name}: in the inventory's goc_backup group, but the GOC's backup.repo_host"
+            f" is {stanza.repo if stanza else 'not set'}; make them agree"
+        )
+    return stanza
+
+
+@deploy("mailtower goc backup repository")
+def deploy_goc_repository():
+    """The GOC's repository host: configured and serving; its first backup comes after the
+    GOC archives (``goc_repository_first_backup``, after a barrier)."""
+    stanza = _repository_stanza()
+    ops = backup.repo_configure(stanza)
+    backup.repo_activate(stanza, _common.changes(ops), first_backup=False)
+
+
+@deploy("mailtower goc first backup")
+def goc_repository_first_backup():
+    backup.repo_first_backup(_repository_stanza())
+
+
+def deploy_goc_and_repository() -> None:
+    """What a deploy script runs on every host of a GOC inventory (and the lab's internet):
+    the GOC, its backup repository host, and, once both are configured, the stanza and its
+    first full backup. Call it on every host: the barrier orders them."""
+    if "goc" in host.groups:
+        deploy_goc()
+    if "goc_backup" in host.groups:
+        deploy_goc_repository()
+    _common.barrier("the GOC archives and its repository serves, before the first backup")
+    if "goc_backup" in host.groups:
+        goc_repository_first_backup()

@@ -112,7 +112,7 @@ def configure():
     ops["monitor"] = [template("monitor/etc/systemd/system/mailtower-monitor.service")]
     ops["nftables"] = [template("monitor/etc/nftables.conf")]
     # The SQL pair's backup repository (the default repository host: the tower's monitor).
-    ops["backup"] = backup.repo_configure() if backup.is_repo_host() else []
+    ops["backup"] = backup.repo_configure(backup.tower_stanza()) if backup.is_repo_host() else []
     ops["node_exporter"] = [_common.node_exporter_config()]
     return ops
 
@@ -150,7 +150,7 @@ def activate(ops, install_op):
         daemon_reload=True,
     )
     if backup.is_repo_host():
-        backup.repo_activate(changed["backup"])
+        backup.repo_activate(backup.tower_stanza(), changed["backup"])
 
 
 UPGRADE = f"{_common.VENV}/bin/mailtower-monitor upgrade"

@@ -54,8 +54,8 @@ def configure() -> dict[str, list]:
     ops["sync"] = _sync_settings() if s.goc is not None else []
     if s.backup is not None:
         # WAL archiving is PostgreSQL's own setting (a change restarts it, as archive_mode needs).
-        ops["postgres"] += backup.db_archive()
-    ops["backup"] = backup.db_configure() if s.backup is not None else []
+        ops["postgres"] += backup.db_archive(backup.tower_stanza())
+    ops["backup"] = backup.db_configure(backup.tower_stanza()) if s.backup is not None else []
     return ops
 
 

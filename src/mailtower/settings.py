@@ -468,6 +468,26 @@ class Backup(StrictModel):
     # The archive_command gives up after this and PostgreSQL retries the segment (WAL is kept
     # meanwhile, on the database host's disk).
     archive_timeout_s: int = Field(60, ge=10, le=3600)
+    # PostgreSQL's archive_timeout: a segment with any write in it is archived after this at
+    # the latest (what a lost host loses at most), and a database that writes (the towers'
+    # events, the monitors' tower_status rows) archives at least this often. 0: only full
+    # segments (16 MiB) are archived.
+    archive_switch_s: int = Field(300, ge=0, le=3600)
+    # The alerts on the repository host's metrics (templates/monitor/etc/prometheus/rules/
+    # backup.yml): BackupTooOld past either age, WalArchivingStalled when nothing was archived
+    # for archive_stall_s (more than archive_switch_s, which bounds a writing database's gap).
+    alert_full_age_h: int = Field(8 * 24, ge=1, le=90 * 24)
+    alert_backup_age_h: int = Field(26, ge=1, le=90 * 24)
+    alert_archive_stall_s: int = Field(1800, ge=60, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _stall_after_switch(self) -> Backup:
+        if self.archive_switch_s and self.alert_archive_stall_s <= 2 * self.archive_switch_s:
+            raise ValueError(
+                "alert_archive_stall_s must exceed twice archive_switch_s (a writing database"
+                " archives at least every archive_switch_s)"
+            )
+        return self
 
 
 # --- The monitor's quarantine manager (mailtower.monitor.quarantine, docs/quarantine.md) ---
@@ -1296,6 +1316,16 @@ class GocSettings(StrictModel):
     bundle_readers: list[IPv4Address] = []
     # The customers' quarantine portal (issue 18); None: not served here.
     portal: PortalSettings | None = None
+    # pgBackRest backups of the GOC's PostgreSQL (stanza "goc") to ``backup.repo_host``, a
+    # host that is not the GOC, in the inventory's goc_backup group (docs/runbook.md "The
+    # GOC's backups"); None: none.
+    backup: Backup | None = None
+
+    @model_validator(mode="after")
+    def _backup_repo(self) -> GocSettings:
+        if self.backup is not None and self.backup.repo_host is None:
+            raise ValueError("backup.repo_host: a GOC names its repository host (not itself)")
+        return self
 
     @model_validator(mode="after")
     def _portal_secrets(self) -> GocSettings:

@@ -21,6 +21,7 @@ import pytest
 from needs import missing
 from pgclusters import _AS_POSTGRES, Cluster, _chown, free_port, make_workdir, wait_until
 
+from mailtower import backup_metrics
 from mailtower.controller import backup
 
 pytestmark = pytest.mark.integration
@@ -177,6 +178,17 @@ def test_pitr_restore_into_a_new_data_directory_has_exactly_the_rows_before_the_
                 conn.execute("SELECT pg_switch_wal()")
             # check: the current segment reaches the repository (archive-push works)
             _run(f"--stanza={STANZA}", "check", config=db.config)
+
+            # The repository host's metrics (mailtower.backup_metrics) from what it holds now.
+            info = _run("--output=json", "info", config=repo.config)
+            if os.environ.get("CAPTURE_INFO"):
+                Path(os.environ["CAPTURE_INFO"]).write_text(info)
+            (found,) = backup_metrics.parse(info)
+            pushed = backup_metrics.archived_times([found], str(repo_path))
+            newest = max(p.stat().st_mtime for p in (repo_path / "archive").rglob("0*-*"))
+            assert (found.name, found.status_code) == (STANZA, 0)
+            assert found.counts["full"] == 1 and found.last_full == found.last_backup > 0
+            assert pushed == {STANZA: newest} and time.time() - newest < 120
 
             def restore_to(name: str, target_time: str | None) -> Cluster:
                 base = work / name

@@ -191,6 +191,15 @@ def archive_settings(stanza: str) -> str:
     )
 
 
+def switch_settings(switch_s: int) -> str:
+    """The postgresql.conf line that archives a written-to segment after ``switch_s`` at the
+    latest (0: PostgreSQL's default, only full segments)."""
+    return (
+        "# A segment with writes is archived after this at the latest (docs/runbook.md).\n"
+        f"archive_timeout = {switch_s}s\n"
+    )
+
+
 # --- The backup CA ---------------------------------------------------------------------------
 
 
@@ -391,3 +400,80 @@ def _wait_primary(target: Remote, timeout_s: float) -> None:
                 " time before the backup's end cannot be reached: pick a later one)"
             )
         time.sleep(1)
+
+
+# --- The GOC's restore -----------------------------------------------------------------------
+
+GOC_STANZA = "goc"  # roles/backup.py GOC_STANZA
+TOOL = "/opt/mailtower/venv/bin/mailtower"
+# The GOC's daemons that hold connections to its PostgreSQL (restarted for fresh ones).
+GOC_DAEMONS = ("mailtower-eye", "mailtower-portal")
+
+
+def restore_goc(
+    goc: Remote,
+    towers: Mapping[str, list[Remote]],
+    say: Say,
+    *,
+    target_time: str | None = None,
+    wait_s: float = 600,
+) -> dict[str, float]:
+    """Restore the GOC's PostgreSQL from its pgBackRest repository onto ``goc`` (the GOC, or
+    a new host deployed with the GOC's inventory at its address), then re-make the sync:
+    every tower's events subscription and slot anew with the events the GOC lacks copied by
+    id (``mailtower sync goc --after-restore``), and on each tower's primary its config
+    subscription, whose slot at the GOC a backup does not hold (``mailtower sync tower``:
+    the tower's configuration becomes the restored GOC's). Returns each step's seconds."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    info = goc.run(as_postgres(f"{BIN} --stanza={GOC_STANZA} --output=json info"), check=False)
+    status, sets = parse_info(info, GOC_STANZA)
+    if not sets:
+        raise PairError(
+            f"{goc.address}: pgbackrest info --stanza={GOC_STANZA} finds no backup"
+            f" ({status or info!r}); check the GOC's repository host (`pgbackrest info` as user"
+            " pgbackrest there) and that this host is deployed with the GOC's inventory"
+        )
+    if target_time is not None:
+        restore_command(GOC_STANZA, target_time)  # refuse a malformed time before any stop
+    say(
+        f"GOC: {len(sets)} backup(s), newest {sets[-1].label}; restoring onto {goc.address}"
+        + (f" to {target_time}" if target_time else " to the end of the WAL archive")
+    )
+    if role_of(goc) != "down":
+        say(f"GOC: stopping PostgreSQL on {goc.address}")
+        goc.run(f"systemctl stop {SERVICE}")
+        if role_of(goc) != "down":
+            raise PairError(f"{goc.address}: PostgreSQL still answers after the stop; stop it")
+    timings["stopped_s"] = time.monotonic() - started
+    for command in (
+        f"rm -rf {DATA}",
+        f"install -d -o postgres -g postgres -m 700 {DATA}",
+        as_postgres(restore_command(GOC_STANZA, target_time)),
+    ):
+        goc.run(command, timeout=wait_s)
+    timings["restored_s"] = time.monotonic() - started
+    goc.run(f"systemctl start {SERVICE}", timeout=wait_s)
+    _wait_primary(goc, wait_s)
+    goc.run(f"systemctl try-restart {' '.join(GOC_DAEMONS)}", timeout=120)
+    timings["primary_s"] = time.monotonic() - started
+    say(f"GOC: {goc.address} takes writes ({timings['primary_s']:.1f} s)")
+    say("GOC: every tower's events subscription and slot anew (mailtower sync goc --after-restore)")
+    say(goc.run(as_postgres(f"{TOOL} sync goc --after-restore"), timeout=1800))
+    timings["events_repointed_s"] = time.monotonic() - started
+    missed = []
+    for name, hosts in towers.items():
+        primary = next((h for h in hosts if role_of(h) == "primary"), None)
+        if primary is None:
+            missed.append(name)
+            continue
+        say(f"{name}: configuration subscribed again on {primary.address} (mailtower sync tower)")
+        say(primary.run(as_postgres(f"{TOOL} sync tower"), timeout=600))
+    timings["config_resubscribed_s"] = time.monotonic() - started
+    if missed:
+        raise PairError(
+            f"GOC restored, but no SQL primary of {', '.join(missed)} answered: run `{TOOL}"
+            " sync tower` (as postgres) on its primary when it does, or deploy that tower"
+        )
+    say(f"GOC: restored and synced again ({timings['config_resubscribed_s']:.1f} s in all)")
+    return timings

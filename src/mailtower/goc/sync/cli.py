@@ -35,6 +35,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     goc.add_argument("--config", type=Path, default=GOC_CONFIG)
     for side in (tower, goc):
         side.add_argument("--check", action="store_true", help="list pending actions only")
+    goc.add_argument(
+        "--after-restore",
+        action="store_true",
+        help="the GOC was restored from a backup: make every tower's events subscription and"
+        " slot anew, copying the events the restored GOC lacks (docs/runbook.md)",
+    )
     tower.set_defaults(func=_tower)
     goc.set_defaults(func=_goc)
 
@@ -70,7 +76,7 @@ def _goc(args: argparse.Namespace) -> int:
         side = deployed.load(args.config, deployed.GocSide)
         if args.check:
             return _pending(deployed.goc_pending(side))
-        report = deployed.goc_apply(side)
+        report = deployed.goc_apply(side, restored=args.after_restore)
         print(report.changes)
         for tower, host in report.followed.items():
             print(f"{tower}: events followed from its primary {host}")

@@ -244,7 +244,9 @@ def goc_pending(side: GocSide) -> list[str]:
     return pending
 
 
-def goc_apply(side: GocSide) -> GocReport:
+def goc_apply(side: GocSide, *, restored: bool = False) -> GocReport:
+    """Everything at the GOC, and every tower's events followed from its primary;
+    ``restored``: the GOC was just restored from a backup (``failover.repoint_events``)."""
     changes = ensure_goc(
         side.dsn, tower_sync_passwords={t.name: t.goc_sync_password for t in side.towers}
     )
@@ -287,7 +289,9 @@ def goc_apply(side: GocSide) -> GocReport:
                 " tower, then the GOC again)"
             )
             continue
-        tower_changes, _reconciled = repoint_events(side.dsn, tower.name, tower.conninfo(host))
+        tower_changes, _reconciled = repoint_events(
+            side.dsn, tower.name, tower.conninfo(host), restored=restored
+        )
         changes.actions.extend(tower_changes.actions)
         report.followed[tower.name] = host
     return report

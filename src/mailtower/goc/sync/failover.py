@@ -97,10 +97,23 @@ def repoint_after_failover(
     )
 
 
+RESTORED = (
+    "the GOC was restored from a backup: its slot's confirmed position may be past what the"
+    " restored GOC holds"
+)
+
+
 def repoint_events(
-    goc_dsn: str, tower_name: str, tower_conninfo: str
+    goc_dsn: str, tower_name: str, tower_conninfo: str, *, restored: bool = False
 ) -> tuple[Changes, ReconcileResult | None]:
-    """Make the GOC's events subscription follow the tower's current primary, losing nothing."""
+    """Make the GOC's events subscription follow the tower's current primary, losing nothing.
+
+    ``restored``: the GOC was restored from a backup (``mailtower sync goc --after-restore``).
+    Its subscription, restored from the catalog, still names the tower's slot, but that slot
+    has been confirmed up to what the *lost* GOC had received: resuming it would skip the
+    events between the backup's end and the loss. So the subscription and its slot are made
+    anew and those events copied by id, as after a failover (a second run copies none).
+    """
     changes = Changes(GOC)
     name = events_subscription(tower_name)
     with (
@@ -115,14 +128,16 @@ def repoint_events(
         slot = events_slot(tower_name, timeline)
         sub = subscription.get(goc, name)
         if sub is not None:
-            reason = stale_reason(sub, tower_conninfo, slot, tower)
+            reason = RESTORED if restored else stale_reason(sub, tower_conninfo, slot, tower)
             if reason is None:
                 subscription.ensure_settings(goc, sub, tower_conninfo, EVENTS_PUBLICATION, changes)
                 return changes, None
             subscription.drop_keep_slot(goc, sub)
             changes.did(f"dropped subscription {name} ({reason})")
         for old in slots.with_prefix(tower, events_slot_prefix(tower_name)):
-            if old.name != slot:  # made on this server by an earlier, unfinished re-point
+            # Made on this server by an earlier, unfinished re-point; after a restore, the
+            # current one too (its position is the lost GOC's).
+            if old.name != slot or restored:
                 slots.drop(tower, old.name, tower_name, changes)
         # 1. the slot: from here on every commit is decoded for the new subscription
         if slots.find(tower, slot) is None:
