@@ -15,6 +15,7 @@ invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sy
 invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
 invoke sql.restore --tower lab-a --host 10.201.1.13 [--target-time T]   restore from backup
 invoke sql.upgrade --tower lab-a   PostgreSQL minor upgrade: standby, switchover, old primary
+invoke goc.restore [--goc lab-goc] [--host A] [--target-time T]   restore the GOC from backup
 invoke bundle.publish [--rules DIR] [--version N]   sign and publish a rule bundle at the lab GOC
 """
 
@@ -542,6 +543,45 @@ def bundle_publish(c, rules="", version=0):
     _say(f"bundle version {number} of {rules_dir} published at the lab GOC")
 
 
+@task(
+    help={
+        "goc": "the GOC's inventory (default: lab-goc)",
+        "host": "restore onto this address (deployed with the GOC's inventory; default: the GOC)",
+        "target_time": "point in time, e.g. '2026-12-07 13:05:00+00' (default: latest)",
+    }
+)
+def goc_restore(c, goc="lab-goc", host="", target_time=None):
+    """Restore the GOC's PostgreSQL from its pgBackRest repository; re-make the towers' sync."""
+    from dataclasses import replace
+
+    from mailtower.controller import backup, sqlpair
+    from mailtower.controller import inventory as inventory_mod
+
+    hosts = inventory_mod.load(inventory_path(goc)).groups.get("goc", [])
+    if not hosts:
+        raise Exit(f"goc.restore: {inventory_path(goc)} has no host in group goc", code=2)
+    remote = sqlpair.Remote.of(hosts[0])
+    if host:
+        remote = replace(remote, address=host)
+    # Each tower of the GOC whose inventory is here (inventory/<tower>.py): its SQL hosts.
+    towers = {}
+    for t in hosts[0].data["goc"].get("towers", []):
+        path = ROOT / "inventory" / f"{t['name'].replace('-', '_')}.py"
+        if not path.exists():
+            _say(f"{t['name']}: no {path.relative_to(ROOT)}; run `mailtower sync tower` there")
+            continue
+        inv = inventory_mod.load(path)
+        towers[t["name"]] = [sqlpair.Remote.of(h) for h in inv.groups.get("sql", [])]
+    try:
+        timings = backup.restore_goc(remote, towers, _say, target_time=target_time)
+    except sqlpair.PairError as exc:
+        raise Exit(f"goc.restore: {exc}", code=1) from exc
+    print(json.dumps({k: round(v, 2) for k, v in timings.items()}))
+
+
+goc_ns = Collection("goc")
+goc_ns.add_task(goc_restore, name="restore")
+
 bundle_ns = Collection("bundle")
 bundle_ns.add_task(bundle_publish, name="publish")
 
@@ -565,4 +605,6 @@ prereqs_ns = Collection("prereqs")
 prereqs_ns.add_task(prereqs_check, default=True)
 prereqs_ns.add_task(prereqs_pristine)
 
-ns = Collection(deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns, bundle_ns, prereqs_ns)
+ns = Collection(
+    deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns, goc_ns, bundle_ns, prereqs_ns
+)
