@@ -98,6 +98,11 @@ def configure():
         template("monitor/etc/prometheus/rules/hosts.yml"),
         template("monitor/etc/default/prometheus"),
     ]
+    if _common.settings().backup is not None:
+        # The backups' alerts, on the repository host's textfile metrics (roles/backup.py).
+        ops["prometheus"].append(
+            template("monitor/etc/prometheus/rules/backup.yml", backup=_common.settings().backup)
+        )
     alerts = _common.settings().alerts
     ops["alertmanager"] = (
         [
@@ -127,7 +132,9 @@ def activate(ops, install_op):
         changed["prometheus"],
         check="promtool check config --syntax-only /etc/prometheus/prometheus.yml >/dev/null"
         " && promtool check rules /etc/prometheus/rules/mailtower.yml"
-        " /etc/prometheus/rules/hosts.yml >/dev/null",
+        " /etc/prometheus/rules/hosts.yml"
+        + (" /etc/prometheus/rules/backup.yml" if _common.settings().backup else "")
+        + " >/dev/null",
     )
     if _common.settings().alerts:
         # amtool parses the routes, receivers and the mail templates as Alertmanager does.

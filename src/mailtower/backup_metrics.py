@@ -121,10 +121,10 @@ def render(
         lines += [f"# HELP {PREFIX}_{name} {help_text}", f"# TYPE {PREFIX}_{name} gauge"]
         for s in stanzas:
             lines.append(f'{PREFIX}_{name}{{stanza="{_label(s.name)}"}} {value(s):.0f}')
-    lines += [f"# HELP {PREFIX}_count Backups held, by type.", f"# TYPE {PREFIX}_count gauge"]
+    lines += [f"# HELP {PREFIX}_sets Backups held, by type.", f"# TYPE {PREFIX}_sets gauge"]
     for s in stanzas:
         for kind, count in sorted(s.counts.items()):
-            lines.append(f'{PREFIX}_count{{stanza="{_label(s.name)}",type="{kind}"}} {count}')
+            lines.append(f'{PREFIX}_sets{{stanza="{_label(s.name)}",type="{kind}"}} {count}')
     return "\n".join(lines) + "\n"
 
 

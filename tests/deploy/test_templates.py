@@ -11,7 +11,7 @@ from conftest import all_templates, sample_settings
 from mailtower.goc.eye.status import status_role
 from mailtower.goc.sync.names import goc_sync_role
 from mailtower.scanning.engines.icap import parse_icap_url
-from mailtower.settings import AlertSettings, DnsServer, GocSettings, LabSender
+from mailtower.settings import AlertSettings, Backup, DnsServer, GocSettings, LabSender
 from roles.dns import zone_file
 
 # Data of the lab internet's roles (roles/dns.py, roles/lab_sender.py), as the inventory gives.
@@ -127,6 +127,7 @@ def test_every_template_renders(render, settings, path):
         "icap_control": None,
         "address": "192.0.2.12",  # a host's own tower address (the node exporter's)
         "alerts": AlertSettings(to=["ops@example.net"]),
+        "backup": Backup(tls_dir="/t"),  # the backups' alert rules (monitor, with backup)
         **_internet(path),
     }
     out = render(path, settings, **extra)
