@@ -145,7 +145,11 @@ def _goc_repository() -> plan.LabHost | None:
 def goc_backup_groups() -> dict[str, list]:
     """The goc_backup group: the GOC's repository host, when the lab has one."""
     repo = _goc_repository()
-    return {"goc_backup": [] if repo is None else [(str(repo.address), {**_ssh(), "lab_name": repo.name})]}
+    return {
+        "goc_backup": []
+        if repo is None
+        else [(str(repo.address), {**_ssh(), "lab_name": repo.name})]
+    }
 
 
 def goc_backup() -> dict | None:

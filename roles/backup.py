@@ -277,9 +277,7 @@ def repo_activate(st: Stanza, changed, *, first_backup: bool = True) -> None:
             daemon_reload=True,
             _if=changed,
         )
-        systemd.service(
-            name=f"Ensure {unit} is enabled", service=unit, running=True, enabled=True
-        )
+        systemd.service(name=f"Ensure {unit} is enabled", service=unit, running=True, enabled=True)
     if first_backup:
         repo_first_backup(st)
 

@@ -84,9 +84,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(
-    stanzas: list[StanzaInfo] | None, now: float, archived_at: Mapping[str, float]
-) -> str:
+def render(stanzas: list[StanzaInfo] | None, now: float, archived_at: Mapping[str, float]) -> str:
     """The textfile: ``stanzas`` None when ``pgbackrest info`` failed (up 0, nothing else);
     ``archived_at``: the newest segment's push time by stanza (0 or missing: none)."""
     lines = [

@@ -2,6 +2,7 @@
 repository host's textfile has (mailtower.backup_metrics), promtool accepts them, and its
 rule tests show each alert firing at its typed limit and not before."""
 
+# ruff: noqa: E501  (promtool's expected annotations: the rules' one-line summaries, verbatim)
 from __future__ import annotations
 
 import re
@@ -95,7 +96,9 @@ def _rules(render) -> str:
 def test_the_rules_read_only_metrics_the_textfile_has(render) -> None:
     read = set(re.findall(r"mailtower_backup_[a-z_]+", _rules(render)))
     stanza = backup_metrics.StanzaInfo("goc", 0, "ok", 1.0, 2.0, {"full": 1}, None)
-    written = set(re.findall(r"^(mailtower_backup_[a-z_]+)", backup_metrics.render([stanza], 3.0, {}), re.M))
+    written = set(
+        re.findall(r"^(mailtower_backup_[a-z_]+)", backup_metrics.render([stanza], 3.0, {}), re.M)
+    )
     assert read and read <= written, read - written
 
 

@@ -40,9 +40,15 @@ def test_a_diff_is_the_newest_backup_not_the_newest_full_and_errors_do_not_count
     entry = captured()[0]
     full = entry["backup"][0]
     diff = copy.deepcopy(full) | {"type": "diff", "label": full["label"] + "_x"}
-    diff["timestamp"] = {"start": full["timestamp"]["stop"] + 10, "stop": full["timestamp"]["stop"] + 20}
+    diff["timestamp"] = {
+        "start": full["timestamp"]["stop"] + 10,
+        "stop": full["timestamp"]["stop"] + 20,
+    }
     broken = copy.deepcopy(full) | {"error": True}
-    broken["timestamp"] = {"start": diff["timestamp"]["stop"] + 5, "stop": diff["timestamp"]["stop"] + 9}
+    broken["timestamp"] = {
+        "start": diff["timestamp"]["stop"] + 5,
+        "stop": diff["timestamp"]["stop"] + 9,
+    }
     entry["backup"] = [full, diff, broken]
     (s,) = backup_metrics.parse(json.dumps([entry]))
     assert s.last_full == full["timestamp"]["stop"]
@@ -51,7 +57,12 @@ def test_a_diff_is_the_newest_backup_not_the_newest_full_and_errors_do_not_count
 
 
 def test_a_stanza_without_backups_or_archive_reads_as_never() -> None:
-    entry = {"name": "goc", "status": {"code": 2, "message": "no valid backups"}, "backup": [], "archive": []}
+    entry = {
+        "name": "goc",
+        "status": {"code": 2, "message": "no valid backups"},
+        "backup": [],
+        "archive": [],
+    }
     (s,) = backup_metrics.parse(json.dumps([entry]))
     assert (s.status_code, s.last_full, s.last_backup, s.archive_segment) == (2, 0, 0, None)
     text = backup_metrics.render([s], 1000.0, {})
@@ -116,7 +127,15 @@ def test_the_module_runs_as_a_script_with_the_standard_library_alone(tmp_path: P
     script = tmp_path / "backup-metrics"
     shutil.copy(backup_metrics.__file__, script)
     proc = subprocess.run(
-        [sys.executable, "-I", str(script), "--output", str(tmp_path / "x.prom"), "--pgbackrest", "/bin/false"],
+        [
+            sys.executable,
+            "-I",
+            str(script),
+            "--output",
+            str(tmp_path / "x.prom"),
+            "--pgbackrest",
+            "/bin/false",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,0 +1,112 @@
+"""The GOC's PostgreSQL is backed up by pgBackRest to the lab's sender (outside every tower),
+and restored in place by the operator's one command (`invoke goc.restore`: stop, wipe,
+restore to the end of the WAL archive). A customer written at the GOC after the backup comes
+back (from the archive), the customers are equal, and the sync resumes both ways: a customer
+added at the GOC afterwards reaches tower A's relay, and a new message's verdict event from
+tower A reaches the GOC. Also: the backups' metrics on both repository hosts (the sender's
+textfile; tower A's monitor's, scraped by its Prometheus).
+
+Last of the pair tests by its number: it stops the GOC's PostgreSQL, and every tower's sync
+with it is made again. Point-in-time recovery: tests/unit/test_backup_pgbackrest.py; the sync
+steps on real PostgreSQL: tests/unit/test_sync_goc_restore.py. Figure: goc_restore in
+tests/output/figures.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+
+from conftest import Pair, goc_events
+from test_50_goc import add_customer_at_goc, rcpt_answer
+from test_60_sql_failover import invoke
+from towerlib import record_figure, wait_for
+
+REPO = "cd /tmp && su pgbackrest -s /bin/sh -c '/usr/bin/pgbackrest --stanza=goc {}'"
+AT_GOC = "cd /tmp && su postgres -c '/usr/bin/pgbackrest --stanza=goc {}'"
+TEXTFILE = "/var/lib/prometheus/node-exporter/mailtower-backup.prom"
+SNAPSHOTS = {
+    "customers": "SELECT id, name FROM customers ORDER BY 1",
+    "domains": "SELECT name, customer_id FROM domains ORDER BY 1",
+    "routes": "SELECT domain, transport FROM routes ORDER BY 1",
+}
+
+
+def accepted(pair: Pair, key: str, domain: str) -> bool:
+    return rcpt_answer(str(pair.towers[key].settings.hosts.relay), f"user@{domain}") == 250
+
+
+def test_the_goc_and_tower_a_report_their_backups(pair: Pair) -> None:
+    info = json.loads(pair.sender.check_output(REPO.format("--output=json info")))
+    assert info[0]["status"]["message"] == "ok", info
+    assert any(b["type"] == "full" for b in info[0]["backup"]), info
+
+    # The metrics timer's textfile on the GOC's repository host (no Prometheus scrapes it in
+    # the lab: docs/runbook.md "The GOC's backups").
+    def textfile() -> str:
+        text = pair.sender.run(f"cat {TEXTFILE}").stdout
+        return text if 'mailtower_backup_status_code{stanza="goc"} 0' in text else ""
+
+    text = wait_for(textfile, 400, "the sender's backup metrics", 5)
+    assert "mailtower_backup_info_up 1" in text
+    # Tower A's stanza, read by its monitor's Prometheus from the monitor's node exporter.
+    s = pair.towers["a"].settings
+    query = urllib.parse.quote('mailtower_backup_last_full_timestamp_seconds{stanza="lab-a"}')
+    url = f"http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/query?query={query}"
+
+    def scraped() -> list:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.load(resp)["data"]["result"]
+
+    (sample,) = wait_for(scraped, 400, "tower A's backup metric in its Prometheus", 5)
+    assert time.time() - float(sample["value"][1]) < 8 * 86400
+
+
+def test_goc_restored_in_place_has_its_customers_and_the_sync_resumes(pair: Pair) -> None:
+    goc = pair.goc()
+    server = str(pair.customers[0].server)
+    # A customer written at the GOC after the deploy's backup: it reaches tower A, and the WAL
+    # archive (`check` switches the segment and waits until the repository has it).
+    kept = f"kept-{pair.token()[:12]}.lab"
+    add_customer_at_goc(pair, kept, server)
+    wait_for(lambda: accepted(pair, "a", kept), 60, f"{kept} at tower A's relay", 0.5)
+    goc.check_output(AT_GOC.format("check"))
+    before = {name: pair.goc_sql(q) for name, q in SNAPSHOTS.items()}
+    assert kept in before["domains"]
+    events_before = pair.goc_sql("SELECT count(*) FROM verdict_events")
+
+    started = time.monotonic()
+    out = invoke("goc.restore", "--goc", "lab-goc")
+    restore_s = time.monotonic() - started
+    timings = json.loads(out.strip().splitlines()[-1])
+    assert "lab-a: configuration subscribed again" in out, out
+
+    after = {name: pair.goc_sql(q) for name, q in SNAPSHOTS.items()}
+    for name in SNAPSHOTS:
+        assert after[name] == before[name], f"{name} differ after the GOC's restore"
+    assert int(pair.goc_sql("SELECT count(*) FROM verdict_events")) >= int(events_before)
+    assert accepted(pair, "a", kept) and accepted(pair, "b", kept)
+
+    # Configuration down again: a customer added at the restored GOC reaches tower A.
+    fresh = f"fresh-{pair.token()[:12]}.lab"
+    add_customer_at_goc(pair, fresh, server)
+    wait_for(lambda: accepted(pair, "a", fresh), 60, f"{fresh} at tower A's relay", 0.5)
+    # Events up again: a new message's verdict event from tower A reaches the GOC.
+    tokens = set(pair.submit(pair.rcpt(0), count=5))
+    wait_for(
+        lambda: {r["token"] for r in goc_events(pair, tokens)} == tokens,
+        180,
+        "events of messages sent after the GOC's restore at the GOC",
+        1,
+    )
+    # Nothing left for the deploy to do, and the GOC archives again (a new backup works).
+    goc.check_output(
+        "cd /tmp && su postgres -c '/opt/mailtower/venv/bin/mailtower sync goc --check'"
+    )
+    pair.sender.check_output(REPO.format("--type=incr backup"))
+    record_figure(
+        "goc_restore",
+        {"restore_command_s": round(restore_s, 1), **{k: round(v, 1) for k, v in timings.items()}},
+    )
