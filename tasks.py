@@ -557,7 +557,8 @@ def goc_restore(c, goc="lab-goc", host="", target_time=None):
     from mailtower.controller import backup, sqlpair
     from mailtower.controller import inventory as inventory_mod
 
-    hosts = inventory_mod.load(inventory_path(goc)).groups.get("goc", [])
+    inventory = inventory_mod.load(inventory_path(goc))
+    hosts = inventory.groups.get("goc", [])
     if not hosts:
         raise Exit(f"goc.restore: {inventory_path(goc)} has no host in group goc", code=2)
     remote = sqlpair.Remote.of(hosts[0])
@@ -565,7 +566,8 @@ def goc_restore(c, goc="lab-goc", host="", target_time=None):
         remote = replace(remote, address=host)
     # Each tower of the GOC whose inventory is here (inventory/<tower>.py): its SQL hosts.
     towers = {}
-    for t in hosts[0].data["goc"].get("towers", []):
+    data = inventory.group_data.get("goc", {}).get("goc") or hosts[0].data.get("goc", {})
+    for t in data.get("towers", []):
         path = ROOT / "inventory" / f"{t['name'].replace('-', '_')}.py"
         if not path.exists():
             _say(f"{t['name']}: no {path.relative_to(ROOT)}; run `mailtower sync tower` there")

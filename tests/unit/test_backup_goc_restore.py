@@ -110,3 +110,22 @@ def test_a_tower_without_a_primary_is_named_after_the_goc_is_restored() -> None:
         backup.restore_goc(goc, towers, lambda _: None)
     assert state[GOC] == "primary"
     assert any("sync tower" in c for c in commands(state, B1))
+
+
+@pytest.mark.parametrize(("flag", "restored"), [([], False), (["--after-restore"], True)])
+def test_sync_goc_after_restore_reaches_the_re_point(monkeypatch, capsys, flag, restored) -> None:
+    from mailtower import cli
+    from mailtower.goc.sync import deployed
+    from mailtower.goc.sync.changes import Changes
+
+    seen = []
+
+    def goc_apply(side, *, restored: bool = False):
+        seen.append(restored)
+        return deployed.GocReport(Changes("goc"), {"tower-a": "10.0.1.12"})
+
+    monkeypatch.setattr(deployed, "load", lambda path, model: object())
+    monkeypatch.setattr(deployed, "goc_apply", goc_apply)
+    assert cli.main(["sync", "goc", *flag]) == 0
+    assert seen == [restored]
+    assert "tower-a: events followed from its primary 10.0.1.12" in capsys.readouterr().out
