@@ -162,7 +162,7 @@ def goc_backup() -> dict | None:
         "repo_host": str(repo.address),
         "tls_dir": str(lxc.state_dir() / "pgbackrest-tls"),
         "archive_switch_s": 60,
-        "alert_archive_stall_s": 600,
+        "alert_archive_stall_s": 900,
     }
 
 

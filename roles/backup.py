@@ -228,7 +228,8 @@ def _metrics_files(st: Stanza) -> list:
             "\n[Service]\nType=oneshot\nUser=pgbackrest\nGroup=pgbackrest\n"
             f"RuntimeDirectory={METRICS_UNIT}\n"
             f"ExecStart=/usr/bin/python3 {METRICS_SCRIPT} --repo-path {st.backup.repo_path}"
-            f" --output {out}\n"
+            # A quiet database is made to archive (`pgbackrest check`) well before the alert.
+            f" --probe-after {st.backup.alert_archive_stall_s // 2} --output {out}\n"
             "# As root (+): the textfile directory is node-exporter's; a rename, so it never\n"
             "# reads half a file.\n"
             f"ExecStartPost=+/bin/sh -c 'install -d -m 755 {TEXTFILE_DIR}"

@@ -137,24 +137,48 @@ def archived_times(stanzas: list[StanzaInfo], repo_path: str) -> dict[str, float
     return times
 
 
+def _pgbackrest(binary: str, *args: str, timeout: float = 120) -> str:
+    done = subprocess.run(
+        [binary, *args], capture_output=True, text=True, timeout=timeout, check=True, cwd="/tmp"
+    )
+    return done.stdout
+
+
+def probe(binary: str, stanzas: list[StanzaInfo], times: dict[str, float], after_s: float) -> bool:
+    """``pgbackrest check`` for each stanza whose newest segment is older than ``after_s``: it
+    writes a restore point and switches the segment, so a quiet database archives too, and
+    only a failing archive-push leaves the segment old (WalArchivingStalled). True if any ran."""
+    ran = False
+    for s in stanzas:
+        if time.time() - times.get(s.name, 0.0) <= after_s:
+            continue
+        ran = True
+        try:
+            _pgbackrest(binary, f"--stanza={s.name}", "check", timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or getattr(exc, "stdout", "") or exc
+            print(f"backup metrics: pgbackrest check of {s.name} failed: {detail}", file=sys.stderr)
+    return ran
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo-path", default="/var/lib/pgbackrest")
     parser.add_argument("--output", required=True, help="the .prom file (written whole)")
     parser.add_argument("--pgbackrest", default=PGBACKREST)
+    parser.add_argument(
+        "--probe-after",
+        type=float,
+        default=0,
+        help="seconds: `pgbackrest check` a stanza whose newest segment is older (0: never)",
+    )
     args = parser.parse_args(argv)
     stanzas: list[StanzaInfo] | None
     try:
-        done = subprocess.run(
-            [args.pgbackrest, "--output=json", "info"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-            cwd="/tmp",
-        )
-        stanzas = parse(done.stdout)
+        stanzas = parse(_pgbackrest(args.pgbackrest, "--output=json", "info"))
         times = archived_times(stanzas, args.repo_path)
+        if args.probe_after and probe(args.pgbackrest, stanzas, times, args.probe_after):
+            times = archived_times(stanzas, args.repo_path)
     except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
         print(f"backup metrics: pgbackrest info failed: {exc}", file=sys.stderr)
         stanzas, times = None, {}

@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,31 @@ def test_the_module_runs_as_a_script_with_the_standard_library_alone(tmp_path: P
     )
     assert proc.returncode == 0, proc.stderr
     assert "mailtower_backup_info_up 0" in (tmp_path / "x.prom").read_text()
+
+
+def test_a_quiet_stanza_is_probed_with_check_and_its_new_segment_counted(tmp_path: Path) -> None:
+    wal = captured()[0]["archive"][0]["max"]
+    directory = tmp_path / "archive" / "lab-x" / "15-1" / wal[:16]
+    directory.mkdir(parents=True)
+    old = directory / f"{wal}-aa.zst"
+    old.write_bytes(b"x")
+    os.utime(old, (1_000_000, 1_000_000))  # long ago: the database has been quiet
+    calls = tmp_path / "calls"
+    fake = tmp_path / "pgbackrest"
+    # `check` archives a segment (here: the same name, as if pushed again now).
+    fake.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        f'case "$*" in *check*) touch {old};; *) cat {CAPTURED};; esac\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "backup.prom"
+    base = ["--repo-path", str(tmp_path), "--output", str(out), "--pgbackrest", str(fake)]
+    assert backup_metrics.main([*base, "--probe-after", "900"]) == 0
+    assert calls.read_text().splitlines() == ["--output=json info", "--stanza=lab-x check"]
+    pushed = re.search(
+        r'archive_last_push_timestamp_seconds\{stanza="lab-x"\} (\d+)', out.read_text()
+    )
+    assert pushed and abs(float(pushed.group(1)) - time.time()) < 60
+    # Fresh now: the next run does not probe.
+    assert backup_metrics.main([*base, "--probe-after", "900"]) == 0
+    assert calls.read_text().splitlines()[2:] == ["--output=json info"]
