@@ -238,7 +238,7 @@ def _metrics_files(st: Stanza) -> list:
         ),
         put_text(
             f"# {HEADER}\n[Unit]\nDescription=Backup metrics of {st.name} for node-exporter\n"
-            "\n[Timer]\nOnActiveSec=30s\nOnUnitActiveSec=5min\n\n[Install]\n"
+            "\n[Timer]\nOnActiveSec=10s\nOnUnitActiveSec=5min\n\n[Install]\n"
             "WantedBy=timers.target\n",
             f"/etc/systemd/system/{METRICS_UNIT}.timer",
         ),
