@@ -278,7 +278,7 @@ def goc_cut(pair: Pair) -> Iterator[None]:
     monitor = tower(pair).monitor()
     rules = (
         f"table inet {GOC_CUT_TABLE} {{ chain output {{ type filter hook output priority 0;"
-        f" ip daddr {pair.goc_addr} drop; }} }}"
+        f" ip daddr {pair.goc_addr} drop; }}; }}"
     )
     b64 = base64.b64encode(rules.encode()).decode()
     monitor.check_output(f"echo {b64} | base64 -d | nft -f -")
