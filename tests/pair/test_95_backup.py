@@ -55,41 +55,59 @@ def test_restore_onto_a_wiped_host_has_the_same_rows_and_the_sync_resumes(pair: 
     # The primary is lost; the standby host is wiped and restored from the repository.
     sql1.check_output(f"systemctl kill --signal=KILL {SERVICE}")
     wait_for(lambda: sql1.run("pg_isready -q").rc != 0, 30, f"{old_addr}'s PostgreSQL gone")
-    started = time.monotonic()
-    out = invoke("sql.restore", "--tower", "lab-a", "--host", new_addr)
-    restored_s = time.monotonic() - started
-    timings = json.loads(out.strip().splitlines()[-1])
-    assert tower.psql("SELECT pg_is_in_recovery()", host=sql2) == "f"
-    after = {name: tower.psql(q, host=sql2) for name, q in SNAPSHOTS.items()}
-    for name in SNAPSHOTS:
-        assert after[name] == before[name], f"{name} differ after the restore"
-    assert written <= events_at(pair, sql2, tokens)
-    relay_answers(pair, "the restore")
+    back = False
+    try:
+        started = time.monotonic()
+        out = invoke("sql.restore", "--tower", "lab-a", "--host", new_addr)
+        restored_s = time.monotonic() - started
+        timings = json.loads(out.strip().splitlines()[-1])
+        assert tower.psql("SELECT pg_is_in_recovery()", host=sql2) == "f"
+        after = {name: tower.psql(q, host=sql2) for name, q in SNAPSHOTS.items()}
+        for name in SNAPSHOTS:
+            assert after[name] == before[name], f"{name} differ after the restore"
+        assert written <= events_at(pair, sql2, tokens)
+        relay_answers(pair, "the restore")
 
-    # The sync resumes: a new message's event reaches the GOC from the restored primary.
-    fresh = set(pair.submit(pair.rcpt(0), count=10))
-    wait_for(
-        lambda: {r["token"] for r in goc_events(pair, fresh)} == fresh,
-        180,
-        "events written after the restore at the GOC",
-        1,
-    )
-    record_figure(
-        "sql_restore",
-        {
-            "events_restored": len(written),
-            "restore_command_s": round(restored_s, 1),
-            **{k: round(v, 1) for k, v in timings.items()},
-        },
-    )
+        # The sync resumes: a new message's event reaches the GOC from the restored primary.
+        fresh = set(pair.submit(pair.rcpt(0), count=10))
+        wait_for(
+            lambda: {r["token"] for r in goc_events(pair, fresh)} == fresh,
+            180,
+            "events written after the restore at the GOC",
+            1,
+        )
+        record_figure(
+            "sql_restore",
+            {
+                "events_restored": len(written),
+                "restore_command_s": round(restored_s, 1),
+                **{k: round(v, 1) for k, v in timings.items()},
+            },
+        )
 
-    # Back as the inventory says (sql1 the primary, sql2 its standby).
-    reloaded = "Postfix reloaded (fresh SQL connections)"
-    assert reloaded in invoke("sql.rebuild", "--tower", "lab-a", "--host", old_addr)
-    sql2.check_output(f"systemctl stop {SERVICE}")
-    assert reloaded in invoke("sql.failover", "--tower", "lab-a")
-    assert reloaded in invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)
+        # Back as the inventory says (sql1 the primary, sql2 its standby).
+        reloaded = "Postfix reloaded (fresh SQL connections)"
+        assert reloaded in invoke("sql.rebuild", "--tower", "lab-a", "--host", old_addr)
+        sql2.check_output(f"systemctl stop {SERVICE}")
+        assert reloaded in invoke("sql.failover", "--tower", "lab-a")
+        assert reloaded in invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)
+        back = True
+    finally:
+        if not back:
+            _put_back(sql1, sql2, old_addr, new_addr)
     assert tower.psql("SELECT pg_is_in_recovery()") == "f"
     # The promoted host archives: a backup and a check from the repository succeed.
     monitor.check_output(REPO.format("check"))
     monitor.check_output(REPO.format("--type=incr backup"))
+
+
+def _put_back(sql1, sql2, old_addr: str, new_addr: str) -> None:
+    """After a failure mid-test: the pair as the inventory says again, so the suite goes on
+    (best effort; each step's output is in the log)."""
+    if sql2.run("su postgres -c \"psql -Atc 'SELECT pg_is_in_recovery()'\"").stdout.strip() == "f":
+        invoke("sql.rebuild", "--tower", "lab-a", "--host", old_addr)
+        sql2.run(f"systemctl stop {SERVICE}")
+        invoke("sql.failover", "--tower", "lab-a")
+    else:
+        sql1.run(f"systemctl start {SERVICE}")
+    invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)
