@@ -61,11 +61,13 @@ class EnginesError(Exception):
 def digest(files: Sequence[Path] | None = None) -> str:
     """What the engines would start with (``files``, default FILES), as 16 hex digits."""
     h = hashlib.sha256()
-    for path in FILES if files is None else files:
+    for path in FILES if files is None else files:  # by content, not where: equal on every scanner
         try:
-            h.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+            data = path.read_bytes()
         except OSError:
-            h.update(str(path).encode() + b"\0-\0")
+            h.update(b"-\0")
+            continue
+        h.update(b"%d\0" % len(data) + data)
     return h.hexdigest()[:16]
 
 
