@@ -99,7 +99,11 @@ def test_refresh_that_fails_records_nothing_and_names_where_to_look(files, tmp_p
 
     with pytest.raises(engines.EnginesError):
         engines.refresh(
-            "/x", None, files=files, applied=applied, run=Systemctl(["clamav-daemon.service"]),
+            "/x",
+            None,
+            files=files,
+            applied=applied,
+            run=Systemctl(["clamav-daemon.service"]),
             ready=never_ready,
         )
     assert not applied.exists()  # the next start of scand tries again

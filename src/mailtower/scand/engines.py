@@ -48,6 +48,8 @@ FILES = (
 # What the engines last started with (root's: the refresh writes it)
 APPLIED = Path("/var/lib/mailtower-engines/applied")
 UNITS = ("clamav-daemon.service", "c-icap.service")
+# Run as root on the scanner (a PACKAGES host), never on the controller: by its full path.
+SYSTEMCTL = "/usr/bin/systemctl"
 # clamd loading the databases (the official ones: about a minute on a lab scanner)
 READY_TIMEOUT_S = 240.0
 
@@ -95,9 +97,9 @@ def refresh(
             return False
     except OSError:
         pass
-    units = [u for u in UNITS if run(["systemctl", "is-enabled", "--quiet", u]).returncode == 0]
+    units = [u for u in UNITS if run([SYSTEMCTL, "is-enabled", "--quiet", u]).returncode == 0]
     if units:
-        done = run(["systemctl", "restart", *units])
+        done = run([SYSTEMCTL, "restart", *units])
         if done.returncode != 0:
             raise EnginesError(
                 f"systemctl restart {' '.join(units)} failed: {done.stderr.strip()}; "
