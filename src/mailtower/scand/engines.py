@@ -33,6 +33,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mailtower.scand.errors import EnginesError
+
+__all__ = ["APPLIED", "FILES", "EnginesError", "digest", "refresh", "wait_ready"]
+
 log = logging.getLogger("mailtower.scand.engines")
 
 # What the engines start with. Absent files count as absent (no local c-icap).
@@ -54,10 +58,6 @@ SYSTEMCTL = "/usr/bin/systemctl"
 READY_TIMEOUT_S = 240.0
 
 Run = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
-
-
-class EnginesError(Exception):
-    """The engines did not come back after a restart."""
 
 
 def digest(files: Sequence[Path] | None = None) -> str:
