@@ -138,3 +138,16 @@ def test_wait_ready_gives_up_naming_the_engine(tmp_path: Path) -> None:
     port.close()
     with pytest.raises(engines.EnginesError, match="journalctl -u c-icap"):
         engines.wait_ready(None, ("127.0.0.1", free), 1)
+
+
+def test_refresh_waits_only_for_the_engines_it_restarted(files, tmp_path) -> None:
+    waited: list[tuple] = []
+    engines.refresh(
+        "/run/clamav/clamd.ctl",
+        ("127.0.0.1", 1344),
+        files=files,
+        applied=tmp_path / "applied",
+        run=Systemctl(enabled=["clamav-daemon.service"]),  # c-icap not enabled yet
+        ready=lambda *a: waited.append(a),
+    )
+    assert waited == [("/run/clamav/clamd.ctl", None, engines.READY_TIMEOUT_S)]

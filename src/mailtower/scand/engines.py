@@ -105,7 +105,12 @@ def refresh(
                 f"systemctl restart {' '.join(units)} failed: {done.stderr.strip()}; "
                 f"look at journalctl -u {units[0]}"
             )
-    (ready or wait_ready)(clamd if "clamav-daemon.service" in units else None, icap, timeout_s)
+    # only what was restarted: a c-icap not enabled yet is started by the deploy afterwards
+    (ready or wait_ready)(
+        clamd if "clamav-daemon.service" in units else None,
+        icap if "c-icap.service" in units else None,
+        timeout_s,
+    )
     applied.parent.mkdir(parents=True, exist_ok=True)
     tmp = applied.with_suffix(".tmp")
     tmp.write_text(wanted + "\n")
