@@ -111,12 +111,12 @@ def status(c, json_=False):
     print(f"{len(rows)} hosts, {total:.0f} MiB in all")
 
 
-def _pyinfra(c, inv: Path, script: str, what: str) -> None:
-    _say(f"deploying {what}: pyinfra {inv.relative_to(ROOT)} {script}")
+def _pyinfra(c, inv: Path, script: str, what: str, extra: str = "") -> None:
+    _say(f"deploying {what}: pyinfra {inv.relative_to(ROOT)} {script}{extra}")
     started = time.monotonic()
     with c.cd(str(ROOT)):
         result = c.run(
-            f"{BIN}/pyinfra -y {inv.relative_to(ROOT)} {script}",
+            f"{BIN}/pyinfra -y {inv.relative_to(ROOT)} {script}{extra}",
             warn=True,
             env={"PYTHONPATH": str(ROOT)},
         )
@@ -126,12 +126,19 @@ def _pyinfra(c, inv: Path, script: str, what: str) -> None:
     _say(f"deployed {what} in {elapsed:.0f} s")
 
 
-@task(help={"tower": "inventory/<tower>.py; lab = the twin lab (both towers, internet, DNS)"})
-def deploy(c, tower="lab-a"):
+@task(
+    help={
+        "tower": "inventory/<tower>.py; lab = the twin lab (both towers, internet, DNS)",
+        "engines": "also upgrade the scanners' clamd/c-icap packages (restarted in the "
+        "monitor's drained windows)",
+    }
+)
+def deploy(c, tower="lab-a", engines=False):
     """Deploy a tower with pyinfra (a lab tower: its internet and GOC first, the GOC after)."""
     towers = _lab_towers(tower)
+    extra = " --data upgrade_engines=true" if engines else ""
     if not towers:
-        _pyinfra(c, inventory_path(tower), "deploys/tower.py", tower)
+        _pyinfra(c, inventory_path(tower), "deploys/tower.py", tower, extra)
         return
     if tower == PAIR:
         first = ("lab-internet", "deploys/lab_internet.py", "the lab's internet and GOC")
@@ -141,7 +148,7 @@ def deploy(c, tower="lab-a"):
     if tower == PAIR:
         _clamav_upstream_initial()
     for name in towers:
-        _pyinfra(c, inventory_path(f"lab-{name}"), "deploys/lab.py", f"lab-{name}")
+        _pyinfra(c, inventory_path(f"lab-{name}"), "deploys/lab.py", f"lab-{name}", extra)
     # Its events subscription to each tower needs the tower's publication: a second pass.
     _pyinfra(c, inventory_path("lab-goc"), "deploys/goc.py", "the GOC (towers' events)")
     if tower == PAIR:

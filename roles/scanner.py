@@ -10,6 +10,7 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
+from mailtower.scand import engines
 from mailtower.settings import TowerSettings
 from roles import _common
 from roles._common import settings, template
@@ -29,6 +30,17 @@ ICAP_CONTROL = "/run/c-icap/c-icap.ctl"
 CLAMAV_STAGED = "/var/lib/mailtower/clamav-staged"
 CLAMAV_PREVIOUS = "/var/lib/mailtower/clamav-previous"
 FRESHCLAM_CONF = "/etc/mailtower/freshclam.conf"
+# The engines' packages (mailtower-engines-upgrade): upgraded with their restarts held back;
+# the monitor's roll restarts the engines in drained windows (mailtower.scand.engines).
+ENGINE_PACKAGES = [
+    "clamav-daemon",
+    "clamav-base",
+    "clamav-freshclam",
+    "c-icap",
+    "libc-icap-mod-virus-scan",
+]
+ENGINES_UPGRADE = "/usr/local/sbin/mailtower-engines-upgrade"
+ENGINES_REFRESH = f"{_common.VENV}/bin/python -m mailtower.scand.engines refresh"
 
 
 class MemTotalMib(FactBase):
@@ -206,7 +218,23 @@ def configure():
         ),
         template("scanner/etc/systemd/system/mailtower-sigsync.timer"),
     ]
-    ops["scand"] = [template("scanner/etc/systemd/system/mailtower-scand.service")]
+    ops["scand"] = [template("scanner/etc/systemd/system/mailtower-scand.service", icap=icap)]
+    files.template(
+        name=f"Render {ENGINES_UPGRADE}",
+        src=str(_common.TEMPLATES / f"scanner{ENGINES_UPGRADE}.j2"),
+        dest=ENGINES_UPGRADE,
+        mode="755",
+        packages=ENGINE_PACKAGES,
+        record=str(engines.FILES[-1]),
+    )
+    if host.data.get("upgrade_engines"):
+        # `pyinfra … --data upgrade_engines=true` (invoke deploy --engines): new engine
+        # packages from the mirror, their restarts left to the monitor's roll. After the
+        # configuration above, which the packages' scripts keep (--force-confold).
+        server.shell(
+            name="Upgrade the engines' packages (restarts in the monitor's windows)",
+            commands=["apt-get update -q", ENGINES_UPGRADE],
+        )
     ops["nftables"] = [template("scanner/etc/nftables.conf")]
     ops["node_exporter"] = [_common.node_exporter_config()]
     return ops
@@ -237,10 +265,8 @@ def activate(ops, install_op):
         running=True,
         enabled=True,
     )
-    _common.activate("clamav-daemon", changed["clamd"])
-    if local_icap():
-        _common.activate("c-icap", changed["icap"])
-    else:
+    _activate_engines(lambda: changed["clamd"]() or changed["icap"]())
+    if not local_icap():
         systemd.service(
             name="Stop c-icap (no local ICAP engine)",
             service="c-icap",
@@ -273,6 +299,46 @@ def activate(ops, install_op):
         running=True,
         enabled=True,
     )
+
+
+def _rolled() -> bool:
+    """Whether the monitor restarts this scanner's scand (and so its engines) in drained
+    windows: a canary secret and a running scand that names what is installed."""
+    s = settings()
+    return (
+        s.secrets.canary is not None
+        and host.get_fact(ScandHealth, port=s.ports.scanner_http) == "stack"
+    )
+
+
+def _activate_engines(changed) -> None:
+    """clamd and c-icap with new configuration files. On a scanner in service the monitor's
+    roll restarts them (scand's ExecStartPre, mailtower.scand.engines): restarting here would
+    restart every scanner's engines at once (scand answers 451). Otherwise (a first deploy,
+    no canary secret, a scand from before rolling upgrades) the refresh restarts them here and
+    records it, one scanner at a time when scand serves."""
+    if not _rolled():
+        serving = host.get_fact(ScandHealth, port=settings().ports.scanner_http) is not None
+        icap = local_icap()
+        refresh = f"{ENGINES_REFRESH} --clamd {settings().clamd_socket}" + (
+            f" --icap {icap.host}:{icap.port}" if icap else ""
+        )
+        # two operations, so that each one's _serial is the same on every host
+        server.shell(
+            name="Restart the engines on their new configuration (one serving scanner at a time)",
+            commands=[refresh],
+            _if=lambda: serving and changed(),
+            _serial=True,
+        )
+        server.shell(
+            name="Start the engines on their new configuration",
+            commands=[refresh],
+            _if=lambda: not serving and changed(),
+        )
+    for service in ("clamav-daemon", "c-icap") if local_icap() else ("clamav-daemon",):
+        systemd.service(
+            name=f"Ensure {service} is running", service=service, running=True, enabled=True
+        )
 
 
 @deploy("mailtower scanner")

@@ -413,7 +413,9 @@ class Upgrade(StrictModel):
     # 3 out leaves 20; a batch the pool cannot spare waits or shrinks, never empties the pool
     spare: int = Field(default=1, ge=0)
     drain_timeout_s: float = Field(default=60.0, gt=0)  # in-flight messages get this long to finish
-    restart_timeout_s: float = Field(default=120.0, gt=0)  # scand back, healthy, with the new code
+    # scand back, healthy, with the new code (and clamd/c-icap, restarted before it when their
+    # configuration or packages changed: their databases loaded; scand.engines)
+    restart_timeout_s: float = Field(default=120.0, gt=0)
     poll_interval_s: float = Field(
         default=5.0, gt=0
     )  # how often the monitor looks for scanners behind

@@ -128,6 +128,8 @@ def test_every_template_renders(render, settings, path):
         "address": "192.0.2.12",  # a host's own tower address (the node exporter's)
         "alerts": AlertSettings(to=["ops@example.net"]),
         "backup": Backup(tls_dir="/t"),  # the backups' alert rules (monitor, with backup)
+        "packages": ["clamav-daemon"],  # mailtower-engines-upgrade (roles/scanner.py)
+        "record": "/var/lib/mailtower/engines-packages",
         **_internet(path),
     }
     out = render(path, settings, **extra)

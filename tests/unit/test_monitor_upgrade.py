@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import Pool, PoolMember
 from mailtower.monitor.rollout import canary
 from mailtower.monitor.rollout.stack import STUCK, StackRollout, StackSteps, behind
+from mailtower.scand import engines
 from mailtower.scanning import testdata
 from mailtower.settings import Upgrade
 
@@ -334,3 +336,62 @@ def test_a_scanner_counts_as_applying_until_it_is_back(tmp_path) -> None:
     steps.put_back = watching  # type: ignore[method-assign]
     asyncio.run(rollout.roll())
     assert seen[0] == ["s01"] and rollout.snapshot()["applying"] == []
+
+
+class EngineScanners(FakeSteps):
+    """Each scanner's engine files, what its engines last started with, and its systemctl;
+    a restart does what scand's unit does (scand.engines.refresh before scand starts)."""
+
+    def __init__(self, pool: Pool, tmp_path: Path) -> None:
+        super().__init__(pool)
+        self.dirs = {s.name: tmp_path / s.name for s in pool.scanners}
+        self.engine_restarts: dict[str, list[bool]] = {s.name: [] for s in pool.scanners}
+        for s in pool.scanners:
+            self.dirs[s.name].mkdir(parents=True)
+            self.conf(s.name).write_text("LocalSocket /run/clamav/clamd.ctl\n")
+            self.refresh(s)  # as deployed: engines started, recorded
+            s.stack = s.stack_installed = self.installed(s.name)
+            self.engine_restarts[s.name].clear()
+
+    def conf(self, name: str) -> Path:
+        return self.dirs[name] / "clamd.conf"
+
+    def installed(self, name: str) -> str:
+        return engines.digest([self.conf(name)])
+
+    def refresh(self, s: PoolMember) -> None:
+        def systemctl(argv):
+            if argv[1] == "restart":
+                self.engine_restarts[s.name].append(s.held)  # in a window?
+            return subprocess.CompletedProcess(argv, 0)
+
+        engines.refresh(
+            "/run/clamav/clamd.ctl",
+            None,
+            files=[self.conf(s.name)],
+            applied=self.dirs[s.name] / "applied",
+            run=systemctl,
+            ready=lambda *_: None,
+        )
+
+    async def restart(self, s: PoolMember) -> None:
+        self.refresh(s)
+        s.stack = self.installed(s.name)
+
+
+def test_engine_config_rolls_in_the_windows_and_nowhere_else(tmp_path) -> None:
+    """A new clamd.conf on every scanner (the deploy): no engine restarts then; the roll
+    restarts each scanner's engines once, in its window, in the same batches as new code."""
+    rollout, _, pool = make(tmp_path, batch=3)
+    steps = EngineScanners(pool, tmp_path / "scanners")
+    rollout.steps = steps
+    for s in pool.scanners:  # what the deploy writes, and scand's next /health reads
+        steps.conf(s.name).write_text("LocalSocket /run/clamav/clamd.ctl\nMaxThreads 8\n")
+        s.stack_installed = steps.installed(s.name)
+    assert all(r == [] for r in steps.engine_restarts.values())
+    assert len(behind(pool.scanners)) == SCANNERS
+    asyncio.run(rollout.roll())
+    assert steps.engine_restarts == {s.name: [True] for s in pool.scanners}
+    assert [len(b) for b in steps.batches] == [1] + [3] * 7 + [1]
+    asyncio.run(rollout.roll())  # and again: nothing behind, nothing restarts
+    assert steps.engine_restarts == {s.name: [True] for s in pool.scanners}

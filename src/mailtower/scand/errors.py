@@ -42,3 +42,8 @@ class ClamavApplyError(ApplyError):
     def __init__(self, message: str, status: int = 409) -> None:
         super().__init__(message)
         self.status = status
+
+
+class EnginesError(ScandError):
+    """clamd or c-icap did not come back after their restart (scand.engines); the message
+    names the engine and where to look."""

@@ -6,6 +6,10 @@ process started with) and ``stack_installed`` (what a restart would run). The mo
 each scanner whose two differ in a drained window of its own (mailtower.monitor.rollout.stack),
 asking it with ``POST /stack/restart``: scand answers, then stops gracefully, and systemd
 starts it again (``Restart=always``) with what is installed.
+
+What the engines (clamd, c-icap) would start with is part of the digest too (scand.engines):
+a new engine configuration or new engine packages are applied by the same roll, the engines
+restarted as root before scand starts again (scand's unit, ``ExecStartPre=+``).
 """
 
 from __future__ import annotations
@@ -14,16 +18,22 @@ import hashlib
 import importlib.metadata
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
+
+from mailtower.scand import engines
 
 DIST = "mailtower"
 # scand's unit: a new one (limits, environment) takes effect on the roll's restart too
 UNIT = Path("/etc/systemd/system/mailtower-scand.service")
 
 
-def digest(settings_path: Path | None, unit: Path = UNIT) -> str | None:
-    """The installed wheel (its RECORD: every file with its hash), the settings file and
-    scand's systemd unit, as 16 hex digits; None when the wheel's record cannot be read."""
+def digest(
+    settings_path: Path | None, unit: Path = UNIT, engine_files: Sequence[Path] | None = None
+) -> str | None:
+    """The installed wheel (its RECORD: every file with its hash), the settings file,
+    scand's systemd unit and what the engines start with (engines.digest), as 16 hex digits;
+    None when the wheel's record cannot be read."""
     try:
         record = importlib.metadata.distribution(DIST).read_text("RECORD")
     except importlib.metadata.PackageNotFoundError:
@@ -36,6 +46,7 @@ def digest(settings_path: Path | None, unit: Path = UNIT) -> str | None:
             h.update(b"\0" + (path.read_bytes() if path is not None else b""))
         except OSError:
             h.update(b"\0-")  # absent (a scand outside systemd, a test)
+    h.update(b"\0" + engines.digest(engine_files).encode())
     return h.hexdigest()[:16]
 
 
