@@ -19,6 +19,7 @@ from mailtower.scanning.engines.icap import parse_icap_url
 from roles.scanner import ENGINE_PACKAGES, ENGINES_UPGRADE
 
 SCAND = "scanner/etc/systemd/system/mailtower-scand.service"
+MD5SUMS = "0123456789abcdef0123456789abcdef  usr/sbin/clamd\\n"
 
 
 @pytest.mark.parametrize("icap", [None, "icap://127.0.0.1:1344/virus_scan"])
@@ -69,16 +70,23 @@ def script(render, tmp_path: Path):
         f'[ -n "$INSTALLS" ] && echo "2026-12-07 13:00:00 status installed $INSTALLS" >> {log}\n'
         "exit 0\n"
     )
-    (bin_ / "dpkg-query").write_text("#!/bin/sh\necho 'clamav-daemon 1.0.7'\n")
+    (bin_ / "dpkg-query").write_text(  # the version, and the package's md5sums list
+        '#!/bin/sh\n[ "$1" = --control-show ] && { printf "$MD5SUMS"; exit 0; }\n'
+        'echo "clamav-daemon $VERSION"\n'
+    )
     for f in bin_.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IXUSR)
 
-    def run(*args: str, installs: str = "") -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, installs: str = "", version: str = "1.0.7", md5sums: str = MD5SUMS
+    ) -> subprocess.CompletedProcess[str]:
         env = {
             **os.environ,
             "PATH": f"{bin_}:{os.environ['PATH']}",
             "APT_ARGS": str(tmp_path / "apt-args"),
             "INSTALLS": installs,
+            "VERSION": version,
+            "MD5SUMS": md5sums,
         }
         return subprocess.run([str(path), *args], env=env, capture_output=True, text=True)
 
@@ -101,7 +109,15 @@ def test_upgrade_holds_restarts_back_and_records_what_it_installed(script) -> No
         "Dpkg::Options::=--force-confold -o Dpkg::Options::=--force-confdef "
         "--reinstall clamav-daemon"
     )
-    assert script.record.read_text() != first  # a reinstall counts: the roll restarts
+    # the same versions and files: the same record (a reinstall of them restarts nothing), and
+    # the same on every scanner that installed them — never when (the roll's first scanner of
+    # a record goes alone, then batches: a record per scanner would make every batch one)
+    assert script.record.read_text() == first
+    done = script(installs="clamav-daemon:amd64 1.0.8", version="1.0.8")
+    assert done.returncode == 0 and script.record.read_text() != first  # a new version
+    newer = script.record.read_text()
+    done = script(installs="clamav-daemon:amd64 1.0.8", version="1.0.8", md5sums="ff  x\\n")
+    assert done.returncode == 0 and script.record.read_text() != newer  # other files
 
 
 def test_upgrade_that_installs_nothing_leaves_the_record_and_no_policy(script) -> None:
