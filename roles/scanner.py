@@ -40,7 +40,8 @@ ENGINE_PACKAGES = [
     "libc-icap-mod-virus-scan",
 ]
 ENGINES_UPGRADE = "/usr/local/sbin/mailtower-engines-upgrade"
-ENGINES_REFRESH = f"{_common.VENV}/bin/python -m mailtower.scand.engines refresh"
+# -I: as root, nothing from the working directory or PYTHON* variables on sys.path
+ENGINES_REFRESH = f"{_common.VENV}/bin/python -I -m mailtower.scand.engines refresh"
 
 
 class MemTotalMib(FactBase):

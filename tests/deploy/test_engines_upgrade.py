@@ -16,7 +16,8 @@ from test_templates import _unit_service
 
 from mailtower.scand import engines
 from mailtower.scanning.engines.icap import parse_icap_url
-from roles.scanner import ENGINE_PACKAGES, ENGINES_UPGRADE
+from roles._common import VENV
+from roles.scanner import ENGINE_PACKAGES, ENGINES_REFRESH, ENGINES_UPGRADE
 
 SCAND = "scanner/etc/systemd/system/mailtower-scand.service"
 MD5SUMS = "0123456789abcdef0123456789abcdef  usr/sbin/clamd\\n"
@@ -27,7 +28,9 @@ def test_scand_unit_refreshes_the_engines_as_root_before_it_starts(render, setti
     url = parse_icap_url(icap) if icap else None
     unit = _unit_service(render(SCAND, settings, icap=url))
     pre = unit["ExecStartPre"]
-    assert pre.startswith("+/opt/mailtower/venv/bin/python -m mailtower.scand.engines refresh ")
+    # -I: run as root, nothing from the working directory or PYTHON* variables on sys.path
+    assert pre.startswith("+/opt/mailtower/venv/bin/python -I -m mailtower.scand.engines refresh ")
+    assert ENGINES_REFRESH.startswith(f"{VENV}/bin/python -I -m ")  # the deploy's, as root too
     assert f"--clamd {settings.clamd_socket}" in pre
     assert ("--icap 127.0.0.1:1344" in pre) == bool(icap)
     wait = int(re.search(r"--timeout (\d+)", pre).group(1))
