@@ -14,7 +14,7 @@ import pytest
 from conftest import sample_settings
 from test_templates import _unit_service
 
-from mailtower.scand import engines
+from mailtower.scand import engines, stack
 from mailtower.scanning.engines.icap import parse_icap_url
 from roles._common import VENV
 from roles.scanner import ENGINE_PACKAGES, ENGINES_REFRESH, ENGINES_UPGRADE
@@ -129,3 +129,11 @@ def test_upgrade_that_installs_nothing_leaves_the_record_and_no_policy(script) -
     assert "nothing installed" in done.stdout
     assert not script.record.exists()  # no scanner behind, no roll
     assert not (script.sbin / "policy-rc.d").exists()  # services start again as usual
+
+
+def test_scand_refuses_a_second_restart_until_systemd_and_the_monitor_are_done(render, settings):
+    """POST /stack/restart's cooldown (scand.stack.restart_cooldown_s) is the unit's RestartSec
+    and the monitor's wait for the restarted scand."""
+    unit = _unit_service(render(SCAND, settings))
+    expected = int(unit["RestartSec"]) + settings.upgrade.restart_timeout_s
+    assert stack.restart_cooldown_s(settings) == expected
