@@ -17,7 +17,13 @@ from test_templates import _unit_service
 from mailtower.scand import engines, stack
 from mailtower.scanning.engines.icap import parse_icap_url
 from roles._common import VENV
-from roles.scanner import ENGINE_PACKAGES, ENGINES_REFRESH, ENGINES_UPGRADE
+from roles.scanner import (
+    DEPLOYING,
+    ENGINE_PACKAGES,
+    ENGINES_REFRESH,
+    ENGINES_UPGRADE,
+    marker_needed,
+)
 
 SCAND = "scanner/etc/systemd/system/mailtower-scand.service"
 MD5SUMS = "0123456789abcdef0123456789abcdef  usr/sbin/clamd\\n"
@@ -137,3 +143,15 @@ def test_scand_refuses_a_second_restart_until_systemd_and_the_monitor_are_done(r
     unit = _unit_service(render(SCAND, settings))
     expected = int(unit["RestartSec"]) + settings.upgrade.restart_timeout_s
     assert stack.restart_cooldown_s(settings) == expected
+
+
+def test_the_deploy_marks_itself_in_progress_only_when_it_writes_something() -> None:
+    """The scanner role's marker (scand: nothing to roll while it exists) is created and removed
+    only by a deploy that changes what scand's digest names: an unchanged tower's deploy
+    reports no change."""
+    local = {"/opt/mailtower/wheelhouse.tar": "a" * 64, "/etc/mailtower/tower.json": "b" * 64}
+    assert str(stack.DEPLOYING) == DEPLOYING
+    assert not marker_needed(dict(local), local, left=False)  # unchanged: nothing runs
+    assert marker_needed({**local, "/etc/mailtower/tower.json": "c" * 64}, local, left=False)
+    assert marker_needed({**local, "/opt/mailtower/wheelhouse.tar": None}, local, left=False)
+    assert marker_needed(dict(local), local, left=True)  # an interrupted deploy's: removed
