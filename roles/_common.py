@@ -294,10 +294,12 @@ def write_settings(role: str):
     share of the secrets (the relay's orderer its SQL password; scand its SQL password and
     the canary secret)."""
     files.directory(name="Ensure /etc/mailtower", path="/etc/mailtower", mode="755")
-    share = settings().for_role(role)
-    return put_text(
-        share.model_dump_json(indent=2) + "\n", SETTINGS_REMOTE, mode="640", group="mailtower"
-    )
+    return put_text(settings_text(role), SETTINGS_REMOTE, mode="640", group="mailtower")
+
+
+def settings_text(role: str) -> str:
+    """What write_settings(role) writes to SETTINGS_REMOTE."""
+    return settings().for_role(role).model_dump_json(indent=2) + "\n"
 
 
 def service_user():

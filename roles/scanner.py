@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.api.exceptions import DeployError
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, Sha256File
 from pyinfra.operations import files, server, systemd
 
-from mailtower.scand import engines
+from mailtower.scand import engines, stack
 from mailtower.settings import TowerSettings
 from roles import _common
 from roles._common import settings, template
@@ -40,7 +43,11 @@ ENGINE_PACKAGES = [
     "libc-icap-mod-virus-scan",
 ]
 ENGINES_UPGRADE = "/usr/local/sbin/mailtower-engines-upgrade"
-ENGINES_REFRESH = f"{_common.VENV}/bin/python -m mailtower.scand.engines refresh"
+# -I: as root, nothing from the working directory or PYTHON* variables on sys.path
+ENGINES_REFRESH = f"{_common.VENV}/bin/python -I -m mailtower.scand.engines refresh"
+# While this deploy writes what scand's digest names, scand reports nothing to roll
+# (scand.stack.pending): no restart between the wheel and the settings written after it.
+DEPLOYING = str(stack.DEPLOYING)
 
 
 class MemTotalMib(FactBase):
@@ -124,7 +131,39 @@ def local_icap():
     return url if url.host in ("127.0.0.1", "localhost") else None
 
 
-def install():
+def marker_needed(remote: dict[str, str | None], local: dict[str, str], left: bool) -> bool:
+    """Whether this deploy marks itself in progress (DEPLOYING): a file scand's digest names
+    differs on the host (``remote``, path → sha256 or None) from what it writes (``local``),
+    or an interrupted deploy ``left`` the marker. Nothing to write, no marker: an unchanged
+    tower's deploy reports no change."""
+    return left or any(remote.get(path) != sha for path, sha in local.items())
+
+
+@functools.cache
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def deploy_marked() -> bool:
+    """marker_needed for this host: the wheelhouse and the settings, before either is written.
+    (The units' changes wait for daemon-reload in scand.stack.pending; the engines' files are
+    written one by one: a restart between two is followed by another, the roll's next.)"""
+    local = {
+        f"{_common.WHEELHOUSE_REMOTE}.tar": _sha256_of(_common.wheelhouse_tar()),
+        _common.SETTINGS_REMOTE: hashlib.sha256(
+            _common.settings_text("scanners").encode()
+        ).hexdigest(),
+    }
+    remote = {path: host.get_fact(Sha256File, path=path) for path in local}
+    return marker_needed(remote, local, host.get_fact(File, path=DEPLOYING) is not None)
+
+
+def install(marked: bool = False):
+    server.shell(
+        name="Mark the deploy in progress (scand: nothing to roll until it is done)",
+        commands=[f"mkdir -p {Path(DEPLOYING).parent} && touch {DEPLOYING}"],
+        _if=lambda: marked,
+    )
     # freshclam cannot reach the public signature servers from a tower: the monitor's mirror
     # is the only source of signatures.
     systemd.service(
@@ -240,7 +279,7 @@ def configure():
     return ops
 
 
-def activate(ops, install_op):
+def activate(ops, install_op, marked: bool = False):
     changed = {k: _common.changes(v) for k, v in ops.items()}
     stack_changed = install_op.did_change
     systemd.daemon_reload(
@@ -299,6 +338,12 @@ def activate(ops, install_op):
         running=True,
         enabled=True,
     )
+    # Last: what is installed is complete and loaded (daemon-reload above); the monitor rolls it.
+    server.shell(
+        name="Deploy done (scand: what is installed is ready to roll)",
+        commands=[f"rm -f {DEPLOYING}"],
+        _if=lambda: marked,
+    )
 
 
 def _rolled() -> bool:
@@ -343,5 +388,6 @@ def _activate_engines(changed) -> None:
 
 @deploy("mailtower scanner")
 def deploy_scanner():
-    install_op = install()
-    activate(configure(), install_op)
+    marked = deploy_marked()
+    install_op = install(marked)
+    activate(configure(), install_op, marked)

@@ -22,7 +22,7 @@ from aiosmtpd.controller import Controller
 from conftest import sample_settings
 from needs import missing
 
-from mailtower.settings import AlertSettings, TowerSettings
+from mailtower.settings import AlertSettings, Bundles, Goc, TowerSettings
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 AMTOOL = "/usr/bin/amtool"
@@ -269,16 +269,35 @@ def _ready(url: str) -> bool:
 # -- Prometheus ---------------------------------------------------------------------------------
 
 
+PEM = (
+    "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+    "-----END PUBLIC KEY-----\n"
+)
 VARIANTS = {
     "alone": {},
     "alerts": {"alerts": {"to": OPS, "for_max": "20s"}},
+    # the lab and every GOC-fed tower (as test_templates: the GOC's secrets left out)
+    "bundles": {},
 }
+
+
+def variant_settings(variant: str) -> TowerSettings:
+    s = sample_settings(**VARIANTS[variant])
+    if variant == "bundles":
+        s = s.model_copy(
+            update={
+                "goc": Goc(address="10.0.9.10"),
+                "rules_dir": "/var/lib/mailtower/rules",
+                "bundles": Bundles(public_key=PEM),
+            }
+        )
+    return s
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_rules_and_config_pass_promtool(render, tmp_path, variant):
     promtool = program(PROMTOOL, "prometheus")
-    s = sample_settings(**VARIANTS[variant])
+    s = variant_settings(variant)
     rule_files = []
     for name in ("mailtower", "hosts"):
         path = tmp_path / f"{name}.yml"
@@ -288,6 +307,8 @@ def test_rules_and_config_pass_promtool(render, tmp_path, variant):
         [promtool, "check", "rules", *map(str, rule_files)], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # a scanner kept out by the rolling upgrade pages on every tower, bundles or not
+    assert "alert: ScannerStuckAfterUpgrade" in rule_files[0].read_text()
     prom = render("monitor/etc/prometheus/prometheus.yml", s)
     for path in rule_files:
         prom = prom.replace(f"/etc/prometheus/rules/{path.name}", str(path))

@@ -15,7 +15,7 @@ import pytest
 from monitor_fakes import free_port, tower
 
 from mailtower.monitor import health, upgrade_cli
-from mailtower.monitor.errors import HAProxyError, UpgradeCheckFailed
+from mailtower.monitor.errors import HAProxyError, RestartDeferred, UpgradeCheckFailed
 from mailtower.monitor.metrics import MonitorMetrics
 from mailtower.monitor.pool import Pool, PoolMember
 from mailtower.monitor.rollout import canary
@@ -395,3 +395,120 @@ def test_engine_config_rolls_in_the_windows_and_nowhere_else(tmp_path) -> None:
     assert [len(b) for b in steps.batches] == [1] + [3] * 7 + [1]
     asyncio.run(rollout.roll())  # and again: nothing behind, nothing restarts
     assert steps.engine_restarts == {s.name: [True] for s in pool.scanners}
+
+
+# -- a monitor stopped mid-window; scand refusing a restart -----------------------------------
+
+
+class Blocking(FakeSteps):
+    """The drain never ends: the monitor is stopped (its task cancelled) meanwhile."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
+        self.draining = asyncio.Event()
+        self.order: list[tuple[str, str]] = []
+
+    async def drained(self, s: PoolMember) -> None:
+        self.draining.set()
+        await asyncio.Event().wait()
+
+    async def restart(self, s: PoolMember) -> None:
+        self.order.append(("restart", s.name))
+        await super().restart(s)
+
+    async def check(self, s: PoolMember) -> None:
+        self.order.append(("check", s.name))
+
+    async def put_back(self, s: PoolMember) -> None:
+        self.order.append(("put_back", s.name))
+        await super().put_back(s)
+
+
+@pytest.mark.parametrize("restarted_before_the_stop", [False, True])
+def test_a_window_open_when_the_monitor_stops_is_finished_by_the_next(
+    tmp_path, restarted_before_the_stop
+) -> None:
+    rollout, _, pool = make(tmp_path)
+    steps = Blocking(pool)
+    rollout.steps = steps
+
+    async def stopped_mid_window() -> None:
+        task = asyncio.create_task(rollout.roll())
+        await steps.draining.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(stopped_mid_window())
+    stored = json.loads((tmp_path / "stack" / "applying.json").read_text())
+    assert stored == ["s01"] and rollout.snapshot()["stuck"] == {}
+    # a new monitor: a fresh pool (nothing probed, nobody held) on the same state directory
+    for s in pool.scanners:
+        s.held, s.stack = False, None
+    again = StackRollout(rollout.monitor, steps, state_dir=tmp_path / "stack")
+    assert pool["s01"].held  # before the health loop's first tick could put it back
+    assert again.snapshot()["applying"] == ["s01"]
+    asyncio.run(again.roll())  # not probed yet: it waits, held, and nothing else moves
+    assert pool["s01"].held and steps.order == []
+    for s in pool.scanners:  # the health loop's first tick
+        s.stack = OLD
+    pool["s01"].stack = NEW if restarted_before_the_stop else OLD
+    steps.drained = FakeSteps.drained.__get__(steps)  # type: ignore[method-assign]
+    asyncio.run(again.roll())
+    first = steps.order[: steps.order.index(("put_back", "s01")) + 1]
+    expected = [("check", "s01"), ("put_back", "s01")]
+    if not restarted_before_the_stop:
+        expected.insert(0, ("restart", "s01"))
+    assert first == expected  # checked before it went back, restarted only if behind
+    assert all(s.stack == NEW and not s.held for s in pool.scanners)
+    assert json.loads((tmp_path / "stack" / "applying.json").read_text()) == []
+
+
+@pytest.mark.parametrize("answer", ["cooldown", "deploying"])
+def test_a_restart_scand_refuses_for_now_puts_the_scanner_back_not_out(
+    monkeypatch, tmp_path, answer
+) -> None:
+    scand = FakeScand()
+    steps, s, haproxy = real_steps(monkeypatch, scand)
+
+    async def refusing(host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        if path != "/stack/restart":
+            return await FakeScand.request(scand, host, port, method, path, body, headers)
+        if answer == "cooldown":
+            return 409, {"status": "cooldown", "reason": "restarted 3s ago", "stack": OLD}
+        return 409, {"status": "current", "reason": "a deploy", "stack_installed": None}
+
+    monkeypatch.setattr(health, "request", refusing)
+    rollout, _, _ = make(tmp_path)
+    rollout.steps = steps
+    with pytest.raises(RestartDeferred):
+        asyncio.run(rollout.window(s))
+    assert haproxy.state == {"s01": "ready"} and not s.held  # back in service
+    assert rollout.snapshot()["stuck"] == {} and rollout.snapshot()["applying"] == []
+    assert "s01" in rollout.deferred  # tried again in a later round
+
+
+def test_a_scand_already_running_what_is_installed_goes_on_to_the_checks(monkeypatch) -> None:
+    scand = FakeScand()
+    scand.running = NEW  # restarted before (a monitor stopped mid-window)
+    steps, s, _ = real_steps(monkeypatch, scand)
+
+    async def current(host, port, method, path, body=b"", headers=None, timeout_s=5.0):
+        if path != "/stack/restart":
+            return await FakeScand.request(scand, host, port, method, path, body, headers)
+        return 409, {
+            "status": "current",
+            "reason": "it runs it",
+            "stack": NEW,
+            "stack_installed": NEW,
+        }
+
+    monkeypatch.setattr(health, "request", current)
+    asyncio.run(steps.restart(s))
+    assert s.stack == NEW
+
+
+def test_the_deploy_waits_for_a_scanner_not_ready_to_roll() -> None:
+    doc = {"stack": OLD, "stack_installed": None, "stack_pending": "a deploy is writing"}
+    progress = upgrade_cli.judge([("s01", "10.0.0.1")], [(True, doc)], {"upgrade": {}})
+    assert progress.behind == ["s01 (10.0.0.1): a deploy is writing"] and not progress.done

@@ -383,7 +383,7 @@ def test_health_and_metrics(scand: Scand) -> None:
     doc = json.loads(body)
     # what this scand runs and what a restart would run (a rolling upgrade compares them)
     running, installed = doc.pop("stack"), doc.pop("stack_installed")
-    assert running == installed
+    assert running == installed and doc.pop("stack_pending") is None  # ready, nothing to roll
     assert doc == {
         "status": "ok",
         "test": "test 1.0",

@@ -26,6 +26,11 @@ class CanaryFailed(RolloutError):
     are wrong (not a scanner that could not answer, which is a plain RolloutError)."""
 
 
+class RestartDeferred(RolloutError):
+    """scand would not restart now (a deploy is writing what is installed, or it restarted a
+    moment ago): the scanner goes back in service and a later round tries it again."""
+
+
 class QuarantineManagerError(MonitorError):
     """The quarantine manager could not do one thing; the message names the host and step."""
 

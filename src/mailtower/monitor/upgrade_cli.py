@@ -56,6 +56,8 @@ def judge(
             behind.append(f"{name} ({address})")
         elif installed and doc.get("stack") != installed:
             behind.append(f"{name} ({address})")
+        elif doc.get("stack_pending"):  # a deploy writes, or systemd has yet to reload: wait
+            behind.append(f"{name} ({address}): {doc['stack_pending']}")
     return Progress(behind, down, stuck, list(upgrade.get("applying") or []))
 
 

@@ -46,7 +46,7 @@ FILES = (
     Path("/etc/c-icap/c-icap.conf"),
     Path("/etc/systemd/system/c-icap.service.d/mailtower.conf"),
     # written by mailtower-engines-upgrade after each install of the engines' packages
-    # (their versions and when): a reinstall counts as new packages too
+    # (their versions and their files' checksums: equal on every scanner with the same packages)
     Path("/var/lib/mailtower/engines-packages"),
 )
 # What the engines last started with (root's: the refresh writes it)

@@ -16,12 +16,15 @@ import hmac
 import json
 import logging
 import socket
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailtower import bundles
+from mailtower._fsio import write_durable
 from mailtower.clamavdb import DatabaseError
 from mailtower.scand import bundle_apply, clamav_apply, stack
 from mailtower.scand.errors import ClamavApplyError
@@ -29,8 +32,6 @@ from mailtower.scanning.engines import Engine
 from mailtower.scanning.errors import EngineError
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from mailtower.scand.server import Scanner
     from mailtower.settings import TowerSettings
 
@@ -149,8 +150,11 @@ class Source(abc.ABC):
         return before
 
     def stack_state(self) -> dict[str, object]:
-        """For /health: the digest of what runs and of what a restart would run."""
-        return {"stack": self.stack_running, "stack_installed": stack.digest(self.stack_settings)}
+        """For /health: the digest of what runs and of what a restart would run — null, with
+        the reason in ``stack_pending``, while that is not ready to roll (stack.pending)."""
+        waits = stack.pending()
+        installed = None if waits else stack.digest(self.stack_settings)
+        return {"stack": self.stack_running, "stack_installed": installed, "stack_pending": waits}
 
     def clamav_state(self) -> dict[str, object]:
         """For /health: the official ClamAV databases live in clamd's directory ({db:
@@ -313,9 +317,32 @@ async def _stack_request(
     systemd follows with a start of what is installed (the monitor has drained the scanner)."""
     if not _authorized(source, headers):
         return 403, {"status": "refused", "reason": "missing or wrong X-Mailtower-Token"}
+    state = source.stack_state()
+    if state["stack_installed"] is None or state["stack_installed"] == source.stack_running:
+        # nothing to restart for (or not yet): a restart would only empty a scanner
+        reason = state["stack_pending"] or "it runs what is installed"
+        return 409, {"status": "current", "reason": f"nothing to restart: {reason}", **state}
+    settings = source.current_settings()
+    cooldown = stack.restart_cooldown_s(settings)
+    mark = Path(settings.spool_dir) / stack.RESTARTED
+    try:
+        ago = time.time() - float(mark.read_text())
+    except (OSError, ValueError):
+        ago = None
+    if ago is not None and 0 <= ago < cooldown:
+        return 409, {
+            "status": "cooldown",
+            "reason": f"restarted {ago:.0f}s ago; another restart after {cooldown:g}s",
+            "retry_after_s": round(cooldown - ago, 1),
+            **state,
+        }
+    try:
+        write_durable(mark, f"{time.time():.3f}\n".encode())
+    except OSError as exc:  # the cooldown is a guard, not a reason to refuse the window
+        log.error("event=stack_restart_not_recorded path=%s error=%r", mark, exc)
     log.warning("event=stack_restart running=%s", source.stack_running)
     asyncio.get_running_loop().call_later(0.2, stack.restart_self)
-    return 200, {"status": "restarting", **source.stack_state()}
+    return 200, {"status": "restarting", **state}
 
 
 def _authorized(source: Source, headers: dict[str, str]) -> bool:
@@ -409,7 +436,7 @@ async def start_http(
     or on the bound socket ``sock``."""
     source = scanner if isinstance(scanner, Source) else ScannerSource(scanner)
     source.stack_settings = getattr(source, "settings_path", None)
-    source.stack_running = stack.digest(source.stack_settings)
+    source.stack_running = stack.running_digest(source.stack_settings)
     if sock is not None:
         return await asyncio.start_server(lambda r, w: _handle(source, r, w), sock=sock)
     return await asyncio.start_server(

@@ -20,6 +20,14 @@ never so many that fewer than the load needs plus ``upgrade.spare`` stay in serv
 its reason (``/pool``'s ``upgrade.stuck``, the metric mailtower_upgrade_scanners_stuck) and the
 roll stops until what is installed on it changes (a fixed deploy); then it is tried again.
 ``mailtower-monitor upgrade wait`` (run by the deploy) reports the result (upgrade_cli.py).
+
+A scanner reporting ``stack_installed`` null (scand.stack.pending: a deploy is writing what
+is installed, or systemd has not loaded its new unit files) is not behind: not ready to roll.
+scand refuses a restart with 409 when it runs what is installed or restarted a moment ago
+(``RestartDeferred``: back in service, tried in a later round). The scanners in a window are
+recorded (``APPLYING``) when it opens: a monitor stopped mid-window (a restart, a crash)
+holds them again at its start and finishes their windows (restart if still behind, check,
+put back) before it rolls on, so none goes back in service unchecked.
 """
 
 from __future__ import annotations
@@ -35,7 +43,12 @@ from typing import Protocol
 
 from mailtower._fsio import write_durable
 from mailtower.monitor import health
-from mailtower.monitor.errors import HAProxyError, RolloutError, UpgradeCheckFailed
+from mailtower.monitor.errors import (
+    HAProxyError,
+    RestartDeferred,
+    RolloutError,
+    UpgradeCheckFailed,
+)
 from mailtower.monitor.pool import MAINT, READY, PoolMember
 from mailtower.monitor.rollout import plan
 from mailtower.monitor.rollout.canary import run_canaries
@@ -46,6 +59,7 @@ log = logging.getLogger("mailtower.monitor.rollout")
 
 STATE_DIR = Path("/var/lib/mailtower-monitor/stack")  # the unit's StateDirectory
 STUCK = "stuck.json"  # {scanner: {"installed": digest, "reason": text}}
+APPLYING = "applying.json"  # [scanner, …]: in a window (out of service) now
 HINT = (
     "on the scanner: journalctl -u mailtower-scand; fix the cause and deploy again (a scanner "
     "kept out is tried again when what is installed on it changes)"
@@ -114,6 +128,12 @@ class StackRollout:
                 monitor.pool[name].held = True  # before the health loop's first tick
             else:
                 del self.state.stuck[name]
+        # windows a stopped monitor left open: held, finished before the roll goes on
+        self.resume = {n for n in _load_applying(state_dir) if n in names} - set(self.state.stuck)
+        for name in self.resume:
+            monitor.pool[name].held = True
+        self.state.applying = set(self.resume)
+        self.deferred: dict[str, float] = {}  # scanner → not before (monotonic): scand's 409
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info(
@@ -139,9 +159,12 @@ class StackRollout:
 
     async def _roll(self) -> None:
         pool = self.monitor.pool
+        if not await self._resume():
+            return  # a window a stopped monitor left open is not finished yet
         if not await self._retry_stuck():
             return  # the roll stays stopped while a scanner fails its check
-        while todo := behind(pool.scanners):
+        now = time.monotonic()
+        while todo := [s for s in behind(pool.scanners) if self.deferred.get(s.name, 0) <= now]:
             try:
                 sessions = await self.steps.sessions()
             except HAProxyError as exc:
@@ -161,34 +184,51 @@ class StackRollout:
             assert installed is not None  # behind() keeps only those with one
             batch = todo[: 1 if first_of(pool.scanners, installed) else room]
             results = await asyncio.gather(*(self.window(s) for s in batch), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, Exception):
+                    raise r  # the monitor stops (cancelled): APPLYING has the open windows
             if any(isinstance(r, BaseException) for r in results):
                 return
 
-    async def window(self, s: PoolMember, *, held: bool = False) -> None:
+    async def window(self, s: PoolMember, *, held: bool = False, restart: bool = True) -> None:
         """One scanner: out, drained, restarted, checked, back. A failure after it went out
-        keeps it out (held, maintenance) with the reason, and raises."""
+        keeps it out (held, maintenance) with the reason, and raises. Recorded (APPLYING)
+        from before it goes out until it is back: a monitor stopped meanwhile (an exception
+        that is not an Exception: cancelled) leaves it recorded, and finishes it at its start.
+        ``restart=False``: it already runs what is installed (such a window): checked, back."""
         started = time.monotonic()
-        self.state.applying.add(s.name)
+        self._applying(s.name, True)
         installed = s.stack_installed
         if not held:
             try:
                 await self.steps.take_out(s)
             except Exception:  # HAProxy did not take it out: nothing changed, the round ends
-                self.state.applying.discard(s.name)
+                self._applying(s.name, False)
                 raise
         try:
-            await self.steps.drained(s)
-            await self.steps.restart(s)
+            if restart:
+                await self.steps.drained(s)
+                await self.steps.restart(s)
             await self.steps.check(s)
+        except RestartDeferred as exc:  # scand would not restart now: back, tried later
+            log.info("event=upgrade_scanner_deferred scanner=%s reason=%r", s.name, str(exc))
+            self.deferred[s.name] = time.monotonic() + self.config.poll_interval_s * 6
+            await self.steps.put_back(s)
+            self._applying(s.name, False)
+            raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, RolloutError) else f"{exc!r}"
             self._keep_out(s, installed, reason)
-            self.state.applying.discard(s.name)
+            self._applying(s.name, False)
+            raise
+        except BaseException:
+            self._applying(s.name, True)  # recorded again (it is): the next monitor finishes it
+            log.warning("event=upgrade_window_interrupted scanner=%s", s.name)
             raise
         self.state.stuck.pop(s.name, None)
         self._record_stuck()
         await self.steps.put_back(s)
-        self.state.applying.discard(s.name)  # only now: `upgrade wait` sees it back
+        self._applying(s.name, False)  # only now: `upgrade wait` sees it back
         self.state.restarted += 1
         self.monitor.metrics.upgrade_restarts.labels("ok").inc()
         log.info(
@@ -198,6 +238,32 @@ class StackRollout:
             s.stack,
             time.monotonic() - started,
         )
+
+    async def _resume(self) -> bool:
+        """Finish the windows a stopped monitor left open (held since this one started):
+        restarted if still behind, checked, back; True when none is left."""
+        for name in sorted(self.resume):
+            s = self.monitor.pool[name]
+            if s.stack is None:
+                continue  # not probed yet (or down): it stays held meanwhile
+            behind_now = s.stack_installed is not None and s.stack != s.stack_installed
+            log.warning("event=upgrade_window_resumed scanner=%s restart=%s", name, behind_now)
+            self.resume.discard(name)
+            with contextlib.suppress(Exception):  # kept out (stuck) or deferred, as any window
+                await self.window(s, held=True, restart=behind_now)
+        return not self.resume
+
+    def _applying(self, name: str, applying: bool) -> None:
+        if applying:
+            self.state.applying.add(name)
+        else:
+            self.state.applying.discard(name)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            record = json.dumps(sorted(self.state.applying)) + "\n"
+            write_durable(self.state_dir / APPLYING, record.encode())
+        except OSError as exc:  # a monitor stopped mid-window would put it back unchecked
+            log.error("event=upgrade_applying_not_recorded path=%s error=%r", self.state_dir, exc)
 
     async def _retry_stuck(self) -> bool:
         """Try again each scanner kept out whose installed code changed since; True when none
@@ -270,6 +336,14 @@ def _load_stuck(state_dir: Path) -> dict[str, Stuck]:
     }
 
 
+def _load_applying(state_dir: Path) -> list[str]:
+    try:
+        found = json.loads((state_dir / APPLYING).read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(n) for n in found] if isinstance(found, list) else []
+
+
 class StackSteps:
     """The windows' I/O on a tower: the relay's HAProxy, scand's HTTP API and its filter port."""
 
@@ -330,10 +404,15 @@ class StackSteps:
             raise UpgradeCheckFailed(
                 "restart", f"no answer to POST /stack/restart: {exc!r}"
             ) from exc
-        if status != 200:
-            raise UpgradeCheckFailed(
-                "restart", f"POST /stack/restart answered {status}: {doc.get('reason', doc)}"
-            )
+        reason = doc.get("reason", doc)
+        if status == 409 and doc.get("status") == "cooldown":
+            raise RestartDeferred(f"{s.name} ({s.address}): {reason}")
+        if status == 409 and doc.get("status") == "current":
+            if doc.get("stack_installed") is None:  # a deploy is writing: not ready yet
+                raise RestartDeferred(f"{s.name} ({s.address}): {reason}")
+            # it already runs what is installed (restarted otherwise): the checks decide
+        elif status != 200:
+            raise UpgradeCheckFailed("restart", f"POST /stack/restart answered {status}: {reason}")
         target = doc.get("stack_installed")
         budget = self.settings.upgrade.restart_timeout_s
         deadline = time.monotonic() + budget
@@ -341,13 +420,11 @@ class StackSteps:
         await asyncio.sleep(1.0)  # scand answers before it stops
         while time.monotonic() < deadline:
             ok, doc = await health.check(s.address, port, timeout)
-            if (
-                ok
-                and doc.get("stack") is not None
-                and doc.get("stack") == doc.get("stack_installed")
-                and (target is None or doc.get("stack") == target)
-            ):
-                s.stack, s.stack_installed = doc["stack"], doc["stack_installed"]
+            running, installed = doc.get("stack"), doc.get("stack_installed")
+            # runs what is installed — or what was when asked, while a new deploy writes
+            current = running == installed or (installed is None and doc.get("stack_pending"))
+            if ok and running is not None and current and (target is None or running == target):
+                s.stack, s.stack_installed = running, installed
                 s.rules_bundle = doc.get("rules_bundle")
                 s.healthy = True  # checked here; the next batch's room counts it at once
                 return
