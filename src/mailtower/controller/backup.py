@@ -475,6 +475,21 @@ TOOL = "/opt/mailtower/venv/bin/mailtower"
 GOC_DAEMONS = ("mailtower-eye", "mailtower-portal")
 
 
+def goc_restore_host(goc_address: str, host: str) -> str:
+    """The host ``goc.restore`` restores onto: the GOC's address, whatever host answers there.
+    Another address is refused: the GOC's repository admits only the certificate of the GOC's
+    address, and the towers subscribe to that address."""
+    if host and host != goc_address:
+        raise PairError(
+            f"--host {host}: the GOC's address is {goc_address}; its repository admits only"
+            f" {goc_address}'s certificate and the towers subscribe to {goc_address}. Give the"
+            f" new host the address {goc_address}, deploy it with the GOC's inventory, then run"
+            " goc.restore without --host (or change goc.address in the GOC's and the towers'"
+            " inventories and deploy them all first)"
+        )
+    return goc_address
+
+
 def restore_goc(
     goc: Remote,
     towers: Mapping[str, list[Remote]],
