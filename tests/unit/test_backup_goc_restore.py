@@ -134,8 +134,11 @@ def test_sync_goc_after_restore_reaches_the_re_point(monkeypatch, capsys, flag, 
 def test_goc_restore_onto_another_address_is_refused_with_the_fix() -> None:
     assert backup.goc_restore_host(GOC, "") == GOC
     assert backup.goc_restore_host(GOC, GOC) == GOC
-    with pytest.raises(sqlpair.PairError, match=r"admits only 10\.0\.9\.10's certificate.*"
-                       r"Give the new host the address 10\.0\.9\.10"):
+    with pytest.raises(
+        sqlpair.PairError,
+        match=r"admits only 10\.0\.9\.10's certificate.*"
+        r"Give the new host the address 10\.0\.9\.10",
+    ):
         backup.goc_restore_host(GOC, "10.0.9.11")
 
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -126,7 +128,9 @@ def test_every_other_host_is_fenced_for_good_even_one_already_down() -> None:
 
 def test_an_unreachable_host_is_refused_before_anything_is_stopped() -> None:
     state = {"10.0.0.12": "primary", "10.0.0.13": "standby", "unreachable": {"10.0.0.12"}}
-    with pytest.raises(sqlpair.PairError, match=r"cannot reach 10\.0\.0\.12.*--fenced 10\.0\.0\.12"):
+    with pytest.raises(
+        sqlpair.PairError, match=r"cannot reach 10\.0\.0\.12.*--fenced 10\.0\.0\.12"
+    ):
         backup.restore(tower(state), "10.0.0.13", lambda _: None)
     assert state["10.0.0.13"] == "standby"
     assert not any("systemctl" in c or "rm -rf" in c for _, c in state["log"])
@@ -206,3 +210,39 @@ def test_each_host_admits_only_the_other_side_for_its_stanza() -> None:
     db = backup.render(backup.db_sections("tower-a", pgs[0], "10.0.0.11", "10.0.0.11", 8432), "t")
     assert "tls-server-auth=10.0.0.11=tower-a\n" in db and "repo1-host=10.0.0.11\n" in db
     assert "pg2" not in db
+
+
+def test_backup_keys_are_never_readable_by_others(tmp_path, monkeypatch) -> None:
+    """Each key has mode 0600 from its creation, whatever the umask (not a chmod after a
+    write that left it 0644 for a moment); the directory made 0700."""
+    before_chmod = []
+    chmod = Path.chmod
+
+    def spy(self: Path, mode: int, **kwargs) -> None:
+        if self.suffix == ".key":
+            before_chmod.append((self.name, self.stat().st_mode & 0o777))
+        chmod(self, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", spy)
+    old = os.umask(0o022)
+    try:
+        backup.ensure_pki(tmp_path / "deploy" / "tls", {"10.0.0.12": "10.0.0.12"})
+    finally:
+        os.umask(old)
+    tls = tmp_path / "deploy" / "tls"
+    assert tls.stat().st_mode & 0o777 == 0o700
+    for key in ("ca.key", "10.0.0.12.key"):
+        assert (tls / key).stat().st_mode & 0o777 == 0o600
+    assert all(mode == 0o600 for _, mode in before_chmod), before_chmod
+
+
+def test_a_backup_tls_dir_open_to_others_is_refused(tmp_path) -> None:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    tls.chmod(0o750)
+    with pytest.raises(sqlpair.PairError, match=r"mode 750 lets others in.*chmod 700"):
+        backup.ensure_pki(tls, {"10.0.0.12": "10.0.0.12"})
+    assert list(tls.iterdir()) == []
+    tls.chmod(0o700)
+    backup.ensure_pki(tls, {"10.0.0.12": "10.0.0.12"})
+    assert (tls / "10.0.0.12.key").exists()

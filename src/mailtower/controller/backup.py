@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import shlex
 import time
@@ -214,6 +215,22 @@ def switch_settings(switch_s: int) -> str:
 # --- The backup CA ---------------------------------------------------------------------------
 
 
+def _private_dir(directory: Path) -> None:
+    """``directory`` for the CA's and the hosts' keys: made 0700 when missing; an existing one
+    with any group or other permission is refused (its keys may have been read)."""
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+        directory.chmod(0o700)  # mkdir's mode is masked by the umask: exact, not merely less
+        return
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PairError(
+            f"{directory}: mode {mode:03o} lets others in, and it holds the backup CA's and the"
+            f" hosts' private keys; `chmod 700 {directory}` (and make new keys if others may"
+            " have read them: move the directory away and deploy again)"
+        )
+
+
 def ensure_pki(directory: Path, hosts: Mapping[str, str], days: int = 3650) -> None:
     """Make the backup CA (``ca.crt``, ``ca.key``) and a certificate for each host (``name``:
     CN, and its address as DNS and IP subject alternative names: pgBackRest matches the host
@@ -224,18 +241,21 @@ def ensure_pki(directory: Path, hosts: Mapping[str, str], days: int = 3650) -> N
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_dir(directory)
     now = dt.datetime.now(dt.UTC)
 
     def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+        # Mode 0600 from the start (never readable by others for a moment, whatever the
+        # umask); O_EXCL: a key is only ever made where none is.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
             )
-        )
-        path.chmod(0o600)
 
     ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"
     if not (ca_crt.exists() and ca_key.exists()):
