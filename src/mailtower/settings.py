@@ -454,7 +454,8 @@ class Backup(StrictModel):
     repository host that is not the database host; pgBackRest's own TLS server carries them
     (client certificates, each host admitted for this stanza only)."""
 
-    # The repository host; None: the tower's monitor (a GOC must name one).
+    # The repository host; None: the tower's monitor (a GOC must name one). A tower accepts
+    # only its monitor (the one role that sets a repository up).
     repo_host: IPv4Address | None = None
     # On the controller: the backup CA (ca.crt, ca.key) and one <address>.crt/.key per host,
     # made when missing (mailtower.controller.backup.ensure_pki); keep it with the secrets.
@@ -832,6 +833,23 @@ class TowerSettings(StrictModel):
     @property
     def sql_standby(self) -> IPv4Address:
         return self.hosts.sql[1]
+
+    @model_validator(mode="after")
+    def _backup_repo_is_the_monitor(self) -> TowerSettings:
+        # Only the monitor's role sets a repository up (roles/monitor.py): until a
+        # repository group exists, another host would be named in every pgbackrest.conf and
+        # never deployed. A SQL host would also lose its backups with itself.
+        repo = self.backup.repo_host if self.backup else None
+        if repo is not None and repo != self.hosts.monitor:
+            where = (
+                " (a SQL host: its backups would be lost with it)" if repo in self.hosts.sql else ""
+            )
+            raise ValueError(
+                f"backup.repo_host {repo} is not the monitor {self.hosts.monitor}{where}: only"
+                " the monitor is deployed as a tower's repository host; leave backup.repo_host"
+                " unset (the monitor)"
+            )
+        return self
 
     @property
     def backup_repo(self) -> IPv4Address | None:

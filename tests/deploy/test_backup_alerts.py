@@ -127,3 +127,21 @@ def test_the_stall_limit_must_exceed_the_segment_switch() -> None:
     with pytest.raises(ValueError, match="twice archive_switch_s"):
         Backup(tls_dir="/t", archive_switch_s=600, alert_archive_stall_s=900)
     assert Backup(tls_dir="/t", archive_switch_s=0, alert_archive_stall_s=60)
+
+
+@pytest.mark.parametrize(
+    ("repo", "error"),
+    [
+        ("192.0.2.12", r"backup\.repo_host 192\.0\.2\.12 is not the monitor.*a SQL host"),
+        ("192.0.2.50", r"backup\.repo_host 192\.0\.2\.50 is not the monitor 192\.0\.2\.11"),
+    ],
+)
+def test_a_towers_repository_host_is_its_monitor(repo: str, error: str) -> None:
+    """Only the monitor's role sets a repository up: another host would never be deployed."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=error):
+        sample_settings(backup={**BACKUP, "repo_host": repo})
+    monitor = sample_settings(backup={**BACKUP, "repo_host": "192.0.2.11"})
+    assert str(monitor.backup_repo) == "192.0.2.11"
+    assert str(sample_settings(backup=BACKUP).backup_repo) == "192.0.2.11"
