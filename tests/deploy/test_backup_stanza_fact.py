@@ -1,6 +1,7 @@
-"""The repository host's "is the first full backup due?" (roles/backup.py StanzaBackups): only
-an explicit none makes one; a failing `pgbackrest info` fails the deploy with the host, the
-check and the fix instead of a full backup on every deploy that meets a blip."""
+"""The deploy around backups: the repository host's "is the first full backup due?"
+(roles/backup.py StanzaBackups): only an explicit none makes one, and a failing `pgbackrest
+info` fails the deploy with the host, the check and the fix instead of a full backup on every
+deploy that meets a blip; and a SQL host a restore fenced is refused with the rebuild."""
 
 from __future__ import annotations
 
@@ -74,3 +75,19 @@ def test_an_unknown_count_fails_the_deploy_naming_host_check_and_fix() -> None:
 def test_a_first_backup_is_due_only_when_the_repository_holds_none() -> None:
     assert backup.check_backups(_stanza(), 0) is True
     assert backup.check_backups(_stanza(), 2) is False
+
+
+def test_a_deploy_refuses_a_fenced_sql_host_naming_the_rebuild() -> None:
+    from roles import sql
+
+    assert sql.PostgresMasked().process(["masked"]) is True
+    assert sql.PostgresMasked().process(["masked-runtime"]) is True
+    assert sql.PostgresMasked().process(["enabled"]) is False
+    assert sql.PostgresMasked().process([]) is False  # the first deploy: no PostgreSQL yet
+    sql.refuse_fenced("10.0.0.12", "tower-a", False)
+    with pytest.raises(
+        DeployError,
+        match=r"^10\.0\.0\.12: PostgreSQL is masked.*"
+        r"invoke sql\.rebuild --tower tower-a --host 10\.0\.0\.12",
+    ):
+        sql.refuse_fenced("10.0.0.12", "tower-a", True)
