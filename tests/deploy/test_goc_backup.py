@@ -98,7 +98,6 @@ def test_the_gocs_repository_host_serves_its_metrics_to_tower_a(monkeypatch, tmp
     """The sender's node exporter (its backup textfile) on its address; tower A's monitor
     scrapes it (job goc_backup), tower B's does not; a lab without the sender scrapes none."""
     from inventory._lab import goc_data, lab_tower_data
-
     from roles import goc
     from roles._common import NODE_EXPORTER
 
