@@ -13,9 +13,9 @@ invoke prereqs.pristine          …and a new machine gets each from scripts/boo
 invoke bench.scanner             scand against amavisd-new on this machine (same clamd, corpus)
 invoke sql.failover --tower lab-a   promote the SQL standby, re-point the GOC sync
 invoke sql.rebuild --tower lab-a --host 10.201.1.12   make the old primary a standby again
-invoke sql.restore --tower lab-a --host 10.201.1.13 [--target-time T]   restore from backup
+invoke sql.restore --tower lab-a --host 10.201.1.13 [--target-time T] [--fenced H]   restore
 invoke sql.upgrade --tower lab-a   PostgreSQL minor upgrade: standby, switchover, old primary
-invoke goc.restore [--goc lab-goc] [--host A] [--target-time T]   restore the GOC from backup
+invoke goc.restore [--goc lab-goc] [--target-time T]   restore the GOC from backup
 invoke bundle.publish [--rules DIR] [--version N]   sign and publish a rule bundle at the lab GOC
 """
 
@@ -511,9 +511,11 @@ def sql_rebuild(c, tower="lab-a", host=""):
         "tower": "inventory/<tower>.py",
         "host": "the SQL host to restore onto (deployed; its data directory is replaced)",
         "target_time": "point in time, e.g. '2026-12-07 13:05:00+00' (default: latest)",
-    }
+        "fenced": "another SQL host SSH cannot reach that you powered off or cut off (repeatable)",
+    },
+    iterable=["fenced"],
 )
-def sql_restore(c, tower="lab-a", host="", target_time=None):
+def sql_restore(c, tower="lab-a", host="", target_time=None, fenced=None):
     """Restore the tower's SQL from its pgBackRest repository onto ``host`` as the primary."""
     from mailtower.controller import backup, sqlpair
 
@@ -521,7 +523,9 @@ def sql_restore(c, tower="lab-a", host="", target_time=None):
         raise Exit("sql.restore: give --host ADDRESS (the SQL host to restore onto)", code=2)
     pair = _sql_tower(tower, _goc_default(tower))
     try:
-        timings = backup.restore(pair, host, _say, target_time=target_time)
+        timings = backup.restore(
+            pair, host, _say, target_time=target_time, fenced=tuple(fenced or ())
+        )
     except sqlpair.PairError as exc:
         raise Exit(f"sql.restore {tower}: {exc}", code=1) from exc
     print(json.dumps({k: round(v, 2) for k, v in timings.items()}))
@@ -553,14 +557,12 @@ def bundle_publish(c, rules="", version=0):
 @task(
     help={
         "goc": "the GOC's inventory (default: lab-goc)",
-        "host": "restore onto this address (deployed with the GOC's inventory; default: the GOC)",
+        "host": "the GOC's address (the only one accepted: a new host takes that address)",
         "target_time": "point in time, e.g. '2026-12-07 13:05:00+00' (default: latest)",
     }
 )
 def goc_restore(c, goc="lab-goc", host="", target_time=None):
     """Restore the GOC's PostgreSQL from its pgBackRest repository; re-make the towers' sync."""
-    from dataclasses import replace
-
     from mailtower.controller import backup, sqlpair
     from mailtower.controller import inventory as inventory_mod
 
@@ -569,8 +571,10 @@ def goc_restore(c, goc="lab-goc", host="", target_time=None):
     if not hosts:
         raise Exit(f"goc.restore: {inventory_path(goc)} has no host in group goc", code=2)
     remote = sqlpair.Remote.of(hosts[0])
-    if host:
-        remote = replace(remote, address=host)
+    try:
+        backup.goc_restore_host(remote.address, host)
+    except sqlpair.PairError as exc:
+        raise Exit(f"goc.restore: {exc}", code=2) from exc
     # Each tower of the GOC whose inventory is here (inventory/<tower>.py): its SQL hosts.
     towers = {}
     data = inventory.group_data.get("goc", {}).get("goc") or hosts[0].data.get("goc", {})

@@ -8,6 +8,8 @@ import json
 from mailtower.controller.lab import ca, clamav_upstream, lxc, plan
 
 LAB_PORTAL_PORT = 8027  # the lab GOC's quarantine portal (VirusEye 8025, bundles 8026)
+# The GOC's repository host's node exporter (its backup metrics), scraped by tower a's monitor.
+LAB_GOC_BACKUP_EXPORTER_PORT = 9100
 
 
 def _ssh() -> dict[str, str]:
@@ -114,6 +116,21 @@ def lab_tower_data(tower: str) -> dict:
             "portal_url": f"https://{plan.goc_host().address}:{LAB_PORTAL_PORT}",
             "poll_interval_s": 2,
         },
+        # Tower a's monitor scrapes the GOC's repository host (the sender, on the lab's
+        # on-link net), so the backup alerts cover stanza goc too.
+        **_goc_backup_metrics(tower),
+    }
+
+
+def _goc_backup_metrics(tower: str) -> dict:
+    repo = _goc_repository() if tower == "a" else None
+    if repo is None:
+        return {}
+    return {
+        "goc_backup_metrics": {
+            "address": str(repo.address),
+            "port": LAB_GOC_BACKUP_EXPORTER_PORT,
+        }
     }
 
 
@@ -218,6 +235,7 @@ def goc_data() -> dict:
         "clamav": lab_clamav_upstream(),
         # pgBackRest to the lab's sender (docs/runbook.md, The GOC's backups); None: lab-a alone.
         "backup": goc_backup(),
+        "backup_exporter_port": LAB_GOC_BACKUP_EXPORTER_PORT,
     }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FactBase
+from pyinfra.api.exceptions import DeployError
 from pyinfra.operations import files, server, systemd
 
 from mailtower import backup_metrics
@@ -245,22 +246,59 @@ def _metrics_files(st: Stanza) -> list:
     ]
 
 
+# StanzaBackups's outputs besides pgbackrest's JSON.
+NO_REPOSITORY = "MAILTOWER-NO-REPOSITORY-YET"
+INFO_FAILED = "MAILTOWER-PGBACKREST-INFO-FAILED"
+# `pgbackrest info` status codes that mean "no backup yet" (the stanza and a full backup are
+# due): 1 missing stanza path, 2 no valid backups, 3 missing stanza data.
+_NONE_YET = {1, 2, 3}
+
+
 class StanzaBackups(FactBase):
-    """How many backups the repository holds for the stanza (0: none, or no stanza yet)."""
+    """How many backups the repository holds for the stanza: 0 when it holds none or is not
+    set up yet (no user pgbackrest: the first deploy, which sets it up); None when
+    ``pgbackrest info`` fails or reports an error (unreadable repository, a mismatch...): then
+    nothing can say a first backup is due, and none is made."""
 
     def command(self, stanza: str) -> str:
         return (
-            f"cd /tmp && su pgbackrest -s /bin/sh -c '{backup.BIN} --stanza={stanza}"
-            " --output=json info' 2>/dev/null || echo '[]'"
+            f"if ! id -u pgbackrest >/dev/null 2>&1; then echo {NO_REPOSITORY}; else"
+            f" cd /tmp && su pgbackrest -s /bin/sh -c '{backup.BIN} --stanza={stanza}"
+            f" --output=json info' 2>/dev/null || echo {INFO_FAILED}; fi"
         )
 
     def process(self, output):
-        # Asked with --stanza: the output holds that stanza alone.
-        try:
-            every = json.loads("\n".join(output) or "[]")
-        except json.JSONDecodeError:
+        text = "\n".join(output).strip()
+        if text == NO_REPOSITORY:
             return 0
-        return sum(len(entry.get("backup", [])) for entry in every)
+        try:
+            every = json.loads(text)
+        except json.JSONDecodeError:
+            return None  # INFO_FAILED, or output that is not pgBackRest's
+        # Asked with --stanza: the output holds that stanza alone.
+        if not isinstance(every, list) or len(every) != 1:
+            return None
+        count = len(every[0].get("backup", []))
+        code = every[0].get("status", {}).get("code")
+        if code == 0 or (code in _NONE_YET and count == 0):
+            return count
+        return None
+
+
+def check_backups(st: Stanza, count: int | None) -> bool:
+    """Whether the stanza's first full backup is due (the repository holds none); a count
+    the repository host could not give fails the deploy: making a full backup on every
+    deploy that meets a blip would be wrong, and so would skipping silently a stanza that
+    may never have been backed up."""
+    if count is None:
+        raise DeployError(
+            f"{st.repo}: `pgbackrest --stanza={st.name} info` (as user pgbackrest) failed or"
+            " reported an error, so the deploy cannot tell whether the first full backup is"
+            f" due. Run `sudo -u pgbackrest pgbackrest --stanza={st.name} info` on {st.repo}"
+            " and fix what it says (the repository's path and owner, disk space, the stanza"
+            " matching the database), then deploy again"
+        )
+    return count == 0
 
 
 def repo_activate(st: Stanza, changed, *, first_backup: bool = True) -> None:
@@ -284,7 +322,7 @@ def repo_activate(st: Stanza, changed, *, first_backup: bool = True) -> None:
 
 
 def repo_first_backup(st: Stanza) -> None:
-    count = host.get_fact(StanzaBackups, stanza=st.name)
+    due = check_backups(st, host.get_fact(StanzaBackups, stanza=st.name))
     server.shell(
         name=f"Create the stanza {st.name} and its first full backup (the repository has none)",
         commands=[
@@ -293,5 +331,5 @@ def repo_first_backup(st: Stanza) -> None:
             f"cd /tmp && su pgbackrest -s /bin/sh -c"
             f" '{backup.BIN} --stanza={st.name} --type=full backup'",
         ],
-        _if=lambda: not count,
+        _if=lambda: due,
     )

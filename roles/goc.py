@@ -58,7 +58,9 @@ SERVICE = "postgresql@15-main"
 PACKAGES = ["postgresql-15", "python3-venv", "curl", *backup.PACKAGES]
 # The GOC's backup repository host (the inventory's goc_backup group): python3 runs the
 # backup metrics script there.
-REPOSITORY_PACKAGES = [*backup.PACKAGES, "python3"]
+# python3 runs the backup metrics script there; the node exporter serves its textfile to the
+# tower monitor that scrapes it (TowerSettings.goc_backup_metrics).
+REPOSITORY_PACKAGES = [*backup.PACKAGES, "python3", _common.NODE_EXPORTER]
 OPERATORS = "/etc/mailtower/eye/operators"
 PORTAL_DIR = "/etc/mailtower/portal"
 PORTAL_TLS_NAMES = f"{PORTAL_DIR}/tls.names"
@@ -635,6 +637,21 @@ def deploy_goc_repository():
     stanza = _repository_stanza()
     ops = backup.repo_configure(stanza)
     backup.repo_activate(stanza, _common.changes(ops), first_backup=False)
+    exporter = _common.put_text(
+        repository_exporter_args(settings(), stanza.repo),
+        f"/etc/default/{_common.NODE_EXPORTER}",
+    )
+    _common.activate_node_exporter(_common.changes([exporter]))
+
+
+def repository_exporter_args(g: GocSettings, address: str) -> str:
+    """The repository host's node exporter: its backup metrics (and host metrics) on its
+    repository address, for the tower monitor that scrapes it."""
+    return (
+        "# Managed by mailtower (roles/goc.py). The GOC's backup metrics (textfile) for the\n"
+        "# tower monitor whose goc_backup_metrics names this host (docs/runbook.md).\n"
+        f'ARGS="--web.listen-address={address}:{g.backup_exporter_port}"\n'
+    )
 
 
 @deploy("mailtower goc first backup")

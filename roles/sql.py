@@ -4,7 +4,8 @@ domains, routes and policy, and the verdict events of the tower."""
 from __future__ import annotations
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import FactBase, deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.files import File
 from pyinfra.operations import files, postgres, server
 
@@ -175,7 +176,30 @@ def host_address() -> str:
     return _common.address(host)
 
 
+class PostgresMasked(FactBase):
+    """Whether PostgreSQL is masked here: a restore fenced this host (controller/backup.py)."""
+
+    def command(self) -> str:
+        return f"systemctl is-enabled {SERVICE} 2>/dev/null || true"
+
+    def process(self, output) -> bool:
+        return "\n".join(output).strip() in ("masked", "masked-runtime")
+
+
+def refuse_fenced(address: str, tower: str, masked: bool) -> None:
+    """A fenced host is not deployed: neither as the primary (its data is the old one), nor as
+    the standby (sql.rebuild clones it, unmasked, from the restored primary)."""
+    if masked:
+        raise DeployError(
+            f"{address}: PostgreSQL is masked here: sql.restore fenced this host after restoring"
+            " another SQL host as the primary. List the restored host first in the inventory's"
+            f" sql group, run `invoke sql.rebuild --tower {tower} --host {address}` (it unmasks"
+            " and clones it as the standby), then deploy again"
+        )
+
+
 @deploy("mailtower sql")
 def deploy_sql():
+    refuse_fenced(host_address(), settings().name, bool(host.get_fact(PostgresMasked)))
     install_op = install()
     activate(configure(), install_op)

@@ -454,7 +454,8 @@ class Backup(StrictModel):
     repository host that is not the database host; pgBackRest's own TLS server carries them
     (client certificates, each host admitted for this stanza only)."""
 
-    # The repository host; None: the tower's monitor (a GOC must name one).
+    # The repository host; None: the tower's monitor (a GOC must name one). A tower accepts
+    # only its monitor (the one role that sets a repository up).
     repo_host: IPv4Address | None = None
     # On the controller: the backup CA (ca.crt, ca.key) and one <address>.crt/.key per host,
     # made when missing (mailtower.controller.backup.ensure_pki); keep it with the secrets.
@@ -582,6 +583,13 @@ class AlertSettings(StrictModel):
     clock_offset_s: float = Field(0.05, gt=0)  # …the clock off by more than this
 
 
+class GocBackupMetrics(StrictModel):
+    """Where a tower's monitor scrapes the GOC's backup repository host's node exporter."""
+
+    address: IPv4Address  # the GOC's backup.repo_host
+    port: int = Field(9100, ge=1, le=65535)  # its GocSettings.backup_exporter_port
+
+
 class TowerSettings(StrictModel):
     """Everything a tower is: its hosts, ports, limits, engines and customers."""
 
@@ -647,6 +655,10 @@ class TowerSettings(StrictModel):
     # pgBackRest backups of the SQL pair (stanza: the tower's name); None: none (a tower should
     # set one: docs/runbook.md "Backups and restore").
     backup: Backup | None = None
+    # The GOC's backup repository host's node exporter (its GocSettings.backup_exporter_port),
+    # scraped by this tower's monitor (job goc_backup) so the backup alerts cover stanza goc
+    # too, with this tower's backup limits; one tower of the GOC sets it. None: not here.
+    goc_backup_metrics: GocBackupMetrics | None = None
     # Alertmanager on the monitor mails every alert to the operators; None: alerts are only
     # seen in Prometheus (the deploy warns nobody).
     alerts: AlertSettings | None = None
@@ -832,6 +844,33 @@ class TowerSettings(StrictModel):
     @property
     def sql_standby(self) -> IPv4Address:
         return self.hosts.sql[1]
+
+    @model_validator(mode="after")
+    def _goc_backup_metrics_need_backup(self) -> TowerSettings:
+        if self.goc_backup_metrics is not None and self.backup is None:
+            raise ValueError(
+                "goc_backup_metrics needs backup: the backup alerts (and their limits) are"
+                " rendered from it; set backup, or scrape the GOC's repository from a tower"
+                " that has it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _backup_repo_is_the_monitor(self) -> TowerSettings:
+        # Only the monitor's role sets a repository up (roles/monitor.py): until a
+        # repository group exists, another host would be named in every pgbackrest.conf and
+        # never deployed. A SQL host would also lose its backups with itself.
+        repo = self.backup.repo_host if self.backup else None
+        if repo is not None and repo != self.hosts.monitor:
+            where = (
+                " (a SQL host: its backups would be lost with it)" if repo in self.hosts.sql else ""
+            )
+            raise ValueError(
+                f"backup.repo_host {repo} is not the monitor {self.hosts.monitor}{where}: only"
+                " the monitor is deployed as a tower's repository host; leave backup.repo_host"
+                " unset (the monitor)"
+            )
+        return self
 
     @property
     def backup_repo(self) -> IPv4Address | None:
@@ -1322,6 +1361,11 @@ class GocSettings(StrictModel):
     # host that is not the GOC, in the inventory's goc_backup group (docs/runbook.md "The
     # GOC's backups"); None: none.
     backup: Backup | None = None
+    # The repository host's node exporter (its backup metrics' textfile), on its
+    # backup.repo_host address, for the tower monitor that scrapes it (goc_backup_metrics);
+    # keep it to that monitor at the network's edge (the repository host has no firewall of
+    # mailtower's).
+    backup_exporter_port: int = Field(9100, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _backup_repo(self) -> GocSettings:

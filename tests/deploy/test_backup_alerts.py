@@ -127,3 +127,93 @@ def test_the_stall_limit_must_exceed_the_segment_switch() -> None:
     with pytest.raises(ValueError, match="twice archive_switch_s"):
         Backup(tls_dir="/t", archive_switch_s=600, alert_archive_stall_s=900)
     assert Backup(tls_dir="/t", archive_switch_s=0, alert_archive_stall_s=60)
+
+
+@pytest.mark.parametrize(
+    ("repo", "error"),
+    [
+        ("192.0.2.12", r"backup\.repo_host 192\.0\.2\.12 is not the monitor.*a SQL host"),
+        ("192.0.2.50", r"backup\.repo_host 192\.0\.2\.50 is not the monitor 192\.0\.2\.11"),
+    ],
+)
+def test_a_towers_repository_host_is_its_monitor(repo: str, error: str) -> None:
+    """Only the monitor's role sets a repository up: another host would never be deployed."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=error):
+        sample_settings(backup={**BACKUP, "repo_host": repo})
+    monitor = sample_settings(backup={**BACKUP, "repo_host": "192.0.2.11"})
+    assert str(monitor.backup_repo) == "192.0.2.11"
+    assert str(sample_settings(backup=BACKUP).backup_repo) == "192.0.2.11"
+
+
+GOC_METRICS = {"address": "198.51.100.25", "port": 9100}
+
+PROMTOOL_GOC_TEST = f"""
+rule_files: [backup.yml]
+evaluation_interval: 5m
+tests:
+  # The GOC's stanza, scraped from its repository host (job goc_backup): its alerts fire too.
+  - interval: 5m
+    input_series:
+      - series: 'mailtower_backup_metrics_timestamp_seconds{{job="node"}}'
+        values: '{NOW - 60}x2500'
+      - series: 'mailtower_backup_metrics_timestamp_seconds{{job="goc_backup"}}'
+        values: '{NOW - 60}x2500'
+      - series: 'mailtower_backup_last_full_timestamp_seconds{{job="goc_backup",stanza="goc"}}'
+        values: '{NOW - 9 * 24 * H}x2500'
+    alert_rule_test:
+      - eval_time: {NOW}s
+        alertname: BackupTooOld
+        exp_alerts:
+          - exp_labels: {{severity: page, backup: full, job: goc_backup, stanza: goc}}
+            exp_annotations:
+              summary: "stanza goc: no full backup for 9d 0h 0m 0s (limit 192 h): see journalctl -u pgbackrest-full on the repository host"
+      - eval_time: {NOW}s
+        alertname: BackupMetricsMissing
+        exp_alerts: []
+  # The GOC's repository host no longer scraped, the tower's own still there.
+  - interval: 5m
+    input_series:
+      - series: 'mailtower_backup_metrics_timestamp_seconds{{job="node"}}'
+        values: '0+300x20'
+    alert_rule_test:
+      - eval_time: 60m
+        alertname: BackupMetricsMissing
+        exp_alerts:
+          - exp_labels: {{severity: warn, stanza: goc, job: goc_backup}}
+            exp_annotations:
+              summary: "no backup metrics from the GOC's repository host 198.51.100.25:9100 for 30 minutes (is prometheus-node-exporter running there, and mailtower-backup-metrics.timer?)"
+"""
+
+
+def test_a_tower_scraping_the_gocs_repository_alerts_on_its_stanza(render, tmp_path) -> None:
+    s = sample_settings(backup=BACKUP, goc_backup_metrics=GOC_METRICS)
+    conf = render("monitor/etc/prometheus/prometheus.yml", s)
+    assert (
+        '- job_name: goc_backup\n    static_configs:\n      - targets: ["198.51.100.25:9100"]'
+        in conf
+    )
+    assert "goc_backup" not in render(
+        "monitor/etc/prometheus/prometheus.yml", sample_settings(backup=BACKUP)
+    )
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing("promtool (package prometheus)")
+    assert promtool
+    (tmp_path / "backup.yml").write_text(
+        render("monitor/etc/prometheus/rules/backup.yml", s, backup=s.backup)
+    )
+    (tmp_path / "test.yml").write_text(PROMTOOL_GOC_TEST)
+    for args in (["check", "rules", "backup.yml"], ["test", "rules", "test.yml"]):
+        proc = subprocess.run(
+            [promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, f"promtool {args[0]}: {proc.stdout}{proc.stderr}"
+
+
+def test_goc_backup_metrics_need_the_towers_backup() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="goc_backup_metrics needs backup"):
+        sample_settings(goc_backup_metrics=GOC_METRICS)

@@ -92,3 +92,24 @@ def test_each_side_of_the_goc_stanza_admits_only_the_other_for_goc(monkeypatch, 
         "archive_timeout = 60s\n"
     )
     assert "--stanza=goc archive-push %p" in controller_backup.archive_settings(stanza.name)
+
+
+def test_the_gocs_repository_host_serves_its_metrics_to_tower_a(monkeypatch, tmp_path) -> None:
+    """The sender's node exporter (its backup textfile) on its address; tower A's monitor
+    scrapes it (job goc_backup), tower B's does not; a lab without the sender scrapes none."""
+    from inventory._lab import goc_data, lab_tower_data
+    from roles import goc
+    from roles._common import NODE_EXPORTER
+
+    _lab(monkeypatch, tmp_path, sender=True)
+    g = GocSettings.model_validate(goc_data())
+    assert NODE_EXPORTER in goc.REPOSITORY_PACKAGES
+    args = goc.repository_exporter_args(g, "10.201.0.25")
+    assert f'ARGS="--web.listen-address=10.201.0.25:{g.backup_exporter_port}"' in args
+    assert lab_tower_data("a")["goc_backup_metrics"] == {
+        "address": "10.201.0.25",
+        "port": g.backup_exporter_port,
+    }
+    assert "goc_backup_metrics" not in lab_tower_data("b")
+    (tmp_path / "lxc" / "mt-sender" / "config").unlink()  # a lab-a alone: no sender
+    assert "goc_backup_metrics" not in lab_tower_data("a")

@@ -67,6 +67,9 @@ def test_restore_onto_a_wiped_host_has_the_same_rows_and_the_sync_resumes(pair: 
             assert after[name] == before[name], f"{name} differ after the restore"
         assert written <= events_at(pair, sql2, tokens)
         relay_answers(pair, "the restore")
+        # The old primary is fenced for good: neither a reboot nor a deploy starts it.
+        fence = sql1.run(f"systemctl is-enabled {SERVICE}").stdout.strip()
+        assert fence == "masked", f"{old_addr}: PostgreSQL {fence!r} after the restore"
 
         # The sync resumes: a new message's event reaches the GOC from the restored primary.
         fresh = set(pair.submit(pair.rcpt(0), count=10))
@@ -109,5 +112,5 @@ def _put_back(sql1, sql2, old_addr: str, new_addr: str) -> None:
         sql2.run(f"systemctl stop {SERVICE}")
         invoke("sql.failover", "--tower", "lab-a")
     else:
-        sql1.run(f"systemctl start {SERVICE}")
+        sql1.run(f"systemctl unmask {SERVICE} && systemctl start {SERVICE}")
     invoke("sql.rebuild", "--tower", "lab-a", "--host", new_addr)

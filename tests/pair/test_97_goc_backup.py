@@ -4,7 +4,7 @@ restore to the end of the WAL archive). A customer written at the GOC after the 
 back (from the archive), the customers are equal, and the sync resumes both ways: a customer
 added at the GOC afterwards reaches tower A's relay, and a new message's verdict event from
 tower A reaches the GOC. Also: the backups' metrics on both repository hosts (the sender's
-textfile; tower A's monitor's, scraped by its Prometheus).
+textfile; both stanzas, lab-a's and goc's, in tower A's Prometheus).
 
 Last of the pair tests by its number: it stops the GOC's PostgreSQL, and every tower's sync
 with it is made again. Point-in-time recovery: tests/unit/test_backup_pgbackrest.py; the sync
@@ -43,25 +43,31 @@ def test_the_goc_and_tower_a_report_their_backups(pair: Pair) -> None:
     assert info[0]["status"]["message"] == "ok", info
     assert any(b["type"] == "full" for b in info[0]["backup"]), info
 
-    # The metrics timer's textfile on the GOC's repository host (no Prometheus scrapes it in
-    # the lab: docs/runbook.md "The GOC's backups").
+    # The metrics timer's textfile on the GOC's repository host (its node exporter serves it
+    # to tower A's monitor: goc_backup_metrics, docs/runbook.md "The GOC's backups").
     def textfile() -> str:
         text = pair.sender.run(f"cat {TEXTFILE}").stdout
         return text if 'mailtower_backup_status_code{stanza="goc"} 0' in text else ""
 
     text = wait_for(textfile, 400, "the sender's backup metrics", 5)
     assert "mailtower_backup_info_up 1" in text
-    # Tower A's stanza, read by its monitor's Prometheus from the monitor's node exporter.
+    # Tower A's stanza, read by its monitor's Prometheus from the monitor's node exporter, and
+    # the GOC's, from the sender's (job goc_backup): the backup alerts cover both.
     s = pair.towers["a"].settings
-    query = urllib.parse.quote('mailtower_backup_last_full_timestamp_seconds{stanza="lab-a"}')
-    url = f"http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/query?query={query}"
+    assert s.goc_backup_metrics is not None, "tower A's settings scrape no GOC repository"
 
-    def scraped() -> list:
+    def scraped(selector: str) -> list:
+        query = urllib.parse.quote(f"mailtower_backup_last_full_timestamp_seconds{{{selector}}}")
+        url = f"http://{s.hosts.monitor}:{s.ports.prometheus}/api/v1/query?query={query}"
         with urllib.request.urlopen(url, timeout=10) as resp:
             return json.load(resp)["data"]["result"]
 
-    (sample,) = wait_for(scraped, 400, "tower A's backup metric in its Prometheus", 5)
-    assert time.time() - float(sample["value"][1]) < 8 * 86400
+    for selector, what in (
+        ('stanza="lab-a"', "tower A's backup metric in its Prometheus"),
+        ('stanza="goc",job="goc_backup"', "the GOC's backup metric in tower A's Prometheus"),
+    ):
+        (sample,) = wait_for(lambda sel=selector: scraped(sel), 400, what, 5)
+        assert time.time() - float(sample["value"][1]) < 8 * 86400, (selector, sample)
 
 
 def test_goc_restored_in_place_has_its_customers_and_the_sync_resumes(pair: Pair) -> None:

@@ -129,3 +129,28 @@ def test_sync_goc_after_restore_reaches_the_re_point(monkeypatch, capsys, flag, 
     assert cli.main(["sync", "goc", *flag]) == 0
     assert seen == [restored]
     assert "tower-a: events followed from its primary 10.0.1.12" in capsys.readouterr().out
+
+
+def test_goc_restore_onto_another_address_is_refused_with_the_fix() -> None:
+    assert backup.goc_restore_host(GOC, "") == GOC
+    assert backup.goc_restore_host(GOC, GOC) == GOC
+    with pytest.raises(
+        sqlpair.PairError,
+        match=r"admits only 10\.0\.9\.10's certificate.*"
+        r"Give the new host the address 10\.0\.9\.10",
+    ):
+        backup.goc_restore_host(GOC, "10.0.9.11")
+
+
+def test_the_goc_restore_task_refuses_another_host(monkeypatch) -> None:
+    import invoke
+
+    import tasks
+    from mailtower.controller import inventory as inventory_mod
+
+    goc = inventory_mod.load(tasks.inventory_path("lab-goc")).groups["goc"][0].address
+    ran = []
+    monkeypatch.setattr(backup, "restore_goc", lambda *a, **k: ran.append(a))
+    with pytest.raises(invoke.Exit, match=f"the GOC's address is {goc}"):
+        tasks.goc_restore(invoke.Context(), goc="lab-goc", host="10.201.9.99")
+    assert ran == []

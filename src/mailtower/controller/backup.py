@@ -21,9 +21,11 @@ host, by default the tower's monitor):
 
 The restore (``invoke sql.restore --tower T --host H [--target-time TIME]``):
 
-1. fences every SQL host of the tower that answers (stops PostgreSQL): the restored host is
-   the only primary, and no event is written where the restore would lose it;
-2. checks the repository has a backup to restore (``pgbackrest info`` from the host);
+1. checks the repository has a backup to restore (``pgbackrest info`` from the host);
+2. fences every other SQL host of the tower (``fence``): reached over SSH, its PostgreSQL
+   disabled, stopped and masked, so neither a reboot nor a deploy starts it as a second
+   primary (writers try the SQL hosts in the inventory's order); one SSH cannot reach is
+   refused unless the operator fenced it and says so (``--fenced HOST``);
 3. empties the host's data directory and runs ``pgbackrest restore`` there: to the end of the
    archive, or with ``--target-time`` to that moment (``--type=time --target-action=promote``);
 4. starts PostgreSQL and waits until it leaves recovery and takes writes;
@@ -35,25 +37,35 @@ The restore (``invoke sql.restore --tower T --host H [--target-time TIME]``):
    twice). Events that reached the GOC after the target time stay at the GOC: the GOC keeps
    what it got, the tower restarts from its restored point.
 
-The other SQL host stays stopped; ``invoke sql.rebuild --tower T --host OTHER`` makes it a
-standby of the restored one (a fresh clone, its physical slot re-made).
-"""
+The other SQL host stays fenced; after the restored host is listed first in the inventory's
+sql group, ``invoke sql.rebuild --tower T --host OTHER`` unmasks it and makes it a standby of
+the restored one (a fresh clone, its physical slot re-made)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
 from mailtower.controller.errors import PairError
-from mailtower.controller.sqlpair import DATA, SERVICE, Remote, Say, SqlTower, resync, role_of
+from mailtower.controller.sqlpair import (
+    DATA,
+    SERVICE,
+    UNFENCE,
+    Remote,
+    Say,
+    SqlTower,
+    resync,
+    role_of,
+)
 
 CONF = "/etc/pgbackrest/pgbackrest.conf"
 TLS = "/etc/pgbackrest/tls"  # ca.crt, host.crt, host.key (the key readable by its user only)
@@ -203,6 +215,22 @@ def switch_settings(switch_s: int) -> str:
 # --- The backup CA ---------------------------------------------------------------------------
 
 
+def _private_dir(directory: Path) -> None:
+    """``directory`` for the CA's and the hosts' keys: made 0700 when missing; an existing one
+    with any group or other permission is refused (its keys may have been read)."""
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+        directory.chmod(0o700)  # mkdir's mode is masked by the umask: exact, not merely less
+        return
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PairError(
+            f"{directory}: mode {mode:03o} lets others in, and it holds the backup CA's and the"
+            f" hosts' private keys; `chmod 700 {directory}` (and make new keys if others may"
+            " have read them: move the directory away and deploy again)"
+        )
+
+
 def ensure_pki(directory: Path, hosts: Mapping[str, str], days: int = 3650) -> None:
     """Make the backup CA (``ca.crt``, ``ca.key``) and a certificate for each host (``name``:
     CN, and its address as DNS and IP subject alternative names: pgBackRest matches the host
@@ -213,18 +241,21 @@ def ensure_pki(directory: Path, hosts: Mapping[str, str], days: int = 3650) -> N
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_dir(directory)
     now = dt.datetime.now(dt.UTC)
 
     def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+        # Mode 0600 from the start (never readable by others for a moment, whatever the
+        # umask); O_EXCL: a key is only ever made where none is.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
             )
-        )
-        path.chmod(0o600)
 
     ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"
     if not (ca_crt.exists() and ca_key.exists()):
@@ -333,10 +364,13 @@ def restore(
     say: Say,
     *,
     target_time: str | None = None,
+    fenced: Collection[str] = (),
     wait_s: float = 600,
 ) -> dict[str, float]:
     """Restore the tower's SQL from its pgBackRest repository onto ``address`` (one of its SQL
-    hosts), make it the primary and re-point the GOC sync. Returns each step's seconds."""
+    hosts), make it the primary and re-point the GOC sync. ``fenced``: the other SQL hosts the
+    operator has fenced themselves (unreachable over SSH, and powered off or cut off: see
+    ``fence``). Returns each step's seconds."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     target = next((r for r in tower.sql if r.address == address), None)
@@ -360,13 +394,12 @@ def restore(
         f"{tower.name}: {len(sets)} backup(s), newest {sets[-1].label}; restoring onto {address}"
         + (f" to {target_time}" if target_time else " to the end of the WAL archive")
     )
-    for remote in tower.sql:
-        if role_of(remote) == "down":
-            continue
-        say(f"{tower.name}: stopping PostgreSQL on {remote.address} (fenced during the restore)")
-        remote.run(f"systemctl stop {SERVICE}")
-        if role_of(remote) != "down":
-            raise PairError(f"{remote.address}: PostgreSQL still answers after the stop; fence it")
+    fence(tower, target, fenced, say)
+    if role_of(target) != "down":
+        say(f"{tower.name}: stopping PostgreSQL on {address} (its data is replaced)")
+        target.run(f"systemctl stop {SERVICE}")
+        if role_of(target) != "down":
+            raise PairError(f"{address}: PostgreSQL still answers after the stop; stop it")
     timings["fenced_s"] = time.monotonic() - started
     for command in (
         f"rm -rf {DATA}",
@@ -375,7 +408,8 @@ def restore(
     ):
         target.run(command, timeout=wait_s)
     timings["restored_s"] = time.monotonic() - started
-    target.run(f"systemctl start {SERVICE}", timeout=wait_s)
+    # (a host fenced by an earlier restore is masked: this one is the primary now)
+    target.run(f"{UNFENCE} && systemctl start {SERVICE}", timeout=wait_s)
     _wait_primary(target, wait_s)
     timings["primary_s"] = time.monotonic() - started
     say(f"{tower.name}: {address} takes writes ({timings['primary_s']:.1f} s)")
@@ -384,10 +418,61 @@ def restore(
     others = [r.address for r in tower.sql if r is not target]
     say(
         f"{tower.name}: restored onto {address} ({time.monotonic() - started:.1f} s in all)."
-        f" Next: invoke sql.rebuild --tower {tower.name} --host {' / '.join(others)}; list"
-        f" {address} first in the inventory's sql group"
+        f" Next: list {address} first in the inventory's sql group (writers try the SQL hosts"
+        " in its order; a deploy makes its first host the primary), then"
+        + "".join(f" invoke sql.rebuild --tower {tower.name} --host {o};" for o in others)
+        + " until then the other hosts stay fenced (PostgreSQL disabled and masked)"
     )
     return timings
+
+
+def fence(tower: SqlTower, target: Remote, fenced: Collection[str], say: Say) -> None:
+    """Make sure no SQL host of the tower but ``target`` runs PostgreSQL, now or after a reboot
+    or a deploy: writers try the SQL hosts in the inventory's order, read-write, so an old
+    primary that came back would take events the restored one never gets. Each other host is
+    reached over SSH and its PostgreSQL disabled, stopped and masked (``sqlpair.rebuild``
+    unmasks it when it becomes a standby); one SSH cannot reach is refused unless the operator
+    names it in ``fenced`` (powered off or cut off: their word, since nothing here can check).
+    Everything is checked before anything is stopped."""
+    others = [r for r in tower.sql if r is not target]
+    unknown = sorted(set(fenced) - {r.address for r in others})
+    if unknown:
+        raise PairError(
+            f"{tower.name}: --fenced {', '.join(unknown)}: not another SQL host of the tower"
+            f" ({', '.join(r.address for r in others) or 'none'}); name only those"
+        )
+    unreachable = []
+    for remote in others:
+        if remote.address in fenced:
+            continue
+        try:
+            remote.run("true", timeout=30)
+        except PairError as exc:
+            unreachable.append((remote.address, str(exc)))
+    if unreachable:
+        raise PairError(
+            f"{tower.name}: cannot reach {', '.join(a for a, _ in unreachable)} over SSH"
+            f" ({'; '.join(e for _, e in unreachable)}), so cannot fence its PostgreSQL: a"
+            " reboot or a deploy would start it as a second primary. Make it reachable, or power"
+            " it off (or cut it off the network) and pass"
+            + "".join(f" --fenced {a}" for a, _ in unreachable)
+        )
+    for remote in others:
+        if remote.address in fenced:
+            say(f"{tower.name}: {remote.address} fenced by the operator (--fenced)")
+            continue
+        say(
+            f"{tower.name}: fencing {remote.address}: PostgreSQL stopped, disabled and masked"
+            " until sql.rebuild"
+        )
+        remote.run(f"systemctl disable --now {SERVICE} && systemctl mask {SERVICE}")
+        active = remote.run(f"systemctl is-active {SERVICE}", check=False).strip()
+        if active in ("active", "activating", "reloading") or role_of(remote) != "down":
+            raise PairError(
+                f"{remote.address}: PostgreSQL still runs after `systemctl disable --now"
+                f" {SERVICE}` ({active or 'answers'}); stop it there (or power the host off and"
+                f" pass --fenced {remote.address})"
+            )
 
 
 def _wait_primary(target: Remote, timeout_s: float) -> None:
@@ -408,6 +493,21 @@ GOC_STANZA = "goc"  # roles/backup.py GOC_STANZA
 TOOL = "/opt/mailtower/venv/bin/mailtower"
 # The GOC's daemons that hold connections to its PostgreSQL (restarted for fresh ones).
 GOC_DAEMONS = ("mailtower-eye", "mailtower-portal")
+
+
+def goc_restore_host(goc_address: str, host: str) -> str:
+    """The host ``goc.restore`` restores onto: the GOC's address, whatever host answers there.
+    Another address is refused: the GOC's repository admits only the certificate of the GOC's
+    address, and the towers subscribe to that address."""
+    if host and host != goc_address:
+        raise PairError(
+            f"--host {host}: the GOC's address is {goc_address}; its repository admits only"
+            f" {goc_address}'s certificate and the towers subscribe to {goc_address}. Give the"
+            f" new host the address {goc_address}, deploy it with the GOC's inventory, then run"
+            " goc.restore without --host (or change goc.address in the GOC's and the towers'"
+            " inventories and deploy them all first)"
+        )
+    return goc_address
 
 
 def restore_goc(

@@ -43,6 +43,12 @@ from mailtower.controller.errors import PairError
 
 SERVICE = "postgresql@15-main"
 DATA = "/var/lib/postgresql/15/main"
+# Undo a restore's fence (mailtower.controller.backup.fence: PostgreSQL disabled, stopped and
+# masked) on a host that is to run PostgreSQL again: rebuild, or a restore onto it.
+UNFENCE = (
+    f"systemctl unmask {SERVICE} && systemctl unmask --runtime {SERVICE}"
+    f" && systemctl enable {SERVICE}"
+)
 TOOL = "/opt/mailtower/venv/bin/mailtower"
 
 Say = Callable[[str], None]
@@ -249,6 +255,7 @@ def rebuild(tower: SqlTower, address: str, say: Say) -> float:
         f" WHERE slot_name = '{slot}' AND NOT active"
     )
     say(f"{tower.name}: cloning {address} from the primary {primary.address}")
+    target.run(UNFENCE)  # a restore fenced it (backup.fence); it runs again as a standby
     for command in clone_commands(primary.address, tower.port, slot):
         target.run(command, timeout=600)
     target.run(f"systemctl start {SERVICE}")
