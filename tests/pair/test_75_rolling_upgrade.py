@@ -28,7 +28,7 @@ from conftest import Pair
 from test_70_rule_bundles import Load, tempfails_since
 from towerlib import ROOT, Tower, record_figure, wait_for
 
-TOWER = "lab-a"
+TOWER = "a"  # the pair fixture's key for lab-a
 VENV = "/opt/mailtower/venv"
 DEPLOYED = "/opt/mailtower/wheelhouse"  # the deploy's wheels (roles/_common.install_stack)
 SETTINGS = "/etc/mailtower/tower.json"

@@ -25,7 +25,7 @@ from test_70_rule_bundles import Load, tempfails_since
 from test_75_rolling_upgrade import behind_now, on_scanners, wait_upgrade
 from towerlib import record_figure, wait_for
 
-TOWER = "lab-a"
+TOWER = "a"  # the pair fixture's key for lab-a
 CLAMD_CONF = "/etc/clamav/clamd.conf"
 MARK = "# test_77: a new engine configuration"
 RECORD = "/var/lib/mailtower/engines-packages"  # scand.engines.FILES[-1]
