@@ -41,13 +41,13 @@ def clamd_starts(tower) -> dict[str, str]:
     }
 
 
-def roll(pair: Pair, command: str, then: str = "") -> tuple[float, int, int, int]:
-    """``command`` on every scanner at once, then (``then``, if given, on every scanner) the
-    monitor's roll, under steady mail: the roll's seconds, the messages sent, tempfailed and
-    lost. With ``then``, no engine may have restarted after ``command`` (nothing is behind
-    yet); without, the monitor may already roll the first scanner while the command still
-    runs on the others, so only the roll's outcome is checked here (a config written restarts
-    nothing: tests/unit/test_monitor_upgrade.py)."""
+def roll(pair: Pair, command: str) -> tuple[float, int, int, int]:
+    """``command`` on every scanner at once, then the monitor's roll, under steady mail: the
+    roll's seconds, the messages sent, tempfailed and lost. Whether anything restarted
+    outside a window is not asked here: the monitor may roll the first scanner within its
+    5 s poll while the command still runs on the others (seen in the lab); that a written
+    config or package record restarts nothing by itself is tests/unit/test_monitor_upgrade.py's
+    and tests/deploy/test_engines_upgrade.py's."""
     tower = pair.towers[TOWER]
     assert behind_now(tower) == 0, "a roll is already under way; start from a deployed tower"
     before = clamd_starts(tower)
@@ -55,10 +55,6 @@ def roll(pair: Pair, command: str, then: str = "") -> tuple[float, int, int, int
     with Load(pair) as load:
         time.sleep(3)
         on_scanners(tower, command)
-        if then:
-            # nothing restarted outside a window: every clamd still runs as it did
-            assert clamd_starts(tower) == before, "an engine restarted outside the windows"
-            on_scanners(tower, then)
         assert wait_for(lambda: behind_now(tower) > 0, 30, "scanners to name new engines", 1)
         rc, out, roll_s = wait_upgrade(tower)
         assert rc == 0, out
@@ -82,8 +78,8 @@ def test_engine_packages_and_configuration_roll_without_a_tempfail(pair: Pair) -
     # then every other one found nothing new — seen in the lab.)
     pkg_s, pkg_sent, pkg_tempfails, pkg_lost = roll(
         pair,
-        "mailtower-engines-upgrade --reinstall clamav-daemon",
-        then=f"echo '# lab: stands for new packages' >> {RECORD}",
+        "mailtower-engines-upgrade --reinstall clamav-daemon"
+        f" && echo '# lab: stands for new packages {time.time()}' >> {RECORD}",
     )
     # the package's scripts kept the deploy's configuration (--force-confold, ucf)
     assert first.check_output(f"sha256sum {CLAMD_CONF}") == conf_before
