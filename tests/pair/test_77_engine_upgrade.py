@@ -3,11 +3,11 @@
 
 ``mailtower-engines-upgrade --reinstall clamav-daemon`` runs on every scanner of lab-a at once
 (the lab's mirror has no newer package: a reinstall runs the package's scripts as an upgrade
-does, and Debian's postinst would restart clamd). No clamd restarts then; every scanner names
-new engines installed, and the monitor restarts scand, and with it the engines, a few scanners
-at a time in drained windows, each checked by health and canary. Then a new clamd.conf is
-written on every scanner (as the deploy writes one): the same. Meanwhile the sender hands a
-message to the towers every 0.2 s: none is tempfailed on the content-filter hop, none lost.
+does, and Debian's postinst would restart clamd; a line added to the package record stands
+for new versions). Every scanner names new engines installed, and the monitor restarts scand,
+and with it the engines, a few scanners at a time in drained windows, each checked by health
+and canary. Meanwhile the sender hands a message to the towers every 0.2 s: none is
+tempfailed on the content-filter hop, none lost.
 
 Then a scanner whose clamd cannot start on its new configuration: it goes first and alone,
 its scand does not come back, it stays in maintenance with the reason, and the roll stops;
@@ -68,7 +68,7 @@ def roll(pair: Pair, command: str) -> tuple[float, int, int, int]:
     return roll_s, len(load.sent), tempfails_since(pair, started), len(lost)
 
 
-def test_engine_packages_and_configuration_roll_without_a_tempfail(pair: Pair) -> None:
+def test_engine_packages_roll_without_a_tempfail(pair: Pair) -> None:
     tower = pair.towers[TOWER]
     first = tower.node(tower.hosts("scanners")[0].name)
     conf_before = first.check_output(f"sha256sum {CLAMD_CONF}")
@@ -83,26 +83,23 @@ def test_engine_packages_and_configuration_roll_without_a_tempfail(pair: Pair) -
     )
     # the package's scripts kept the deploy's configuration (--force-confold, ucf)
     assert first.check_output(f"sha256sum {CLAMD_CONF}") == conf_before
-    conf_s, conf_sent, conf_tempfails, conf_lost = roll(
-        pair, f"grep -qxF '{MARK}' {CLAMD_CONF} || echo '{MARK}' >> {CLAMD_CONF}"
-    )
-    # back as the deploy left it (a tower as the deploy wrote it), the same way
-    back_s, *_ = roll(pair, f"sed -i '/^{MARK}$/d' {CLAMD_CONF}")
+    # A new clamd.conf rolls the same way (its digest is part of what is installed): proven by
+    # the next test on one scanner (a bad option stops the roll) and by
+    # tests/unit/test_monitor_upgrade.py; a second and third 23-scanner roll here (the change
+    # and back) each took several minutes in the lab: too long for every CI run.
     record_figure(
         "engine_upgrade",
         {
             "scanners": len(tower.hosts("scanners")),
             "batch": tower.settings.upgrade.batch,
             "roll_packages_23_scanners_s": round(pkg_s, 1),
-            "roll_clamd_conf_23_scanners_s": round(conf_s, 1),
-            "roll_back_s": round(back_s, 1),
-            "messages_during_rolls": pkg_sent + conf_sent,
-            "tempfailed": pkg_tempfails + conf_tempfails,
-            "lost": pkg_lost + conf_lost,
+            "messages_during_roll": pkg_sent,
+            "tempfailed": pkg_tempfails,
+            "lost": pkg_lost,
         },
     )
-    assert pkg_tempfails == 0 and conf_tempfails == 0
-    assert pkg_lost == 0 and conf_lost == 0
+    assert pkg_tempfails == 0
+    assert pkg_lost == 0
 
 
 def test_a_scanner_whose_clamd_fails_stops_the_roll_and_stays_out(pair: Pair) -> None:
