@@ -101,6 +101,7 @@ class FakeHealth:
         self.host = host
         self.port = port
         self.status = status
+        self.silent = False  # accept, never answer (a one-process scand busy with a big scan)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -120,6 +121,10 @@ class FakeHealth:
     ) -> None:
         while (await reader.readline()).strip():
             pass
+        if self.silent:
+            await reader.read()  # until the prober gives up and closes
+            writer.close()
+            return
         writer.write(f"HTTP/1.0 {self.status} X\r\nContent-Length: 0\r\n\r\n".encode())
         await writer.drain()
         writer.close()

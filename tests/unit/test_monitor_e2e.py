@@ -113,6 +113,44 @@ def test_killed_scanner_leaves_the_pool_and_returns():
     asyncio.run(scenario())
 
 
+def test_a_silent_scanner_leaves_the_pool_with_its_sessions_kept(caplog: pytest.LogCaptureFixture):
+    """Connected but unanswered (scand's one process busy with a large message): out of the
+    pool, but its sessions are not cut, since that scan would re-inject the message after the
+    relay had sent it again (the lab saw a 50 MB message delivered 9 times). Refused, as in
+    the test above: cut."""
+
+    async def scenario() -> None:
+        healths = await start_healths()
+        fake = FakeHAProxy(dict(zip(NAMES, SCANNERS, strict=True)))
+        await fake.start()
+        monitor = Monitor(tower(healths[0].port, fake.port))
+        async with running(monitor):
+            await wait_for(lambda: all_healthy(monitor), GOAL_S, "every scanner probed healthy")
+            healths[2].silent = True
+            await wait_for(
+                lambda: "set server scanners/s03 state maint" in fake.commands,
+                GOAL_S,
+                "s03 put in maintenance",
+            )
+            await asyncio.sleep(1.5)  # a few more ticks: still no cut
+            assert fake.shutdowns == []
+            assert monitor.pool["s03"].silent
+            healths[2].silent = False
+            await wait_for(
+                lambda: "set server scanners/s03 state ready" in fake.commands,
+                GOAL_S,
+                "s03 set ready again",
+            )
+            assert fake.shutdowns == []
+        for h in healths:
+            await h.stop()
+        await fake.stop()
+
+    with caplog.at_level(logging.WARNING, logger="mailtower.monitor"):
+        asyncio.run(scenario())
+    assert "event=sessions_kept scanner=s03" in caplog.text
+
+
 def test_reconciles_after_a_relay_restart():
     async def scenario() -> None:
         healths = await start_healths()

@@ -7,7 +7,7 @@ import socket
 
 from monitor_fakes import FakeHealth
 
-from mailtower.monitor.health import probe
+from mailtower.monitor.health import check_detail, probe
 
 
 def probe_fake(status: int) -> bool:
@@ -54,6 +54,25 @@ def test_silence_is_a_failure_within_the_timeout():
     ok, took = asyncio.run(scenario())
     assert ok is False
     assert took < 1.0
+
+
+def test_silence_and_refusal_are_told_apart():
+    async def scenario() -> tuple[tuple, tuple]:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            quiet = await check_detail("127.0.0.1", port, 0.2)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return quiet, await check_detail("127.0.0.1", port, 0.2)
+
+    quiet, refused = asyncio.run(scenario())
+    assert quiet == (False, {}, True)
+    assert refused == (False, {}, False)
 
 
 def test_garbage_is_a_failure():

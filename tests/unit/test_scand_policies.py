@@ -286,3 +286,47 @@ def test_an_allowed_sender_gets_suspicious_mail_delivered_tagged(rig: Rig) -> No
         "250 2.0.0 OK scanned suspicious, re-injected"
     )
     assert rig.quarantined == []
+
+
+def test_a_relay_that_hung_up_during_the_scan_gets_nothing_re_injected(rig: Rig) -> None:
+    """HAProxy cut the session (or the relay timed out) while the message was scanned: the
+    relay sends it again, so re-injecting this copy would deliver it twice (the lab saw a
+    50 MB message delivered 9 times). Tempfailed, nothing re-injected, nothing kept."""
+    rig.policies({"ban_extensions": ["pdf"]}, {})
+    reply = rig.scanner.process(
+        _mail(b"figures"), "sender@example.org", [ALICE, BOB], client_alive=lambda: False
+    )
+    assert reply == server_mod.S451_CLIENT_GONE
+    assert rig.sink.received == []
+    assert rig.quarantined == []  # Alice's copy is written again by the retry
+    # Still there: delivered as usual.
+    reply = rig.scanner.process(
+        _mail(b"figures"), "sender@example.org", [ALICE, BOB], client_alive=lambda: True
+    )
+    assert reply.startswith("250"), reply
+    assert [r.rcpt_tos for r in rig.sink.received] == [[BOB]]
+
+
+def test_alive_check_sees_the_peer_close_its_side() -> None:
+    import asyncio
+    import socket
+    import time
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        client, server = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, server)
+        check = server_mod.alive_check(transport)
+        open_now = await asyncio.to_thread(check)
+        client.shutdown(socket.SHUT_WR)  # the relay hangs up (FIN)
+        # Asked before the event loop ran again (it is busy, as under a big scan): the peek
+        # at the socket sees the end of stream, the transport does not know yet.
+        time.sleep(0.05)
+        assert not transport.is_closing()
+        closed = check()
+        transport.close()
+        client.close()
+        return open_now, closed, server_mod.alive_check(None)()
+
+    open_now, closed, without = asyncio.run(scenario())
+    assert (open_now, closed, without) == (True, False, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 
 HEALTH_PATH = "/health"
 
@@ -16,11 +17,29 @@ async def probe(host: str, port: int, timeout_s: float) -> bool:
 
 async def check(host: str, port: int, timeout_s: float) -> tuple[bool, dict]:
     """GET /health: (True only for a 200 within ``timeout_s``, the JSON answer or {})."""
+    ok, doc, _ = await check_detail(host, port, timeout_s)
+    return ok, doc
+
+
+async def check_detail(host: str, port: int, timeout_s: float) -> tuple[bool, dict, bool]:
+    """As ``check``, and whether the scanner was *silent*: it accepted the connection but gave
+    no answer within ``timeout_s`` (scand's process is there, its loop busy or stuck), unlike
+    refused, unreachable or an answer saying it is not healthy."""
+    connected: list[bool] = []
     try:
-        status, doc = await request(host, port, "GET", HEALTH_PATH, timeout_s=timeout_s)
-    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
-        return False, {}
-    return status == 200, doc
+        status, doc = await request(
+            host,
+            port,
+            "GET",
+            HEALTH_PATH,
+            timeout_s=timeout_s,
+            on_connect=lambda: connected.append(True),
+        )
+    except TimeoutError:
+        return False, {}, bool(connected)
+    except (OSError, ValueError, asyncio.IncompleteReadError):
+        return False, {}, False
+    return status == 200, doc, False
 
 
 async def request(
@@ -31,12 +50,15 @@ async def request(
     body: bytes = b"",
     headers: dict[str, str] | None = None,
     timeout_s: float = 5.0,
+    on_connect: Callable[[], object] | None = None,
 ) -> tuple[int, dict]:
     """One HTTP/1.0 request to scand; (status, JSON body or {}). Raises OSError, TimeoutError,
     ValueError on no answer or a broken one."""
 
     async def exchange() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port)
+        if on_connect is not None:
+            on_connect()
         try:
             head = f"{method} {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
             for name, value in (headers or {}).items():

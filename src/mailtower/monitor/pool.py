@@ -33,6 +33,9 @@ class PoolMember:
     # (mailtower.scand.stack; None: not known)
     stack: str | None = None
     stack_installed: str | None = None
+    # its last probe connected but had no answer in time (health.check_detail): scand is
+    # there, busy (a large message in a one-process scand) or stuck; its sessions are kept
+    silent: bool = False
 
 
 @dataclass(frozen=True)

@@ -194,12 +194,16 @@ class Monitor:
         """Probe every scanner once, apply the transitions, reconcile HAProxy when due."""
         limits, port = self.settings.limits, self.settings.ports.scanner_http
         results = await asyncio.gather(
-            *(health.check(s.address, port, limits.health_timeout_s) for s in self.pool.scanners)
+            *(
+                health.check_detail(s.address, port, limits.health_timeout_s)
+                for s in self.pool.scanners
+            )
         )
         now = time.time()
         transitions: list[Transition] = []
-        for s, (ok, doc) in zip(self.pool.scanners, results, strict=True):
+        for s, (ok, doc, silent) in zip(self.pool.scanners, results, strict=True):
             self.metrics.scanner_up.labels(s.name, s.address).set(1 if ok else 0)
+            s.silent = silent
             if doc:
                 s.rules_bundle = doc.get("rules_bundle")
                 s.stack, s.stack_installed = doc.get("stack"), doc.get("stack_installed")
@@ -218,7 +222,18 @@ class Monitor:
                     continue
                 try:
                     await self.haproxy.set_state(t.scanner, t.to)
-                    if t.to == "maint":
+                    if t.to == "maint" and self.pool[t.scanner].silent:
+                        # Alive but not answering in time: a scan of a large message holds
+                        # a one-process scand. Cutting its sessions would not stop that scan,
+                        # whose re-injection would then deliver the message a second time
+                        # after the relay's retry; they finish, or the relay's own timeout
+                        # (smtp_data_done_timeout) ends them.
+                        log.warning(
+                            "event=sessions_kept scanner=%s reason=%r",
+                            t.scanner,
+                            "accepts connections, no /health answer in time",
+                        )
+                    elif t.to == "maint":
                         await self.haproxy.shutdown_sessions(t.scanner)
                 except HAProxyError as exc:
                     self._haproxy_failed(exc)

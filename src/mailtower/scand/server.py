@@ -30,10 +30,11 @@ import asyncio
 import functools
 import hmac
 import logging
+import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -72,6 +73,7 @@ S451_ENGINE = "451 4.7.1 scanning not possible now, try again later"
 S451_REINJECT = "451 4.4.1 re-injection to the relay failed, try again later"
 S451_LOCAL = "451 4.3.0 local error in the scanner, try again later"
 S451_SHUTDOWN = "451 4.3.2 scanner shutting down, try again later"
+S451_CLIENT_GONE = "451 4.4.2 the relay hung up before the answer, not re-injected"
 # No snapshot of the customers' policies yet (SQL never reached): never the default for all.
 S451_POLICY = "451 4.3.5 customer policies not loaded yet, try again later"
 # Recipients with different outcomes (their customers' policies differ): each part's.
@@ -356,12 +358,18 @@ class Scanner:
         *,
         peer: str | None = None,
         relay_queue_id: str | None = None,
+        client_alive: Callable[[], bool] | None = None,
     ) -> str:
         """Scan, then re-inject or quarantine; return the SMTP reply for the relay. ``peer``:
         the client's address (a canary counts only from the tower's monitor);
-        ``relay_queue_id``: the relay's queue id of the message (XFORWARD IDENT)."""
+        ``relay_queue_id``: the relay's queue id of the message (XFORWARD IDENT);
+        ``client_alive``: whether the relay still waits for the answer (asked before the
+        first re-injection: a relay that hung up sends the message again, so re-injecting
+        it too would deliver it twice)."""
         try:
-            return self._process(raw, mail_from, rcpt_tos, mail_options, peer, relay_queue_id)
+            return self._process(
+                raw, mail_from, rcpt_tos, mail_options, peer, relay_queue_id, client_alive
+            )
         except Exception as exc:
             # A bug of ours on this message: the relay would bring it back to meet it again.
             log.exception("event=process_crashed from=<%r>", mail_from)
@@ -395,6 +403,7 @@ class Scanner:
         mail_options: Sequence[str],
         peer: str | None,
         relay_queue_id: str | None,
+        client_alive: Callable[[], bool] | None = None,
     ) -> str:
         started = time.monotonic()  # the relay's smtp_data_done_timeout runs from about now
         settings, pipeline = self.settings, self.pipeline
@@ -478,6 +487,7 @@ class Scanner:
             msgid,
             fields,
             started,
+            client_alive,
         )
 
     def _dispatch(
@@ -492,6 +502,7 @@ class Scanner:
         msgid: str | None,
         fields: str,
         started: float,
+        client_alive: Callable[[], bool] | None = None,
     ) -> str:
         """Quarantine every group whose verdict stops it, then re-inject the others (one
         transaction per verdict header); the reply to the relay."""
@@ -542,9 +553,19 @@ class Scanner:
         for tag, together in deliveries.items():
             rcpts = [rcpt for group in together for rcpt in group.rcpt_tos]
             if not committed:
-                first = self._deliver_first(
-                    settings, tag, raw, mail_from, rcpts, mail_options, relay_queue_id, fields
-                )
+                if client_alive is not None and not client_alive():
+                    # Its connection was closed while it was scanned (HAProxy cut the
+                    # session, the relay's timeout): the relay retries it.
+                    log.warning("event=client_gone %s", fields)
+                    first: str | tuple[str, str, str | None] = (
+                        S451_CLIENT_GONE,
+                        "tempfail",
+                        None,
+                    )
+                else:
+                    first = self._deliver_first(
+                        settings, tag, raw, mail_from, rcpts, mail_options, relay_queue_id, fields
+                    )
                 if isinstance(first, tuple):  # not delivered: retried, or set aside
                     reply, outcome, set_aside = first
                     if outcome == "tempfail":
@@ -930,6 +951,30 @@ class Scanner:
         return {engine.name: engine.health(timeout) for engine in self.engines}
 
 
+def alive_check(transport: asyncio.BaseTransport | None) -> Callable[[], bool]:
+    """A check, callable from a scan thread, that the SMTP client of ``transport`` has not
+    closed its side: the transport is not closing and a peek at its socket (on a duplicate
+    descriptor, so that the event loop's socket is left alone) finds no end of stream. The
+    relay sends nothing after the message's final dot until it has the answer."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    fd = sock.fileno() if sock is not None else -1
+
+    def alive() -> bool:
+        if transport is None or transport.is_closing():
+            return False
+        if fd < 0:
+            return True
+        try:
+            with socket.socket(fileno=os.dup(fd)) as dup:
+                return dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: still connected
+        except OSError:
+            return False  # reset, or no longer a socket
+
+    return alive
+
+
 class Handler:
     """aiosmtpd handler: one DATA → one scan, bounded by ``limits.scan_concurrency``."""
 
@@ -956,7 +1001,12 @@ class Handler:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
                     scanner.executor,
-                    functools.partial(scanner.process, peer=peer, relay_queue_id=relay_queue_id),
+                    functools.partial(
+                        scanner.process,
+                        peer=peer,
+                        relay_queue_id=relay_queue_id,
+                        client_alive=alive_check(server.transport),
+                    ),
                     raw,
                     mail_from,
                     rcpt_tos,
