@@ -82,7 +82,12 @@ def sniff(text: str) -> str | None:
                 break
         scores[language] = count
     best = max(scores, key=lambda language: scores[language])
-    return best if scores[best] >= _MIN_MARKERS else None
+    if scores[best] >= _MIN_MARKERS:
+        return best
+    # A command line or a page of gibberish that only carries an encoded script.
+    if _PS_ENCODED.search(head):
+        return "bat"
+    return "js" if "#@~^" in head else None
 
 
 # --- unwrapping encoded scripts --------------------------------------------------------------

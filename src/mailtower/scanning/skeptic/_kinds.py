@@ -95,8 +95,6 @@ class Subject:
                 found.extend(_script.scripts_in_page(self.text))
             elif language:
                 found.append(_script.Script(language, self.text, "sniffed"))
-            elif "#@~^" in self.text:  # nothing but an encoded blob
-                found.append(_script.Script("js", self.text, "sniffed"))
         unwrapped = list(found)
         for _ in range(3):  # encoders nest (an encoded command inside an encoded script)
             unwrapped = [inner for script in unwrapped for inner in _code.layers(script)]
