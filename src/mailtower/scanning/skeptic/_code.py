@@ -359,14 +359,14 @@ def _fold(toks: list[Tok], language: str) -> bool:
         elif kind == "id" and value in ("replace", "strreverse", "lcase", "ucase"):
             replaced = _vb_function(toks, i, value)
         elif kind == "op" and value == "(" and i + 2 < len(toks):
-            # ("a") → "a" unless it is a call's or an index's argument list.
+            # ("a") → "a" unless it is a call's or an index's argument list. In PowerShell a
+            # name before "(" is a parameter or a command (-Path ('x')); only methods are calls.
             before = toks[i - 1] if i else _NL
-            if toks[i + 1][0] == "str" and toks[i + 2] == ("op", ")") and before[0] not in (
-                "id",
-                "str",
-            ):
-                if before != ("op", ")") and before != ("op", "]"):
-                    replaced = (3, toks[i + 1][1])
+            call = before[0] == "str" or before in (("op", ")"), ("op", "]"))
+            if before[0] == "id":
+                call = language != "ps" or (i >= 2 and toks[i - 2] == ("op", "."))
+            if toks[i + 1][0] == "str" and toks[i + 2] == ("op", ")") and not call:
+                replaced = (3, toks[i + 1][1])
         elif kind == "str":
             replaced = _string_method(toks, i)
             if replaced is None and i + 2 < len(toks) and toks[i + 2][0] == "str":
