@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cases = generate(args.worms)
         missed = sum(pipeline.scan(c.raw).kind is Kind.CLEAN for c in cases)
-        print(f"padded script worms: {args.worms - missed}/{args.worms} non-clean "
-              f"({(args.worms - missed) / args.worms:.1%})")
+        print(
+            f"padded script worms: {args.worms - missed}/{args.worms} non-clean "
+            f"({(args.worms - missed) / args.worms:.1%})"
+        )
         harmless = clean_cases()
         flagged = sum(pipeline.scan(raw).kind is not Kind.CLEAN for _, _, raw in harmless)
         print(f"harmless scripts and text: {flagged}/{len(harmless)} not clean")
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu = time.process_time() - started
         print(f"bench corpus: {len(corpus)} messages, verdicts {dict(sorted(kinds.items()))}")
         print(f"  CPU per message (parsing + Skeptic + policy): {cpu / len(corpus) * 1000:.2f} ms")
-        print(f"  Skeptic per message: mean {statistics.mean(skeptic_s) * 1000:.3f} ms, "
-              f"median {statistics.median(skeptic_s) * 1000:.3f} ms")
+        print(
+            f"  Skeptic per message: mean {statistics.mean(skeptic_s) * 1000:.3f} ms, "
+            f"median {statistics.median(skeptic_s) * 1000:.3f} ms"
+        )
         if args.verdicts:
             args.verdicts.write_text(json.dumps(verdicts))
     return 0

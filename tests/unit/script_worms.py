@@ -1,3 +1,4 @@
+# ruff: noqa: E501 (the skeletons and texts are scripts, their lines as people write them)
 """A seeded generator of padded script worms, and of the harmless scripts and text people mail.
 
 Each worm is one of a few family skeletons (the shape of classic script mass-mailers and
@@ -264,9 +265,7 @@ def _ps_build(text: str, rng: random.Random) -> str:
     if how == 1 and text:
         return "(" + " + ".join(f"[char]{ord(c)}" for c in text[:3]) + f" + '{text[3:]}')"
     marker = rng.choice(["QZ", "xx"])
-    return f"('{text}'.Replace('', '') -replace '{marker}', '')".replace(
-        ".Replace('', '')", ""
-    )
+    return f"('{text}'.Replace('', '') -replace '{marker}', '')".replace(".Replace('', '')", "")
 
 
 _BUILDERS: dict[str, tuple[re.Pattern[str], Callable[[str, random.Random], str], str]] = {
@@ -322,7 +321,7 @@ def _junk_line(language: str, rng: random.Random, junk: list[str]) -> str:
         if kind == 2:
             return f'Dim {name_} : {name_} = "{_words(rng, 3)}"'
         if kind == 3 and junk:
-            return f"{name_} = {rng.choice(junk)} * {rng.randint(2, 9)} + Len(\"{_words(rng, 1)}\")"
+            return f'{name_} = {rng.choice(junk)} * {rng.randint(2, 9)} + Len("{_words(rng, 1)}")'
         return "Rem " + _words(rng, rng.randint(2, 8))
     if language == "js":
         if kind == 0:
@@ -351,9 +350,8 @@ def _pad(source: str, language: str, rng: random.Random, rate: float) -> str:
     junk: list[str] = []
     out = []
     lines = source.splitlines()
-    for i, line in enumerate(lines):
+    for line in lines:
         out.append(line)
-        # Not inside a statement a VBScript "_" continues, nor after the inert first line only.
         while rng.random() < rate:
             out.append(_junk_line(language, rng, junk))
         if rng.random() < 0.1:
@@ -454,7 +452,9 @@ def deliver(text: str, how: str, rng: random.Random) -> bytes:
             zip_of({member: data}), maintype="application", subtype="zip", filename=f"{stem}.zip"
         )
     else:
-        maintype, subtype = rng.choice([("text", "csv"), ("application", "json"), ("text", "x-log")])
+        maintype, subtype = rng.choice(
+            [("text", "csv"), ("application", "json"), ("text", "x-log")]
+        )
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=f"{stem}.dat")
     return msg.as_bytes()
 

@@ -142,7 +142,10 @@ def test_junk_statements_and_names_do_not_change_the_canonical_form() -> None:
     )
     renamed = plain.replace("Set a ", "Set Q9zz ").replace("= a.", "= Q9zz.").replace("b =", "kX =")
     expected = _canon(plain, "vb")
-    assert expected == 'set v1 = createobject ( "outlook.application" )\nset v2 = v1.getnamespace ( "mapi" )\n'
+    assert (
+        expected
+        == 'set v1 = createobject ( "outlook.application" )\nset v2 = v1.getnamespace ( "mapi" )\n'
+    )
     assert _canon(padded, "vb").replace("dim v1 , v2\n", "") == expected
     assert _canon(renamed, "vb") == expected
 

@@ -60,7 +60,8 @@ _MARKERS = {
         re.I | re.M,
     ),
     "bat": re.compile(
-        r"^[ \t]*@?echo[ \t]+off|%[a-z_~0-9]+%|^[ \t]*(?:set|goto|call|start|if|for)[ \t]|^:[a-z]\w*",
+        r"^[ \t]*@?echo[ \t]+off|%[a-z_~0-9]+%|^[ \t]*(?:set|goto|call|start|if|for)[ \t]"
+        r"|^:[a-z]\w*",
         re.I | re.M,
     ),
 }
@@ -101,15 +102,16 @@ def sniff(text: str) -> str | None:
 # format (public since 2001); the decoder is this table inverted.
 _WSH_COLUMNS = (
     "7\n\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f~ZE:yY'"
-    "vcbMQSR &Tq+f*X\x7f{01lI<x>_@)$/93o!u(BFJ\\H6K}]jPi#\tpet,wD?m|C8^[nWL4r%VshUG25.dO;-Aaz\"`kN=g",
+    "vcbMQSR &Tq+f*X\x7f{01lI<x>_@)$/93o!u(BFJ\\H6K}]jPi#\tpet,wD?m|C8^[nW"
+    'L4r%VshUG25.dO;-Aaz"`kN=g',
     "i\n\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f,er[fuLEv"
     "*C3B cJZ8y2Wl+FRO=p<{>Q@z~;GAwV_&xndtg}h5\"U:`jqoI\\]'Y%|#m(19\x7f6T4bN0^s\tKa$MkD!7SXH.P-)?/",
-    "d\n\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1fP\"Ja^][B"
+    'd\n\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1fP"Ja^][B'
     "`#e_~ORz!F &c*vG%,)i<'>g@bAZf2sMCq9|SH1rnpI?Kj.\x7f(5}$-T7{=l4mN+0otkL3V:xWw;D/YE\\h6Xy\tu8UQ",
 )
-_WSH_PATTERN = (0, 1, 2, 0, 1, 2, 1, 2, 2, 1, 2, 1, 0, 2, 1, 2, 0, 2, 1, 2, 0, 0, 1, 2, 2, 1, 0, 2)
-_WSH_PATTERN += (1, 2, 2, 1, 0, 0, 2, 1, 2, 1, 2, 0, 2, 0, 0, 1, 2, 0, 2, 1, 0, 2, 1, 2, 0, 0, 1)
-_WSH_PATTERN += (2, 2, 0, 0, 1, 2, 0, 2, 1)
+_WSH_PATTERN = tuple(
+    int(c) for c in "0120121221210212021200122102122100212120200120210212001220012021"
+)
 _WSH_UNTOUCHED = frozenset("\n\r<>@")  # never substituted (and < > @ are escaped instead)
 _WSH_ENCODE = [
     {chr(p): column[p - 9] for p in range(9, 128) if chr(p) not in _WSH_UNTOUCHED}
@@ -193,9 +195,44 @@ _PS_ESCAPE = re.compile(r"`(.)", re.S)
 _DECLARE = frozenset({"dim", "var", "let", "const", "set", "private", "public", "static"})
 # Functions that compute and do nothing else: a junk statement may call them.
 _PURE = frozenset(
-    """chr chrw chrb asc ascw len mid left right lcase ucase trim int cint clng cstr abs sqr
-    rnd hex oct fix round math floor ceil random parseint parsefloat string fromcharcode
-    tostring substr substring charat charcodeat""".split()
+    [
+        "chr",
+        "chrw",
+        "chrb",
+        "asc",
+        "ascw",
+        "len",
+        "mid",
+        "left",
+        "right",
+        "lcase",
+        "ucase",
+        "trim",
+        "int",
+        "cint",
+        "clng",
+        "cstr",
+        "abs",
+        "sqr",
+        "rnd",
+        "hex",
+        "oct",
+        "fix",
+        "round",
+        "math",
+        "floor",
+        "ceil",
+        "random",
+        "parseint",
+        "parsefloat",
+        "string",
+        "fromcharcode",
+        "tostring",
+        "substr",
+        "substring",
+        "charat",
+        "charcodeat",
+    ]
 )
 _API_NAME = re.compile(r"[a-z][a-z0-9]*(?:\.[a-z][a-z0-9]*)+|mapi")
 _NUMBER = re.compile(r"&h[0-9a-f]+|0x[0-9a-f]+|\d+")
@@ -352,7 +389,11 @@ def _fold(toks: list[Tok], language: str) -> bool:
                     char = _char(arith[0])
                     if char is not None:
                         replaced = (arith[1] + 1 - i, char)
-        elif kind == "id" and value == "string" and _strs(toks, i + 1, ". fromcharcode (") is not None:
+        elif (
+            kind == "id"
+            and value == "string"
+            and _strs(toks, i + 1, ". fromcharcode (") is not None
+        ):
             replaced = _char_codes(toks, i + 4)
             if replaced:
                 replaced = (replaced[0] + 4, replaced[1])
@@ -420,7 +461,9 @@ def _vb_function(toks: list[Tok], i: int, name: str) -> tuple[int, str] | None:
     if args is None:
         return None
     text = args[0]
-    return 4, text[::-1] if name == "strreverse" else text.lower() if name == "lcase" else text.upper()
+    return 4, text[
+        ::-1
+    ] if name == "strreverse" else text.lower() if name == "lcase" else text.upper()
 
 
 def _string_method(toks: list[Tok], i: int) -> tuple[int, str] | None:
