@@ -244,12 +244,36 @@ class Mail:
             line.split(": ", 1)[1].strip() for line in out.stdout.splitlines() if ": " in line
         )
 
+    def path_of(self, token: str) -> str | None:
+        """The Maildir file of the first copy of ``token``'s message, found by reading only
+        each file's header (grep -l reads every other file whole: the size-limit test's 50 MB
+        messages made each look-up read them all)."""
+        script = (
+            "import os,sys\n"
+            f"want=b'X-Test-Token: {token}'\n"
+            "for sub in ('new','cur'):\n"
+            f" d='{MAILDIR}/'+sub\n"
+            " for f in sorted(os.listdir(d) if os.path.isdir(d) else []):\n"
+            "  p=os.path.join(d,f); h=open(p,'rb').read(65536).split(b'\\n\\n',1)[0]\n"
+            "  if any(l.rstrip(b'\\r')==want for l in h.split(b'\\n')):\n"
+            "   print(p); sys.exit(0)\n"
+        )
+        b64 = base64.b64encode(script.encode()).decode()
+        path = self.server.check_output(f"echo {b64} | base64 -d | python3 -").strip()
+        return path or None
+
     def fetch(self, token: str) -> bytes | None:
-        out = self.server.run(f"grep -rl -m1 '^X-Test-Token: {token}' {MAILDIR}/new {MAILDIR}/cur")
-        files = out.stdout.split()
-        if not files:
+        path = self.path_of(token)
+        if path is None:
             return None
-        return base64.b64decode(self.server.check_output(f"base64 -w0 {files[0]}"))
+        return base64.b64decode(self.server.check_output(f"base64 -w0 {path}"))
+
+    def header_of(self, token: str) -> bytes | None:
+        """Only the header of ``token``'s message (a large one is not carried over SSH)."""
+        path = self.path_of(token)
+        if path is None:
+            return None
+        return base64.b64decode(self.server.check_output(f"head -c 65536 {path} | base64 -w0"))
 
 
 def assert_secret_share(node: testinfra.host.Host, tower: Tower, role: str) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from contextvars import ContextVar
 
 HEALTH_PATH = "/health"
+# check_detail's note of whether request() got a connection (the task wait_for runs it in
+# shares the list)
+_CONNECTED: ContextVar[list[bool] | None] = ContextVar("_CONNECTED", default=None)
 
 
 async def probe(host: str, port: int, timeout_s: float) -> bool:
@@ -26,19 +29,15 @@ async def check_detail(host: str, port: int, timeout_s: float) -> tuple[bool, di
     no answer within ``timeout_s`` (scand's process is there, its loop busy or stuck), unlike
     refused, unreachable or an answer saying it is not healthy."""
     connected: list[bool] = []
+    token = _CONNECTED.set(connected)  # request() notes its connection there
     try:
-        status, doc = await request(
-            host,
-            port,
-            "GET",
-            HEALTH_PATH,
-            timeout_s=timeout_s,
-            on_connect=lambda: connected.append(True),
-        )
+        status, doc = await request(host, port, "GET", HEALTH_PATH, timeout_s=timeout_s)
     except TimeoutError:
         return False, {}, bool(connected)
     except (OSError, ValueError, asyncio.IncompleteReadError):
         return False, {}, False
+    finally:
+        _CONNECTED.reset(token)
     return status == 200, doc, False
 
 
@@ -50,15 +49,15 @@ async def request(
     body: bytes = b"",
     headers: dict[str, str] | None = None,
     timeout_s: float = 5.0,
-    on_connect: Callable[[], object] | None = None,
 ) -> tuple[int, dict]:
     """One HTTP/1.0 request to scand; (status, JSON body or {}). Raises OSError, TimeoutError,
     ValueError on no answer or a broken one."""
 
     async def exchange() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port)
-        if on_connect is not None:
-            on_connect()
+        noted = _CONNECTED.get()
+        if noted is not None:
+            noted.append(True)
         try:
             head = f"{method} {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
             for name, value in (headers or {}).items():
