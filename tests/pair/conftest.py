@@ -105,6 +105,12 @@ class Pair:
         msg.set_content(f"Hello through the twin towers, {token}.\n{body}")
         return msg
 
+    def sender_queued(self, rcpt: str) -> list[dict]:
+        """The messages for ``rcpt`` still in the internet sender's queue (postqueue -j)."""
+        out = self.sender.check_output("postqueue -j")
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return [e for e in entries if any(r["address"] == rcpt for r in e["recipients"])]
+
     def submit(
         self, rcpt: str, count: int = 1, sender: str = "someone@internet.lab", body: str = ""
     ) -> list[str]:

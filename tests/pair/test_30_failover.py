@@ -21,8 +21,18 @@ def _carried(pair: Pair, arrived: dict, tokens) -> Counter:
 def _failover(pair: Pair, name: str, outage, timeout: float) -> dict:
     """Send mail before and during ``outage`` of tower a; prove it all arrives, once."""
     rcpt = pair.rcpt(0, local=f"fo-{name}")
-    # Mail in flight when the outage begins: some of it is already inside tower a.
+    # Mail in flight when the outage begins: some of it is already inside tower a. The outage
+    # begins once the sender has handed all of it over: a message still in its SMTP session
+    # with tower a when the site goes black waits out the sender's own timeouts (Postfix's
+    # smtp_*_timeout, 300 s), the sender's business, not the towers' (the first session of
+    # the day also waits postscreen's 6 s greeting test).
     before = submit_spread(pair, rcpt, 10, 2.0)
+    wait_for(
+        lambda: not pair.sender_queued(rcpt),
+        60,
+        "the messages sent before the outage handed to a tower by the sender",
+        0.2,
+    )
     started = time.time()
     with outage:
         during = submit_spread(pair, rcpt, MESSAGES, SPREAD_S)
