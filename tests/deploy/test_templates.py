@@ -306,6 +306,27 @@ def test_goc_lets_each_tower_host_in_by_address_only(render, settings):
     assert not any(r[0] == "host" and r[3].endswith("/0") for r in rows)
     conf = render("goc/etc/postgresql/15/main/conf.d/mailtower.conf", settings, goc=g)
     assert "wal_level = logical" in conf
+    assert "tcp_keepalives_idle = 60" in conf
+
+
+def test_tower_sql_has_room_for_stranded_connections_and_ends_them(render, settings):
+    """A site cut strands each scanner's two connections (the lab's CI filled 100 slots: the
+    relay's lookups then failed over to the standby): room for three generations, and TCP
+    keepalives end stranded backends in minutes, not the kernel's 2 h."""
+    conf = render("sql/etc/postgresql/15/main/conf.d/mailtower.conf", settings)
+    scanners = len(settings.hosts.scanners)
+    assert f"max_connections = {max(100, 6 * scanners + 50)}" in conf
+    for line in ("tcp_keepalives_idle = 60", "tcp_keepalives_interval = 10"):
+        assert line in conf
+    many = settings.model_copy(
+        update={
+            "hosts": settings.hosts.model_copy(
+                update={"scanners": [f"10.9.0.{i}" for i in range(1, 24)]}
+            )
+        }
+    )
+    conf = render("sql/etc/postgresql/15/main/conf.d/mailtower.conf", many)
+    assert "max_connections = 188" in conf
 
 
 def test_goc_serves_bundles_read_only_to_monitors_and_readers(render, settings):

@@ -70,6 +70,17 @@ def test_site_cut_off_senders_move_to_the_twin(pair: Pair) -> None:
     figures = _failover(pair, "site_cut", pair.site_cut("a"), 240)
     # A black-holed site costs a sender its connect timeout (Postfix: 30 s) per attempt.
     assert figures["latency_max_s"] < 120, figures
+    # Every scanner opened new SQL connections after the cut; the stranded ones end by TCP
+    # keepalive (they once held their slots for 2 h, and a second cut filled all 100).
+    tower = pair.towers["a"]
+    scanners = len(tower.settings.hosts.scanners)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'mailtower_scanner'"
+    wait_for(
+        lambda: int(tower.psql(query)) <= 2 * scanners,
+        240,
+        f"at most {2 * scanners} scanner connections at tower a's primary after the cut",
+        5,
+    )
 
 
 def test_both_towers_carry_mail_again(pair: Pair) -> None:
