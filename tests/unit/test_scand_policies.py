@@ -299,6 +299,21 @@ def test_a_relay_that_hung_up_during_the_scan_gets_nothing_re_injected(rig: Rig)
     assert reply == server_mod.S451_CLIENT_GONE
     assert rig.sink.received == []
     assert rig.quarantined == []  # Alice's copy is written again by the retry
+    # Gone by the time the scan ends, with everything for quarantine: nothing held twice.
+    reply = rig.scanner.process(
+        _mail(b"figures"), "sender@example.org", [ALICE], client_alive=lambda: False
+    )
+    assert reply == server_mod.S451_CLIENT_GONE
+    assert rig.quarantined == []
+    # Gone after the quarantined part was written (asked again before the re-injection):
+    # that part is undone, nothing re-injected.
+    answers = iter([True, False])
+    reply = rig.scanner.process(
+        _mail(b"figures"), "sender@example.org", [ALICE, BOB], client_alive=lambda: next(answers)
+    )
+    assert reply == server_mod.S451_CLIENT_GONE
+    assert rig.sink.received == []
+    assert rig.quarantined == []
     # Still there: delivered as usual.
     reply = rig.scanner.process(
         _mail(b"figures"), "sender@example.org", [ALICE, BOB], client_alive=lambda: True

@@ -506,6 +506,12 @@ class Scanner:
     ) -> str:
         """Quarantine every group whose verdict stops it, then re-inject the others (one
         transaction per verdict header); the reply to the relay."""
+        if client_alive is not None and not client_alive():
+            # Gone while it was scanned: the relay sends it again, so nothing is written
+            # (a message quarantined whole would otherwise be held twice).
+            log.warning("event=client_gone %s", fields)
+            self.metrics.messages.labels("tempfail").inc()
+            return S451_CLIENT_GONE
         done: list[tuple[str, Verdict, list[str], str | None]] = []  # outcome, verdict, rcpts, qid
         replies: list[str] = []  # the reply each part would get on its own
         written: list[str] = []
