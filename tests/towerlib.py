@@ -258,9 +258,7 @@ class Mail:
             "  if any(l.rstrip(b'\\r')==want for l in h.split(b'\\n')):\n"
             "   print(p); sys.exit(0)\n"
         )
-        b64 = base64.b64encode(script.encode()).decode()
-        path = self.server.check_output(f"echo {b64} | base64 -d | python3 -").strip()
-        return path or None
+        return remote_python(self.server, script).strip() or None
 
     def fetch(self, token: str) -> bytes | None:
         path = self.path_of(token)
@@ -274,6 +272,13 @@ class Mail:
         if path is None:
             return None
         return base64.b64decode(self.server.check_output(f"head -c 65536 {path} | base64 -w0"))
+
+
+def remote_python(node: testinfra.host.Host, script: str) -> str:
+    """Run ``script`` with the host's python3 (sent base64-encoded: no shell quoting); its
+    standard output."""
+    b64 = base64.b64encode(script.encode()).decode()
+    return node.check_output(f"echo {b64} | base64 -d | python3 -")
 
 
 def assert_secret_share(node: testinfra.host.Host, tower: Tower, role: str) -> None:

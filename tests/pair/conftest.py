@@ -6,7 +6,6 @@ finds the towers by MX lookup, and read back at the customers' mail servers.
 
 from __future__ import annotations
 
-import base64
 import json
 import smtplib
 import socket
@@ -20,7 +19,17 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 import pytest
-from towerlib import MAILDIR, ROOT, Hosts, Tower, psql, start_postfix, stop_postfix, wait_for
+from towerlib import (
+    MAILDIR,
+    ROOT,
+    Hosts,
+    Tower,
+    psql,
+    remote_python,
+    start_postfix,
+    stop_postfix,
+    wait_for,
+)
 
 SENDER_PORT = 25
 __all__ = ["ROOT", "Pair", "goc_events", "latencies", "percentile", "submit_spread", "token_of"]
@@ -148,9 +157,7 @@ class Pair:
             "'mtime':os.stat(p).st_mtime,'subject':s.group(1) if s else '','path':p})\n"
             "json.dump(out,sys.stdout)\n"
         )
-        node = self.customer_node(index)
-        b64 = base64.b64encode(script.encode()).decode()
-        raw = node.check_output(f"echo {b64} | base64 -d | python3 -")
+        raw = remote_python(self.customer_node(index), script)
         found: dict[str, list[dict]] = {}
         for item in json.loads(raw):
             if item["token"]:

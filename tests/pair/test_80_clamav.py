@@ -35,7 +35,7 @@ import time
 import pytest
 from conftest import Pair
 from test_70_rule_bundles import Load, send_direct, tempfails_since, verdicts_at_goc
-from towerlib import ROOT, record_figure, wait_for
+from towerlib import ROOT, record_figure, remote_python, wait_for
 
 from mailtower.controller.lab import clamav_testfiles, clamav_upstream
 
@@ -166,8 +166,7 @@ def test_the_goc_mirrors_with_pinned_cvdupdate_as_its_own_user(pair: Pair) -> No
         "except OSError:\n"
         "    print(0)\n"
     )
-    b64 = base64.b64encode(probe.encode()).decode()
-    code = pair.sender.check_output(f"echo {b64} | base64 -d | python3 -").strip()
+    code = remote_python(pair.sender, probe).strip()
     assert code == "403", code  # nginx answers, and refuses
 
 
