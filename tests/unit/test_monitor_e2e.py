@@ -58,14 +58,28 @@ def all_healthy(monitor: Monitor) -> bool:
     return all(s.healthy and s.streak >= 2 for s in monitor.pool.scanners)
 
 
-def test_killed_scanner_leaves_the_pool_and_returns():
-    async def scenario() -> None:
-        healths = await start_healths()
-        fake = FakeHAProxy(dict(zip(NAMES, SCANNERS, strict=True)))
-        await fake.start()
-        monitor = Monitor(tower(healths[0].port, fake.port))
+@contextlib.asynccontextmanager
+async def healthy_pool() -> AsyncIterator[tuple[list[FakeHealth], FakeHAProxy, Monitor]]:
+    """Three fake scanners, a fake HAProxy and a running monitor that has probed them all
+    healthy; everything stopped afterwards."""
+    healths = await start_healths()
+    fake = FakeHAProxy(dict(zip(NAMES, SCANNERS, strict=True)))
+    await fake.start()
+    monitor = Monitor(tower(healths[0].port, fake.port))
+    try:
         async with running(monitor):
             await wait_for(lambda: all_healthy(monitor), GOAL_S, "every scanner probed healthy")
+            yield healths, fake, monitor
+    finally:
+        for h in healths:
+            if h._server is not None:
+                await h.stop()
+        await fake.stop()
+
+
+def test_killed_scanner_leaves_the_pool_and_returns():
+    async def scenario() -> None:
+        async with healthy_pool() as (healths, fake, monitor):
             assert fake.set_commands() == []
 
             await healths[1].stop()
@@ -106,9 +120,6 @@ def test_killed_scanner_leaves_the_pool_and_returns():
             _, metrics = await http_get(monitor.http_port or 0, "/metrics")
             assert "mailtower_sql_up 0.0" in metrics
             assert "mailtower_haproxy_errors_total 0.0" in metrics
-        for h in healths:
-            await h.stop()
-        await fake.stop()
 
     asyncio.run(scenario())
 
@@ -120,12 +131,7 @@ def test_a_silent_scanner_leaves_the_pool_with_its_sessions_kept(caplog: pytest.
     the test above: cut."""
 
     async def scenario() -> None:
-        healths = await start_healths()
-        fake = FakeHAProxy(dict(zip(NAMES, SCANNERS, strict=True)))
-        await fake.start()
-        monitor = Monitor(tower(healths[0].port, fake.port))
-        async with running(monitor):
-            await wait_for(lambda: all_healthy(monitor), GOAL_S, "every scanner probed healthy")
+        async with healthy_pool() as (healths, fake, monitor):
             healths[2].silent = True
             await wait_for(
                 lambda: "set server scanners/s03 state maint" in fake.commands,
@@ -142,9 +148,6 @@ def test_a_silent_scanner_leaves_the_pool_with_its_sessions_kept(caplog: pytest.
                 "s03 set ready again",
             )
             assert fake.shutdowns == []
-        for h in healths:
-            await h.stop()
-        await fake.stop()
 
     with caplog.at_level(logging.WARNING, logger="mailtower.monitor"):
         asyncio.run(scenario())
