@@ -224,7 +224,7 @@ def verify(c, tower="lab-a", k="", workers=4):
         )
         e2e = c.run(
             f"{PY} -m pytest -p no:cacheprovider tests/e2e --tower {tower} -q -x {sel} "
-            f"--junitxml {out}/e2e.xml",
+            f"--durations=10 --junitxml {out}/e2e.xml",
             warn=True,
             env={"PYTHONPATH": str(ROOT)},
         )
@@ -251,7 +251,8 @@ def verify_pair(c, k="", workers=4):
     sel = f"-k '{k}'" if k else ""
     with c.cd(str(ROOT)):
         pair = c.run(
-            f"{PY} -m pytest -p no:cacheprovider tests/pair -q -x {sel} --junitxml {out}/pair.xml",
+            f"{PY} -m pytest -p no:cacheprovider tests/pair -q -x {sel} --durations=20 "
+            f"--junitxml {out}/pair.xml",
             warn=True,
             env={"PYTHONPATH": str(ROOT)},
         )
