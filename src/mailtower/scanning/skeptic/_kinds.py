@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from functools import cached_property
 
 from mailtower.scanning.objects import Analysis, ScanObject
-from mailtower.scanning.skeptic import _office, _script
+from mailtower.scanning.skeptic import _code, _office, _script
 from mailtower.scanning.skeptic._rules import Params, RuleSpec
 from mailtower.scanning.skeptic._sniff import (
     ZIP_MAGIC,
@@ -30,6 +30,9 @@ from mailtower.scanning.skeptic._sniff import (
 )
 
 MAX_TEXT_BYTES = 8 << 20  # text beyond this is not analysed as script (mail limits are lower)
+# The whole raw message is an object too; its parts are examined on their own, so the raw text
+# is not read for undeclared code a second time.
+_RAW_MESSAGE_PATH = "message"
 
 
 class Subject:
@@ -79,6 +82,31 @@ class Subject:
             _script.Script("vb", m.source, "macro") for m in self.all_macros if m.status == "found"
         )
         return found
+
+    @cached_property
+    def code(self) -> list[_script.Script]:
+        """Every script in the object whatever its name and declared type: ``scripts``, code
+        recognised in any other text (``origin="sniffed"``), and scripts hidden in encoders."""
+        found = list(self.scripts)
+        declared = any(s.origin == "file" for s in found) or self.is_page
+        if not (declared or self.binary or self.obj.path == _RAW_MESSAGE_PATH):
+            language = _code.sniff(self.text)
+            if language == "page":
+                found.extend(_script.scripts_in_page(self.text))
+            elif language:
+                found.append(_script.Script(language, self.text, "sniffed"))
+        unwrapped = list(found)
+        for _ in range(3):  # encoders nest (an encoded command inside an encoded script)
+            unwrapped = [inner for script in unwrapped for inner in _code.layers(script)]
+            if not unwrapped:
+                break
+            found.extend(unwrapped)
+        return found
+
+    @cached_property
+    def canonical(self) -> list[_code.Canonical]:
+        """The normalised form of every script in ``code``."""
+        return [_code.canonical(script) for script in self.code]
 
     @cached_property
     def all_macros(self) -> list[_office.Macros]:
@@ -278,7 +306,7 @@ class Pattern(FileKind):
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
-        self.scope = params.string("scope", choices=("script", "page", "text"))
+        self.scope = params.string("scope", choices=("script", "page", "text", "code"))
         self.all = params.regexes("all", [])
         self.any = params.regexes("any", [])
         self.min_count = params.integer("min_count", 1)
@@ -288,6 +316,8 @@ class Pattern(FileKind):
     def _texts(self, subject: Subject) -> list[str]:
         if self.scope == "script":
             return [_script.lowered(s.text) for s in subject.scripts]
+        if self.scope == "code":  # normalised code, wherever it was found (see _code)
+            return [c.text for c in subject.canonical]
         if self.scope == "page":
             return [_script.lowered(subject.text)] if subject.is_page else []
         return [_script.lowered(subject.text)] if subject.text else []
@@ -520,7 +550,13 @@ class JunkComments(FileKind):
 
 
 class CodeSimilarity(FileKind):
-    """Normalised code close to a known worm's fingerprint (token shingles, Jaccard)."""
+    """Normalised code close to a known worm's (token shingles: Jaccard or containment).
+
+    A fingerprint gives either ``tokens`` (``skeptic.fingerprint``'s output, compared with the
+    plain token normalisation of declared scripts) or ``source``: a reference script kept in the
+    rule data, compared in canonical form (``_code.canonical``: strings folded, junk dropped)
+    with every script the object holds, declared or recognised by content.
+    """
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
@@ -528,32 +564,46 @@ class CodeSimilarity(FileKind):
         self.jaccard = params.number("jaccard")
         self.containment = params.number("containment")
         self.min_shingles = params.integer("min_shingles")
-        self.fingerprints: list[tuple[str, str, frozenset[str]]] = []
+        self.fingerprints: list[tuple[str, str, frozenset[str], bool]] = []
         for table in params.tables("fingerprints"):
-            name, language, tokens = (table.get(k) for k in ("name", "language", "tokens"))
-            if not all(isinstance(v, str) for v in (name, language, tokens)):
-                raise params.fail("every fingerprint needs string name, language and tokens")
-            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", str(name)):
+            name, language = table.get("name"), table.get("language")
+            tokens, source = table.get("tokens"), table.get("source")
+            if not (isinstance(name, str) and isinstance(language, str)):
+                raise params.fail("every fingerprint needs a string name and language")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
                 raise params.fail(f"fingerprint name {name!r}: lower case, digits, - and _")
-            grams = _script.shingles(str(tokens).split(), self.size)
+            if isinstance(source, str) == isinstance(tokens, str):
+                raise params.fail(f"fingerprint {name}: give either tokens or source (a string)")
+            if isinstance(source, str):
+                shape = _code.canonical(_script.Script(language, source, "file")).shape
+                grams = _script.shingles(shape, self.size)
+            else:
+                grams = _script.shingles(str(tokens).split(), self.size)
             if len(grams) < self.min_shingles:
                 raise params.fail(f"fingerprint {name} is too short to be specific")
-            self.fingerprints.append((str(name), str(language), grams))
+            self.fingerprints.append((name, language, grams, isinstance(source, str)))
 
     def check(self, subject: Subject) -> Iterator[str]:
+        found: set[str] = set()
         for script in subject.scripts:
-            grams = _script.shingles(_script.normalise(script), self.size)
-            if len(grams) < self.min_shingles:
+            self._compare(_script.normalise(script), script.language, False, found)
+        for canon in subject.canonical:
+            self._compare(canon.shape, canon.language, True, found)
+        yield from sorted(found)
+
+    def _compare(self, tokens: list[str], language: str, canonical: bool, found: set[str]) -> None:
+        grams = _script.shingles(tokens, self.size)
+        if len(grams) < self.min_shingles:
+            return
+        for name, known_language, known, from_source in self.fingerprints:
+            if known_language != language or from_source != canonical or name in found:
                 continue
-            for name, language, known in self.fingerprints:
-                if language != script.language:
-                    continue
-                common = len(grams & known)
-                if (
-                    common / len(grams | known) >= self.jaccard
-                    or common / len(known) >= self.containment
-                ):
-                    yield name
+            common = len(grams & known)
+            if (
+                common / len(grams | known) >= self.jaccard
+                or common / len(known) >= self.containment
+            ):
+                found.add(name)
 
 
 # --- MIME parser anomalies --------------------------------------------------------------------
