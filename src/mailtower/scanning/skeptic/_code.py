@@ -27,6 +27,7 @@ from mailtower.scanning.skeptic import _script
 from mailtower.scanning.skeptic._script import _KEEP, _LEXERS, Script
 
 MAX_CODE_CHARS = 512 << 10  # canonicalised code per script; a worm is a few kilobytes
+ENCODED = "encoded"  # the origin of a script unwrapped from an encoder (see ``layers``)
 MAX_SNIFF_CHARS = 256 << 10
 _MAX_PASSES = 8
 
@@ -119,7 +120,11 @@ _WSH_ENCODE = [
 ]
 _WSH_DECODE = [{v: k for k, v in table.items()} for table in _WSH_ENCODE]
 _WSH_ESCAPES = {"@$": "@", "@!": "<", "@*": ">", "@#": "\r", "@&": "\n"}
-_WSH_BLOB = re.compile(r"#@~\^[\w+/]{6}==(.*?)[\w+/]{6}==\^#~@", re.S)
+# A blob: "#@~^" + 6 base64 characters (the length) + "==", the body, 6 more (the checksum) +
+# "==^#~@". Found by two linear searches (start, then the end after it), never by one regex
+# with a lazy body: that rescans to the end of the text for every start without an end.
+_WSH_START = re.compile(r"#@~\^[\w+/]{6}==")
+_WSH_END = re.compile(r"[\w+/]{6}==\^#~@")
 _WSH_ESCAPE = re.compile(r"@[$!*#&]")
 
 
@@ -162,20 +167,38 @@ _PS_ENCODED = re.compile(
 def layers(script: Script) -> list[Script]:
     """The scripts hidden inside ``script`` (one level; callers recurse if they wish)."""
     found: list[Script] = []
-    text = script.text
-    if "#@~^" in text:
-        for match in _WSH_BLOB.finditer(text):
-            plain = wsh_decode(match.group(1))
-            language = "vb" if script.language == "vb" or _vb_like(plain) else "js"
-            found.append(Script(language, plain, script.origin))
-    if script.language in ("ps", "bat", "vb", "js") and "-" in text:
+    text = script.text[:MAX_CODE_CHARS]
+    for body in wsh_bodies(text):
+        plain = wsh_decode(body)
+        language = "vb" if script.language == "vb" or _vb_like(plain) else "js"
+        found.append(Script(language, plain, ENCODED))
+    if "-" in text:
         for match in _PS_ENCODED.finditer(text):
             try:
                 raw = base64.b64decode(match.group(1), validate=False)
-                found.append(Script("ps", raw.decode("utf-16-le"), script.origin))
+                found.append(Script("ps", raw.decode("utf-16-le"), ENCODED))
             except (binascii.Error, ValueError):
                 continue
     return found
+
+
+def wsh_bodies(text: str) -> list[str]:
+    """The bodies of the Script Encoder blobs in ``text``, in one left-to-right pass: each
+    start's end is searched from the start on; a start without an end stops the search (no
+    later start can have an end either), so every character is read at most twice."""
+    bodies = []
+    at = text.find("#@~^")
+    while at >= 0:
+        start = _WSH_START.match(text, at)
+        if start is None:
+            at = text.find("#@~^", at + 1)
+            continue
+        end = _WSH_END.search(text, start.end())
+        if end is None:
+            break
+        bodies.append(text[start.end() : end.start()])
+        at = text.find("#@~^", end.end())
+    return bodies
 
 
 def _vb_like(text: str) -> bool:
@@ -236,6 +259,7 @@ _PURE = frozenset(
 )
 _API_NAME = re.compile(r"[a-z][a-z0-9]*(?:\.[a-z][a-z0-9]*)+|mapi")
 _NUMBER = re.compile(r"&h[0-9a-f]+|0x[0-9a-f]+|\d+")
+_MAX_NUMBER_CHARS = 12
 
 Tok = tuple[str, str]  # (kind, value): "nl", "str", "id", "num", "op"
 _NL: Tok = ("nl", "\n")
@@ -329,7 +353,9 @@ def _js_escape(match: re.Match[str]) -> str:
 
 
 def _number(value: str) -> int | None:
-    if not _NUMBER.fullmatch(value):
+    # A character code has a few digits; a longer number is nothing a string is built from
+    # (and int() refuses decimals of more than 4300 digits).
+    if len(value) > _MAX_NUMBER_CHARS or not _NUMBER.fullmatch(value):
         return None
     if value.startswith(("&h", "0x")):
         return int(value[2:], 16)
@@ -558,12 +584,13 @@ def _propagate(toks: list[Tok]) -> bool:
             continue  # x += …: not a single value
         if uses.get(name, 0) <= 1:
             continue  # nothing reads it: junk removal's business
+        declaring = _declaring(toks)
         out: list[Tok] = []
         previous: Tok = _NL
         for index, tok in enumerate(toks):
             if start <= index < end:
                 continue
-            if tok == ("id", name) and previous != ("op", ".") and not _declaring(toks, index):
+            if tok == ("id", name) and previous != ("op", ".") and not declaring[index]:
                 out.extend(value)
             else:
                 out.append(tok)
@@ -588,16 +615,21 @@ def _inlinable(value: list[Tok]) -> bool:
     )
 
 
-def _declaring(toks: list[Tok], index: int) -> bool:
-    """Whether the name at ``index`` sits in a declaration list (Dim a, b)."""
-    i = index - 1
-    while i >= 0 and toks[i] != _NL:
-        if toks[i][0] == "id" and toks[i][1] in ("dim", "var", "let", "const"):
-            return True
-        if toks[i] not in (("op", ","),) and toks[i][0] != "id":
-            return False
-        i -= 1
-    return False
+_DECLARING = frozenset({"dim", "var", "let", "const"})
+
+
+def _declaring(toks: list[Tok]) -> list[bool]:
+    """For each token, whether it sits in a declaration list (Dim a, b): after a declaring word
+    with nothing but names and commas between. One forward pass over the statement."""
+    flags = []
+    inside = False
+    for tok in toks:
+        flags.append(inside)
+        if tok[0] == "id":
+            inside = inside or tok[1] in _DECLARING
+        elif tok != ("op", ","):
+            inside = False  # anything else, the end of the statement too
+    return flags
 
 
 def _drop_junk(toks: list[Tok]) -> bool:
