@@ -21,20 +21,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mailtower.scanning.engines import Finding
+from skeptic_fixtures import NoEngine
+
 from mailtower.scanning.pipeline import Pipeline
 from mailtower.scanning.scan import Kind
 from mailtower.scanning.skeptic import Skeptic
-
-
-class _NoEngine:
-    name = "none"
-
-    def scan(self, data: bytes) -> list[Finding]:
-        return []
-
-    def health(self, timeout_s: float) -> str:
-        return "ok"
 
 
 def _skeptic_seconds(verdict: object) -> float:
@@ -48,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--verdicts", type=Path, help="write the bench corpus's verdicts here")
     args = ap.parse_args(argv)
-    pipeline = Pipeline([_NoEngine()], skeptic=Skeptic.from_rules())
+    pipeline = Pipeline([NoEngine()], skeptic=Skeptic.from_rules())
 
     if args.worms:
         from script_worms import clean_cases, generate

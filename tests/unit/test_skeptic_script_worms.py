@@ -17,8 +17,8 @@ from collections import Counter
 
 import pytest
 from script_worms import CLEAN_TEXTS, DELIVERIES, FAMILIES, clean_cases, generate, worm
+from skeptic_fixtures import NoEngine
 
-from mailtower.scanning.engines import Finding
 from mailtower.scanning.objects import Analysis, ScanObject
 from mailtower.scanning.pipeline import Pipeline
 from mailtower.scanning.scan import Kind
@@ -36,18 +36,6 @@ KNOWN = {
 }
 
 
-class _NoEngine:
-    """An engine that finds nothing: only Skeptic and the policy can stop a message."""
-
-    name = "none"
-
-    def scan(self, data: bytes) -> list[Finding]:
-        return []
-
-    def health(self, timeout_s: float) -> str:
-        return "ok"
-
-
 @pytest.fixture(scope="module")
 def skeptic() -> Skeptic:
     return Skeptic.from_rules()
@@ -55,7 +43,7 @@ def skeptic() -> Skeptic:
 
 @pytest.fixture(scope="module")
 def pipeline(skeptic: Skeptic) -> Pipeline:
-    return Pipeline([_NoEngine()], skeptic=skeptic)
+    return Pipeline([NoEngine()], skeptic=skeptic)
 
 
 def _canon(text: str, language: str) -> str:
