@@ -69,10 +69,62 @@ _MARKERS = {
 _MIN_MARKERS = 3
 _PAGE_MARK = re.compile(r"<script\b|<hta:application", re.I)
 
+# Code among prose. Mail about scripts quotes a few lines of code between paragraphs ("open
+# PowerShell and paste these lines: …"), and English lines begin with If, For, Set, Call or
+# Start: the markers above find them, but such a text is not a script anything runs. Undeclared
+# text is code only if most of its lines (blank lines and comments aside) look like code.
+MIN_CODE_SHARE = 0.7
+_SNIFF_LINES = 400  # the lines judged (from the start): enough to tell
+_QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![A-Za-z])'[^'\n]*'(?![A-Za-z])")
+_COMMENT_LINE = re.compile(r"[ \t]*(?:'|//|/\*|\*|#|<#|rem\b|::)", re.I)
+_CODE_LINE = re.compile(
+    r"=|[;{}][ \t]*$|^[ \t]*[{}\])]|\w[ \t]*\(|\)[ \t]*$|[\w\])]\.[A-Za-z_$]"
+    r"|^[ \t]*[@:%$<]|%\w+%|\$\w|\b[A-Z][a-z]+-[A-Z][A-Za-z]+\b|[ \t][-/][A-Za-z]+\b"
+    r"|^[ \t]*(?:end|next|wend|loop|else|elseif|exit|option|on[ \t]+error|dim|set|sub|function"
+    r"|return|var|let|const|if|for|do|while|try|catch|call|goto|echo|start|param|randomize|copy"
+    r"|xcopy|del|cd|md|mkdir|rd|move|ren|cls|pause|shift|setlocal|endlocal|reg|net|taskkill)\b",
+    re.I,
+)
+_PLAIN_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*[,.:;!?]?")
+# English function words (not as, in, is, and, not, then: VBScript's words too).
+_STOP_WORDS = frozenset({
+    "a", "an", "the", "to", "of", "are", "be", "been", "we", "you", "i", "it", "its", "this",
+    "that", "these", "those", "will", "would", "can", "could", "should", "with", "at", "from",
+    "your", "our", "my", "me", "us", "they", "them", "there", "here", "what", "when", "which",
+    "just", "also", "please", "have", "has", "had", "was", "were", "so", "but", "by", "about",
+    "after", "before", "first",
+})  # fmt: skip
+
+
+def code_share(text: str) -> float:
+    """The share of ``text``'s lines that look like code, blank lines and comments aside: a
+    line of five or more words, most of them plain and two of them English function words, is
+    prose; any other line is code if it has an assignment, a call, member access, a brace, a
+    statement end, a variable, a switch or begins with a statement word."""
+    code = other = 0
+    for n, line in enumerate(text.splitlines()):
+        if n >= _SNIFF_LINES:
+            break
+        if not line.strip() or _COMMENT_LINE.match(line):
+            continue
+        bare = _QUOTED.sub("S", line)
+        words = bare.split()
+        if len(words) >= 5:
+            plain = sum(1 for w in words if _PLAIN_WORD.fullmatch(w))
+            stop = sum(1 for w in words if w.lower().strip(",.:;!?") in _STOP_WORDS)
+            if stop >= 2 and plain >= 0.6 * len(words):
+                other += 1
+                continue
+        if _CODE_LINE.search(bare):
+            code += 1
+        else:
+            other += 1
+    return code / (code + other) if code + other else 0.0
+
 
 def sniff(text: str) -> str | None:
     """The script language of ``text`` ("vb", "js", "ps", "bat", "page"), or None for text
-    that is not code a Windows host runs."""
+    that is not code a Windows host runs (prose quoting a few lines of code included)."""
     head = text[:MAX_SNIFF_CHARS]
     lowered = _script.lowered(text)[:MAX_SNIFF_CHARS] if len(text) < (1 << 20) else head.lower()
     if not any(needle in lowered for needle in _GATE):
@@ -88,12 +140,15 @@ def sniff(text: str) -> str | None:
                 break
         scores[language] = count
     best = max(scores, key=lambda language: scores[language])
-    if scores[best] >= _MIN_MARKERS:
+    if scores[best] >= _MIN_MARKERS and code_share(head) >= MIN_CODE_SHARE:
         return best
-    # A command line or a page of gibberish that only carries an encoded script.
-    if _PS_ENCODED.search(head):
-        return "bat"
-    return "js" if "#@~^" in head else None
+    return None
+
+
+def carries_encoded(text: str) -> bool:
+    """Whether ``text`` may hold an encoded script (``layers`` finds it, whatever the text)."""
+    head = text[:MAX_CODE_CHARS]
+    return "#@~^" in head or _PS_ENCODED.search(head) is not None
 
 
 # --- unwrapping encoded scripts --------------------------------------------------------------
@@ -272,6 +327,11 @@ class Canonical:
     language: str
     tokens: tuple[str, ...]  # strings quoted ("…"), names v1 …, statement ends "\n"
     text: str  # the tokens as one lower-case text: what behaviour rules search
+    # How the author hid the code: letters built from character codes, strings reversed or
+    # spliced (Chr(79), fromCharCode, StrReverse, Replace on literals), and junk statements
+    # (values nothing reads) dropped. Ordinary code has next to none of either.
+    built_strings: int = 0
+    junk_statements: int = 0
 
     @property
     def shape(self) -> list[str]:
@@ -297,14 +357,19 @@ def canonical(script: Script) -> Canonical:
     """The canonical form of ``script`` (computed once for all the rules that read it)."""
     language = script.language if script.language in _LEXERS else "js"
     toks = _lex(script.text[:MAX_CODE_CHARS], language)
+    built = junk = 0
     for _ in range(_MAX_PASSES):
-        changed = _fold(toks, language)
-        changed = _propagate(toks) or changed
-        changed = _drop_junk(toks) or changed
-        if not changed:
+        folded, built_now = _fold(toks, language)
+        propagated = _propagate(toks)
+        dropped, junk_now = _drop_junk(toks)
+        built += built_now
+        junk += junk_now
+        if not (folded or propagated or dropped):
             break
+    if language == "bat":
+        junk = 0  # %name% reads are inside words the lexer keeps whole: no name looks read
     names = _rename(toks, language)
-    return Canonical(language, tuple(names), _join(names))
+    return Canonical(language, tuple(names), _join(names), built, junk)
 
 
 def _lex(text: str, language: str) -> list[Tok]:
@@ -401,13 +466,16 @@ def _strs(toks: list[Tok], at: int, pattern: str) -> list[str] | None:
     return found
 
 
-def _fold(toks: list[Tok], language: str) -> bool:
-    """One pass of string folding over ``toks`` in place; whether anything changed."""
+def _fold(toks: list[Tok], language: str) -> tuple[bool, int]:
+    """One pass of string folding over ``toks`` in place: whether anything changed, and how
+    many folds built letters or digits from codes, or reversed or spliced literals."""
     changed = False
+    built = 0
     i = 0
     while i < len(toks):
         kind, value = toks[i]
         replaced = None  # (length, new string)
+        hides = True  # whether this fold undoes hiding (not a plain "a" & "b")
         if kind == "id" and value in ("chr", "chrw", "chrb", "chr$", "chrw$"):
             if i + 1 < len(toks) and toks[i + 1] == ("op", "("):
                 arith = _arith(toks, i + 2)
@@ -429,6 +497,7 @@ def _fold(toks: list[Tok], language: str) -> bool:
                 replaced = (arith[1] - i, char)
         elif kind == "id" and value in ("replace", "strreverse", "lcase", "ucase"):
             replaced = _vb_function(toks, i, value)
+            hides = value in ("replace", "strreverse")
         elif kind == "op" and value == "(" and i + 2 < len(toks):
             # ("a") → "a" unless it is a call's or an index's argument list. In PowerShell a
             # name before "(" is a parameter or a command (-Path ('x')); only methods are calls.
@@ -438,8 +507,10 @@ def _fold(toks: list[Tok], language: str) -> bool:
                 call = language != "ps" or (i >= 2 and toks[i - 2] == ("op", "."))
             if toks[i + 1][0] == "str" and toks[i + 2] == ("op", ")") and not call:
                 replaced = (3, toks[i + 1][1])
+                hides = False
         elif kind == "str":
             replaced = _string_method(toks, i)
+            hides = replaced is not None and toks[i + 2][1] not in ("tolowercase", "touppercase")
             if replaced is None and i + 2 < len(toks) and toks[i + 2][0] == "str":
                 op = toks[i + 1]
                 if op in (("op", "&"), ("op", "+")):
@@ -448,12 +519,14 @@ def _fold(toks: list[Tok], language: str) -> bool:
                     replaced = (3, value + toks[i + 2][1])
         if replaced is not None:
             length, new = replaced
+            if hides and any(c.isalnum() for c in new):
+                built += 1
             toks[i : i + length] = [("str", new)]
             changed = True
             i = max(0, i - 3)
             continue
         i += 1
-    return changed
+    return changed, built
 
 
 def _char_codes(toks: list[Tok], at: int) -> tuple[int, str] | None:
@@ -632,15 +705,18 @@ def _declaring(toks: list[Tok]) -> list[bool]:
     return flags
 
 
-def _drop_junk(toks: list[Tok]) -> bool:
-    """Statements that only give a value nothing reads, and declarations of unused names."""
+def _drop_junk(toks: list[Tok]) -> tuple[bool, int]:
+    """Statements that only give a value nothing reads, and declarations of unused names:
+    whether anything changed, and how many statements were junk."""
     uses = _uses(toks)
     keep: list[Tok] = []
     changed = False
+    junk = 0
     for start, end in _statements(toks):
         statement = toks[start:end]
         if _junk(statement, uses):
             changed = True
+            junk += 1
             continue
         if statement[0] == ("id", "dim") and len(statement) > 1:
             names = [t for t in statement[1:] if t[0] == "id"]
@@ -655,7 +731,7 @@ def _drop_junk(toks: list[Tok]) -> bool:
         keep.append(_NL)
     if changed:
         toks[:] = keep
-    return changed
+    return changed, junk
 
 
 def _comma_joined(names: list[Tok]) -> list[Tok]:
