@@ -75,6 +75,7 @@ _PAGE_MARK = re.compile(r"<script\b|<hta:application", re.I)
 # text is code only if most of its lines (blank lines and comments aside) look like code.
 MIN_CODE_SHARE = 0.7
 _SNIFF_LINES = 400  # the lines judged (from the start): enough to tell
+_LINE_CHARS = 1000  # of each line
 _QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![A-Za-z])'[^'\n]*'(?![A-Za-z])")
 _COMMENT_LINE = re.compile(r"[ \t]*(?:'|//|/\*|\*|#|<#|rem\b|::)", re.I)
 _CODE_LINE = re.compile(
@@ -105,6 +106,7 @@ def code_share(text: str) -> float:
     for n, line in enumerate(text.splitlines()):
         if n >= _SNIFF_LINES:
             break
+        line = line[:_LINE_CHARS]
         if not line.strip() or _COMMENT_LINE.match(line):
             continue
         bare = _QUOTED.sub("S", line)
