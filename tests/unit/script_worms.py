@@ -609,6 +609,128 @@ $disks = Get-CimInstance Win32_LogicalDisk -Filter 'DriveType=3'
 $body = $disks | Format-Table DeviceID, FreeSpace -AutoSize | Out-String
 Send-MailMessage -To 'admins@example.invalid' -From 'server@example.invalid' -Subject 'Disks' -Body $body -SmtpServer 'smtp.example.invalid'
 """,
+    # Mail people write about scripts: prose around a few lines of code (review of issue 20:
+    # each of these was once taken for a worm).
+    "ps-howto": """\
+Hi Sam,
+
+here is how to install the reporting agent by hand until the software centre has it. Open
+PowerShell as administrator and paste these lines:
+
+    Invoke-WebRequest -Uri https://downloads.example.invalid/agent/agent-setup.exe -OutFile $env:TEMP\\agent-setup.exe
+    Start-Process -FilePath $env:TEMP\\agent-setup.exe -ArgumentList '/quiet' -Wait
+
+If you want it to start with Windows for every user of the laptop, add the Run key as well:
+
+    Set-ItemProperty -Path 'HKCU:\\Software\\Microsoft\\Windows\\CurrentVersion\\Run' -Name 'ReportAgent' -Value 'C:\\Program Files\\ReportAgent\\agent.exe'
+
+Call me if the download is blocked by the proxy; for now the old agent keeps working.
+
+Best regards,
+Dana (IT service desk)
+""",
+    "vba-newsletter-howto": """\
+Tip of the month: sending the club newsletter from Outlook
+
+Several of you asked how the newsletter goes out to every member in our Outlook Contacts. Press
+Alt+F11 in Excel, insert a module and paste the macro below. Set the subject to the month's
+edition before you run it, and try it on a test folder first!
+
+Sub SendNewsletter()
+    Dim ol As Object, ns As Object, item As Object, mail As Object
+    Set ol = CreateObject("Outlook.Application")
+    Set ns = ol.GetNamespace("MAPI")
+    For Each item In ns.GetDefaultFolder(10).Items
+        Set mail = ol.CreateItem(0)
+        mail.To = item.Email1Address
+        mail.Subject = "Club newsletter"
+        mail.Attachments.Add "C:\\Club\\newsletter.pdf"
+        mail.Send
+    Next
+End Sub
+
+For more than a few hundred contacts, ask the committee first: the provider limits how much
+mail one account may send per day.
+
+Happy mailing,
+the newsletter team
+""",
+    "prose-keywords": """\
+Dear colleagues,
+
+the new laptops arrive next week. Some notes before you start:
+If you have files on the desktop, copy them to your home share first.
+For the migration we need your old machine for one day.
+Set aside half an hour on Tuesday to log in and check your mail.
+Call the service desk if PowerShell or cmd.exe asks you for an admin password.
+Start with the checklist in the wiki; it is short.
+Go to the reception afterwards and pick up your docking station.
+
+Thank you,
+Facilities and IT
+""",
+    "sysadmin-ps-install": """\
+Hi all,
+
+the monitoring agent 7.2 is on the share. On the servers we still install it by hand, so for
+the record this is what I ran on db01 and db02 this morning:
+
+  $msi = "$env:TEMP\\monitor-7.2.msi"
+  Invoke-WebRequest -Uri 'https://repo.example.invalid/monitor/7.2/monitor.msi' -OutFile $msi
+  Start-Process msiexec.exe -ArgumentList "/i `"$msi`" /qn" -Wait
+
+Both came back after about a minute and show up green on the dashboard. Next week I will put
+this into the deployment scripts so nobody has to do it by hand again.
+
+Cheers,
+Jo
+""",
+    "helpdesk-run-key": """\
+Hello Mr Weber,
+
+thank you for your call. The scanner tool does not start by itself after a reboot because the
+installer did not write its autostart entry. You can add it yourself: press Windows+R, type
+cmd.exe and press Enter, then type this line and press Enter again:
+
+reg add "HKCU\\Software\\Microsoft\\Windows\\CurrentVersion\\Run" /v ScanTool /t REG_SZ /d "C:\\Program Files\\ScanTool\\scantool.exe" /f
+
+After the next sign-in the tool starts with Windows. If you would rather not do it yourself, reply
+to this mail and we will connect remotely on Thursday morning.
+
+Kind regards,
+Helpdesk, ticket 48213
+""",
+    # A whole install script sent as a .txt: code through and through, one behaviour.
+    "ps-install-script": """\
+# Installs the print driver package on a workstation (run as administrator).
+$package = Join-Path $env:TEMP 'printdriver-4.1.exe'
+Invoke-WebRequest -Uri 'https://repo.example.invalid/drivers/printdriver-4.1.exe' -OutFile $package
+$arguments = '/S /norestart'
+Start-Process -FilePath $package -ArgumentList $arguments -Wait
+Remove-Item $package
+Write-Host "Print driver installed on $env:COMPUTERNAME"
+""",
+    "dev-js-fetch": """\
+Hey Chris,
+
+the dashboard widget now loads the figures itself instead of getting them from the page. The
+call is small, I just wrapped the error handling:
+
+async function loadFigures(region) {
+  const response = await fetch(`/api/figures?region=${encodeURIComponent(region)}`);
+  if (!response.ok) {
+    throw new Error(`figures: HTTP ${response.status}`);
+  }
+  return response.json();
+}
+
+loadFigures("emea").then(render).catch((err) => console.error(err));
+
+Could you have a look before Friday? If the API changes again we only touch this function.
+
+Thanks,
+Alex
+""",
 }
 
 

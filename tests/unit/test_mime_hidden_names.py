@@ -15,9 +15,9 @@ from collections import Counter
 import pytest
 from mime_builders import attachment_message
 from name_evasions import CLASSES, Case, generate
+from skeptic_fixtures import NoEngine
 
 from mailtower.scanning.containers._locate import zip_names
-from mailtower.scanning.engines import Finding
 from mailtower.scanning.mime import _names, analyse, is_hostile
 from mailtower.scanning.mime._anomalies import FILENAME_AMBIGUOUS
 from mailtower.scanning.pipeline import Pipeline
@@ -28,21 +28,9 @@ CLEAN_CASES = 1000
 GOAL = 0.97
 
 
-class _NoEngine:
-    """An engine that finds nothing: only the policy can stop a message."""
-
-    name = "none"
-
-    def scan(self, data: bytes) -> list[Finding]:
-        return []
-
-    def health(self, timeout_s: float) -> str:
-        return "ok"
-
-
 @pytest.fixture(scope="module")
 def pipeline() -> Pipeline:
-    return Pipeline([_NoEngine()])
+    return Pipeline([NoEngine()])
 
 
 def _banned_names(pipeline: Pipeline, case: Case) -> list[str]:

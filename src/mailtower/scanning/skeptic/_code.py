@@ -27,6 +27,7 @@ from mailtower.scanning.skeptic import _script
 from mailtower.scanning.skeptic._script import _KEEP, _LEXERS, Script
 
 MAX_CODE_CHARS = 512 << 10  # canonicalised code per script; a worm is a few kilobytes
+ENCODED = "encoded"  # the origin of a script unwrapped from an encoder (see ``layers``)
 MAX_SNIFF_CHARS = 256 << 10
 _MAX_PASSES = 8
 
@@ -68,10 +69,64 @@ _MARKERS = {
 _MIN_MARKERS = 3
 _PAGE_MARK = re.compile(r"<script\b|<hta:application", re.I)
 
+# Code among prose. Mail about scripts quotes a few lines of code between paragraphs ("open
+# PowerShell and paste these lines: …"), and English lines begin with If, For, Set, Call or
+# Start: the markers above find them, but such a text is not a script anything runs. Undeclared
+# text is code only if most of its lines (blank lines and comments aside) look like code.
+MIN_CODE_SHARE = 0.7
+_SNIFF_LINES = 400  # the lines judged (from the start): enough to tell
+_LINE_CHARS = 1000  # of each line
+_QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![A-Za-z])'[^'\n]*'(?![A-Za-z])")
+_COMMENT_LINE = re.compile(r"[ \t]*(?:'|//|/\*|\*|#|<#|rem\b|::)", re.I)
+_CODE_LINE = re.compile(
+    r"=|[;{}][ \t]*$|^[ \t]*[{}\])]|\w[ \t]*\(|\)[ \t]*$|[\w\])]\.[A-Za-z_$]"
+    r"|^[ \t]*[@:%$<]|%\w+%|\$\w|\b[A-Z][a-z]+-[A-Z][A-Za-z]+\b|[ \t][-/][A-Za-z]+\b"
+    r"|^[ \t]*(?:end|next|wend|loop|else|elseif|exit|option|on[ \t]+error|dim|set|sub|function"
+    r"|return|var|let|const|if|for|do|while|try|catch|call|goto|echo|start|param|randomize|copy"
+    r"|xcopy|del|cd|md|mkdir|rd|move|ren|cls|pause|shift|setlocal|endlocal|reg|net|taskkill)\b",
+    re.I,
+)
+_PLAIN_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*[,.:;!?]?")
+# English function words (not as, in, is, and, not, then: VBScript's words too).
+_STOP_WORDS = frozenset({
+    "a", "an", "the", "to", "of", "are", "be", "been", "we", "you", "i", "it", "its", "this",
+    "that", "these", "those", "will", "would", "can", "could", "should", "with", "at", "from",
+    "your", "our", "my", "me", "us", "they", "them", "there", "here", "what", "when", "which",
+    "just", "also", "please", "have", "has", "had", "was", "were", "so", "but", "by", "about",
+    "after", "before", "first",
+})  # fmt: skip
+
+
+def code_share(text: str) -> float:
+    """The share of ``text``'s lines that look like code, blank lines and comments aside: a
+    line of five or more words, most of them plain and two of them English function words, is
+    prose; any other line is code if it has an assignment, a call, member access, a brace, a
+    statement end, a variable, a switch or begins with a statement word."""
+    code = other = 0
+    for n, line in enumerate(text.splitlines()):
+        if n >= _SNIFF_LINES:
+            break
+        line = line[:_LINE_CHARS]
+        if not line.strip() or _COMMENT_LINE.match(line):
+            continue
+        bare = _QUOTED.sub("S", line)
+        words = bare.split()
+        if len(words) >= 5:
+            plain = sum(1 for w in words if _PLAIN_WORD.fullmatch(w))
+            stop = sum(1 for w in words if w.lower().strip(",.:;!?") in _STOP_WORDS)
+            if stop >= 2 and plain >= 0.6 * len(words):
+                other += 1
+                continue
+        if _CODE_LINE.search(bare):
+            code += 1
+        else:
+            other += 1
+    return code / (code + other) if code + other else 0.0
+
 
 def sniff(text: str) -> str | None:
     """The script language of ``text`` ("vb", "js", "ps", "bat", "page"), or None for text
-    that is not code a Windows host runs."""
+    that is not code a Windows host runs (prose quoting a few lines of code included)."""
     head = text[:MAX_SNIFF_CHARS]
     lowered = _script.lowered(text)[:MAX_SNIFF_CHARS] if len(text) < (1 << 20) else head.lower()
     if not any(needle in lowered for needle in _GATE):
@@ -87,12 +142,15 @@ def sniff(text: str) -> str | None:
                 break
         scores[language] = count
     best = max(scores, key=lambda language: scores[language])
-    if scores[best] >= _MIN_MARKERS:
+    if scores[best] >= _MIN_MARKERS and code_share(head) >= MIN_CODE_SHARE:
         return best
-    # A command line or a page of gibberish that only carries an encoded script.
-    if _PS_ENCODED.search(head):
-        return "bat"
-    return "js" if "#@~^" in head else None
+    return None
+
+
+def carries_encoded(text: str) -> bool:
+    """Whether ``text`` may hold an encoded script (``layers`` finds it, whatever the text)."""
+    head = text[:MAX_CODE_CHARS]
+    return "#@~^" in head or _PS_ENCODED.search(head) is not None
 
 
 # --- unwrapping encoded scripts --------------------------------------------------------------
@@ -119,7 +177,11 @@ _WSH_ENCODE = [
 ]
 _WSH_DECODE = [{v: k for k, v in table.items()} for table in _WSH_ENCODE]
 _WSH_ESCAPES = {"@$": "@", "@!": "<", "@*": ">", "@#": "\r", "@&": "\n"}
-_WSH_BLOB = re.compile(r"#@~\^[\w+/]{6}==(.*?)[\w+/]{6}==\^#~@", re.S)
+# A blob: "#@~^" + 6 base64 characters (the length) + "==", the body, 6 more (the checksum) +
+# "==^#~@". Found by two linear searches (start, then the end after it), never by one regex
+# with a lazy body: that rescans to the end of the text for every start without an end.
+_WSH_START = re.compile(r"#@~\^[\w+/]{6}==")
+_WSH_END = re.compile(r"[\w+/]{6}==\^#~@")
 _WSH_ESCAPE = re.compile(r"@[$!*#&]")
 
 
@@ -162,20 +224,38 @@ _PS_ENCODED = re.compile(
 def layers(script: Script) -> list[Script]:
     """The scripts hidden inside ``script`` (one level; callers recurse if they wish)."""
     found: list[Script] = []
-    text = script.text
-    if "#@~^" in text:
-        for match in _WSH_BLOB.finditer(text):
-            plain = wsh_decode(match.group(1))
-            language = "vb" if script.language == "vb" or _vb_like(plain) else "js"
-            found.append(Script(language, plain, script.origin))
-    if script.language in ("ps", "bat", "vb", "js") and "-" in text:
+    text = script.text[:MAX_CODE_CHARS]
+    for body in wsh_bodies(text):
+        plain = wsh_decode(body)
+        language = "vb" if script.language == "vb" or _vb_like(plain) else "js"
+        found.append(Script(language, plain, ENCODED))
+    if "-" in text:
         for match in _PS_ENCODED.finditer(text):
             try:
                 raw = base64.b64decode(match.group(1), validate=False)
-                found.append(Script("ps", raw.decode("utf-16-le"), script.origin))
+                found.append(Script("ps", raw.decode("utf-16-le"), ENCODED))
             except (binascii.Error, ValueError):
                 continue
     return found
+
+
+def wsh_bodies(text: str) -> list[str]:
+    """The bodies of the Script Encoder blobs in ``text``, in one left-to-right pass: each
+    start's end is searched from the start on; a start without an end stops the search (no
+    later start can have an end either), so every character is read at most twice."""
+    bodies = []
+    at = text.find("#@~^")
+    while at >= 0:
+        start = _WSH_START.match(text, at)
+        if start is None:
+            at = text.find("#@~^", at + 1)
+            continue
+        end = _WSH_END.search(text, start.end())
+        if end is None:
+            break
+        bodies.append(text[start.end() : end.start()])
+        at = text.find("#@~^", end.end())
+    return bodies
 
 
 def _vb_like(text: str) -> bool:
@@ -236,6 +316,7 @@ _PURE = frozenset(
 )
 _API_NAME = re.compile(r"[a-z][a-z0-9]*(?:\.[a-z][a-z0-9]*)+|mapi")
 _NUMBER = re.compile(r"&h[0-9a-f]+|0x[0-9a-f]+|\d+")
+_MAX_NUMBER_CHARS = 12
 
 Tok = tuple[str, str]  # (kind, value): "nl", "str", "id", "num", "op"
 _NL: Tok = ("nl", "\n")
@@ -248,6 +329,11 @@ class Canonical:
     language: str
     tokens: tuple[str, ...]  # strings quoted ("…"), names v1 …, statement ends "\n"
     text: str  # the tokens as one lower-case text: what behaviour rules search
+    # How the author hid the code: letters built from character codes, strings reversed or
+    # spliced (Chr(79), fromCharCode, StrReverse, Replace on literals), and junk statements
+    # (values nothing reads) dropped. Ordinary code has next to none of either.
+    built_strings: int = 0
+    junk_statements: int = 0
 
     @property
     def shape(self) -> list[str]:
@@ -273,14 +359,19 @@ def canonical(script: Script) -> Canonical:
     """The canonical form of ``script`` (computed once for all the rules that read it)."""
     language = script.language if script.language in _LEXERS else "js"
     toks = _lex(script.text[:MAX_CODE_CHARS], language)
+    built = junk = 0
     for _ in range(_MAX_PASSES):
-        changed = _fold(toks, language)
-        changed = _propagate(toks) or changed
-        changed = _drop_junk(toks) or changed
-        if not changed:
+        folded, built_now = _fold(toks, language)
+        propagated = _propagate(toks)
+        dropped, junk_now = _drop_junk(toks)
+        built += built_now
+        junk += junk_now
+        if not (folded or propagated or dropped):
             break
+    if language == "bat":
+        junk = 0  # %name% reads are inside words the lexer keeps whole: no name looks read
     names = _rename(toks, language)
-    return Canonical(language, tuple(names), _join(names))
+    return Canonical(language, tuple(names), _join(names), built, junk)
 
 
 def _lex(text: str, language: str) -> list[Tok]:
@@ -329,7 +420,9 @@ def _js_escape(match: re.Match[str]) -> str:
 
 
 def _number(value: str) -> int | None:
-    if not _NUMBER.fullmatch(value):
+    # A character code has a few digits; a longer number is nothing a string is built from
+    # (and int() refuses decimals of more than 4300 digits).
+    if len(value) > _MAX_NUMBER_CHARS or not _NUMBER.fullmatch(value):
         return None
     if value.startswith(("&h", "0x")):
         return int(value[2:], 16)
@@ -375,13 +468,16 @@ def _strs(toks: list[Tok], at: int, pattern: str) -> list[str] | None:
     return found
 
 
-def _fold(toks: list[Tok], language: str) -> bool:
-    """One pass of string folding over ``toks`` in place; whether anything changed."""
+def _fold(toks: list[Tok], language: str) -> tuple[bool, int]:
+    """One pass of string folding over ``toks`` in place: whether anything changed, and how
+    many folds built letters or digits from codes, or reversed or spliced literals."""
     changed = False
+    built = 0
     i = 0
     while i < len(toks):
         kind, value = toks[i]
         replaced = None  # (length, new string)
+        hides = True  # whether this fold undoes hiding (not a plain "a" & "b")
         if kind == "id" and value in ("chr", "chrw", "chrb", "chr$", "chrw$"):
             if i + 1 < len(toks) and toks[i + 1] == ("op", "("):
                 arith = _arith(toks, i + 2)
@@ -403,6 +499,7 @@ def _fold(toks: list[Tok], language: str) -> bool:
                 replaced = (arith[1] - i, char)
         elif kind == "id" and value in ("replace", "strreverse", "lcase", "ucase"):
             replaced = _vb_function(toks, i, value)
+            hides = value in ("replace", "strreverse")
         elif kind == "op" and value == "(" and i + 2 < len(toks):
             # ("a") → "a" unless it is a call's or an index's argument list. In PowerShell a
             # name before "(" is a parameter or a command (-Path ('x')); only methods are calls.
@@ -412,8 +509,10 @@ def _fold(toks: list[Tok], language: str) -> bool:
                 call = language != "ps" or (i >= 2 and toks[i - 2] == ("op", "."))
             if toks[i + 1][0] == "str" and toks[i + 2] == ("op", ")") and not call:
                 replaced = (3, toks[i + 1][1])
+                hides = False
         elif kind == "str":
             replaced = _string_method(toks, i)
+            hides = replaced is not None and toks[i + 2][1] not in ("tolowercase", "touppercase")
             if replaced is None and i + 2 < len(toks) and toks[i + 2][0] == "str":
                 op = toks[i + 1]
                 if op in (("op", "&"), ("op", "+")):
@@ -422,12 +521,14 @@ def _fold(toks: list[Tok], language: str) -> bool:
                     replaced = (3, value + toks[i + 2][1])
         if replaced is not None:
             length, new = replaced
+            if hides and any(c.isalnum() for c in new):
+                built += 1
             toks[i : i + length] = [("str", new)]
             changed = True
             i = max(0, i - 3)
             continue
         i += 1
-    return changed
+    return changed, built
 
 
 def _char_codes(toks: list[Tok], at: int) -> tuple[int, str] | None:
@@ -558,12 +659,13 @@ def _propagate(toks: list[Tok]) -> bool:
             continue  # x += …: not a single value
         if uses.get(name, 0) <= 1:
             continue  # nothing reads it: junk removal's business
+        declaring = _declaring(toks)
         out: list[Tok] = []
         previous: Tok = _NL
         for index, tok in enumerate(toks):
             if start <= index < end:
                 continue
-            if tok == ("id", name) and previous != ("op", ".") and not _declaring(toks, index):
+            if tok == ("id", name) and previous != ("op", ".") and not declaring[index]:
                 out.extend(value)
             else:
                 out.append(tok)
@@ -588,27 +690,35 @@ def _inlinable(value: list[Tok]) -> bool:
     )
 
 
-def _declaring(toks: list[Tok], index: int) -> bool:
-    """Whether the name at ``index`` sits in a declaration list (Dim a, b)."""
-    i = index - 1
-    while i >= 0 and toks[i] != _NL:
-        if toks[i][0] == "id" and toks[i][1] in ("dim", "var", "let", "const"):
-            return True
-        if toks[i] not in (("op", ","),) and toks[i][0] != "id":
-            return False
-        i -= 1
-    return False
+_DECLARING = frozenset({"dim", "var", "let", "const"})
 
 
-def _drop_junk(toks: list[Tok]) -> bool:
-    """Statements that only give a value nothing reads, and declarations of unused names."""
+def _declaring(toks: list[Tok]) -> list[bool]:
+    """For each token, whether it sits in a declaration list (Dim a, b): after a declaring word
+    with nothing but names and commas between. One forward pass over the statement."""
+    flags = []
+    inside = False
+    for tok in toks:
+        flags.append(inside)
+        if tok[0] == "id":
+            inside = inside or tok[1] in _DECLARING
+        elif tok != ("op", ","):
+            inside = False  # anything else, the end of the statement too
+    return flags
+
+
+def _drop_junk(toks: list[Tok]) -> tuple[bool, int]:
+    """Statements that only give a value nothing reads, and declarations of unused names:
+    whether anything changed, and how many statements were junk."""
     uses = _uses(toks)
     keep: list[Tok] = []
     changed = False
+    junk = 0
     for start, end in _statements(toks):
         statement = toks[start:end]
         if _junk(statement, uses):
             changed = True
+            junk += 1
             continue
         if statement[0] == ("id", "dim") and len(statement) > 1:
             names = [t for t in statement[1:] if t[0] == "id"]
@@ -623,7 +733,7 @@ def _drop_junk(toks: list[Tok]) -> bool:
         keep.append(_NL)
     if changed:
         toks[:] = keep
-    return changed
+    return changed, junk
 
 
 def _comma_joined(names: list[Tok]) -> list[Tok]:

@@ -33,6 +33,7 @@ MAX_TEXT_BYTES = 8 << 20  # text beyond this is not analysed as script (mail lim
 # The whole raw message is an object too; its parts are examined on their own, so the raw text
 # is not read for undeclared code a second time.
 _RAW_MESSAGE_PATH = "message"
+SNIFFED = "sniffed"  # the origin of code recognised by its content in undeclared text
 
 
 class Subject:
@@ -88,14 +89,20 @@ class Subject:
         """Every script in the object whatever its name and declared type: ``scripts``, code
         recognised in any other text (``origin="sniffed"``), and scripts hidden in encoders."""
         found = list(self.scripts)
+        carriers = list(found)  # what encoded scripts are searched in
         declared = any(s.origin == "file" for s in found) or self.is_page
         if not (declared or self.binary or self.obj.path == _RAW_MESSAGE_PATH):
             language = _code.sniff(self.text)
             if language == "page":
                 found.extend(_script.scripts_in_page(self.text))
+                carriers = list(found)
             elif language:
-                found.append(_script.Script(language, self.text, "sniffed"))
-        unwrapped = list(found)
+                found.append(_script.Script(language, self.text, SNIFFED))
+                carriers = list(found)
+            elif _code.carries_encoded(self.text):
+                # Not code itself (prose, a one-line command): only what it carries is read.
+                carriers.append(_script.Script("text", self.text, "text"))
+        unwrapped = carriers
         for _ in range(3):  # encoders nest (an encoded command inside an encoded script)
             unwrapped = [inner for script in unwrapped for inner in _code.layers(script)]
             if not unwrapped:
@@ -606,6 +613,58 @@ class CodeSimilarity(FileKind):
                 found.add(name)
 
 
+class ScriptBehaviour(FileKind):
+    """What normalised code does (``behaviours``: named ``all``/``any`` regexes over
+    ``Canonical.text``), weighed by how the code was found.
+
+    Code declared a script (by name, type or page tag), unwrapped from an encoder, or a macro:
+    every behaviour is conclusive. Code only recognised by its content in some text: one
+    behaviour alone is as often a how-to mail or an admin's script as a worm, so it is
+    conclusive only together with ``combine`` behaviours, letters built from codes or literals
+    reversed (``min_built_strings``), or padding (``min_junk_statements``). ``report`` says
+    which this rule reports: ``conclusive`` (a hostile rule) or ``single`` (the rest: an
+    informational one). A known family (``code-similarity``) is a rule of its own.
+    """
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.report = params.string("report", choices=("conclusive", "single"))
+        self.combine = params.integer("combine")
+        self.min_built = params.integer("min_built_strings")
+        self.min_junk = params.integer("min_junk_statements")
+        self.behaviours: list[tuple[str, list[re.Pattern[str]], list[re.Pattern[str]]]] = []
+        for table in params.tables("behaviours"):
+            name = table.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise params.fail(f"behaviour name {name!r}: lower case, digits, - and _")
+            needed = params.compile(table.get("all", []), f"{name}.all")
+            some = params.compile(table.get("any", []), f"{name}.any")
+            if not needed and not some:
+                raise params.fail(f"behaviour {name} needs 'all' or 'any' regexes")
+            self.behaviours.append((name, needed, some))
+
+    def check(self, subject: Subject) -> Iterator[str]:
+        found: set[str] = set()
+        for script, canon in zip(subject.code, subject.canonical, strict=True):
+            hits = [
+                name
+                for name, needed, some in self.behaviours
+                if all(p.search(canon.text) for p in needed)
+                and (not some or any(p.search(canon.text) for p in some))
+            ]
+            if not hits:
+                continue
+            conclusive = (
+                script.origin != SNIFFED
+                or len(hits) >= self.combine
+                or canon.built_strings >= self.min_built
+                or canon.junk_statements >= self.min_junk
+            )
+            if conclusive == (self.report == "conclusive"):
+                found.update(hits)
+        yield from sorted(found)
+
+
 # --- MIME parser anomalies --------------------------------------------------------------------
 
 
@@ -633,6 +692,7 @@ KINDS: dict[str, Callable[[Params], FileKind]] = {
     "media-type-executable": MediaTypeExecutable,
     "html-autorun": HtmlAutorun,
     "pattern": Pattern,
+    "script-behaviour": ScriptBehaviour,
     "rtf-object": RtfObjectKind,
     "vba-macro": VbaMacro,
     "ooxml-external": OoxmlExternal,

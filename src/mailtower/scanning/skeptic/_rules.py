@@ -148,17 +148,28 @@ class Params:
     ) -> list[re.Pattern[str]]:
         """Compiled regexes. Unless ``case_sensitive``, they run on lower-cased text (much
         faster than re.IGNORECASE), so literals must be written in lower case."""
+        return self.compile(self.strings(key, default), key, case_sensitive=case_sensitive)
+
+    def compile(
+        self, patterns: Any, what: str, *, case_sensitive: bool = False
+    ) -> list[re.Pattern[str]]:
+        """``patterns`` (a list of regex strings from ``what``, e.g. a table's key) compiled,
+        checked like ``regexes``."""
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise RuleError(f"{self._where}: {what!r} must be a list of strings")
         compiled = []
-        for pattern in self.strings(key, default):
+        for pattern in patterns:
             if not case_sensitive and _UPPER_LITERAL.search(_ESCAPE.sub("", pattern)):
                 raise RuleError(
-                    f"{self._where}: {key!r}: {pattern!r} has capital letters; patterns match "
+                    f"{self._where}: {what!r}: {pattern!r} has capital letters; patterns match "
                     "lower-cased text, write them in lower case (escapes like \\S are fine)"
                 )
             try:
                 compiled.append(re.compile(pattern))
             except re.error as exc:
-                raise RuleError(f"{self._where}: bad regex in {key!r}: {pattern!r}: {exc}") from exc
+                raise RuleError(
+                    f"{self._where}: bad regex in {what!r}: {pattern!r}: {exc}"
+                ) from exc
         return compiled
 
     def number(self, key: str, default: float | None = None) -> float:

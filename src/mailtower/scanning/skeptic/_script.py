@@ -24,7 +24,8 @@ class Script:
 
     language: str  # "js" | "vb" | "ps" | "bat"
     text: str
-    origin: str  # "file" (a script attachment), "html" (inside a page), "macro" (Office VBA)
+    origin: str  # "file" (a script attachment), "html" (inside a page), "macro" (Office VBA),
+    # "sniffed" (recognised by its content), "encoded" (unwrapped from an encoder)
 
 
 SCRIPT_EXTENSIONS = {

@@ -58,15 +58,31 @@ def real_extension(name: str) -> str:
     return exts[-1] if exts else ""
 
 
+def utf16_encoding(data: bytes) -> str | None:
+    """ "utf-16" (BOM), "utf-16-le" or "utf-16-be" (no BOM: every other byte of the first 4 KB
+    is NUL and the others are not, the way Notepad's "Unicode" saves ASCII text), or None."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    head = data[:_HEAD]
+    head = head[: len(head) & ~1]
+    if len(head) < 4:
+        return None
+    even, odd = head[0::2], head[1::2]
+    if odd.count(0) == len(odd) and 0 not in even:
+        return "utf-16-le"
+    if even.count(0) == len(even) and 0 not in odd:
+        return "utf-16-be"
+    return None
+
+
 def decode_text(data: bytes) -> str:
-    """Bytes of a script or page as text: BOM-aware, UTF-8, falling back to Latin-1."""
-    for bom, encoding in (
-        (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"),
-        (codecs.BOM_UTF16_BE, "utf-16"),
-    ):
-        if data.startswith(bom):
-            return data.decode(encoding, errors="replace")
+    """Bytes of a script or page as text: BOM-aware (UTF-8, UTF-16), UTF-16 without a BOM,
+    UTF-8, falling back to Latin-1."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data.decode("utf-8-sig", errors="replace")
+    utf16 = utf16_encoding(data)
+    if utf16:
+        return data.decode(utf16, errors="replace")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -74,8 +90,10 @@ def decode_text(data: bytes) -> str:
 
 
 def looks_binary(data: bytes) -> bool:
-    """Whether ``data`` is not text (NUL bytes near the start, the way file(1) decides)."""
-    head = data[:4096]
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return False
-    return b"\0" in head
+    """Whether ``data`` is not text (NUL bytes near the start, the way file(1) decides), UTF-16
+    text being text."""
+    head = data[:_HEAD]
+    return b"\0" in head and utf16_encoding(data) is None
+
+
+_HEAD = 4096
