@@ -72,6 +72,10 @@ def lab_tower_data(tower: str) -> dict:
                 *(f"{h.address}/32" for h in plan.internet_hosts() if h.group == "sender"),
             ],
         },
+        # A scanner's restart in a roll takes ~7 s in the lab (its small test database; 3 at
+        # once under the pair tests' load): a minute is ample, and the tests of a scanner that
+        # never comes back wait that minute instead of the default two.
+        "upgrade": {"restart_timeout_s": 60},
         # The controller deploys, verifies and operates the lab: SSH and the operator
         # interfaces answer it, and nothing else on the lab's internet.
         "operator_networks": [f"{plan.HOST_ADDRESS}/32"],
