@@ -5,8 +5,8 @@ second time, never replaces a secret, and refuses bad answers with the field nam
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -264,7 +264,7 @@ def test_the_cli_writes_and_then_reports_unchanged(dirs, tmp_path, capsys, monke
     (tmp_path / "a.json").write_text(json.dumps(real_answers()))
     argv = ["init", "--answers", str(tmp_path / "a.json"), "--inventory-dir", str(inv_dir)]
     argv += ["--secrets-dir", str(sec_dir)]
-    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal: nothing is asked
     assert main(argv) == 0
     assert main(argv) == 0
     assert "unchanged: every file is as these answers make it" in capsys.readouterr().out
@@ -300,7 +300,15 @@ def test_init_for_the_labs_answers_gives_the_labs_hosts_ports_and_customers(lab_
         addresses = {g: [name for name, _ in groups[g]] for g in TOWER_GROUPS}
         lab = tower_settings(lab_tower_data(tower), addresses)
         ours = deploy_settings(inv_dir / f"lab_{tower}.py")
-        for field in ("name", "hostname", "hosts", "ports", "customers", "goc", "operator_networks"):
+        for field in (
+            "name",
+            "hostname",
+            "hosts",
+            "ports",
+            "customers",
+            "goc",
+            "operator_networks",
+        ):
             assert getattr(ours, field) == getattr(lab, field), field
         inv = pyinfra_inventory(inv_dir / f"lab_{tower}.py")
         host = next(iter(inv))

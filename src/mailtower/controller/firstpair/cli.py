@@ -78,9 +78,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=_init)
 
 
-def gather(
-    args: argparse.Namespace, ask: Callable[[str], str] | None
-) -> dict[str, object]:
+def gather(args: argparse.Namespace, ask: Callable[[str], str] | None) -> dict[str, object]:
     """The answers from --answers, the options, and ``ask`` for each still missing (None: a
     missing one is an InitError naming its option)."""
     data: dict = json.loads(args.answers.read_text()) if args.answers else {}

@@ -126,6 +126,7 @@ def render_tower(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> str:
     data = data.replace('"@SECRETS@"', '_json("secrets.json")')
     data = data.replace('"@PUBLIC_KEY@"', f'_read("{TOWER_PUBLIC_KEY}")')
     twin = next(o for o in a.towers if o is not t)
+    scanners = _literal([str(ip) for ip in t.scanners], 4)
     return (
         f'"""Tower {t.name} of pair {a.pair}, at {t.site} (twin: {twin.name}); {HEADER}.\n\n'
         f"    invoke preflight --tower {t.name}\n"
@@ -141,7 +142,7 @@ def render_tower(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> str:
         f'relay = [_host("{t.relay}")]\n'
         f'monitor = [_host("{t.monitor}")]\n'
         f"sql = [_host(a) for a in {json.dumps([str(ip) for ip in t.sql])}]  # primary, standby\n"
-        f"scanners = [\n    _host(a)\n    for a in {_literal([str(ip) for ip in t.scanners], 4)}\n]\n\n"
+        + f"scanners = [\n    _host(a)\n    for a in {scanners}\n]\n\n"
         "tower = (\n"
         "    relay + monitor + sql + scanners,\n"
         "    {\n"
@@ -179,6 +180,7 @@ def render_goc(a: InitAnswers, secrets_dir: Path) -> str:
     data = data.replace('"@GOC_SECRETS@"', "_goc_secrets")
     data = data.replace('"@BUNDLE_KEYS@"', "_bundle_keys")
     names = [t.name for t in a.towers]
+    sync = json.dumps(list(SYNC_SECRETS))
     return (
         f'"""The GOC of pair {a.pair} (towers {" and ".join(names)}); {HEADER}.\n\n'
         f"    invoke preflight --tower {a.goc_name}\n"
@@ -194,7 +196,7 @@ def render_goc(a: InitAnswers, secrets_dir: Path) -> str:
         "_goc_secrets = {\n"
         '    **{k: _goc.get(k) for k in ("eye_db", "portal_db", "portal_session_key")},\n'
         '    "towers": {\n'
-        f'        t: {{k: _json(f"{{t}}/secrets.json").get(k) for k in {json.dumps(list(SYNC_SECRETS))}}}\n'
+        f'        t: {{k: _json(f"{{t}}/secrets.json").get(k) for k in {sync}}}\n'
         f"        for t in {_literal(names)}\n"
         "    },\n"
         "}\n"
@@ -222,8 +224,8 @@ def render_pair(a: InitAnswers, tsig_file: Path) -> str:
         },
     }
     return (
-        f'"""Pair {a.pair}: towers {a.towers[0].name} and {a.towers[1].name}, linked by MX records; '
-        f"{HEADER}.\n\n"
+        f'"""Pair {a.pair}: towers {a.towers[0].name} and {a.towers[1].name}, linked by MX '
+        f"records; {HEADER}.\n\n"
         f"    invoke dns --pair {a.pair}\n\n"
         "The customer domains and the relays' names and addresses come from the towers'\n"
         "inventories. The DNS server must accept updates signed with the key in tsig_file for\n"

@@ -1,0 +1,41 @@
+"""The preflight: hosts checked as they are before a deploy changes anything (issue 21).
+
+    report = preflight([Path("inventory/tower_a.py")])   every host of the inventories, over
+                                                        the SSH the deploy uses, in parallel
+    report.findings                                     one Finding per failed check: host,
+                                                        check, what was seen, the fix
+
+sizing.SIZING     the per-role table (CPUs, RAM, the /var filesystem), also in the guide
+ports.TOWER_RULES the TCP paths between hosts, from the typed settings, also in the guide
+checks            the script each host runs and how its answers are judged (runners injected)
+targets           what to check, from tower and GOC inventories
+See docs/first-real-pair.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from mailtower.controller.preflight.checks import Report, run_all
+from mailtower.controller.preflight.targets import targets_of
+
+WAY_OUT = "way out"
+
+
+def preflight(
+    paths: Iterable[Path],
+    *,
+    skip: Iterable[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Check every host of these inventories; ``skip``: check names not to run (e.g. "way
+    out")."""
+    skipped = set(skip)
+    targets, mx = targets_of(list(paths))
+    if WAY_OUT in skipped:
+        targets = [dataclasses.replace(t, way_out=None) for t in targets]
+    report = run_all(targets, mx_names=mx if "dns" not in skipped else None, progress=progress)
+    report.findings = [f for f in report.findings if f.check not in skipped]
+    return report
