@@ -1,0 +1,313 @@
+"""The preflight (issue 21): each check against fake hosts (a runner that answers the script as
+a host would), hosts checked in parallel, every failure one line with its fix; the inventories
+``init`` writes give the targets; and one run of the real script on this machine."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mailtower.controller.firstpair import answers, write
+from mailtower.controller.preflight import checks, ports, sizing, targets
+from mailtower.controller.preflight.checks import Target, check_host, run_all
+from mailtower.controller.preflight.runner import LocalRunner, Ran, SshRunner
+
+GIB_KIB = 2**20
+
+
+@dataclass
+class FakeHost:
+    """Answers the preflight's script as a host would: its facts, the ports that do not
+    answer from it, the names it resolves; or fails SSH."""
+
+    where: str
+    os: str = "debian 12"
+    cpus: int = 2
+    mem_kib: int = 4 * GIB_KIB - 200_000  # a 4 GiB VM's MemTotal
+    disk_kib: int = 200 * GIB_KIB
+    ntp: str = "yes"
+    virt: str = "none"
+    clock_offset_s: float = 0.0
+    filtered: set[tuple[str, int]] = field(default_factory=set)
+    names: dict[str, str] = field(default_factory=dict)
+    ssh_error: str | None = None
+    delay_s: float = 0.0
+    scripts: list[str] = field(default_factory=list)
+
+    def run(self, script: str, timeout: float) -> Ran:
+        self.scripts.append(script)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.ssh_error:
+            return Ran(255, "", f"ssh: connect to host {self.where} port 22: {self.ssh_error}\n")
+        out = [
+            f"os={self.os}",
+            f"cpus={self.cpus}",
+            f"mem_kib={self.mem_kib}",
+            f"disk_kib={self.disk_kib}",
+            f"ntp={self.ntp}",
+            f"virt={self.virt}",
+            f"now={time.time() + self.clock_offset_s:.6f}",
+        ]
+        for ip, port in re.findall(r"^probe (\S+) (\d+) &$", script, re.M):
+            state = "timeout" if (ip, int(port)) in self.filtered else "refused"
+            out.append(f"probe {ip} {port} {state}")
+        for name in re.findall(r"^resolve (\S+) &$", script, re.M):
+            out.append(f"resolve {name} {self.names.get(name, '')}")
+        if m := re.search(r'probe "\$ip" (\d+)', script):
+            name = re.search(r"getent ahostsv4 (\S+)\s*\|", script.split("wayout()")[1])
+            ip = self.names.get(name.group(1) if name else "", "")
+            if ip:
+                out.append(f"wayout {ip} {m.group(1)} refused")
+        return Ran(0, "\n".join(out) + "\n")
+
+
+def _inventory(tmp: Path, scanners: int) -> Path:
+    data = {
+        "pair": "p1",
+        "towers": [
+            {
+                "name": f"tower-{x}",
+                "site": x,
+                "mx": f"mx.tower-{x}.example.net",
+                "relay": f"10.0.{n}.10",
+                "monitor": f"10.0.{n}.11",
+                "sql": f"10.0.{n}.12,10.0.{n}.13",
+                "scanners": f"10.0.{n}.101-{100 + scanners}",
+            }
+            for n, x in ((1, "a"), (2, "b"))
+        ],
+        "goc": "10.0.9.10",
+        "goc_backup": "10.0.9.11",
+        "customers": [{"domain": "example.com", "server": "mail.example.com"}],
+        "dns_server": "10.0.0.53",
+        "dns_name": "ns1.example.net",
+    }
+    write.run(answers.from_data(data), tmp / "inventory", tmp / "secrets")
+    return tmp / "inventory"
+
+
+@pytest.fixture(scope="module")
+def inventories(tmp_path_factory) -> Path:
+    return _inventory(tmp_path_factory.mktemp("init"), 23)
+
+
+def _targets(inventory_dir: Path) -> tuple[list[Target], dict[str, FakeHost]]:
+    """Tower A's targets from the inventory init wrote, each host a FakeHost."""
+    fakes: dict[str, FakeHost] = {}
+
+    def make(address: str, data: dict) -> FakeHost:
+        fakes[address] = FakeHost(address, names={"mail.example.com": "10.0.0.25"})
+        return fakes[address]
+
+    found, _mx = targets.tower_targets(inventory_dir / "tower_a.py", make)
+    return found, fakes
+
+
+def lines(report) -> list[str]:
+    return [f.line() for f in report.findings]
+
+
+def test_a_healthy_tower_passes_every_check(inventories) -> None:
+    found, fakes = _targets(inventories)
+    report = run_all(found)
+    assert lines(report) == []
+    assert report.hosts == 27
+    relay = next(t for t in found if t.role == "relay")
+    assert {(p.dst, p.port) for p in relay.probes} >= {
+        (f"10.0.1.{100 + i}", 10024) for i in range(1, 24)
+    }
+    assert relay.resolve == ["mail.example.com"]
+
+
+def test_too_little_ram_a_closed_port_and_an_ssh_failure_each_named_with_a_fix(
+    inventories,
+) -> None:
+    found, fakes = _targets(inventories)
+    fakes["10.0.1.101"].mem_kib = 1 * GIB_KIB  # a scanner with 1 GiB
+    fakes["10.0.1.10"].filtered = {("10.0.1.117", 10024)}  # relay → scanner 17 filtered
+    fakes["10.0.1.13"].ssh_error = "Connection timed out"  # sql2
+    report = run_all(found)
+    assert lines(report) == [
+        "10.0.1.10 (relay): port: TCP 10.0.1.117:10024 (the scan hop: HAProxy to scand) timed"
+        " out (filtered); fix: open TCP 10024 from 10.0.1.10 to 10.0.1.117 in every firewall"
+        " between them",
+        "10.0.1.13 (sql): ssh: cannot log in as the deploy does: ssh: connect to host 10.0.1.13"
+        " port 22: Connection timed out (its other checks not run); fix: check the address,"
+        " that sshd runs, and the key: the inventory's ssh_key or one in the SSH agent"
+        " (ssh-add), authorised for the inventory's ssh_user",
+        "10.0.1.101 (scanners): ram: 1024 MiB of RAM, a scanners host needs 4096 MiB; fix:"
+        " give the host more RAM (docs/first-real-pair.md, sizing)",
+    ]
+    # every other host was still checked: all checks run, none stops at the first failure
+    assert all(len(f.scripts) == 1 for f in fakes.values())
+
+
+@pytest.mark.parametrize(
+    ("change", "check", "words"),
+    [
+        ({"os": "debian 11"}, "debian", "runs debian 11, not Debian 12"),
+        ({"os": "ubuntu 24.04"}, "debian", "install Debian 12"),
+        ({"cpus": 1}, "cpu", "1 CPUs, a relay host needs 2"),
+        ({"disk_kib": 10 * GIB_KIB}, "disk", "/var is on 10.0 GiB, a relay host needs 50 GiB"),
+        ({"ntp": "no"}, "clock", "not synchronised (NTPSynchronized=no)"),
+        ({"ntp": "no", "virt": "lxc", "clock_offset_s": 30}, "clock", "not synchronised"),
+        ({"names": {}}, "dns", "mail.example.com does not resolve here"),
+    ],
+)
+def test_each_host_check_fails_with_its_reason(inventories, change, check, words) -> None:
+    found, fakes = _targets(inventories)
+    for key, value in change.items():
+        setattr(fakes["10.0.1.10"], key, value)
+    report = run_all(found)
+    assert [(f.host, f.check) for f in report.findings] == [("10.0.1.10 (relay)", check)]
+    assert words in report.findings[0].line()
+
+
+def test_a_container_keeping_its_hosts_clock_passes(inventories) -> None:
+    found, fakes = _targets(inventories)
+    fakes["10.0.1.10"].ntp, fakes["10.0.1.10"].virt = "no", "lxc"
+    assert lines(run_all(found)) == []
+
+
+def test_a_4_gib_vm_passes_the_4_gib_row() -> None:
+    size = sizing.size_of("production", "scanners")
+    host = FakeHost("10.0.1.101", mem_kib=3_900_000)  # what a 4 GiB VM reports
+    target = Target("10.0.1.101", "scanners", size, host)
+    assert check_host(target) == []
+    host.mem_kib = 3_000_000
+    assert [f.check for f in check_host(target)] == ["ram"]
+
+
+def test_the_labs_sizing_is_declared_by_its_inventories(inventories) -> None:
+    from inventory._lab import _ssh
+
+    assert _ssh()["preflight_sizing"] == "lab"
+    assert (
+        sizing.size_of("lab", "scanners").ram_mib < sizing.size_of("production", "scanners").ram_mib
+    )
+
+
+def test_hosts_are_checked_in_parallel(inventories) -> None:
+    found, fakes = _targets(inventories)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    class Counting(FakeHost):
+        def run(self, script: str, timeout: float) -> Ran:
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                time.sleep(0.2)
+                return super().run(script, timeout)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    for t in found:
+        t.runner = Counting(t.address, names={"mail.example.com": "10.0.0.25"})
+    assert lines(run_all(found)) == []
+    assert peak[0] == len(found) == 27  # all 27 hosts at once, one SSH call each
+
+
+def test_mx_names_resolving_elsewhere_fail_and_unpublished_ones_are_noted() -> None:
+    class Resolver:
+        where = "controller"
+
+        def run(self, script: str, timeout: float) -> Ran:
+            return Ran(0, "mx.tower-a.example.net 192.0.2.99\n")
+
+    found, notes = checks.check_mx_names(
+        {"mx.tower-a.example.net": "10.0.1.10", "mx.tower-b.example.net": "10.0.2.10"},
+        Resolver(),
+    )
+    assert [f.line() for f in found] == [
+        "controller: dns: MX name mx.tower-a.example.net resolves to 192.0.2.99, not the relay"
+        " 10.0.1.10; fix: point mx.tower-a.example.net at 10.0.1.10 (invoke dns --pair …"
+        " replaces the record it manages)"
+    ]
+    assert notes == [
+        "mx.tower-b.example.net does not resolve yet: `invoke dns` publishes it (A 10.0.2.10)"
+    ]
+
+
+def test_the_goc_is_checked_with_its_paths_and_its_way_out(inventories) -> None:
+    fakes: dict[str, FakeHost] = {}
+
+    def make(address: str, data: dict) -> FakeHost:
+        fakes[address] = FakeHost(address)
+        return fakes[address]
+
+    found = targets.goc_targets(inventories / "p1_goc.py", make)
+    goc, backup = found
+    assert (goc.role, backup.role) == ("goc", "goc_backup")
+    assert goc.way_out == "https://database.clamav.net"
+    assert {(p.dst, p.port) for p in goc.probes} == {
+        ("10.0.1.12", 5432),
+        ("10.0.1.13", 5432),
+        ("10.0.2.12", 5432),
+        ("10.0.2.13", 5432),
+        ("10.0.9.11", 8432),
+    }
+    assert [(p.dst, p.port) for p in backup.probes] == [("10.0.9.10", 8432)]
+    assert [f.line() for f in run_all(found).findings] == [
+        "10.0.9.10 (goc): way out: database.clamav.net (https://database.clamav.net) does not"
+        " resolve; fix: let this host resolve database.clamav.net and open TCP 443 out to it"
+        " (the ClamAV mirror)"
+    ]
+    fakes.clear()
+    found = targets.goc_targets(inventories / "p1_goc.py", make)
+    found[0].runner.names["database.clamav.net"] = "104.16.218.84"  # type: ignore[attr-defined]
+    assert lines(run_all(found)) == []
+
+
+def test_ssh_reaches_hosts_as_the_deploy_does() -> None:
+    lab = SshRunner.of(
+        "10.201.1.10", {"ssh_user": "root", "ssh_key": "/k", "ssh_known_hosts_file": "/kh"}
+    )
+    assert lab.command()[-2:] == ["root@10.201.1.10", "bash -s"]
+    assert ["-i", "/k"] == lab.command()[5:7] and "StrictHostKeyChecking=yes" in lab.command()
+    agent = SshRunner.of("192.0.2.10", {})  # no key: ssh takes the agent's
+    assert "-i" not in agent.command() and "StrictHostKeyChecking=accept-new" in agent.command()
+    assert "BatchMode=yes" in agent.command()
+
+
+def test_the_real_script_on_this_machine() -> None:
+    """The checks as they run on a host, here: facts read, a listening port open, a closed one
+    refused (both an open path), a name resolved."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    try:
+        open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
+        target = Target(
+            "127.0.0.1",
+            "relay",
+            sizing.size_of("lab", "relay"),
+            LocalRunner(),
+            [
+                ports.Probe("127.0.0.1", "127.0.0.1", open_port, "listening"),
+                ports.Probe("127.0.0.1", "127.0.0.1", closed_port, "nothing listens"),
+            ],
+            ["localhost"],
+        )
+        ran = target.runner.run(checks.script(target), 30)
+        facts, outcomes, resolved = checks.parse(ran.out)
+        found = check_host(target)
+    finally:
+        listening.close()
+        closed.close()
+    assert int(facts["cpus"]) >= 1 and int(facts["mem_kib"]) > 0 and int(facts["disk_kib"]) > 0
+    assert outcomes == {("127.0.0.1", open_port): "open", ("127.0.0.1", closed_port): "refused"}
+    assert "127.0.0.1" in resolved["localhost"]
+    os_release = Path("/etc/os-release").read_text()
+    debian_12 = "ID=debian" in os_release and 'VERSION_ID="12"' in os_release
+    assert {f.check for f in found} - {"clock"} == (set() if debian_12 else {"debian"})
