@@ -272,7 +272,7 @@ def test_ssh_reaches_hosts_as_the_deploy_does() -> None:
         "10.201.1.10", {"ssh_user": "root", "ssh_key": "/k", "ssh_known_hosts_file": "/kh"}
     )
     assert lab.command()[-2:] == ["root@10.201.1.10", "bash -s"]
-    assert ["-i", "/k"] == lab.command()[5:7] and "StrictHostKeyChecking=yes" in lab.command()
+    assert lab.command()[5:7] == ["-i", "/k"] and "StrictHostKeyChecking=yes" in lab.command()
     agent = SshRunner.of("192.0.2.10", {})  # no key: ssh takes the agent's
     assert "-i" not in agent.command() and "StrictHostKeyChecking=accept-new" in agent.command()
     assert "BatchMode=yes" in agent.command()
