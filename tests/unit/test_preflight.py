@@ -311,3 +311,11 @@ def test_the_real_script_on_this_machine() -> None:
     os_release = Path("/etc/os-release").read_text()
     debian_12 = "ID=debian" in os_release and 'VERSION_ID="12"' in os_release
     assert {f.check for f in found} - {"clock"} == (set() if debian_12 else {"debian"})
+
+
+def test_the_guide_shows_the_sizing_table_and_port_matrix_the_code_checks() -> None:
+    from mailtower.controller.preflight import with_tables
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "first-real-pair.md").read_text()
+    assert sizing.markdown_table() in doc and ports.markdown_matrix() in doc
+    assert with_tables(doc) == doc  # nothing else between the markers

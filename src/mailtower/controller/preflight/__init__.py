@@ -39,3 +39,16 @@ def preflight(
     report = run_all(targets, mx_names=mx if "dns" not in skipped else None, progress=progress)
     report.findings = [f for f in report.findings if f.check not in skipped]
     return report
+
+
+def with_tables(doc: str) -> str:
+    """``doc`` (docs/first-real-pair.md) with its sizing and port tables as the code has them,
+    between their ``<!-- NAME: begin -->`` and ``<!-- NAME: end -->`` markers."""
+    from mailtower.controller.preflight import ports, sizing
+
+    for name, table in (("sizing", sizing.markdown_table()), ("ports", ports.markdown_matrix())):
+        start, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+        head, _, rest = doc.partition(start)
+        _, _, tail = rest.partition(end)
+        doc = f"{head}{start}\n{table}\n{end}{tail}"
+    return doc
