@@ -48,7 +48,7 @@ def test_the_inventories_init_writes_for_the_lab_pass_too(pair: Pair, tmp_path: 
     assert [f.line() for f in report.findings] == []
 
 
-def _tower_a() -> list[checks.Target]:
+def _tower_a() -> list[checks.HostCheck]:
     found, _ = targets.tower_targets(ROOT / "inventory" / "lab_a.py")
     return found
 

@@ -15,7 +15,7 @@ import pytest
 
 from mailtower.controller.firstpair import answers, write
 from mailtower.controller.preflight import checks, ports, sizing, targets
-from mailtower.controller.preflight.checks import Target, check_host, run_all
+from mailtower.controller.preflight.checks import HostCheck, check_host, run_all
 from mailtower.controller.preflight.runner import LocalRunner, Ran, SshRunner
 
 GIB_KIB = 2**20
@@ -98,7 +98,7 @@ def inventories(tmp_path_factory) -> Path:
     return _inventory(tmp_path_factory.mktemp("init"), 23)
 
 
-def _targets(inventory_dir: Path) -> tuple[list[Target], dict[str, FakeHost]]:
+def _targets(inventory_dir: Path) -> tuple[list[HostCheck], dict[str, FakeHost]]:
     """Tower A's targets from the inventory init wrote, each host a FakeHost."""
     fakes: dict[str, FakeHost] = {}
 
@@ -179,7 +179,7 @@ def test_a_container_keeping_its_hosts_clock_passes(inventories) -> None:
 def test_a_4_gib_vm_passes_the_4_gib_row() -> None:
     size = sizing.size_of("production", "scanners")
     host = FakeHost("10.0.1.101", mem_kib=3_900_000)  # what a 4 GiB VM reports
-    target = Target("10.0.1.101", "scanners", size, host)
+    target = HostCheck("10.0.1.101", "scanners", size, host)
     assert check_host(target) == []
     host.mem_kib = 3_000_000
     assert [f.check for f in check_host(target)] == ["ram"]
@@ -288,7 +288,7 @@ def test_the_real_script_on_this_machine() -> None:
     closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
     try:
         open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
-        target = Target(
+        target = HostCheck(
             "127.0.0.1",
             "relay",
             sizing.size_of("lab", "relay"),

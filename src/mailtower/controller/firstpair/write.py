@@ -248,7 +248,7 @@ class Step:
 
 
 @dataclass
-class Outcome:
+class InitPlan:
     steps: list[Step]
 
     @property
@@ -360,7 +360,7 @@ def plan(
     *,
     force: bool = False,
     tsig_file: Path | None = None,
-) -> Outcome:
+) -> InitPlan:
     """What init would do; InitError listing every file it refuses to overwrite."""
     secrets_dir = secrets_dir.expanduser().resolve()
     inventory_dir = inventory_dir.resolve()
@@ -394,7 +394,7 @@ def plan(
             + "\nsecrets are never overwritten: with --force existing ones are kept and only"
             " missing ones added"
         )
-    return Outcome(steps)
+    return InitPlan(steps)
 
 
 def _plan_public_key(
@@ -410,7 +410,7 @@ def _plan_public_key(
     return Step(path, "created", lambda: _write_private(path, source.read_text()))
 
 
-def apply(outcome: Outcome, secrets_dir: Path) -> None:
+def apply(outcome: InitPlan, secrets_dir: Path) -> None:
     """Write what the plan says, in its order (the GOC's keys before the towers' copies)."""
     if outcome.changed:
         secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -427,7 +427,7 @@ def run(
     *,
     force: bool = False,
     tsig_file: Path | None = None,
-) -> Outcome:
+) -> InitPlan:
     """Plan and write; InitError (nothing written) when refused."""
     secrets_dir = (secrets_dir or default_secrets_dir(a.pair)).expanduser().resolve()
     outcome = plan(a, inventory_dir, secrets_dir, force=force, tsig_file=tsig_file)

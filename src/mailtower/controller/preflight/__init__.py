@@ -2,7 +2,7 @@
 
     report = preflight([Path("inventory/tower_a.py")])   every host of the inventories, over
                                                         the SSH the deploy uses, in parallel
-    report.findings                                     one Finding per failed check: host,
+    report.findings                                     one FailedCheck per failed check: host,
                                                         check, what was seen, the fix
 
 sizing.SIZING     the per-role table (CPUs, RAM, the /var filesystem), also in the guide
@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mailtower.controller.preflight.checks import Report, run_all
+from mailtower.controller.preflight.checks import PreflightReport, run_all
 from mailtower.controller.preflight.targets import targets_of
 
 WAY_OUT = "way out"
@@ -29,7 +29,7 @@ def preflight(
     *,
     skip: Iterable[str] = (),
     progress: Callable[[str], None] | None = None,
-) -> Report:
+) -> PreflightReport:
     """Check every host of these inventories; ``skip``: check names not to run (e.g. "way
     out")."""
     skipped = set(skip)

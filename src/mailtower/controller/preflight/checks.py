@@ -26,7 +26,7 @@ CLOCK_SLACK_S = 1.0  # a container's clock (its host's) may differ from ours by 
 
 
 @dataclass(frozen=True)
-class Finding:
+class FailedCheck:
     """One failed check."""
 
     host: str
@@ -39,7 +39,7 @@ class Finding:
 
 
 @dataclass
-class Target:
+class HostCheck:
     """A host to check: its role, its size, how to reach it, what it must reach."""
 
     address: str
@@ -52,8 +52,8 @@ class Target:
 
 
 @dataclass
-class Report:
-    findings: list[Finding]
+class PreflightReport:
+    findings: list[FailedCheck]
     hosts: int
     checks: int
     seconds: float
@@ -91,7 +91,7 @@ resolve() {{
 """
 
 
-def script(target: Target) -> str:
+def script(target: HostCheck) -> str:
     """The one script the target runs: facts, then its probes and look-ups in parallel."""
     lines = [_FACTS]
     lines += [f"probe {p.dst} {p.port} &" for p in target.probes]
@@ -137,14 +137,14 @@ def parse(out: str) -> tuple[dict[str, str], dict[tuple[str, int], str], dict[st
 
 
 def judge(
-    target: Target, facts: dict[str, str], sent_at: float, answered_at: float
-) -> list[Finding]:
+    target: HostCheck, facts: dict[str, str], sent_at: float, answered_at: float
+) -> list[FailedCheck]:
     """The host's own checks: Debian 12, CPUs, RAM, disk, clock."""
     host, out = f"{target.address} ({target.role})", []
     os_release = facts.get("os", "")
     if os_release != "debian 12":
         out.append(
-            Finding(
+            FailedCheck(
                 host,
                 "debian",
                 f"runs {os_release.strip() or 'an unknown system'}, not Debian 12",
@@ -155,7 +155,7 @@ def judge(
     cpus = _int(facts.get("cpus"))
     if cpus < size.cpus:
         out.append(
-            Finding(
+            FailedCheck(
                 host,
                 "cpu",
                 f"{cpus} CPUs, a {target.role} host needs {size.cpus}",
@@ -165,7 +165,7 @@ def judge(
     ram_mib = _int(facts.get("mem_kib")) // 1024
     if ram_mib < size.ram_mib * TOLERANCE:
         out.append(
-            Finding(
+            FailedCheck(
                 host,
                 "ram",
                 f"{ram_mib} MiB of RAM, a {target.role} host needs {size.ram_mib} MiB",
@@ -175,7 +175,7 @@ def judge(
     disk_gib = _int(facts.get("disk_kib")) / 2**20
     if disk_gib < size.disk_gib * TOLERANCE:
         out.append(
-            Finding(
+            FailedCheck(
                 host,
                 "disk",
                 f"{DISK_PATH} is on {disk_gib:.1f} GiB,"
@@ -194,7 +194,9 @@ def _int(text: str | None) -> int:
         return 0
 
 
-def _clock(host: str, facts: dict[str, str], sent_at: float, answered_at: float) -> list[Finding]:
+def _clock(
+    host: str, facts: dict[str, str], sent_at: float, answered_at: float
+) -> list[FailedCheck]:
     if facts.get("ntp") == "yes" or facts.get("chrony") == "Normal":
         return []
     fix = "apt-get install systemd-timesyncd (or chrony) and check `timedatectl` says synchronized"
@@ -206,10 +208,10 @@ def _clock(host: str, facts: dict[str, str], sent_at: float, answered_at: float)
     seen = f"NTPSynchronized={facts.get('ntp') or 'unknown'}"
     if "chrony" in facts:
         seen += f", chrony leap status {facts['chrony']}"
-    return [Finding(host, "clock", f"not synchronised ({seen})", fix)]
+    return [FailedCheck(host, "clock", f"not synchronised ({seen})", fix)]
 
 
-def judge_paths(target: Target, outcomes: dict[tuple[str, int], str]) -> list[Finding]:
+def judge_paths(target: HostCheck, outcomes: dict[tuple[str, int], str]) -> list[FailedCheck]:
     out = []
     for p in target.probes:
         outcome = outcomes.get((p.dst, p.port), "not tried")
@@ -217,7 +219,7 @@ def judge_paths(target: Target, outcomes: dict[tuple[str, int], str]) -> list[Fi
             continue
         what = "timed out (filtered)" if outcome == "timeout" else outcome
         out.append(
-            Finding(
+            FailedCheck(
                 f"{target.address} ({target.role})",
                 "port",
                 f"TCP {p.dst}:{p.port} ({p.why}) {what}",
@@ -227,9 +229,9 @@ def judge_paths(target: Target, outcomes: dict[tuple[str, int], str]) -> list[Fi
     return out
 
 
-def judge_names(target: Target, resolved: dict[str, list[str]]) -> list[Finding]:
+def judge_names(target: HostCheck, resolved: dict[str, list[str]]) -> list[FailedCheck]:
     return [
-        Finding(
+        FailedCheck(
             f"{target.address} ({target.role})",
             "dns",
             f"{name} does not resolve here",
@@ -241,8 +243,8 @@ def judge_names(target: Target, resolved: dict[str, list[str]]) -> list[Finding]
 
 
 def judge_way_out(
-    target: Target, outcomes: dict[tuple[str, int], str], resolved: dict[str, list[str]]
-) -> list[Finding]:
+    target: HostCheck, outcomes: dict[tuple[str, int], str], resolved: dict[str, list[str]]
+) -> list[FailedCheck]:
     if target.way_out is None:
         return []
     name, port = _split_url(target.way_out)
@@ -250,17 +252,17 @@ def judge_way_out(
     fix = f"let this host resolve {name} and open TCP {port} out to it (the ClamAV mirror)"
     ips = resolved.get(name, [])
     if not ips:
-        return [Finding(host, "way out", f"{name} ({target.way_out}) does not resolve", fix)]
+        return [FailedCheck(host, "way out", f"{name} ({target.way_out}) does not resolve", fix)]
     outcome = next(
         (o for (ip, p), o in outcomes.items() if ip.startswith("wayout:") and p == port),
         "not tried",
     )
     if outcome in ("open", "refused"):
         return []
-    return [Finding(host, "way out", f"{target.way_out}: TCP {port} {outcome}", fix)]
+    return [FailedCheck(host, "way out", f"{target.way_out}: TCP {port} {outcome}", fix)]
 
 
-def check_host(target: Target, timeout: float = 60) -> list[Finding]:
+def check_host(target: HostCheck, timeout: float = 60) -> list[FailedCheck]:
     """Every check of one host, from one script run over its runner."""
     sent_at = time.time()
     ran = target.runner.run(script(target), timeout)
@@ -268,7 +270,7 @@ def check_host(target: Target, timeout: float = 60) -> list[Finding]:
     if ran.rc == SSH_FAILED or (ran.rc != 0 and "os=" not in ran.out):
         detail = (ran.err.strip().splitlines() or ["no answer"])[-1]
         return [
-            Finding(
+            FailedCheck(
                 f"{target.address} ({target.role})",
                 "ssh",
                 f"cannot log in as the deploy does: {detail} (its other checks not run)",
@@ -287,7 +289,7 @@ def check_host(target: Target, timeout: float = 60) -> list[Finding]:
 
 def check_mx_names(
     names: dict[str, str], runner: ScriptRunner | None = None
-) -> tuple[list[Finding], list[str]]:
+) -> tuple[list[FailedCheck], list[str]]:
     """Each relay's MX name as the world resolves it (here, on the controller): a name that
     resolves elsewhere is a failure; one not yet published is a note (``invoke dns`` publishes
     it after the deploy)."""
@@ -306,7 +308,7 @@ def check_mx_names(
             notes.append(f"{name} does not resolve yet: `invoke dns` publishes it (A {relay})")
         elif relay not in seen[name]:
             findings.append(
-                Finding(
+                FailedCheck(
                     where.where,
                     "dns",
                     f"MX name {name} resolves to {', '.join(sorted(seen[name]))},"
@@ -318,17 +320,17 @@ def check_mx_names(
 
 
 def run_all(
-    targets: Iterable[Target],
+    targets: Iterable[HostCheck],
     *,
     mx_names: dict[str, str] | None = None,
     workers: int = 32,
     mx_runner: ScriptRunner | None = None,
     progress: Callable[[str], None] | None = None,
-) -> Report:
+) -> PreflightReport:
     """Every check of every host, hosts in parallel; nothing stops at the first failure."""
     targets = list(targets)
     started = time.monotonic()
-    findings: list[Finding] = []
+    findings: list[FailedCheck] = []
     notes: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(targets) or 1))) as pool:
         mx = pool.submit(check_mx_names, mx_names, mx_runner) if mx_names else None
@@ -341,4 +343,4 @@ def run_all(
     checks += len(mx_names or {})
     if progress:
         progress(f"preflight: {len(targets)} hosts, {checks} checks")
-    return Report(findings, len(targets), checks, time.monotonic() - started, notes)
+    return PreflightReport(findings, len(targets), checks, time.monotonic() - started, notes)

@@ -17,7 +17,7 @@ _BACKUP_PORT = Backup.model_fields["port"].default
 
 
 @dataclass(frozen=True)
-class Rule:
+class PortRule:
     """From hosts of one role to hosts of another, one port, and what uses it."""
 
     src: str
@@ -36,33 +36,33 @@ def _goc_port(s: TowerSettings) -> int | None:
 
 # Roles: relay, monitor, sql, scanners (a tower's); goc, goc_backup (the GOC's inventory).
 TOWER_RULES = (
-    Rule("relay", "scanners", lambda s: s.ports.filter, "the scan hop: HAProxy to scand"),
-    Rule("scanners", "relay", lambda s: s.ports.reinject, "scanned mail back to the relay"),
-    Rule("relay", "sql", lambda s: s.ports.postgres, "Postfix's maps, the orderer"),
-    Rule("scanners", "sql", lambda s: s.ports.postgres, "verdict events, the quarantine"),
-    Rule("monitor", "sql", lambda s: s.ports.postgres, "replication state, the quarantine"),
-    Rule("sql", "sql", lambda s: s.ports.postgres, "streaming replication (either way)"),
-    Rule("scanners", "monitor", lambda s: s.ports.mirror_http, "signature and rule mirror"),
-    Rule("monitor", "relay", lambda s: s.ports.haproxy_runtime, "draining scanners"),
-    Rule("monitor", "relay", lambda s: s.ports.haproxy_stats, "HAProxy metrics"),
-    Rule("monitor", "relay", lambda s: s.ports.relay_exporter, "queue metrics"),
-    Rule("monitor", "relay", lambda s: s.ports.reinject, "quarantine releases"),
-    Rule("monitor", "scanners", lambda s: s.ports.scanner_http, "health checks, metrics"),
-    Rule(
+    PortRule("relay", "scanners", lambda s: s.ports.filter, "the scan hop: HAProxy to scand"),
+    PortRule("scanners", "relay", lambda s: s.ports.reinject, "scanned mail back to the relay"),
+    PortRule("relay", "sql", lambda s: s.ports.postgres, "Postfix's maps, the orderer"),
+    PortRule("scanners", "sql", lambda s: s.ports.postgres, "verdict events, the quarantine"),
+    PortRule("monitor", "sql", lambda s: s.ports.postgres, "replication state, the quarantine"),
+    PortRule("sql", "sql", lambda s: s.ports.postgres, "streaming replication (either way)"),
+    PortRule("scanners", "monitor", lambda s: s.ports.mirror_http, "signature and rule mirror"),
+    PortRule("monitor", "relay", lambda s: s.ports.haproxy_runtime, "draining scanners"),
+    PortRule("monitor", "relay", lambda s: s.ports.haproxy_stats, "HAProxy metrics"),
+    PortRule("monitor", "relay", lambda s: s.ports.relay_exporter, "queue metrics"),
+    PortRule("monitor", "relay", lambda s: s.ports.reinject, "quarantine releases"),
+    PortRule("monitor", "scanners", lambda s: s.ports.scanner_http, "health checks, metrics"),
+    PortRule(
         "monitor",
         "scanners",
         lambda s: s.ports.filter if (s.bundles or s.clamav) else None,
         "canary messages",
     ),
-    Rule("monitor", "relay", lambda s: s.ports.node_exporter, "host metrics"),
-    Rule("monitor", "scanners", lambda s: s.ports.node_exporter, "host metrics"),
-    Rule("monitor", "sql", lambda s: s.ports.node_exporter, "host metrics"),
-    Rule("monitor", "sql", _backup_port, "pgBackRest: backups"),
-    Rule("sql", "monitor", _backup_port, "pgBackRest: WAL archiving"),
-    Rule("sql", "goc", _goc_port, "config subscription (customers down)"),
-    Rule("monitor", "goc", _goc_port, "the tower's status row"),
-    Rule("monitor", "goc", lambda s: s.goc.bundle_port if s.goc else None, "bundles, ClamAV"),
-    Rule(
+    PortRule("monitor", "relay", lambda s: s.ports.node_exporter, "host metrics"),
+    PortRule("monitor", "scanners", lambda s: s.ports.node_exporter, "host metrics"),
+    PortRule("monitor", "sql", lambda s: s.ports.node_exporter, "host metrics"),
+    PortRule("monitor", "sql", _backup_port, "pgBackRest: backups"),
+    PortRule("sql", "monitor", _backup_port, "pgBackRest: WAL archiving"),
+    PortRule("sql", "goc", _goc_port, "config subscription (customers down)"),
+    PortRule("monitor", "goc", _goc_port, "the tower's status row"),
+    PortRule("monitor", "goc", lambda s: s.goc.bundle_port if s.goc else None, "bundles, ClamAV"),
+    PortRule(
         "monitor",
         "goc_backup",
         lambda s: s.goc_backup_metrics.port if s.goc_backup_metrics else None,
@@ -127,7 +127,7 @@ def matrix() -> list[tuple[str, str, int, str]]:
     return rows
 
 
-def _default_port(rule: Rule) -> int:
+def _default_port(rule: PortRule) -> int:
     """The rule's port in a tower with every optional part (GOC, bundles, backups) set."""
     from mailtower.settings import Bundles, GocBackupMetrics, Secrets
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mailtower.controller import inventory as inventory_mod
 from mailtower.controller.errors import PreflightError
 from mailtower.controller.preflight import ports
-from mailtower.controller.preflight.checks import Target
+from mailtower.controller.preflight.checks import HostCheck
 from mailtower.controller.preflight.runner import ScriptRunner, SshRunner
 from mailtower.controller.preflight.sizing import SIZING, size_of
 from mailtower.errors import SettingsError
@@ -33,7 +33,7 @@ def _sizing(host: inventory_mod.InventoryHost, path: Path) -> str:
     return profile
 
 
-def tower_targets(path: Path, make: Maker | None = None) -> tuple[list[Target], dict[str, str]]:
+def tower_targets(path: Path, make: Maker | None = None) -> tuple[list[HostCheck], dict[str, str]]:
     """The tower's hosts to check, and its relay's MX name → address."""
     try:
         inv = inventory_mod.load(path)
@@ -46,7 +46,7 @@ def tower_targets(path: Path, make: Maker | None = None) -> tuple[list[Target], 
     for role in inventory_mod.TOWER_GROUPS:
         for host in inv.groups.get(role, []):
             targets.append(
-                Target(
+                HostCheck(
                     host.address,
                     role,
                     size_of(_sizing(host, path), role),
@@ -59,7 +59,7 @@ def tower_targets(path: Path, make: Maker | None = None) -> tuple[list[Target], 
     return targets, {s.hostname: str(s.hosts.relay)}
 
 
-def goc_targets(path: Path, make: Maker | None = None) -> list[Target]:
+def goc_targets(path: Path, make: Maker | None = None) -> list[HostCheck]:
     """The GOC and its backup repository host."""
     inv = inventory_mod.load(path)
     hosts = inv.groups.get("goc") or []
@@ -75,7 +75,7 @@ def goc_targets(path: Path, make: Maker | None = None) -> list[Target]:
     backup = backups[0].address if backups else None
     probes = ports.goc_probes(g, goc_host.address, backup)
     targets = [
-        Target(
+        HostCheck(
             goc_host.address,
             "goc",
             size_of(_sizing(goc_host, path), "goc"),
@@ -86,7 +86,7 @@ def goc_targets(path: Path, make: Maker | None = None) -> list[Target]:
     ]
     for host in backups:
         targets.append(
-            Target(
+            HostCheck(
                 host.address,
                 "goc_backup",
                 size_of(_sizing(host, path), "goc_backup"),
@@ -97,9 +97,11 @@ def goc_targets(path: Path, make: Maker | None = None) -> list[Target]:
     return targets
 
 
-def targets_of(paths: list[Path], make: Maker | None = None) -> tuple[list[Target], dict[str, str]]:
+def targets_of(
+    paths: list[Path], make: Maker | None = None
+) -> tuple[list[HostCheck], dict[str, str]]:
     """Every host of these inventories (towers and GOCs), and the relays' MX names."""
-    targets: list[Target] = []
+    targets: list[HostCheck] = []
     mx: dict[str, str] = {}
     for path in paths:
         inv = inventory_mod.load(path)
