@@ -323,3 +323,26 @@ def test_init_for_the_labs_answers_gives_the_labs_hosts_ports_and_customers(lab_
     lab = lab_pair()
     assert pair.zones == [z + "." for z in lab["publication"]["zones"]]
     assert [t.site for t in pair.towers] == lab["sites"] and server.address == lab["server"]
+
+
+def test_extra_data_goes_over_what_init_makes_and_loads_like_any(dirs) -> None:
+    inv_dir, sec_dir = dirs
+    extra = {
+        "tower-b": {
+            "postmaster": "ops@example.net",
+            "alerts": {"to": ["ops@example.net"], "fallback": {"host": "mx.example.net"}},
+            "clamav": None,  # no official databases on this tower
+        },
+        "goc": {
+            "eye_listen": "127.0.0.1:8025",
+            "eye_tls_self_signed": [],
+            "eye_origin": "https://eye.example.net",
+        },
+    }
+    write.run(answers.from_data(real_answers(extra=extra)), inv_dir, sec_dir)
+    s = deploy_settings(inv_dir / "tower_b.py")
+    assert s.postmaster == "ops@example.net" and s.alerts and s.alerts.fallback
+    assert s.clamav is None and s.bundles is not None
+    assert goc_settings(inv_dir / "p1_goc.py").eye_origin == "https://eye.example.net"
+    with pytest.raises(InitError, match=r"extra: \['tower-c'\]"):
+        answers.from_data(real_answers(extra={"tower-c": {}}))

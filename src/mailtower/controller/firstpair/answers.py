@@ -103,6 +103,11 @@ class InitAnswers(StrictModel):
     # None: ~/.ssh/known_hosts, a new host's key accepted on first contact (pyinfra's default)
     ssh_known_hosts: str | None = Field(None, pattern=r"^/\S+$")
     sizing: Sizing = "production"  # the preflight's table (lab: the lab's containers)
+    # More data for a tower's ``mailtower`` (key: its name) or the GOC's ``goc`` (key "goc"),
+    # written into the inventory over what init makes (top-level keys replaced): the relay's
+    # ``tls``, ``alerts``, ``postmaster``, … (the lab's CI gives its own this way). The deploy
+    # validates it as any inventory's.
+    extra: dict[str, dict[str, object]] = {}
 
     _dns = field_validator("dns_name")(classmethod(lambda cls, v: _host_name(v)))
 
@@ -144,6 +149,9 @@ class InitAnswers(StrictModel):
             if ip in seen:
                 raise ValueError(f"{where}: address {ip} is given to {seen[ip]} too")
             seen[ip] = where
+        unknown = sorted(set(self.extra) - {a.name, b.name, "goc"})
+        if unknown:
+            raise ValueError(f"extra: {unknown} are neither a tower's name nor 'goc'")
         domains = [c.domain for c in self.customers]
         if dup := next((d for d in domains if domains.count(d) > 1), None):
             raise ValueError(f"customers: domain {dup} is listed twice")

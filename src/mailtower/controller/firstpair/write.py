@@ -59,9 +59,28 @@ def _secret(name: str) -> str:
 
 
 def _literal(value: object, indent: int = 0) -> str:
-    """``value`` (strings, numbers, lists, dicts) as Python source: JSON is that here."""
-    text = json.dumps(value, indent=4)
-    return text.replace("\n", "\n" + " " * indent)
+    """``value`` (strings, numbers, booleans, None, lists, dicts) as Python source, one item
+    a line, indented from ``indent``."""
+    pad, inner = " " * indent, " " * (indent + 4)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [
+            f"{inner}{json.dumps(str(k))}: {_literal(v, indent + 4)}," for k, v in value.items()
+        ]
+        return "{\n" + "\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list | tuple):
+        if not value:
+            return "[]"
+        items = [f"{inner}{_literal(v, indent + 4)}," for v in value]
+        return "[\n" + "\n".join(items) + f"\n{pad}]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a Python string literal
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    raise InitError(
+        f"{value!r}: not a value an inventory can hold (strings, numbers, lists, dicts)"
+    )
 
 
 def _ssh(a: InitAnswers) -> dict[str, str]:
@@ -118,7 +137,7 @@ def tower_data(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> dict:
     }
     if first:  # one tower's monitor watches the GOC's backup repository
         data["goc_backup_metrics"] = {"address": str(a.goc_backup), "port": 9100}
-    return data
+    return {**data, **a.extra.get(t.name, {})}
 
 
 def render_tower(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> str:
@@ -154,7 +173,7 @@ def render_tower(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> str:
 
 def goc_data(a: InitAnswers, secrets_dir: Path) -> dict:
     """The GOC's ``goc`` data, its secrets and keys as placeholders."""
-    return {
+    data = {
         "towers": [
             {"name": t.name, "sql": [str(ip) for ip in t.sql], "monitor": str(t.monitor)}
             for t in a.towers
@@ -172,10 +191,11 @@ def goc_data(a: InitAnswers, secrets_dir: Path) -> dict:
             "tls_dir": str(secrets_dir / GOC_DIR / "pgbackrest-tls"),
         },
     }
+    return {**data, **a.extra.get("goc", {})}
 
 
 def render_goc(a: InitAnswers, secrets_dir: Path) -> str:
-    data = _literal(goc_data(a, secrets_dir), 4)
+    data = _literal(goc_data(a, secrets_dir))
     data = data.replace('"@EYE_OPERATOR@"', '_goc.get("eye_operator")')
     data = data.replace('"@GOC_SECRETS@"', "_goc_secrets")
     data = data.replace('"@BUNDLE_KEYS@"', "_bundle_keys")
@@ -197,7 +217,7 @@ def render_goc(a: InitAnswers, secrets_dir: Path) -> str:
         '    **{k: _goc.get(k) for k in ("eye_db", "portal_db", "portal_session_key")},\n'
         '    "towers": {\n'
         f'        t: {{k: _json(f"{{t}}/secrets.json").get(k) for k in {sync}}}\n'
-        f"        for t in {_literal(names)}\n"
+        f"        for t in {json.dumps(names)}\n"
         "    },\n"
         "}\n"
         "_bundle_keys = {\n"
