@@ -72,7 +72,7 @@ echo "os=$ID $VERSION_ID"
 echo "cpus=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
 awk '/^MemTotal:/ {{print "mem_kib=" $2}}' /proc/meminfo
 echo "disk_kib=$(df -Pk {DISK_PATH} 2>/dev/null | awk 'NR==2 {{print $2}}')"
-echo "ntp=$(timedatectl show -p NTPSynchronized --value 2>/dev/null)"
+echo "ntp=$(timeout 5 timedatectl show -p NTPSynchronized --value 2>/dev/null)"
 command -v chronyc >/dev/null &&
   chronyc -n tracking 2>/dev/null | sed -n 's/^Leap status *: */chrony=/p'
 echo "virt=$(systemd-detect-virt --container 2>/dev/null || echo none)"
@@ -86,7 +86,7 @@ probe() {{
   else echo "probe $1 $2 error ${{err##*: }}"; fi
 }}
 resolve() {{
-  echo "resolve $1 $(getent ahostsv4 "$1" | awk '{{print $1}}' | sort -u | tr '\\n' ' ')"
+  echo "resolve $1 $(timeout 5 getent ahostsv4 "$1" | awk '{{print $1}}' | sort -u | tr '\\n' ' ')"
 }}
 """
 
@@ -102,7 +102,7 @@ def script(target: HostCheck) -> str:
     lines += [f"resolve {shlex.quote(n)} &" for n in names]
     if way is not None:
         lines.append(
-            f"wayout() {{ local ip; ip=$(getent ahostsv4 {shlex.quote(way[0])}"
+            f"wayout() {{ local ip; ip=$(timeout 5 getent ahostsv4 {shlex.quote(way[0])}"
             " | awk 'NR==1 {print $1}'); "
             f'[ -n "$ip" ] && probe "$ip" {way[1]} | sed "s/^probe/wayout/"; }}; wayout &'
         )
@@ -295,7 +295,8 @@ def check_mx_names(
     it after the deploy)."""
     where: ScriptRunner = runner or LocalRunner()
     lines = [
-        f"getent ahostsv4 {shlex.quote(n)} | awk '{{print \"{n} \" $1}}' | sort -u" for n in names
+        f"timeout 5 getent ahostsv4 {shlex.quote(n)} | awk '{{print \"{n} \" $1}}' | sort -u"
+        for n in names
     ]
     ran = where.run("\n".join(lines) + "\n", 30)
     seen: dict[str, set[str]] = {}
