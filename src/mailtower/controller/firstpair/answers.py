@@ -66,7 +66,10 @@ class TowerAnswers(StrictModel):
     # A pool: one scanner out (a restart, a rule update) must leave another in service.
     scanners: list[IPv4Address] = Field(min_length=2, max_length=250)
 
-    _mx = field_validator("mx")(classmethod(lambda cls, v: _host_name(v)))
+    @field_validator("mx")
+    @classmethod
+    def _mx(cls, value: str) -> str:
+        return _host_name(value)
 
     @field_validator("scanners", "sql", mode="before")
     @classmethod
@@ -109,7 +112,10 @@ class InitAnswers(StrictModel):
     # validates it as any inventory's.
     extra: dict[str, dict[str, object]] = {}
 
-    _dns = field_validator("dns_name")(classmethod(lambda cls, v: _host_name(v)))
+    @field_validator("dns_name")
+    @classmethod
+    def _dns(cls, value: str) -> str:
+        return _host_name(value)
 
     @property
     def goc_name(self) -> str:
