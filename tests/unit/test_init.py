@@ -346,3 +346,32 @@ def test_extra_data_goes_over_what_init_makes_and_loads_like_any(dirs) -> None:
     assert goc_settings(inv_dir / "p1_goc.py").eye_origin == "https://eye.example.net"
     with pytest.raises(InitError, match=r"extra: \['tower-c'\]"):
         answers.from_data(real_answers(extra={"tower-c": {}}))
+
+
+# --- refusals the review found (names, paths, keys, races) ------------------------------------
+
+
+def test_a_secrets_file_appearing_after_the_plan_is_never_replaced(dirs) -> None:
+    inv_dir, sec_dir = dirs
+    a = answers.from_data(real_answers())
+    planned = write.plan(a, inv_dir, sec_dir)
+    target = sec_dir / "tower-a" / "secrets.json"
+    assert any(s.path == target and s.action == "created" for s in planned.steps)
+    target.parent.mkdir(parents=True)
+    target.write_text('{"sql_relay": "theirs"}\n')
+    with pytest.raises(InitError, match="appeared after init planned to create it"):
+        write.apply(planned, sec_dir)
+    assert target.read_text() == '{"sql_relay": "theirs"}\n'
+    assert [p.name for p in target.parent.iterdir()] == ["secrets.json"]  # no temp file left
+
+
+def test_force_replaces_a_public_key_of_another_pair(dirs) -> None:
+    inv_dir, sec_dir = dirs
+    old = sec_dir / "tower-a" / write.TOWER_PUBLIC_KEY
+    old.parent.mkdir(parents=True)
+    old.write_text("another pair's key\n")
+    a = answers.from_data(real_answers())
+    with pytest.raises(InitError, match="a public key of another pair"):
+        write.run(a, inv_dir, sec_dir)
+    write.run(a, inv_dir, sec_dir, force=True)
+    assert old.read_text() == (sec_dir / "goc" / "bundle-keys" / "signing.pub").read_text()

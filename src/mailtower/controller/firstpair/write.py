@@ -279,30 +279,43 @@ class InitPlan:
         return [f"{s.action:10} {s.path}" for s in self.steps]
 
 
-def _write_private(path: Path, text: str) -> None:
-    """``path`` with ``text``, mode 0600 from the start, replaced atomically."""
+def _write_private(path: Path, text: str, *, new: bool = False) -> None:
+    """``path`` with ``text``, mode 0600 from the start, replaced atomically; ``new``: only if
+    no file is there (linked in, never replacing one that appeared since the plan)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.parent.chmod(0o700)
+    _write_via_temp(path, text, 0o600, new)
+
+
+def _write_via_temp(path: Path, text: str, mode: int, new: bool) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
+            os.fchmod(f.fileno(), mode)
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
+        if new:
+            try:
+                os.link(tmp, path)  # fails if a file is there: nothing is ever replaced
+            except FileExistsError:
+                raise InitError(
+                    f"{path}: appeared after init planned to create it; it was left as it is"
+                    " (run init again to see what it would do)"
+                ) from None
+        else:
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _write_public(path: Path, text: str) -> None:
+def _write_public(path: Path, text: str, *, new: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    _write_via_temp(path, text, 0o644, new)
 
 
 def _plan_text(path: Path, text: str, force: bool, refused: list[str], private: bool) -> Step:
     writer = _write_private if private else _write_public
     if not path.exists():
-        return Step(path, "created", lambda: writer(path, text))
+        return Step(path, "created", lambda: writer(path, text, new=True))
     if path.read_text() == text:
         return Step(path, "unchanged")
     if not force:
@@ -314,9 +327,8 @@ def _plan_text(path: Path, text: str, force: bool, refused: list[str], private: 
 def _plan_secrets(path: Path, names: tuple[str, ...], force: bool, refused: list[str]) -> Step:
     if not path.exists():
         made = {n: _secret(n) for n in names}
-        return Step(
-            path, "created", lambda: _write_private(path, json.dumps(made, indent=2) + "\n")
-        )
+        text = json.dumps(made, indent=2) + "\n"
+        return Step(path, "created", lambda: _write_private(path, text, new=True))
     try:
         known = json.loads(path.read_text())
         if not isinstance(known, dict):
@@ -370,7 +382,7 @@ def _plan_tsig(path: Path, name: str, refused: list[str]) -> Step:
             return Step(path, "refused")
         return Step(path, "unchanged")
     key = TsigKey(name, base64.b64encode(secrets.token_bytes(32)).decode(), "hmac-sha256")
-    return Step(path, "created", lambda: _write_private(path, key.to_bind()))
+    return Step(path, "created", lambda: _write_private(path, key.to_bind(), new=True))
 
 
 def plan(
@@ -427,7 +439,9 @@ def _plan_public_key(
     if path.exists() and not force:
         refused.append(f"{path}: a public key of another pair (--force replaces it)")
         return Step(path, "refused")
-    return Step(path, "created", lambda: _write_private(path, source.read_text()))
+    if path.exists():  # --force: another pair's key replaced
+        return Step(path, "replaced", lambda: _write_private(path, source.read_text()))
+    return Step(path, "created", lambda: _write_private(path, source.read_text(), new=True))
 
 
 def apply(outcome: InitPlan, secrets_dir: Path) -> None:
