@@ -375,3 +375,18 @@ def test_force_replaces_a_public_key_of_another_pair(dirs) -> None:
         write.run(a, inv_dir, sec_dir)
     write.run(a, inv_dir, sec_dir, force=True)
     assert old.read_text() == (sec_dir / "goc" / "bundle-keys" / "signing.pub").read_text()
+
+
+def test_the_tsig_file_is_expanded_absolute_and_checked(dirs, tmp_path, monkeypatch) -> None:
+    from mailtower.controller.dns.server import TsigKey
+
+    inv_dir, sec_dir = dirs
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a = answers.from_data(real_answers())
+    (tmp_path / "bad.key").write_text("not a key\n")
+    with pytest.raises(InitError, match=rf"--tsig-file {tmp_path}/bad.key: not a TSIG key file"):
+        write.run(a, inv_dir, sec_dir, tsig_file=Path("~/bad.key"))
+    (tmp_path / "dns.key").write_text(TsigKey("p1-update", "c2VjcmV0", "hmac-sha256").to_bind())
+    write.run(a, inv_dir, sec_dir, tsig_file=Path("~/dns.key"))
+    text = (inv_dir / "pair_p1.py").read_text()
+    assert f'"tsig_file": "{tmp_path}/dns.key"' in text

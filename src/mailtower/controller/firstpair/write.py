@@ -369,6 +369,21 @@ def _plan_bundle_keys(goc_dir: Path, refused: list[str]) -> Step:
     return Step(out, "created", make)
 
 
+def _check_tsig_file(path: Path, refused: list[str]) -> None:
+    from mailtower.controller.dns.server import TsigKey
+
+    if not path.is_file():
+        refused.append(f"--tsig-file {path}: no such file (the DNS server's update key)")
+        return
+    try:
+        TsigKey.from_file(path)
+    except Exception as exc:  # TsigKeyError, or a file that is not BIND syntax
+        refused.append(
+            f"--tsig-file {path}: not a TSIG key file ({exc}); give the DNS server's update key"
+            " in BIND syntax (as tsig-keygen writes it)"
+        )
+
+
 def _plan_tsig(path: Path, name: str, refused: list[str]) -> Step:
     import base64
 
@@ -404,11 +419,12 @@ def plan(
     steps.append(_plan_secrets(goc_dir / "secrets.json", GOC_SECRETS, force, refused))
     keys = _plan_bundle_keys(goc_dir, refused)
     steps.append(keys)
-    tsig = tsig_file or secrets_dir / TSIG_FILE
     if tsig_file is None:
+        tsig = secrets_dir / TSIG_FILE
         steps.append(_plan_tsig(tsig, f"{a.pair}-update", refused))
-    elif not tsig_file.is_file():
-        refused.append(f"--tsig-file {tsig_file}: no such file (the DNS server's update key)")
+    else:  # the pair file holds its absolute path: `invoke dns` runs from anywhere
+        tsig = tsig_file.expanduser().resolve()
+        _check_tsig_file(tsig, refused)
     for t in a.towers:
         tower_dir = secrets_dir / t.name
         steps.append(_plan_secrets(tower_dir / "secrets.json", TOWER_SECRETS, force, refused))
