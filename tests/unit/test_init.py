@@ -390,3 +390,24 @@ def test_the_tsig_file_is_expanded_absolute_and_checked(dirs, tmp_path, monkeypa
     write.run(a, inv_dir, sec_dir, tsig_file=Path("~/dns.key"))
     text = (inv_dir / "pair_p1.py").read_text()
     assert f'"tsig_file": "{tmp_path}/dns.key"' in text
+
+
+def test_answers_with_one_tower_ask_for_the_other(tmp_path) -> None:
+    given = real_answers()
+    del given["towers"][1]
+    (tmp_path / "a.json").write_text(json.dumps(given))
+    with pytest.raises(InitError, match=r"missing --b-name, --b-site"):
+        gather(_args("--answers", str(tmp_path / "a.json")), None)
+    given["towers"] = [{}, {}, {}]
+    (tmp_path / "a.json").write_text(json.dumps(given))
+    with pytest.raises(InitError, match="at most two objects"):
+        gather(_args("--answers", str(tmp_path / "a.json")), None)
+
+
+def test_half_a_bundle_key_pair_is_refused_not_a_traceback(dirs) -> None:
+    inv_dir, sec_dir = dirs
+    a = answers.from_data(real_answers())
+    write.run(a, inv_dir, sec_dir)
+    (sec_dir / "goc" / "bundle-keys" / "signing.pub").unlink()
+    with pytest.raises(InitError, match="one half of the bundle key pair is missing"):
+        write.run(a, inv_dir, sec_dir)

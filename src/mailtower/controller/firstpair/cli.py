@@ -82,6 +82,8 @@ def gather(args: argparse.Namespace, ask: Callable[[str], str] | None) -> dict[s
     """The answers from --answers, the options, and ``ask`` for each still missing (None: a
     missing one is an InitError naming its option)."""
     data: dict = json.loads(args.answers.read_text()) if args.answers else {}
+    if not isinstance(data, dict):
+        raise InitError(f"--answers {args.answers}: not a JSON object; nothing was written")
     missing: list[str] = []
 
     def value(option: str, current: object, prompt: str) -> object:
@@ -97,7 +99,17 @@ def gather(args: argparse.Namespace, ask: Callable[[str], str] | None) -> dict[s
 
     for opt, key, prompt in _PAIR_OPTIONS:
         data[key] = value(opt, data.get(key), prompt)
-    towers = data.get("towers") or [{}, {}]
+    towers = data.get("towers") or []
+    if (
+        not isinstance(towers, list)
+        or len(towers) > 2
+        or not all(isinstance(t, dict) for t in towers)
+    ):
+        raise InitError(
+            f"--answers {args.answers}: towers must be a list of at most two objects (tower A,"
+            " then tower B); nothing was written"
+        )
+    towers = [*towers, *({} for _ in range(2 - len(towers)))]  # a missing one: its options
     for i, tower in enumerate(("a", "b")):
         for opt, key, prompt in _TOWER_OPTIONS:
             prompt = f"tower {tower.upper()}: {prompt}"

@@ -450,6 +450,8 @@ def _plan_public_key(
 ) -> Step:
     """The tower's copy of the GOC's public key (the towers never hold the signing key)."""
     source = goc_dir / "bundle-keys" / "signing.pub"
+    if keys.action == "refused":  # a half pair: refused already, nothing to copy from
+        return Step(path, "refused")
     if keys.write is None:  # the pair exists: the copy must be that key
         return _plan_text(path, source.read_text(), force, refused, True)
     if path.exists() and not force:
