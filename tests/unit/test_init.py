@@ -411,3 +411,23 @@ def test_half_a_bundle_key_pair_is_refused_not_a_traceback(dirs) -> None:
     (sec_dir / "goc" / "bundle-keys" / "signing.pub").unlink()
     with pytest.raises(InitError, match="one half of the bundle key pair is missing"):
         write.run(a, inv_dir, sec_dir)
+
+
+@pytest.mark.parametrize("name", ["goc", "pair-p1"])
+def test_a_tower_named_like_the_gocs_secrets_or_the_pair_file_is_refused(dirs, name) -> None:
+    inv_dir, sec_dir = dirs
+    with pytest.raises(InitError, match=rf"towers\.0\.name: '{name}' is taken"):
+        write.run(answers.from_data(real_answers(towers0__name=name)), inv_dir, sec_dir)
+    assert not inv_dir.exists() and not sec_dir.exists()
+
+
+def test_plan_refuses_two_files_at_one_path(dirs) -> None:
+    inv_dir, sec_dir = dirs
+    a = answers.from_data(real_answers())
+    # past the answers' own check: plan() still refuses
+    a = a.model_copy(
+        update={"towers": [a.towers[0].model_copy(update={"name": "goc"}), a.towers[1]]}
+    )
+    with pytest.raises(InitError, match=r"goc/secrets\.json: two of the files init writes"):
+        write.plan(a, inv_dir, sec_dir)
+    assert not sec_dir.exists()

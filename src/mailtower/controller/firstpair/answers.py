@@ -141,6 +141,13 @@ class InitAnswers(StrictModel):
             raise ValueError(f"towers.1.mx: both towers have relay name {a.mx}")
         if self.pair in (a.name, b.name) or self.goc_name in (a.name, b.name):
             raise ValueError(f"pair: {self.pair!r} names a tower's inventory too")
+        for i, t in enumerate(self.towers):
+            # <secrets>/goc/ is the GOC's; inventory/pair_<pair>.py the pair file
+            if t.name in ("goc", f"pair-{self.pair}"):
+                raise ValueError(
+                    f"towers.{i}.name: {t.name!r} is taken (the GOC's secrets or the pair"
+                    " file): choose another tower name"
+                )
         seen: dict[IPv4Address, str] = {}
         every = [
             *(

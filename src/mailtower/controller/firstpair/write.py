@@ -435,6 +435,7 @@ def plan(
     steps.append(_plan_text(path, render_goc(a, secrets_dir), force, refused, False))
     path = inventory_dir / f"pair_{a.pair.replace('-', '_')}.py"
     steps.append(_plan_text(path, render_pair(a, tsig), force, refused, False))
+    _distinct_paths(steps, [] if tsig_file is None else [tsig], refused)
     if refused:
         raise InitError(
             "refused, nothing was written:\n  "
@@ -485,3 +486,15 @@ def run(
     outcome = plan(a, inventory_dir, secrets_dir, force=force, tsig_file=tsig_file)
     apply(outcome, secrets_dir)
     return outcome
+
+
+def _distinct_paths(steps: list[Step], given: list[Path], refused: list[str]) -> None:
+    """Refuse two planned files at one path (a tower named like the GOC's directory or the
+    pair file): the second would overwrite the first."""
+    seen: set[Path] = set()
+    for path in [s.path for s in steps] + given:
+        if path in seen:
+            refused.append(
+                f"{path}: two of the files init writes would be this one (rename a tower)"
+            )
+        seen.add(path)
