@@ -431,3 +431,21 @@ def test_plan_refuses_two_files_at_one_path(dirs) -> None:
     with pytest.raises(InitError, match=r"goc/secrets\.json: two of the files init writes"):
         write.plan(a, inv_dir, sec_dir)
     assert not sec_dir.exists()
+
+
+def test_secrets_inside_the_inventory_dir_or_a_git_work_tree_are_refused(tmp_path) -> None:
+    import os
+    import subprocess
+
+    a = answers.from_data(real_answers())
+    inv_dir = tmp_path / "inventory"
+    with pytest.raises(InitError, match="is inside the inventory dir"):
+        write.run(a, inv_dir, inv_dir / "secrets")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE")}
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, env=env)
+    with pytest.raises(InitError, match=rf"inside the git work tree {repo}"):
+        write.run(a, tmp_path / "elsewhere", repo / "not" / "yet" / "there")
+    assert not (repo / "not").exists() and not (tmp_path / "elsewhere").exists()
+    write.run(a, inv_dir, tmp_path / "secrets")  # neither: written

@@ -410,9 +410,8 @@ def plan(
 ) -> InitPlan:
     """What init would do; InitError listing every file it refuses to overwrite."""
     secrets_dir = secrets_dir.expanduser().resolve()
-    inventory_dir = inventory_dir.resolve()
-    if inventory_dir == secrets_dir or secrets_dir in inventory_dir.parents:
-        raise InitError(f"--secrets-dir {secrets_dir} holds the inventories: keep secrets apart")
+    inventory_dir = inventory_dir.expanduser().resolve()
+    _secrets_apart(secrets_dir, inventory_dir)
     refused: list[str] = []
     steps: list[Step] = []
     goc_dir = secrets_dir / GOC_DIR
@@ -444,6 +443,50 @@ def plan(
             " missing ones added"
         )
     return InitPlan(steps)
+
+
+def _secrets_apart(secrets_dir: Path, inventory_dir: Path) -> None:
+    """InitError unless the secrets stay out of the inventories and out of any git work tree
+    (a commit would publish them)."""
+    if inventory_dir == secrets_dir or secrets_dir in inventory_dir.parents:
+        raise InitError(f"--secrets-dir {secrets_dir} holds the inventories: keep secrets apart")
+    if inventory_dir in secrets_dir.parents:
+        raise InitError(
+            f"--secrets-dir {secrets_dir} is inside the inventory dir {inventory_dir}: keep"
+            " secrets outside it (default ~/.config/mailtower/<pair>); nothing was written"
+        )
+    top = git_work_tree(secrets_dir)
+    if top is not None:
+        raise InitError(
+            f"--secrets-dir {secrets_dir} is inside the git work tree {top}: a commit would"
+            " publish the secrets; choose a directory outside any repository (default"
+            " ~/.config/mailtower/<pair>); nothing was written"
+        )
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The git work tree holding ``path`` (from its nearest existing parent), or None: not in
+    one, or no git on this machine."""
+    import shutil
+    import subprocess
+
+    where = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    git = shutil.which("git")
+    if where is None or git is None:
+        return None
+    # the directory's own repository, not one a GIT_DIR in the environment names
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE")}
+    try:
+        done = subprocess.run(
+            [git, "-C", str(where), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return Path(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else None
 
 
 def _plan_public_key(
