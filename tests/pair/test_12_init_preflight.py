@@ -113,7 +113,9 @@ def test_an_ssh_failure_is_refused_and_the_other_hosts_still_checked(
     victim = found[1]  # the monitor
     found[1] = dataclasses.replace(
         victim,
-        runner=SshRunner(victim.address, "root", str(stranger), str(lxc.known_hosts())),
+        runner=SshRunner(
+            victim.address, "root", str(stranger), str(lxc.known_hosts()), strict="yes"
+        ),
     )
     report = checks.run_all(found)
     assert [(f.host, f.check) for f in report.findings] == [(f"{victim.address} (monitor)", "ssh")]

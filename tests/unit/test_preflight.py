@@ -139,9 +139,10 @@ def test_too_little_ram_a_closed_port_and_an_ssh_failure_each_named_with_a_fix(
         " out (filtered); fix: open TCP 10024 from 10.0.1.10 to 10.0.1.117 in every firewall"
         " between them",
         "10.0.1.13 (sql): ssh: cannot log in as the deploy does: ssh: connect to host 10.0.1.13"
-        " port 22: Connection timed out (its other checks not run); fix: check the address,"
-        " that sshd runs, and the key: the inventory's ssh_key or one in the SSH agent"
-        " (ssh-add), authorised for the inventory's ssh_user",
+        " port 22: Connection timed out (its other checks not run); fix: check the inventory's"
+        " host name (or its ssh_hostname, ssh_port), that sshd runs, and the key: the"
+        " inventory's ssh_key or one in the SSH agent (ssh-add), authorised for the"
+        " inventory's ssh_user",
         "10.0.1.101 (scanners): ram: 1024 MiB of RAM, a scanners host needs 4096 MiB; fix:"
         " give the host more RAM (docs/first-real-pair.md, sizing)",
     ]
@@ -269,13 +270,52 @@ def test_the_goc_is_checked_with_its_paths_and_its_way_out(inventories) -> None:
 
 def test_ssh_reaches_hosts_as_the_deploy_does() -> None:
     lab = SshRunner.of(
-        "10.201.1.10", {"ssh_user": "root", "ssh_key": "/k", "ssh_known_hosts_file": "/kh"}
+        "10.201.1.10",
+        {
+            "ssh_user": "root",
+            "ssh_key": "/k",
+            "ssh_known_hosts_file": "/kh",
+            "ssh_strict_host_key_checking": "yes",
+        },
     )
-    assert lab.command()[-2:] == ["root@10.201.1.10", "bash -s"]
-    assert lab.command()[5:7] == ["-i", "/k"] and "StrictHostKeyChecking=yes" in lab.command()
-    agent = SshRunner.of("192.0.2.10", {})  # no key: ssh takes the agent's
-    assert "-i" not in agent.command() and "StrictHostKeyChecking=accept-new" in agent.command()
+    cmd = lab.command()
+    assert cmd[-3:] == ["--", "10.201.1.10", "bash -s"]
+    assert cmd[5:9] == ["-i", "/k", "-o", "IdentitiesOnly=yes"]
+    assert "StrictHostKeyChecking=yes" in cmd and "UserKnownHostsFile=/kh" in cmd
+    assert cmd[cmd.index("-l") + 1] == "root"
+    agent = SshRunner.of("192.0.2.10", {})  # as pyinfra: the agent, ssh's user, accept-new
+    assert "-i" not in agent.command() and "-l" not in agent.command()
+    assert "StrictHostKeyChecking=accept-new" in agent.command()
     assert "BatchMode=yes" in agent.command()
+    off = SshRunner.of("h", {"ssh_strict_host_key_checking": "off"}).command()
+    assert "StrictHostKeyChecking=no" in off
+
+
+def test_the_preflight_logs_in_by_the_hosts_name_and_probes_its_address(
+    inventories, tmp_path
+) -> None:
+    """A host whose inventory name is not its tower-network address: SSH goes where pyinfra
+    goes (the name, or ssh_hostname, with ssh_port), the probes from and to its address."""
+    text = (inventories / "tower_a.py").read_text()
+    text = text.replace(
+        'relay = [_host("10.0.1.10")]',
+        'relay = [("relay-a", {**_host("10.0.1.10")[1], "address": "10.0.1.10",'
+        ' "ssh_hostname": "relay-a.mgmt.example.net", "ssh_port": 2222})]',
+    )
+    text = text.replace(
+        'monitor = [_host("10.0.1.11")]',
+        'monitor = [("monitor-a.mgmt.example.net", {**_host("10.0.1.11")[1],'
+        ' "address": "10.0.1.11"})]',
+    )
+    (tmp_path / "tower_a.py").write_text(text)
+    found, _ = targets.tower_targets(tmp_path / "tower_a.py")
+    relay = next(t for t in found if t.role == "relay")
+    monitor = next(t for t in found if t.role == "monitor")
+    assert relay.address == "10.0.1.10" and all(p.src == "10.0.1.10" for p in relay.probes)
+    cmd = relay.runner.command()  # type: ignore[attr-defined]
+    assert cmd[-2] == "relay-a.mgmt.example.net" and cmd[cmd.index("-p") + 1] == "2222"
+    assert monitor.runner.command()[-2] == "monitor-a.mgmt.example.net"  # type: ignore[attr-defined]
+    assert monitor.address == "10.0.1.11" and monitor.probes
 
 
 def test_the_real_script_on_this_machine() -> None:

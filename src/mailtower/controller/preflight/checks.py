@@ -274,8 +274,9 @@ def check_host(target: HostCheck, timeout: float = 60) -> list[FailedCheck]:
                 f"{target.address} ({target.role})",
                 "ssh",
                 f"cannot log in as the deploy does: {detail} (its other checks not run)",
-                "check the address, that sshd runs, and the key: the inventory's ssh_key or "
-                "one in the SSH agent (ssh-add), authorised for the inventory's ssh_user",
+                "check the inventory's host name (or its ssh_hostname, ssh_port), that sshd"
+                " runs, and the key: the inventory's ssh_key or one in the SSH agent (ssh-add),"
+                " authorised for the inventory's ssh_user",
             )
         ]
     facts, outcomes, resolved = parse(ran.out)

@@ -30,33 +30,45 @@ class ScriptRunner(Protocol):
 
 @dataclass(frozen=True)
 class SshRunner:
-    """A host as the inventory gives it: its user, key (else the SSH agent) and known_hosts
-    file (else the user's, a new host's key accepted on first contact, as pyinfra does)."""
+    """A host reached exactly as pyinfra's SSH connector reaches it: its inventory name (or
+    data ssh_hostname), ssh_port, ssh_user (else ssh's own default, as pyinfra's), ssh_key
+    (else the SSH agent), ssh_known_hosts_file and ssh_strict_host_key_checking (pyinfra's
+    default: accept-new)."""
 
     where: str
-    user: str = "root"
+    user: str | None = None
     key: str | None = None
     known_hosts: str | None = None
+    port: int | None = None
+    strict: str = "accept-new"
 
     @classmethod
-    def of(cls, address: str, data: dict) -> SshRunner:
+    def of(cls, name: str, data: dict) -> SshRunner:
+        """``name``: the host's inventory name (not its tower-network address)."""
+        port = data.get("ssh_port")
         return cls(
-            address,
-            str(data.get("ssh_user", "root")),
-            data.get("ssh_key"),
-            data.get("ssh_known_hosts_file"),
+            str(data.get("ssh_hostname") or name),
+            str(data["ssh_user"]) if data.get("ssh_user") else None,
+            data.get("ssh_key") or None,
+            data.get("ssh_known_hosts_file") or None,
+            int(port) if port else None,
+            str(data.get("ssh_strict_host_key_checking") or "accept-new"),
         )
 
     def command(self) -> list[str]:
         args = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
         if self.key:
-            args += ["-i", self.key]
+            args += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
+        if self.port:
+            args += ["-p", str(self.port)]
+        if self.user:
+            args += ["-l", self.user]
         if self.known_hosts:
             args += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
-            args += ["-o", "StrictHostKeyChecking=yes"]
-        else:
-            args += ["-o", "StrictHostKeyChecking=accept-new"]
-        return [*args, f"{self.user}@{self.where}", "bash -s"]
+        # pyinfra's values: yes, no, off (as no), accept-new
+        strict = {"off": "no"}.get(self.strict, self.strict)
+        args += ["-o", f"StrictHostKeyChecking={strict}"]
+        return [*args, "--", self.where, "bash -s"]
 
     def run(self, script: str, timeout: float) -> Ran:
         try:

@@ -16,12 +16,14 @@ from mailtower.controller.preflight.sizing import SIZING, size_of
 from mailtower.errors import SettingsError
 from mailtower.settings import GocSettings, validate
 
-# How a host is reached (address, its inventory data): SshRunner.of unless a test says.
+# How a host is reached (its inventory name, its data): SshRunner.of unless a test says.
 Maker = Callable[[str, dict], ScriptRunner]
 
 
 def _runner(host: inventory_mod.InventoryHost, make: Maker | None = None) -> ScriptRunner:
-    return (make or SshRunner.of)(host.address, host.data)
+    """SSH as the deploy (pyinfra) logs in: by the host's name, not its ``address`` (which
+    only the probes use)."""
+    return (make or SshRunner.of)(host.name, host.data)
 
 
 def _sizing(host: inventory_mod.InventoryHost, path: Path) -> str:
