@@ -218,15 +218,12 @@ def test_hosts_are_checked_in_parallel(inventories) -> None:
 
 
 def test_mx_names_resolving_elsewhere_fail_and_unpublished_ones_are_noted() -> None:
-    class Resolver:
-        where = "controller"
-
-        def run(self, script: str, timeout: float) -> Ran:
-            return Ran(0, "mx.tower-a.example.net 192.0.2.99\n")
+    def resolve(names):
+        return {"mx.tower-a.example.net": {"192.0.2.99"}}
 
     found, notes = checks.check_mx_names(
         {"mx.tower-a.example.net": "10.0.1.10", "mx.tower-b.example.net": "10.0.2.10"},
-        Resolver(),
+        resolve,
     )
     assert [f.line() for f in found] == [
         "controller: dns: MX name mx.tower-a.example.net resolves to 192.0.2.99, not the relay"
@@ -236,6 +233,18 @@ def test_mx_names_resolving_elsewhere_fail_and_unpublished_ones_are_noted() -> N
     assert notes == [
         "mx.tower-b.example.net does not resolve yet: `invoke dns` publishes it (A 10.0.2.10)"
     ]
+
+
+def test_mx_names_are_looked_up_without_a_shell(tmp_path, monkeypatch) -> None:
+    """A name with a quote is a name to look up, never a command on the controller."""
+    monkeypatch.chdir(tmp_path)
+    evil = "mx'; touch pwned; '.example.net"
+    found, notes = checks.check_mx_names({evil: "10.0.1.10", "localhost": "127.0.0.1"})
+    assert not (tmp_path / "pwned").exists()
+    assert found == [] and notes == [
+        f"{evil} does not resolve yet: `invoke dns` publishes it (A 10.0.1.10)"
+    ]
+    assert checks.resolve_ipv4(["localhost"])["localhost"] >= {"127.0.0.1"}
 
 
 def test_the_goc_is_checked_with_its_paths_and_its_way_out(inventories) -> None:

@@ -11,6 +11,8 @@ failure is one line naming the host, the check and the fix.
 from __future__ import annotations
 
 import shlex
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from mailtower.controller.preflight.ports import Probe
-from mailtower.controller.preflight.runner import SSH_FAILED, LocalRunner, ScriptRunner
+from mailtower.controller.preflight.runner import SSH_FAILED, ScriptRunner
 from mailtower.controller.preflight.sizing import DISK_PATH, TOLERANCE, Size
 
 CONNECT_TIMEOUT_S = 3  # a path that does not answer within this is filtered
@@ -288,22 +290,35 @@ def check_host(target: HostCheck, timeout: float = 60) -> list[FailedCheck]:
     ]
 
 
+def resolve_ipv4(names: Iterable[str], timeout: float = 5) -> dict[str, set[str]]:
+    """Each name's IPv4 addresses as this machine's resolver gives them (no shell: a name is
+    never a command), all looked up at once; a name without an answer within ``timeout``
+    (or with none) is left out."""
+    found: dict[str, set[str]] = {}
+
+    def look(name: str) -> None:
+        try:
+            infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return
+        found[name] = {str(info[4][0]) for info in infos}
+
+    threads = [threading.Thread(target=look, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return dict(found)
+
+
 def check_mx_names(
-    names: dict[str, str], runner: ScriptRunner | None = None
+    names: dict[str, str], resolve: Callable[[Iterable[str]], dict[str, set[str]]] | None = None
 ) -> tuple[list[FailedCheck], list[str]]:
     """Each relay's MX name as the world resolves it (here, on the controller): a name that
     resolves elsewhere is a failure; one not yet published is a note (``invoke dns`` publishes
     it after the deploy)."""
-    where: ScriptRunner = runner or LocalRunner()
-    lines = [
-        f"timeout 5 getent ahostsv4 {shlex.quote(n)} | awk '{{print \"{n} \" $1}}' | sort -u"
-        for n in names
-    ]
-    ran = where.run("\n".join(lines) + "\n", 30)
-    seen: dict[str, set[str]] = {}
-    for line in ran.out.splitlines():
-        name, _, ip = line.partition(" ")
-        seen.setdefault(name, set()).add(ip.strip())
+    seen = (resolve or resolve_ipv4)(list(names))
     findings, notes = [], []
     for name, relay in names.items():
         if name not in seen:
@@ -311,7 +326,7 @@ def check_mx_names(
         elif relay not in seen[name]:
             findings.append(
                 FailedCheck(
-                    where.where,
+                    "controller",
                     "dns",
                     f"MX name {name} resolves to {', '.join(sorted(seen[name]))},"
                     f" not the relay {relay}",
@@ -326,7 +341,7 @@ def run_all(
     *,
     mx_names: dict[str, str] | None = None,
     workers: int = 32,
-    mx_runner: ScriptRunner | None = None,
+    mx_resolve: Callable[[Iterable[str]], dict[str, set[str]]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PreflightReport:
     """Every check of every host, hosts in parallel; nothing stops at the first failure."""
@@ -335,7 +350,7 @@ def run_all(
     findings: list[FailedCheck] = []
     notes: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(targets) or 1))) as pool:
-        mx = pool.submit(check_mx_names, mx_names, mx_runner) if mx_names else None
+        mx = pool.submit(check_mx_names, mx_names, mx_resolve) if mx_names else None
         for result in pool.map(check_host, targets):
             findings += result
         if mx is not None:
