@@ -37,6 +37,7 @@ class FakeHost:
     filtered: set[tuple[str, int]] = field(default_factory=set)
     names: dict[str, str] = field(default_factory=dict)
     ssh_error: str | None = None
+    way_out: str = "open"  # the way-out connect's outcome
     delay_s: float = 0.0
     scripts: list[str] = field(default_factory=list)
 
@@ -64,7 +65,7 @@ class FakeHost:
             name = re.search(r"getent ahostsv4 (\S+)\s*\|", script.split("wayout()")[1])
             ip = self.names.get(name.group(1) if name else "", "")
             if ip:
-                out.append(f"wayout {ip} {m.group(1)} refused")
+                out.append(f"wayout {ip} {m.group(1)} {self.way_out}")
         return Ran(0, "\n".join(out) + "\n")
 
 
@@ -275,6 +276,11 @@ def test_the_goc_is_checked_with_its_paths_and_its_way_out(inventories) -> None:
     found = targets.goc_targets(inventories / "p1_goc.py", make)
     found[0].runner.names["database.clamav.net"] = "104.16.218.84"  # type: ignore[attr-defined]
     assert lines(run_all(found)) == []
+    found[0].runner.way_out = "refused"  # type: ignore[attr-defined]  # a firewall's REJECT
+    assert lines(run_all(found)) == [
+        "10.0.9.10 (goc): way out: https://database.clamav.net: TCP 443 refused; fix: let this"
+        " host resolve database.clamav.net and open TCP 443 out to it (the ClamAV mirror)"
+    ]
 
 
 def test_ssh_reaches_hosts_as_the_deploy_does() -> None:

@@ -259,7 +259,7 @@ def judge_way_out(
         (o for (ip, p), o in outcomes.items() if ip.startswith("wayout:") and p == port),
         "not tried",
     )
-    if outcome in ("open", "refused"):
+    if outcome == "open":  # a real connect: a refusal is a firewall's reject, not a way out
         return []
     return [FailedCheck(host, "way out", f"{target.way_out}: TCP {port} {outcome}", fix)]
 
