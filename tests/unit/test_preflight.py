@@ -374,3 +374,16 @@ def test_the_guide_shows_the_sizing_table_and_port_matrix_the_code_checks() -> N
     doc = (Path(__file__).resolve().parents[2] / "docs" / "first-real-pair.md").read_text()
     assert sizing.markdown_table() in doc and ports.markdown_matrix() in doc
     assert with_tables(doc) == doc  # nothing else between the markers
+
+
+def test_an_inventory_that_fails_to_load_or_is_no_towers_is_a_preflight_error(
+    inventories, tmp_path
+) -> None:
+    from mailtower.controller.errors import PreflightError
+    from mailtower.controller.preflight import preflight
+
+    (tmp_path / "typo.py").write_text("relay = [undefined_name]\n")
+    with pytest.raises(PreflightError, match=r"typo\.py: the inventory fails to load.*fix: --tower"):
+        preflight([tmp_path / "typo.py"])
+    with pytest.raises(PreflightError, match=r"pair_p1\.py: neither a tower's inventory"):
+        preflight([inventories / "pair_p1.py"])

@@ -63,7 +63,10 @@ def tower_targets(path: Path, make: Maker | None = None) -> tuple[list[HostCheck
 
 def goc_targets(path: Path, make: Maker | None = None) -> list[HostCheck]:
     """The GOC and its backup repository host."""
-    inv = inventory_mod.load(path)
+    try:
+        inv = inventory_mod.load(path)
+    except SettingsError as exc:
+        raise PreflightError(str(exc)) from exc
     hosts = inv.groups.get("goc") or []
     if not hosts:
         raise PreflightError(f"{path}: no host in group goc")
@@ -106,9 +109,21 @@ def targets_of(
     targets: list[HostCheck] = []
     mx: dict[str, str] = {}
     for path in paths:
-        inv = inventory_mod.load(path)
+        try:
+            inv = inventory_mod.load(path)
+        except SettingsError as exc:
+            raise PreflightError(
+                f"{exc}; fix: --tower names inventory/<tower>.py (dashes as underscores), a"
+                " tower's or a GOC's inventory that loads (`mailtower init` writes them)"
+            ) from exc
         if inv.groups.get("goc"):
             targets += goc_targets(path, make)
+        elif not any(inv.groups.get(g) for g in inventory_mod.TOWER_GROUPS):
+            raise PreflightError(
+                f"{path}: neither a tower's inventory (groups"
+                f" {', '.join(inventory_mod.TOWER_GROUPS)}) nor a GOC's (group goc); fix: give"
+                " --tower a tower's or a GOC's name"
+            )
         else:
             more, names = tower_targets(path, make)
             targets += more
