@@ -128,18 +128,31 @@ def _pyinfra(c, inv: Path, script: str, what: str, extra: str = "") -> None:
     _say(f"deployed {what} in {elapsed:.0f} s")
 
 
-def _preflight_plan(tower: str) -> tuple[list[Path], set[str]]:
-    """The inventories a deploy of ``tower`` touches, and the checks that cannot pass there."""
+def _preflight_plan(tower: str) -> tuple[list[Path], set[str], set[str] | None]:
+    """The inventories a deploy of ``tower`` touches, the checks that cannot pass there, and
+    the towers whose SQL the lab GOC probes (None: all it lists)."""
     towers = _lab_towers(tower)
     if not towers:
-        return [inventory_path(tower)], set()
-    from mailtower.controller.lab import lxc
+        return [inventory_path(tower)], set(), None
+    from mailtower.controller.lab import lxc, plan
 
     paths = [inventory_path("lab-goc")] + [inventory_path(f"lab-{t}") for t in towers]
     # The lab GOC's stand-in ClamAV upstream lives on the twin lab's DNS host: a lab-a alone
     # has none (its GOC records upstream errors, docs/runbook.md).
     twin = (lxc.LXC_DIR / "mt-dns" / "config").exists()
-    return paths, set() if twin else {"way out"}
+    # The GOC's data lists both lab towers; it probes the SQL of those deployed now and of
+    # those whose containers exist (lab-a alone: no lab-b hosts to reach).
+    built = {
+        t
+        for t in plan.TOWER_NETS
+        if all(
+            (lxc.LXC_DIR / h.name / "config").exists()
+            for h in plan.tower_hosts(t, 0)
+            if h.group == "sql"
+        )
+    }
+    goc_towers = {f"lab-{t}" for t in set(towers) | built}
+    return paths, set() if twin else {"way out"}, goc_towers
 
 
 def run_preflight(tower: str) -> None:
@@ -147,10 +160,10 @@ def run_preflight(tower: str) -> None:
     from mailtower.controller.errors import PreflightError
     from mailtower.controller.preflight import preflight as check
 
-    paths, skip = _preflight_plan(tower)
+    paths, skip, goc_towers = _preflight_plan(tower)
     _say(f"preflight {tower}: {', '.join(str(p.relative_to(ROOT)) for p in paths)}")
     try:
-        report = check(paths, skip=skip)
+        report = check(paths, skip=skip, goc_towers=goc_towers)
     except PreflightError as exc:
         raise Exit(f"preflight {tower}: {exc}", code=2) from exc
     for note in report.notes:

@@ -387,3 +387,33 @@ def test_an_inventory_that_fails_to_load_or_is_no_towers_is_a_preflight_error(
         preflight([tmp_path / "typo.py"])
     with pytest.raises(PreflightError, match=r"pair_p1\.py: neither a tower's inventory"):
         preflight([inventories / "pair_p1.py"])
+
+
+def test_a_lab_of_tower_a_alone_probes_only_its_towers_sql_from_the_goc(
+    tmp_path, monkeypatch
+) -> None:
+    """`invoke deploy --tower lab-a` on a lab without lab-b: the GOC's data lists both lab
+    towers, but only tower a's SQL (and any tower whose containers exist) is probed."""
+    import tasks
+    from mailtower.controller.lab import lxc
+
+    monkeypatch.setattr(lxc, "LXC_DIR", tmp_path / "lxc")
+    paths, skip, goc_towers = tasks._preflight_plan("lab-a")
+    assert [p.name for p in paths] == ["lab_goc.py", "lab_a.py"] and skip == {"way out"}
+    assert goc_towers == {"lab-a"}
+    for name in ("mt-b-sql1", "mt-b-sql2"):  # lab-b's SQL containers built
+        (tmp_path / "lxc" / name).mkdir(parents=True)
+        (tmp_path / "lxc" / name / "config").write_text("")
+    assert tasks._preflight_plan("lab-a")[2] == {"lab-a", "lab-b"}
+    assert tasks._preflight_plan("lab")[2] == {"lab-a", "lab-b"}
+
+
+def test_the_goc_probes_only_the_towers_it_is_told(inventories) -> None:
+    found = targets.goc_targets(
+        inventories / "p1_goc.py", lambda a, d: FakeHost(a), towers={"tower-a"}
+    )
+    assert {(p.dst, p.port) for p in found[0].probes} == {
+        ("10.0.1.12", 5432),
+        ("10.0.1.13", 5432),
+        ("10.0.9.11", 8432),
+    }

@@ -29,11 +29,13 @@ def preflight(
     *,
     skip: Iterable[str] = (),
     progress: Callable[[str], None] | None = None,
+    goc_towers: Iterable[str] | None = None,
 ) -> PreflightReport:
     """Check every host of these inventories; ``skip``: check names not to run (e.g. "way
-    out")."""
+    out"); ``goc_towers``: the towers whose SQL a GOC probes (None: every tower it lists)."""
     skipped = set(skip)
-    targets, mx = targets_of(list(paths))
+    towers = None if goc_towers is None else set(goc_towers)
+    targets, mx = targets_of(list(paths), goc_towers=towers)
     if WAY_OUT in skipped:
         targets = [dataclasses.replace(t, way_out=None) for t in targets]
     report = run_all(targets, mx_names=mx if "dns" not in skipped else None, progress=progress)

@@ -61,8 +61,11 @@ def tower_targets(path: Path, make: Maker | None = None) -> tuple[list[HostCheck
     return targets, {s.hostname: str(s.hosts.relay)}
 
 
-def goc_targets(path: Path, make: Maker | None = None) -> list[HostCheck]:
-    """The GOC and its backup repository host."""
+def goc_targets(
+    path: Path, make: Maker | None = None, towers: set[str] | None = None
+) -> list[HostCheck]:
+    """The GOC and its backup repository host; ``towers``: the towers whose SQL it probes
+    (None: every tower of its data; a lab of one tower has no other's hosts)."""
     try:
         inv = inventory_mod.load(path)
     except SettingsError as exc:
@@ -76,6 +79,8 @@ def goc_targets(path: Path, make: Maker | None = None) -> list[HostCheck]:
         g = validate(GocSettings, data, f"{path}: 'goc' data")
     except SettingsError as exc:
         raise PreflightError(str(exc)) from exc
+    if towers is not None:
+        g = g.model_copy(update={"towers": [t for t in g.towers if t.name in towers]})
     backups = inv.groups.get("goc_backup", [])
     backup = backups[0].address if backups else None
     probes = ports.goc_probes(g, goc_host.address, backup)
@@ -103,9 +108,10 @@ def goc_targets(path: Path, make: Maker | None = None) -> list[HostCheck]:
 
 
 def targets_of(
-    paths: list[Path], make: Maker | None = None
+    paths: list[Path], make: Maker | None = None, goc_towers: set[str] | None = None
 ) -> tuple[list[HostCheck], dict[str, str]]:
-    """Every host of these inventories (towers and GOCs), and the relays' MX names."""
+    """Every host of these inventories (towers and GOCs), and the relays' MX names;
+    ``goc_towers``: the towers a GOC's probes reach (None: all of its data's)."""
     targets: list[HostCheck] = []
     mx: dict[str, str] = {}
     for path in paths:
@@ -117,7 +123,7 @@ def targets_of(
                 " tower's or a GOC's inventory that loads (`mailtower init` writes them)"
             ) from exc
         if inv.groups.get("goc"):
-            targets += goc_targets(path, make)
+            targets += goc_targets(path, make, goc_towers)
         elif not any(inv.groups.get(g) for g in inventory_mod.TOWER_GROUPS):
             raise PreflightError(
                 f"{path}: neither a tower's inventory (groups"
