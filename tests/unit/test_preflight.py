@@ -38,6 +38,8 @@ class FakeHost:
     names: dict[str, str] = field(default_factory=dict)
     ssh_error: str | None = None
     way_out: str = "open"  # the way-out connect's outcome
+    rejected: set[tuple[str, int]] = field(default_factory=set)  # refused even when listened
+    listener: str = "ok"  # what starting a listener here answers (ok, none WHY, error ERRNO)
     delay_s: float = 0.0
     scripts: list[str] = field(default_factory=list)
 
@@ -47,6 +49,16 @@ class FakeHost:
             time.sleep(self.delay_s)
         if self.ssh_error:
             return Ran(255, "", f"ssh: connect to host {self.where} port 22: {self.ssh_error}\n")
+        if "listen()" in script:  # listeners for paths refused to this host
+            ports = re.findall(r"^listen \S+ (\d+) &$", script, re.M)
+            return Ran(0, "".join(f"listen {port} {self.listener}\n" for port in ports))
+        if "os-release" not in script:  # second connects, the listeners there
+            again = []
+            for ip, port in re.findall(r"^probe (\S+) (\d+) &$", script, re.M):
+                key = (ip, int(port))
+                state = "timeout" if key in self.filtered else "open"
+                again.append(f"probe {ip} {port} {'refused' if key in self.rejected else state}")
+            return Ran(0, "".join(f"{line}\n" for line in again))
         out = [
             f"os={self.os}",
             f"cpus={self.cpus}",
@@ -148,7 +160,19 @@ def test_too_little_ram_a_closed_port_and_an_ssh_failure_each_named_with_a_fix(
         " give the host more RAM (docs/first-real-pair.md, sizing)",
     ]
     # every other host was still checked: all checks run, none stops at the first failure
-    assert all(len(f.scripts) == 1 for f in fakes.values())
+    assert all("os-release" in f.scripts[0] for f in fakes.values())
+    # sql2's SSH failed: paths to it are unverified; the GOC's hosts are not checked here
+    to_sql2 = [p for t in found if t.address != "10.0.1.13" for p in t.probes]
+    assert [n for n in report.notes if "TCP 10.0.1.13:" in n] == [
+        checks._unverified(p, "no listener could be started on 10.0.1.13: its SSH failed")
+        for p in to_sql2
+        if p.dst == "10.0.1.13"
+    ]
+    assert {n.split(" ")[2].split(":")[0] for n in report.notes} == {
+        "10.0.1.13",
+        "10.0.9.10",
+        "10.0.9.11",
+    }
 
 
 @pytest.mark.parametrize(
@@ -335,14 +359,16 @@ def test_the_preflight_logs_in_by_the_hosts_name_and_probes_its_address(
 
 def test_the_real_script_on_this_machine() -> None:
     """The checks as they run on a host, here: facts read, a listening port open, a closed one
-    refused (both an open path), a name resolved."""
+    refused and then proved open by a listener the host starts there, a name resolved."""
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     listening.listen()
     closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # a free port: nothing listens there, refused
     try:
-        open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
+        open_port = listening.getsockname()[1]
         target = HostCheck(
             "127.0.0.1",
             "relay",
@@ -359,13 +385,37 @@ def test_the_real_script_on_this_machine() -> None:
         found = check_host(target)
     finally:
         listening.close()
-        closed.close()
     assert int(facts["cpus"]) >= 1 and int(facts["mem_kib"]) > 0 and int(facts["disk_kib"]) > 0
     assert outcomes == {("127.0.0.1", open_port): "open", ("127.0.0.1", closed_port): "refused"}
     assert "127.0.0.1" in resolved["localhost"]
     os_release = Path("/etc/os-release").read_text()
     debian_12 = "ID=debian" in os_release and 'VERSION_ID="12"' in os_release
     assert {f.check for f in found} - {"clock"} == (set() if debian_12 else {"debian"})
+
+
+def test_the_real_listener_and_second_connect_on_this_machine() -> None:
+    """A refused path proved here: the listener binds the port (python3), the second connect
+    opens it; a port a program already holds cannot be listened on."""
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        out = LocalRunner().run(
+            checks.listener_script("127.0.0.1", [port, held.getsockname()[1]]), 10
+        )
+        assert checks.parse_listeners(out.out) == {
+            port: ("ok", ""),
+            held.getsockname()[1]: ("error", "EADDRINUSE"),
+        }
+        probe = ports.Probe("127.0.0.1", "127.0.0.1", port, "a path")
+        again = LocalRunner().run(checks.reprobe_script([probe]), 10)
+        assert checks.parse(again.out)[1] == {("127.0.0.1", port): "open"}
+    finally:
+        held.close()
 
 
 def test_the_guide_shows_the_sizing_table_and_port_matrix_the_code_checks() -> None:
@@ -383,7 +433,9 @@ def test_an_inventory_that_fails_to_load_or_is_no_towers_is_a_preflight_error(
     from mailtower.controller.preflight import preflight
 
     (tmp_path / "typo.py").write_text("relay = [undefined_name]\n")
-    with pytest.raises(PreflightError, match=r"typo\.py: the inventory fails to load.*fix: --tower"):
+    with pytest.raises(
+        PreflightError, match=r"typo\.py: the inventory fails to load.*fix: --tower"
+    ):
         preflight([tmp_path / "typo.py"])
     with pytest.raises(PreflightError, match=r"pair_p1\.py: neither a tower's inventory"):
         preflight([inventories / "pair_p1.py"])
@@ -417,3 +469,62 @@ def test_the_goc_probes_only_the_towers_it_is_told(inventories) -> None:
         ("10.0.1.13", 5432),
         ("10.0.9.11", 8432),
     }
+
+
+def test_a_refused_path_is_proved_by_a_listener_at_its_destination(inventories) -> None:
+    """Before the first deploy nothing listens: every path is refused, each destination starts
+    a listener (one SSH session), each source connects again (one more)."""
+    found, fakes = _targets(inventories)
+    report = run_all(found)
+    assert lines(report) == []
+    scanner = fakes["10.0.1.117"]
+    assert [s for s in scanner.scripts if "listen()" in s]  # listened for the relay's connect
+    assert len(scanner.scripts) == 3  # its checks, its listeners, its own second connects
+    # the GOC is not checked with tower A: its paths are unverified notes, not passes
+    assert any(n.startswith("unverified: TCP 10.0.9.10:") for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("change", "line", "note"),
+    [
+        (  # a firewall that REJECTs: refused even with a listener there
+            lambda f: f["10.0.1.10"].rejected.add(("10.0.1.117", 10024)),
+            "10.0.1.10 (relay): port: TCP 10.0.1.117:10024 (the scan hop: HAProxy to scand)"
+            " refused even with a listener on 10.0.1.117:10024: a firewall rejects it; fix:"
+            " open TCP 10024 from 10.0.1.10 to 10.0.1.117 in every firewall between them",
+            None,
+        ),
+        (  # something listens, yet the connect is refused: rejected on the way
+            lambda f: setattr(f["10.0.1.117"], "listener", "error EADDRINUSE"),
+            "10.0.1.10 (relay): port: TCP 10.0.1.117:10024 (the scan hop: HAProxy to scand)"
+            " refused, while a program listens on 10.0.1.117:10024: a firewall rejects it;"
+            " fix: open TCP 10024 from 10.0.1.10 to 10.0.1.117 in every firewall between them",
+            None,
+        ),
+        (  # no python3 there: unverified, named, neither a pass nor a failure
+            lambda f: setattr(f["10.0.1.117"], "listener", "none no python3"),
+            None,
+            "unverified: TCP 10.0.1.117:10024 from 10.0.1.10 (the scan hop: HAProxy to scand):"
+            " refused, and no listener could be started on 10.0.1.117: no python3; it is open"
+            " unless a firewall rejects it (check once the deploy has started its service)",
+        ),
+        (  # the second connect times out: filtered
+            lambda f: f["10.0.1.10"].filtered.add(("10.0.1.117", 10024)),
+            "10.0.1.10 (relay): port: TCP 10.0.1.117:10024 (the scan hop: HAProxy to scand)"
+            " timed out (filtered); fix: open TCP 10024 from 10.0.1.10 to 10.0.1.117 in every"
+            " firewall between them",
+            None,
+        ),
+    ],
+)
+def test_a_refused_path_fails_or_is_unverified_with_its_reason(
+    inventories, change, line, note
+) -> None:
+    found, fakes = _targets(inventories)
+    change(fakes)
+    report = run_all(found)
+    if line is not None:
+        assert line in lines(report)
+        assert all("10.0.1.117" in x for x in lines(report))
+    if note is not None:
+        assert note in report.notes and [x for x in lines(report) if "10.0.1.117" in x] == []

@@ -2,10 +2,14 @@
 
 One script per host, over the SSH the deploy uses, gathers its facts (Debian version, CPUs,
 RAM, the /var filesystem, clock discipline) and makes every TCP connect the design needs from
-it (bash's /dev/tcp under ``timeout``: on a minimal Debian); hosts run in parallel. A refused
-connection is an open path (nothing listens before the first deploy, and the towers' own
-firewalls answer with a reset), a timeout or "no route" is a closed one. Every check runs; each
-failure is one line naming the host, the check and the fix.
+it (bash's /dev/tcp under ``timeout``: on a minimal Debian); hosts run in parallel. A connect
+that succeeds is an open path; a timeout or "no route" is a closed one. A refused connect is
+either nothing listening (before the first deploy) or a firewall that rejects: the destination
+then starts a short-lived listener on that address and port (python3, over the same SSH) and the
+source connects again, which must succeed. Where no listener can be started (no python3, the
+destination not among the hosts checked, the port not bindable) the path is "unverified": a
+note naming host, port and why, neither a pass nor a failure. Every check runs; each failure is
+one line naming the host, the check and the fix.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from mailtower.controller.preflight.ports import Probe
-from mailtower.controller.preflight.runner import SSH_FAILED, ScriptRunner
+from mailtower.controller.preflight.runner import SSH_FAILED, Ran, ScriptRunner
 from mailtower.controller.preflight.sizing import DISK_PATH, TOLERANCE, Size
 
 CONNECT_TIMEOUT_S = 3  # a path that does not answer within this is filtered
+# A listener for a refused path lives this long: its start, and the source's second connect
+# (one SSH session each, all hosts at once), fit well inside it.
+LISTENER_S = 30
+LISTEN_PHASE_S = 10  # the destinations' listener sessions, all at once
+REPROBE_PHASE_S = 15  # the sources' second connects, all at once
 CLOCK_SLACK_S = 1.0  # a container's clock (its host's) may differ from ours by this
 
 
@@ -68,6 +77,16 @@ class PreflightReport:
 
 # --- the script -------------------------------------------------------------------------------
 
+_PROBE = f"""probe() {{
+  local err rc
+  err=$(timeout {CONNECT_TIMEOUT_S} bash -c "exec 3<>/dev/tcp/$1/$2" 2>&1); rc=$?
+  if [ $rc = 0 ]; then echo "probe $1 $2 open"
+  elif [ $rc = 124 ]; then echo "probe $1 $2 timeout"
+  elif echo "$err" | grep -qi refused; then echo "probe $1 $2 refused"
+  else echo "probe $1 $2 error ${{err##*: }}"; fi
+}}
+"""
+
 _FACTS = f"""set +e
 . /etc/os-release 2>/dev/null
 echo "os=$ID $VERSION_ID"
@@ -79,14 +98,6 @@ command -v chronyc >/dev/null &&
   chronyc -n tracking 2>/dev/null | sed -n 's/^Leap status *: */chrony=/p'
 echo "virt=$(systemd-detect-virt --container 2>/dev/null || echo none)"
 echo "now=$(date +%s.%N)"
-probe() {{
-  local err rc
-  err=$(timeout {CONNECT_TIMEOUT_S} bash -c "exec 3<>/dev/tcp/$1/$2" 2>&1); rc=$?
-  if [ $rc = 0 ]; then echo "probe $1 $2 open"
-  elif [ $rc = 124 ]; then echo "probe $1 $2 timeout"
-  elif echo "$err" | grep -qi refused; then echo "probe $1 $2 refused"
-  else echo "probe $1 $2 error ${{err##*: }}"; fi
-}}
 resolve() {{
   echo "resolve $1 $(timeout 5 getent ahostsv4 "$1" | awk '{{print $1}}' | sort -u | tr '\\n' ' ')"
 }}
@@ -95,7 +106,7 @@ resolve() {{
 
 def script(target: HostCheck) -> str:
     """The one script the target runs: facts, then its probes and look-ups in parallel."""
-    lines = [_FACTS]
+    lines = [_FACTS + _PROBE]
     lines += [f"probe {p.dst} {p.port} &" for p in target.probes]
     names = list(target.resolve)
     way = _split_url(target.way_out) if target.way_out else None
@@ -110,6 +121,61 @@ def script(target: HostCheck) -> str:
         )
     lines.append("wait")
     return "\n".join(lines) + "\n"
+
+
+# The short-lived listener a destination starts for a refused path: bound to the address and
+# port the source connects to, accepting (and closing) until ``timeout`` ends it.
+_LISTENER_PY = """import errno, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.listen(64)
+except OSError as e:
+    print("error", errno.errorcode.get(e.errno, e.errno), flush=True)
+    sys.exit(1)
+print("ok", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+_LISTEN = f"""listen() {{
+  if ! command -v python3 >/dev/null 2>&1; then echo "listen $2 none no python3"; return; fi
+  local f i got
+  f=$(mktemp) || {{ echo "listen $2 none no temporary file"; return; }}
+  nohup timeout {LISTENER_S} python3 -c "$prog" "$1" "$2" >"$f" 2>&1 </dev/null &
+  for i in $(seq 30); do [ -s "$f" ] && break; sleep 0.1; done
+  got=$(head -n 1 "$f"); rm -f "$f"
+  echo "listen $2 ${{got:-none python3 gave no answer}}"
+}}
+"""
+
+
+def listener_script(address: str, ports: Iterable[int]) -> str:
+    """Listeners on ``address`` (this host's), one per port, each for LISTENER_S seconds;
+    prints ``listen PORT ok``, ``listen PORT error ERRNO`` or ``listen PORT none WHY``."""
+    lines = ["set +e", f"prog={shlex.quote(_LISTENER_PY)}", _LISTEN]
+    lines += [f"listen {shlex.quote(address)} {int(port)} &" for port in sorted(set(ports))]
+    lines.append("wait")
+    return "\n".join(lines) + "\n"
+
+
+def reprobe_script(probes: Iterable[Probe]) -> str:
+    """The second connects of refused paths, in parallel."""
+    lines = ["set +e", _PROBE]
+    lines += [f"probe {shlex.quote(p.dst)} {int(p.port)} &" for p in probes]
+    lines.append("wait")
+    return "\n".join(lines) + "\n"
+
+
+def parse_listeners(out: str) -> dict[int, tuple[str, str]]:
+    """port → (ok | error | none, what) from listener_script's output."""
+    found: dict[int, tuple[str, str]] = {}
+    for line in out.splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) >= 3 and parts[0] == "listen" and parts[1].isdigit():
+            found[int(parts[1])] = (parts[2], parts[3] if len(parts) > 3 else "")
+    return found
 
 
 def _split_url(url: str) -> tuple[str, int]:
@@ -213,22 +279,38 @@ def _clock(
     return [FailedCheck(host, "clock", f"not synchronised ({seen})", fix)]
 
 
-def judge_paths(target: HostCheck, outcomes: dict[tuple[str, int], str]) -> list[FailedCheck]:
-    out = []
+def judge_paths(
+    target: HostCheck, outcomes: dict[tuple[str, int], str]
+) -> tuple[list[FailedCheck], list[Probe]]:
+    """The first connects: failures (timeout, no route, …) and the refused paths, which a
+    listener at their destination must prove (see run_all); an open one passes."""
+    out, refused = [], []
     for p in target.probes:
         outcome = outcomes.get((p.dst, p.port), "not tried")
-        if outcome in ("open", "refused"):
+        if outcome == "open":
+            continue
+        if outcome == "refused":
+            refused.append(p)
             continue
         what = "timed out (filtered)" if outcome == "timeout" else outcome
-        out.append(
-            FailedCheck(
-                f"{target.address} ({target.role})",
-                "port",
-                f"TCP {p.dst}:{p.port} ({p.why}) {what}",
-                f"open TCP {p.port} from {p.src} to {p.dst} in every firewall between them",
-            )
-        )
-    return out
+        out.append(_path_failure(target, p, what))
+    return out, refused
+
+
+def _path_failure(target: HostCheck, p: Probe, what: str) -> FailedCheck:
+    return FailedCheck(
+        f"{target.address} ({target.role})",
+        "port",
+        f"TCP {p.dst}:{p.port} ({p.why}) {what}",
+        f"open TCP {p.port} from {p.src} to {p.dst} in every firewall between them",
+    )
+
+
+def _unverified(p: Probe, why: str) -> str:
+    return (
+        f"unverified: TCP {p.dst}:{p.port} from {p.src} ({p.why}): refused, and {why}; it is"
+        " open unless a firewall rejects it (check once the deploy has started its service)"
+    )
 
 
 def judge_names(target: HostCheck, resolved: dict[str, list[str]]) -> list[FailedCheck]:
@@ -264,30 +346,127 @@ def judge_way_out(
     return [FailedCheck(host, "way out", f"{target.way_out}: TCP {port} {outcome}", fix)]
 
 
-def check_host(target: HostCheck, timeout: float = 60) -> list[FailedCheck]:
-    """Every check of one host, from one script run over its runner."""
+@dataclass
+class _FirstPass:
+    """One host's script: its findings, and the refused paths still to prove (None: SSH
+    failed, nothing else known)."""
+
+    target: HostCheck
+    findings: list[FailedCheck]
+    refused: list[Probe] | None
+
+
+def _first_pass(target: HostCheck, timeout: float = 60) -> _FirstPass:
     sent_at = time.time()
     ran = target.runner.run(script(target), timeout)
     answered_at = time.time()
     if ran.rc == SSH_FAILED or (ran.rc != 0 and "os=" not in ran.out):
         detail = (ran.err.strip().splitlines() or ["no answer"])[-1]
-        return [
-            FailedCheck(
-                f"{target.address} ({target.role})",
-                "ssh",
-                f"cannot log in as the deploy does: {detail} (its other checks not run)",
-                "check the inventory's host name (or its ssh_hostname, ssh_port), that sshd"
-                " runs, and the key: the inventory's ssh_key or one in the SSH agent (ssh-add),"
-                " authorised for the inventory's ssh_user",
-            )
-        ]
+        failed = FailedCheck(
+            f"{target.address} ({target.role})",
+            "ssh",
+            f"cannot log in as the deploy does: {detail} (its other checks not run)",
+            "check the inventory's host name (or its ssh_hostname, ssh_port), that sshd"
+            " runs, and the key: the inventory's ssh_key or one in the SSH agent (ssh-add),"
+            " authorised for the inventory's ssh_user",
+        )
+        return _FirstPass(target, [failed], None)
     facts, outcomes, resolved = parse(ran.out)
-    return [
+    paths, refused = judge_paths(target, outcomes)
+    findings = [
         *judge(target, facts, sent_at, answered_at),
-        *judge_paths(target, outcomes),
+        *paths,
         *judge_names(target, resolved),
         *judge_way_out(target, outcomes, resolved),
     ]
+    return _FirstPass(target, findings, refused)
+
+
+def check_host(target: HostCheck) -> list[FailedCheck]:
+    """Every check of one host alone (a refused path to a host not checked with it is a
+    note, not a failure: see run_all)."""
+    return run_all([target]).findings
+
+
+def _prove_refused(
+    passes: list[_FirstPass], pool: ThreadPoolExecutor
+) -> tuple[list[FailedCheck], list[str]]:
+    """Each refused path: a listener at its destination (one SSH session per destination, all
+    at once), then the source connects again (one per source, all at once), within
+    LISTENER_S of the listeners' start."""
+    findings: list[FailedCheck] = []
+    notes: list[str] = []
+    reachable = {p.target.address: p.target for p in passes if p.refused is not None}
+    checked = {p.target.address for p in passes}
+    wanted: dict[str, list[tuple[HostCheck, Probe]]] = {}
+    for fp in passes:
+        for probe in fp.refused or []:
+            if probe.dst in checked and probe.dst not in reachable:
+                why = f"no listener could be started on {probe.dst}: its SSH failed"
+                notes.append(_unverified(probe, why))
+            elif probe.dst not in reachable:
+                notes.append(_unverified(probe, f"{probe.dst} is not among the hosts checked"))
+            else:
+                wanted.setdefault(probe.dst, []).append((fp.target, probe))
+    if not wanted:
+        return findings, notes
+
+    def listen(dst: str) -> dict[int, tuple[str, str]]:
+        ran = reachable[dst].runner.run(
+            listener_script(dst, [p.port for _, p in wanted[dst]]), LISTEN_PHASE_S
+        )
+        return parse_listeners(ran.out)
+
+    started = time.monotonic()
+    listening = dict(zip(wanted, pool.map(listen, wanted), strict=True))
+    again: dict[int, tuple[HostCheck, list[Probe]]] = {}
+    for dst, pairs in wanted.items():
+        for src, probe in pairs:
+            state, what = listening[dst].get(probe.port, ("none", "no answer over SSH"))
+            if state == "ok":
+                again.setdefault(id(src), (src, []))[1].append(probe)
+            elif state == "error" and what == "EADDRINUSE":
+                findings.append(
+                    _path_failure(
+                        src,
+                        probe,
+                        f"refused, while a program listens on {dst}:{probe.port}: a firewall"
+                        " rejects it",
+                    )
+                )
+            else:
+                why = what if state == "none" else f"cannot bind {dst}:{probe.port} ({what})"
+                notes.append(_unverified(probe, f"no listener could be started on {dst}: {why}"))
+
+    def reprobe(item: tuple[HostCheck, list[Probe]]) -> tuple[Ran, float]:
+        src, probes = item
+        return src.runner.run(reprobe_script(probes), REPROBE_PHASE_S), time.monotonic()
+
+    for (src, probes), (ran, answered) in zip(
+        again.values(), pool.map(reprobe, again.values()), strict=True
+    ):
+        _, outcomes, _ = parse(ran.out)
+        in_time = answered - started < LISTENER_S
+        for probe in probes:
+            outcome = outcomes.get((probe.dst, probe.port), "not tried")
+            if outcome == "open":
+                continue
+            if outcome == "not tried" or not in_time:
+                why = "the second connect did not run" if in_time else "the listener ended"
+                notes.append(_unverified(probe, f"{why} ({src.address})"))
+            elif outcome == "refused":
+                findings.append(
+                    _path_failure(
+                        src,
+                        probe,
+                        f"refused even with a listener on {probe.dst}:{probe.port}: a firewall"
+                        " rejects it",
+                    )
+                )
+            else:
+                what = "timed out (filtered)" if outcome == "timeout" else outcome
+                findings.append(_path_failure(src, probe, what))
+    return findings, notes
 
 
 def resolve_ipv4(names: Iterable[str], timeout: float = 5) -> dict[str, set[str]]:
@@ -351,11 +530,15 @@ def run_all(
     notes: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(targets) or 1))) as pool:
         mx = pool.submit(check_mx_names, mx_names, mx_resolve) if mx_names else None
-        for result in pool.map(check_host, targets):
-            findings += result
+        passes = list(pool.map(_first_pass, targets))
+        for fp in passes:
+            findings += fp.findings
+        more, notes = _prove_refused(passes, pool)
+        findings += more
         if mx is not None:
-            more, notes = mx.result()
+            more, mx_notes = mx.result()
             findings += more
+            notes += mx_notes
     checks = sum(6 + len(t.probes) + len(t.resolve) + (1 if t.way_out else 0) for t in targets)
     checks += len(mx_names or {})
     if progress:
