@@ -140,6 +140,11 @@ def _preflight_plan(tower: str) -> tuple[list[Path], set[str], set[str] | None]:
     # The lab GOC's stand-in ClamAV upstream lives on the twin lab's DNS host: a lab-a alone
     # has none (its GOC records upstream errors, docs/runbook.md).
     twin = (lxc.LXC_DIR / "mt-dns" / "config").exists()
+    # It is the lab's internet, which this deploy makes first: on a new lab nothing serves
+    # there yet (a real GOC's way out exists before its deploy), so it is checked from then on.
+    if twin and not _lab_upstream_serves():
+        _say("preflight note: way out not checked: the lab's internet is not deployed yet")
+        twin = False
     # The GOC's data lists both lab towers; it probes the SQL of those deployed now and of
     # those whose containers exist (lab-a alone: no lab-b hosts to reach).
     built = {
@@ -153,6 +158,16 @@ def _preflight_plan(tower: str) -> tuple[list[Path], set[str], set[str] | None]:
     }
     goc_towers = {f"lab-{t}" for t in set(towers) | built}
     return paths, set() if twin else {"way out"}, goc_towers
+
+
+def _lab_upstream_serves() -> bool:
+    """Does the lab's stand-in ClamAV upstream announce a version (its internet deployed)?"""
+    from mailtower.controller.lab import clamav_upstream
+
+    try:
+        return clamav_upstream.served_version() is not None
+    except Exception:  # no DNS server there yet: refused, timed out
+        return False
 
 
 def run_preflight(tower: str) -> None:
