@@ -5,6 +5,8 @@ invoke lab --tower lab-a   the same for tower A alone
 invoke lab.up         build or reuse the lab's hosts
 invoke lab.status     what the lab runs, and its memory
 invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
+invoke init [--answers FILE]     write a real pair's inventories and secrets (mailtower init)
+invoke preflight --tower T       check a tower's (or GOC's) hosts before anything is changed
 invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
@@ -126,19 +128,121 @@ def _pyinfra(c, inv: Path, script: str, what: str, extra: str = "") -> None:
     _say(f"deployed {what} in {elapsed:.0f} s")
 
 
+def _preflight_plan(tower: str) -> tuple[list[Path], set[str], set[str] | None]:
+    """The inventories a deploy of ``tower`` touches, the checks that cannot pass there, and
+    the towers whose SQL the lab GOC probes (None: all it lists)."""
+    towers = _lab_towers(tower)
+    if not towers:
+        return [inventory_path(tower)], set(), None
+    from mailtower.controller.lab import lxc, plan
+
+    paths = [inventory_path("lab-goc")] + [inventory_path(f"lab-{t}") for t in towers]
+    # The lab GOC's stand-in ClamAV upstream lives on the twin lab's DNS host: a lab-a alone
+    # has none (its GOC records upstream errors, docs/runbook.md).
+    twin = (lxc.LXC_DIR / "mt-dns" / "config").exists()
+    # It is the lab's internet, which this deploy makes first: on a new lab nothing serves
+    # there yet (a real GOC's way out exists before its deploy), so it is checked from then on.
+    if twin and not _lab_upstream_serves():
+        _say("preflight note: way out not checked: the lab's internet is not deployed yet")
+        twin = False
+    # The GOC's data lists both lab towers; it probes the SQL of those deployed now and of
+    # those whose containers exist (lab-a alone: no lab-b hosts to reach).
+    built = {
+        t
+        for t in plan.TOWER_NETS
+        if all(
+            (lxc.LXC_DIR / h.name / "config").exists()
+            for h in plan.tower_hosts(t, 0)
+            if h.group == "sql"
+        )
+    }
+    goc_towers = {f"lab-{t}" for t in set(towers) | built}
+    return paths, set() if twin else {"way out"}, goc_towers
+
+
+def _lab_upstream_serves() -> bool:
+    """Does the lab's stand-in ClamAV upstream announce a version (its internet deployed)?"""
+    from mailtower.controller.lab import clamav_upstream
+
+    try:
+        return clamav_upstream.served_version() is not None
+    except Exception:  # no DNS server there yet: refused, timed out
+        return False
+
+
+def run_preflight(tower: str) -> None:
+    """Every host the deploy of ``tower`` changes, checked before any is (Exit on a failure)."""
+    from mailtower.controller.errors import PreflightError
+    from mailtower.controller.preflight import preflight as check
+
+    paths, skip, goc_towers = _preflight_plan(tower)
+    _say(f"preflight {tower}: {', '.join(str(p.relative_to(ROOT)) for p in paths)}")
+    try:
+        report = check(paths, skip=skip, goc_towers=goc_towers)
+    except PreflightError as exc:
+        raise Exit(f"preflight {tower}: {exc}", code=2) from exc
+    for note in report.notes:
+        _say(f"preflight note: {note}")
+    summary = f"{report.hosts} hosts, {report.checks} checks in {report.seconds:.1f} s"
+    if report.findings:
+        print("\n".join(f.line() for f in report.findings), flush=True)
+        raise Exit(f"preflight {tower}: {len(report.findings)} failed ({summary})", code=1)
+    _say(f"preflight {tower}: every check passed ({summary})")
+
+
+@task(help={"tower": "inventory/<tower>.py (a tower or a GOC); lab: the lab's GOC and towers"})
+def preflight(c, tower="lab-a"):
+    """Check the hosts before a deploy: SSH, Debian 12, size, clock, ports, DNS, way out."""
+    run_preflight(tower)
+
+
 @task(
     help={
-        "tower": "inventory/<tower>.py; lab = the twin lab (both towers, internet, DNS)",
-        "engines": "also upgrade the scanners' clamd/c-icap packages (restarted in the "
-        "monitor's drained windows)",
+        "answers": "a JSON file of answers (else asked for on a terminal)",
+        "force": "replace inventories that differ (secrets are kept; missing ones added)",
+        "secrets_dir": "default ~/.config/mailtower/<pair>",
+        "inventory_dir": "where the inventories go (default inventory/)",
     }
 )
-def deploy(c, tower="lab-a", engines=False):
-    """Deploy a tower with pyinfra (a lab tower: its internet and GOC first, the GOC after)."""
+def init(c, answers="", force=False, secrets_dir="", inventory_dir=""):
+    """Write a pair's inventories, GOC inventory, pair file and secrets (mailtower init)."""
+    from mailtower.cli import main
+
+    argv = ["init", "--inventory-dir", inventory_dir or str(ROOT / "inventory")]
+    argv += ["--answers", answers] if answers else []
+    argv += ["--secrets-dir", secrets_dir] if secrets_dir else []
+    argv += ["--force"] if force else []
+    rc = main(argv)
+    if rc:
+        raise Exit("init: refused (see above)", code=rc)
+
+
+def _is_goc_inventory(path: Path) -> bool:
+    from mailtower.controller import inventory as inventory_mod
+
+    return bool(inventory_mod.load(path).groups.get("goc"))
+
+
+@task(
+    help={
+        "tower": "inventory/<tower>.py (a tower or a GOC); lab = the twin lab (both towers, "
+        "internet, DNS)",
+        "engines": "also upgrade the scanners' clamd/c-icap packages (restarted in the "
+        "monitor's drained windows)",
+        "preflight": "check the hosts first (--no-preflight: skip it)",
+    }
+)
+def deploy(c, tower="lab-a", engines=False, preflight=True):
+    """Deploy a tower or a GOC with pyinfra (a lab tower: its internet and GOC first, the GOC
+    after); the preflight first, before any host is changed."""
     towers = _lab_towers(tower)
     extra = " --data upgrade_engines=true" if engines else ""
+    if preflight:
+        run_preflight(tower)
     if not towers:
-        _pyinfra(c, inventory_path(tower), "deploys/tower.py", tower, extra)
+        path = inventory_path(tower)
+        script = "deploys/goc.py" if _is_goc_inventory(path) else "deploys/tower.py"
+        _pyinfra(c, path, script, tower, "" if script == "deploys/goc.py" else extra)
         return
     if tower == PAIR:
         first = ("lab-internet", "deploys/lab_internet.py", "the lab's internet and GOC")
@@ -621,5 +725,17 @@ prereqs_ns.add_task(prereqs_check, default=True)
 prereqs_ns.add_task(prereqs_pristine)
 
 ns = Collection(
-    deploy, dns, verify, unit, test, bench_ns, lab_ns, sql_ns, goc_ns, bundle_ns, prereqs_ns
+    init,
+    preflight,
+    deploy,
+    dns,
+    verify,
+    unit,
+    test,
+    bench_ns,
+    lab_ns,
+    sql_ns,
+    goc_ns,
+    bundle_ns,
+    prereqs_ns,
 )

@@ -18,6 +18,8 @@ def _ssh() -> dict[str, str]:
         "ssh_key": str(lxc.ssh_key()),
         "ssh_known_hosts_file": str(lxc.known_hosts()),
         "ssh_strict_host_key_checking": "yes",
+        # The preflight's sizing table for the lab's containers (controller/preflight/sizing).
+        "preflight_sizing": "lab",
     }
 
 

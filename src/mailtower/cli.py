@@ -28,23 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     sync_cli.add_parser(commands)  # sync
     customers_cli.add_parser(commands)  # customer (at the GOC)
     portal_cli.add_parser(commands)  # portal (at the GOC)
-    _add_controller_parsers(commands)  # dns, where the controller is installed
+    _add_controller_parsers(commands)  # dns, init, where the controller is installed
     return parser
 
 
 def _add_controller_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The controller's commands (``dns``), where the controller's code is installed.
+    """The controller's commands (``dns``, ``init``), where the controller's code is installed.
 
     The hosts' wheel leaves ``mailtower.controller`` out (pyproject), so on a tower host
     ``mailtower dns`` is an unknown command rather than an import error at start-up.
     """
     try:
         from mailtower.controller.dns import cli as dns_cli
+        from mailtower.controller.firstpair import cli as init_cli
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith("mailtower.controller"):
             raise  # a missing dependency of the controller's code is a real error
         return
     dns_cli.add_parser(commands)
+    init_cli.add_parser(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

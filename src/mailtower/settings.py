@@ -824,6 +824,16 @@ class TowerSettings(StrictModel):
             )
         return self
 
+    @field_validator("hostname")
+    @classmethod
+    def _dns_host_name(cls, value: str) -> str:
+        # It goes into Postfix's config, the certificate, DNS records and the preflight's look-ups.
+        if not _DOMAIN_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a DNS host name in lower case (e.g. mx.tower-a.example.net)"
+            )
+        return value
+
     @field_validator("icap_url")
     @classmethod
     def _valid_icap_url(cls, value: str | None) -> str | None:

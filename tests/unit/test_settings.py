@@ -300,3 +300,9 @@ def test_a_policy_full_reload_not_behind_the_polls_is_refused(change, message) -
     with pytest.raises(SettingsError) as err:
         inventory.tower_settings(data(**change), ADDRS)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["mx'; touch /tmp/x; '", "mx", "MX.T1.example", "mx..t1.example"])
+def test_the_relays_hostname_must_be_a_dns_host_name(name):
+    with pytest.raises(SettingsError, match="hostname.*not a DNS host name"):
+        inventory.tower_settings(data(hostname=name), ADDRS)

@@ -43,3 +43,13 @@ class PairError(ControllerError):
 
 class CertificateError(ControllerError):
     """A TLS certificate chain or key the deploy must refuse; the message lists every reason."""
+
+
+class InitError(ControllerError):
+    """``mailtower init`` refuses: bad answers (each field named) or files it will not
+    overwrite (each named); nothing was written."""
+
+
+class PreflightError(ControllerError):
+    """The preflight cannot run at all (an inventory it cannot read); failed checks are
+    reported, not raised."""

@@ -68,6 +68,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("sysctl", "procps", "raises the inotify limits 59 containers need"),
     Program("ssh-keygen", "openssh-client", "the lab's SSH key and each host's host key"),
     Program("ssh", "openssh-client", "the fixes the lab's errors name, and operators"),
+    Program("git", "git", "init refuses a secrets dir inside a git work tree (tests too)"),
     Program("nft", "nftables", "the pair tests cut a site off the lab bridge"),
     Program("psql", "postgresql-client", "verification proves pg_hba refuses outsiders"),
     Program("curl", "curl", "verification fetches the monitor's and VirusEye's pages"),
