@@ -6,6 +6,7 @@ invoke lab.up         build or reuse the lab's hosts
 invoke lab.status     what the lab runs, and its memory
 invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
 invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
+invoke deploy --tower lab-a --relay-packages   …and upgrade the relay's Postfix and HAProxy
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
 invoke prereqs                   every program the lab and the tests call is on this machine
@@ -131,12 +132,19 @@ def _pyinfra(c, inv: Path, script: str, what: str, extra: str = "") -> None:
         "tower": "inventory/<tower>.py; lab = the twin lab (both towers, internet, DNS)",
         "engines": "also upgrade the scanners' clamd/c-icap packages (restarted in the "
         "monitor's drained windows)",
-    }
+        "relay_packages": "also upgrade the relay's Postfix and HAProxy (HAProxy reloaded, "
+        "Postfix restarted once the filter hop drained); ='<apt-get install arguments>' "
+        "instead, e.g. ='--reinstall postfix haproxy'",
+    },
+    optional=["relay_packages"],
 )
-def deploy(c, tower="lab-a", engines=False):
+def deploy(c, tower="lab-a", engines=False, relay_packages=None):
     """Deploy a tower with pyinfra (a lab tower: its internet and GOC first, the GOC after)."""
     towers = _lab_towers(tower)
     extra = " --data upgrade_engines=true" if engines else ""
+    if relay_packages:
+        given = True if relay_packages is True else shlex.split(relay_packages)
+        extra += " --data " + shlex.quote(f"upgrade_relay_packages={json.dumps(given)}")
     if not towers:
         _pyinfra(c, inventory_path(tower), "deploys/tower.py", tower, extra)
         return
