@@ -217,6 +217,6 @@ def deploy_relay():
         # `invoke deploy --relay-packages`: after the configuration above, which the packages'
         # scripts keep (--force-confold), with Postfix and HAProxy running it.
         server.shell(
-            name="Upgrade the relay's packages (HAProxy reloaded; Postfix restarted, filter drained)",
+            name="Upgrade the relay's packages (HAProxy reloaded, Postfix restarted drained)",
             commands=[upgrade_command(given)],
         )

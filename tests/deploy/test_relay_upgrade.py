@@ -99,35 +99,43 @@ class Rig:
             "apt-get": f'{log}\n[ "$1" = update ] && exit 0\n'
             f'"{policy}" postfix restart; [ $? -eq 101 ] || exit 9\n'
             '[ -n "$APT_FAIL" ] && exit 100\n'
-            f'for p in $INSTALLS; do echo "2026-12-07 13:00:00 status installed $p" >> {self.log}; done\n',
+            "for p in $INSTALLS; do\n"
+            f'  echo "2026-12-07 13:00:00 status installed $p" >> {self.log}\n'
+            "done\n",
             "dpkg-query": '[ "$1" = --control-show ] && { echo "00  usr/sbin/postfix"; exit 0; }\n'
             'shift 3; for p in "$@"; do echo "$p 3.7.11"; done\n',  # -W -f FORMAT PACKAGE…
-            "postconf": f'{log}\nif [ "$1" = -h ]; then sed -n "s/^defer_transports = //p" {self.main_cf}; '
-            f'else echo "${{2%%=*}} = ${{2#*=}}" | sed "s/=  */= /" >> {self.main_cf}; fi\n',
+            "postconf": f"{log}\n"
+            f'if [ "$1" = -h ]; then sed -n "s/^defer_transports = //p" {self.main_cf}\n'
+            f'else echo "${{2%%=*}} = ${{2#*=}}" >> {self.main_cf}; fi\n',
             "postfix": f'{log}\n[ "$1" = check ] && [ -n "$CHECK_FAIL" ] && exit 1\nexit 0\n',
             "postqueue": f"{log}\n",
+            "logger": f"{log}\n",
             "haproxy": f"{log}\n",
             "socat": f"{log}\ncat >/dev/null\necho '1\n# be_id be_name srv_id'\n",
             # systemctl: record what the world looked like when it was asked; a reload or
             # restart puts the current process in the pid file
             "systemctl": f"{log}\n"
             f'grep -qs mailtower "{policy}" && echo "  our policy present" >> {self.calls}\n'
-            f'grep -q "^defer_transports = " {self.main_cf} && echo "  {FILTER_TRANSPORT} held" >> {self.calls}\n'
+            f'grep -q "^defer_transports = " {self.main_cf}'
+            f' && echo "  {FILTER_TRANSPORT} held" >> {self.calls}\n'
             f'[ "$1 $2" = "reload haproxy" ] && echo {new_pid} > {self.haproxy_pid}\n'
             f'[ "$1 $2" = "restart postfix@-" ] && echo {new_pid} > {self.postfix_pid}\n'
             "exit 0\n",
             # ss: $OPEN_FILE holds how many filter connections are still open; each look one
             # fewer (deliveries finishing), never fewer than $STUCK
-            "ss": f'{log}\nn=$(cat "$OPEN_FILE"); i=0; while [ $i -lt $n ]; do echo conn; i=$((i+1)); done\n'
-            'n=$((n - 1)); [ $n -lt "${STUCK:-0}" ] && n=${STUCK:-0}; [ $n -lt 0 ] && n=0; echo $n > "$OPEN_FILE"\n',
+            "ss": f"{log}\n"
+            'n=$(cat "$OPEN_FILE"); i=0; while [ $i -lt $n ]; do echo conn; i=$((i+1)); done\n'
+            'n=$((n - 1)); [ $n -lt "${STUCK:-0}" ] && n=${STUCK:-0}; [ $n -lt 0 ] && n=0\n'
+            'echo $n > "$OPEN_FILE"\n',
         }
         for name, body in fakes.items():
             f = self.bin / name
             f.write_text("#!/bin/sh\n" + body)
             f.chmod(f.stat().st_mode | stat.S_IXUSR)
 
-    def run(self, *args: str, old: tuple[str, ...] = ("haproxy", "postfix"), open_: int = 0,
-            **env: str) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, old: tuple[str, ...] = ("haproxy", "postfix"), open_: int = 0, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         self.haproxy_pid.write_text(f"{self.old_pid if 'haproxy' in old else self.new_pid}\n")
         self.postfix_pid.write_text(f"{self.old_pid if 'postfix' in old else self.new_pid:>6}\n")
         (self.tmp / "open").write_text(str(open_))
@@ -152,10 +160,11 @@ class Rig:
 def rig(render, tmp_path: Path) -> Iterator[Rig]:
     """A process whose binary was deleted (`readlink /proc/<pid>/exe` ends in " (deleted)", as
     after dpkg replaced it) and one whose binary is on disk."""
-    binary = tmp_path / "old-master"
+    binary, current = tmp_path / "old-master", tmp_path / "new-master"
     shutil.copy("/bin/sleep", binary)
+    shutil.copy("/bin/sleep", current)
     old = subprocess.Popen([str(binary), "300"])
-    new = subprocess.Popen(["sleep", "300"])
+    new = subprocess.Popen([str(current), "300"])
     binary.unlink()
     try:
         assert os.readlink(f"/proc/{old.pid}/exe").endswith(" (deleted)")
