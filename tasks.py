@@ -8,6 +8,7 @@ invoke lab.down       destroy the lab's hosts (--purge: the base image and bridg
 invoke init [--answers FILE]     write a real pair's inventories and secrets (mailtower init)
 invoke preflight --tower T       check a tower's (or GOC's) hosts before anything is changed
 invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
+invoke deploy --tower lab-a --relay-packages   …and upgrade the relay's Postfix and HAProxy
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
 invoke prereqs                   every program the lab and the tests call is on this machine
@@ -229,14 +230,21 @@ def _is_goc_inventory(path: Path) -> bool:
         "internet, DNS)",
         "engines": "also upgrade the scanners' clamd/c-icap packages (restarted in the "
         "monitor's drained windows)",
+        "relay_packages": "also upgrade the relay's Postfix and HAProxy (HAProxy reloaded, "
+        "Postfix restarted once the filter hop drained); ='<apt-get install arguments>' "
+        "instead, e.g. ='--reinstall postfix haproxy'",
         "preflight": "check the hosts first (--no-preflight: skip it)",
-    }
+    },
+    optional=["relay_packages"],
 )
-def deploy(c, tower="lab-a", engines=False, preflight=True):
+def deploy(c, tower="lab-a", engines=False, relay_packages=None, preflight=True):
     """Deploy a tower or a GOC with pyinfra (a lab tower: its internet and GOC first, the GOC
     after); the preflight first, before any host is changed."""
     towers = _lab_towers(tower)
     extra = " --data upgrade_engines=true" if engines else ""
+    if relay_packages:
+        given = True if relay_packages is True else shlex.split(relay_packages)
+        extra += " --data " + shlex.quote(f"upgrade_relay_packages={json.dumps(given)}")
     if preflight:
         run_preflight(tower)
     if not towers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shlex
 
 from pyinfra import host, logger
 from pyinfra.api import deploy
@@ -39,7 +40,16 @@ PACKAGES = [
     _common.NODE_EXPORTER,
     "python3-venv",
     "socat",  # operators talk to HAProxy's admin socket with it (docs/runbook.md)
+    "iproute2",  # ss: mailtower-relay-upgrade waits for the filter hop's connections to end
 ]
+# The relay's own packages (mailtower-relay-upgrade): upgraded with their restarts held back,
+# then HAProxy reloaded (hitless) and Postfix restarted once the filter hop has drained.
+RELAY_PACKAGES = ["postfix", "postfix-pgsql", "postfix-pcre", "haproxy"]
+RELAY_UPGRADE = "/usr/local/sbin/mailtower-relay-upgrade"
+RELAY_RECORD = "/var/lib/mailtower/relay-packages"
+# Postfix's transport to the content filter (main.cf content_filter, master.cf): held
+# (defer_transports) while Postfix restarts on new packages.
+FILTER_TRANSPORT = "scan"
 
 
 def install():
@@ -129,7 +139,29 @@ def configure():
         template("relay/etc/systemd/system/mailtower-relay-exporter.service"),
     ]
     ops["order"] = [template("relay/etc/systemd/system/mailtower-relay-order.service")]
+    template(
+        f"relay{RELAY_UPGRADE}",
+        mode="755",
+        packages=RELAY_PACKAGES,
+        record=RELAY_RECORD,
+        transport=FILTER_TRANSPORT,
+        drain_s=settings().upgrade.relay_drain_s,
+    )
     return ops
+
+
+def upgrade_command(given) -> str:
+    """The relay's upgrade as the deploy runs it (``--data upgrade_relay_packages=…``: true
+    for the packages' upgrades, or a JSON list of apt-get install arguments)."""
+    if given is True:
+        return RELAY_UPGRADE
+    if isinstance(given, list) and given and all(isinstance(a, str) for a in given):
+        return shlex.join([RELAY_UPGRADE, *given])
+    raise DeployError(
+        f"{host.name}: upgrade_relay_packages={given!r}: give true or a JSON list of apt-get"
+        ' install arguments, e.g. \'["--reinstall", "postfix", "haproxy"]\''
+        " (invoke deploy --relay-packages)"
+    )
 
 
 def activate(ops, install_op):
@@ -180,3 +212,11 @@ def deploy_relay():
     if settings().tls is not None:
         # A self-signed certificate's key from before: not served since Postfix restarted.
         files.file(name=f"Remove {KEY}", path=KEY, present=False)
+    given = host.data.get("upgrade_relay_packages")
+    if given:
+        # `invoke deploy --relay-packages`: after the configuration above, which the packages'
+        # scripts keep (--force-confold), with Postfix and HAProxy running it.
+        server.shell(
+            name="Upgrade the relay's packages (HAProxy reloaded, Postfix restarted drained)",
+            commands=[upgrade_command(given)],
+        )

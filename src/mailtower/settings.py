@@ -420,6 +420,9 @@ class Upgrade(StrictModel):
         default=5.0, gt=0
     )  # how often the monitor looks for scanners behind
     wait_timeout_s: float = Field(default=3600.0, gt=0)  # how long the deploy waits for the roll
+    # mailtower-relay-upgrade: deliveries to the filter in progress get this long to finish
+    # before Postfix restarts on new packages (else nothing is restarted)
+    relay_drain_s: int = Field(default=120, gt=0)
 
 
 _DB_NAME = r"^[a-z][a-z0-9_-]{0,40}$"  # a ClamAV database name: main, daily, bytecode, test…

@@ -130,6 +130,8 @@ def test_every_template_renders(render, settings, path):
         "backup": Backup(tls_dir="/t"),  # the backups' alert rules (monitor, with backup)
         "packages": ["clamav-daemon"],  # mailtower-engines-upgrade (roles/scanner.py)
         "record": "/var/lib/mailtower/engines-packages",
+        "transport": "scan",  # mailtower-relay-upgrade (roles/relay.py)
+        "drain_s": 120,
         **_internet(path),
     }
     out = render(path, settings, **extra)
