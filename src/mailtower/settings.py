@@ -1182,6 +1182,11 @@ class GocSecrets(StrictModel):
         return towers
 
 
+# What a GOC's secrets file holds (the deploy's copy): GocSecrets' own passwords, and
+# VirusEye's operator password (the web sign-in, GocSettings.eye).
+GOC_SECRET_NAMES = ("eye_db", "eye_operator", "portal_db", "portal_session_key")
+
+
 class BundleKeys(StrictModel):
     """The rule-bundle key pair the GOC signs with (PEM, as ``mailtower bundle keygen`` writes
     it), and the port it serves the published bundles on."""

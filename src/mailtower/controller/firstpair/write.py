@@ -15,19 +15,9 @@ from pathlib import Path
 
 from mailtower.controller.errors import InitError
 from mailtower.controller.firstpair.answers import InitAnswers, TowerAnswers
+from mailtower.settings import GOC_SECRET_NAMES as GOC_SECRETS
+from mailtower.settings import SECRET_NAMES as TOWER_SECRETS
 
-# What each secrets file holds (settings.Secrets, GocSecrets and VirusEye's operator).
-TOWER_SECRETS = (
-    "sql_relay",
-    "sql_scanner",
-    "sql_monitor",
-    "sql_replication",
-    "sql_sync",
-    "goc_sync",
-    "goc_status",
-    "canary",
-)
-GOC_SECRETS = ("eye_db", "eye_operator", "portal_db", "portal_session_key")
 SYNC_SECRETS = ("sql_sync", "goc_sync", "goc_status")  # a tower's, held by the GOC as well
 GOC_DIR = "goc"
 TSIG_FILE = "dns-update.key"

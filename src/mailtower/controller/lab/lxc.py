@@ -23,6 +23,8 @@ from pathlib import Path
 from mailtower.controller.errors import LabError
 from mailtower.controller.lab import plan, prereqs
 from mailtower.controller.lab.plan import LabHost
+from mailtower.settings import GOC_SECRET_NAMES as GOC_SECRETS
+from mailtower.settings import SECRET_NAMES as TOWER_SECRETS
 
 LXC_DIR = Path("/var/lib/lxc")
 MARKER = "mailtower.id"
@@ -82,19 +84,6 @@ def ssh_key() -> Path:
 
 def known_hosts() -> Path:
     return state_dir() / "ssh" / "known_hosts"
-
-
-TOWER_SECRETS = (
-    "sql_relay",
-    "sql_scanner",
-    "sql_monitor",
-    "sql_replication",
-    "sql_sync",
-    "goc_sync",
-    "goc_status",
-    "canary",
-)
-GOC_SECRETS = ("eye_db", "eye_operator", "portal_db", "portal_session_key")
 
 
 def secrets_file() -> Path:
