@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.context import ctx_state
-from pyinfra_cli.inventory import make_inventory_from_files
 
 from mailtower.cli import build_parser
 from mailtower.controller.dns import pairfile
@@ -58,10 +59,51 @@ def real_answers(**change: object) -> dict:
     return data
 
 
-def pyinfra_inventory(path: Path) -> Inventory:
-    """The inventory as `pyinfra <path> deploys/…` builds it."""
-    with ctx_state.use(State(Inventory(([], {})), Config())):
-        return make_inventory_from_files(str(path))
+# pyinfra's CLI loader monkey-patches threading with gevent on import: in its own process,
+# never in a test worker (xdist's worker then dies: "This operation would block forever").
+_LOAD = """
+import json, sys
+from pyinfra.api import Config, Inventory, State
+from pyinfra.context import ctx_state
+from pyinfra_cli.inventory import make_inventory_from_files
+with ctx_state.use(State(Inventory(([], {})), Config())):
+    inv = make_inventory_from_files(sys.argv[1])
+hosts = [{"name": h.name, "groups": list(h.groups), "data": h.data.dict()} for h in inv]
+print(json.dumps(hosts, default=str))
+"""
+
+
+@dataclass
+class LoadedHost:
+    name: str
+    groups: list[str]
+    data: dict
+
+
+@dataclass
+class LoadedInventory:
+    hosts: list[LoadedHost]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.hosts)
+
+    def get_group(self, group: str) -> list[LoadedHost]:
+        return [h for h in self.hosts if group in h.groups]
+
+
+def pyinfra_inventory(path: Path) -> LoadedInventory:
+    """The inventory as `pyinfra <path> deploys/…` builds it (names, groups, data)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return LoadedInventory([LoadedHost(**h) for h in json.loads(out.stdout)])
 
 
 def deploy_settings(path: Path) -> TowerSettings:
