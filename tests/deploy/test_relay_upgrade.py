@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +89,7 @@ class Rig:
             "/run/haproxy.pid": str(self.haproxy_pid),
             "/var/lib/haproxy/server-state": str(self.state),
             "/var/spool/postfix/pid/master.pid": str(self.postfix_pid),
+            "HAPROXY_WAIT_S=30": "HAPROXY_WAIT_S=3",
         }.items():
             text = text.replace(old, new)
         self.script = tmp / "mailtower-relay-upgrade"
@@ -98,6 +101,8 @@ class Rig:
             # apt-get: Debian's restarts must be refused while it runs
             "apt-get": f'{log}\n[ "$1" = update ] && exit 0\n'
             f'"{policy}" postfix restart; [ $? -eq 101 ] || exit 9\n'
+            f'"{policy}" haproxy reload; [ $? -eq 101 ] || exit 9\n'
+            f'"{policy}" ssh restart || exit 8\n'  # any other service restarts as usual
             '[ -n "$APT_FAIL" ] && exit 100\n'
             "for p in $INSTALLS; do\n"
             f'  echo "2026-12-07 13:00:00 status installed $p" >> {self.log}\n'
@@ -107,23 +112,36 @@ class Rig:
             "postconf": f"{log}\n"
             f'if [ "$1" = -h ]; then sed -n "s/^defer_transports = //p" {self.main_cf}\n'
             f'else echo "${{2%%=*}} = ${{2#*=}}" >> {self.main_cf}; fi\n',
-            "postfix": f'{log}\n[ "$1" = check ] && [ -n "$CHECK_FAIL" ] && exit 1\nexit 0\n',
+            "postfix": f'{log}\n[ "$1" = check ] && [ -n "$CHECK_FAIL" ] && exit 1\n'
+            f'if [ "$1" = reload ] && [ -n "$RELOAD_FAIL_AFTER" ]; then\n'
+            f'  n=$(grep -c "^postfix reload" {self.calls})\n'
+            '  [ "$n" -gt "$RELOAD_FAIL_AFTER" ] && exit 1\n'
+            "fi\nexit 0\n",
             "postqueue": f"{log}\n",
             "logger": f"{log}\n",
             "haproxy": f"{log}\n",
-            "socat": f"{log}\ncat >/dev/null\necho '1\n# be_id be_name srv_id'\n",
+            # socat: the admin socket; "show info" names the worker that answers ($WORKER_FILE,
+            # a new one after the reload unless $NO_NEW_WORKER)
+            "socat": f"{log}\nread -r cmd\n"
+            'if [ "$cmd" = "show info" ]; then echo "Name: HAProxy";'
+            ' echo "Pid: $(cat "$WORKER_FILE")";'
+            " else echo '1\n# be_id be_name srv_id'; fi\n",
             # systemctl: record what the world looked like when it was asked; a reload or
             # restart puts the current process in the pid file
             "systemctl": f"{log}\n"
             f'grep -qs mailtower "{policy}" && echo "  our policy present" >> {self.calls}\n'
             f'grep -q "^defer_transports = " {self.main_cf}'
             f' && echo "  {FILTER_TRANSPORT} held" >> {self.calls}\n'
-            f'[ "$1 $2" = "reload haproxy" ] && echo {new_pid} > {self.haproxy_pid}\n'
+            f'[ "$1 $2" = "reload haproxy" ] && echo {new_pid} > {self.haproxy_pid}'
+            ' && { [ -n "$NO_NEW_WORKER" ] || echo 222 > "$WORKER_FILE"; }\n'
             f'[ "$1 $2" = "restart postfix@-" ] && echo {new_pid} > {self.postfix_pid}\n'
             "exit 0\n",
             # ss: $OPEN_FILE holds how many filter connections are still open; each look one
             # fewer (deliveries finishing), never fewer than $STUCK
             "ss": f"{log}\n"
+            '[ -n "$SS_FAIL" ] && exit 1\n'
+            'if [ "$1" = -Hltn ]; then\n'
+            '  [ -n "$NO_LISTENER" ] || echo "LISTEN 0 1 127.0.0.1:10024"; exit 0\nfi\n'
             'n=$(cat "$OPEN_FILE"); i=0; while [ $i -lt $n ]; do echo conn; i=$((i+1)); done\n'
             'n=$((n - 1)); [ $n -lt "${STUCK:-0}" ] && n=${STUCK:-0}; [ $n -lt 0 ] && n=0\n'
             'echo $n > "$OPEN_FILE"\n',
@@ -139,17 +157,41 @@ class Rig:
         self.haproxy_pid.write_text(f"{self.old_pid if 'haproxy' in old else self.new_pid}\n")
         self.postfix_pid.write_text(f"{self.old_pid if 'postfix' in old else self.new_pid:>6}\n")
         (self.tmp / "open").write_text(str(open_))
+        (self.tmp / "worker").write_text("111\n")
         if self.calls.exists():
             self.calls.unlink()
         full = {
             **os.environ,
             "PATH": f"{self.bin}:{os.environ['PATH']}",
             "OPEN_FILE": str(self.tmp / "open"),
+            "WORKER_FILE": str(self.tmp / "worker"),
             "INSTALLS": "",
             **env,
         }
         return subprocess.run(
             [str(self.script), *args], env=full, capture_output=True, text=True, timeout=60
+        )
+
+    def start(self, *args: str, open_: int = 0, **env: str) -> subprocess.Popen[str]:
+        """The script in the background (the fakes as run() sets them up)."""
+        self.run("--print-nothing-and-fail-fast", APT_FAIL="1")  # the files in place
+        (self.tmp / "open").write_text(str(open_))
+        self.postfix_pid.write_text(f"{self.old_pid}\n")
+        self.calls.unlink()
+        full = {
+            **os.environ,
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "OPEN_FILE": str(self.tmp / "open"),
+            "WORKER_FILE": str(self.tmp / "worker"),
+            "INSTALLS": "",
+            **env,
+        }
+        return subprocess.Popen(
+            [str(self.script), *args],
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def called(self) -> list[str]:
@@ -202,13 +244,18 @@ def test_upgrade_reloads_haproxy_then_restarts_postfix_with_the_filter_drained(r
     _positions(calls, order)
     # the restart came after the last open connection was seen, and 3 quiet looks in a row
     restart = calls.index("systemctl restart postfix@-")
-    assert len([c for c in calls[:restart] if c.startswith("ss ")]) == 2 + 3
+    assert len([c for c in calls[:restart] if c.startswith("ss -Htn ")]) == 2 + 3
     assert "  our policy present" not in calls  # no reload or restart was refused
     assert (rig.sbin / "policy-rc.d").read_text() == "#!/bin/sh\nexit 0\n"  # restored
     assert not (rig.sbin / "policy-rc.d.mailtower-saved").exists()
     assert rig.main_cf.read_text() == MAIN_CF  # byte for byte: the next deploy changes nothing
     assert not (rig.etc / "main.cf.mailtower-held").exists()
-    assert rig.state.read_text().startswith("1\n")  # the monitor's marks for the new workers
+    # the monitor's marks saved for the new worker, removed once it answered (a later reload
+    # must not bring back today's)
+    assert calls.index("socat stdio unix-connect:/run/haproxy/admin.sock") < calls.index(
+        "systemctl reload haproxy"
+    )
+    assert not rig.state.exists()
     assert rig.record.read_text().startswith("postfix 3.7.11\n")
     assert "haproxy reloaded" in done.stdout and "postfix restarted" in done.stdout
     assert "installed: haproxy postfix" in done.stdout
@@ -282,3 +329,54 @@ def test_an_interrupted_run_is_named_and_not_run_over(rig: Rig) -> None:
     assert "interrupted while it held scan" in done.stderr and "postfix reload" in done.stderr
     assert rig.called() == []  # not even apt
     assert (rig.etc / "main.cf.mailtower-held").exists()
+
+
+def test_the_state_file_stays_when_no_new_haproxy_worker_answers(rig: Rig) -> None:
+    done = rig.run("--reinstall", "haproxy", old=("haproxy",), NO_NEW_WORKER="1")
+    assert done.returncode == 0, done.stderr
+    assert rig.state.read_text().startswith("1\n")
+    assert "did not answer" in done.stdout
+
+
+def test_a_drain_that_cannot_be_measured_holds_and_restarts_nothing(rig: Rig) -> None:
+    for env, said in (
+        ({"SS_FAIL": "1"}, "ss cannot list sockets"),
+        ({"NO_LISTENER": "1"}, "nothing listens"),
+    ):
+        done = rig.run(old=("postfix",), **env)
+        assert done.returncode == 1 and said in done.stderr, done.stderr
+        calls = rig.called()
+        assert not any(c.startswith(("postconf", "systemctl restart")) for c in calls), calls
+        assert rig.main_cf.read_text() == MAIN_CF
+
+
+def test_a_release_whose_reload_fails_is_a_failure(rig: Rig) -> None:
+    done = rig.run(old=("postfix",), RELOAD_FAIL_AFTER="1")  # the hold's reload works
+    assert done.returncode == 1
+    assert "postfix reload failed 5 times" in done.stderr and "still held" in done.stderr
+    assert "released" not in done.stdout
+    assert rig.main_cf.read_text() == MAIN_CF  # main.cf is back; the running Postfix is named
+
+
+def test_a_bad_drain_wait_is_refused_before_anything(rig: Rig) -> None:
+    done = rig.run(MAILTOWER_DRAIN_S="2m")
+    assert done.returncode == 2 and "whole seconds" in done.stderr
+    assert rig.called() == []
+
+
+def test_a_hangup_while_holding_releases_the_transport(rig: Rig) -> None:
+    """The controller gone (SSH dropped) during the drain: the clean-up runs all the same."""
+    proc = rig.start(open_=50, STUCK="50")
+    try:
+        deadline = time.monotonic() + 20
+        while "defer_transports = scan" not in rig.main_cf.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 129, err
+    assert rig.main_cf.read_text() == MAIN_CF
+    assert rig.called()[-2:] == ["postfix reload", "postqueue -f"]
+    assert "systemctl restart postfix@-" not in rig.called()
