@@ -151,16 +151,15 @@ class Rig:
             f.write_text("#!/bin/sh\n" + body)
             f.chmod(f.stat().st_mode | stat.S_IXUSR)
 
-    def run(
-        self, *args: str, old: tuple[str, ...] = ("haproxy", "postfix"), open_: int = 0, **env: str
-    ) -> subprocess.CompletedProcess[str]:
+    def _prepare(self, old: tuple[str, ...], open_: int, **env: str) -> dict[str, str]:
+        """The masters' pid files, the open filter connections, a fresh call log; the env."""
         self.haproxy_pid.write_text(f"{self.old_pid if 'haproxy' in old else self.new_pid}\n")
         self.postfix_pid.write_text(f"{self.old_pid if 'postfix' in old else self.new_pid:>6}\n")
         (self.tmp / "open").write_text(str(open_))
         (self.tmp / "worker").write_text("111\n")
         if self.calls.exists():
             self.calls.unlink()
-        full = {
+        return {
             **os.environ,
             "PATH": f"{self.bin}:{os.environ['PATH']}",
             "OPEN_FILE": str(self.tmp / "open"),
@@ -168,27 +167,23 @@ class Rig:
             "INSTALLS": "",
             **env,
         }
+
+    def run(
+        self, *args: str, old: tuple[str, ...] = ("haproxy", "postfix"), open_: int = 0, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(self.script), *args], env=full, capture_output=True, text=True, timeout=60
+            [str(self.script), *args],
+            env=self._prepare(old, open_, **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def start(self, *args: str, open_: int = 0, **env: str) -> subprocess.Popen[str]:
-        """The script in the background (the fakes as run() sets them up)."""
-        self.run("--print-nothing-and-fail-fast", APT_FAIL="1")  # the files in place
-        (self.tmp / "open").write_text(str(open_))
-        self.postfix_pid.write_text(f"{self.old_pid}\n")
-        self.calls.unlink()
-        full = {
-            **os.environ,
-            "PATH": f"{self.bin}:{os.environ['PATH']}",
-            "OPEN_FILE": str(self.tmp / "open"),
-            "WORKER_FILE": str(self.tmp / "worker"),
-            "INSTALLS": "",
-            **env,
-        }
+        """The script in the background, Postfix's code replaced."""
         return subprocess.Popen(
             [str(self.script), *args],
-            env=full,
+            env=self._prepare(("postfix",), open_, **env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
