@@ -102,7 +102,12 @@ class Rig:
             "apt-get": f'{log}\n[ "$1" = update ] && exit 0\n'
             f'"{policy}" postfix restart; [ $? -eq 101 ] || exit 9\n'
             f'"{policy}" haproxy reload; [ $? -eq 101 ] || exit 9\n'
-            f'"{policy}" ssh restart || exit 8\n'  # any other service restarts as usual
+            # any other service: the host's own policy answers (none here: allowed)
+            f'if [ -z "$HOST_POLICY_DENIES" ]; then "{policy}" ssh restart || exit 8\n'
+            f'else "{policy}" ssh restart; [ $? -eq 101 ] || exit 7; fi\n'
+            f'"{policy}" --quiet postfix restart; [ $? -eq 101 ] || exit 9\n'
+            f'"{policy}" postfix@-.service restart; [ $? -eq 101 ] || exit 9\n'
+            f'"{policy}" postfix-resolvconf.path stop; [ $? -eq 101 ] || exit 9\n'
             '[ -n "$APT_FAIL" ] && exit 100\n'
             "for p in $INSTALLS; do\n"
             f'  echo "2026-12-07 13:00:00 status installed $p" >> {self.log}\n'
@@ -189,8 +194,10 @@ class Rig:
             text=True,
         )
 
-    def called(self) -> list[str]:
-        return self.calls.read_text().splitlines() if self.calls.exists() else []
+    def called(self, logged: bool = False) -> list[str]:
+        """The commands run, in order (what went to the journal only if ``logged``)."""
+        calls = self.calls.read_text().splitlines() if self.calls.exists() else []
+        return [c for c in calls if logged or not c.startswith("logger ")]
 
 
 @pytest.fixture
@@ -348,7 +355,7 @@ def test_a_drain_that_cannot_be_measured_holds_and_restarts_nothing(rig: Rig) ->
 def test_a_release_whose_reload_fails_is_a_failure(rig: Rig) -> None:
     done = rig.run(old=("postfix",), RELOAD_FAIL_AFTER="1")  # the hold's reload works
     assert done.returncode == 1
-    assert "postfix reload failed 5 times" in done.stderr and "still held" in done.stderr
+    assert "postfix reload failed 5 times" in done.stderr and "may still be held" in done.stderr
     assert "released" not in done.stdout
     assert rig.main_cf.read_text() == MAIN_CF  # main.cf is back; the running Postfix is named
 
@@ -375,3 +382,21 @@ def test_a_hangup_while_holding_releases_the_transport(rig: Rig) -> None:
     assert rig.main_cf.read_text() == MAIN_CF
     assert rig.called()[-2:] == ["postfix reload", "postqueue -f"]
     assert "systemctl restart postfix@-" not in rig.called()
+
+
+def test_the_hosts_own_policy_still_answers_for_other_services(rig: Rig) -> None:
+    (rig.sbin / "policy-rc.d").write_text("#!/bin/sh\nexit 101\n")  # e.g. an image's
+    (rig.sbin / "policy-rc.d").chmod(0o755)
+    done = rig.run(old=(), HOST_POLICY_DENIES="1")
+    assert done.returncode == 0, done.stderr
+    assert (rig.sbin / "policy-rc.d").read_text() == "#!/bin/sh\nexit 101\n"  # put back
+
+
+def test_errors_and_the_summary_reach_the_journal(rig: Rig) -> None:
+    done = rig.run(old=("postfix",), CHECK_FAIL="1")
+    assert done.returncode == 1
+    logged = [c for c in rig.called(logged=True) if c.startswith("logger ")]
+    assert any("postfix check refuses" in c and "user.err" in c for c in logged), logged
+    done = rig.run(old=())
+    logged = [c for c in rig.called(logged=True) if c.startswith("logger ")]
+    assert logged and "installed: nothing; haproxy kept; postfix kept" in logged[-1]
