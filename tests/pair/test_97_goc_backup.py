@@ -113,7 +113,12 @@ def test_goc_restored_in_place_has_its_customers_and_the_sync_resumes(pair: Pair
     # archive (`check` switches the segment and waits until the repository has it).
     kept = f"kept-{pair.token()[:12]}.lab"
     add_customer_at_goc(pair, kept, server)
-    wait_for(lambda: accepted(pair, "a", kept), 60, f"{kept} at tower A's relay", 0.5)
+    # Within seconds on a quiet pair; after test_95's sql.restore and test_96's faults it once
+    # took between 60 s and 3 min (lab, 2026-12-07 23:28, cause not found): the figure shows
+    # it, the bound is generous so the restore below is still tested.
+    added = time.monotonic()
+    wait_for(lambda: accepted(pair, "a", kept), 240, f"{kept} at tower A's relay", 0.5)
+    record_figure("goc_config_to_tower_a_before_restore_s", round(time.monotonic() - added, 1))
     goc.check_output(AT_GOC.format("check"))
     before = {name: pair.goc_sql(q) for name, q in SNAPSHOTS.items()}
     assert kept in before["domains"]
