@@ -161,8 +161,11 @@ def _goc_backup_metrics(tower: str) -> dict:
 
 def _twin_relay(tower: str) -> str:
     """The relay address of the lab's other tower."""
-    twin = next(t for t in plan.TOWER_NETS if t != tower)
-    return next(str(h.address) for h in plan.tower_hosts(twin, 0) if h.group == "relay")
+    return _relay(next(t for t in plan.TOWER_NETS if t != tower))
+
+
+def _relay(tower: str) -> str:
+    return next(str(h.address) for h in plan.tower_hosts(tower, 0) if h.group == "relay")
 
 
 def lab_customers() -> list[dict[str, str]]:
@@ -250,9 +253,7 @@ def lab_goc_extra() -> dict:
     extra): VirusEye's certificate names, the portal, the controller as a bundle reader, the
     stand-in ClamAV upstream, the backups' lab timers."""
     goc = plan.goc_host()
-    relays = [
-        str(h.address) for t in plan.TOWER_NETS for h in plan.tower_hosts(t, 0) if h.group == "relay"
-    ]
+    relays = [_relay(t) for t in plan.TOWER_NETS]
     return {
         "eye_tls_self_signed": [str(goc.address), goc.name],
         # The customers' quarantine portal: sign-in links go out through both towers' relays

@@ -17,13 +17,14 @@ from towerlib import ROOT, record_figure
 
 from mailtower.controller.dns.server import TsigKey
 from mailtower.controller.firstpair import answers, write
-from mailtower.controller.firstpair.lab import lab_answers
+from mailtower.controller.firstpair.lab import lab_answers, lab_inventory
 from mailtower.controller.lab import lxc
 from mailtower.controller.preflight import checks, preflight, targets
 from mailtower.controller.preflight.runner import SshRunner
 from mailtower.controller.preflight.sizing import Size
 
-LAB = [ROOT / "inventory" / n for n in ("lab_goc.py", "lab_a.py", "lab_b.py")]
+# the inventories the lab was deployed from (init's when `invoke lab` built it)
+LAB = [lab_inventory(ROOT, n) for n in ("lab_goc.py", "lab_a.py", "lab_b.py")]
 DROP_TABLE = "mailtower_preflight_test"
 
 
@@ -50,7 +51,7 @@ def test_the_inventories_init_writes_for_the_lab_pass_too(pair: Pair, tmp_path: 
 
 
 def _tower_a() -> list[checks.HostCheck]:
-    found, _ = targets.tower_targets(ROOT / "inventory" / "lab_a.py")
+    found, _ = targets.tower_targets(lab_inventory(ROOT, "lab_a.py"))
     return found
 
 

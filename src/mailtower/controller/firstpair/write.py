@@ -52,7 +52,10 @@ def merge_extra(data: dict, extra: dict) -> dict:
     out = dict(data)
     for key, value in extra.items():
         mine = out.get(key)
-        out[key] = {**mine, **value} if isinstance(mine, dict) and isinstance(value, dict) else value
+        if isinstance(mine, dict) and isinstance(value, dict):
+            out[key] = {**mine, **value}
+        else:
+            out[key] = value
     return out
 
 
