@@ -8,7 +8,7 @@ for pyinfra, the preflight, DNS), and the tests' inventory lookup."""
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 from pathlib import Path
 
 import invoke
@@ -165,9 +165,9 @@ def test_inits_lab_secrets_are_private_and_outside_the_clone(lab: Path) -> None:
         assert (secrets_dir / name).stat().st_mode & 0o777 == 0o700
     assert not list(lab_mod.generated_dir().rglob("secrets.json"))
     # init refuses a secrets directory in a git work tree: the lab's state dir is one
-    os.system(f"git init -q {plan.STATE_DIR.parent}")
-    from mailtower.controller.errors import InitError
+    subprocess.run(["git", "init", "-q", str(plan.STATE_DIR.parent)], check=True)
     from inventory._lab import init_answers
+    from mailtower.controller.errors import InitError
 
     with pytest.raises(InitError, match="inside the git work tree"):
         write.run(answers.from_data(init_answers()), lab / "inv", plan.STATE_DIR / "secrets")
