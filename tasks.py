@@ -1,13 +1,15 @@
 """invoke tasks: the lab (throwaway towers on this machine), deploy, verify, bench.
 
-invoke lab            build the twin lab, deploy both towers, publish DNS, verify (the main job)
+invoke lab            build the twin lab, init its inventories, deploy them as an operator's
+                      pair (GOC, towers, GOC, DNS), verify (the main job)
 invoke lab --tower lab-a   the same for tower A alone
 invoke lab.up         build or reuse the lab's hosts
 invoke lab.status     what the lab runs, and its memory
 invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
 invoke init [--answers FILE]     write a real pair's inventories and secrets (mailtower init)
 invoke preflight --tower T       check a tower's (or GOC's) hosts before anything is changed
-invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
+invoke deploy --tower lab-a      one tower or GOC, by name or inventory file (--tower lab: the
+                                 pair, its internet and DNS, from the inventories invoke lab chose)
 invoke deploy --tower lab-a --relay-packages   …and upgrade the relay's Postfix and HAProxy
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)

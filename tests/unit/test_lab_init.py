@@ -375,3 +375,16 @@ def test_tasks_resolve_the_labs_names_and_inventory_paths(fake_lab) -> None:
     with pytest.raises(invoke.Exit, match="no inventory for tower 'tower-x'"):
         tasks.inventory_path("tower-x")
     assert tasks._pair_path("lab") == plan.STATE_DIR / "inventory" / "pair_lab.py"
+
+
+def test_pyinfra_loads_inits_lab_inventories_into_the_same_settings(lab: Path) -> None:
+    """What the deploy builds on every host (pyinfra's loader, in its own process) is what
+    the lab's checks load (tests/towerlib.py: inventory.load)."""
+    from test_init import deploy_settings, goc_settings
+
+    out = _init(lab)
+    for tower in ("a", "b"):
+        path = out / f"lab_{tower}.py"
+        assert deploy_settings(path) == inventory_mod.settings_of(inventory_mod.load(path))
+    goc = inventory_mod.load(out / "lab_goc.py").group_data["goc"]["goc"]
+    assert goc_settings(out / "lab_goc.py") == GocSettings.model_validate(goc)
