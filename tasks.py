@@ -315,7 +315,9 @@ def lab_init(c) -> dict[str, Path]:
     """`invoke init` with the twin lab's answers and the lab's extra (inventory/_lab.py
     init_answers), the inventories into .lab/inventory/, the secrets outside the clone
     (firstpair.lab.lab_secrets_dir), the lab DNS server's update key given (it is the
-    lab's, as an operator's DNS server's is theirs). A second run says unchanged."""
+    lab's, as an operator's DNS server's is theirs). A second run says unchanged. With
+    --force: the lab's inventories follow the lab's code when it changed (replaced, said so);
+    a secret is never replaced, --force or not."""
     from inventory._lab import init_answers
     from mailtower.controller.dns.server import TsigKey
     from mailtower.controller.firstpair import lab as lab_mod
@@ -338,6 +340,7 @@ def lab_init(c) -> dict[str, Path]:
         inventory_dir=str(out),
         secrets_dir=str(lab_mod.lab_secrets_dir()),
         tsig_file=str(tsig),
+        force=True,
     )
     return {f.removesuffix(".py"): out / f for f in lab_mod.GENERATED}
 

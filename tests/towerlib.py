@@ -67,7 +67,11 @@ class Hosts:
         self.name = name
         # the lab's: init's inventories when `invoke lab` deployed from them (.lab/inventory/),
         # completed with what only the lab's checks read (container names, customer servers)
-        self.inventory_path = lab.lab_inventory(ROOT, f"{name.replace('-', '_')}.py")
+        self.inventory_path = (
+            Path(name).resolve()
+            if name.endswith(".py")  # an inventory file (init's --inventory-dir elsewhere)
+            else lab.lab_inventory(ROOT, f"{name.replace('-', '_')}.py")
+        )
         self.inventory = lab.complete(inventory_mod.load(self.inventory_path))
         self._nodes: dict[str, testinfra.host.Host] = {}
 

@@ -388,3 +388,20 @@ def test_pyinfra_loads_inits_lab_inventories_into_the_same_settings(lab: Path) -
         assert deploy_settings(path) == inventory_mod.settings_of(inventory_mod.load(path))
     goc = inventory_mod.load(out / "lab_goc.py").group_data["goc"]["goc"]
     assert goc_settings(out / "lab_goc.py") == GocSettings.model_validate(goc)
+
+
+def test_a_changed_lab_inventory_follows_the_labs_code_and_keeps_the_secrets(
+    fake_lab, capsys
+) -> None:
+    tasks, _ = fake_lab
+    tasks.lab_init(invoke.Context())
+    path = lab_mod.generated_dir() / "lab_a.py"
+    made = path.read_text()
+    before = {p: p.read_bytes() for p in lab_mod.lab_secrets_dir().rglob("*") if p.is_file()}
+    path.write_text(made.replace('"scan_workers": 1', '"scan_workers": 2'))
+    capsys.readouterr()
+    tasks.lab_init(invoke.Context())
+    assert f"replaced   {path}" in capsys.readouterr().out
+    assert path.read_text() == made
+    after = {p: p.read_bytes() for p in lab_mod.lab_secrets_dir().rglob("*") if p.is_file()}
+    assert after == before
