@@ -124,3 +124,22 @@ def test_an_ssh_failure_is_refused_and_the_other_hosts_still_checked(
     assert "Permission denied" in report.findings[0].detail
     assert report.hosts == len(found)
     print(report.findings[0].line())
+
+
+def test_ci_deployed_the_lab_from_the_inventories_init_wrote(pair: Pair) -> None:
+    """Issue 21's proof: `invoke lab` (CI) built the lab through init and the guide's commands,
+    so the towers run with init's secrets and the GOC signs with init's bundle key."""
+    from mailtower.controller.firstpair.lab import generated_dir, inventory_source, lab_secrets_dir
+
+    if inventory_source() != "init":
+        pytest.skip("this lab was deployed from its own inventories (MAILTOWER_LAB_INVENTORY=repo)")
+    for key, tower in pair.towers.items():
+        assert tower.inventory_path == generated_dir() / f"lab_{key}.py"
+        own = json.loads((lab_secrets_dir() / f"lab-{key}" / "secrets.json").read_text())
+        held = json.loads(tower.relay().check_output("cat /etc/mailtower/tower.json"))["secrets"]
+        assert held["sql_relay"] == own["sql_relay"], f"lab-{key}'s relay: not init's secret"
+        public = (lab_secrets_dir() / "goc" / "bundle-keys" / "signing.pub").read_text()
+        assert tower.settings.bundles and tower.settings.bundles.public_key == public
+    assert pair.goc_hosts.inventory_path == generated_dir() / "lab_goc.py"
+    goc = json.loads((lab_secrets_dir() / "goc" / "secrets.json").read_text())
+    assert pair.goc_data["operators"]["operator"] == goc["eye_operator"]

@@ -201,10 +201,10 @@ def test_the_inventory_source_env_then_record_then_the_labs_own(lab, monkeypatch
         lab_mod.inventory_source()
 
 
-def test_the_tests_load_inits_inventories_and_secrets_when_the_lab_was_built_so(lab) -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests"))
+def test_the_tests_load_inits_inventories_and_secrets_when_the_lab_was_built_so(
+    lab, monkeypatch
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
     from towerlib import Hosts, Tower
 
     _init(lab)
