@@ -255,8 +255,9 @@ def _is_goc_inventory(path: Path) -> bool:
     optional=["relay_packages"],
 )
 def deploy(c, tower="lab-a", engines=False, relay_packages=None, preflight=True):
-    """Deploy a tower or a GOC with pyinfra (a lab tower: its internet and GOC first, the GOC
-    after); the preflight first, before any host is changed."""
+    """Deploy a tower or a GOC with pyinfra (a lab tower: the GOC first and after; the twin
+    lab: its internet first, and from init's inventories when `invoke lab` chose them); the
+    preflight first, before any host is changed."""
     towers = _lab_towers(tower)
     extra = " --data upgrade_engines=true" if engines else ""
     if relay_packages:
