@@ -87,6 +87,10 @@ def lab_tower_extra(tower: str) -> dict:
             # the hung-engine check waits this long for its 451; 10 s was too short for clamd on a
             # 52 MB message while the lab's 59 hosts share two CPUs (CI, 2026-12-07)
             "engine_timeout_s": 20,
+            # A request's time limit (60 s by default): the trickle check waits it out twice
+            # (once per tower); nothing in the lab keeps an SMTP session idle that long (scand
+            # closes a kept re-injection connection after 10 s idle).
+            "client_request_timeout": "20s",
             # One scand process per lab scanner: 46 scanners share this machine's 2 CPUs, and
             # a worker per CPU each would cost ~130 MiB more per scanner. A real scanner host
             # keeps the default (0: one worker per CPU).
