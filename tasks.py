@@ -103,9 +103,15 @@ def up(c, towers="a", scanners=None):
 @task(help={"purge": "also remove the cached base image and the bridge"})
 def down(c, purge=False):
     """Destroy the lab's hosts."""
+    from mailtower.controller.firstpair import lab as lab_mod
     from mailtower.controller.lab import lxc
 
     lxc.destroy(lxc.lab_containers(), _say)
+    # The lab's inventories and secrets from init belong to the hosts just destroyed: a later
+    # lab (lab-a alone, or the lab's own inventories) must not load them, and no password or
+    # signing key of a lab that is gone stays on the machine.
+    for gone in lab_mod.forget_init_lab():
+        _say(f"removed {_shown(gone)}")
     if purge:
         lxc.purge(_say)
 

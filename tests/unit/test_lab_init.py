@@ -405,3 +405,21 @@ def test_a_changed_lab_inventory_follows_the_labs_code_and_keeps_the_secrets(
     assert path.read_text() == made
     after = {p: p.read_bytes() for p in lab_mod.lab_secrets_dir().rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_the_lab_going_down_forgets_init_and_removes_its_secrets(lab: Path) -> None:
+    """After `invoke lab.down` a later lab loads the repository's inventories again, and no
+    secret of the destroyed lab is left on the machine."""
+    lab_mod.record_inventory_source("init")
+    secrets = lab_mod.lab_secrets_dir() / "lab-a"
+    secrets.mkdir(parents=True)
+    (secrets / "secrets.json").write_text("{}")
+    lab_mod.generated_dir().mkdir(parents=True)
+    (lab_mod.generated_dir() / "lab_a.py").write_text("")
+    assert lab_mod.inventory_source() == "init"
+    removed = lab_mod.forget_init_lab()
+    assert len(removed) == 3, removed
+    assert lab_mod.inventory_source() == "repo"
+    assert not lab_mod.lab_secrets_dir().exists()
+    assert not lab_mod.generated_dir().exists()
+    assert lab_mod.forget_init_lab() == []  # nothing left: a second `down` removes nothing

@@ -129,3 +129,21 @@ def complete(inventory: Inventory) -> Inventory:
         ]
         inventory.group_data["customers"] = {}
     return inventory
+
+
+def forget_init_lab() -> list[Path]:
+    """After the lab's hosts are destroyed: remove the record that the lab was deployed from
+    init's inventories, those inventories, and the secrets init wrote for them. Returns what
+    was removed."""
+    import shutil
+
+    removed = []
+    record = plan.STATE_DIR / SOURCE_FILE
+    if record.exists():
+        record.unlink()
+        removed.append(record)
+    for directory in (generated_dir(), lab_secrets_dir()):
+        if directory.exists():
+            shutil.rmtree(directory)
+            removed.append(directory)
+    return removed
