@@ -1,13 +1,15 @@
 """invoke tasks: the lab (throwaway towers on this machine), deploy, verify, bench.
 
-invoke lab            build the twin lab, deploy both towers, publish DNS, verify (the main job)
+invoke lab            build the twin lab, init its inventories, deploy them as an operator's
+                      pair (GOC, towers, GOC, DNS), verify (the main job)
 invoke lab --tower lab-a   the same for tower A alone
 invoke lab.up         build or reuse the lab's hosts
 invoke lab.status     what the lab runs, and its memory
 invoke lab.down       destroy the lab's hosts (--purge: the base image and bridge too)
 invoke init [--answers FILE]     write a real pair's inventories and secrets (mailtower init)
 invoke preflight --tower T       check a tower's (or GOC's) hosts before anything is changed
-invoke deploy --tower lab-a      one tower (--tower lab: the pair, its internet and DNS)
+invoke deploy --tower lab-a      one tower or GOC, by name or inventory file (--tower lab: the
+                                 pair, its internet and DNS, from the inventories invoke lab chose)
 invoke deploy --tower lab-a --relay-packages   …and upgrade the relay's Postfix and HAProxy
 invoke dns [--dry-run]           publish the pair's MX records into the lab's DNS
 invoke verify --tower lab-a      one tower (--tower lab: both, then failover across the pair)
@@ -44,11 +46,24 @@ def _say(text: str) -> None:
 
 
 def inventory_path(tower: str) -> Path:
-    """inventory/<tower>.py, with dashes as underscores (lab-a → inventory/lab_a.py)."""
-    path = ROOT / "inventory" / f"{tower.replace('-', '_')}.py"
+    """inventory/<tower>.py, with dashes as underscores (lab-a → inventory/lab_a.py), or the
+    inventory file given (a path: init's --inventory-dir may be elsewhere). The lab's towers,
+    GOC and pair file are init's (.lab/inventory/) when `invoke lab` built the lab from them
+    (mailtower.controller.firstpair.lab.lab_inventory)."""
+    from mailtower.controller.firstpair.lab import lab_inventory
+
+    if tower.endswith(".py") or "/" in tower:
+        path = Path(tower).expanduser().resolve()
+    else:
+        path = lab_inventory(ROOT, f"{tower.replace('-', '_')}.py")
     if not path.exists():
-        raise Exit(f"no inventory for tower {tower!r}: expected {path.relative_to(ROOT)}", code=2)
+        raise Exit(f"no inventory for tower {tower!r}: expected {_shown(path)}", code=2)
     return path
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it is in it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 PAIR = "lab"  # the twin lab: towers lab-a and lab-b at two sites, linked by MX records
@@ -88,9 +103,15 @@ def up(c, towers="a", scanners=None):
 @task(help={"purge": "also remove the cached base image and the bridge"})
 def down(c, purge=False):
     """Destroy the lab's hosts."""
+    from mailtower.controller.firstpair import lab as lab_mod
     from mailtower.controller.lab import lxc
 
     lxc.destroy(lxc.lab_containers(), _say)
+    # The lab's inventories and secrets from init belong to the hosts just destroyed: a later
+    # lab (lab-a alone, or the lab's own inventories) must not load them, and no password or
+    # signing key of a lab that is gone stays on the machine.
+    for gone in lab_mod.forget_init_lab():
+        _say(f"removed {_shown(gone)}")
     if purge:
         lxc.purge(_say)
 
@@ -115,11 +136,11 @@ def status(c, json_=False):
 
 
 def _pyinfra(c, inv: Path, script: str, what: str, extra: str = "") -> None:
-    _say(f"deploying {what}: pyinfra {inv.relative_to(ROOT)} {script}{extra}")
+    _say(f"deploying {what}: pyinfra {_shown(inv)} {script}{extra}")
     started = time.monotonic()
     with c.cd(str(ROOT)):
         result = c.run(
-            f"{BIN}/pyinfra -y {inv.relative_to(ROOT)} {script}{extra}",
+            f"{BIN}/pyinfra -y {_shown(inv)} {script}{extra}",
             warn=True,
             env={"PYTHONPATH": str(ROOT)},
         )
@@ -177,7 +198,7 @@ def run_preflight(tower: str) -> None:
     from mailtower.controller.preflight import preflight as check
 
     paths, skip, goc_towers = _preflight_plan(tower)
-    _say(f"preflight {tower}: {', '.join(str(p.relative_to(ROOT)) for p in paths)}")
+    _say(f"preflight {tower}: {', '.join(str(_shown(p)) for p in paths)}")
     try:
         report = check(paths, skip=skip, goc_towers=goc_towers)
     except PreflightError as exc:
@@ -203,15 +224,17 @@ def preflight(c, tower="lab-a"):
         "force": "replace inventories that differ (secrets are kept; missing ones added)",
         "secrets_dir": "default ~/.config/mailtower/<pair>",
         "inventory_dir": "where the inventories go (default inventory/)",
+        "tsig_file": "the DNS server's update key (BIND syntax; default: init makes one)",
     }
 )
-def init(c, answers="", force=False, secrets_dir="", inventory_dir=""):
+def init(c, answers="", force=False, secrets_dir="", inventory_dir="", tsig_file=""):
     """Write a pair's inventories, GOC inventory, pair file and secrets (mailtower init)."""
     from mailtower.cli import main
 
     argv = ["init", "--inventory-dir", inventory_dir or str(ROOT / "inventory")]
     argv += ["--answers", answers] if answers else []
     argv += ["--secrets-dir", secrets_dir] if secrets_dir else []
+    argv += ["--tsig-file", tsig_file] if tsig_file else []
     argv += ["--force"] if force else []
     rc = main(argv)
     if rc:
@@ -238,13 +261,17 @@ def _is_goc_inventory(path: Path) -> bool:
     optional=["relay_packages"],
 )
 def deploy(c, tower="lab-a", engines=False, relay_packages=None, preflight=True):
-    """Deploy a tower or a GOC with pyinfra (a lab tower: its internet and GOC first, the GOC
-    after); the preflight first, before any host is changed."""
+    """Deploy a tower or a GOC with pyinfra (a lab tower: the GOC first and after; the twin
+    lab: its internet first, and from init's inventories when `invoke lab` chose them); the
+    preflight first, before any host is changed."""
     towers = _lab_towers(tower)
     extra = " --data upgrade_engines=true" if engines else ""
     if relay_packages:
         given = True if relay_packages is True else shlex.split(relay_packages)
         extra += " --data " + shlex.quote(f"upgrade_relay_packages={json.dumps(given)}")
+    if tower == PAIR and _lab_source() == "init":
+        deploy_lab_from_init(c, engines, relay_packages, preflight)
+        return
     if preflight:
         run_preflight(tower)
     if not towers:
@@ -253,18 +280,98 @@ def deploy(c, tower="lab-a", engines=False, relay_packages=None, preflight=True)
         _pyinfra(c, path, script, tower, "" if script == "deploys/goc.py" else extra)
         return
     if tower == PAIR:
-        first = ("lab-internet", "deploys/lab_internet.py", "the lab's internet and GOC")
-    else:
-        first = ("lab-goc", "deploys/goc.py", "the lab's GOC")
-    _pyinfra(c, inventory_path(first[0]), first[1], first[2])
-    if tower == PAIR:
+        _pyinfra(c, inventory_path("lab-internet"), "deploys/lab_internet.py", "the lab's internet")
         _clamav_upstream_initial()
+    _pyinfra(c, inventory_path("lab-goc"), "deploys/goc.py", "the lab's GOC")
     for name in towers:
         _pyinfra(c, inventory_path(f"lab-{name}"), "deploys/lab.py", f"lab-{name}", extra)
     # Its events subscription to each tower needs the tower's publication: a second pass.
     _pyinfra(c, inventory_path("lab-goc"), "deploys/goc.py", "the GOC (towers' events)")
     if tower == PAIR:
         dns(c, pair=PAIR)
+
+
+def _lab_source() -> str:
+    """Which inventories the lab is deployed from: "init" or "repo" (its environment variable,
+    else what `invoke lab` recorded)."""
+    from mailtower.controller.firstpair.lab import inventory_source
+
+    try:
+        return inventory_source()
+    except ValueError as exc:
+        raise Exit(f"lab: {exc}", code=2) from exc
+
+
+def _choose_lab_source(tower: str) -> None:
+    """`invoke lab` (and bench) record which inventories the lab is built from: the twin lab
+    from init's (CI's way; MAILTOWER_LAB_INVENTORY=repo: the lab's own inventory/lab_*.py), a
+    lab tower alone from the lab's own (init's inventories are the twin pair's)."""
+    from mailtower.controller.firstpair.lab import SOURCE_ENV, record_inventory_source
+
+    given = os.environ.get(SOURCE_ENV, "").strip()
+    if tower != PAIR and given == "init":
+        raise Exit(f"{SOURCE_ENV}=init: init's lab inventories are the twin lab's (--tower lab)")
+    source = (given or "init") if tower == PAIR else "repo"
+    if source not in ("init", "repo"):
+        raise Exit(f"{SOURCE_ENV}={given!r}: give init or repo", code=2)
+    record_inventory_source(source)
+    _say(f"lab: deployed from {'init' if source == 'init' else 'the lab'}'s inventories")
+
+
+def lab_init(c) -> dict[str, Path]:
+    """`invoke init` with the twin lab's answers and the lab's extra (inventory/_lab.py
+    init_answers), the inventories into .lab/inventory/, the secrets outside the clone
+    (firstpair.lab.lab_secrets_dir), the lab DNS server's update key given (it is the
+    lab's, as an operator's DNS server's is theirs). A second run says unchanged. With
+    --force: the lab's inventories follow the lab's code when it changed (replaced, said so);
+    a secret is never replaced, --force or not."""
+    from inventory._lab import init_answers
+    from mailtower.controller.dns.server import TsigKey
+    from mailtower.controller.firstpair import lab as lab_mod
+    from mailtower.controller.lab import lxc
+
+    state = lxc.state_dir()
+    answers = state / "init-answers.json"
+    answers.write_text(json.dumps(init_answers(), indent=2) + "\n")
+    key = json.loads(lxc.tsig_key_file().read_text())
+    tsig = state / "dns-update.key"
+    text = TsigKey(key["name"], key["secret"], key["algorithm"]).to_bind()
+    if not tsig.exists() or tsig.read_text() != text:
+        tsig.write_text(text)
+        tsig.chmod(0o600)
+    out = lab_mod.generated_dir()
+    _say(f"init: the lab's answers ({_shown(answers)}) into {_shown(out)}")
+    init(
+        c,
+        answers=str(answers),
+        inventory_dir=str(out),
+        secrets_dir=str(lab_mod.lab_secrets_dir()),
+        tsig_file=str(tsig),
+        force=True,
+    )
+    return {f.removesuffix(".py"): out / f for f in lab_mod.GENERATED}
+
+
+def deploy_lab_from_init(c, engines=False, relay_packages=None, preflight=True) -> None:
+    """The twin lab as an operator's pair (docs/first-real-pair.md): init writes its
+    inventories, then the guide's commands deploy them, each with its preflight — the GOC,
+    each tower, the GOC again, the DNS. Before them, what only the lab has: its internet (DNS
+    server, sender, customers' servers) and the stand-in ClamAV upstream serving."""
+    paths = lab_init(c)
+    _pyinfra(c, inventory_path("lab-internet"), "deploys/lab_internet.py", "the lab's internet")
+    _clamav_upstream_initial()
+    goc = str(paths["lab_goc"])
+    deploy(c, tower=goc, preflight=preflight)
+    for name in ("lab_a", "lab_b"):
+        deploy(
+            c,
+            tower=str(paths[name]),
+            engines=engines,
+            relay_packages=relay_packages,
+            preflight=preflight,
+        )
+    deploy(c, tower=goc, preflight=preflight)  # its events subscription to each tower
+    dns(c, pair=str(paths["pair_lab"]))
 
 
 def _clamav_upstream_initial() -> None:
@@ -280,9 +387,19 @@ def _clamav_upstream_initial() -> None:
     _say(f"stand-in ClamAV upstream serves test version {version}")
 
 
+def _pair_path(pair: str) -> Path:
+    """inventory/pair_<pair>.py (the lab's: init's when the lab was built from them), or the
+    pair file given."""
+    from mailtower.controller.firstpair.lab import lab_inventory
+
+    if pair.endswith(".py") or "/" in pair:
+        return Path(pair).expanduser().resolve()
+    return lab_inventory(ROOT, f"pair_{pair.replace('-', '_')}.py")
+
+
 @task(
     help={
-        "pair": "inventory/pair_<pair>.py (lab: the twin lab)",
+        "pair": "inventory/pair_<pair>.py or a pair file (lab: the twin lab)",
         "dry_run": "show the difference only, change nothing",
     }
 )
@@ -293,7 +410,7 @@ def dns(c, pair=PAIR, dry_run=False):
 
     started = time.monotonic()
     try:
-        model, server = pairfile.load(pairfile.pair_path(ROOT, pair))
+        model, server = pairfile.load(_pair_path(pair))
         _say(
             f"dns: {len(model.domains)} customer domains, towers "
             f"{' + '.join(t.name for t in model.towers)}, server {server}"
@@ -384,6 +501,7 @@ def lab(c, tower=PAIR):
     towers = _lab_towers(tower)
     if not towers:
         raise Exit(f"{tower!r} is not a lab tower (lab, lab-a or lab-b)", code=2)
+    _choose_lab_source(tower)
     up(c, towers=",".join(towers))
     deploy(c, tower=tower)
     verify(c, tower=tower)
@@ -499,6 +617,7 @@ def bench(c, tower="lab-a", fresh=True):
 
     if fresh:
         down(c)
+    _choose_lab_source(tower)
     timed("lab_up_s", up, towers=",".join(towers))
     timed("deploy_from_scratch_s", deploy, tower=tower)
     timed("redeploy_no_change_s", deploy, tower=tower)
@@ -679,6 +798,7 @@ def goc_restore(c, goc="lab-goc", host="", target_time=None):
     """Restore the GOC's PostgreSQL from its pgBackRest repository; re-make the towers' sync."""
     from mailtower.controller import backup, sqlpair
     from mailtower.controller import inventory as inventory_mod
+    from mailtower.controller.firstpair.lab import lab_inventory
 
     inventory = inventory_mod.load(inventory_path(goc))
     hosts = inventory.groups.get("goc", [])
@@ -693,9 +813,9 @@ def goc_restore(c, goc="lab-goc", host="", target_time=None):
     towers = {}
     data = inventory.group_data.get("goc", {}).get("goc") or hosts[0].data.get("goc", {})
     for t in data.get("towers", []):
-        path = ROOT / "inventory" / f"{t['name'].replace('-', '_')}.py"
+        path = lab_inventory(ROOT, f"{t['name'].replace('-', '_')}.py")
         if not path.exists():
-            _say(f"{t['name']}: no {path.relative_to(ROOT)}; run `mailtower sync tower` there")
+            _say(f"{t['name']}: no {_shown(path)}; run `mailtower sync tower` there")
             continue
         inv = inventory_mod.load(path)
         towers[t["name"]] = [sqlpair.Remote.of(h) for h in inv.groups.get("sql", [])]

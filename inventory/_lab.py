@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from mailtower.controller.firstpair.lab import lab_answers
+from mailtower.controller.firstpair.write import merge_extra
 from mailtower.controller.lab import ca, clamav_upstream, lxc, plan
 
 LAB_PORTAL_PORT = 8027  # the lab GOC's quarantine portal (VirusEye 8025, bundles 8026)
@@ -40,16 +42,39 @@ def lab_groups(tower: str) -> dict[str, list]:
 
 
 def lab_tower_data(tower: str) -> dict:
-    """The ``mailtower`` data of a lab tower: its name, customers, lab timers and secrets."""
-    hostname = f"mx.tower-{tower}.lab"
-    return {
+    """The ``mailtower`` data of a lab tower from the lab's own code (inventory/lab_a.py): what
+    ``mailtower init`` makes for the lab's answers, the lab's extra over it, and the secrets of
+    the lab's state dir. The lab built by `invoke lab` takes init's inventories instead
+    (init_answers: the same answers and extra; secrets from init's files)."""
+    data = {
         "name": f"lab-{tower}",
-        "hostname": hostname,
-        # The relay's certificate from the lab CA, for its MX name (the sender verifies it).
-        "tls": ca.relay_tls(f"lab-{tower}", hostname),
+        "hostname": f"mx.tower-{tower}.lab",
         # The tower's own list (its tests use it); its relay routes what the GOC publishes.
         "customers": lab_customers(),
         "goc": {"address": str(plan.goc_host().address)},
+        # The controller deploys, verifies and operates the lab: SSH and the operator
+        # interfaces answer it, and nothing else on the lab's internet.
+        "operator_networks": [f"{plan.HOST_ADDRESS}/32"],
+        "secrets": lxc.tower_secrets(f"lab-{tower}"),  # each tower its own
+        # pgBackRest backups of the SQL pair to the tower's monitor, its certificates from the
+        # lab's backup CA (made once per lab, beside its other secrets).
+        "backup": {"tls_dir": str(lxc.state_dir() / "pgbackrest-tls")},
+        # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
+        "rules_dir": "/var/lib/mailtower/rules",
+        "bundles": {"public_key": lxc.bundle_keys()[1].read_text()},
+        "clamav": {},
+    }
+    return merge_extra(data, lab_tower_extra(tower))
+
+
+def lab_tower_extra(tower: str) -> dict:
+    """What the lab's towers have beyond what ``init`` makes from the lab's answers: its
+    relay certificate, engines, timers and limits, alerts, bundles' and ClamAV's lab sizes,
+    quarantine notices. One source for both ways the lab is built (init's ``extra``)."""
+    hostname = f"mx.tower-{tower}.lab"
+    return {
+        # The relay's certificate from the lab CA, for its MX name (the sender verifies it).
+        "tls": ca.relay_tls(f"lab-{tower}", hostname),
         # Two anti-virus engines on every message: clamd, and c-icap's virus_scan (libclamav
         # in-process) behind ICAP, the way a commercial engine plugs in.
         "engines": ["clamd", "icap"],
@@ -82,9 +107,6 @@ def lab_tower_data(tower: str) -> dict:
         # once under the pair tests' load): a minute is ample, and the tests of a scanner that
         # never comes back wait that minute instead of the default two.
         "upgrade": {"restart_timeout_s": 60},
-        # The controller deploys, verifies and operates the lab: SSH and the operator
-        # interfaces answer it, and nothing else on the lab's internet.
-        "operator_networks": [f"{plan.HOST_ADDRESS}/32"],
         # The relay's postmaster mail lands in the first customer's catch-all, where the
         # end-to-end checks read it.
         "postmaster": f"postmaster-{tower}@{plan.customer_domain(1)}",
@@ -105,13 +127,8 @@ def lab_tower_data(tower: str) -> dict:
             "for_max": "20s",
             "load_per_cpu": 100,
         },
-        "secrets": lxc.tower_secrets(f"lab-{tower}"),  # each tower its own
-        # pgBackRest backups of the SQL pair to the tower's monitor, its certificates from the
-        # lab's backup CA (made once per lab, beside its other secrets).
-        "backup": {"tls_dir": str(lxc.state_dir() / "pgbackrest-tls")},
-        # Rule bundles from the lab GOC (signed with the lab's key), rolled across the pool.
-        "rules_dir": "/var/lib/mailtower/rules",
-        "bundles": {"public_key": lxc.bundle_keys()[1].read_text(), "poll_interval_s": 2},
+        # New bundles are picked up within 2 s (merged over the public key).
+        "bundles": {"poll_interval_s": 2},
         # ClamAV's signed test database from the GOC's mirror of the lab's stand-in upstream
         # (it is small: clamd with it stays far below a real tower's engine size).
         "clamav": {
@@ -133,9 +150,11 @@ def lab_tower_data(tower: str) -> dict:
 
 
 def _goc_backup_metrics(tower: str) -> dict:
-    repo = _goc_repository() if tower == "a" else None
-    if repo is None:
+    if tower != "a":
         return {}
+    repo = _goc_repository()
+    if repo is None:  # a lab-a alone: no repository host, nothing to scrape
+        return {"goc_backup_metrics": None}
     return {
         "goc_backup_metrics": {
             "address": str(repo.address),
@@ -146,8 +165,11 @@ def _goc_backup_metrics(tower: str) -> dict:
 
 def _twin_relay(tower: str) -> str:
     """The relay address of the lab's other tower."""
-    twin = next(t for t in plan.TOWER_NETS if t != tower)
-    return next(str(h.address) for h in plan.tower_hosts(twin, 0) if h.group == "relay")
+    return _relay(next(t for t in plan.TOWER_NETS if t != tower))
+
+
+def _relay(tower: str) -> str:
+    return next(str(h.address) for h in plan.tower_hosts(tower, 0) if h.group == "relay")
 
 
 def lab_customers() -> list[dict[str, str]]:
@@ -179,25 +201,17 @@ def goc_backup_groups() -> dict[str, list]:
     }
 
 
-def goc_backup() -> dict | None:
-    """The lab GOC's Backup: to the sender, certificates from the lab's backup CA; segments
-    switched each minute (the lab's tests wait for them) and the stall alert's limit short."""
-    repo = _goc_repository()
-    if repo is None:
-        return None
-    return {
-        "repo_host": str(repo.address),
-        "tls_dir": str(lxc.state_dir() / "pgbackrest-tls"),
-        "archive_switch_s": 60,
-        "alert_archive_stall_s": 900,
-    }
+# Segments switched each minute (the lab's tests wait for them), the stall alert's limit short.
+GOC_BACKUP_TIMERS = {"archive_switch_s": 60, "alert_archive_stall_s": 900}
 
 
 def goc_data() -> dict:
-    """The lab GOC's data: both lab towers, the lab customers, one operator."""
+    """The lab GOC's data from the lab's own code (inventory/lab_goc.py): what ``init`` makes
+    for the lab's answers (both lab towers, the lab customers, one operator), the lab's extra
+    over it, and the secrets and bundle keys of the lab's state dir."""
     secrets = lxc.goc_secrets()
     signing_key, public_key = lxc.bundle_keys()
-    towers, relays = [], []
+    towers = []
     for tower in plan.TOWER_NETS:
         hosts = {h.name.rsplit("-", 1)[1]: str(h.address) for h in plan.tower_hosts(tower, 0)}
         towers.append(
@@ -207,24 +221,14 @@ def goc_data() -> dict:
                 "monitor": hosts["monitor"],
             }
         )
-        relays.append(hosts["relay"])
-    return {
+    repo = _goc_repository()
+    data = {
         "towers": towers,
         "customers": lab_customers(),
         "operators": {"operator": secrets["eye_operator"]},
         # The controller's Chromium reaches it on the lab net, over HTTPS with a certificate
         # the deploy makes; the lab's checks trust exactly that one (fetched over SSH).
         "eye_listen": "0.0.0.0:8025",
-        "eye_tls_self_signed": [str(plan.goc_host().address), plan.goc_host().name],
-        # The customers' quarantine portal: sign-in links go out through both towers' relays
-        # (scanned and routed as any customer mail); the controller's Chromium reaches it.
-        "portal": {
-            "listen": f"0.0.0.0:{LAB_PORTAL_PORT}",
-            "public_url": f"https://{plan.goc_host().address}:{LAB_PORTAL_PORT}",
-            "mail_from": "quarantine@goc.lab",
-            "relays": relays,
-            "tls_self_signed": [str(plan.goc_host().address), plan.goc_host().name],
-        },
         "secrets": {
             "eye_db": secrets["eye_db"],
             "portal_db": secrets["portal_db"],
@@ -240,13 +244,53 @@ def goc_data() -> dict:
         },
         # The lab's bundle key pair: the GOC signs (invoke bundle.publish), the towers verify.
         "bundles": {"signing_key": signing_key.read_text(), "public_key": public_key.read_text()},
+        "clamav": {},
+        "backup": None
+        if repo is None
+        else {"repo_host": str(repo.address), "tls_dir": str(lxc.state_dir() / "pgbackrest-tls")},
+    }
+    return merge_extra(data, lab_goc_extra())
+
+
+def lab_goc_extra() -> dict:
+    """What the lab's GOC has beyond what ``init`` makes from the lab's answers (its ``goc``
+    extra): VirusEye's certificate names, the portal, the controller as a bundle reader, the
+    stand-in ClamAV upstream, the backups' lab timers."""
+    goc = plan.goc_host()
+    relays = [_relay(t) for t in plan.TOWER_NETS]
+    return {
+        "eye_tls_self_signed": [str(goc.address), goc.name],
+        # The customers' quarantine portal: sign-in links go out through both towers' relays
+        # (scanned and routed as any customer mail); the controller's Chromium reaches it.
+        "portal": {
+            "listen": f"0.0.0.0:{LAB_PORTAL_PORT}",
+            "public_url": f"https://{goc.address}:{LAB_PORTAL_PORT}",
+            "mail_from": "quarantine@goc.lab",
+            "relays": relays,
+            "tls_self_signed": [str(goc.address), goc.name],
+        },
         # The controller reads latest.json to check what was published.
         "bundle_readers": [str(plan.HOST_ADDRESS)],
         "clamav": lab_clamav_upstream(),
         # pgBackRest to the lab's sender (docs/runbook.md, The GOC's backups); None: lab-a alone.
-        "backup": goc_backup(),
+        "backup": None if _goc_repository() is None else dict(GOC_BACKUP_TIMERS),
         "backup_exporter_port": LAB_GOC_BACKUP_EXPORTER_PORT,
     }
+
+
+def lab_extra() -> dict[str, dict]:
+    """The lab's ``extra`` answers for ``init``: each tower's and the GOC's."""
+    return {
+        **{f"lab-{t}": lab_tower_extra(t) for t in plan.TOWER_NETS},
+        "goc": lab_goc_extra(),
+    }
+
+
+def init_answers() -> dict:
+    """The twin lab as ``mailtower init`` answers (its address plan, SSH, sizing) with the
+    lab's extra: what `invoke lab` writes the lab's inventories from."""
+    scanners = int(__import__("os").environ.get("MAILTOWER_LAB_SCANNERS", plan.DEFAULT_SCANNERS))
+    return {**lab_answers(scanners), "extra": lab_extra()}
 
 
 def lab_clamav_upstream() -> dict:

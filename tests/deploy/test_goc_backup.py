@@ -112,4 +112,4 @@ def test_the_gocs_repository_host_serves_its_metrics_to_tower_a(monkeypatch, tmp
     }
     assert "goc_backup_metrics" not in lab_tower_data("b")
     (tmp_path / "lxc" / "mt-sender" / "config").unlink()  # a lab-a alone: no sender
-    assert "goc_backup_metrics" not in lab_tower_data("a")
+    assert lab_tower_data("a").get("goc_backup_metrics") is None

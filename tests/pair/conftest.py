@@ -47,14 +47,16 @@ class Pair:
         self.dns_addr = self.internet.inventory.groups["dns"][0].address
         self.customers = self.towers["a"].settings.customers
         self.hostnames = {k: t.settings.hostname for k, t in self.towers.items()}
-        goc = self.internet.inventory.groups["goc"][0]
+        # The GOC's own inventory (init's when the lab was built from it, else lab_goc.py).
+        self.goc_hosts = Hosts("lab-goc")
+        goc = self.goc_hosts.inventory.groups["goc"][0]
         self.goc_name, self.goc_addr = goc.name, goc.address
-        self.goc_data = self.internet.inventory.group_data["goc"]["goc"]
+        self.goc_data = self.goc_hosts.inventory.group_data["goc"]["goc"]
 
     # -- the GOC -----------------------------------------------------------------------------
 
     def goc(self):
-        return self.internet.node(self.goc_name)
+        return self.goc_hosts.node(self.goc_name)
 
     def goc_sql(self, query: str) -> str:
         """A query in the GOC's hub database, as postgres on the GOC."""

@@ -15,11 +15,12 @@ import pytest
 from conftest import ROOT, Pair
 
 from mailtower.controller.dns import pairfile, verify
+from mailtower.controller.firstpair.lab import lab_inventory
 
 
 @pytest.fixture(scope="module")
 def published(pair: Pair):
-    return pairfile.load(pairfile.pair_path(ROOT, "lab"))
+    return pairfile.load(lab_inventory(ROOT, "pair_lab.py"))  # the one the lab published
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ from towerlib import ROOT, record_figure
 
 from mailtower.controller.dns.server import TsigKey
 from mailtower.controller.firstpair import answers, write
-from mailtower.controller.firstpair.lab import lab_answers
+from mailtower.controller.firstpair.lab import lab_answers, lab_inventory
 from mailtower.controller.lab import lxc
 from mailtower.controller.preflight import checks, preflight, targets
 from mailtower.controller.preflight.runner import SshRunner
 from mailtower.controller.preflight.sizing import Size
 
-LAB = [ROOT / "inventory" / n for n in ("lab_goc.py", "lab_a.py", "lab_b.py")]
+# the inventories the lab was deployed from (init's when `invoke lab` built it)
+LAB = [lab_inventory(ROOT, n) for n in ("lab_goc.py", "lab_a.py", "lab_b.py")]
 DROP_TABLE = "mailtower_preflight_test"
 
 
@@ -50,7 +51,7 @@ def test_the_inventories_init_writes_for_the_lab_pass_too(pair: Pair, tmp_path: 
 
 
 def _tower_a() -> list[checks.HostCheck]:
-    found, _ = targets.tower_targets(ROOT / "inventory" / "lab_a.py")
+    found, _ = targets.tower_targets(lab_inventory(ROOT, "lab_a.py"))
     return found
 
 
@@ -123,3 +124,22 @@ def test_an_ssh_failure_is_refused_and_the_other_hosts_still_checked(
     assert "Permission denied" in report.findings[0].detail
     assert report.hosts == len(found)
     print(report.findings[0].line())
+
+
+def test_ci_deployed_the_lab_from_the_inventories_init_wrote(pair: Pair) -> None:
+    """Issue 21's proof: `invoke lab` (CI) built the lab through init and the guide's commands,
+    so the towers run with init's secrets and the GOC signs with init's bundle key."""
+    from mailtower.controller.firstpair.lab import generated_dir, inventory_source, lab_secrets_dir
+
+    if inventory_source() != "init":
+        pytest.skip("this lab was deployed from its own inventories (MAILTOWER_LAB_INVENTORY=repo)")
+    for key, tower in pair.towers.items():
+        assert tower.inventory_path == generated_dir() / f"lab_{key}.py"
+        own = json.loads((lab_secrets_dir() / f"lab-{key}" / "secrets.json").read_text())
+        held = json.loads(tower.relay().check_output("cat /etc/mailtower/tower.json"))["secrets"]
+        assert held["sql_relay"] == own["sql_relay"], f"lab-{key}'s relay: not init's secret"
+        public = (lab_secrets_dir() / "goc" / "bundle-keys" / "signing.pub").read_text()
+        assert tower.settings.bundles and tower.settings.bundles.public_key == public
+    assert pair.goc_hosts.inventory_path == generated_dir() / "lab_goc.py"
+    goc = json.loads((lab_secrets_dir() / "goc" / "secrets.json").read_text())
+    assert pair.goc_data["operators"]["operator"] == goc["eye_operator"]

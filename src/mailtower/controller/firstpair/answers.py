@@ -107,9 +107,10 @@ class InitAnswers(StrictModel):
     ssh_known_hosts: str | None = Field(None, pattern=r"^/\S+$")
     sizing: Sizing = "production"  # the preflight's table (lab: the lab's containers)
     # More data for a tower's ``mailtower`` (key: its name) or the GOC's ``goc`` (key "goc"),
-    # written into the inventory over what init makes (top-level keys replaced): the relay's
-    # ``tls``, ``alerts``, ``postmaster``, … (the lab's CI gives its own this way). The deploy
-    # validates it as any inventory's.
+    # written into the inventory over what init makes (write.merge_extra: a section init makes
+    # is merged one level, anything else replaced): the relay's ``tls``, ``alerts``,
+    # ``postmaster``, … (the lab's CI gives its own this way: inventory/_lab.py lab_extra). The
+    # deploy validates it as any inventory's.
     extra: dict[str, dict[str, object]] = {}
 
     @field_validator("dns_name")

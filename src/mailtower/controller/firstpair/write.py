@@ -45,6 +45,20 @@ def _secret(name: str) -> str:
     return secrets.token_urlsafe(32)  # 43 characters, 256 bits
 
 
+def merge_extra(data: dict, extra: dict) -> dict:
+    """``data`` with ``extra`` written over it: a key whose values are dicts on both sides is
+    merged one level (``{"backup": {"retention_full": 4}}`` keeps init's ``tls_dir``); any
+    other value replaces init's (None removes a section, e.g. ``"clamav": None``)."""
+    out = dict(data)
+    for key, value in extra.items():
+        mine = out.get(key)
+        if isinstance(mine, dict) and isinstance(value, dict):
+            out[key] = {**mine, **value}
+        else:
+            out[key] = value
+    return out
+
+
 # --- rendering ------------------------------------------------------------------------------
 
 
@@ -127,7 +141,7 @@ def tower_data(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> dict:
     }
     if first:  # one tower's monitor watches the GOC's backup repository
         data["goc_backup_metrics"] = {"address": str(a.goc_backup), "port": 9100}
-    return {**data, **a.extra.get(t.name, {})}
+    return merge_extra(data, a.extra.get(t.name, {}))
 
 
 def render_tower(a: InitAnswers, t: TowerAnswers, secrets_dir: Path) -> str:
@@ -181,7 +195,7 @@ def goc_data(a: InitAnswers, secrets_dir: Path) -> dict:
             "tls_dir": str(secrets_dir / GOC_DIR / "pgbackrest-tls"),
         },
     }
-    return {**data, **a.extra.get("goc", {})}
+    return merge_extra(data, a.extra.get("goc", {}))
 
 
 def render_goc(a: InitAnswers, secrets_dir: Path) -> str:
