@@ -111,7 +111,10 @@ class Hosts:
             username=data.get("ssh_user", "root"),
             key_filename=data.get("ssh_key"),
             timeout=10,
-            allow_agent=False,
+            # as pyinfra and the preflight: the inventory's key when it gives one (only that
+            # key), else the operator's SSH agent and default keys
+            allow_agent=not data.get("ssh_key"),
+            look_for_keys=not data.get("ssh_key"),
         )
         host.backend.__dict__["client"] = client  # testinfra's client is a cached_property
         return host
